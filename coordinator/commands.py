@@ -1,0 +1,127 @@
+"""The lease table's commands: the only way its state ever changes.
+
+Every command carries `at`, the wall-clock time stamped by the proposer (the
+leader, or the single agent). Applying a command never reads a clock, so the
+same log gives the same table on every server and on every replay. A command
+that no longer fits the state when it is applied (a GPU taken meanwhile, an id
+already released) is rejected deterministically: every replica rejects it too.
+
+Commands travel as plain dicts (`to_wire` / `command_from_wire`), which the
+storage layer packs with msgpack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+from coordinator.errors import InvalidRequest
+from coordinator.model import Allocation, AllocationRequest, Wire
+
+
+@dataclass(frozen=True, slots=True)
+class Allocate:
+    """Grant `allocation`; if its request id waits in the queue, it leaves the queue."""
+
+    at: float
+    allocation: Allocation
+
+    def to_wire(self) -> Wire:
+        return {"op": "allocate", "at": self.at, "allocation": self.allocation.to_wire()}
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    """Put `request` in the wait queue until `deadline` (None = waits forever)."""
+
+    at: float
+    request: AllocationRequest
+    deadline: float | None
+
+    def to_wire(self) -> Wire:
+        return {
+            "op": "enqueue",
+            "at": self.at,
+            "request": self.request.to_wire(),
+            "deadline": self.deadline,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """End leases. reason: "released" (by the caller), "expired" (TTL), or an operator's word."""
+
+    at: float
+    allocation_ids: tuple[str, ...]
+    reason: str = "released"
+
+    def to_wire(self) -> Wire:
+        return {
+            "op": "release",
+            "at": self.at,
+            "allocation_ids": list(self.allocation_ids),
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Renew:
+    """Move a lease's expiry to `expires_at` (None = never expires)."""
+
+    at: float
+    allocation_id: str
+    expires_at: float | None
+
+    def to_wire(self) -> Wire:
+        return {
+            "op": "renew",
+            "at": self.at,
+            "allocation_id": self.allocation_id,
+            "expires_at": self.expires_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Withdraw queued requests. reason: "cancelled" (by the caller) or "queue_timeout"."""
+
+    at: float
+    request_ids: tuple[str, ...]
+    reason: str = "cancelled"
+
+    def to_wire(self) -> Wire:
+        return {
+            "op": "cancel",
+            "at": self.at,
+            "request_ids": list(self.request_ids),
+            "reason": self.reason,
+        }
+
+
+Command = Union[Allocate, Enqueue, Release, Renew, Cancel]
+
+
+def command_from_wire(w: Mapping[str, Any]) -> Command:
+    """Decode a command written by `to_wire`.
+
+    Raises InvalidRequest for an unknown op (a log written by a newer version).
+    """
+    op = w.get("op")
+    at = float(w["at"])
+    if op == "allocate":
+        return Allocate(at, Allocation.from_wire(w["allocation"]))
+    if op == "enqueue":
+        deadline = w.get("deadline")
+        return Enqueue(
+            at,
+            AllocationRequest.from_wire(w["request"]),
+            None if deadline is None else float(deadline),
+        )
+    if op == "release":
+        return Release(at, tuple(str(i) for i in w["allocation_ids"]), str(w["reason"]))
+    if op == "renew":
+        expires = w.get("expires_at")
+        return Renew(at, str(w["allocation_id"]), None if expires is None else float(expires))
+    if op == "cancel":
+        return Cancel(at, tuple(str(i) for i in w["request_ids"]), str(w["reason"]))
+    raise InvalidRequest(f"unknown command op {op!r}", code="unknown_command")

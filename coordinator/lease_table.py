@@ -1,0 +1,327 @@
+"""The lease table: a deterministic state machine over the command log.
+
+Theory of operation
+-------------------
+The table holds live allocations (which GPU is held by which lease), the wait
+queue, and a record of every request id it has seen (so a retried request with
+the same id is answered, not run twice). `apply(command)` is the only mutator.
+It either changes the state and returns the lifecycle events that the change
+causes, or rejects the command with a CoordinatorError and changes nothing.
+
+Rules that keep every replica identical:
+- Time comes only from `command.at`. The table's own clock is the largest `at`
+  it has applied; it is used for nothing but forgetting old request records.
+- A rejection depends only on the state and the command, never on outside facts.
+- Iteration orders that leak into results (snapshots, listings) are sorted.
+- Finished request records are kept for `retention_s` after they end and then
+  pruned, by a rule that depends only on the set of records, so a table
+  restored from a snapshot prunes exactly as one that replayed the whole log.
+
+Invariant: no GPU is held by two live allocations (checked on every Allocate).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release, Renew
+from coordinator.errors import Conflict, CoordinatorError, NotFound
+from coordinator.model import (
+    ALLOCATED,
+    CANCELLED,
+    EXPIRED,
+    QUEUED,
+    RELEASED,
+    TERMINAL_STATUSES,
+    Allocation,
+    GpuRef,
+    LeaseEvent,
+    QueuedRequest,
+    RequestRecord,
+    Wire,
+)
+
+# How long a finished request id is remembered. A client retrying a request
+# within a day gets the original answer; after that the id may be reused.
+DEFAULT_RETENTION_S = 86_400.0
+SNAPSHOT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What applying one command did: events for the outside world, or why it was refused."""
+
+    events: tuple[LeaseEvent, ...] = ()
+    error: CoordinatorError | None = None
+    # Ids the command acted on (released allocations, cancelled requests).
+    affected: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class LeaseTable:
+    """Allocations, queue and request records, changed only by `apply`."""
+
+    def __init__(self, *, retention_s: float = DEFAULT_RETENTION_S) -> None:
+        self.retention_s = retention_s
+        self._allocations: dict[str, Allocation] = {}
+        self._holders: dict[GpuRef, str] = {}
+        self._queue: dict[str, QueuedRequest] = {}
+        self._records: dict[str, RequestRecord] = {}
+        # When each GPU was last released: telemetry sampled before then belongs
+        # to the previous tenant, so the scheduler does not read it as unleased use.
+        self._released_at: dict[GpuRef, float] = {}
+        # (ended_at, request_id) of finished records, for pruning in time order.
+        self._finished: list[tuple[float, str]] = []
+        self._clock = 0.0
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def clock(self) -> float:
+        """The latest command time applied (0.0 for an empty table)."""
+        return self._clock
+
+    def allocations(self) -> list[Allocation]:
+        """Live allocations, oldest first."""
+        return sorted(self._allocations.values(), key=lambda a: (a.allocated_at, a.allocation_id))
+
+    def allocation(self, allocation_id: str) -> Allocation | None:
+        return self._allocations.get(allocation_id)
+
+    def allocations_of_service(self, service_name: str) -> list[Allocation]:
+        return [a for a in self.allocations() if a.request.service_name == service_name]
+
+    def holder(self, gpu: GpuRef) -> str | None:
+        """The allocation id holding `gpu`, or None when it is free."""
+        return self._holders.get(gpu)
+
+    def held_gpus(self) -> Mapping[GpuRef, str]:
+        return self._holders
+
+    def released_at(self, gpu: GpuRef) -> float:
+        """When `gpu` was last released (0.0 if never)."""
+        return self._released_at.get(gpu, 0.0)
+
+    def queue(self) -> list[QueuedRequest]:
+        """Waiting requests in strict priority order (the order the scheduler serves)."""
+        return sorted(self._queue.values(), key=lambda q: q.request.rank_key())
+
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def queued(self, request_id: str) -> QueuedRequest | None:
+        return self._queue.get(request_id)
+
+    def record(self, request_id: str) -> RequestRecord | None:
+        return self._records.get(request_id)
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, command: Command) -> ApplyResult:
+        """Apply one command in log order; a refused command changes nothing."""
+        self._clock = max(self._clock, command.at)
+        try:
+            if isinstance(command, Allocate):
+                result = self._allocate(command)
+            elif isinstance(command, Enqueue):
+                result = self._enqueue(command)
+            elif isinstance(command, Release):
+                result = self._release(command)
+            elif isinstance(command, Renew):
+                result = self._renew(command)
+            else:
+                result = self._cancel(command)
+        except CoordinatorError as exc:
+            result = ApplyResult(error=exc)
+        self._prune()
+        return result
+
+    def _allocate(self, cmd: Allocate) -> ApplyResult:
+        alloc = cmd.allocation
+        request_id = alloc.request.request_id
+        if alloc.allocation_id in self._allocations:
+            raise Conflict(f"allocation {alloc.allocation_id} exists", code="duplicate_allocation")
+        queued = self._queue.get(request_id)
+        if queued is None and request_id in self._records:
+            raise Conflict(f"request {request_id} was already handled", code="duplicate_request")
+        for gpu in alloc.gpus:
+            holder = self._holders.get(gpu.ref)
+            if holder is not None:
+                raise Conflict(
+                    f"GPU {gpu.node}/{gpu.index} is held by {holder}", code="gpu_busy"
+                )
+        if queued is not None:
+            del self._queue[request_id]
+        self._allocations[alloc.allocation_id] = alloc
+        for gpu in alloc.gpus:
+            self._holders[gpu.ref] = alloc.allocation_id
+        self._records[request_id] = RequestRecord(
+            request_id=request_id,
+            service_name=alloc.request.service_name,
+            status=ALLOCATED,
+            submitted_at=alloc.request.submitted_at,
+            updated_at=cmd.at,
+            allocation_id=alloc.allocation_id,
+        )
+        event = LeaseEvent(
+            "allocated", cmd.at, alloc.request, allocation=alloc, was_queued=queued is not None
+        )
+        return ApplyResult(events=(event,), affected=(alloc.allocation_id,))
+
+    def _enqueue(self, cmd: Enqueue) -> ApplyResult:
+        request_id = cmd.request.request_id
+        if request_id in self._records:
+            raise Conflict(f"request {request_id} was already handled", code="duplicate_request")
+        self._queue[request_id] = QueuedRequest(cmd.request, cmd.deadline)
+        self._records[request_id] = RequestRecord(
+            request_id=request_id,
+            service_name=cmd.request.service_name,
+            status=QUEUED,
+            submitted_at=cmd.request.submitted_at,
+            updated_at=cmd.at,
+        )
+        return ApplyResult(events=(LeaseEvent("queued", cmd.at, cmd.request),), affected=(request_id,))
+
+    def _release(self, cmd: Release) -> ApplyResult:
+        expired = cmd.reason == "expired"
+        events: list[LeaseEvent] = []
+        affected: list[str] = []
+        for allocation_id in _unique(cmd.allocation_ids):
+            alloc = self._allocations.pop(allocation_id, None)
+            if alloc is None:
+                # Released or expired by an earlier entry: the later one is a no-op
+                # for this id, so racing releases and expiries never fail each other.
+                continue
+            for gpu in alloc.gpus:
+                del self._holders[gpu.ref]
+                self._released_at[gpu.ref] = cmd.at
+            self._finish(alloc.request.request_id, EXPIRED if expired else RELEASED, cmd.at, cmd.reason)
+            events.append(
+                LeaseEvent(
+                    "expired" if expired else "released",
+                    cmd.at,
+                    alloc.request,
+                    allocation=alloc,
+                    reason="lease_ttl" if expired else cmd.reason,
+                )
+            )
+            affected.append(allocation_id)
+        if not affected:
+            raise NotFound(f"no live allocation among {', '.join(cmd.allocation_ids) or 'none'}")
+        return ApplyResult(events=tuple(events), affected=tuple(affected))
+
+    def _renew(self, cmd: Renew) -> ApplyResult:
+        alloc = self._allocations.get(cmd.allocation_id)
+        if alloc is None:
+            raise NotFound(f"no live allocation {cmd.allocation_id}")
+        if alloc.expires_at is not None and alloc.expires_at <= cmd.at:
+            raise Conflict(f"allocation {cmd.allocation_id} has expired", code="lease_expired")
+        renewed = Allocation(
+            allocation_id=alloc.allocation_id,
+            request=alloc.request,
+            node=alloc.node,
+            gpus=alloc.gpus,
+            allocated_at=alloc.allocated_at,
+            expires_at=cmd.expires_at,
+        )
+        self._allocations[cmd.allocation_id] = renewed
+        event = LeaseEvent("renewed", cmd.at, alloc.request, allocation=renewed)
+        return ApplyResult(events=(event,), affected=(cmd.allocation_id,))
+
+    def _cancel(self, cmd: Cancel) -> ApplyResult:
+        timed_out = cmd.reason == "queue_timeout"
+        events: list[LeaseEvent] = []
+        affected: list[str] = []
+        for request_id in _unique(cmd.request_ids):
+            queued = self._queue.pop(request_id, None)
+            if queued is None:
+                continue
+            self._finish(request_id, EXPIRED if timed_out else CANCELLED, cmd.at, cmd.reason)
+            events.append(
+                LeaseEvent(
+                    "expired" if timed_out else "cancelled",
+                    cmd.at,
+                    queued.request,
+                    reason=cmd.reason,
+                    was_queued=True,
+                )
+            )
+            affected.append(request_id)
+        if not affected:
+            raise NotFound(f"no queued request among {', '.join(cmd.request_ids) or 'none'}")
+        return ApplyResult(events=tuple(events), affected=tuple(affected))
+
+    def _finish(self, request_id: str, status: str, at: float, reason: str) -> None:
+        record = self._records[request_id]
+        self._records[request_id] = RequestRecord(
+            request_id=request_id,
+            service_name=record.service_name,
+            status=status,
+            submitted_at=record.submitted_at,
+            updated_at=at,
+            allocation_id=record.allocation_id,
+            reason=reason,
+        )
+        heapq.heappush(self._finished, (at, request_id))
+
+    def _prune(self) -> None:
+        cutoff = self._clock - self.retention_s
+        while self._finished and self._finished[0][0] < cutoff:
+            _, request_id = heapq.heappop(self._finished)
+            record = self._records.get(request_id)
+            if record is not None and record.status in TERMINAL_STATUSES:
+                del self._records[request_id]
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self) -> Wire:
+        """The whole state as a canonical plain dict (equal tables give equal dicts)."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "clock": self._clock,
+            "retention_s": self.retention_s,
+            "allocations": [a.to_wire() for a in self.allocations()],
+            "queue": [q.to_wire() for q in sorted(self._queue.values(), key=lambda q: q.request.request_id)],
+            "records": [self._records[k].to_wire() for k in sorted(self._records)],
+            "released_at": [
+                [ref.node, ref.index, at] for ref, at in sorted(self._released_at.items())
+            ],
+        }
+
+    @classmethod
+    def restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
+        """Rebuild a table from `snapshot()` output.
+
+        Raises ValueError for a snapshot of an unknown version.
+        """
+        if snap.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported lease-table snapshot version {snap.get('version')!r}")
+        table = cls(retention_s=float(snap["retention_s"]))
+        table._clock = float(snap["clock"])
+        for w in snap["allocations"]:
+            alloc = Allocation.from_wire(w)
+            table._allocations[alloc.allocation_id] = alloc
+            for gpu in alloc.gpus:
+                table._holders[gpu.ref] = alloc.allocation_id
+        for w in snap["queue"]:
+            queued = QueuedRequest.from_wire(w)
+            table._queue[queued.request.request_id] = queued
+        for w in snap["records"]:
+            record = RequestRecord.from_wire(w)
+            table._records[record.request_id] = record
+            if record.status in TERMINAL_STATUSES:
+                table._finished.append((record.updated_at, record.request_id))
+        heapq.heapify(table._finished)
+        for node, index, at in snap["released_at"]:
+            table._released_at[GpuRef(str(node), int(index))] = float(at)
+        return table
+
+
+def _unique(ids: Iterable[str]) -> list[str]:
+    """Ids in first-seen order without repeats (a command may name one twice)."""
+    return list(dict.fromkeys(ids))

@@ -1,0 +1,309 @@
+"""Value types shared by the lease table, the scheduler and the HTTP edge.
+
+Everything here is an immutable record with a plain-dict codec (`to_wire` /
+`from_wire`) made of JSON- and msgpack-safe values, because the same records
+travel in log entries, snapshots, webhooks and API responses. Times are float
+seconds since the Unix epoch, always passed in by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+HEALTHY = "healthy"
+DEGRADED = "degraded"
+UNHEALTHY = "unhealthy"
+
+Wire = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class GpuRef:
+    """One GPU in the cluster: its node's name and its NVML index on that node."""
+
+    node: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class GpuView:
+    """What the scheduler knows of one GPU: identity, latest telemetry and health.
+
+    `memory_free_mb` and `utilization_pct` are None when the device cannot report
+    them; the scheduler then relies on memory_total_mb alone. `sampled_at` lets the
+    scheduler ignore telemetry taken before the GPU's last release (it describes
+    the previous tenant, not unleased use).
+    """
+
+    node: str
+    index: int
+    uuid: str
+    name: str
+    memory_total_mb: int
+    memory_free_mb: int | None = None
+    utilization_pct: float | None = None
+    health: str = HEALTHY
+    drained: bool = False
+    sampled_at: float = 0.0
+
+    @property
+    def ref(self) -> GpuRef:
+        return GpuRef(self.node, self.index)
+
+    @property
+    def schedulable(self) -> bool:
+        """Healthy and not drained by an operator: the only GPUs ever chosen."""
+        return self.health == HEALTHY and not self.drained
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """What one allocation needs, all on a single node."""
+
+    gpu_count: int
+    min_memory_mb: int
+    max_utilization: float = 100.0
+    gpu_model: str | None = None
+    node: str | None = None
+
+    def matches_statically(self, gpu: GpuView) -> bool:
+        """True when `gpu` could ever serve this request: model, node and total memory."""
+        if self.node is not None and gpu.node != self.node:
+            return False
+        if self.gpu_model is not None and self.gpu_model.lower() not in gpu.name.lower():
+            return False
+        return gpu.memory_total_mb >= self.min_memory_mb
+
+    def to_wire(self) -> Wire:
+        return {
+            "gpu_count": self.gpu_count,
+            "min_memory_mb": self.min_memory_mb,
+            "max_utilization": self.max_utilization,
+            "gpu_model": self.gpu_model,
+            "node": self.node,
+        }
+
+    @classmethod
+    def from_wire(cls, w: Mapping[str, Any]) -> Requirements:
+        return cls(
+            gpu_count=int(w["gpu_count"]),
+            min_memory_mb=int(w["min_memory_mb"]),
+            max_utilization=float(w["max_utilization"]),
+            gpu_model=w.get("gpu_model"),
+            node=w.get("node"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRequest:
+    """A caller's request once parsed and analysed: what the queue holds.
+
+    `ttl_s` is the lease length (0 = never expires). `decided_by` records which
+    part fixed the requirements ("request" fields, the built-in "analyzer", or
+    the DeepAgents "advisor"), and `estimate` how it got there.
+    """
+
+    request_id: str
+    service_name: str
+    workload_type: str
+    priority: int
+    requirements: Requirements
+    ttl_s: float
+    submitted_at: float
+    queue: bool = True
+    workload_data: Mapping[str, Any] = field(default_factory=dict)
+    webhook_url: str | None = None
+    workflow_id: str | None = None
+    decided_by: str = "analyzer"
+    estimate: Mapping[str, Any] = field(default_factory=dict)
+
+    def rank_key(self) -> tuple[int, float, str]:
+        """Strict priority order: higher priority first, then oldest, then id (a total order)."""
+        return (-self.priority, self.submitted_at, self.request_id)
+
+    def to_wire(self) -> Wire:
+        return {
+            "request_id": self.request_id,
+            "service_name": self.service_name,
+            "workload_type": self.workload_type,
+            "priority": self.priority,
+            "requirements": self.requirements.to_wire(),
+            "ttl_s": self.ttl_s,
+            "submitted_at": self.submitted_at,
+            "queue": self.queue,
+            "workload_data": dict(self.workload_data),
+            "webhook_url": self.webhook_url,
+            "workflow_id": self.workflow_id,
+            "decided_by": self.decided_by,
+            "estimate": dict(self.estimate),
+        }
+
+    @classmethod
+    def from_wire(cls, w: Mapping[str, Any]) -> AllocationRequest:
+        return cls(
+            request_id=str(w["request_id"]),
+            service_name=str(w["service_name"]),
+            workload_type=str(w["workload_type"]),
+            priority=int(w["priority"]),
+            requirements=Requirements.from_wire(w["requirements"]),
+            ttl_s=float(w["ttl_s"]),
+            submitted_at=float(w["submitted_at"]),
+            queue=bool(w["queue"]),
+            workload_data=dict(w["workload_data"]),
+            webhook_url=w.get("webhook_url"),
+            workflow_id=w.get("workflow_id"),
+            decided_by=str(w["decided_by"]),
+            estimate=dict(w["estimate"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AllocatedGpu:
+    """One GPU of an allocation, as the caller needs it to run there."""
+
+    node: str
+    index: int
+    uuid: str
+    name: str
+    memory_total_mb: int
+
+    @property
+    def ref(self) -> GpuRef:
+        return GpuRef(self.node, self.index)
+
+    def to_wire(self) -> Wire:
+        return {
+            "node": self.node,
+            "index": self.index,
+            "uuid": self.uuid,
+            "name": self.name,
+            "memory_total_mb": self.memory_total_mb,
+        }
+
+    @classmethod
+    def from_wire(cls, w: Mapping[str, Any]) -> AllocatedGpu:
+        return cls(
+            node=str(w["node"]),
+            index=int(w["index"]),
+            uuid=str(w["uuid"]),
+            name=str(w["name"]),
+            memory_total_mb=int(w["memory_total_mb"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """A lease: GPUs on one node held for one request until released or expired."""
+
+    allocation_id: str
+    request: AllocationRequest
+    node: str
+    gpus: tuple[AllocatedGpu, ...]
+    allocated_at: float
+    expires_at: float | None
+
+    def to_wire(self) -> Wire:
+        return {
+            "allocation_id": self.allocation_id,
+            "request": self.request.to_wire(),
+            "node": self.node,
+            "gpus": [g.to_wire() for g in self.gpus],
+            "allocated_at": self.allocated_at,
+            "expires_at": self.expires_at,
+        }
+
+    @classmethod
+    def from_wire(cls, w: Mapping[str, Any]) -> Allocation:
+        expires = w.get("expires_at")
+        return cls(
+            allocation_id=str(w["allocation_id"]),
+            request=AllocationRequest.from_wire(w["request"]),
+            node=str(w["node"]),
+            gpus=tuple(AllocatedGpu.from_wire(g) for g in w["gpus"]),
+            allocated_at=float(w["allocated_at"]),
+            expires_at=None if expires is None else float(expires),
+        )
+
+
+# Lifecycle of a request id, as GET /gpu/requests/{id} reports it.
+QUEUED = "queued"
+ALLOCATED = "allocated"
+RELEASED = "released"
+EXPIRED = "expired"
+CANCELLED = "cancelled"
+TERMINAL_STATUSES = frozenset({RELEASED, EXPIRED, CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """Where one request id stands; kept after it ends so retries stay idempotent."""
+
+    request_id: str
+    service_name: str
+    status: str
+    submitted_at: float
+    updated_at: float
+    allocation_id: str | None = None
+    reason: str | None = None
+
+    def to_wire(self) -> Wire:
+        return {
+            "request_id": self.request_id,
+            "service_name": self.service_name,
+            "status": self.status,
+            "submitted_at": self.submitted_at,
+            "updated_at": self.updated_at,
+            "allocation_id": self.allocation_id,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_wire(cls, w: Mapping[str, Any]) -> RequestRecord:
+        return cls(
+            request_id=str(w["request_id"]),
+            service_name=str(w["service_name"]),
+            status=str(w["status"]),
+            submitted_at=float(w["submitted_at"]),
+            updated_at=float(w["updated_at"]),
+            allocation_id=w.get("allocation_id"),
+            reason=w.get("reason"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    """A request waiting in the queue, with the time it gives up (None = never)."""
+
+    request: AllocationRequest
+    deadline: float | None
+
+    def to_wire(self) -> Wire:
+        return {"request": self.request.to_wire(), "deadline": self.deadline}
+
+    @classmethod
+    def from_wire(cls, w: Mapping[str, Any]) -> QueuedRequest:
+        deadline = w.get("deadline")
+        return cls(
+            request=AllocationRequest.from_wire(w["request"]),
+            deadline=None if deadline is None else float(deadline),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseEvent:
+    """A lifecycle change that the outside world hears about (webhooks, graph service).
+
+    kind: queued | allocated | renewed | released | expired | cancelled.
+    `reason` narrows it: "lease_ttl" or "queue_timeout" for expired, the release
+    reason otherwise. `allocation` is set for every kind but queued/cancelled and
+    a queue timeout. `was_queued` tells webhook delivery that the caller was told
+    202 and waits for this event.
+    """
+
+    kind: str
+    at: float
+    request: AllocationRequest
+    allocation: Allocation | None = None
+    reason: str | None = None
+    was_queued: bool = False
