@@ -1,0 +1,1 @@
+"""The per-host gpu-agent process: trio shells around the coordinator cores."""

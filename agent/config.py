@@ -1,0 +1,730 @@
+"""The gpu-agent's configuration: sections, defaults, loading and validation.
+
+Theory of operation
+-------------------
+Configuration is data. Each TOML section is one frozen dataclass below; its field
+names *are* the file's keys and its type hints *are* the file's schema. The loader
+walks those fields, so a key cannot exist in the file without existing in the code,
+and a misspelt key is an error (with the nearest valid key suggested) rather than
+a setting that silently does nothing.
+
+Values come from four layers, each overriding the one before it:
+
+    defaults  <  config file  <  environment  <  command-line flags
+
+`load_config` starts from the defaults, lays the file, the environment and the
+flags over them key by key, and only then runs `AgentConfig.validate()`, so rules
+about combinations (two listeners on one port, a default TTL above its cap) see
+the final values whichever layer they came from. When a value fails validation,
+the error names the key and the layer that set it.
+
+This module never reads `os.environ`: callers pass the environment in, so tests
+can use their own. It does read the config file and the host name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.metadata
+import ipaddress
+import itertools
+import math
+import re
+import socket
+import tomllib
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final, get_type_hints
+from urllib.parse import urlsplit
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/gpu-orchestrator/agent.toml")
+STATE_SUBDIR: Final = "gpu-orchestrator"
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+DEVICE_BACKENDS: Final = ("nvml", "simulated")
+
+
+class ConfigError(Exception):
+    """The configuration is missing, malformed or makes no sense.
+
+    The message is meant for the operator as is: it names the key (as
+    ``[section] key``) and, where known, where the value came from. `key` is the
+    dotted name (``"http.port"``) of the offending key, or None when the error is
+    about the file as a whole.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    """``[agent]``: who this agent is and where it keeps its state."""
+
+    # The name this agent goes by: in membership, in allocation objects (`node`)
+    # and in metric labels (`Hostname`). Defaults to the host name, the name
+    # operators already know the machine by. Must be unique within a cluster.
+    node_name: str
+    # Where the SQLite lease table (WAL) and Raft state live. Defaults to systemd's
+    # $STATE_DIRECTORY (set by StateDirectory=, /var/lib/gpu-orchestrator in the
+    # shipped unit), else the per-user XDG state directory, so that running the
+    # agent by hand never needs root. See `default_data_dir`.
+    data_dir: Path
+    # The least severe level that is logged: debug, info, warning or error.
+    # "info" records lifecycle events (elections, allocations, expiries) without
+    # the per-tick detail of "debug".
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    """``[http]``: the HTTP API and ``/metrics`` listener."""
+
+    # Address to listen on. Every interface by default: Prometheus and clients on
+    # other hosts must reach every agent. Must be an IP address, not a host name,
+    # since a name may resolve to several addresses or none.
+    bind: str = "0.0.0.0"
+    # TCP port of the API and /metrics. 8086 is the seed's port, kept so existing
+    # clients and scrape configs work unchanged. Also set by PORT and --port.
+    port: int = 8086
+    # Largest request body accepted; larger ones get 413. Requests are small JSON
+    # documents: 1 MiB leaves ample room for workload_data while bounding what one
+    # client can make the agent buffer.
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class DevicesSection:
+    """``[devices]``: where GPU state comes from."""
+
+    # "nvml" reads the host's GPUs through nvidia-ml-py; "simulated" serves the
+    # fleet described by `simulate`. NVML by default, and the agent never falls
+    # back to a simulation by itself when NVML fails: a host that reports fake
+    # GPUs would be scheduled onto.
+    backend: str = "nvml"
+    # The simulated fleet, e.g. "4xH100-80GB" (same as --simulate). Required with
+    # backend = "simulated" and refused with "nvml". Setting it while leaving
+    # `backend` unset selects "simulated", as --simulate does.
+    simulate: str | None = None
+    # Seconds between telemetry samples of every GPU. One second keeps the
+    # scheduler's view of memory and utilization fresh, and is far shorter than
+    # any Prometheus scrape interval, at the cost of a few NVML calls per GPU.
+    sample_interval_s: float = 1.0
+    # Seconds one NVML call may take before the sample is abandoned and the GPU
+    # reported unhealthy. Healthy calls return in milliseconds; 5 s tolerates a
+    # busy driver yet notices a hung one (e.g. a GPU fallen off the bus) quickly.
+    nvml_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """``[cluster]``: membership (gossip) and leader election (Raft)."""
+
+    # A server votes in leader elections and keeps a replica of the lease table;
+    # a client (false) only gossips and forwards to the leader. True by default
+    # because a lone agent must be its own leader.
+    server: bool = True
+    # Servers to wait for before the first election. 1 = alone, the default, so
+    # one agent is a complete orchestrator with no cluster setup. Any odd number
+    # >= 1: a cluster of 2k servers needs k+1 votes and so survives no more
+    # failures than one of 2k-1, while giving a split vote one more way to happen.
+    bootstrap_expect: int = 1
+    # Address the gossip (UDP and TCP) and Raft (TCP) listeners bind to.
+    bind: str = "0.0.0.0"
+    # Address the other agents should use to reach this one; must be an IP
+    # address other hosts can route to. Unset: derived from `bind`.
+    advertise: str | None = None
+    # Gossip port, UDP for probes and TCP for full-state sync. 7946 is the port
+    # memberlist-based systems use, so existing firewall conventions carry over.
+    gossip_port: int = 7946
+    # Raft RPC port (TCP), next to the gossip port.
+    raft_port: int = 7947
+    # Existing members to contact at start-up, as "host", "host:port" or
+    # "[v6addr]:port" (port defaults to gossip_port). Empty: start alone, or
+    # wait for another agent to join this one.
+    join: tuple[str, ...] = ()
+    # File holding the shared cluster key that protects cluster traffic. Unset:
+    # traffic is not encrypted, acceptable only on a trusted network, chosen
+    # as the default because it needs no key distribution to try the agent out.
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerSection:
+    """``[scheduler]``: leases and the wait queue."""
+
+    # Lease lifetime for a request that gives no ttl_seconds. A day: a forgotten
+    # allocation frees itself by the next day, yet an overnight job is not cut
+    # off; longer jobs renew. 0 = leases never expire (then max_ttl_s must be 0).
+    default_ttl_s: float = 86400.0
+    # Upper bound on any requested or renewed ttl_seconds: 30 days bounds how long
+    # a client that died without releasing can strand a GPU. 0 = no bound.
+    max_ttl_s: float = 30 * 86400.0
+    # Seconds a queued request waits for GPUs before it expires. An hour covers a
+    # typical job turnover without letting requests whose client has given up
+    # pile up.
+    queue_timeout_s: float = 3600.0
+    # Most requests waiting at once; beyond it allocate answers 503 queue_full.
+    # Bounds the memory and replicated state that a burst of requests can take.
+    max_queue: int = 1000
+    # Seconds between scheduler ticks (expire leases, time out queued requests,
+    # retry placement). Half a second keeps expiry well within a second of its
+    # deadline while the tick itself costs next to nothing.
+    tick_interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    """``[auth]``: API keys (see agent/api_keys.py for the keys file)."""
+
+    # Off by default, as in the seed, so existing clients keep working. Turn it on
+    # on any network you do not fully trust. /healthz and /metrics stay open.
+    enabled: bool = False
+    # Header that carries the key; the seed's X-API-Key. "Authorization: Bearer"
+    # is accepted as well, always, so this names an additional header.
+    header_name: str = "X-API-Key"
+    # TOML file mapping keys (by SHA-256) to the service each may act for. Read
+    # only when `enabled`, when it must exist.
+    keys_file: Path = Path("/etc/gpu-orchestrator/api-keys.toml")
+
+
+@dataclass(frozen=True)
+class IntegrationsSection:
+    """``[integrations]``: optional outside services, each off unless set."""
+
+    # Base URL of the DeepAgents advisor; empty = off. Also DEEPAGENTS_URL.
+    deepagents_url: str = ""
+    # Seconds to wait for the advisor. Its advice is optional, so a slow advisor
+    # must not hold up an allocation: after 2 s the agent decides without it.
+    deepagents_timeout_s: float = 2.0
+    # URL that allocation lifecycle events are POSTed to; empty = off. Also
+    # GRAPH_SERVICE_URL.
+    graph_service_url: str = ""
+    # Seconds one webhook delivery attempt may take before it counts as failed.
+    webhook_timeout_s: float = 5.0
+    # Delivery attempts before a webhook notification is dropped; 10 rides out a
+    # receiver's restart without retrying a dead endpoint forever.
+    webhook_max_attempts: int = 10
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The whole configuration; each field is one section of the TOML file."""
+
+    agent: AgentSection
+    http: HttpSection = field(default_factory=HttpSection)
+    devices: DevicesSection = field(default_factory=DevicesSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    integrations: IntegrationsSection = field(default_factory=IntegrationsSection)
+
+    def validate(self) -> None:
+        """Return None if the configuration makes sense; raise ConfigError naming the first bad key."""
+        _validate_agent(self.agent)
+        _validate_http(self.http)
+        _validate_devices(self.devices)
+        _validate_cluster(self.cluster)
+        _validate_listeners(self.http, self.cluster)
+        _validate_scheduler(self.scheduler)
+        _validate_auth(self.auth)
+        _validate_integrations(self.integrations)
+
+
+# --- validation ------------------------------------------------------------------
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+# RFC 9110 token characters: what a header field name may consist of.
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_PORT_TEXT = re.compile(r"[0-9]{1,5}")
+
+
+def _fail(key: str, message: str) -> ConfigError:
+    section, name = key.split(".")
+    return ConfigError(f"[{section}] {name} {message}", key=key)
+
+
+def _check_port(key: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise _fail(key, f"must be a port in 1..65535, got {port}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise _fail(key, f"must be a number greater than 0, got {value}")
+
+
+def _check_non_negative(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise _fail(key, f"must be a number >= 0 (0 = unlimited), got {value}")
+
+
+def _check_ip(key: str, address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        raise _fail(
+            key, f"must be an IP address such as 0.0.0.0, 127.0.0.1 or ::, got {address!r}"
+        ) from None
+
+
+def _check_url(key: str, url: str) -> None:
+    if url == "":
+        return
+    try:
+        parts = urlsplit(url)
+        well_formed = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        well_formed = False
+    if not well_formed:
+        raise _fail(key, f"must be an http:// or https:// URL, or empty to turn it off; got {url!r}")
+
+
+def _validate_agent(section: AgentSection) -> None:
+    if not _NODE_NAME.fullmatch(section.node_name):
+        raise _fail(
+            "agent.node_name",
+            "must be 1-253 letters, digits, '.', '_' or '-', starting with a letter or digit; "
+            f"got {section.node_name!r} (set it with --node-name if the host name does not fit)",
+        )
+    if str(section.data_dir) in ("", "."):
+        raise _fail("agent.data_dir", "must name a directory")
+    if section.log_level not in LOG_LEVELS:
+        raise _fail("agent.log_level", f"must be one of {', '.join(LOG_LEVELS)}; got {section.log_level!r}")
+
+
+def _validate_http(section: HttpSection) -> None:
+    _check_ip("http.bind", section.bind)
+    _check_port("http.port", section.port)
+    if section.max_body_bytes < 1:
+        raise _fail("http.max_body_bytes", f"must be at least 1, got {section.max_body_bytes}")
+
+
+def _validate_devices(section: DevicesSection) -> None:
+    if section.backend not in DEVICE_BACKENDS:
+        raise _fail(
+            "devices.backend", f"must be one of {', '.join(DEVICE_BACKENDS)}; got {section.backend!r}"
+        )
+    if section.backend == "simulated" and not section.simulate:
+        raise _fail(
+            "devices.backend",
+            '= "simulated" needs a fleet: set [devices] simulate (e.g. "4xH100-80GB") or pass --simulate',
+        )
+    if section.backend == "nvml" and section.simulate is not None:
+        raise _fail(
+            "devices.simulate",
+            f'= {section.simulate!r} contradicts backend = "nvml"; remove one of them',
+        )
+    _check_positive("devices.sample_interval_s", section.sample_interval_s)
+    _check_positive("devices.nvml_timeout_s", section.nvml_timeout_s)
+
+
+def _validate_cluster(section: ClusterSection) -> None:
+    if section.bootstrap_expect < 1 or section.bootstrap_expect % 2 == 0:
+        raise _fail(
+            "cluster.bootstrap_expect",
+            f"must be an odd number >= 1 (1 = alone; an even count tolerates no more failures "
+            f"than one server fewer); got {section.bootstrap_expect}",
+        )
+    _check_ip("cluster.bind", section.bind)
+    if section.advertise is not None:
+        if _check_ip("cluster.advertise", section.advertise).is_unspecified:
+            raise _fail(
+                "cluster.advertise",
+                f"must be an address other hosts can reach, not {section.advertise!r}",
+            )
+    _check_port("cluster.gossip_port", section.gossip_port)
+    _check_port("cluster.raft_port", section.raft_port)
+    for entry in section.join:
+        try:
+            split_host_port(entry, section.gossip_port)
+        except ValueError as error:
+            raise _fail(
+                "cluster.join", f"entry {entry!r} is not host, host:port or [v6addr]:port: {error}"
+            ) from None
+
+
+def _binds_overlap(a: str, b: str) -> bool:
+    # A wildcard address listens on every interface, so it collides with any
+    # address (0.0.0.0 vs ::1 need not in fact collide; we reject it anyway
+    # rather than depend on the host's IPv6 dual-stack setting).
+    first, second = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    return first == second or first.is_unspecified or second.is_unspecified
+
+
+def _validate_listeners(http: HttpSection, cluster: ClusterSection) -> None:
+    # All three listen on TCP (gossip also on UDP), so any two on the same port
+    # and an overlapping address would fail to bind at start-up; say so now.
+    listeners = (
+        ("http.port", http.bind, http.port),
+        ("cluster.gossip_port", cluster.bind, cluster.gossip_port),
+        ("cluster.raft_port", cluster.bind, cluster.raft_port),
+    )
+    for (key_a, bind_a, port_a), (key_b, bind_b, port_b) in itertools.combinations(listeners, 2):
+        if port_a == port_b and _binds_overlap(bind_a, bind_b):
+            other_section, other_name = key_a.split(".")
+            raise _fail(
+                key_b,
+                f"= {port_b} is already [{other_section}] {other_name} on an overlapping "
+                "address; every listener needs its own port",
+            )
+
+
+def _validate_scheduler(section: SchedulerSection) -> None:
+    _check_non_negative("scheduler.default_ttl_s", section.default_ttl_s)
+    _check_non_negative("scheduler.max_ttl_s", section.max_ttl_s)
+    if section.max_ttl_s > 0:
+        if section.default_ttl_s == 0:
+            raise _fail(
+                "scheduler.default_ttl_s",
+                f"= 0 (never expire) exceeds max_ttl_s = {section.max_ttl_s}; "
+                "set max_ttl_s = 0 as well to allow leases that never expire",
+            )
+        if section.default_ttl_s > section.max_ttl_s:
+            raise _fail(
+                "scheduler.default_ttl_s",
+                f"= {section.default_ttl_s} exceeds max_ttl_s = {section.max_ttl_s}",
+            )
+    _check_positive("scheduler.queue_timeout_s", section.queue_timeout_s)
+    if section.max_queue < 1:
+        raise _fail("scheduler.max_queue", f"must be at least 1, got {section.max_queue}")
+    _check_positive("scheduler.tick_interval_s", section.tick_interval_s)
+
+
+def _validate_auth(section: AuthSection) -> None:
+    if not _HEADER_TOKEN.fullmatch(section.header_name):
+        raise _fail("auth.header_name", f"must be an HTTP header name, got {section.header_name!r}")
+    if section.header_name.lower() == "authorization":
+        raise _fail(
+            "auth.header_name",
+            "must not be Authorization: 'Authorization: Bearer <key>' is always accepted; "
+            "header_name names an additional header",
+        )
+    if str(section.keys_file) in ("", "."):
+        raise _fail("auth.keys_file", "must name a file")
+
+
+def _validate_integrations(section: IntegrationsSection) -> None:
+    _check_url("integrations.deepagents_url", section.deepagents_url)
+    _check_positive("integrations.deepagents_timeout_s", section.deepagents_timeout_s)
+    _check_url("integrations.graph_service_url", section.graph_service_url)
+    _check_positive("integrations.webhook_timeout_s", section.webhook_timeout_s)
+    if section.webhook_max_attempts < 1:
+        raise _fail(
+            "integrations.webhook_max_attempts", f"must be at least 1, got {section.webhook_max_attempts}"
+        )
+
+
+def split_host_port(address: str, default_port: int) -> tuple[str, int]:
+    """Split "host", "host:port", "[v6addr]" or "[v6addr]:port" into (host, port).
+
+    A bare IPv6 address without brackets is taken as a host with `default_port`.
+    Returns the host (without brackets) and the port; raises ValueError, with the
+    reason, for an empty host, an unclosed bracket or a port outside 1..65535.
+    """
+    port_text: str | None
+    if address.startswith("["):
+        end = address.find("]")
+        if end < 0:
+            raise ValueError("unclosed '['")
+        host, rest = address[1:end], address[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"unexpected {rest!r} after ']'")
+        port_text = rest[1:] if rest else None
+    elif address.count(":") == 1:
+        host, port_text = address.split(":")
+    else:
+        host, port_text = address, None
+    if not host.strip():
+        raise ValueError("empty host")
+    if port_text is None:
+        return host, default_port
+    if not _PORT_TEXT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not in 1..65535")
+    return host, int(port_text)
+
+
+# --- defaults ----------------------------------------------------------------------
+
+
+def default_node_name() -> str:
+    """Return this host's name, the default [agent] node_name."""
+    return socket.gethostname()
+
+
+def default_data_dir(environ: Mapping[str, str]) -> Path:
+    """Return the default [agent] data_dir for this environment.
+
+    $STATE_DIRECTORY (systemd's StateDirectory=; when the unit names several,
+    systemd joins them with ':' and the first is used), else
+    $XDG_STATE_HOME/gpu-orchestrator (ignored when relative, as the XDG Base
+    Directory spec requires), else $HOME/.local/state/gpu-orchestrator.
+    """
+    state_directory = environ.get("STATE_DIRECTORY", "")
+    if state_directory:
+        return Path(state_directory.split(":")[0])
+    xdg_state_home = environ.get("XDG_STATE_HOME", "")
+    if xdg_state_home and Path(xdg_state_home).is_absolute():
+        return Path(xdg_state_home) / STATE_SUBDIR
+    home = environ.get("HOME", "")
+    return (Path(home) if home else Path.home()) / ".local" / "state" / STATE_SUBDIR
+
+
+# --- loading -------------------------------------------------------------------------
+
+# Environment variable -> the key it overrides. STATE_DIRECTORY is not here: it
+# only changes the *default* data_dir, so a data_dir in the file still wins.
+ENV_KEYS: Final[Mapping[str, str]] = {
+    "PORT": "http.port",
+    "DEEPAGENTS_URL": "integrations.deepagents_url",
+    "GRAPH_SERVICE_URL": "integrations.graph_service_url",
+}
+# argparse dest -> the key the flag overrides. --simulate also sets backend.
+FLAG_KEYS: Final[Mapping[str, str]] = {
+    "node_name": "agent.node_name",
+    "data_dir": "agent.data_dir",
+    "log_level": "agent.log_level",
+    "bind": "http.bind",
+    "port": "http.port",
+    "simulate": "devices.simulate",
+}
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("gpu-orchestrator")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (package not installed)"
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of `gpu-agent`; every option defaults to None (= not given)."""
+    parser = argparse.ArgumentParser(
+        prog="gpu-agent",
+        description="Run the gpu-orchestrator agent on this host.",
+        epilog="Precedence: flags > environment (PORT, CONFIG_PATH, DEEPAGENTS_URL, "
+        "GRAPH_SERVICE_URL) > config file > defaults. Every key: docs/configuration.md.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help=f"TOML config file (default: $CONFIG_PATH, else {DEFAULT_CONFIG_PATH} if present)",
+    )
+    parser.add_argument(
+        "--port", type=int, metavar="N", help="HTTP API and /metrics port ([http] port, PORT; default 8086)"
+    )
+    parser.add_argument(
+        "--bind", metavar="ADDR", help="address the HTTP API listens on ([http] bind; default 0.0.0.0)"
+    )
+    parser.add_argument("--data-dir", type=Path, metavar="PATH", help="state directory ([agent] data_dir)")
+    parser.add_argument(
+        "--node-name", metavar="NAME", help="this agent's name ([agent] node_name; default: host name)"
+    )
+    parser.add_argument(
+        "--simulate",
+        metavar="SPEC",
+        help="serve a simulated fleet such as 4xH100-80GB instead of NVML "
+        '(sets [devices] backend = "simulated")',
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, help="least severe level logged ([agent] log_level; default info)"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    return parser
+
+
+def _section_types() -> dict[str, type[Any]]:
+    hints = get_type_hints(AgentConfig)
+    return {f.name: hints[f.name] for f in fields(AgentConfig)}
+
+
+def _key_types(section_type: type[Any]) -> dict[str, Any]:
+    hints = get_type_hints(section_type)
+    return {f.name: hints[f.name] for f in fields(section_type)}
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return "; did you mean 'x'?" naming the choice nearest to `word`, or "" if none is near."""
+    matches = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {matches[0]!r}?" if matches else ""
+
+
+def _describe(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{names.get(type(value), type(value).__name__)} {shown}"
+
+
+def _file_value(raw: object, hint: Any, where: str, base_dir: Path) -> object:
+    """Return `raw` converted to the field's type; raise ConfigError naming `where` if it does not fit."""
+    if isinstance(hint, types.UnionType):
+        # `T | None`: TOML has no null, so an empty string means "not set".
+        (hint,) = [arg for arg in hint.__args__ if arg is not type(None)]
+        if raw == "":
+            return None
+    expected: str
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        expected = "a boolean (true or false)"
+    elif hint is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        expected = "an integer"
+    elif hint is float:
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+        expected = "a number"
+    elif hint is str:
+        if isinstance(raw, str):
+            return raw
+        expected = "a string"
+    elif hint is Path:
+        if isinstance(raw, str) and raw:
+            if raw.startswith("~"):
+                raise ConfigError(f"{where}: '~' is not expanded in the config file; write an absolute path")
+            # Relative paths are relative to the file, not to wherever the agent
+            # happens to be started from.
+            return base_dir / raw
+        expected = "a path (a non-empty string)"
+    elif hint == tuple[str, ...]:
+        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            return tuple(raw)
+        expected = "an array of strings"
+    else:  # pragma: no cover - a field type this loader does not know is a bug here
+        raise TypeError(f"{where}: unsupported field type {hint!r}")
+    raise ConfigError(f"{where}: expected {expected}, got {_describe(raw)}")
+
+
+def _env_value(text: str, hint: Any, variable: str) -> object:
+    if hint is int:
+        if not re.fullmatch(r"[0-9]+", text.strip()):
+            raise ConfigError(f"{variable}: expected an integer, got {text!r}")
+        return int(text)
+    return text
+
+
+def _read_config_file(path: Path, origin: str, explicit: bool) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as stream:
+            return tomllib.load(stream)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} (from {origin}) does not exist") from None
+        return None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+
+
+def _file_overrides(document: Mapping[str, Any], path: Path) -> dict[str, dict[str, object]]:
+    sections = _section_types()
+    overrides: dict[str, dict[str, object]] = {}
+    for section_name, table in document.items():
+        if section_name not in sections:
+            if isinstance(table, dict):
+                raise ConfigError(
+                    f"{path}: unknown section [{section_name}]{did_you_mean(section_name, sections)} "
+                    f"(sections: {', '.join(f'[{name}]' for name in sections)})"
+                )
+            homes = [name for name, kind in sections.items() if section_name in _key_types(kind)]
+            places = " or ".join(f"[{home}] {section_name}" for home in homes)
+            hint = f"; did you mean {places}?" if homes else ""
+            raise ConfigError(
+                f"{path}: unknown top-level key {section_name!r}; every key belongs in a section{hint}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section_name}] must be a table, got {_describe(table)}")
+        key_types = _key_types(sections[section_name])
+        values: dict[str, object] = {}
+        for key, raw in table.items():
+            if key not in key_types:
+                raise ConfigError(
+                    f"{path}: unknown key {key!r} in [{section_name}]{did_you_mean(key, key_types)} "
+                    f"(keys: {', '.join(key_types)})",
+                    key=f"{section_name}.{key}",
+                )
+            values[key] = _file_value(raw, key_types[key], f"{path}: [{section_name}] {key}", path.parent)
+        overrides[section_name] = values
+    devices = overrides.get("devices", {})
+    if devices.get("simulate") is not None and "backend" not in devices:
+        devices["backend"] = "simulated"
+    return overrides
+
+
+def load_config(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    *,
+    default_config_path: Path | None = None,
+) -> AgentConfig:
+    """Return the validated configuration from flags > environment > file > defaults.
+
+    `args` is what `build_arg_parser()` parsed (an attribute that is missing or
+    None counts as not given). The file is --config, else $CONFIG_PATH, else
+    `default_config_path` (DEFAULT_CONFIG_PATH when None) if it exists. An empty
+    environment variable counts as unset. Raises ConfigError for a named file
+    that is missing, bad TOML, unknown sections or keys, wrong types, and
+    anything `AgentConfig.validate()` rejects.
+    """
+    overrides: dict[str, dict[str, object]] = {name: {} for name in _section_types()}
+    sources: dict[str, str] = {}  # dotted key -> where its value came from, for error messages
+
+    def put(dotted: str, value: object, source: str) -> None:
+        section, key = dotted.split(".")
+        overrides[section][key] = value
+        sources[dotted] = source
+
+    flag_config = getattr(args, "config", None)
+    env_config = environ.get("CONFIG_PATH", "")
+    if flag_config is not None:
+        config_path, origin, explicit = Path(flag_config), "--config", True
+    elif env_config:
+        config_path, origin, explicit = Path(env_config), "CONFIG_PATH", True
+    else:
+        config_path = default_config_path if default_config_path is not None else DEFAULT_CONFIG_PATH
+        origin, explicit = "the default location", False
+    config_path = config_path.absolute()
+    document = _read_config_file(config_path, origin, explicit)
+    if document is not None:
+        for section, values in _file_overrides(document, config_path).items():
+            for key, value in values.items():
+                put(f"{section}.{key}", value, str(config_path))
+
+    for variable, dotted in ENV_KEYS.items():
+        text = environ.get(variable, "")
+        if text:
+            section, key = dotted.split(".")
+            put(dotted, _env_value(text, _key_types(_section_types()[section])[key], variable), variable)
+
+    for dest, dotted in FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            if isinstance(value, Path):
+                value = value.absolute()
+            put(dotted, value, "--" + dest.replace("_", "-"))
+    if getattr(args, "simulate", None) is not None:
+        put("devices.backend", "simulated", "--simulate")
+
+    defaults = AgentConfig(
+        agent=AgentSection(node_name=default_node_name(), data_dir=default_data_dir(environ))
+    )
+    config = replace(
+        defaults, **{name: replace(getattr(defaults, name), **values) for name, values in overrides.items()}
+    )
+    try:
+        config.validate()
+    except ConfigError as error:
+        source = sources.get(error.key) if error.key else None
+        if source is None:
+            raise
+        raise ConfigError(f"{error} (set by {source})", key=error.key) from None
+    return config
