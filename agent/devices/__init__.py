@@ -1,0 +1,44 @@
+"""The agent's GPUs: real ones through NVML, or a simulated fleet.
+
+`backend_from_config` is the one place that picks a backend, so the choice is
+always the configuration's: NVML is never replaced by the simulation silently.
+"""
+
+from __future__ import annotations
+
+from agent.devices.base import DeviceBackend, DeviceError, GpuLink, GpuProcess, GpuReading
+from agent.devices.nvml import NvmlDevices
+from agent.devices.simulated import SimulatedDevices, SimulatedGpuSpec, parse_simulate_spec
+
+__all__ = [
+    "DeviceBackend",
+    "DeviceError",
+    "GpuLink",
+    "GpuProcess",
+    "GpuReading",
+    "NvmlDevices",
+    "SimulatedDevices",
+    "SimulatedGpuSpec",
+    "backend_from_config",
+    "parse_simulate_spec",
+]
+
+
+def backend_from_config(kind: str, simulate: str | None, *, seed: int | None = None) -> DeviceBackend:
+    """The backend `[devices] backend` names, not yet opened.
+
+    "nvml" reads the real GPUs (`simulate` is ignored: it only describes the fleet
+    for the simulated backend). "simulated" builds the fleet `simulate` describes,
+    seeded with `seed`. Raises ValueError for any other kind, for "simulated"
+    without a fleet, or for a fleet spec parse_simulate_spec rejects.
+    """
+    if kind == "nvml":
+        return NvmlDevices()
+    if kind == "simulated":
+        if simulate is None or not simulate.strip():
+            raise ValueError(
+                "devices backend 'simulated' needs a fleet: set [devices] simulate "
+                "or pass --simulate, e.g. 4xH100-80GB"
+            )
+        return SimulatedDevices(parse_simulate_spec(simulate), seed=seed)
+    raise ValueError(f"unknown devices backend {kind!r}: expected 'nvml' or 'simulated'")

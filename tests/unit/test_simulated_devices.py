@@ -1,0 +1,302 @@
+"""The simulated GPU fleet: spec parsing, reproducible dynamics, fault injection."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import pytest
+
+from agent.devices import GpuLink, GpuReading, SimulatedDevices, backend_from_config, parse_simulate_spec
+from agent.devices.simulated import MAX_SIMULATED_GPUS
+
+
+def fleet(spec: str, seed: int = 7) -> SimulatedDevices:
+    devices = SimulatedDevices(parse_simulate_spec(spec), seed=seed)
+    devices.open()
+    return devices
+
+
+def run(devices: SimulatedDevices, start: float, stop: float, step: float = 0.5) -> list[list[GpuReading]]:
+    """Sample every `step` seconds from `start` to `stop` inclusive."""
+    samples = []
+    now = start
+    while now <= stop + 1e-9:
+        samples.append(devices.sample(now))
+        now += step
+    return samples
+
+
+# ---- parsing the fleet
+
+
+def test_parse_catalog_models_in_index_order() -> None:
+    specs = parse_simulate_spec("4xH100-80GB,2xA100-40GB")
+
+    assert [s.model for s in specs] == ["H100-80GB"] * 4 + ["A100-40GB"] * 2
+    assert (specs[0].name, specs[0].memory_total_mb, specs[0].power_limit_w) == (
+        "NVIDIA H100 80GB HBM3",
+        81559,
+        700.0,
+    )
+    assert (specs[4].name, specs[4].memory_total_mb) == ("NVIDIA A100-SXM4-40GB", 40960)
+
+
+def test_parse_is_forgiving_about_case_spaces_and_a_missing_count() -> None:
+    specs = parse_simulate_spec(" 2 x h100-80gb , L4-24GB,RTX4090-24GB")
+
+    assert [s.name for s in specs] == ["NVIDIA H100 80GB HBM3"] * 2 + ["NVIDIA L4", "NVIDIA GeForce RTX 4090"]
+
+
+def test_parse_accepts_any_name_with_a_memory_size() -> None:
+    specs = parse_simulate_spec("2xMI300X-192GB,B200-180GB")
+
+    assert [(s.model, s.name, s.memory_total_mb) for s in specs] == [
+        ("MI300X-192GB", "Simulated MI300X", 192 * 1024),
+        ("MI300X-192GB", "Simulated MI300X", 192 * 1024),
+        ("B200-180GB", "Simulated B200", 180 * 1024),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "empty simulated fleet"),
+        ("   ", "empty simulated fleet"),
+        ("4xH100-80GB,", "empty item"),
+        ("0xH100-80GB", "needs at least 1 GPU"),
+        ("-1xH100-80GB", "bad GPU count '-1'"),
+        ("1.5xH100-80GB", "bad GPU count '1.5'"),
+        ("twoxH100-80GB", "bad GPU count 'two'"),
+        ("4xH100", r"expected \[COUNTx\]MODEL-<N>GB"),
+        ("4x", r"expected \[COUNTx\]MODEL-<N>GB"),
+        ("4xH100-0GB", "memory must be at least 1 GB"),
+        ("4xH100 80GB", r"expected \[COUNTx\]MODEL-<N>GB"),
+        (f"{MAX_SIMULATED_GPUS + 1}xH100-80GB", "more than 64 GPUs"),
+        ("32xH100-80GB,33xL4-24GB", "more than 64 GPUs"),
+        ("99999999999999999999xT4-16GB", "more than 64 GPUs"),
+    ],
+)
+def test_parse_rejects_bad_specs_with_a_clear_message(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_simulate_spec(spec)
+
+
+def test_sixty_four_gpus_is_the_limit_not_past_it() -> None:
+    assert len(parse_simulate_spec("64xT4-16GB")) == 64
+
+
+# ---- identity and idle state
+
+
+def test_uuids_and_bus_ids_are_stable_per_seed_and_unique() -> None:
+    a = fleet("8xH100-80GB,2xL4-24GB", seed=7).sample(0.0)
+    b = fleet("8xH100-80GB,2xL4-24GB", seed=7).sample(0.0)
+    c = fleet("8xH100-80GB,2xL4-24GB", seed=8).sample(0.0)
+
+    assert [r.uuid for r in a] == [r.uuid for r in b]
+    assert len({r.uuid for r in a} | {r.uuid for r in c}) == 20
+    for reading in a:
+        assert reading.uuid.startswith("GPU-")
+        assert uuid.UUID(reading.uuid[4:]).version == 4
+    assert [r.pci_bus_id for r in a[:3]] == ["00000000:18:00.0", "00000000:2A:00.0", "00000000:3A:00.0"]
+    assert a[8].pci_bus_id == "00000001:18:00.0"  # the ninth GPU starts a second board
+    assert len({r.pci_bus_id for r in a}) == 10
+
+
+def test_idle_gpus_look_idle_and_every_field_is_filled() -> None:
+    devices = fleet("2xH100-80GB")
+
+    for reading in run(devices, 0.0, 30.0)[-1]:
+        assert reading.utilization_gpu_pct is not None and reading.utilization_gpu_pct <= 2.0
+        assert reading.memory_used_mb is not None and 256 <= reading.memory_used_mb <= 640
+        assert reading.memory_free_mb == 81559 - reading.memory_used_mb
+        assert reading.temperature_c is not None and 30.0 <= reading.temperature_c <= 35.0
+        assert reading.power_draw_w is not None and 70.0 <= reading.power_draw_w < 80.0
+        assert reading.processes == ()
+        assert reading.sampled_at == 30.0
+        assert all(getattr(reading, f.name) is not None for f in dataclasses.fields(reading))
+        assert (reading.ecc_volatile_dbe, reading.retired_pages, reading.xid_errors, reading.mig_mode) == (
+            0,
+            0,
+            0,
+            False,
+        )
+    assert devices.degraded_reason is None
+
+
+# ---- load follows leases
+
+
+def test_leased_gpu_ramps_to_its_busy_level_and_back() -> None:
+    devices = fleet("2xH100-80GB")
+    run(devices, 0.0, 5.0)
+    devices.set_leases({0: "alloc-a"})
+
+    ramp = run(devices, 5.5, 40.0)
+    util = [s[0].utilization_gpu_pct or 0.0 for s in ramp]
+    temps = [s[0].temperature_c or 0.0 for s in ramp]
+    busy = ramp[-1][0]
+
+    assert util[0] < 0.5 * util[-1]  # half a second in, still climbing
+    assert 59.0 <= util[-1] <= 99.0
+    assert max(util[16:]) - min(util[16:]) <= 4.0  # settled after ~8 s: only jitter left
+    assert busy.memory_used_mb is not None and busy.memory_used_mb >= 0.4 * 81559 * 0.95
+    # Temperature lags utilisation: a few seconds in it has not got halfway yet.
+    assert temps[4] < temps[0] + 0.5 * (temps[-1] - temps[0])
+    assert temps[-1] > 55.0
+    assert busy.processes is not None and len(busy.processes) == 1
+    assert busy.processes[0].used_memory_mb is not None and busy.processes[0].used_memory_mb > 30_000
+    # The GPU nobody leased stayed idle.
+    assert (ramp[-1][1].utilization_gpu_pct or 0.0) <= 2.0 and ramp[-1][1].processes == ()
+
+    devices.set_leases({})
+    cooled = run(devices, 40.5, 100.0)[-1][0]
+    assert cooled.utilization_gpu_pct is not None and cooled.utilization_gpu_pct <= 2.0
+    assert cooled.memory_used_mb is not None and cooled.memory_used_mb <= 640
+    assert cooled.temperature_c is not None and cooled.temperature_c <= 36.0
+    assert cooled.processes == ()
+
+
+def test_power_follows_utilization_and_energy_integrates_it() -> None:
+    devices = fleet("1xH100-80GB")
+    devices.set_leases({0: "alloc-a"})
+
+    readings = [s[0] for s in run(devices, 10.0, 20.0, step=0.25)]
+
+    for r in readings:
+        assert r.utilization_gpu_pct is not None
+        assert r.power_draw_w == pytest.approx(70.0 + r.utilization_gpu_pct / 100.0 * (700.0 - 70.0))
+    assert readings[0].total_energy_mj == 0.0  # the first sample has no interval behind it
+    for before, after in zip(readings, readings[1:]):
+        assert before.power_draw_w is not None and after.power_draw_w is not None
+        assert before.total_energy_mj is not None and after.total_energy_mj is not None
+        expected = (before.power_draw_w + after.power_draw_w) / 2.0 * 0.25 * 1000.0
+        assert after.total_energy_mj - before.total_energy_mj == pytest.approx(expected)
+
+
+def test_busy_level_is_per_lease_and_reproducible() -> None:
+    def settled(seed: int, allocation_id: str) -> GpuReading:
+        devices = fleet("1xH100-80GB", seed=seed)
+        devices.set_leases({0: allocation_id})
+        return run(devices, 0.0, 30.0)[-1][0]
+
+    first, again, other = settled(7, "alloc-a"), settled(7, "alloc-a"), settled(7, "alloc-b")
+
+    assert first == again
+    assert first.memory_used_mb != other.memory_used_mb
+    assert first.processes != other.processes
+
+
+def test_same_inputs_same_readings() -> None:
+    def script(seed: int) -> list[list[GpuReading]]:
+        devices = fleet("2xH100-80GB,1xL4-24GB", seed=seed)
+        out = run(devices, 0.0, 3.0)
+        devices.set_leases({0: "a", 2: "b"})
+        out += run(devices, 3.1, 9.0, step=0.7)
+        devices.inject_xid(1, 79)
+        devices.set_leases({2: "b"})
+        out += run(devices, 9.5, 15.0, step=1.3)
+        return out
+
+    assert script(42) == script(42)
+    assert script(42) != script(43)
+
+
+# ---- fault injection
+
+
+def test_inject_xid_counts_on_that_gpu_only() -> None:
+    devices = fleet("2xH100-80GB")
+
+    devices.inject_xid(1, 79)
+    devices.inject_xid(1, 48)
+
+    assert [r.xid_errors for r in devices.sample(0.0)] == [0, 2]
+    with pytest.raises(ValueError, match="no simulated GPU 2"):
+        devices.inject_xid(2, 79)
+    with pytest.raises(ValueError, match="positive"):
+        devices.inject_xid(0, 0)
+
+
+def test_removed_gpu_is_lost_until_restored() -> None:
+    devices = fleet("3xH100-80GB")
+    lost_uuid = devices.sample(0.0)[1].uuid
+
+    devices.remove_gpu(1)
+
+    assert [r.index for r in devices.sample(1.0)] == [0, 2]
+    assert devices.degraded_reason == f"GPU 1 ({lost_uuid}) lost: removed by the simulation"
+    assert [(link.a, link.b) for link in devices.topology()] == [(0, 2)]
+
+    devices.restore_gpu(1)
+    assert [r.index for r in devices.sample(2.0)] == [0, 1, 2]
+    assert devices.degraded_reason is None
+
+
+# ---- topology
+
+
+@pytest.mark.parametrize(
+    ("spec", "relation", "nvlinks"),
+    [
+        ("4xH100-80GB", "nvlink", 18),
+        ("2xH200-141GB", "nvlink", 18),
+        ("2xA100-80GB", "nvlink", 12),  # NVLink 3: twelve links per A100
+        ("2xH100-80GB,2xA100-40GB", "host_bridge", 0),
+        ("2xL4-24GB", "host_bridge", 0),
+        ("2xFOO-8GB", "host_bridge", 0),
+    ],
+)
+def test_topology(spec: str, relation: str, nvlinks: int) -> None:
+    devices = fleet(spec)
+    n = len(parse_simulate_spec(spec))
+
+    assert devices.topology() == [
+        GpuLink(a=a, b=b, relation=relation, nvlinks=nvlinks) for a in range(n) for b in range(a + 1, n)
+    ]
+
+
+# ---- lifecycle
+
+
+def test_sampling_needs_open() -> None:
+    devices = SimulatedDevices(parse_simulate_spec("1xT4-16GB"), seed=1)
+
+    with pytest.raises(RuntimeError, match="not open"):
+        devices.sample(0.0)
+    devices.open()
+    devices.close()
+    with pytest.raises(RuntimeError, match="not open"):
+        devices.topology()
+
+
+def test_empty_fleet_is_rejected() -> None:
+    with pytest.raises(ValueError, match="at least one GPU"):
+        SimulatedDevices([], seed=1)
+
+
+# ---- choosing the backend
+
+
+def test_backend_from_config_builds_the_simulated_fleet() -> None:
+    backend = backend_from_config("simulated", "2xH100-80GB,1xL4-24GB", seed=3)
+    backend.open()
+
+    assert backend.kind == "simulated"
+    assert [r.name for r in backend.sample(0.0)] == ["NVIDIA H100 80GB HBM3"] * 2 + ["NVIDIA L4"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "simulate", "message"),
+    [
+        ("simulated", None, "needs a fleet"),
+        ("simulated", " ", "needs a fleet"),
+        ("simulated", "4xH100", "expected"),
+        ("dcgm", None, "unknown devices backend 'dcgm'"),
+        ("NVML", None, "unknown devices backend 'NVML'"),
+    ],
+)
+def test_backend_from_config_rejects(kind: str, simulate: str | None, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        backend_from_config(kind, simulate, seed=1)
