@@ -1,0 +1,283 @@
+"""Turning API request bodies into validated values, with precise 400 errors.
+
+The HTTP edge hands over whatever JSON it decoded; everything here checks type
+and bounds field by field and names the field in the error, so bad input gets
+a clear answer and changes nothing. Booleans are never accepted as numbers
+(Python's `True == 1` would otherwise let `"gpu_count": true` through).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from coordinator.errors import InvalidRequest
+from coordinator.model import AllocationRequest, Requirements
+from coordinator.workload import WORKLOAD_TYPES, WorkloadEstimate
+
+SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_GPU_COUNT = 64
+MAX_MEMORY_MB = 2_097_152  # 2 TiB: above any GPU made; larger is a typo, not a request
+MAX_URL_LENGTH = 2048
+
+_ALLOCATE_FIELDS = (
+    "service_name",
+    "workload_type",
+    "workload_data",
+    "priority",
+    "gpu_count",
+    "required_gpus",  # the seed's DeepAgents tool sends this name for gpu_count
+    "min_memory_mb",
+    "max_utilization",
+    "ttl_seconds",
+    "queue",
+    "request_id",
+    "webhook_url",
+    "constraints",
+)
+_CONSTRAINT_FIELDS = ("gpu_model", "node")
+
+
+@dataclass(frozen=True, slots=True)
+class AllocateBody:
+    """A validated `POST /gpu/allocate` (or `/gpu/workload`) body; None = not given."""
+
+    service_name: str
+    workload_type: str
+    workload_data: dict[str, Any]
+    priority: int | None
+    gpu_count: int | None
+    min_memory_mb: int | None
+    max_utilization: float | None
+    ttl_seconds: float | None
+    queue: bool
+    request_id: str | None
+    webhook_url: str | None
+    gpu_model: str | None
+    node: str | None
+
+    @property
+    def workflow_id(self) -> str | None:
+        value = self.workload_data.get("workflow_id")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def fully_specified(self) -> bool:
+        """The caller fixed count, memory and priority: nobody needs to estimate."""
+        return None not in (self.gpu_count, self.min_memory_mb, self.priority)
+
+
+def parse_allocate_body(body: object, *, require_service: bool = True) -> AllocateBody:
+    """Validate an allocate body. Raises InvalidRequest naming the offending field."""
+    obj = _object(body, "request body")
+    unknown = sorted(set(obj) - set(_ALLOCATE_FIELDS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(_ALLOCATE_FIELDS)}",
+            code="unknown_field",
+        )
+    if "gpu_count" in obj and "required_gpus" in obj:
+        raise InvalidRequest("give gpu_count or required_gpus, not both")
+    service = obj.get("service_name")
+    if service is None and not require_service:
+        service = "analysis"
+    service_name = _name(service, "service_name", SERVICE_NAME_RE)
+    workload_type = obj.get("workload_type", "generic")
+    if workload_type not in WORKLOAD_TYPES:
+        raise InvalidRequest(
+            f"workload_type must be one of {', '.join(WORKLOAD_TYPES)}, got {workload_type!r}",
+            code="unknown_workload_type",
+        )
+    workload_data = _object(obj.get("workload_data", {}), "workload_data")
+    constraints = _object(obj.get("constraints", {}), "constraints")
+    unknown = sorted(set(constraints) - set(_CONSTRAINT_FIELDS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown constraint(s) {', '.join(unknown)}; valid: {', '.join(_CONSTRAINT_FIELDS)}",
+            code="unknown_field",
+        )
+    count_field = "required_gpus" if "required_gpus" in obj else "gpu_count"
+    queue = obj.get("queue", True)
+    if not isinstance(queue, bool):
+        raise InvalidRequest("queue must be true or false")
+    return AllocateBody(
+        service_name=service_name,
+        workload_type=str(workload_type),
+        workload_data=dict(workload_data),
+        priority=_opt_int(obj, "priority", 1, 10),
+        gpu_count=_opt_int(obj, count_field, 1, MAX_GPU_COUNT),
+        min_memory_mb=_opt_int(obj, "min_memory_mb", 0, MAX_MEMORY_MB),
+        max_utilization=_opt_number(obj, "max_utilization", 0.0, 100.0),
+        ttl_seconds=_opt_number(obj, "ttl_seconds", 0.0, math.inf),
+        queue=queue,
+        request_id=None if obj.get("request_id") is None else _name(obj["request_id"], "request_id", REQUEST_ID_RE),
+        webhook_url=_opt_url(obj.get("webhook_url"), "webhook_url"),
+        gpu_model=_opt_str(constraints.get("gpu_model"), "constraints.gpu_model"),
+        node=_opt_str(constraints.get("node"), "constraints.node"),
+    )
+
+
+def build_request(
+    body: AllocateBody,
+    estimate: WorkloadEstimate,
+    *,
+    decided_by: str,
+    request_id: str,
+    now: float,
+    default_ttl_s: float,
+    max_ttl_s: float,
+) -> AllocationRequest:
+    """Merge the caller's explicit fields over an estimate into an AllocationRequest.
+
+    Explicit fields win; `decided_by` becomes "request" when the caller fixed
+    every figure. Raises InvalidRequest when ttl_seconds exceeds max_ttl_s.
+    """
+    ttl = default_ttl_s if body.ttl_seconds is None else body.ttl_seconds
+    if ttl > max_ttl_s:
+        raise InvalidRequest(f"ttl_seconds must be at most {max_ttl_s:g} (0 = never expires)")
+    requirements = Requirements(
+        gpu_count=body.gpu_count if body.gpu_count is not None else estimate.required_gpus,
+        min_memory_mb=body.min_memory_mb if body.min_memory_mb is not None else estimate.min_memory_mb,
+        max_utilization=(
+            body.max_utilization if body.max_utilization is not None else estimate.max_utilization
+        ),
+        gpu_model=body.gpu_model,
+        node=body.node,
+    )
+    return AllocationRequest(
+        request_id=request_id,
+        service_name=body.service_name,
+        workload_type=body.workload_type,
+        priority=body.priority if body.priority is not None else estimate.priority,
+        requirements=requirements,
+        ttl_s=ttl,
+        submitted_at=now,
+        queue=body.queue,
+        workload_data=body.workload_data,
+        webhook_url=body.webhook_url,
+        workflow_id=body.workflow_id,
+        decided_by="request" if body.fully_specified else decided_by,
+        estimate=estimate.estimate,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseBody:
+    """Exactly one selector of what to release."""
+
+    allocation_id: str | None = None
+    service_name: str | None = None
+    request_id: str | None = None
+
+
+def parse_release_body(body: object) -> ReleaseBody:
+    """Validate a release body: one of allocation_id, service_name or request_id."""
+    obj = _object(body, "request body")
+    fields = ("allocation_id", "service_name", "request_id")
+    unknown = sorted(set(obj) - set(fields))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(unknown)}; give one of {', '.join(fields)}",
+            code="unknown_field",
+        )
+    given = [f for f in fields if obj.get(f) is not None]
+    if len(given) != 1:
+        raise InvalidRequest("give exactly one of allocation_id, service_name or request_id")
+    name = given[0]
+    pattern = SERVICE_NAME_RE if name == "service_name" else REQUEST_ID_RE
+    value = _name(obj[name], name, pattern)
+    return ReleaseBody(**{name: value})
+
+
+@dataclass(frozen=True, slots=True)
+class RenewBody:
+    allocation_id: str
+    ttl_seconds: float | None
+
+
+def parse_renew_body(body: object) -> RenewBody:
+    """Validate a renew body: allocation_id and an optional ttl_seconds (0 = never expires)."""
+    obj = _object(body, "request body")
+    unknown = sorted(set(obj) - {"allocation_id", "ttl_seconds"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(unknown)}", code="unknown_field")
+    if obj.get("allocation_id") is None:
+        raise InvalidRequest("allocation_id is required")
+    return RenewBody(
+        allocation_id=_name(obj["allocation_id"], "allocation_id", REQUEST_ID_RE),
+        ttl_seconds=_opt_number(obj, "ttl_seconds", 0.0, math.inf),
+    )
+
+
+def valid_id(value: str) -> bool:
+    """Whether a path parameter can be an allocation or request id at all."""
+    return REQUEST_ID_RE.match(value) is not None
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _object(value: object, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{what} must be a JSON object")
+    return value
+
+
+def _name(value: object, field: str, pattern: re.Pattern[str]) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{field} is required and must be a non-empty string")
+    if not pattern.match(value):
+        raise InvalidRequest(
+            f"{field} must be 1-128 characters of letters, digits, '.', '_', ':' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _opt_int(obj: Mapping[str, Any], field: str, low: int, high: int) -> int | None:
+    value = obj.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise InvalidRequest(f"{field} must be an integer")
+    if not low <= value <= high:
+        raise InvalidRequest(f"{field} must be between {low} and {high}, got {value}")
+    return int(value)
+
+
+def _opt_number(obj: Mapping[str, Any], field: str, low: float, high: float) -> float | None:
+    value = obj.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequest(f"{field} must be a finite number")
+    if not low <= value <= high:
+        bound = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+        raise InvalidRequest(f"{field} must be {bound}, got {value}")
+    return float(value)
+
+
+def _opt_str(value: object, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise InvalidRequest(f"{field} must be a non-empty string of at most 256 characters")
+    return value
+
+
+def _opt_url(value: object, field: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_URL_LENGTH
+        or not re.match(r"^https?://[^\s/?#]+[^\s]*$", value)
+    ):
+        raise InvalidRequest(f"{field} must be an http:// or https:// URL")
+    return value

@@ -1,0 +1,156 @@
+"""The JSON shapes the outside world sees: API objects, webhooks and workflow events.
+
+One module so that an allocation looks the same in `/gpu/allocate`,
+`/gpu/list`, a webhook and a graph-service event. Times are RFC 3339 UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from coordinator.model import (
+    Allocation,
+    AllocationRequest,
+    LeaseEvent,
+    QueuedRequest,
+    RequestRecord,
+)
+
+JsonObject = dict[str, Any]
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Seconds since the epoch as RFC 3339 UTC with milliseconds, e.g. 2026-11-26T17:48:20.123Z."""
+    if ts is None:
+        return None
+    moment = datetime.fromtimestamp(ts, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def requirements_view(request: AllocationRequest) -> JsonObject:
+    req = request.requirements
+    return {
+        "gpu_count": req.gpu_count,
+        "min_memory_mb": req.min_memory_mb,
+        "max_utilization": req.max_utilization,
+        "gpu_model": req.gpu_model,
+        "node": req.node,
+        "ttl_seconds": request.ttl_s,
+        "decided_by": request.decided_by,
+        "estimate": dict(request.estimate),
+    }
+
+
+def allocation_view(alloc: Allocation) -> JsonObject:
+    """An allocation as the API returns it (SPEC.md's allocation object)."""
+    request = alloc.request
+    view: JsonObject = {
+        "id": alloc.allocation_id,
+        "allocation_id": alloc.allocation_id,
+        "status": "allocated",
+        "request_id": request.request_id,
+        "service_name": request.service_name,
+        "workload_type": request.workload_type,
+        "priority": request.priority,
+        "node": alloc.node,
+        "gpu_ids": [g.index for g in alloc.gpus],
+        "gpus": [
+            {
+                "node": g.node,
+                "index": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "memory_total_mb": g.memory_total_mb,
+            }
+            for g in alloc.gpus
+        ],
+        # Comma-joined UUIDs: `export CUDA_VISIBLE_DEVICES=<this>` works as is,
+        # and UUIDs (unlike indices) survive a change of enumeration order.
+        "cuda_visible_devices": ",".join(g.uuid for g in alloc.gpus),
+        "allocated_at": rfc3339(alloc.allocated_at),
+        "expires_at": rfc3339(alloc.expires_at),
+        "requirements": requirements_view(request),
+    }
+    if request.workflow_id is not None:
+        view["workflow_id"] = request.workflow_id
+    return view
+
+
+def queued_view(queued: QueuedRequest, position: int) -> JsonObject:
+    """A waiting request; `position` is 1 for the next one served."""
+    request = queued.request
+    view: JsonObject = {
+        "status": "queued",
+        "request_id": request.request_id,
+        "service_name": request.service_name,
+        "workload_type": request.workload_type,
+        "priority": request.priority,
+        "position": position,
+        "submitted_at": rfc3339(request.submitted_at),
+        "queue_deadline": rfc3339(queued.deadline),
+        "requirements": requirements_view(request),
+    }
+    if request.workflow_id is not None:
+        view["workflow_id"] = request.workflow_id
+    return view
+
+
+def record_view(
+    record: RequestRecord, allocation: Allocation | None, queued: JsonObject | None
+) -> JsonObject:
+    """GET /gpu/requests/{id}: the status of a request id and what it became."""
+    view: JsonObject = {
+        "request_id": record.request_id,
+        "service_name": record.service_name,
+        "status": record.status,
+        "submitted_at": rfc3339(record.submitted_at),
+        "updated_at": rfc3339(record.updated_at),
+        "allocation_id": record.allocation_id,
+        "reason": record.reason,
+    }
+    if allocation is not None:
+        view["allocation"] = allocation_view(allocation)
+    if queued is not None:
+        view["queue"] = queued
+    return view
+
+
+def webhook_payload(event: LeaseEvent) -> JsonObject:
+    """The body POSTed to a request's `webhook_url` (the seed's fields, plus event and reason)."""
+    request = event.request
+    payload: JsonObject = {
+        "status": event.kind,
+        "event": event.kind,
+        "reason": event.reason,
+        "request_id": request.request_id,
+        "service_name": request.service_name,
+        "submitted_at": rfc3339(request.submitted_at),
+        "at": rfc3339(event.at),
+        "allocation": None if event.allocation is None else allocation_view(event.allocation),
+    }
+    if event.kind == "allocated" and event.allocation is not None:
+        payload["allocated_at"] = rfc3339(event.allocation.allocated_at)
+        payload["wait_time_seconds"] = round(event.allocation.allocated_at - request.submitted_at, 3)
+    if request.workflow_id is not None:
+        payload["workflow_id"] = request.workflow_id
+    return payload
+
+
+def graph_event(event: LeaseEvent, node: str) -> JsonObject:
+    """The workflow event POSTed to the graph service for every lifecycle change."""
+    request = event.request
+    return {
+        "type": f"gpu.allocation.{event.kind}",
+        "event": event.kind,
+        "reason": event.reason,
+        "at": rfc3339(event.at),
+        "source": {"service": "gpu-orchestrator", "node": node},
+        "workflow_id": request.workflow_id,
+        "request_id": request.request_id,
+        "service_name": request.service_name,
+        "workload_type": request.workload_type,
+        "priority": request.priority,
+        "allocation_id": None if event.allocation is None else event.allocation.allocation_id,
+        "allocation": None if event.allocation is None else allocation_view(event.allocation),
+    }
