@@ -1,0 +1,283 @@
+"""The agent process: builds the parts and runs them as trio tasks until SIGTERM.
+
+Resource handling
+-----------------
+Tasks, nested as hypercorn nests its own: the log writer, the device sampler,
+the scheduler loop, the outbox deliverer and a small housekeeping task run in
+one nursery; the HTTP server runs beside them with a shutdown trigger. Start-up
+order is what makes an acknowledgement mean something: the state file is
+opened and replayed before the HTTP port is bound, so the first answer already
+reflects every earlier acknowledged write.
+
+Shutdown (SIGTERM or SIGINT): hypercorn stops accepting and lets in-flight
+requests finish (their proposals complete, since the log writer still runs),
+the outbox gets a short grace period to deliver what is due, then everything
+is cancelled and the state file closed. Exit status 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import time
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from coordinator.backoff import CircuitBreaker
+from coordinator.scheduler import Scheduler, SchedulerConfig
+from coordinator.views import graph_event, webhook_payload
+
+from agent.advisor import DeepAgentsAdvisor
+from agent.api_keys import ApiKeyring
+from agent.config import AgentConfig
+from agent.context import AgentContext
+from agent.device_sampler import DeviceSampler
+from agent.devices import backend_from_config
+from agent.http_api import create_app
+from agent.lease_service import LeaseService
+from agent.local_log import Applied, LocalLog
+from agent.metrics import AgentMetrics, StateCollector
+from agent.outbox import OutboxDeliverer
+from agent.storage import AsyncStateStore, OutboxRow, StateStore
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.db"
+# Events a queued request's webhook hears about: the caller was told 202 and waits.
+_WEBHOOK_KINDS = frozenset({"allocated", "expired", "cancelled"})
+# Time the outbox gets at shutdown to deliver what is already due.
+_SHUTDOWN_FLUSH_S = 2.0
+
+
+async def run_agent(
+    config: AgentConfig,
+    *,
+    version: str,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the agent until SIGTERM/SIGINT. Reports the bound HTTP addresses once serving."""
+    rng = random.SystemRandom()
+    store = StateStore(Path(config.agent.data_dir) / STATE_FILE)
+    astore = AsyncStateStore(store)
+    metrics = AgentMetrics()
+    node = config.agent.node_name
+
+    # A simulated fleet is seeded by the node name so its GPU UUIDs survive a
+    # restart, as real ones do: leases in the state file name GPUs by UUID.
+    seed = zlib.crc32(node.encode())
+    backend = backend_from_config(config.devices.backend, config.devices.simulate, seed=seed)
+    sampler = DeviceSampler(
+        backend,
+        node,
+        interval_s=config.devices.sample_interval_s,
+        timeout_s=config.devices.nvml_timeout_s,
+        clock=time.time,
+        rng=rng,
+    )
+    await sampler.open()
+
+    async with httpx.AsyncClient(headers={"User-Agent": f"gpu-orchestrator/{version}"}) as client:
+        deliverer = OutboxDeliverer(
+            astore,
+            client,
+            timeout_s=config.integrations.webhook_timeout_s,
+            max_attempts=config.integrations.webhook_max_attempts,
+            rng=rng,
+            on_outcome=lambda kind, outcome: metrics.outbox.labels(kind, outcome).inc(),
+        )
+        graph_url = config.integrations.graph_service_url or None
+
+        async def on_applied(entries: Sequence[Applied]) -> None:
+            rows = _outbox_rows(entries, node, graph_url)
+            if rows:
+                await astore.add_outbox(rows)
+                deliverer.wake()
+            table = lease_log.table
+            backend.set_leases({ref.index: aid for ref, aid in table.held_gpus().items() if ref.node == node})
+            if entries and not entries[0].replayed:
+                metrics.log_append.observe(lease_log.last_append_seconds)
+                metrics.log_batch.observe(len(entries))
+                for entry in entries:
+                    _count_events(metrics, entry)
+
+        lease_log = LocalLog(astore, on_applied=on_applied)
+        replayed = await lease_log.recover()
+        log.info(
+            "state file %s: %d allocations, %d queued (%d log entries replayed)",
+            store.path,
+            len(lease_log.table.allocations()),
+            lease_log.table.queue_length(),
+            replayed,
+        )
+
+        advisor = None
+        if config.integrations.deepagents_url:
+            advisor = DeepAgentsAdvisor(
+                config.integrations.deepagents_url,
+                client,
+                timeout_s=config.integrations.deepagents_timeout_s,
+                breaker=CircuitBreaker(),
+            )
+        service = LeaseService(
+            lease_log,
+            Scheduler(
+                SchedulerConfig(
+                    queue_timeout_s=config.scheduler.queue_timeout_s, max_queue=config.scheduler.max_queue
+                ),
+                rng,
+            ),
+            sampler.gpu_views,
+            default_ttl_s=config.scheduler.default_ttl_s,
+            max_ttl_s=config.scheduler.max_ttl_s,
+            tick_interval_s=config.scheduler.tick_interval_s,
+            advisor=advisor,
+            clock=time.time,
+            rng=rng,
+            on_decision=lambda outcome: metrics.scheduling.labels(outcome).inc(),
+        )
+        keyring = ApiKeyring.load(Path(config.auth.keys_file)) if config.auth.enabled else None
+        ctx = AgentContext(
+            config=config,
+            service=service,
+            log=lease_log,
+            sampler=sampler,
+            metrics=metrics,
+            keyring=keyring,
+            version=version,
+            started_at=time.time(),
+        )
+        metrics.attach_state(
+            StateCollector(
+                node_name=node,
+                readings=lambda: sampler.readings,
+                table=lambda: lease_log.table,
+                degraded=lambda: sampler.degraded_reason,
+                is_leader=lambda: True,
+                term=lambda: 1,
+                members=lambda: {"alive": 1},
+                outbox_pending=lambda: ctx.outbox_pending,
+            )
+        )
+        sampler.subscribe(service.wake)
+        app = create_app(ctx)
+        hconfig = HypercornConfig()
+        hconfig.bind = [_bind_address(config.http.bind, config.http.port)]
+        hconfig.accesslog = None
+        hconfig.errorlog = logging.getLogger("hypercorn.error")
+        hconfig.graceful_timeout = 10.0
+
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lease_log.run)
+            await nursery.start(sampler.run)
+            await nursery.start(service.run_scheduler)
+            await nursery.start(deliverer.run)
+            nursery.start_soon(_housekeeping, ctx, astore, sampler, metrics)
+            nursery.start_soon(_wait_for_signal, shutdown)
+            bound: list[str] = await nursery.start(_serve, app, hconfig, shutdown)
+            ctx.advertise_http = bound[0] if bound else ""
+            log.info(
+                "gpu-agent %s serving on %s as node %r with %d GPU(s) (%s backend)",
+                version,
+                ", ".join(bound),
+                node,
+                len(sampler.readings),
+                backend.kind,
+            )
+            task_status.started(bound)
+            await shutdown.wait()
+            # The server task returns once in-flight requests are answered.
+            with trio.move_on_after(_SHUTDOWN_FLUSH_S):
+                while ctx.outbox_pending and await astore.next_outbox_due() is not None:
+                    deliverer.wake()
+                    await trio.sleep(0.1)
+                    ctx.outbox_pending = (await astore.outbox_counts()).pending
+            nursery.cancel_scope.cancel()
+    await trio.to_thread.run_sync(backend.close)
+    store.close()
+    log.info("gpu-agent stopped")
+
+
+async def _serve(
+    app: object,
+    hconfig: HypercornConfig,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(app, hconfig, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+
+
+async def _wait_for_signal(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            shutdown.set()
+            return
+
+
+async def _housekeeping(
+    ctx: AgentContext, astore: AsyncStateStore, sampler: DeviceSampler, metrics: AgentMetrics
+) -> None:
+    """Refresh figures that handlers must not wait on disk for; mirror log timings to metrics."""
+    failures_seen = 0
+    while True:
+        try:
+            counts = await astore.outbox_counts()
+            ctx.outbox_pending, ctx.outbox_gave_up = counts.pending, counts.gave_up
+        except Exception:
+            log.exception("could not read outbox counts")
+        if sampler.failures > failures_seen:
+            metrics.device_sample_failures.inc(sampler.failures - failures_seen)
+        failures_seen = sampler.failures
+        await trio.sleep(2.0)
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _outbox_rows(entries: Sequence[Applied], node: str, graph_url: str | None) -> list[OutboxRow]:
+    rows: list[OutboxRow] = []
+    for entry in entries:
+        for seq, event in enumerate(entry.result.events):
+            webhook = event.request.webhook_url
+            if webhook and event.kind in _WEBHOOK_KINDS and (event.was_queued or event.kind == "expired"):
+                rows.append(
+                    OutboxRow(
+                        id=f"{entry.index}.{seq}.webhook",
+                        log_index=entry.index,
+                        kind="webhook",
+                        url=webhook,
+                        payload=json.dumps(webhook_payload(event)).encode(),
+                        created_at=event.at,
+                    )
+                )
+            if graph_url:
+                rows.append(
+                    OutboxRow(
+                        id=f"{entry.index}.{seq}.graph",
+                        log_index=entry.index,
+                        kind="graph",
+                        url=graph_url,
+                        payload=json.dumps(graph_event(event, node)).encode(),
+                        created_at=event.at,
+                    )
+                )
+    return rows
+
+
+def _count_events(metrics: AgentMetrics, entry: Applied) -> None:
+    for event in entry.result.events:
+        if event.kind == "allocated" and event.was_queued and event.allocation is not None:
+            metrics.queue_wait.observe(max(0.0, event.allocation.allocated_at - event.request.submitted_at))
+        elif event.kind == "expired" and event.reason == "lease_ttl":
+            metrics.leases_expired.inc()

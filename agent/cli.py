@@ -1,0 +1,54 @@
+"""`gpu-agent`: parse flags, load the configuration, run the agent.
+
+Exit status: 0 after a clean shutdown, 2 for a configuration error, 1 when the
+agent cannot start (no usable GPU backend, state file unreadable).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import sys
+
+import trio
+
+from agent.api_keys import ApiKeyError
+from agent.app import run_agent
+from agent.config import ConfigError, build_arg_parser, load_config
+from agent.devices.base import DeviceError
+from agent.storage import StorageError
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("gpu-orchestrator")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        config = load_config(args, os.environ)
+    except ConfigError as exc:
+        print(f"gpu-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.agent.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        trio.run(lambda: run_agent(config, version=package_version()))
+    except ApiKeyError as exc:
+        print(f"gpu-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (DeviceError, StorageError, OSError, ValueError) as exc:
+        print(f"gpu-agent: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""What the HTTP layer reads: the agent's parts and the read-only views built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.views import rfc3339
+
+from agent.api_keys import ApiKeyring
+from agent.config import AgentConfig
+from agent.device_sampler import DeviceSampler
+from agent.lease_service import LeaseService
+from agent.local_log import LocalLog
+from agent.metrics import AgentMetrics
+
+
+@dataclass
+class AgentContext:
+    """The running agent's parts, for handlers and metrics (all on the trio thread)."""
+
+    config: AgentConfig
+    service: LeaseService
+    log: LocalLog
+    sampler: DeviceSampler
+    metrics: AgentMetrics
+    keyring: ApiKeyring | None
+    version: str
+    started_at: float
+    # Refreshed by a background task; a handler never waits on the disk for it.
+    outbox_pending: int = 0
+    outbox_gave_up: int = 0
+    advertise_http: str = field(default="")
+
+    @property
+    def node(self) -> str:
+        return self.config.agent.node_name
+
+    def health(self) -> dict[str, Any]:
+        """GET /healthz: ok, or degraded with the reason; always 200 so probes stay simple."""
+        degraded = self.sampler.degraded_reason
+        return {
+            "status": "degraded" if degraded else "ok",
+            "service": "gpu-orchestrator",
+            "version": self.version,
+            "node": self.node,
+            "role": "leader",
+            "leader": self.node,
+            "started_at": rfc3339(self.started_at),
+            "devices": {
+                "backend": self.sampler.backend.kind,
+                "gpus": len(self.sampler.readings),
+                "degraded": degraded,
+                "last_sample_at": rfc3339(self.sampler.last_sample_at),
+            },
+            "lease_table": {
+                "allocations": len(self.service.table.allocations()),
+                "queue_depth": self.service.table.queue_length(),
+                "applied_index": self.log.last_index,
+                "snapshot_index": self.log.snapshot_index,
+            },
+            "outbox": {"pending": self.outbox_pending, "gave_up": self.outbox_gave_up},
+        }
+
+    def gpu_rows(self) -> list[dict[str, Any]]:
+        """GET /gpu/status rows: the seed's fields plus node, index, uuid, health; (node, index) order."""
+        table = self.service.table
+        holders = {ref.index: aid for ref, aid in table.held_gpus().items() if ref.node == self.node}
+        rows = []
+        for r in sorted(self.sampler.readings, key=lambda r: r.index):
+            holder_id = holders.get(r.index)
+            holder = table.allocation(holder_id) if holder_id else None
+            rows.append(
+                {
+                    "id": r.index,
+                    "node": self.node,
+                    "index": r.index,
+                    "uuid": r.uuid,
+                    "name": r.name,
+                    "memory_total": r.memory_total_mb,
+                    "memory_used": r.memory_used_mb,
+                    "memory_free": r.memory_free_mb,
+                    "utilization": r.utilization_gpu_pct,
+                    "temperature": r.temperature_c,
+                    "power_draw": r.power_draw_w,
+                    "last_updated": rfc3339(r.sampled_at),
+                    "allocated": holder is not None,
+                    "allocated_to": None if holder is None else holder.request.service_name,
+                    "allocation_id": holder_id,
+                    "allocated_at": None if holder is None else rfc3339(holder.allocated_at),
+                    "health": "healthy",
+                }
+            )
+        return rows
+
+    def members(self) -> list[dict[str, Any]]:
+        """GET /cluster/members: this agent alone until the membership layer lands."""
+        return [
+            {
+                "name": self.node,
+                "status": "alive",
+                "role": "server",
+                "leader": True,
+                "incarnation": 0,
+                "addresses": {"http": self.advertise_http},
+                "version": self.version,
+                "gpus": len(self.sampler.readings),
+            }
+        ]
+
+    def leader(self) -> dict[str, Any]:
+        """GET /cluster/leader."""
+        return {"leader": self.node, "address": self.advertise_http, "term": 1, "is_self": True}

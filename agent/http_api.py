@@ -1,0 +1,287 @@
+"""The HTTP API (Quart-trio): SPEC.md's endpoints, JSON errors, auth and metrics.
+
+Error handling
+--------------
+Errors are converted once, here: a CoordinatorError becomes its status and
+snake_case code, a StorageError becomes 503 with Retry-After, an HTTP-level
+error (404 route, 405, 413) keeps its status with a JSON body, and anything
+unexpected is logged and answered 500 `internal_error`. Every error body is
+`{"error": {"code": ..., "message": ...}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from coordinator.errors import CoordinatorError, InvalidRequest, NotFound
+from coordinator.model import Allocation
+from coordinator.request_parsing import (
+    parse_allocate_body,
+    parse_release_body,
+    parse_renew_body,
+    valid_id,
+)
+from coordinator.views import allocation_view, queued_view, record_view
+
+from agent.api_keys import ApiKey, extract_presented_key
+from agent.context import AgentContext
+from agent.openapi import openapi_document
+from agent.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+# Open without a key even when auth is on: probes, scrapes and the API's own description.
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json"})
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An HTTP-edge refusal that is not a core error (auth)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(payload, separators=(",", ":"))
+    return Response(body, status=status, headers=headers, content_type="application/json")
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+def create_app(ctx: AgentContext) -> QuartTrio:
+    """Build the Quart-trio app serving `ctx`."""
+    app = QuartTrio("gpu-orchestrator")
+    app.config["MAX_CONTENT_LENGTH"] = ctx.config.http.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    metrics = ctx.metrics
+    service = ctx.service
+
+    # ------------------------------------------------------------------ plumbing
+
+    @app.before_request
+    async def _start() -> None:
+        g.started = time.perf_counter()
+        g.principal = None
+        if ctx.keyring is None or request.path in OPEN_PATHS:
+            return
+        presented = extract_presented_key(request.headers, ctx.config.auth.header_name)
+        if presented is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                f"an API key is required ({ctx.config.auth.header_name} header or Authorization: Bearer)",
+            )
+        principal = ctx.keyring.authenticate(presented)
+        if principal is None:
+            raise ApiError(401, "unauthorized", "the API key is not valid")
+        g.principal = principal
+
+    @app.after_request
+    async def _count(response: Response) -> Response:
+        if response.status_code >= 400 and response.status_code != 413:
+            # A refusal before the handler read the body (401, 405, ...) leaves it on
+            # the wire; hypercorn would then misread it as the next request on this
+            # keep-alive connection. Drain it (it is within the size limit) or close.
+            try:
+                await request.get_data()
+            except Exception:
+                response.headers["Connection"] = "close"
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.http_requests.labels(request.method, rule, str(response.status_code)).inc()
+        started = getattr(g, "started", None)
+        if started is not None:
+            metrics.http_duration.labels(request.method, rule).observe(time.perf_counter() - started)
+        return response
+
+    @app.errorhandler(CoordinatorError)
+    async def _core_error(exc: CoordinatorError) -> Response:
+        headers = {"Retry-After": "5"} if exc.http_status == 503 else None
+        return error_response(exc.http_status, exc.code, exc.message, headers)
+
+    @app.errorhandler(ApiError)
+    async def _api_error(exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(StorageError)
+    async def _storage_error(exc: StorageError) -> Response:
+        return error_response(503, "storage_unavailable", str(exc), {"Retry-After": "5"})
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        headers = {}
+        if status == 413:
+            # The unread rest of the body is still on the wire: this connection cannot
+            # carry another request, so tell the client not to reuse it.
+            headers["Connection"] = "close"
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        message = {
+            404: f"no route {request.path}",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"request body larger than {ctx.config.http.max_body_bytes} bytes",
+        }.get(status, exc.description or exc.name)
+        return error_response(status, _HTTP_CODES.get(status, "http_error"), message, headers)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal error; see the agent's log")
+
+    async def body_json() -> Any:
+        raw = await request.get_data(as_text=False)
+        if not raw:
+            raise InvalidRequest("a JSON request body is required", code="invalid_json")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+
+    def require_service(service_name: str) -> None:
+        principal: ApiKey | None = g.principal
+        if principal is not None and not principal.may_act_for(service_name):
+            raise ApiError(
+                403, "forbidden", f"API key {principal.name!r} may not act for service {service_name!r}"
+            )
+
+    def live_allocation(allocation_id: str) -> Allocation:
+        alloc = service.table.allocation(allocation_id) if valid_id(allocation_id) else None
+        if alloc is None:
+            raise NotFound(f"no live allocation {allocation_id}")
+        return alloc
+
+    # ------------------------------------------------------------------ routes
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response(ctx.health())
+
+    @app.post("/gpu/allocate")
+    async def allocate() -> Response:
+        body = parse_allocate_body(await body_json())
+        require_service(body.service_name)
+        outcome = await service.allocate(body)
+        if outcome.allocation is not None:
+            return json_response(allocation_view(outcome.allocation))
+        assert outcome.queued is not None and outcome.position is not None
+        return json_response(queued_view(outcome.queued, outcome.position), 202)
+
+    @app.post("/gpu/release")
+    async def release() -> Response:
+        body = parse_release_body(await body_json())
+        if body.allocation_id is not None:
+            require_service(live_allocation(body.allocation_id).request.service_name)
+            outcome = await service.release_allocation(body.allocation_id)
+        elif body.service_name is not None:
+            require_service(body.service_name)
+            outcome = await service.release_service(body.service_name)
+        else:
+            assert body.request_id is not None
+            record = service.table.record(body.request_id)
+            if record is None:
+                raise NotFound(f"no request {body.request_id}")
+            require_service(record.service_name)
+            outcome = await service.release_request(body.request_id)
+        return json_response(
+            {"status": "released", "released": list(outcome.released), "cancelled": list(outcome.cancelled)}
+        )
+
+    @app.post("/gpu/renew")
+    async def renew() -> Response:
+        body = parse_renew_body(await body_json())
+        require_service(live_allocation(body.allocation_id).request.service_name)
+        return json_response(allocation_view(await service.renew(body.allocation_id, body.ttl_seconds)))
+
+    @app.get("/gpu/status")
+    async def gpu_status() -> Response:
+        return json_response({"gpus": ctx.gpu_rows()})
+
+    @app.get("/gpu/list")
+    async def gpu_list() -> Response:
+        table = service.table
+        return json_response(
+            {
+                "gpus": ctx.gpu_rows(),
+                "allocations": [allocation_view(a) for a in table.allocations()],
+                "queue": [queued_view(q, i) for i, q in enumerate(table.queue(), start=1)],
+            }
+        )
+
+    @app.post("/gpu/workload")
+    async def workload() -> Response:
+        body = parse_allocate_body(await body_json(), require_service=False)
+        analysis = await service.analyze(body)
+        estimate = analysis.estimate
+        return json_response(
+            {
+                "workload_type": body.workload_type,
+                "required_gpus": body.gpu_count if body.gpu_count is not None else estimate.required_gpus,
+                "min_memory_mb": (
+                    body.min_memory_mb if body.min_memory_mb is not None else estimate.min_memory_mb
+                ),
+                "priority": body.priority if body.priority is not None else estimate.priority,
+                "max_utilization": (
+                    body.max_utilization if body.max_utilization is not None else estimate.max_utilization
+                ),
+                "decided_by": "request" if body.fully_specified else analysis.decided_by,
+                "advisor_fallback_reason": analysis.fallback_reason,
+                "estimate": estimate.estimate,
+            }
+        )
+
+    @app.get("/gpu/allocations/<allocation_id>")
+    async def get_allocation(allocation_id: str) -> Response:
+        return json_response(allocation_view(live_allocation(allocation_id)))
+
+    @app.get("/gpu/requests/<request_id>")
+    async def get_request(request_id: str) -> Response:
+        table = service.table
+        record = table.record(request_id) if valid_id(request_id) else None
+        if record is None:
+            raise NotFound(f"no request {request_id}")
+        alloc = table.allocation(record.allocation_id) if record.allocation_id else None
+        queued = table.queued(request_id)
+        position = service.queue_position(request_id)
+        queued_json = queued_view(queued, position) if queued is not None and position else None
+        return json_response(record_view(record, alloc, queued_json))
+
+    @app.get("/cluster/members")
+    async def members() -> Response:
+        return json_response({"members": ctx.members()})
+
+    @app.get("/cluster/leader")
+    async def leader() -> Response:
+        return json_response(ctx.leader())
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return json_response(openapi_document())
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(
+            metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    return app

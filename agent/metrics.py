@@ -1,0 +1,225 @@
+"""Prometheus metrics: dcgm-exporter's per-GPU series and gpu_orchestrator_* state.
+
+Collection is cheap by construction: per-GPU series are rendered from the
+sampler's latest snapshot and orchestrator gauges from the in-memory lease
+table at scrape time, so a scrape never calls NVML or touches disk.
+
+Per-GPU series use dcgm-exporter's names, units and labels (gpu, UUID, device,
+modelName, Hostname, pci_bus_id) so its Grafana dashboard works unchanged.
+dcgm-exporter types the energy and PCIe replay series as counters without the
+`_total` suffix; the Prometheus client (and promtool's lint) require the suffix
+on counters, so they are exported as gauges under dcgm's exact names - PromQL's
+rate() and increase() work on them the same way.
+
+Each agent exports its own GPUs. Cluster-wide figures (allocations, queue) come
+from the leader only, so a sum over agents never double counts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from coordinator.lease_table import LeaseTable
+
+from agent.devices.base import GpuReading
+
+# (metric name, help, reading attribute)
+_DCGM_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", "utilization_gpu_pct"),
+    ("DCGM_FI_DEV_MEM_COPY_UTIL", "Memory utilization (in %).", "utilization_memory_pct"),
+    ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", "memory_used_mb"),
+    ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", "memory_free_mb"),
+    ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", "temperature_c"),
+    ("DCGM_FI_DEV_MEMORY_TEMP", "Memory temperature (in C).", "memory_temperature_c"),
+    ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "power_draw_w"),
+    (
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "Total energy consumption since boot (in mJ).",
+        "total_energy_mj",
+    ),
+    ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "sm_clock_mhz"),
+    ("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", "mem_clock_mhz"),
+    ("DCGM_FI_DEV_XID_ERRORS", "XID errors seen since the agent started.", "xid_errors"),
+    ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "Total number of PCIe retries.", "pcie_replay_counter"),
+)
+_DCGM_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname", "pci_bus_id")
+
+
+class AgentMetrics:
+    """The agent's registry: counters updated by the code, gauges read at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.http_requests = Counter(
+            "gpu_orchestrator_http_requests",
+            "HTTP requests answered, by route template and status.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "gpu_orchestrator_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template.",
+            ["method", "route"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5),
+            registry=r,
+        )
+        self.scheduling = Counter(
+            "gpu_orchestrator_scheduling_outcomes",
+            "Scheduling decisions: allocated, queued, allocated_from_queue, lease_expired, "
+            "queue_timeout, rejected_<code>.",
+            ["outcome"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "gpu_orchestrator_queue_wait_seconds",
+            "Time from submission to allocation for requests that waited in the queue.",
+            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
+        self.leases_expired = Counter(
+            "gpu_orchestrator_leases_expired", "Leases ended by their TTL.", registry=r
+        )
+        self.log_append = Histogram(
+            "gpu_orchestrator_log_append_seconds",
+            "Time to write and fsync one group-committed batch of log entries.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1.0),
+            registry=r,
+        )
+        self.log_batch = Histogram(
+            "gpu_orchestrator_log_batch_entries",
+            "Log entries per group commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.outbox = Counter(
+            "gpu_orchestrator_outbox_deliveries",
+            "Webhook and workflow-event delivery attempts by outcome (delivered, retry, gave_up).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.advisor = Counter(
+            "gpu_orchestrator_advisor_decisions",
+            "Who decided a request's figures (advisor or analyzer), and why the advisor was not used.",
+            ["decided_by", "reason"],
+            registry=r,
+        )
+        self.device_sample_failures = Counter(
+            "gpu_orchestrator_device_sample_failures",
+            "Device telemetry samples that failed or timed out.",
+            registry=r,
+        )
+
+    def attach_state(self, state: StateCollector) -> None:
+        self.registry.register(state)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StateCollector(Collector):
+    """Gauges computed at scrape time from the sampler snapshot and the lease table."""
+
+    def __init__(
+        self,
+        *,
+        node_name: str,
+        readings: Callable[[], Sequence[GpuReading]],
+        table: Callable[[], LeaseTable],
+        degraded: Callable[[], str | None],
+        is_leader: Callable[[], bool],
+        term: Callable[[], int],
+        members: Callable[[], dict[str, int]],
+        outbox_pending: Callable[[], int],
+    ) -> None:
+        self.node_name = node_name
+        self._readings = readings
+        self._table = table
+        self._degraded = degraded
+        self._is_leader = is_leader
+        self._term = term
+        self._members = members
+        self._outbox_pending = outbox_pending
+
+    def collect(self) -> Iterable[Metric]:
+        readings = list(self._readings())
+        yield from self._dcgm(readings)
+        table = self._table()
+        holders = {ref.index: alloc for ref, alloc in table.held_gpus().items() if ref.node == self.node_name}
+        allocated = GaugeMetricFamily(
+            "gpu_orchestrator_gpu_allocated",
+            "1 when the GPU is held by a lease.",
+            labels=["Hostname", "gpu", "UUID", "allocation_id"],
+        )
+        health = GaugeMetricFamily(
+            "gpu_orchestrator_gpu_health",
+            "1 for the GPU's current health state (healthy, degraded, unhealthy).",
+            labels=["Hostname", "gpu", "UUID", "state"],
+        )
+        for r in readings:
+            holder = holders.get(r.index, "")
+            allocated.add_metric([self.node_name, str(r.index), r.uuid, holder], 1.0 if holder else 0.0)
+            health.add_metric([self.node_name, str(r.index), r.uuid, "healthy"], 1.0)
+        yield allocated
+        yield health
+        degraded = self._degraded()
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_device_backend_degraded",
+            "1 while device telemetry is failing or partial (see /healthz for why).",
+            value=1.0 if degraded else 0.0,
+        )
+        leader = self._is_leader()
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_leader", "1 on the agent that is the current leader.", value=1.0 if leader else 0.0
+        )
+        yield GaugeMetricFamily("gpu_orchestrator_term", "The current leadership term.", value=float(self._term()))
+        members = GaugeMetricFamily(
+            "gpu_orchestrator_cluster_members", "Cluster members by status.", labels=["status"]
+        )
+        for status, count in sorted(self._members().items()):
+            members.add_metric([status], float(count))
+        yield members
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_outbox_pending",
+            "Webhook and workflow events waiting for delivery.",
+            value=float(self._outbox_pending()),
+        )
+        if not leader:
+            return
+        by_service: dict[str, int] = {}
+        for alloc in table.allocations():
+            by_service[alloc.request.service_name] = by_service.get(alloc.request.service_name, 0) + 1
+        allocations = GaugeMetricFamily(
+            "gpu_orchestrator_allocations", "Live allocations by service (leader only).", labels=["service"]
+        )
+        for service, count in sorted(by_service.items()):
+            allocations.add_metric([service], float(count))
+        yield allocations
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_queue_depth",
+            "Requests waiting in the queue (leader only).",
+            value=float(table.queue_length()),
+        )
+        oldest = min((q.request.submitted_at for q in table.queue()), default=None)
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_queue_oldest_submitted_timestamp_seconds",
+            "Submission time of the oldest waiting request, 0 when the queue is empty (leader only).",
+            value=0.0 if oldest is None else oldest,
+        )
+
+    def _dcgm(self, readings: list[GpuReading]) -> Iterable[Metric]:
+        for name, help_text, attr in _DCGM_FIELDS:
+            family = GaugeMetricFamily(name, help_text, labels=list(_DCGM_LABELS))
+            for r in readings:
+                value = getattr(r, attr)
+                if value is None:
+                    continue
+                family.add_metric(
+                    [str(r.index), r.uuid, f"nvidia{r.index}", r.name, self.node_name, r.pci_bus_id or ""],
+                    float(value),
+                )
+            yield family

@@ -1,0 +1,343 @@
+"""The OpenAPI 3.1 description served at GET /openapi.json.
+
+Kept true by tests/integration/test_http_api.py: the routes and methods here
+must equal the app's, and every (route, method, status) documented here must be
+produced by the integration tests, and nothing else.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from coordinator.request_parsing import MAX_GPU_COUNT, MAX_MEMORY_MB
+from coordinator.workload import WORKLOAD_TYPES
+
+JsonObject = dict[str, Any]
+
+_ERROR_TEXT = {
+    400: "Invalid request (bad JSON, wrong types, out of bounds, can never fit)",
+    401: "Missing or invalid API key (auth enabled)",
+    403: "The API key may not act for this service",
+    404: "Unknown id",
+    409: "Conflict (no capacity with queue=false, or the request_id was already used)",
+    413: "Request body too large",
+    503: "Queue full or state file unavailable; retry after Retry-After seconds",
+}
+
+
+def _ref(name: str) -> JsonObject:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: JsonObject, description: str) -> JsonObject:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _op(summary: str, ok: dict[int, JsonObject], errors: tuple[int, ...], body: str | None = None) -> JsonObject:
+    responses: JsonObject = {str(status): resp for status, resp in ok.items()}
+    for status in errors:
+        responses[str(status)] = _json(_ref("Error"), _ERROR_TEXT[status])
+    op: JsonObject = {"summary": summary, "responses": responses}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    return op
+
+
+_WRITE_ERRORS = (400, 401, 403, 404, 413)
+_READ_ERRORS = (401,)
+
+
+@lru_cache(maxsize=1)
+def openapi_document() -> JsonObject:
+    """The API's OpenAPI document (built once)."""
+    obj = {"type": "object"}
+    paths: JsonObject = {
+        "/healthz": {"get": _op("Liveness and a summary of the agent's state", {200: _json(_ref("Health"), "OK")}, ())},
+        "/gpu/allocate": {
+            "post": _op(
+                "Allocate GPUs now, or queue the request",
+                {
+                    200: _json(_ref("Allocation"), "Allocated now"),
+                    202: _json(_ref("QueuedRequest"), "Queued; the webhook hears the outcome"),
+                },
+                (400, 401, 403, 409, 413, 503),
+                body="AllocateRequest",
+            )
+        },
+        "/gpu/release": {
+            "post": _op(
+                "Release an allocation, all of a service's, or cancel a queued request",
+                {200: _json(_ref("ReleaseResult"), "Released")},
+                _WRITE_ERRORS,
+                body="ReleaseRequest",
+            )
+        },
+        "/gpu/renew": {
+            "post": _op(
+                "Extend a lease",
+                {200: _json(_ref("Allocation"), "Renewed")},
+                _WRITE_ERRORS,
+                body="RenewRequest",
+            )
+        },
+        "/gpu/status": {
+            "get": _op(
+                "Every GPU in stable (node, index) order",
+                {200: _json({"type": "object", "properties": {"gpus": {"type": "array", "items": _ref("Gpu")}}}, "OK")},
+                _READ_ERRORS,
+            )
+        },
+        "/gpu/list": {
+            "get": _op(
+                "GPUs, live allocations and the queue",
+                {
+                    200: _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "gpus": {"type": "array", "items": _ref("Gpu")},
+                                "allocations": {"type": "array", "items": _ref("Allocation")},
+                                "queue": {"type": "array", "items": _ref("QueuedRequest")},
+                            },
+                        },
+                        "OK",
+                    )
+                },
+                _READ_ERRORS,
+            )
+        },
+        "/gpu/workload": {
+            "post": _op(
+                "Analyse a workload without allocating",
+                {200: _json(_ref("WorkloadAnalysis"), "The requirements it would be scheduled with")},
+                (400, 401, 413),
+                body="AllocateRequest",
+            )
+        },
+        "/gpu/allocations/{allocation_id}": {
+            "get": _op("One live allocation", {200: _json(_ref("Allocation"), "OK")}, (401, 404))
+        },
+        "/gpu/requests/{request_id}": {
+            "get": _op(
+                "Where a request id stands: queued, allocated, released, expired or cancelled",
+                {200: _json(_ref("RequestStatus"), "OK")},
+                (401, 404),
+            )
+        },
+        "/cluster/members": {
+            "get": _op("Cluster members", {200: _json(obj, "OK")}, _READ_ERRORS)
+        },
+        "/cluster/leader": {
+            "get": _op("The current leader", {200: _json(obj, "OK")}, _READ_ERRORS)
+        },
+        "/openapi.json": {"get": _op("This document", {200: _json(obj, "OK")}, ())},
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text exposition format)",
+                "responses": {
+                    "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                },
+            }
+        },
+    }
+    for template in ("/gpu/allocations/{allocation_id}", "/gpu/requests/{request_id}"):
+        name = template.rsplit("{", 1)[1].rstrip("}")
+        paths[template]["get"]["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        ]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "gpu-orchestrator agent API",
+            "version": "1",
+            "description": "Every error is {\"error\": {\"code\", \"message\"}}. With auth enabled, send "
+            "X-API-Key (or Authorization: Bearer); /healthz, /metrics and /openapi.json stay open. "
+            "A method a path does not list answers 405 with an Allow header; an unknown path 404. "
+            "Any write may answer 503 storage_unavailable with Retry-After if the state file fails.",
+        },
+        "components": {
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": _schemas(),
+        },
+        "paths": paths,
+    }
+
+
+def _schemas() -> JsonObject:
+    string, integer, number = {"type": "string"}, {"type": "integer"}, {"type": "number"}
+    nullable_string = {"type": ["string", "null"]}
+    time = {"type": ["string", "null"], "format": "date-time"}
+    requirements = {
+        "type": "object",
+        "properties": {
+            "gpu_count": integer,
+            "min_memory_mb": integer,
+            "max_utilization": number,
+            "gpu_model": nullable_string,
+            "node": nullable_string,
+            "ttl_seconds": number,
+            "decided_by": {"enum": ["request", "analyzer", "advisor"]},
+            "estimate": {"type": "object"},
+        },
+    }
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {"code": string, "message": string},
+                }
+            },
+        },
+        "AllocateRequest": {
+            "type": "object",
+            "required": ["service_name"],
+            "additionalProperties": False,
+            "properties": {
+                "service_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+                "workload_type": {"enum": list(WORKLOAD_TYPES), "default": "generic"},
+                "workload_data": {"type": "object"},
+                "priority": {"type": "integer", "minimum": 1, "maximum": 10},
+                "gpu_count": {"type": "integer", "minimum": 1, "maximum": MAX_GPU_COUNT},
+                "required_gpus": {"type": "integer", "minimum": 1, "maximum": MAX_GPU_COUNT},
+                "min_memory_mb": {"type": "integer", "minimum": 0, "maximum": MAX_MEMORY_MB},
+                "max_utilization": {"type": "number", "minimum": 0, "maximum": 100},
+                "ttl_seconds": {"type": "number", "minimum": 0, "description": "0 = never expires"},
+                "queue": {"type": "boolean", "default": True},
+                "request_id": {"type": "string", "description": "idempotency key"},
+                "webhook_url": {"type": "string", "format": "uri"},
+                "constraints": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"gpu_model": string, "node": string},
+                },
+            },
+        },
+        "ReleaseRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"allocation_id": string, "service_name": string, "request_id": string},
+            "description": "exactly one of the three",
+        },
+        "RenewRequest": {
+            "type": "object",
+            "required": ["allocation_id"],
+            "additionalProperties": False,
+            "properties": {"allocation_id": string, "ttl_seconds": {"type": "number", "minimum": 0}},
+        },
+        "ReleaseResult": {
+            "type": "object",
+            "properties": {
+                "status": {"const": "released"},
+                "released": {"type": "array", "items": string},
+                "cancelled": {"type": "array", "items": string},
+            },
+        },
+        "AllocatedGpu": {
+            "type": "object",
+            "properties": {"node": string, "index": integer, "uuid": string, "name": string, "memory_total_mb": integer},
+        },
+        "Allocation": {
+            "type": "object",
+            "required": ["id", "allocation_id", "service_name", "node", "gpu_ids", "gpus", "cuda_visible_devices"],
+            "properties": {
+                "id": string,
+                "allocation_id": string,
+                "status": {"const": "allocated"},
+                "request_id": string,
+                "service_name": string,
+                "workload_type": string,
+                "priority": integer,
+                "node": string,
+                "gpu_ids": {"type": "array", "items": integer},
+                "gpus": {"type": "array", "items": _ref("AllocatedGpu")},
+                "cuda_visible_devices": string,
+                "allocated_at": time,
+                "expires_at": time,
+                "requirements": requirements,
+                "workflow_id": string,
+            },
+        },
+        "QueuedRequest": {
+            "type": "object",
+            "properties": {
+                "status": {"const": "queued"},
+                "request_id": string,
+                "service_name": string,
+                "workload_type": string,
+                "priority": integer,
+                "position": integer,
+                "submitted_at": time,
+                "queue_deadline": time,
+                "requirements": requirements,
+                "workflow_id": string,
+            },
+        },
+        "RequestStatus": {
+            "type": "object",
+            "properties": {
+                "request_id": string,
+                "service_name": string,
+                "status": {"enum": ["queued", "allocated", "released", "expired", "cancelled"]},
+                "submitted_at": time,
+                "updated_at": time,
+                "allocation_id": nullable_string,
+                "reason": nullable_string,
+                "allocation": _ref("Allocation"),
+                "queue": _ref("QueuedRequest"),
+            },
+        },
+        "Gpu": {
+            "type": "object",
+            "properties": {
+                "id": integer,
+                "node": string,
+                "index": integer,
+                "uuid": string,
+                "name": string,
+                "memory_total": integer,
+                "memory_used": {"type": ["integer", "null"]},
+                "memory_free": {"type": ["integer", "null"]},
+                "utilization": {"type": ["number", "null"]},
+                "temperature": {"type": ["number", "null"]},
+                "power_draw": {"type": ["number", "null"]},
+                "last_updated": time,
+                "allocated": {"type": "boolean"},
+                "allocated_to": nullable_string,
+                "allocation_id": nullable_string,
+                "allocated_at": time,
+                "health": {"enum": ["healthy", "degraded", "unhealthy"]},
+            },
+        },
+        "WorkloadAnalysis": {
+            "type": "object",
+            "properties": {
+                "workload_type": string,
+                "required_gpus": integer,
+                "min_memory_mb": integer,
+                "priority": integer,
+                "max_utilization": number,
+                "decided_by": {"enum": ["request", "analyzer", "advisor"]},
+                "advisor_fallback_reason": nullable_string,
+                "estimate": {"type": "object"},
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "service", "node", "role", "leader"],
+            "properties": {
+                "status": {"enum": ["ok", "degraded"]},
+                "service": {"const": "gpu-orchestrator"},
+                "node": string,
+                "role": string,
+                "leader": nullable_string,
+            },
+        },
+    }

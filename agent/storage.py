@@ -1,0 +1,270 @@
+"""The agent's state file: command log, snapshots and the event outbox in SQLite.
+
+Resource handling
+-----------------
+One SQLite file (`state.db` in the data dir) in WAL mode with
+`synchronous=FULL`: a committed transaction has been fsync'd, so whatever
+`append` returned from survives a power cut. A single connection serves all
+calls; `AsyncStateStore` runs them one at a time in a worker thread so the trio
+loop never blocks on disk.
+
+Layout
+------
+- `log(idx, term, data)`: msgpack-encoded commands, contiguous indices.
+- `snapshot(id=1, idx, term, data)`: the lease table as of `idx`; log rows at or
+  below it are deleted when it is written.
+- `outbox(...)`: webhook and workflow events waiting for delivery. Rows are keyed
+  by the log index that caused them, inserted with INSERT OR IGNORE, so
+  replaying log entries after a crash re-creates missing rows and never
+  duplicates present ones. Delivered rows are kept until a snapshot covers their
+  log index, for the same reason.
+
+Error handling
+--------------
+Any sqlite3 error is raised as StorageError; the caller decides (a failed
+append fails the proposals in that batch and applies none of them).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import trio
+
+from agent.outbox import OutboxItem
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS log (
+    idx INTEGER PRIMARY KEY,
+    term INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshot (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    idx INTEGER NOT NULL,
+    term INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY,
+    log_index INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    url TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    delivered_at REAL,
+    gave_up INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (next_attempt_at)
+    WHERE delivered_at IS NULL AND gave_up = 0;
+"""
+
+
+class StorageError(Exception):
+    """The state file could not be read or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A new outbox entry, before its first delivery attempt."""
+
+    id: str
+    log_index: int
+    kind: str
+    url: str
+    payload: bytes
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedState:
+    """What start-up replays: the latest snapshot and the log entries after it."""
+
+    snapshot_index: int
+    snapshot: bytes | None
+    entries: list[tuple[int, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxCounts:
+    pending: int
+    gave_up: int
+
+
+class StateStore:
+    """Blocking access to the state file. Not thread-safe: use from one thread at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"cannot open state file {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+        except sqlite3.Error as exc:
+            raise StorageError(f"state file {self.path}: {exc}") from exc
+
+    def load(self) -> LoadedState:
+        """The snapshot (if any) and every log entry after it, in index order."""
+
+        def read(db: sqlite3.Connection) -> LoadedState:
+            row = db.execute("SELECT idx, data FROM snapshot WHERE id = 1").fetchone()
+            index, data = (0, None) if row is None else (int(row[0]), bytes(row[1]))
+            entries = [
+                (int(i), bytes(d))
+                for i, d in db.execute("SELECT idx, data FROM log WHERE idx > ? ORDER BY idx", (index,))
+            ]
+            return LoadedState(index, data, entries)
+
+        return self._tx(read)
+
+    def append(self, entries: Sequence[tuple[int, bytes]], term: int = 0) -> None:
+        """Write log entries in one fsync'd transaction."""
+        self._tx(
+            lambda db: db.executemany(
+                "INSERT INTO log (idx, term, data) VALUES (?, ?, ?)",
+                [(i, term, d) for i, d in entries],
+            )
+        )
+
+    def save_snapshot(self, index: int, data: bytes, term: int = 0) -> None:
+        """Store the snapshot at `index` and drop what it makes redundant."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO snapshot (id, idx, term, data) VALUES (1, ?, ?, ?)",
+                (index, term, data),
+            )
+            db.execute("DELETE FROM log WHERE idx <= ?", (index,))
+            db.execute(
+                "DELETE FROM outbox WHERE log_index <= ? AND (delivered_at IS NOT NULL OR gave_up = 1)",
+                (index,),
+            )
+
+        self._tx(write)
+
+    # ------------------------------------------------------------------ outbox
+
+    def add_outbox(self, rows: Sequence[OutboxRow]) -> None:
+        self._tx(
+            lambda db: db.executemany(
+                "INSERT OR IGNORE INTO outbox (id, log_index, kind, url, payload, created_at, "
+                "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(r.id, r.log_index, r.kind, r.url, r.payload, r.created_at, r.created_at) for r in rows],
+            )
+        )
+
+    def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
+        rows = self._tx(
+            lambda db: db.execute(
+                "SELECT id, kind, url, payload, attempts, next_attempt_at, created_at FROM outbox "
+                "WHERE delivered_at IS NULL AND gave_up = 0 AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at, id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        )
+        return [
+            OutboxItem(
+                id=str(r[0]),
+                kind=str(r[1]),
+                url=str(r[2]),
+                payload=bytes(r[3]),
+                attempts=int(r[4]),
+                next_attempt_at=float(r[5]),
+                created_at=float(r[6]),
+            )
+            for r in rows
+        ]
+
+    def next_outbox_due(self) -> float | None:
+        row = self._tx(
+            lambda db: db.execute(
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE delivered_at IS NULL AND gave_up = 0"
+            ).fetchone()
+        )
+        return None if row is None or row[0] is None else float(row[0])
+
+    def mark_delivered(self, item_id: str, at: float) -> None:
+        self._tx(lambda db: db.execute("UPDATE outbox SET delivered_at = ? WHERE id = ?", (at, item_id)))
+
+    def mark_failed(self, item_id: str, attempts: int, next_attempt_at: float | None, error: str) -> None:
+        self._tx(
+            lambda db: db.execute(
+                "UPDATE outbox SET attempts = ?, next_attempt_at = COALESCE(?, next_attempt_at), "
+                "gave_up = ?, last_error = ? WHERE id = ?",
+                (attempts, next_attempt_at, int(next_attempt_at is None), error[:1000], item_id),
+            )
+        )
+
+    def outbox_counts(self) -> OutboxCounts:
+        row = self._tx(
+            lambda db: db.execute(
+                "SELECT SUM(delivered_at IS NULL AND gave_up = 0), SUM(gave_up) FROM outbox"
+            ).fetchone()
+        )
+        return OutboxCounts(pending=int(row[0] or 0), gave_up=int(row[1] or 0))
+
+
+class AsyncStateStore:
+    """The same operations for trio code: each runs in a worker thread, one at a time."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.sync = store
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def load(self) -> LoadedState:
+        return await self._run(self.sync.load)
+
+    async def append(self, entries: Sequence[tuple[int, bytes]], term: int = 0) -> None:
+        await self._run(self.sync.append, entries, term)
+
+    async def save_snapshot(self, index: int, data: bytes, term: int = 0) -> None:
+        await self._run(self.sync.save_snapshot, index, data, term)
+
+    async def add_outbox(self, rows: Sequence[OutboxRow]) -> None:
+        await self._run(self.sync.add_outbox, rows)
+
+    async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
+        return await self._run(self.sync.due_outbox, now, limit)
+
+    async def next_outbox_due(self) -> float | None:
+        return await self._run(self.sync.next_outbox_due)
+
+    async def mark_delivered(self, item_id: str, at: float) -> None:
+        await self._run(self.sync.mark_delivered, item_id, at)
+
+    async def mark_failed(
+        self, item_id: str, attempts: int, next_attempt_at: float | None, error: str
+    ) -> None:
+        await self._run(self.sync.mark_failed, item_id, attempts, next_attempt_at, error)
+
+    async def outbox_counts(self) -> OutboxCounts:
+        return await self._run(self.sync.outbox_counts)

@@ -1,0 +1,399 @@
+"""Every endpoint and every error status, through real HTTP to a real agent process.
+
+One agent (4 simulated H100s) serves the module; each test leaves it with no
+allocations. Every response is recorded by (route template, method, status),
+and the last test checks that this set equals what /openapi.json documents, so
+the document cannot drift from the behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from tests.agent_process import AgentProcess
+
+pytestmark = pytest.mark.integration
+
+OBSERVED: set[tuple[str, str, int]] = set()
+_TEMPLATES = (
+    (re.compile(r"^/gpu/allocations/[^/]+$"), "/gpu/allocations/{allocation_id}"),
+    (re.compile(r"^/gpu/requests/[^/]+$"), "/gpu/requests/{request_id}"),
+)
+
+
+def _template(path: str) -> str:
+    for pattern, template in _TEMPLATES:
+        if pattern.match(path):
+            return template
+    return path
+
+
+class Api:
+    """A client that records what it saw, for the OpenAPI check."""
+
+    def __init__(self, base: str, headers: dict[str, str] | None = None) -> None:
+        self.client = httpx.Client(base_url=base, timeout=10.0, headers=headers or {})
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self.client.request(method, path, **kwargs)
+        OBSERVED.add((_template(path), method.lower(), response.status_code))
+        if response.status_code != 200 or path != "/metrics":
+            assert response.headers["content-type"].startswith("application/json"), response.text
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert set(error) == {"code", "message"} and error["code"] and error["message"]
+        return response
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> httpx.Response:
+        if body is not None:
+            kwargs["json"] = body
+        return self.request("POST", path, **kwargs)
+
+    def state(self) -> dict[str, Any]:
+        """Allocations and queue, to prove a refused request changed nothing."""
+        listing = self.get("/gpu/list").json()
+        return {"allocations": listing["allocations"], "queue": listing["queue"]}
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    process = AgentProcess(data_dir=tmp_path_factory.mktemp("api-agent"), simulate="4xH100-80GB")
+    process.start()
+    yield process
+    process.kill()
+
+
+@pytest.fixture
+def api(agent: AgentProcess) -> Iterator[Api]:
+    client = Api(agent.url)
+    yield client
+    for service in {a["service_name"] for a in client.state()["allocations"]} | {
+        q["service_name"] for q in client.state()["queue"]
+    }:
+        client.post("/gpu/release", {"service_name": service})
+    client.client.close()
+
+
+SEED_ALLOCATE = {
+    "service_name": "training",
+    "workload_type": "training",
+    "workload_data": {"model_size": "large", "batch_size": 128},
+}
+
+
+def test_healthz_reports_the_node_and_its_role(api: Api) -> None:
+    """GET /healthz answers the seed's fields, plus why it is degraded if it is."""
+    body = api.get("/healthz").json()
+    assert body["status"] == "ok" and body["service"] == "gpu-orchestrator"
+    assert body["node"] == "node-a" and body["role"] == "leader" and body["leader"] == "node-a"
+    assert body["devices"] == body["devices"] | {"backend": "simulated", "gpus": 4, "degraded": None}
+
+
+def test_the_seed_examples_allocate_status_release(api: Api) -> None:
+    """The README's three curl examples: training large/128 takes 4 GPUs; status shows them; release frees them."""
+    alloc = api.post("/gpu/allocate", SEED_ALLOCATE)
+    assert alloc.status_code == 200
+    body = alloc.json()
+    assert body["id"] == body["allocation_id"] and body["service_name"] == "training"
+    assert body["gpu_ids"] == [0, 1, 2, 3] and body["node"] == "node-a"
+    assert body["requirements"]["gpu_count"] == 4 and body["requirements"]["decided_by"] == "analyzer"
+    assert body["cuda_visible_devices"] == ",".join(g["uuid"] for g in body["gpus"])
+    assert body["expires_at"] > body["allocated_at"]
+    status = api.get("/gpu/status").json()["gpus"]
+    assert [(g["node"], g["index"]) for g in status] == [("node-a", i) for i in range(4)]
+    assert all(g["allocated"] and g["allocated_to"] == "training" for g in status)
+    seed_fields = {"id", "name", "memory_total", "memory_used", "memory_free", "utilization", "temperature",
+                   "power_draw", "last_updated", "allocated", "allocated_to", "allocated_at"}
+    assert seed_fields | {"node", "index", "uuid", "health"} <= set(status[0])
+    released = api.post("/gpu/release", {"allocation_id": body["id"]})
+    assert released.json() == {"status": "released", "released": [body["id"]], "cancelled": []}
+    assert not any(g["allocated"] for g in api.get("/gpu/status").json()["gpus"])
+
+
+def test_queue_then_allocate_on_release_and_request_status(api: Api) -> None:
+    """A request that does not fit is queued (202) and placed as soon as GPUs free up."""
+    first = api.post("/gpu/allocate", {"service_name": "big", "gpu_count": 4}).json()
+    queued = api.post("/gpu/allocate", {"service_name": "waiter", "gpu_count": 2, "request_id": "wait-1"})
+    assert queued.status_code == 202
+    assert queued.json() | {"status": "queued", "request_id": "wait-1", "position": 1} == queued.json()
+    assert api.get("/gpu/requests/wait-1").json()["status"] == "queued"
+    listing = api.get("/gpu/list").json()
+    assert [q["request_id"] for q in listing["queue"]] == ["wait-1"]
+    api.post("/gpu/release", {"allocation_id": first["id"]})
+    record = _eventually(lambda: api.get("/gpu/requests/wait-1").json(), lambda r: r["status"] == "allocated")
+    assert record["allocation"]["gpu_ids"] and len(record["allocation"]["gpu_ids"]) == 2
+    assert api.get(f"/gpu/allocations/{record['allocation_id']}").json()["service_name"] == "waiter"
+
+
+def test_no_queue_gives_409_and_changes_nothing(api: Api) -> None:
+    """queue=false and no capacity: 409 no_capacity, nothing queued."""
+    api.post("/gpu/allocate", {"service_name": "big", "gpu_count": 4})
+    before = api.state()
+    refused = api.post("/gpu/allocate", {"service_name": "nope", "gpu_count": 1, "queue": False})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "no_capacity"
+    assert api.state() == before
+
+
+def test_idempotent_request_id(api: Api) -> None:
+    """The same request_id returns the same allocation; reused after release it is a 409."""
+    body = {"service_name": "idem", "gpu_count": 1, "request_id": "idem-1"}
+    first, again = api.post("/gpu/allocate", body).json(), api.post("/gpu/allocate", body).json()
+    assert first["id"] == again["id"] and len(api.state()["allocations"]) == 1
+    other = api.post("/gpu/allocate", body | {"service_name": "thief"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "request_id_conflict"
+    api.post("/gpu/release", {"request_id": "idem-1"})
+    reused = api.post("/gpu/allocate", body)
+    assert reused.status_code == 409 and reused.json()["error"]["code"] == "request_id_used"
+    assert api.get("/gpu/requests/idem-1").json()["status"] == "released"
+
+
+def test_renew_extends_the_lease(api: Api) -> None:
+    """POST /gpu/renew moves expires_at; ttl 0 means never."""
+    alloc = api.post("/gpu/allocate", {"service_name": "renewer", "gpu_count": 1, "ttl_seconds": 60}).json()
+    renewed = api.post("/gpu/renew", {"allocation_id": alloc["id"], "ttl_seconds": 3600}).json()
+    assert renewed["expires_at"] > alloc["expires_at"]
+    forever = api.post("/gpu/renew", {"allocation_id": alloc["id"], "ttl_seconds": 0}).json()
+    assert forever["expires_at"] is None
+    missing = api.post("/gpu/renew", {"allocation_id": "no-such-lease"})
+    assert missing.status_code == 404
+
+
+def test_renew_after_expiry_is_a_conflict_or_gone(api: Api) -> None:
+    """A lease past its TTL is expired by the scheduler; renewing it then is refused."""
+    alloc = api.post("/gpu/allocate", {"service_name": "short", "gpu_count": 1, "ttl_seconds": 0.3}).json()
+    _eventually(lambda: api.get(f"/gpu/allocations/{alloc['id']}").status_code, lambda s: s == 404)
+    assert api.get(f"/gpu/requests/{alloc['request_id']}").json()["status"] == "expired"
+    assert api.post("/gpu/renew", {"allocation_id": alloc["id"]}).status_code == 404
+
+
+def test_release_by_service_and_by_request_id(api: Api) -> None:
+    """Release all of a service (allocations and queued requests), and cancel one queued request."""
+    ids = {api.post("/gpu/allocate", {"service_name": "svc", "gpu_count": 1}).json()["id"] for _ in range(2)}
+    api.post("/gpu/allocate", {"service_name": "filler", "gpu_count": 2})
+    api.post("/gpu/allocate", {"service_name": "svc", "gpu_count": 4, "request_id": "svc-wait"})
+    api.post("/gpu/allocate", {"service_name": "other", "gpu_count": 4, "request_id": "other-wait"})
+    result = api.post("/gpu/release", {"service_name": "svc"}).json()
+    assert set(result["released"]) == ids and result["cancelled"] == ["svc-wait"]
+    cancelled = api.post("/gpu/release", {"request_id": "other-wait"}).json()
+    assert cancelled["cancelled"] == ["other-wait"]
+    assert api.get("/gpu/requests/other-wait").json()["status"] == "cancelled"
+
+
+def test_workload_analysis_allocates_nothing(api: Api) -> None:
+    """POST /gpu/workload returns the figures and how they were derived, and allocates nothing."""
+    body = api.post(
+        "/gpu/workload", {"workload_type": "inference", "workload_data": {"model_name": "llama-3-70b"}}
+    ).json()
+    assert body["required_gpus"] == 4 and body["estimate"]["method"] == "parameters"
+    assert body["decided_by"] == "analyzer" and body["priority"] >= 1
+    assert api.state()["allocations"] == []
+    seed = api.post("/gpu/workload", SEED_ALLOCATE).json()
+    assert (seed["required_gpus"], seed["min_memory_mb"], seed["priority"]) == (4, 16384, 5)
+
+
+def test_cluster_endpoints(api: Api) -> None:
+    """A single agent is its own cluster: one alive server that leads."""
+    members = api.get("/cluster/members").json()["members"]
+    assert [(m["name"], m["status"], m["role"]) for m in members] == [("node-a", "alive", "server")]
+    assert api.get("/cluster/leader").json()["leader"] == "node-a"
+
+
+def test_metrics_use_dcgm_names_and_route_templates(api: Api) -> None:
+    """/metrics: dcgm-exporter's per-GPU series with its labels; HTTP counts by route template."""
+    alloc = api.post("/gpu/allocate", {"service_name": "metered", "gpu_count": 1}).json()
+    api.get(f"/gpu/allocations/{alloc['id']}")
+    text = api.get("/metrics").text
+    util = [dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            for labels in re.findall(r"^DCGM_FI_DEV_GPU_UTIL\{([^}]*)\}", text, re.M)]
+    assert [u["gpu"] for u in util] == ["0", "1", "2", "3"]
+    assert util[0] | {"device": "nvidia0", "modelName": "NVIDIA H100 80GB HBM3", "Hostname": "node-a"} == util[0]
+    assert set(util[0]) == {"gpu", "UUID", "device", "modelName", "Hostname", "pci_bus_id"}
+    assert 'route="/gpu/allocations/<allocation_id>"' in text
+    assert alloc["id"] not in re.findall(r'route="([^"]+)"', text)
+    assert re.search(r'gpu_orchestrator_allocations\{service="metered"\} 1\.0', text)
+    assert "gpu_orchestrator_queue_depth 0.0" in text
+
+
+BAD_ALLOCATE_BODIES = [
+    pytest.param(b"{not json", "invalid_json", id="malformed-json"),
+    pytest.param(b"", "invalid_json", id="empty-body"),
+    pytest.param(b"[1, 2]", "invalid_request", id="not-an-object"),
+    pytest.param({"workload_type": "training"}, "invalid_request", id="no-service"),
+    pytest.param({"service_name": 7}, "invalid_request", id="service-not-string"),
+    pytest.param({"service_name": "a b"}, "invalid_request", id="service-bad-chars"),
+    pytest.param({"service_name": "s", "gpu_count": -1}, "invalid_request", id="negative-count"),
+    pytest.param({"service_name": "s", "gpu_count": 10**9}, "invalid_request", id="huge-count"),
+    pytest.param({"service_name": "s", "gpu_count": "2"}, "invalid_request", id="count-as-string"),
+    pytest.param({"service_name": "s", "gpu_count": True}, "invalid_request", id="count-as-bool"),
+    pytest.param({"service_name": "s", "priority": 11}, "invalid_request", id="priority-out-of-range"),
+    pytest.param({"service_name": "s", "min_memory_mb": -5}, "invalid_request", id="negative-memory"),
+    pytest.param({"service_name": "s", "ttl_seconds": -1}, "invalid_request", id="negative-ttl"),
+    pytest.param({"service_name": "s", "ttl_seconds": 10**12}, "invalid_request", id="huge-ttl"),
+    pytest.param({"service_name": "s", "workload_type": "mining"}, "unknown_workload_type", id="unknown-type"),
+    pytest.param({"service_name": "s", "workload_data": []}, "invalid_request", id="data-not-object"),
+    pytest.param({"service_name": "s", "gpu_cout": 2}, "unknown_field", id="typo-field"),
+    pytest.param({"service_name": "s", "webhook_url": "ftp://x"}, "invalid_request", id="bad-webhook"),
+    pytest.param({"service_name": "s", "queue": "yes"}, "invalid_request", id="queue-not-bool"),
+    pytest.param({"service_name": "s", "workload_type": "training",
+                  "workload_data": {"batch_size": 0}}, "invalid_request", id="bad-batch-size"),
+    pytest.param({"service_name": "s", "gpu_count": 8}, "unsatisfiable", id="never-fits-count"),
+    pytest.param({"service_name": "s", "min_memory_mb": 200000}, "unsatisfiable", id="never-fits-memory"),
+    pytest.param({"service_name": "s", "constraints": {"gpu_model": "A100"}}, "unsatisfiable", id="no-model"),
+]
+
+
+@pytest.mark.parametrize("body, code", BAD_ALLOCATE_BODIES)
+def test_bad_allocate_bodies_are_400_and_change_nothing(api: Api, body: Any, code: str) -> None:
+    """Bad input gets the documented 400 with a precise code, and no state changes."""
+    before = api.state()
+    if isinstance(body, bytes):
+        response = api.post("/gpu/allocate", content=body, headers={"content-type": "application/json"})
+    else:
+        response = api.post("/gpu/allocate", body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == code
+    assert api.state() == before
+
+
+@pytest.mark.parametrize(
+    "path, body, status",
+    [
+        ("/gpu/release", {}, 400),
+        ("/gpu/release", {"allocation_id": "a", "service_name": "b"}, 400),
+        ("/gpu/release", {"allocation_id": 5}, 400),
+        ("/gpu/release", {"allocation_id": "nope"}, 404),
+        ("/gpu/release", {"request_id": "never-seen"}, 404),
+        ("/gpu/renew", {"ttl_seconds": 5}, 400),
+        ("/gpu/renew", {"allocation_id": "x", "ttl_seconds": "long"}, 400),
+        ("/gpu/workload", {"workload_type": "nope"}, 400),
+    ],
+)
+def test_bad_release_renew_workload_bodies(api: Api, path: str, body: Any, status: int) -> None:
+    """Release, renew and workload validate their bodies the same way; unknown ids are 404."""
+    before = api.state()
+    assert api.post(path, body).status_code == status
+    assert api.state() == before
+
+
+def test_unknown_ids_routes_methods_and_oversized_bodies(api: Api) -> None:
+    """404 for unknown ids and routes, 405 with Allow for a wrong method, 413 for a huge body."""
+    assert api.get("/gpu/allocations/nope").status_code == 404
+    assert api.get("/gpu/requests/nope").status_code == 404
+    assert api.get("/no/such/route").json()["error"]["code"] == "not_found"
+    wrong = api.get("/gpu/allocate")
+    assert wrong.status_code == 405 and "POST" in wrong.headers["allow"]
+    for path, method in [("/gpu/release", "GET"), ("/gpu/renew", "GET"), ("/gpu/workload", "GET"),
+                         ("/gpu/status", "POST"), ("/gpu/list", "POST"), ("/healthz", "POST"),
+                         ("/cluster/members", "POST"), ("/cluster/leader", "POST"), ("/metrics", "POST"),
+                         ("/openapi.json", "POST"), ("/gpu/allocations/x", "POST"), ("/gpu/requests/x", "POST")]:
+        assert api.request(method, path).status_code == 405
+    before = api.state()
+    huge = {"service_name": "s", "workload_data": {"blob": "x" * 2_000_000}}
+    for path in ("/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload"):
+        response = api.post(path, huge)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    assert api.state() == before
+
+
+def test_queue_full_is_503_with_retry_after(tmp_path: Path) -> None:
+    """A full queue answers 503 queue_full with Retry-After, and queues nothing more."""
+    config = tmp_path / "agent.toml"
+    config.write_text("[scheduler]\nmax_queue = 1\n")
+    agent = AgentProcess(data_dir=tmp_path / "d", simulate="1xH100-80GB", extra_args=["--config", str(config)])
+    agent.start()
+    try:
+        api = Api(agent.url)
+        api.post("/gpu/allocate", {"service_name": "a", "gpu_count": 1})
+        assert api.post("/gpu/allocate", {"service_name": "b", "gpu_count": 1}).status_code == 202
+        full = api.post("/gpu/allocate", {"service_name": "c", "gpu_count": 1})
+        assert full.status_code == 503 and full.headers["retry-after"]
+        assert full.json()["error"]["code"] == "queue_full"
+        assert len(api.state()["queue"]) == 1
+        api.client.close()
+    finally:
+        agent.kill()
+
+
+def test_auth_keys_bind_services_and_leave_probes_open(tmp_path: Path) -> None:
+    """With auth on: 401 without or with a wrong key on every API route, 403 for another service's
+    allocation, admin keys act for all, and /healthz, /metrics and /openapi.json stay open."""
+    from agent.api_keys import hash_key
+
+    keys = tmp_path / "api-keys.toml"
+    keys.write_text(
+        f'[keys.trainer]\nsha256 = "{hash_key("train-key")}"\nservice = "training"\n'
+        f'[keys.ops]\nsha256 = "{hash_key("ops-key")}"\nadmin = true\n'
+    )
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[auth]\nenabled = true\nkeys_file = "{keys}"\n')
+    agent = AgentProcess(data_dir=tmp_path / "d", extra_args=["--config", str(config)])
+    agent.start()
+    anonymous, trainer = Api(agent.url), Api(agent.url, {"X-API-Key": "train-key"})
+    ops, wrong = Api(agent.url, {"Authorization": "Bearer ops-key"}), Api(agent.url, {"X-API-Key": "nope"})
+    try:
+        for path in ("/healthz", "/metrics", "/openapi.json"):
+            assert anonymous.get(path).status_code == 200
+        gets = ["/gpu/status", "/gpu/list", "/cluster/members", "/cluster/leader",
+                "/gpu/allocations/x", "/gpu/requests/x"]
+        posts = ["/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload"]
+        for client in (anonymous, wrong):
+            for path in gets:
+                assert client.get(path).status_code == 401
+            for path in posts:
+                assert client.post(path, {"service_name": "training"}).status_code == 401
+        assert trainer.post("/gpu/allocate", {"service_name": "inference"}).status_code == 403
+        mine = trainer.post("/gpu/allocate", {"service_name": "training", "gpu_count": 1}).json()
+        theirs = ops.post("/gpu/allocate", {"service_name": "inference", "gpu_count": 1}).json()
+        assert trainer.post("/gpu/renew", {"allocation_id": theirs["id"]}).status_code == 403
+        assert trainer.post("/gpu/release", {"allocation_id": theirs["id"]}).status_code == 403
+        assert len(ops.state()["allocations"]) == 2
+        assert trainer.post("/gpu/renew", {"allocation_id": mine["id"]}).status_code == 200
+        assert trainer.post("/gpu/release", {"allocation_id": mine["id"]}).status_code == 200
+        assert ops.post("/gpu/release", {"service_name": "inference"}).json()["released"] == [theirs["id"]]
+        assert trainer.post("/gpu/workload", {"workload_type": "ocr"}).status_code == 200
+    finally:
+        for client in (anonymous, trainer, ops, wrong):
+            client.client.close()
+        agent.kill()
+
+
+def _eventually(fetch: Any, done: Any, timeout: float = 10.0) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last value: {value!r}")
+        time.sleep(0.05)
+
+
+def test_zz_openapi_document_matches_observed_behaviour(api: Api) -> None:
+    """Every documented (route, method, status) was produced above, and nothing undocumented was."""
+    document = api.get("/openapi.json").json()
+    documented = {
+        (path, method, int(status))
+        for path, ops in document["paths"].items()
+        for method, op in ops.items()
+        for status in op["responses"]
+    }
+    operations = {(path, method) for path, method, _ in documented}
+    for path, method, status in OBSERVED:
+        if (path, method) not in operations:
+            assert status == (404 if path not in document["paths"] else 405), (path, method, status)
+    observed = {k for k in OBSERVED if k[:2] in operations}
+    assert observed <= documented, f"undocumented behaviour: {sorted(observed - documented)}"
+    missing = documented - observed
+    assert not missing, f"documented but never produced: {sorted(missing)}"
+    json.dumps(document)
