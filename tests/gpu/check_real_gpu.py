@@ -1,0 +1,112 @@
+"""Real-GPU check: the agent on NVML beside nvidia-smi, then an allocate and a release.
+
+Run on a host with an NVIDIA GPU:
+
+    python -m tests.gpu.check_real_gpu            # prints a report, exits non-zero on a mismatch
+
+`tests/gpu/test_real_gpu.py` runs the same check under pytest and is skipped
+where no NVIDIA GPU is present. The report's output is kept in docs/real-gpu.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from tests.agent_process import AgentProcess
+
+SMI_FIELDS = (
+    "index,uuid,name,pci.bus_id,memory.total,memory.used,memory.free,utilization.gpu,"
+    "utilization.memory,temperature.gpu,power.draw,clocks.sm,clocks.mem"
+)
+
+
+def gpu_present() -> bool:
+    """True when nvidia-smi lists at least one GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return result.returncode == 0 and "GPU " in result.stdout
+
+
+def nvidia_smi() -> list[dict[str, str]]:
+    out = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names = SMI_FIELDS.split(",")
+    return [dict(zip(names, (v.strip() for v in line.split(",")))) for line in out.strip().splitlines()]
+
+
+def run_check(out: list[str]) -> list[str]:
+    """Start an NVML agent, compare with nvidia-smi, allocate and release; returns problems found."""
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        agent = AgentProcess(data_dir=Path(tmp), simulate="", node_name="gpu-host")
+        agent.start()
+        try:
+            with httpx.Client(base_url=agent.url, timeout=10.0) as api:
+                smi = nvidia_smi()
+                health = api.get("/healthz").json()
+                status = api.get("/gpu/status").json()["gpus"]
+                out.append("$ nvidia-smi --query-gpu=" + SMI_FIELDS + " --format=csv,noheader,nounits")
+                out.extend(json.dumps(row) for row in smi)
+                out.append("\n$ curl /healthz")
+                out.append(json.dumps(health, indent=1))
+                out.append("\n$ curl /gpu/status")
+                out.append(json.dumps(status, indent=1))
+                if health["devices"]["backend"] != "nvml":
+                    problems.append(f"backend is {health['devices']['backend']}, not nvml")
+                if len(status) != len(smi):
+                    problems.append(f"agent sees {len(status)} GPUs, nvidia-smi {len(smi)}")
+                for row, gpu in zip(smi, status):
+                    if row["uuid"] != gpu["uuid"] or row["name"] != gpu["name"]:
+                        problems.append(f"GPU {row['index']}: identity differs: {row} vs {gpu}")
+                    if abs(int(row["memory.total"]) - gpu["memory_total"]) > 1:
+                        problems.append(f"GPU {row['index']}: memory.total {row['memory.total']} vs {gpu['memory_total']}")
+                metrics = api.get("/metrics").text
+                out.append("\n$ curl /metrics | grep ^DCGM_")
+                out.extend(line for line in metrics.splitlines() if line.startswith("DCGM_"))
+                if not re.search(r"^DCGM_FI_DEV_FB_USED\{", metrics, re.M):
+                    problems.append("no DCGM_FI_DEV_FB_USED series")
+                alloc = api.post("/gpu/allocate", json={"service_name": "gpu-check", "gpu_count": 1, "min_memory_mb": 1024})
+                out.append("\n$ curl -X POST /gpu/allocate -d '{\"service_name\":\"gpu-check\",\"gpu_count\":1,\"min_memory_mb\":1024}'")
+                out.append(f"{alloc.status_code} {json.dumps(alloc.json(), indent=1)}")
+                if alloc.status_code != 200:
+                    problems.append(f"allocate answered {alloc.status_code}")
+                else:
+                    allocated = alloc.json()
+                    if allocated["cuda_visible_devices"] not in {row["uuid"] for row in smi}:
+                        problems.append("cuda_visible_devices is not a real GPU UUID")
+                    release = api.post("/gpu/release", json={"allocation_id": allocated["id"]})
+                    out.append(f"\n$ curl -X POST /gpu/release -> {release.status_code} {release.text}")
+                    if release.status_code != 200:
+                        problems.append(f"release answered {release.status_code}")
+        finally:
+            agent.stop()
+            out.append("\n$ agent log\n" + agent.log())
+    return problems
+
+
+def main() -> int:
+    if not gpu_present():
+        print("no NVIDIA GPU present (nvidia-smi -L lists none): nothing to check")
+        return 0
+    lines: list[str] = []
+    problems = run_check(lines)
+    print("\n".join(lines))
+    print("\nproblems:", problems or "none")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
