@@ -1,0 +1,872 @@
+"""`gpuctl`: the operator CLI against any agent's HTTP API.
+
+Every command is one or two HTTP requests to one agent (any agent: each one
+answers for the cluster or forwards to the leader). The answer is printed as an
+aligned table or a key/value block, or with `--json` as the API's JSON verbatim,
+indented. Rendering is a set of pure functions from the API's JSON and `now`
+to text, so the tables are tested without a clock.
+
+Exit status (also in `gpuctl --help` and docs/gpuctl.md), for scripts:
+
+    0  ok
+    1  the API answered an error (`error: <code>: <message>` on stderr)
+    2  usage error (bad flags or arguments, unreadable --api-key-file)
+    3  the agent is unreachable (connection refused, timed out)
+    4  `allocate` was queued rather than allocated, so
+       `gpuctl allocate ... && run-job` only runs the job on GPUs it holds
+    5  authentication or authorisation refused (HTTP 401 or 403)
+
+Error handling: `AgentClient` turns every transport failure and non-2xx answer
+into a `CtlError` carrying its exit status; `main` is the one place that prints
+it and returns the status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+EXIT_OK = 0
+EXIT_API_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_QUEUED = 4
+EXIT_AUTH = 5
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8086"
+DEFAULT_PORT = 8086
+DEFAULT_TIMEOUT_S = 10.0
+ADDRESS_ENV = "GPU_AGENT_ADDR"
+API_KEY_ENV = "GPU_AGENT_API_KEY"
+
+EXIT_STATUS_HELP = """\
+exit status:
+  0  ok
+  1  the API answered an error (printed as "error: <code>: <message>" on stderr)
+  2  usage error
+  3  agent unreachable (connection refused or timed out)
+  4  allocate was queued, not allocated (so `gpuctl allocate ... && run-job` is safe)
+  5  authentication refused (HTTP 401 or 403)
+
+environment:
+  GPU_AGENT_ADDR     default --address (else http://127.0.0.1:8086)
+  GPU_AGENT_API_KEY  default API key (--api-key and --api-key-file win)
+"""
+
+JsonObject = dict[str, Any]
+
+
+# ---------------------------------------------------------------------- errors
+
+
+class CtlError(Exception):
+    """A command that cannot succeed; `exit_code` is what gpuctl exits with."""
+
+    exit_code = EXIT_API_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(CtlError):
+    """Options that argparse accepted but that still make no sense (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class Unreachable(CtlError):
+    """No HTTP answer from the agent: refused, unresolvable, timed out (exit 3)."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class ApiRefusal(CtlError):
+    """The API answered with an error status; its message is `<code>: <message>`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status, self.code = status, code
+        self.exit_code = EXIT_AUTH if status in (401, 403) else EXIT_API_ERROR
+
+
+# ---------------------------------------------------------------------- HTTP
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where and how to reach the agent, resolved from flags, environment and defaults."""
+
+    address: str
+    api_key: str | None
+    timeout_s: float
+
+
+def normalize_address(raw: str) -> str:
+    """Return `raw` as a base URL without a trailing slash.
+
+    `host:port` and `host` are accepted without a scheme (http:// is assumed,
+    and port 8086 when none is given). Raises UsageError for anything that is
+    not an http(s) URL with a host.
+    """
+    text = raw.strip()
+    if not text:
+        raise UsageError("--address is empty")
+    bare = "://" not in text
+    try:
+        url = httpx.URL(f"http://{text}" if bare else text)
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"--address {raw!r} is not a valid address: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise UsageError(f"--address {raw!r} must be host:port or an http(s):// URL")
+    if bare and url.port is None:
+        url = url.copy_with(port=DEFAULT_PORT)
+    return str(url).rstrip("/")
+
+
+class AgentClient:
+    """A thin synchronous client: JSON in, JSON out, every failure a CtlError."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        headers = {"Accept": "application/json", "User-Agent": f"gpuctl/{_version()}"}
+        if settings.api_key is not None:
+            # X-API-Key is the default header; Bearer is accepted by every agent
+            # whatever its [auth] header_name, so the key works either way.
+            headers["X-API-Key"] = settings.api_key
+            headers["Authorization"] = f"Bearer {settings.api_key}"
+        self._http = httpx.Client(base_url=settings.address, headers=headers, timeout=settings.timeout_s)
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._http.close()
+
+    def get(self, path: str) -> tuple[int, Any]:
+        """GET `path`; returns (status, decoded JSON). Raises CtlError."""
+        return self._send("GET", path, None)
+
+    def post(self, path: str, body: JsonObject) -> tuple[int, Any]:
+        """POST `body` as JSON to `path`; returns (status, decoded JSON). Raises CtlError."""
+        return self._send("POST", path, body)
+
+    def _send(self, method: str, path: str, body: JsonObject | None) -> tuple[int, Any]:
+        where = self.settings.address
+        try:
+            response = self._http.request(method, path, json=body)
+        except httpx.TimeoutException:
+            raise Unreachable(
+                f"the agent at {where} did not answer within {self.settings.timeout_s:g} s"
+            ) from None
+        except httpx.TransportError as exc:
+            raise Unreachable(f"cannot reach the agent at {where}: {exc}") from None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if response.is_success:
+            if payload is None:
+                raise CtlError(f"the agent at {where} answered {method} {path} with something not JSON")
+            return response.status_code, payload
+        raise self._refusal(response, payload)
+
+    def _refusal(self, response: httpx.Response, payload: Any) -> ApiRefusal:
+        status = response.status_code
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("code"), str):
+            code, message = error["code"], str(error.get("message", ""))
+        else:
+            # Not the API's error shape: a proxy or something else on that port.
+            first_line = response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
+            code, message = f"http_{status}", first_line or response.reason_phrase
+        retry_after = response.headers.get("Retry-After")
+        if retry_after:
+            message += f" (retry after {retry_after} s)"
+        if status == 401 and self.settings.api_key is None:
+            message += f" (give --api-key, --api-key-file or ${API_KEY_ENV})"
+        return ApiRefusal(status, code, message)
+
+
+def _path(*segments: str) -> str:
+    return "/" + "/".join(quote(s, safe="") for s in segments)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("gpu-orchestrator")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+# ---------------------------------------------------------------------- rendering
+
+
+def parse_time(text: Any) -> float | None:
+    """An RFC 3339 timestamp as seconds since the epoch, or None if absent or unparsable."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def span(seconds: float) -> str:
+    """A duration in at most two units: 45s, 4m10s, 23h59m, 3d4h."""
+    s = int(round(abs(seconds)))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s" if s else f"{m}m"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m" if m else f"{h}h"
+    d, h = divmod(h, 24)
+    return f"{d}d{h}h" if h else f"{d}d"
+
+
+def relative(text: Any, now: float, *, missing: str = "-") -> str:
+    """An RFC 3339 time relative to `now`: `in 23h59m`, `5m ago`, `now`."""
+    moment = parse_time(text)
+    if moment is None:
+        return missing if text is None else str(text)
+    delta = moment - now
+    if abs(delta) < 1:
+        return "now"
+    return f"in {span(delta)}" if delta > 0 else f"{span(delta)} ago"
+
+
+def absolute(text: Any, now: float, *, missing: str = "-") -> str:
+    """An RFC 3339 time as given, followed by its relative form: `2026-…Z (in 1d)`."""
+    if text is None:
+        return missing
+    return f"{text} ({relative(text, now)})"
+
+
+def gib(mb: Any) -> str:
+    return f"{mb / 1024:.1f}" if isinstance(mb, (int, float)) else "?"
+
+
+def memory(used_mb: Any, total_mb: Any) -> str:
+    """MiB figures as `12.3/80.0 GiB`."""
+    return f"{gib(used_mb)}/{gib(total_mb)} GiB"
+
+
+def _num(value: Any, unit: str) -> str:
+    return f"{value:.0f}{unit}" if isinstance(value, (int, float)) else "-"
+
+
+def _obj(value: Any) -> JsonObject:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> str:
+    """Rows under headers, columns two spaces apart; columns in `right` align right."""
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def key_values(pairs: Sequence[tuple[str, str]]) -> str:
+    """`key  value` lines with the values aligned."""
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in pairs)
+
+
+def render_status(payload: JsonObject, now: float) -> str:
+    """GET /gpu/status as a table of GPUs by node, with a summary line."""
+    gpus = payload.get("gpus") or []
+    if not gpus:
+        return "no GPUs"
+    rows = [
+        [
+            _text(g.get("node")),
+            _text(g.get("index")),
+            _text(g.get("name")),
+            memory(g.get("memory_used"), g.get("memory_total")),
+            _num(g.get("utilization"), "%"),
+            _num(g.get("temperature"), "C"),
+            _text(g.get("health")),
+            _text(g.get("allocated_to")),
+            _text(g.get("allocation_id")),
+        ]
+        for g in gpus
+    ]
+    headers = ["NODE", "IDX", "MODEL", "MEMORY", "UTIL", "TEMP", "HEALTH", "LEASE", "ALLOCATION"]
+    nodes = len({g.get("node") for g in gpus})
+    leased = sum(1 for g in gpus if g.get("allocated"))
+    summary = f"{len(gpus)} GPU(s) on {nodes} node(s), {leased} leased"
+    return table(headers, rows, right=frozenset({1, 3, 4, 5})) + "\n\n" + summary
+
+
+def render_list(payload: JsonObject, now: float) -> str:
+    """GET /gpu/list as an allocations table and a queue table."""
+    allocations = payload.get("allocations") or []
+    queue = payload.get("queue") or []
+    parts = [f"ALLOCATIONS ({len(allocations)})"]
+    if allocations:
+        parts.append(
+            table(
+                ["ID", "SERVICE", "TYPE", "PRIO", "NODE", "GPUS", "ALLOCATED", "EXPIRES"],
+                [
+                    [
+                        _text(a.get("allocation_id")),
+                        _text(a.get("service_name")),
+                        _text(a.get("workload_type")),
+                        _text(a.get("priority")),
+                        _text(a.get("node")),
+                        ",".join(str(i) for i in a.get("gpu_ids") or []),
+                        relative(a.get("allocated_at"), now),
+                        relative(a.get("expires_at"), now, missing="never"),
+                    ]
+                    for a in allocations
+                ],
+                right=frozenset({3}),
+            )
+        )
+    parts.append(f"\nQUEUE ({len(queue)})")
+    if queue:
+        parts.append(
+            table(
+                ["POS", "REQUEST", "SERVICE", "TYPE", "PRIO", "GPUS", "MEM/GPU", "SUBMITTED", "DEADLINE"],
+                [
+                    [
+                        _text(q.get("position")),
+                        _text(q.get("request_id")),
+                        _text(q.get("service_name")),
+                        _text(q.get("workload_type")),
+                        _text(q.get("priority")),
+                        _text(_obj(q.get("requirements")).get("gpu_count")),
+                        f"{gib(_obj(q.get('requirements')).get('min_memory_mb'))} GiB",
+                        relative(q.get("submitted_at"), now),
+                        relative(q.get("queue_deadline"), now, missing="never"),
+                    ]
+                    for q in queue
+                ],
+                right=frozenset({0, 4, 5, 6}),
+            )
+        )
+    return "\n".join(parts)
+
+
+def _requirements(req: Any) -> str:
+    if not isinstance(req, dict):
+        return "-"
+    text = (
+        f"{_text(req.get('gpu_count'))} GPU(s), >= {gib(req.get('min_memory_mb'))} GiB each, "
+        f"max util {_num(req.get('max_utilization'), '%')}"
+    )
+    if req.get("gpu_model"):
+        text += f", model {req['gpu_model']}"
+    if req.get("node"):
+        text += f", node {req['node']}"
+    if req.get("decided_by"):
+        text += f" (decided by {req['decided_by']})"
+    return text
+
+
+def _allocation_pairs(alloc: JsonObject, now: float) -> list[tuple[str, str]]:
+    gpus = alloc.get("gpus") or []
+    models = sorted({str(g.get("name")) for g in gpus if g.get("name")})
+    indices = ", ".join(str(i) for i in alloc.get("gpu_ids") or [])
+    pairs = [
+        ("allocation", _text(alloc.get("allocation_id"))),
+        ("service", _text(alloc.get("service_name"))),
+        ("request", _text(alloc.get("request_id"))),
+        ("type", _text(alloc.get("workload_type"))),
+        ("priority", _text(alloc.get("priority"))),
+        ("node", _text(alloc.get("node"))),
+        ("gpus", f"{indices}  ({len(gpus)} x {' / '.join(models) or '?'})"),
+        ("cuda_visible_devices", _text(alloc.get("cuda_visible_devices"))),
+        ("allocated_at", absolute(alloc.get("allocated_at"), now)),
+        ("expires_at", absolute(alloc.get("expires_at"), now, missing="never")),
+        ("requirements", _requirements(alloc.get("requirements"))),
+    ]
+    if alloc.get("workflow_id"):
+        pairs.append(("workflow", str(alloc["workflow_id"])))
+    return pairs
+
+
+def render_allocation(alloc: JsonObject, now: float) -> str:
+    """One allocation object as a key/value block."""
+    return key_values(_allocation_pairs(alloc, now))
+
+
+def _queued_pairs(queued: JsonObject, now: float) -> list[tuple[str, str]]:
+    return [
+        ("request", _text(queued.get("request_id"))),
+        ("service", _text(queued.get("service_name"))),
+        ("position", _text(queued.get("position"))),
+        ("priority", _text(queued.get("priority"))),
+        ("requirements", _requirements(queued.get("requirements"))),
+        ("submitted_at", absolute(queued.get("submitted_at"), now)),
+        ("queue_deadline", absolute(queued.get("queue_deadline"), now, missing="never")),
+    ]
+
+
+def render_queued(queued: JsonObject, now: float) -> str:
+    """A 202 from POST /gpu/allocate: what is waiting and how to follow it."""
+    request_id = _text(queued.get("request_id"))
+    return (
+        f"queued: nothing is allocated yet\n{key_values(_queued_pairs(queued, now))}\n\n"
+        f"follow it: gpuctl request {request_id}\n"
+        f"cancel it: gpuctl release --request-id {request_id}"
+    )
+
+
+def render_request(record: JsonObject, now: float) -> str:
+    """GET /gpu/requests/{id}: the request's status, then what it became."""
+    pairs = [
+        ("request", _text(record.get("request_id"))),
+        ("service", _text(record.get("service_name"))),
+        ("status", _text(record.get("status"))),
+        ("submitted_at", absolute(record.get("submitted_at"), now)),
+        ("updated_at", absolute(record.get("updated_at"), now)),
+        ("allocation", _text(record.get("allocation_id"))),
+        ("reason", _text(record.get("reason"))),
+    ]
+    text = key_values(pairs)
+    if isinstance(record.get("allocation"), dict):
+        text += "\n\n" + render_allocation(record["allocation"], now)
+    if isinstance(record.get("queue"), dict):
+        queued = record["queue"]
+        text += "\n\n" + key_values(
+            [
+                ("position", _text(queued.get("position"))),
+                ("requirements", _requirements(queued.get("requirements"))),
+                ("queue_deadline", absolute(queued.get("queue_deadline"), now, missing="never")),
+            ]
+        )
+    return text
+
+
+def render_release(result: JsonObject, now: float) -> str:
+    """POST /gpu/release: one line per allocation released or request cancelled."""
+    lines = [f"released {a}" for a in result.get("released") or []]
+    lines += [f"cancelled {r}" for r in result.get("cancelled") or []]
+    return "\n".join(lines) or "nothing to release"
+
+
+def render_analysis(analysis: JsonObject, now: float) -> str:
+    """POST /gpu/workload: the figures it would be scheduled with, and how they were derived."""
+    mb = analysis.get("min_memory_mb")
+    pairs = [
+        ("workload_type", _text(analysis.get("workload_type"))),
+        ("gpus", _text(analysis.get("required_gpus"))),
+        ("memory_per_gpu", f"{_text(mb)} MB ({gib(mb)} GiB)"),
+        ("priority", _text(analysis.get("priority"))),
+        ("max_utilization", _num(analysis.get("max_utilization"), "%")),
+        ("decided_by", _text(analysis.get("decided_by"))),
+    ]
+    if analysis.get("advisor_fallback_reason"):
+        pairs.append(("advisor_fallback", str(analysis["advisor_fallback_reason"])))
+    estimate = _obj(analysis.get("estimate"))
+    if estimate.get("formula"):
+        pairs.append(("formula", str(estimate["formula"])))
+    text = key_values(pairs)
+    rules = estimate.get("rules") or []
+    if rules:
+        text += "\nrules:\n" + "\n".join(f"  - {r}" for r in rules)
+    return text
+
+
+def render_members(payload: JsonObject, now: float) -> str:
+    """GET /cluster/members as a table."""
+    members = payload.get("members") or []
+    if not members:
+        return "no members"
+    rows = [
+        [
+            _text(m.get("name")),
+            _text(m.get("status")),
+            _text(m.get("role")),
+            "*" if m.get("leader") else "",
+            _text(_obj(m.get("addresses")).get("http")),
+            _text(m.get("gpus")),
+            _text(m.get("version")),
+        ]
+        for m in members
+    ]
+    return table(["NAME", "STATUS", "ROLE", "LEADER", "HTTP", "GPUS", "VERSION"], rows, right=frozenset({5}))
+
+
+def render_leader(payload: JsonObject, now: float) -> str:
+    """GET /cluster/leader as a key/value block."""
+    leader = payload.get("leader")
+    name = "none (no leader elected)" if leader is None else str(leader)
+    if payload.get("is_self"):
+        name += " (this agent)"
+    return key_values(
+        [("leader", name), ("address", _text(payload.get("address"))), ("term", _text(payload.get("term")))]
+    )
+
+
+def render_health(payload: JsonObject, now: float) -> str:
+    """GET /healthz as a key/value block."""
+    devices = _obj(payload.get("devices"))
+    leases = _obj(payload.get("lease_table"))
+    outbox = _obj(payload.get("outbox"))
+    pairs = [
+        ("status", _text(payload.get("status"))),
+        ("node", _text(payload.get("node"))),
+        ("role", _text(payload.get("role"))),
+        ("leader", _text(payload.get("leader"))),
+        ("version", _text(payload.get("version"))),
+        ("started_at", absolute(payload.get("started_at"), now)),
+    ]
+    if devices:
+        pairs.append(
+            (
+                "devices",
+                f"{_text(devices.get('backend'))}, {_text(devices.get('gpus'))} GPU(s), "
+                f"last sample {relative(devices.get('last_sample_at'), now, missing='never')}",
+            )
+        )
+        if devices.get("degraded"):
+            pairs.append(("degraded", str(devices["degraded"])))
+    if leases:
+        pairs.append(
+            (
+                "lease_table",
+                f"{_text(leases.get('allocations'))} allocation(s), "
+                f"{_text(leases.get('queue_depth'))} queued",
+            )
+        )
+    if outbox:
+        pending, gave_up = _text(outbox.get("pending")), _text(outbox.get("gave_up"))
+        pairs.append(("outbox", f"{pending} pending, {gave_up} gave up"))
+    return key_values(pairs)
+
+
+# ---------------------------------------------------------------------- commands
+
+
+Renderer = Callable[[JsonObject, float], str]
+
+
+@dataclass(frozen=True)
+class Result:
+    """A command's answer: the API's JSON, how to render it, and the exit status."""
+
+    payload: Any
+    render: Renderer
+    exit_code: int = EXIT_OK
+
+
+Command = Callable[[AgentClient, argparse.Namespace], Result]
+
+
+def _getter(path: Callable[[argparse.Namespace], str], render: Renderer) -> Command:
+    """A command that GETs one path and renders the answer."""
+
+    def command(client: AgentClient, args: argparse.Namespace) -> Result:
+        _, payload = client.get(path(args))
+        return Result(payload, render)
+
+    return command
+
+
+def allocate_body(args: argparse.Namespace) -> JsonObject:
+    """The POST /gpu/allocate (or /gpu/workload) body the flags describe; unset flags are left out."""
+    body: JsonObject = {}
+    if args.service is not None:
+        body["service_name"] = args.service
+    if args.type is not None:
+        body["workload_type"] = args.type
+    data: JsonObject = dict(args.data_json or {})
+    data.update(dict(args.data or []))
+    if data:
+        body["workload_data"] = data
+    optional = {
+        "priority": args.priority,
+        "gpu_count": args.gpus,
+        "min_memory_mb": args.memory_mb,
+        "max_utilization": args.max_utilization,
+        "ttl_seconds": args.ttl,
+        "request_id": args.request_id,
+        "webhook_url": args.webhook_url,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if args.no_queue:
+        body["queue"] = False
+    constraints = {k: v for k, v in (("gpu_model", args.gpu_model), ("node", args.node)) if v is not None}
+    if constraints:
+        body["constraints"] = constraints
+    return body
+
+
+def cmd_allocate(client: AgentClient, args: argparse.Namespace) -> Result:
+    status, payload = client.post("/gpu/allocate", allocate_body(args))
+    if status == 202:
+        return Result(payload, render_queued, EXIT_QUEUED)
+    return Result(payload, render_allocation)
+
+
+def cmd_analyze(client: AgentClient, args: argparse.Namespace) -> Result:
+    _, payload = client.post("/gpu/workload", allocate_body(args))
+    return Result(payload, render_analysis)
+
+
+def cmd_release(client: AgentClient, args: argparse.Namespace) -> Result:
+    if args.allocation_id is not None:
+        body = {"allocation_id": args.allocation_id}
+    elif args.service is not None:
+        body = {"service_name": args.service}
+    else:
+        body = {"request_id": args.request_id}
+    _, payload = client.post("/gpu/release", body)
+    return Result(payload, render_release)
+
+
+def cmd_renew(client: AgentClient, args: argparse.Namespace) -> Result:
+    body: JsonObject = {"allocation_id": args.allocation_id}
+    if args.ttl is not None:
+        body["ttl_seconds"] = args.ttl
+    _, payload = client.post("/gpu/renew", body)
+    return Result(payload, render_allocation)
+
+
+# ---------------------------------------------------------------------- arguments
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """argparse type: seconds as a number, or with a unit: 90, 90s, 30m, 12h, 7d."""
+    unit = _DURATION_UNITS.get(text[-1:].lower())
+    number = text[:-1] if unit is not None else text
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 3600, 90s, 30m, 12h, 7d)") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"a duration must be finite and >= 0, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def data_item(text: str) -> tuple[str, Any]:
+    """argparse type for --data KEY=VALUE: VALUE is JSON when it parses as JSON, else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def data_object(text: str) -> JsonObject:
+    """argparse type for --data-json: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"model_name\": \"llama-3-70b\"}'")
+    return value
+
+
+def _global_options(parser: argparse.ArgumentParser) -> None:
+    # Defaults are SUPPRESSed so that these options work before or after the
+    # command (`gpuctl --json status` and `gpuctl status --json`) without the
+    # subcommand's unset copy overwriting the one given first.
+    group = parser.add_argument_group("connection and output")
+    group.add_argument(
+        "--address",
+        default=argparse.SUPPRESS,
+        help=f"the agent: host:port or URL (default ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
+    )
+    group.add_argument(
+        "--api-key",
+        default=argparse.SUPPRESS,
+        help=f"API key sent as X-API-Key (default ${API_KEY_ENV}); prefer --api-key-file or the environment, "
+        "as arguments are visible in ps",
+    )
+    group.add_argument(
+        "--api-key-file", default=argparse.SUPPRESS, metavar="PATH", help="read the API key from PATH"
+    )
+    group.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON answer, indented"
+    )
+    group.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help=f"HTTP timeout (default {DEFAULT_TIMEOUT_S:g})",
+    )
+
+
+def _request_options(parser: argparse.ArgumentParser, *, service_required: bool) -> None:
+    parser.add_argument("--service", required=service_required, help="service the GPUs are for")
+    parser.add_argument(
+        "--type",
+        help="workload type: training, inference, embedding, ocr, graph_processing or generic (default)",
+    )
+    parser.add_argument("--gpus", type=int, help="number of GPUs (default: from the workload analyzer)")
+    parser.add_argument("--memory-mb", type=int, help="minimum memory per GPU, MB")
+    parser.add_argument("--priority", type=int, help="1-10, higher is served first")
+    parser.add_argument("--max-utilization", type=float, help="only GPUs at or below this utilisation, %%")
+    parser.add_argument("--ttl", type=duration, help="lease: seconds or 30m, 12h, 7d; 0 = never expires")
+    parser.add_argument("--no-queue", action="store_true", help="fail (exit 1) instead of queueing")
+    parser.add_argument("--request-id", help="idempotency key; also names the request while it is queued")
+    parser.add_argument("--webhook-url", help="URL told what becomes of a queued request")
+    parser.add_argument("--gpu-model", help="constraint: GPU model name")
+    parser.add_argument("--node", help="constraint: node name")
+    parser.add_argument(
+        "--data",
+        type=data_item,
+        action="append",
+        metavar="KEY=VALUE",
+        help="workload_data entry, repeatable; VALUE is JSON if it parses (128, true, \"7\"), else a string",
+    )
+    parser.add_argument(
+        "--data-json", type=data_object, metavar="JSON", help="workload_data as a JSON object (--data wins)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The gpuctl argument parser; each command's namespace carries its `handler`."""
+    parser = argparse.ArgumentParser(
+        prog="gpuctl",
+        description="Operate a gpu-orchestrator cluster through any agent's HTTP API.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"gpuctl {_version()}")
+    _global_options(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, handler: Command, summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=EXIT_STATUS_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _global_options(sub)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add(
+        "status",
+        _getter(lambda a: "/gpu/status", render_status),
+        "GPUs by node: memory, utilisation, temperature, health, lease holder",
+    )
+    add("list", _getter(lambda a: "/gpu/list", render_list), "live allocations and the wait queue")
+    _request_options(
+        add("allocate", cmd_allocate, "allocate GPUs (exit 4 when the request was queued instead)"),
+        service_required=True,
+    )
+    release = add("release", cmd_release, "release an allocation or all of a service's, or cancel a request")
+    which = release.add_mutually_exclusive_group(required=True)
+    which.add_argument("allocation_id", nargs="?", help="the allocation to release")
+    which.add_argument("--service", help="release every allocation of this service")
+    which.add_argument("--request-id", help="cancel this queued request")
+    renew = add("renew", cmd_renew, "extend a lease")
+    renew.add_argument("allocation_id")
+    renew.add_argument("--ttl", type=duration, help="new lease length from now (default: the agent's TTL)")
+    show = add(
+        "show",
+        _getter(lambda a: _path("gpu", "allocations", a.allocation_id), render_allocation),
+        "one live allocation",
+    )
+    show.add_argument("allocation_id")
+    request = add(
+        "request",
+        _getter(lambda a: _path("gpu", "requests", a.request_id), render_request),
+        "where a request id stands: queued, allocated, released, expired or cancelled",
+    )
+    request.add_argument("request_id")
+    _request_options(
+        add("analyze", cmd_analyze, "what a workload would need, without allocating (POST /gpu/workload)"),
+        service_required=False,
+    )
+    add("members", _getter(lambda a: "/cluster/members", render_members), "cluster members")
+    add("leader", _getter(lambda a: "/cluster/leader", render_leader), "the current leader")
+    add("health", _getter(lambda a: "/healthz", render_health), "this agent's health (GET /healthz)")
+    return parser
+
+
+def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Flags > environment > defaults. Raises UsageError for a bad address or key file."""
+    address = getattr(args, "address", None) or environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+    key: str | None = getattr(args, "api_key", None)
+    key_file: str | None = getattr(args, "api_key_file", None)
+    if key is not None and key_file is not None:
+        raise UsageError("give --api-key or --api-key-file, not both")
+    if key_file is not None:
+        try:
+            key = Path(key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --api-key-file {key_file}: {exc}") from None
+        if not key:
+            raise UsageError(f"--api-key-file {key_file} is empty")
+    if key is None:
+        key = environ.get(API_KEY_ENV) or None
+    return Settings(
+        address=normalize_address(address),
+        api_key=key or None,
+        timeout_s=getattr(args, "timeout", DEFAULT_TIMEOUT_S),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run gpuctl with `argv` (default sys.argv[1:]); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help/--version (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        settings = resolve_settings(args, os.environ)
+        with AgentClient(settings) as client:
+            result: Result = args.handler(client, args)
+    except CtlError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    if getattr(args, "json", False):
+        print(json.dumps(result.payload, indent=2, ensure_ascii=False))
+    else:
+        print(result.render(result.payload, time.time()))
+    return int(result.exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
