@@ -142,6 +142,7 @@ async def run_agent(
             clock=time.time,
             rng=rng,
             on_decision=lambda outcome: metrics.scheduling.labels(outcome).inc(),
+            on_advice=lambda decided_by, reason: metrics.advisor.labels(decided_by, reason).inc(),
         )
         keyring = ApiKeyring.load(Path(config.auth.keys_file)) if config.auth.enabled else None
         ctx = AgentContext(
@@ -174,7 +175,7 @@ async def run_agent(
         hconfig.errorlog = logging.getLogger("hypercorn.error")
         hconfig.graceful_timeout = 10.0
 
-        shutdown = trio.Event()
+        shutdown, served = trio.Event(), trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(lease_log.run)
             await nursery.start(sampler.run)
@@ -182,7 +183,7 @@ async def run_agent(
             await nursery.start(deliverer.run)
             nursery.start_soon(_housekeeping, ctx, astore, sampler, metrics)
             nursery.start_soon(_wait_for_signal, shutdown)
-            bound: list[str] = await nursery.start(_serve, app, hconfig, shutdown)
+            bound: list[str] = await nursery.start(_serve, app, hconfig, shutdown, served)
             ctx.advertise_http = bound[0] if bound else ""
             log.info(
                 "gpu-agent %s serving on %s as node %r with %d GPU(s) (%s backend)",
@@ -194,7 +195,10 @@ async def run_agent(
             )
             task_status.started(bound)
             await shutdown.wait()
-            # The server task returns once in-flight requests are answered.
+            # Hypercorn stops accepting at once and returns when the requests in
+            # flight are answered (bounded by its graceful_timeout); the log writer
+            # still runs meanwhile, so their proposals complete.
+            await served.wait()
             with trio.move_on_after(_SHUTDOWN_FLUSH_S):
                 while ctx.outbox_pending and await astore.next_outbox_due() is not None:
                     deliverer.wake()
@@ -210,10 +214,14 @@ async def _serve(
     app: object,
     hconfig: HypercornConfig,
     shutdown: trio.Event,
+    served: trio.Event,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve(app, hconfig, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+    try:
+        await serve(app, hconfig, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+    finally:
+        served.set()
 
 
 async def _wait_for_signal(shutdown: trio.Event) -> None:

@@ -113,9 +113,10 @@ class DevicesSection:
     # scheduler's view of memory and utilization fresh, and is far shorter than
     # any Prometheus scrape interval, at the cost of a few NVML calls per GPU.
     sample_interval_s: float = 1.0
-    # Seconds one NVML call may take before the sample is abandoned and the GPU
-    # reported unhealthy. Healthy calls return in milliseconds; 5 s tolerates a
-    # busy driver yet notices a hung one (e.g. a GPU fallen off the bus) quickly.
+    # Seconds one whole telemetry sample may take before it is abandoned and the
+    # device backend reported degraded (in /healthz and metrics). Healthy samples
+    # take milliseconds; 5 s tolerates a busy driver yet notices a hung one (e.g.
+    # a GPU fallen off the bus) quickly.
     nvml_timeout_s: float = 5.0
 
 

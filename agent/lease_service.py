@@ -22,10 +22,10 @@ from typing import Callable, Protocol, Sequence
 import trio
 
 from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release, Renew
-from coordinator.errors import Conflict, CoordinatorError, InvalidRequest, NotFound
+from coordinator.errors import Conflict, CoordinatorError, NotFound
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import ALLOCATED, QUEUED, Allocation, AllocationRequest, GpuRef, GpuView, QueuedRequest
-from coordinator.request_parsing import AllocateBody, build_request
+from coordinator.request_parsing import AllocateBody, build_request, resolve_ttl
 from coordinator.scheduler import Scheduler
 from coordinator.workload import WorkloadEstimate, analyze_workload
 
@@ -100,6 +100,7 @@ class LeaseService:
         clock: Callable[[], float],
         rng: random.Random,
         on_decision: Callable[[str], None] = lambda outcome: None,
+        on_advice: Callable[[str, str], None] = lambda decided_by, reason: None,
     ) -> None:
         self.log = log_
         self.scheduler = scheduler
@@ -111,7 +112,10 @@ class LeaseService:
         self._clock = clock
         self._rng = rng
         self._on_decision = on_decision
+        self._on_advice = on_advice
         self._pending: dict[GpuRef, int] = {}
+        # Enqueues proposed but not yet applied, so concurrent admits respect max_queue.
+        self._pending_enqueues = 0
         self._inflight: dict[str, trio.Event] = {}
         self._wake = trio.Event()
 
@@ -139,7 +143,17 @@ class LeaseService:
             estimate,
             max_gpus_per_node=max(_gpus_per_node(gpus).values(), default=1),
         )
-        return Analysis(advice.estimate, advice.decided_by, advice.fallback_reason)
+        analysis = Analysis(advice.estimate, advice.decided_by, advice.fallback_reason)
+        largest = max((g.memory_total_mb for g in gpus), default=None)
+        if advice.decided_by == "advisor" and largest is not None and advice.estimate.min_memory_mb > largest:
+            # Advice no GPU here could satisfy would turn the request into a 400: the
+            # advisor may only refine the analyzer, never make a request unschedulable.
+            analysis = Analysis(
+                estimate, "analyzer", f"invalid_output: min_memory_mb above every GPU ({largest} MB)"
+            )
+        reason = (analysis.fallback_reason or "").split(":", 1)[0]
+        self._on_advice(analysis.decided_by, reason)
+        return analysis
 
     # ------------------------------------------------------------------ allocate
 
@@ -200,7 +214,12 @@ class LeaseService:
     async def _admit(self, request: AllocationRequest) -> AllocateOutcome:
         try:
             command = self.scheduler.admit(
-                request, self.table, self.inventory(), request.submitted_at, pending=self._pending
+                request,
+                self.table,
+                self.inventory(),
+                request.submitted_at,
+                pending=self._pending,
+                pending_enqueues=self._pending_enqueues,
             )
         except CoordinatorError as exc:
             self._on_decision(f"rejected_{exc.code}")
@@ -227,11 +246,14 @@ class LeaseService:
     async def _propose_holding(self, command: Command) -> ApplyResult:
         """Propose, counting an Allocate's GPUs as taken until it is applied."""
         refs = [g.ref for g in command.allocation.gpus] if isinstance(command, Allocate) else []
+        enqueue = int(isinstance(command, Enqueue))
         for ref in refs:
             self._pending[ref] = self._pending.get(ref, 0) + 1
+        self._pending_enqueues += enqueue
         try:
             return await self.log.propose(command)
         finally:
+            self._pending_enqueues -= enqueue
             for ref in refs:
                 self._pending[ref] -= 1
                 if not self._pending[ref]:
@@ -273,8 +295,12 @@ class LeaseService:
         """Cancel a queued request, or release what it was granted. Raises NotFound."""
         record = self.table.record(request_id)
         if record is not None and record.status == QUEUED:
-            result = await self._propose_ok(Cancel(self._clock(), (request_id,)))
-            return ReleaseOutcome((), result.affected)
+            result = await self.log.propose(Cancel(self._clock(), (request_id,)))
+            if result.ok:
+                self.wake()
+                return ReleaseOutcome((), result.affected)
+            # The scheduler placed it between our read and the Cancel: release that.
+            record = self.table.record(request_id)
         if record is not None and record.status == ALLOCATED and record.allocation_id:
             return await self.release_allocation(record.allocation_id)
         raise NotFound(f"no queued request or live allocation for request_id {request_id}")
@@ -284,9 +310,7 @@ class LeaseService:
 
         Raises NotFound for an unknown or expired lease, InvalidRequest for a TTL over the cap.
         """
-        ttl = self.default_ttl_s if ttl_s is None else ttl_s
-        if ttl > self.max_ttl_s:
-            raise InvalidRequest(f"ttl_seconds must be at most {self.max_ttl_s:g} (0 = never expires)")
+        ttl = resolve_ttl(ttl_s, default_ttl_s=self.default_ttl_s, max_ttl_s=self.max_ttl_s)
         now = self._clock()
         try:
             await self._propose_ok(Renew(now, allocation_id, now + ttl if ttl > 0 else None))

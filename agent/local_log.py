@@ -11,8 +11,10 @@ Proposals go into a channel. One writer task takes everything waiting (group
 commit: one fsync for a burst of concurrent requests), appends the batch in a
 single transaction, then applies each command to the table in log order and
 wakes its proposer with the result. Applied results are also handed to
-`on_applied` (for the outbox and metrics) before any proposer is woken, so
-nothing acknowledged lacks its outbox rows. Every `snapshot_every` entries the
+`on_applied` (for the outbox and metrics) before any proposer is woken. If that
+hook fails, the proposers are still answered (their commands are durable); the
+missing outbox rows are re-derived when the next start-up replays the log, and
+no snapshot is taken until then so the replay still covers them. Every `snapshot_every` entries the
 writer stores a snapshot of the table and the log before it is dropped.
 
 Error handling

@@ -153,7 +153,7 @@ class StateCollector(Collector):
         allocated = GaugeMetricFamily(
             "gpu_orchestrator_gpu_allocated",
             "1 when the GPU is held by a lease.",
-            labels=["Hostname", "gpu", "UUID", "allocation_id"],
+            labels=["Hostname", "gpu", "UUID"],
         )
         health = GaugeMetricFamily(
             "gpu_orchestrator_gpu_health",
@@ -161,8 +161,8 @@ class StateCollector(Collector):
             labels=["Hostname", "gpu", "UUID", "state"],
         )
         for r in readings:
-            holder = holders.get(r.index, "")
-            allocated.add_metric([self.node_name, str(r.index), r.uuid, holder], 1.0 if holder else 0.0)
+            # No allocation id label: one series per GPU, not one per lease ever made.
+            allocated.add_metric([self.node_name, str(r.index), r.uuid], 1.0 if r.index in holders else 0.0)
             health.add_metric([self.node_name, str(r.index), r.uuid, "healthy"], 1.0)
         yield allocated
         yield health

@@ -10,7 +10,10 @@ causes, or rejects the command with a CoordinatorError and changes nothing.
 
 Rules that keep every replica identical:
 - Time comes only from `command.at`. The table's own clock is the largest `at`
-  it has applied; it is used for nothing but forgetting old request records.
+  it has accepted (a refused command leaves it alone); it is used for nothing
+  but forgetting old request records.
+- An expiry (Release with reason "expired") ends only leases whose `expires_at`
+  has passed at its `at`: a renewal applied after the expiry was proposed wins.
 - A rejection depends only on the state and the command, never on outside facts.
 - Iteration orders that leak into results (snapshots, listings) are sorted.
 - Finished request records are kept for `retention_s` after they end and then
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release, Renew
-from coordinator.errors import Conflict, CoordinatorError, NotFound
+from coordinator.errors import Conflict, CoordinatorError, InvalidRequest, NotFound
 from coordinator.model import (
     ALLOCATED,
     CANCELLED,
@@ -123,8 +126,10 @@ class LeaseTable:
     # ------------------------------------------------------------------ apply
 
     def apply(self, command: Command) -> ApplyResult:
-        """Apply one command in log order; a refused command changes nothing."""
-        self._clock = max(self._clock, command.at)
+        """Apply one command in log order; a refused command changes nothing.
+
+        Not even the clock: a refusal leaves `snapshot()` exactly as it was.
+        """
         try:
             if isinstance(command, Allocate):
                 result = self._allocate(command)
@@ -137,7 +142,8 @@ class LeaseTable:
             else:
                 result = self._cancel(command)
         except CoordinatorError as exc:
-            result = ApplyResult(error=exc)
+            return ApplyResult(error=exc)
+        self._clock = max(self._clock, command.at)
         self._prune()
         return result
 
@@ -146,6 +152,15 @@ class LeaseTable:
         request_id = alloc.request.request_id
         if alloc.allocation_id in self._allocations:
             raise Conflict(f"allocation {alloc.allocation_id} exists", code="duplicate_allocation")
+        refs = [gpu.ref for gpu in alloc.gpus]
+        if not refs or len(set(refs)) != len(refs) or any(ref.node != alloc.node for ref in refs):
+            # Never proposed by the scheduler; refused here so that no log entry can
+            # make the holder map disagree with the allocations (a repeated GPU
+            # would be freed twice on release).
+            raise InvalidRequest(
+                f"allocation {alloc.allocation_id} must name distinct GPUs of node {alloc.node}",
+                code="invalid_allocation",
+            )
         queued = self._queue.get(request_id)
         if queued is None and request_id in self._records:
             raise Conflict(f"request {request_id} was already handled", code="duplicate_request")
@@ -192,27 +207,34 @@ class LeaseTable:
         events: list[LeaseEvent] = []
         affected: list[str] = []
         for allocation_id in _unique(cmd.allocation_ids):
-            alloc = self._allocations.pop(allocation_id, None)
+            alloc = self._allocations.get(allocation_id)
             if alloc is None:
                 # Released or expired by an earlier entry: the later one is a no-op
                 # for this id, so racing releases and expiries never fail each other.
                 continue
+            if expired and (alloc.expires_at is None or alloc.expires_at > cmd.at):
+                # Renewed after the expiry was proposed: the renewal was acknowledged,
+                # so the lease lives on. Skipped like an id that is already gone.
+                continue
+            del self._allocations[allocation_id]
             for gpu in alloc.gpus:
                 del self._holders[gpu.ref]
                 self._released_at[gpu.ref] = cmd.at
-            self._finish(alloc.request.request_id, EXPIRED if expired else RELEASED, cmd.at, cmd.reason)
+            reason = "lease_ttl" if expired else cmd.reason
+            self._finish(alloc.request.request_id, EXPIRED if expired else RELEASED, cmd.at, reason)
             events.append(
                 LeaseEvent(
                     "expired" if expired else "released",
                     cmd.at,
                     alloc.request,
                     allocation=alloc,
-                    reason="lease_ttl" if expired else cmd.reason,
+                    reason=reason,
                 )
             )
             affected.append(allocation_id)
         if not affected:
-            raise NotFound(f"no live allocation among {', '.join(cmd.allocation_ids) or 'none'}")
+            what = "expired allocation" if expired else "live allocation"
+            raise NotFound(f"no {what} among {', '.join(cmd.allocation_ids) or 'none'}")
         return ApplyResult(events=tuple(events), affected=tuple(affected))
 
     def _renew(self, cmd: Renew) -> ApplyResult:

@@ -17,8 +17,9 @@ from coordinator.errors import InvalidRequest
 from coordinator.model import AllocationRequest, Requirements
 from coordinator.workload import WORKLOAD_TYPES, WorkloadEstimate
 
-SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# `\Z`, not `$`: `$` also matches before a trailing newline, which would let "svc\n" through.
+SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 MAX_GPU_COUNT = 64
 MAX_MEMORY_MB = 2_097_152  # 2 TiB: above any GPU made; larger is a typo, not a request
 MAX_URL_LENGTH = 2048
@@ -133,11 +134,9 @@ def build_request(
     """Merge the caller's explicit fields over an estimate into an AllocationRequest.
 
     Explicit fields win; `decided_by` becomes "request" when the caller fixed
-    every figure. Raises InvalidRequest when ttl_seconds exceeds max_ttl_s.
+    every figure. Raises InvalidRequest for a TTL that `resolve_ttl` refuses.
     """
-    ttl = default_ttl_s if body.ttl_seconds is None else body.ttl_seconds
-    if ttl > max_ttl_s:
-        raise InvalidRequest(f"ttl_seconds must be at most {max_ttl_s:g} (0 = never expires)")
+    ttl = resolve_ttl(body.ttl_seconds, default_ttl_s=default_ttl_s, max_ttl_s=max_ttl_s)
     requirements = Requirements(
         gpu_count=body.gpu_count if body.gpu_count is not None else estimate.required_gpus,
         min_memory_mb=body.min_memory_mb if body.min_memory_mb is not None else estimate.min_memory_mb,
@@ -162,6 +161,21 @@ def build_request(
         decided_by="request" if body.fully_specified else decided_by,
         estimate=estimate.estimate,
     )
+
+
+def resolve_ttl(requested: float | None, *, default_ttl_s: float, max_ttl_s: float) -> float:
+    """The lease length to grant: the request's, else the default; 0 = never expires.
+
+    With a cap (`max_ttl_s` > 0) a lease must end within it, so 0 ("never") is
+    refused too: the cap is how an operator makes sure forgotten leases come back.
+    Raises InvalidRequest naming the cap.
+    """
+    ttl = default_ttl_s if requested is None else requested
+    if max_ttl_s > 0 and (ttl > max_ttl_s or ttl == 0):
+        raise InvalidRequest(
+            f"ttl_seconds must be more than 0 and at most {max_ttl_s:g} ([scheduler] max_ttl_s)"
+        )
+    return ttl
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,12 +269,18 @@ def _opt_number(obj: Mapping[str, Any], field: str, low: float, high: float) -> 
     value = obj.get(field)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequest(f"{field} must be a finite number")
-    if not low <= value <= high:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits: valid JSON, no float holds it
+        number = math.inf
+    if not math.isfinite(number):
+        raise InvalidRequest(f"{field} must be a finite number")
+    if not low <= number <= high:
         bound = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
         raise InvalidRequest(f"{field} must be {bound}, got {value}")
-    return float(value)
+    return number
 
 
 def _opt_str(value: object, field: str) -> str | None:
@@ -277,7 +297,7 @@ def _opt_url(value: object, field: str) -> str | None:
     if (
         not isinstance(value, str)
         or len(value) > MAX_URL_LENGTH
-        or not re.match(r"^https?://[^\s/?#]+[^\s]*$", value)
+        or not re.match(r"^https?://[^\s/?#]+[^\s]*\Z", value)
     ):
         raise InvalidRequest(f"{field} must be an http:// or https:// URL")
     return value

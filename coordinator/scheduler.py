@@ -80,10 +80,12 @@ class Scheduler:
         gpus: Sequence[GpuView],
         now: float,
         pending: Iterable[GpuRef] = (),
+        pending_enqueues: int = 0,
     ) -> Command:
         """Decide a new request: Allocate when it fits now, else Enqueue.
 
-        `pending` are GPUs that proposals in flight are about to take.
+        `pending` are GPUs that proposals in flight are about to take, and
+        `pending_enqueues` the Enqueues in flight (they count against max_queue).
         Raises Unsatisfiable when no node could ever hold it, Conflict when it
         does not fit now and the caller asked not to queue, QueueFull when the
         queue is at its bound.
@@ -96,7 +98,7 @@ class Scheduler:
             return Allocate(now, self._allocation(request, placement, now))
         if not request.queue:
             raise Conflict("no GPUs free that fit the request now (queue=false)", code="no_capacity")
-        if table.queue_length() >= self.config.max_queue:
+        if table.queue_length() + pending_enqueues >= self.config.max_queue:
             raise QueueFull(f"the wait queue is full ({self.config.max_queue} requests)")
         timeout = self.config.queue_timeout_s
         return Enqueue(now, request, now + timeout if timeout > 0 else None)

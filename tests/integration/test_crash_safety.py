@@ -43,7 +43,7 @@ def _client_loop(
                 else:
                     response = client.post(
                         "/gpu/allocate",
-                        json={"service_name": name, "gpu_count": 1, "queue": False, "ttl_seconds": 0},
+                        json={"service_name": name, "gpu_count": 1, "queue": False, "ttl_seconds": 3600},
                     )
                     if response.status_code == 200:
                         alloc_id = response.json()["id"]

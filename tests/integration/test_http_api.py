@@ -157,12 +157,13 @@ def test_idempotent_request_id(api: Api) -> None:
 
 
 def test_renew_extends_the_lease(api: Api) -> None:
-    """POST /gpu/renew moves expires_at; ttl 0 means never."""
+    """POST /gpu/renew moves expires_at; under the default 30-day cap a lease cannot be made endless."""
     alloc = api.post("/gpu/allocate", {"service_name": "renewer", "gpu_count": 1, "ttl_seconds": 60}).json()
     renewed = api.post("/gpu/renew", {"allocation_id": alloc["id"], "ttl_seconds": 3600}).json()
     assert renewed["expires_at"] > alloc["expires_at"]
-    forever = api.post("/gpu/renew", {"allocation_id": alloc["id"], "ttl_seconds": 0}).json()
-    assert forever["expires_at"] is None
+    forever = api.post("/gpu/renew", {"allocation_id": alloc["id"], "ttl_seconds": 0})
+    assert forever.status_code == 400 and "max_ttl_s" in forever.json()["error"]["message"]
+    assert api.get(f"/gpu/allocations/{alloc['id']}").json()["expires_at"] == renewed["expires_at"]
     missing = api.post("/gpu/renew", {"allocation_id": "no-such-lease"})
     assert missing.status_code == 404
 

@@ -246,3 +246,26 @@ def test_advisor_decides_or_the_analyzer_falls_back(
         assert path == "/invoke/structured" and request["response_format"]["type"] == "json_schema"
     finally:
         agent.kill()
+
+
+def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path, receivers: Callable[..., Receiver]) -> None:
+    """SIGTERM while an allocate waits on a slow advisor: it is still answered, then the agent exits 0."""
+    advisor = receivers(lambda n, body: (200, {"structured_output": ADVICE}, 1.0))
+    agent = _agent(tmp_path, "[integrations]\ndeepagents_timeout_s = 3.0\n", simulate="4xH100-80GB",
+                   DEEPAGENTS_URL=advisor.url)
+    answers: list[httpx.Response] = []
+
+    def allocate() -> None:
+        with httpx.Client(base_url=agent.url, timeout=10.0) as api:
+            answers.append(api.post("/gpu/allocate", json={"service_name": "late", "workload_type": "ocr"}))
+
+    worker = threading.Thread(target=allocate)
+    try:
+        worker.start()
+        _wait_for(lambda: advisor.requests)
+        assert agent.stop() == 0
+        worker.join(timeout=10)
+        assert answers and answers[0].status_code == 200
+        assert answers[0].json()["requirements"]["decided_by"] == "advisor"
+    finally:
+        agent.kill()
