@@ -214,6 +214,8 @@ ADVICE = {"required_gpus": 2, "min_memory_mb": 20000, "priority": 9, "reasoning"
         pytest.param((200, {"structured_output": ADVICE | {"priority": 99}}, 0.0), "analyzer", "invalid_output",
                      id="bad-priority"),
         pytest.param((200, {"messages": []}, 0.0), "analyzer", "invalid_output", id="no-structured-output"),
+        pytest.param((200, {"structured_output": ADVICE | {"min_memory_mb": 500_000}}, 0.0), "analyzer",
+                     "invalid_output: min_memory_mb above every GPU", id="memory-no-gpu-has"),
         pytest.param((503, {}, 0.0), "analyzer", "http_503", id="http-error"),
         pytest.param((200, {"structured_output": ADVICE}, 2.0), "analyzer", "timeout", id="timeout"),
     ],
