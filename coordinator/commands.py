@@ -98,7 +98,52 @@ class Cancel:
         }
 
 
-Command = Union[Allocate, Enqueue, Release, Renew, Cancel]
+@dataclass(frozen=True, slots=True)
+class SetDrain:
+    """An operator takes a GPU out of scheduling (drained) or returns it.
+
+    Draining stops new allocations on the GPU; leases already on it run on.
+    """
+
+    at: float
+    node: str
+    index: int
+    drained: bool
+    reason: str = ""
+
+    def to_wire(self) -> Wire:
+        return {
+            "op": "set_drain",
+            "at": self.at,
+            "node": self.node,
+            "index": self.index,
+            "drained": self.drained,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ReportGpuHealth:
+    """A GPU's health changed (decided by its node's health policy)."""
+
+    at: float
+    node: str
+    index: int
+    state: str
+    reasons: tuple[str, ...] = ()
+
+    def to_wire(self) -> Wire:
+        return {
+            "op": "report_gpu_health",
+            "at": self.at,
+            "node": self.node,
+            "index": self.index,
+            "state": self.state,
+            "reasons": list(self.reasons),
+        }
+
+
+Command = Union[Allocate, Enqueue, Release, Renew, Cancel, SetDrain, ReportGpuHealth]
 
 
 def command_from_wire(w: Mapping[str, Any]) -> Command:
@@ -124,4 +169,10 @@ def command_from_wire(w: Mapping[str, Any]) -> Command:
         return Renew(at, str(w["allocation_id"]), None if expires is None else float(expires))
     if op == "cancel":
         return Cancel(at, tuple(str(i) for i in w["request_ids"]), str(w["reason"]))
+    if op == "set_drain":
+        return SetDrain(at, str(w["node"]), int(w["index"]), bool(w["drained"]), str(w["reason"]))
+    if op == "report_gpu_health":
+        return ReportGpuHealth(
+            at, str(w["node"]), int(w["index"]), str(w["state"]), tuple(str(r) for r in w["reasons"])
+        )
     raise InvalidRequest(f"unknown command op {op!r}", code="unknown_command")

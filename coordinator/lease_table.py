@@ -29,13 +29,24 @@ import heapq
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release, Renew
+from coordinator.commands import (
+    Allocate,
+    Cancel,
+    Command,
+    Enqueue,
+    Release,
+    Renew,
+    ReportGpuHealth,
+    SetDrain,
+)
 from coordinator.errors import Conflict, CoordinatorError, InvalidRequest, NotFound
 from coordinator.model import (
     ALLOCATED,
     CANCELLED,
     EXPIRED,
+    HEALTHY,
     QUEUED,
+    UNHEALTHY,
     RELEASED,
     TERMINAL_STATUSES,
     Allocation,
@@ -78,6 +89,10 @@ class LeaseTable:
         # When each GPU was last released: telemetry sampled before then belongs
         # to the previous tenant, so the scheduler does not read it as unleased use.
         self._released_at: dict[GpuRef, float] = {}
+        # GPUs an operator drained, with the reason given.
+        self._drained: dict[GpuRef, str] = {}
+        # GPUs whose last reported health is not healthy: (state, reasons).
+        self._gpu_health: dict[GpuRef, tuple[str, tuple[str, ...]]] = {}
         # (ended_at, request_id) of finished records, for pruning in time order.
         self._finished: list[tuple[float, str]] = []
         self._clock = 0.0
@@ -110,6 +125,22 @@ class LeaseTable:
         """When `gpu` was last released (0.0 if never)."""
         return self._released_at.get(gpu, 0.0)
 
+    def drained(self) -> Mapping[GpuRef, str]:
+        """Drained GPUs and the operator's reason."""
+        return self._drained
+
+    def gpu_health(self, gpu: GpuRef) -> tuple[str, tuple[str, ...]]:
+        """The last health reported for `gpu` (healthy when none was)."""
+        return self._gpu_health.get(gpu, (HEALTHY, ()))
+
+    def unhealthy_allocations(self) -> list[Allocation]:
+        """Live allocations holding at least one GPU last reported unhealthy."""
+        return [
+            a
+            for a in self.allocations()
+            if any(self._gpu_health.get(g.ref, (HEALTHY,))[0] == UNHEALTHY for g in a.gpus)
+        ]
+
     def queue(self) -> list[QueuedRequest]:
         """Waiting requests in strict priority order (the order the scheduler serves)."""
         return sorted(self._queue.values(), key=lambda q: q.request.rank_key())
@@ -139,8 +170,12 @@ class LeaseTable:
                 result = self._release(command)
             elif isinstance(command, Renew):
                 result = self._renew(command)
-            else:
+            elif isinstance(command, Cancel):
                 result = self._cancel(command)
+            elif isinstance(command, SetDrain):
+                result = self._set_drain(command)
+            else:
+                result = self._report_health(command)
         except CoordinatorError as exc:
             return ApplyResult(error=exc)
         self._clock = max(self._clock, command.at)
@@ -278,6 +313,31 @@ class LeaseTable:
             raise NotFound(f"no queued request among {', '.join(cmd.request_ids) or 'none'}")
         return ApplyResult(events=tuple(events), affected=tuple(affected))
 
+    def _set_drain(self, cmd: SetDrain) -> ApplyResult:
+        ref = GpuRef(cmd.node, cmd.index)
+        if cmd.drained:
+            self._drained[ref] = cmd.reason
+        else:
+            self._drained.pop(ref, None)
+        return ApplyResult()
+
+    def _report_health(self, cmd: ReportGpuHealth) -> ApplyResult:
+        ref = GpuRef(cmd.node, cmd.index)
+        before = self._gpu_health.get(ref, (HEALTHY, ()))[0]
+        if cmd.state == HEALTHY:
+            self._gpu_health.pop(ref, None)
+        else:
+            self._gpu_health[ref] = (cmd.state, cmd.reasons)
+        holder = self._holders.get(ref)
+        if cmd.state != UNHEALTHY or before == UNHEALTHY or holder is None:
+            return ApplyResult()
+        # The lease is kept (the job may survive, and only its owner knows), but
+        # its owner and the metrics hear that a GPU under it turned unhealthy.
+        alloc = self._allocations[holder]
+        reason = f"GPU {cmd.node}/{cmd.index}: {'; '.join(cmd.reasons) or 'unhealthy'}"
+        event = LeaseEvent("gpu_unhealthy", cmd.at, alloc.request, allocation=alloc, reason=reason)
+        return ApplyResult(events=(event,), affected=(holder,))
+
     def _finish(self, request_id: str, status: str, at: float, reason: str) -> None:
         record = self._records[request_id]
         self._records[request_id] = RequestRecord(
@@ -313,6 +373,11 @@ class LeaseTable:
             "released_at": [
                 [ref.node, ref.index, at] for ref, at in sorted(self._released_at.items())
             ],
+            "drained": [[ref.node, ref.index, why] for ref, why in sorted(self._drained.items())],
+            "gpu_health": [
+                [ref.node, ref.index, state, list(reasons)]
+                for ref, (state, reasons) in sorted(self._gpu_health.items())
+            ],
         }
 
     @classmethod
@@ -341,6 +406,10 @@ class LeaseTable:
         heapq.heapify(table._finished)
         for node, index, at in snap["released_at"]:
             table._released_at[GpuRef(str(node), int(index))] = float(at)
+        for node, index, why in snap.get("drained", ()):
+            table._drained[GpuRef(str(node), int(index))] = str(why)
+        for node, index, state, reasons in snap.get("gpu_health", ()):
+            table._gpu_health[GpuRef(str(node), int(index))] = (str(state), tuple(str(r) for r in reasons))
         return table
 
 

@@ -53,8 +53,12 @@ class GpuView:
 
     @property
     def schedulable(self) -> bool:
-        """Healthy and not drained by an operator: the only GPUs ever chosen."""
-        return self.health == HEALTHY and not self.drained
+        """Not unhealthy and not drained by an operator: the only GPUs ever chosen.
+
+        Degraded GPUs are schedulable, but best fit uses them only where no
+        healthy GPU would do.
+        """
+        return self.health != UNHEALTHY and not self.drained
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +298,7 @@ class QueuedRequest:
 class LeaseEvent:
     """A lifecycle change that the outside world hears about (webhooks, graph service).
 
-    kind: queued | allocated | renewed | released | expired | cancelled.
+    kind: queued | allocated | renewed | released | expired | cancelled | gpu_unhealthy.
     `reason` narrows it: "lease_ttl" or "queue_timeout" for expired, the release
     reason otherwise. `allocation` is set for every kind but queued/cancelled and
     a queue timeout. `was_queued` tells webhook delivery that the caller was told

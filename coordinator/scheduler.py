@@ -12,10 +12,11 @@ Policy, in the order it is applied:
 1. **Strict priority.** Requests are served in rank order: priority 10 before 1,
    then the oldest, then by request id (a total order, so ties are stable).
 2. **One node per allocation, best fit.** Among the nodes where the request fits,
-   choose the one that leaves the fewest free GPUs stranded; then the one whose
+   prefer placements on healthy GPUs over degraded ones (unhealthy and drained
+   GPUs are never chosen); then the node that leaves the fewest free GPUs stranded; then the one whose
    chosen GPUs have the least total memory (keep big GPUs for big jobs); then the
    node name. Within a node, the smallest adequate GPUs, lowest index first.
-   A GPU is eligible when it is healthy, not drained, free, matches the model and
+   A GPU is eligible when it is not unhealthy, not drained, free, matches the model and
    node constraints, has `min_memory_mb` of total memory, and - when its telemetry
    was sampled after its last release - has that much free memory and runs under
    `max_utilization` (busy, unleased GPUs are somebody else's).
@@ -42,7 +43,7 @@ from typing import Iterable, Sequence
 from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release
 from coordinator.errors import Conflict, QueueFull, Unsatisfiable
 from coordinator.lease_table import LeaseTable
-from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, GpuRef, GpuView
+from coordinator.model import HEALTHY, AllocatedGpu, Allocation, AllocationRequest, GpuRef, GpuView
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +202,7 @@ class Scheduler:
         released: set[GpuRef],
     ) -> Placement | None:
         need = request.requirements.gpu_count
-        best: tuple[tuple[int, int, str], Placement] | None = None
+        best: tuple[tuple[int, int, int, str], Placement] | None = None
         for node in sorted(by_node):
             node_gpus = by_node[node]
             candidates = [
@@ -209,10 +210,11 @@ class Scheduler:
             ]
             if len(candidates) < need:
                 continue
-            candidates.sort(key=lambda g: (g.memory_total_mb, g.index))
+            candidates.sort(key=lambda g: (g.health != HEALTHY, g.memory_total_mb, g.index))
             chosen = tuple(sorted(candidates[:need], key=lambda g: g.index))
+            degraded = sum(1 for g in chosen if g.health != HEALTHY)
             free_left = sum(1 for g in node_gpus if g.ref not in taken and g.schedulable) - need
-            score = (free_left, sum(g.memory_total_mb for g in chosen), node)
+            score = (degraded, free_left, sum(g.memory_total_mb for g in chosen), node)
             if best is None or score < best[0]:
                 best = (score, Placement(node, chosen))
         return None if best is None else best[1]

@@ -246,8 +246,8 @@ def test_constraints_restrict_the_nodes(model: str | None, on_node: str | None, 
     assert placed(cluster.admit(req("r", model=model, on_node=on_node)))[0] == expected
 
 
-def test_unhealthy_degraded_and_drained_gpus_are_never_chosen() -> None:
-    """Only healthy, undrained GPUs are placed on; the rest make a request wait, not fail."""
+def test_unhealthy_and_drained_gpus_are_never_chosen_and_degraded_ones_last() -> None:
+    """Unhealthy and drained GPUs are never placed on; a degraded one only when no healthy one fits."""
     cluster = Cluster([
         gpu("n1", 0, health=UNHEALTHY),
         gpu("n1", 1, health=DEGRADED),
@@ -255,10 +255,17 @@ def test_unhealthy_degraded_and_drained_gpus_are_never_chosen() -> None:
         gpu("n1", 3),
     ])
     assert placed(cluster.admit(req("first"))) == ("n1", [3])
-    assert isinstance(cluster.admit(req("second", at=1.0)), Enqueue)
-    assert cluster.tick(2.0) == []
+    assert placed(cluster.admit(req("second", at=1.0))) == ("n1", [1])
+    assert isinstance(cluster.admit(req("third", at=2.0)), Enqueue)
+    assert cluster.tick(3.0) == []
     cluster.set_gpu(gpu("n1", 2))  # undrained
-    assert [placed(c) for c in cluster.tick(3.0)] == [("n1", [2])]
+    assert [placed(c) for c in cluster.tick(4.0)] == [("n1", [2])]
+
+
+def test_a_degraded_gpu_loses_to_a_healthy_one_on_another_node() -> None:
+    """Best fit prefers healthy GPUs over a tighter fit on a degraded one."""
+    cluster = Cluster([gpu("a", 0, health=DEGRADED), gpu("b", 0), gpu("b", 1)])
+    assert placed(cluster.admit(req("one"))) == ("b", [0])
 
 
 def test_a_fresh_sample_showing_unleased_use_makes_a_gpu_ineligible() -> None:
