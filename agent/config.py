@@ -118,6 +118,14 @@ class DevicesSection:
     # take milliseconds; 5 s tolerates a busy driver yet notices a hung one (e.g.
     # a GPU fallen off the bus) quickly.
     nvml_timeout_s: float = 5.0
+    # Seconds a GPU must go without a new critical event (XID, double-bit ECC,
+    # lost) before it returns to service by itself. Five minutes outlasts the
+    # bursts in which such errors come, without costing a GPU-hour per fault.
+    health_quiet_period_s: float = 300.0
+    # Utilization (%) at or below which a GPU counts as idle: a leased GPU this
+    # quiet accrues gpu_orchestrator_lease_idle_seconds; an unleased one busier
+    # than this counts as in use without a lease.
+    idle_utilization_pct: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -322,6 +330,11 @@ def _validate_devices(section: DevicesSection) -> None:
         )
     _check_positive("devices.sample_interval_s", section.sample_interval_s)
     _check_positive("devices.nvml_timeout_s", section.nvml_timeout_s)
+    _check_non_negative("devices.health_quiet_period_s", section.health_quiet_period_s)
+    if not 0 <= section.idle_utilization_pct <= 100:
+        raise _fail(
+            "devices.idle_utilization_pct", f"must be between 0 and 100, got {section.idle_utilization_pct}"
+        )
 
 
 def _validate_cluster(section: ClusterSection) -> None:

@@ -1,0 +1,64 @@
+"""Who really uses each GPU: unleased use and idle leases, from telemetry and the lease table.
+
+An operator wants two lists the scheduler cannot see by itself: GPUs busy
+without a lease (someone runs outside the orchestrator, so the scheduler may
+hand that GPU to a job that then shares it) and leases whose GPUs sit idle
+(capacity held for nothing). The tracker is fed one observation per GPU per
+sample and answers both, with times passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Usage:
+    holder: str | None = None
+    in_use_unleased: bool = False
+    idle_since: float | None = None
+
+
+class UsageTracker:
+    """Per GPU index: in use without a lease, and how long a leased GPU has been idle."""
+
+    def __init__(self, idle_utilization_pct: float = 5.0) -> None:
+        # At or below this utilization (%) a GPU counts as idle.
+        self.idle_utilization_pct = idle_utilization_pct
+        self._gpus: dict[int, _Usage] = {}
+
+    def observe(
+        self,
+        index: int,
+        at: float,
+        *,
+        holder: str | None,
+        utilization_pct: float | None,
+        process_count: int | None,
+    ) -> None:
+        """One sample of GPU `index`: its lease holder (allocation id or None) and activity.
+
+        A GPU is busy when it has compute processes or, where processes are
+        unknown, when its utilization is above the idle threshold.
+        """
+        gpu = self._gpus.setdefault(index, _Usage())
+        busy_by_util = utilization_pct is not None and utilization_pct > self.idle_utilization_pct
+        busy = bool(process_count) if process_count is not None else busy_by_util
+        gpu.in_use_unleased = holder is None and busy
+        if holder is None or holder != gpu.holder or busy_by_util:
+            # A new lease starts its idle clock afresh; any real work resets it.
+            gpu.idle_since = at if holder is not None and not busy_by_util else None
+        elif gpu.idle_since is None:
+            gpu.idle_since = at
+        gpu.holder = holder
+
+    def unleased_in_use(self, index: int) -> bool:
+        usage = self._gpus.get(index)
+        return usage is not None and usage.in_use_unleased
+
+    def idle_seconds(self, index: int, now: float) -> float:
+        """Seconds a leased GPU has been idle under its current lease (0 when busy or unleased)."""
+        usage = self._gpus.get(index)
+        if usage is None or usage.idle_since is None:
+            return 0.0
+        return max(0.0, now - usage.idle_since)
