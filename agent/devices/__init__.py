@@ -6,20 +6,29 @@ always the configuration's: NVML is never replaced by the simulation silently.
 
 from __future__ import annotations
 
-from agent.devices.base import DeviceBackend, DeviceError, GpuLink, GpuProcess, GpuReading
+from agent.devices.base import DeviceBackend, DeviceError, DeviceEvent, GpuLink, GpuProcess, GpuReading
 from agent.devices.nvml import NvmlDevices
-from agent.devices.simulated import SimulatedDevices, SimulatedGpuSpec, parse_simulate_spec
+from agent.devices.simulated import (
+    SimulatedDevices,
+    SimulatedFault,
+    SimulatedGpuSpec,
+    parse_fault_schedule,
+    parse_simulate_spec,
+)
 
 __all__ = [
     "DeviceBackend",
     "DeviceError",
+    "DeviceEvent",
     "GpuLink",
     "GpuProcess",
     "GpuReading",
     "NvmlDevices",
     "SimulatedDevices",
+    "SimulatedFault",
     "SimulatedGpuSpec",
     "backend_from_config",
+    "parse_fault_schedule",
     "parse_simulate_spec",
 ]
 
@@ -29,8 +38,9 @@ def backend_from_config(kind: str, simulate: str | None, *, seed: int | None = N
 
     "nvml" reads the real GPUs (`simulate` is ignored: it only describes the fleet
     for the simulated backend). "simulated" builds the fleet `simulate` describes,
-    seeded with `seed`. Raises ValueError for any other kind, for "simulated"
-    without a fleet, or for a fleet spec parse_simulate_spec rejects.
+    with the faults it schedules (e.g. "4xH100-80GB;xid=2:79@30"), seeded with
+    `seed`. Raises ValueError for any other kind, for "simulated" without a
+    fleet, or for a spec parse_simulate_spec rejects.
     """
     if kind == "nvml":
         return NvmlDevices()
@@ -40,5 +50,5 @@ def backend_from_config(kind: str, simulate: str | None, *, seed: int | None = N
                 "devices backend 'simulated' needs a fleet: set [devices] simulate "
                 "or pass --simulate, e.g. 4xH100-80GB"
             )
-        return SimulatedDevices(parse_simulate_spec(simulate), seed=seed)
+        return SimulatedDevices(parse_simulate_spec(simulate), seed=seed, faults=parse_fault_schedule(simulate))
     raise ValueError(f"unknown devices backend {kind!r}: expected 'nvml' or 'simulated'")

@@ -18,13 +18,35 @@ one GPU misbehaving makes the sample partial instead, with the reason in
 
 `set_leases` runs on the trio thread while `sample` may be running in a worker
 thread, so backends keep it cheap and lock whatever state it shares.
+
+Health events
+-------------
+Some things a GPU reports only as they happen: an XID error (the driver's code
+for a fault, e.g. 79 "fallen off the bus"), an ECC error, the GPU going missing
+and coming back. The backend collects them as `DeviceEvent`s, from a watcher
+thread of its own (NVML, between `start_event_watcher` and `stop_event_watcher`)
+or from `sample` and the fault hooks (the simulation). The caller takes them with
+`drain_events`, which never blocks. Until drained they wait in a bounded queue
+(`MAX_PENDING_EVENTS`): an XID storm nobody drains cannot grow memory without
+bound; the oldest are dropped first and the drop is logged.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+# What a DeviceEvent's `kind` may be.
+EVENT_KINDS: Final = ("xid", "ecc_dbe", "ecc_sbe", "lost", "recovered")
+
+MAX_PENDING_EVENTS: Final = 1000  # undrained events kept; older ones are dropped first
 
 
 class DeviceError(Exception):
@@ -77,8 +99,67 @@ class GpuReading:
     pcie_replay_counter: int | None
     xid_errors: int | None  # XID events seen; None where the backend does not count them
     mig_mode: bool | None
-    processes: tuple[GpuProcess, ...] | None
+    processes: tuple[GpuProcess, ...] | None  # compute and graphics processes, one per pid
     sampled_at: float  # the `now` passed to sample()
+    # Added later, so with defaults: readings built without them stay valid.
+    # Ratio 0..1 of time the graphics/compute engine was busy: the NVML stand-in for
+    # DCGM_FI_PROF_GR_ENGINE_ACTIVE, computed as utilization.gpu / 100 (NVML's
+    # "percent of time over the past sample period during which one or more
+    # kernels was executing"), so it has that counter's coarser sampling window.
+    gr_engine_active: float | None = None
+    # Where the GPU starts slowing its clocks to cool down (NVML's SLOWDOWN
+    # threshold, °C); fixed per board, read once.
+    temperature_slowdown_c: float | None = None
+    # The last XID the backend saw on this GPU, as dcgm-exporter's
+    # DCGM_FI_DEV_XID_ERRORS reports it; 0 = none seen while watching, None = not watched.
+    last_xid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """Something that happened to one GPU, as it happened (see "Health events")."""
+
+    index: int  # GPU index as the backend reports it
+    kind: str  # one of EVENT_KINDS: "xid" | "ecc_dbe" | "ecc_sbe" | "lost" | "recovered"
+    code: int | None  # the XID number for "xid", else None
+    at: float  # wall-clock seconds (time.time()) when seen
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in EVENT_KINDS:
+            raise ValueError(f"unknown device event kind {self.kind!r}: expected one of {', '.join(EVENT_KINDS)}")
+
+
+class EventQueue:
+    """The events a backend has seen and nobody has drained yet: thread-safe, bounded."""
+
+    def __init__(self, limit: int = MAX_PENDING_EVENTS) -> None:
+        self._lock = threading.Lock()
+        self._events: deque[DeviceEvent] = deque(maxlen=limit)
+        self.dropped = 0  # events pushed out unread since the queue was made
+        self._warned = False  # the current overflow has been logged
+
+    def put(self, event: DeviceEvent) -> None:
+        with self._lock:
+            full = len(self._events) == self._events.maxlen
+            if full:
+                self.dropped += 1
+            self._events.append(event)
+            warn = full and not self._warned
+            self._warned = self._warned or full
+        if warn:
+            log.warning(
+                "%d device events are waiting to be drained: dropping the oldest until they are",
+                len(self._events),
+            )
+
+    def drain(self) -> list[DeviceEvent]:
+        """Every event put since the last drain, oldest first; the queue is left empty."""
+        with self._lock:
+            events = list(self._events)
+            self._events.clear()
+            self._warned = False
+            return events
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +178,7 @@ class GpuLink:
 
 
 class DeviceBackend(ABC):
-    """A host's GPUs. Every method but `set_leases` may block: run them in a worker thread."""
+    """A host's GPUs. Every method but `set_leases` and `drain_events` may block: run them in a worker thread."""
 
     kind: str  # "nvml" | "simulated"
 
@@ -137,3 +218,21 @@ class DeviceBackend(ABC):
     @abstractmethod
     def degraded_reason(self) -> str | None:
         """Why the last sample was partial or failed; None when it was complete."""
+
+    @property
+    def watcher_error(self) -> str | None:
+        """Why the event watcher is not watching right now; None when it is (or none is needed)."""
+        return None
+
+    def drain_events(self) -> list[DeviceEvent]:
+        """The events seen since the last call, oldest first. Never blocks; thread-safe."""
+        return []
+
+    def start_event_watcher(self) -> None:
+        """Start watching for events in the background, where the backend needs a watcher.
+
+        Idempotent. A backend whose events come from sample() needs none.
+        """
+
+    def stop_event_watcher(self) -> None:
+        """Stop the watcher start_event_watcher() started, promptly. Idempotent."""

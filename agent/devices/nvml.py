@@ -24,26 +24,91 @@ Rules of this file
   drops and the indices after it shift) does not renumber the others and leases
   on them stay right.
 
-* Identity (UUID, name, PCI bus id) is read once per GPU when it is enumerated;
-  each sample reads the rest with one NVML call per field (two for retired pages,
-  one per ECC counter).
+* Identity (UUID, name, PCI bus id) is read once per GPU when it is enumerated,
+  the slowdown temperature on its first sample; each sample reads the rest with
+  one NVML call per field (two for retired pages, one per ECC counter, two for
+  processes: compute and graphics).
+
+* Memory comes from nvmlDeviceGetMemoryInfo with `version=nvmlMemory_v2`, whose
+  `used` leaves out what the driver reserves for itself, as nvidia-smi shows it;
+  where the binding or driver lacks v2 (FunctionNotFound), from v1, whose `used`
+  counts the reservation. `free` is the same in both.
+
+Events
+------
+XID and ECC errors are not counters to poll: NVML announces them through an
+event set. `start_event_watcher()` starts a daemon thread that creates one set,
+registers every present GPU for the XID, double-bit and single-bit ECC events it
+supports (a GPU that supports none, or answers NotSupported, is logged once and
+left out), and waits on it `EVENT_WAIT_MS` at a time, so `stop_event_watcher()`
+returns within about that long. The wait runs without the lock `sample()` takes;
+only registration takes it. Each event becomes a `DeviceEvent`; an XID also
+becomes the GPU's `last_xid` and counts in its `xid_errors`.
+
+NVML's eventData of 999 means "an XID NVML could not identify", not a lost GPU:
+it is reported as XID 999. A lost GPU is what `sample()` finds: it emits "lost"
+when a GPU it knows stops answering (GpuIsLost, ResetRequired, or NVML no longer
+lists it) and "recovered" when it answers again.
+
+The watcher never stops on an error. Any failure (NVML's or not) is logged once
+per kind and exposed as `watcher_error`; the watcher frees its set, waits (0.5 s
+doubling to 30 s) and starts over with a new set. It also starts over whenever
+the GPUs' handles may have changed (NVML re-initialised or re-enumerated, a lost
+GPU back); events raised in the moment between two sets are not seen.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, Final
 
-from agent.devices.base import DeviceBackend, DeviceError, GpuLink, GpuProcess, GpuReading
+from agent.devices.base import (
+    DeviceBackend,
+    DeviceError,
+    DeviceEvent,
+    EventQueue,
+    GpuLink,
+    GpuProcess,
+    GpuReading,
+)
 
 log = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
+
+EVENT_WAIT_MS: Final = 500  # one wait on the event set: how long stop_event_watcher() may take
+EVENT_RETRY_S: Final = (0.5, 30.0)  # the watcher's backoff after a failure: first delay, cap
+
+UNKNOWN_XID: Final = 999  # NVML's eventData for an XID it cannot identify
+_NO_INSTANCE: Final = 0xFFFFFFFF  # an event's gpuInstanceId/computeInstanceId outside MIG
+
+# What the XIDs an operator meets most often mean (NVIDIA's XID catalogue), for logs and event details.
+XID_NAMES: Final[Mapping[int, str]] = {
+    13: "graphics engine exception",
+    31: "GPU memory page fault",
+    43: "GPU stopped processing",
+    45: "preemptive cleanup, due to previous errors",
+    48: "double-bit ECC error",
+    61: "internal micro-controller breakpoint/warning",
+    62: "internal micro-controller halt",
+    63: "ECC page retirement or row remapping recording event",
+    64: "ECC page retirement or row remapping recording failure",
+    74: "NVLink error",
+    79: "GPU has fallen off the bus",
+    92: "high single-bit ECC error rate",
+    94: "contained ECC error",
+    95: "uncontained ECC error",
+    119: "GSP RPC timeout",
+    120: "GSP error",
+    UNKNOWN_XID: "an XID NVML could not identify",
+}
 
 
 class _GpuLost(Exception):
@@ -64,6 +129,8 @@ class _Gpu:
     name: str = "unknown"
     pci_bus_id: str | None = None
     memory_total_mb: int = 0  # the last total NVML reported; 0 until it has reported one
+    slowdown_c: float | None = None  # NVML_TEMPERATURE_THRESHOLD_SLOWDOWN, once read
+    lost: bool = False  # the last sample left it out as lost ("lost" event sent, "recovered" due)
     unsupported: set[str] = field(default_factory=set)  # fields not to ask again
 
 
@@ -86,18 +153,48 @@ def _bus_key(bus_id: str) -> str:
     return bus_id.strip().upper()
 
 
+def _handle_key(handle: object) -> Hashable:
+    """A device handle as a dict key.
+
+    pynvml's handles are ctypes pointers, and two pointer objects to one device
+    compare unequal (an event's `.device` is a new one each time): key by address.
+    """
+    if isinstance(handle, ctypes._Pointer):
+        return ctypes.cast(handle, ctypes.c_void_p).value
+    return handle
+
+
+def _processes(*lists: Iterable[Any]) -> tuple[GpuProcess, ...]:
+    """NVML's process lists as one, a process in several (compute and graphics) once, as first listed."""
+    seen: dict[int, GpuProcess] = {}
+    for processes in lists:
+        for info in processes:
+            process = _process(info)
+            seen.setdefault(process.pid, process)
+    return tuple(seen.values())
+
+
 class NvmlDevices(DeviceBackend):
     """The host's NVIDIA GPUs. `nvml` is the pynvml module; tests pass a fake with the same names."""
 
     kind = "nvml"
 
-    def __init__(self, nvml: ModuleType | None = None) -> None:
+    def __init__(
+        self,
+        nvml: ModuleType | None = None,
+        *,
+        event_wait_ms: int = EVENT_WAIT_MS,
+        event_retry_s: tuple[float, float] = EVENT_RETRY_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock` stamps the events the watcher sees; the other two tune the watcher (see Events)."""
         if nvml is None:
             import pynvml
 
             nvml = pynvml
         self._nvml = nvml
         self._error: type[Exception] = nvml.NVMLError
+        self._timeout: type[Exception] = nvml.NVMLError_Timeout
         self._unsupported: tuple[type[Exception], ...] = (
             nvml.NVMLError_NotSupported,
             nvml.NVMLError_FunctionNotFound,
@@ -147,6 +244,27 @@ class NvmlDevices(DeviceBackend):
         self._enumeration_failures = 0  # of those, the ones not lost
         self._logged: set[tuple[str, str, str]] = set()
         self._degraded: str | None = None
+        self._memory_v2: int | None = getattr(nvml, "nvmlMemory_v2", None)  # None: a binding without v2
+        # Events (see the module's Events). `_generation` changes whenever GPU handles may have.
+        self._xid_event: int = nvml.nvmlEventTypeXidCriticalError
+        self._dbe_event: int = nvml.nvmlEventTypeDoubleBitEccError
+        self._sbe_event: int = nvml.nvmlEventTypeSingleBitEccError
+        self._event_wait_ms = event_wait_ms
+        self._event_retry_s = event_retry_s
+        self._clock = clock
+        self._events = EventQueue()
+        self._generation = 0
+        self._watcher: threading.Thread | None = None
+        self._stop_watching = threading.Event()
+        self._watcher_guard = threading.Lock()  # start/stop_event_watcher against each other
+        self._watcher_error: str | None = None
+        self._watcher_logged: set[str] = set()  # kinds of watcher failure already logged
+        self._watch_failures = 0  # failures since the watcher last waited successfully
+        # Per GPU index, under `_xid_lock` (the watcher writes, sample() reads): present once the GPU
+        # is registered for XID events.
+        self._xid_lock = threading.Lock()
+        self._last_xid: dict[int, int] = {}
+        self._xid_counts: dict[int, int] = {}
 
     # ---- DeviceBackend
 
@@ -179,6 +297,7 @@ class NvmlDevices(DeviceBackend):
                 raise
 
     def close(self) -> None:
+        self.stop_event_watcher()  # before nvmlShutdown: its event set belongs to this session
         with self._lock:
             self._state = "closed"
             self._shutdown()
@@ -190,6 +309,39 @@ class NvmlDevices(DeviceBackend):
     def degraded_reason(self) -> str | None:
         return self._degraded
 
+    def drain_events(self) -> list[DeviceEvent]:
+        return self._events.drain()
+
+    def start_event_watcher(self) -> None:
+        """Start the event watcher thread (see Events). Idempotent; RuntimeError before open()."""
+        with self._watcher_guard:
+            if self._state == "closed":
+                raise RuntimeError("NvmlDevices is not open")
+            if self._watcher is not None and self._watcher.is_alive():
+                return
+            # A fresh stop flag: a watcher that outlived its stop keeps the flag that stopped it.
+            self._stop_watching = threading.Event()
+            self._watcher = threading.Thread(
+                target=self._watch, args=(self._stop_watching,), name="nvml-event-watcher", daemon=True
+            )
+            self._watcher.start()
+
+    def stop_event_watcher(self) -> None:
+        """Stop the watcher and free its event set; returns within about EVENT_WAIT_MS. Idempotent."""
+        with self._watcher_guard:
+            watcher, self._watcher = self._watcher, None
+            if watcher is None:
+                return
+            self._stop_watching.set()
+            watcher.join(timeout=self._event_wait_ms / 1000.0 + 1.0)
+            if watcher.is_alive():
+                log.warning("NVML event watcher is stuck in an NVML call; leaving it to finish on its own")
+
+    @property
+    def watcher_error(self) -> str | None:
+        """Why the event watcher is not watching right now; None while it watches (or was never started)."""
+        return self._watcher_error
+
     # ---- NVML session
 
     def _start(self) -> None:
@@ -199,6 +351,7 @@ class NvmlDevices(DeviceBackend):
         except self._error as exc:
             raise DeviceError(f"NVML could not start: {exc}") from exc
         self._initialised = True
+        self._generation += 1
         try:
             self._enumerate(self._device_count_now())
         except DeviceError:
@@ -276,6 +429,7 @@ class NvmlDevices(DeviceBackend):
                 claimed.add(index)
             present.append(gpu)
         self._present = sorted(present, key=lambda gpu: gpu.index)
+        self._generation += 1
         self._device_count = count
         self._enumeration_problems = problems
         self._enumeration_failures = failures
@@ -338,17 +492,33 @@ class NvmlDevices(DeviceBackend):
         for gpu in sorted(self._gpus.values(), key=lambda gpu: gpu.index):
             if gpu.uuid not in present:
                 problems.append(f"GPU {gpu.index} ({gpu.uuid}) lost: NVML no longer lists it")
+                self._mark_lost(gpu, now, "NVML no longer lists it")
                 continue
             try:
                 readings.append(self._read(gpu, now, problems))
+                self._mark_answering(gpu, now)
             except _GpuLost as exc:
                 problems.append(f"GPU {gpu.index} ({gpu.uuid}) lost: {exc}")
+                self._mark_lost(gpu, now, str(exc))
             except _GpuFailed as exc:
                 failures += 1
                 problems.append(f"GPU {gpu.index} ({gpu.uuid}) did not answer: {exc}")
         if failures and not readings:
             raise DeviceError("NVML failed on every GPU: " + "; ".join(problems))
         return readings, problems
+
+    def _mark_lost(self, gpu: _Gpu, now: float, why: str) -> None:
+        if gpu.lost:
+            return
+        gpu.lost = True
+        self._events.put(DeviceEvent(index=gpu.index, kind="lost", code=None, at=now, detail=why))
+
+    def _mark_answering(self, gpu: _Gpu, now: float) -> None:
+        if not gpu.lost:
+            return
+        gpu.lost = False
+        self._generation += 1  # the watcher registers it again
+        self._events.put(DeviceEvent(index=gpu.index, kind="recovered", code=None, at=now))
 
     def _read(self, gpu: _Gpu, now: float, problems: list[str]) -> GpuReading:
         nvml = self._nvml
@@ -357,11 +527,16 @@ class NvmlDevices(DeviceBackend):
         def query(what: str, call: Callable[..., Any], *args: Any) -> Any:
             return self._query(gpu, what, problems, call, h, *args)
 
-        memory = self._query(gpu, "memory", problems, nvml.nvmlDeviceGetMemoryInfo, h, essential=True)
+        memory = self._memory(gpu, problems)
         if memory is not None:
             gpu.memory_total_mb = int(memory.total) // _MIB
         utilization = query("utilization", nvml.nvmlDeviceGetUtilizationRates)
         temperature = query("temperature", nvml.nvmlDeviceGetTemperature, nvml.NVML_TEMPERATURE_GPU)
+        if gpu.slowdown_c is None:
+            slowdown = query(
+                "temperature_slowdown", nvml.nvmlDeviceGetTemperatureThreshold, nvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
+            )
+            gpu.slowdown_c = None if slowdown is None else float(slowdown)
         power_mw = query("power_draw", nvml.nvmlDeviceGetPowerUsage)
         limit_mw = query("power_limit", nvml.nvmlDeviceGetEnforcedPowerLimit)
         energy_mj = query("total_energy", nvml.nvmlDeviceGetTotalEnergyConsumption)
@@ -376,8 +551,13 @@ class NvmlDevices(DeviceBackend):
         aggregate_dbe = query("ecc_aggregate_dbe", ecc, uncorrected, nvml.NVML_AGGREGATE_ECC)
         remapped = query("remapped_rows", nvml.nvmlDeviceGetRemappedRows)
         pcie_replays = query("pcie_replay_counter", nvml.nvmlDeviceGetPcieReplayCounter)
-        processes = query("processes", nvml.nvmlDeviceGetComputeRunningProcesses)
+        compute = query("processes", nvml.nvmlDeviceGetComputeRunningProcesses)
+        # Graphics processes add to a known compute list; unknown compute processes leave the list unknown.
+        graphics = None if compute is None else query("graphics_processes", nvml.nvmlDeviceGetGraphicsRunningProcesses)
         mig = query("mig_mode", nvml.nvmlDeviceGetMigMode)
+        with self._xid_lock:
+            last_xid = self._last_xid.get(gpu.index)
+            xid_count = self._xid_counts.get(gpu.index)
         return GpuReading(
             index=gpu.index,
             uuid=gpu.uuid,
@@ -405,11 +585,30 @@ class NvmlDevices(DeviceBackend):
             remapped_rows_pending=None if remapped is None else bool(remapped[2]),
             remapped_rows_failed=None if remapped is None else bool(remapped[3]),
             pcie_replay_counter=None if pcie_replays is None else int(pcie_replays),
-            xid_errors=None,  # XIDs arrive as NVML events, not as a counter to poll
+            xid_errors=xid_count,  # counted by the event watcher; None while it does not watch this GPU
             mig_mode=None if mig is None else int(mig[0]) == nvml.NVML_DEVICE_MIG_ENABLE,
-            processes=None if processes is None else tuple(_process(p) for p in processes),
+            processes=None if compute is None else _processes(compute, graphics or ()),
             sampled_at=now,
+            gr_engine_active=None if utilization is None else float(utilization.gpu) / 100.0,
+            temperature_slowdown_c=gpu.slowdown_c,
+            last_xid=last_xid,
         )
+
+    def _memory(self, gpu: _Gpu, problems: list[str]) -> Any:
+        """The memory query: nvmlMemory_v2 where the binding and driver have it, else v1 (see the rules)."""
+        nvml = self._nvml
+        if self._memory_v2 is not None and "memory_v2" not in gpu.unsupported:
+            try:
+                return nvml.nvmlDeviceGetMemoryInfo(gpu.handle, version=self._memory_v2)
+            except self._error as exc:
+                if not isinstance(exc, self._unsupported):
+                    self._classify(gpu, "memory", exc, problems, essential=True)  # raises: memory is essential
+                    return None
+                gpu.unsupported.add("memory_v2")
+                self._log_once(
+                    gpu, "memory_v2", exc, logging.INFO, "reading memory with v1, whose used memory includes reserved"
+                )
+        return self._query(gpu, "memory", problems, nvml.nvmlDeviceGetMemoryInfo, gpu.handle, essential=True)
 
     def _memory_temperature(self, gpu: _Gpu, problems: list[str]) -> float | None:
         """HBM temperature: only the field-values API has it, with a status per field."""
@@ -444,6 +643,146 @@ class NvmlDevices(DeviceBackend):
                 return None
             total += len(pages)
         return total
+
+    # ---- events (the watcher thread; see Events)
+
+    def _watch(self, stop: threading.Event) -> None:
+        """The watcher thread: watch with one event set after another until `stop`; never raise."""
+        self._watch_failures = 0
+        while not stop.is_set():
+            try:
+                registered = self._register_events()
+                if registered is None:  # NVML is not open: the sampler re-initialises it
+                    stop.wait(self._event_wait_ms / 1000.0)
+                    continue
+                event_set, by_handle, generation = registered
+                try:
+                    self._watch_set(stop, event_set, by_handle, generation)
+                finally:
+                    self._free_event_set(event_set)
+            except Exception as exc:  # the watcher must outlive every failure: log it, back off, retry
+                self._watch_failures += 1
+                first, cap = self._event_retry_s
+                delay = min(cap, first * 2 ** min(self._watch_failures - 1, 16))
+                what = str(exc) or type(exc).__name__
+                self._watcher_error = f"NVML event watcher failed: {what}; retrying in {delay:g}s"
+                kind = type(exc).__name__
+                if kind not in self._watcher_logged:
+                    self._watcher_logged.add(kind)
+                    # An NVML error explains itself; anything else is a bug here: show where.
+                    traceback = not isinstance(exc, self._error)
+                    log.warning("%s (logged once per kind of failure)", self._watcher_error, exc_info=traceback)
+                stop.wait(delay)
+
+    def _register_events(self) -> tuple[Any, dict[Hashable, int], int] | None:
+        """A new event set with every present GPU registered that can be; None while NVML is not open.
+
+        Returns the set, the registered GPUs' indices by handle, and the generation
+        of handles they belong to. Raises NVMLError, having freed the set.
+        """
+        nvml = self._nvml
+        with self._lock:
+            if self._state != "open":
+                return None
+            event_set = nvml.nvmlEventSetCreate()
+            try:
+                by_handle = {
+                    _handle_key(gpu.handle): gpu.index for gpu in self._present if self._register_gpu(gpu, event_set)
+                }
+            except BaseException:
+                self._free_event_set(event_set)
+                raise
+            return event_set, by_handle, self._generation
+
+    def _register_gpu(self, gpu: _Gpu, event_set: Any) -> bool:
+        """Register `gpu` for the XID and ECC events it supports; False when it supports none or is lost."""
+        nvml = self._nvml
+        wanted = self._xid_event | self._dbe_event | self._sbe_event
+        try:
+            supported = int(nvml.nvmlDeviceGetSupportedEventTypes(gpu.handle)) & wanted
+            if supported:
+                nvml.nvmlDeviceRegisterEvents(gpu.handle, supported, event_set)
+        except self._error as exc:
+            if isinstance(exc, self._unsupported):
+                self._log_once(gpu, "events", exc, logging.INFO, "not watching it for XID and ECC events")
+                return False
+            if isinstance(exc, self._lost):
+                return False  # sample() reports it lost; it is registered again when it is back
+            raise
+        if not supported:
+            key = (gpu.uuid, "events", "none")
+            if key not in self._logged:
+                self._logged.add(key)
+                log.info("GPU %d (%s) supports no XID or ECC events: not watching it", gpu.index, gpu.uuid)
+            return False
+        if supported & self._xid_event:
+            with self._xid_lock:
+                self._last_xid.setdefault(gpu.index, 0)
+                self._xid_counts.setdefault(gpu.index, 0)
+        return True
+
+    def _watch_set(
+        self, stop: threading.Event, event_set: Any, by_handle: Mapping[Hashable, int], generation: int
+    ) -> None:
+        """Wait on `event_set` until `stop` or new handles (another generation).
+
+        Does not hold `_lock`: sample() runs meanwhile. Raises what NVML raises, Timeout aside.
+        """
+        nvml = self._nvml
+        wait = getattr(nvml, "nvmlEventSetWait_v2", None) or nvml.nvmlEventSetWait
+        while not stop.is_set() and generation == self._generation:
+            if not by_handle:  # nothing to watch: wait for new handles (a GPU back, NVML re-initialised)
+                stop.wait(self._event_wait_ms / 1000.0)
+                continue
+            try:
+                data = wait(event_set, self._event_wait_ms)
+            except self._timeout:
+                data = None
+            if self._watch_failures:
+                log.info("NVML event watcher recovered after %d failure(s)", self._watch_failures)
+                self._watch_failures = 0
+            self._watcher_error = None
+            if data is not None:
+                self._record_event(data, by_handle)
+
+    def _record_event(self, data: Any, by_handle: Mapping[Hashable, int]) -> None:
+        """Turn one c_nvmlEventData_t into a DeviceEvent (and the GPU's last XID)."""
+        index = by_handle.get(_handle_key(data.device))
+        event_type = int(data.eventType)
+        if index is None:
+            log.warning("NVML event 0x%x from a GPU that is not registered: ignored", event_type)
+            return
+        code: int | None = None
+        if event_type & self._xid_event:
+            kind = "xid"
+            code = int(data.eventData)
+            detail = XID_NAMES.get(code, "")
+        elif event_type & self._dbe_event:
+            kind, detail = "ecc_dbe", "double-bit (uncorrectable) ECC error"
+        elif event_type & self._sbe_event:
+            kind, detail = "ecc_sbe", "single-bit (corrected) ECC error"
+        else:
+            return  # a type not registered for
+        instance, compute = int(data.gpuInstanceId), int(data.computeInstanceId)
+        if instance != _NO_INSTANCE:
+            where = f"MIG GPU instance {instance}"
+            if compute != _NO_INSTANCE:
+                where += f", compute instance {compute}"
+            detail = f"{detail} ({where})" if detail else where
+        if code is not None:
+            with self._xid_lock:
+                self._last_xid[index] = code
+                self._xid_counts[index] = self._xid_counts.get(index, 0) + 1
+        self._events.put(DeviceEvent(index=index, kind=kind, code=code, at=self._clock(), detail=detail))
+        level = logging.INFO if kind == "ecc_sbe" else logging.WARNING  # corrected errors are routine
+        what = kind if code is None else f"{kind} {code}"
+        log.log(level, "GPU %d: %s%s", index, what, f": {detail}" if detail else "")
+
+    def _free_event_set(self, event_set: Any) -> None:
+        try:
+            self._nvml.nvmlEventSetFree(event_set)
+        except self._error as exc:  # a set from a session NVML has since dropped
+            log.debug("nvmlEventSetFree failed: %s", exc)
 
     # ---- topology
 

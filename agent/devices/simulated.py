@@ -3,6 +3,27 @@
 `gpu-agent --simulate 4xH100-80GB,2xA100-40GB` runs the agent on GPUs described
 by `parse_simulate_spec`. They are never chosen in place of NVML silently.
 
+Faults
+------
+A spec may go on with faults, each after a semicolon, so a demo shows them
+without code: `4xH100-80GB;xid=2:79@30;lost=2@31;recovered=2@90`. Each fault
+is KIND=GPU[:VALUE]@SECONDS, fired by the first `sample(now)` at or past
+SECONDS after the first sample:
+
+    xid=GPU:CODE@T    the GPU raises XID CODE (e.g. 79, fallen off the bus)
+    dbe=GPU@T         an uncorrectable (double-bit) ECC error
+    sbe=GPU@T         a corrected (single-bit) ECC error
+    temp=GPU:C@T      its temperature reads C °C from then on; temp=GPU:off@T lets go
+    lost=GPU@T        it stops answering (left out of samples and topology)
+    recovered=GPU@T   it answers again
+
+`parse_fault_schedule` reads them (`parse_simulate_spec` reads the fleet and
+checks them). Tests call the same faults directly: `inject_xid`, `inject_ecc_dbe`,
+`inject_ecc_sbe`, `set_temperature_override`, `remove_gpu`, `restore_gpu`. Each
+also becomes a `DeviceEvent` for `drain_events` (a temperature pin aside: NVML
+has no event for it), stamped with the fault's time: `clock()` for a call,
+the first sample's `now` plus SECONDS for a scheduled fault.
+
 Theory of operation
 -------------------
 Every GPU is a small first-order model driven by the leases the agent reports
@@ -17,6 +38,9 @@ through `set_leases` and by the `now` values passed to `sample`:
 * power = idle power + utilisation × (power limit − idle power); the energy
   counter integrates power over the intervals between samples (trapezoid rule).
 
+* An XID counts in `xid_errors` and becomes `last_xid`; an ECC error counts in
+  both the volatile and the aggregate counter of its kind.
+
 Given the seed, the same sequence of `now` values, lease changes and fault
 injections produces the same readings: every random draw comes from a
 `random.Random` seeded by (seed, GPU index) or (seed, GPU index, allocation id).
@@ -29,11 +53,12 @@ import math
 import random
 import re
 import threading
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.devices.base import DeviceBackend, GpuLink, GpuProcess, GpuReading
+from agent.devices.base import DeviceBackend, DeviceEvent, EventQueue, GpuLink, GpuProcess, GpuReading
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +69,8 @@ TEMPERATURE_TAU_S = 10.0  # the heatsink lags the load
 IDLE_UTILIZATION_PCT = 0.3
 IDLE_SM_CLOCK_MHZ = 210  # what data-centre GPUs drop to with nothing to do
 HBM_OFFSET_C = 3.0  # HBM runs a few degrees above the GPU core
+# NVML's SLOWDOWN threshold read from an H100 80GB HBM3 (driver 580.159.04); used for every model.
+SLOWDOWN_TEMPERATURE_C = 89.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +86,7 @@ class SimulatedGpuSpec:
     sm_clock_max_mhz: int
     mem_clock_mhz: int
     nvlinks: int  # NVLink links between each pair in a fleet of this model alone; 0 = PCIe only
+    slowdown_temperature_c: float = SLOWDOWN_TEMPERATURE_C  # where NVML's clocks slow to cool down
 
 
 _CATALOG: dict[str, SimulatedGpuSpec] = {
@@ -148,10 +176,78 @@ def parse_simulate_spec(spec: str) -> list[SimulatedGpuSpec]:
     """Parse a fleet such as "4xH100-80GB,2xA100-40GB" into one spec per GPU, in index order.
 
     Each comma-separated item is [COUNTx]MODEL: a catalog model (case-insensitive)
-    or any NAME-<N>GB. Raises ValueError saying what is wrong: an empty spec or
-    item, a count that is not a whole number or is zero, an unknown format, more
-    than MAX_SIMULATED_GPUS in all.
+    or any NAME-<N>GB. Faults after the fleet (";xid=2:79@30", see Faults) are
+    checked but not returned: parse_fault_schedule returns them. Raises
+    ValueError saying what is wrong: an empty spec or item, a count that is not a
+    whole number or is zero, an unknown format, more than MAX_SIMULATED_GPUS in
+    all, or a fault parse_fault_schedule rejects.
     """
+    fleet_text, fault_texts = _split_spec(spec)
+    fleet = _parse_fleet(fleet_text)
+    _parse_faults(fault_texts, len(fleet))
+    return fleet
+
+
+def parse_fault_schedule(spec: str) -> list[SimulatedFault]:
+    """The faults of a `--simulate` spec (see Faults), in the order they fire; [] when it has none.
+
+    Raises ValueError for a fault that is malformed (a negative time among them;
+    the message names the forms expected), names a GPU the fleet lacks, has an
+    XID code below 1 or a temperature outside -50..200 °C, and for a fleet
+    parse_simulate_spec rejects.
+    """
+    fleet_text, fault_texts = _split_spec(spec)
+    return _parse_faults(fault_texts, len(_parse_fleet(fleet_text)))
+
+
+def _split_spec(spec: str) -> tuple[str, list[str]]:
+    fleet, *faults = spec.split(";")
+    return fleet, faults
+
+
+def _parse_faults(texts: Sequence[str], gpu_count: int) -> list[SimulatedFault]:
+    faults = [_parse_fault(text.strip(), gpu_count) for text in texts]
+    return sorted(faults, key=lambda fault: fault.at_s)  # stable: faults at one time fire as written
+
+
+def _parse_fault(text: str, gpu_count: int) -> SimulatedFault:
+    if not text:
+        raise ValueError("empty fault in simulated fleet: expected KIND=GPU[:VALUE]@SECONDS after each ';'")
+    match = _FAULT.fullmatch(text)
+    if match is None or match["kind"].lower() not in _FAULT_FORMS:
+        raise ValueError(
+            f"bad fault {text!r}: expected one of {', '.join(_FAULT_FORMS.values())} "
+            f"(SECONDS after the first sample), e.g. xid=2:79@30"
+        )
+    kind = match["kind"].lower()
+    form = _FAULT_FORMS[kind]
+    value = match["value"]
+    if (value is None) != (":" not in form):
+        raise ValueError(f"bad fault {text!r}: expected {form}")
+    index = int(match["gpu"])
+    if index >= gpu_count:
+        raise ValueError(f"fault {text!r} names GPU {index}, but the fleet has GPUs 0-{gpu_count - 1}")
+    at_s = float(match["at"])
+    code: int | None = None
+    celsius: float | None = None
+    if kind == "xid":
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"bad fault {text!r}: an XID code is a whole number of at least 1")
+        code = int(value)
+    elif kind == "temp":
+        if value.lower() != "off":
+            try:
+                celsius = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"bad fault {text!r}: expected °C or 'off' after the GPU, e.g. temp=1:95@60"
+                ) from None
+            if not -50.0 <= celsius <= 200.0:
+                raise ValueError(f"bad fault {text!r}: {celsius:g} °C is no temperature a GPU reports")
+    return SimulatedFault(at_s=at_s, index=index, kind=kind, code=code, celsius=celsius)
+
+
+def _parse_fleet(spec: str) -> list[SimulatedGpuSpec]:
     if not spec.strip():
         raise ValueError("empty simulated fleet: expected e.g. 4xH100-80GB,2xA100-40GB")
     fleet: list[SimulatedGpuSpec] = []
@@ -167,6 +263,31 @@ def parse_simulate_spec(spec: str) -> list[SimulatedGpuSpec]:
             )
         fleet.extend([model] * count)
     return fleet
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedFault:
+    """One fault of a `--simulate` spec (see Faults)."""
+
+    at_s: float  # seconds after the first sample
+    index: int  # the GPU
+    kind: str  # "xid" | "dbe" | "sbe" | "temp" | "lost" | "recovered"
+    code: int | None = None  # the XID, for "xid"
+    celsius: float | None = None  # the pinned temperature, for "temp"; None lets go
+
+
+# A fault's kind -> how it is written.
+_FAULT_FORMS: dict[str, str] = {
+    "xid": "xid=GPU:CODE@SECONDS",
+    "dbe": "dbe=GPU@SECONDS",
+    "sbe": "sbe=GPU@SECONDS",
+    "temp": "temp=GPU:CELSIUS|off@SECONDS",
+    "lost": "lost=GPU@SECONDS",
+    "recovered": "recovered=GPU@SECONDS",
+}
+_FAULT = re.compile(
+    r"(?P<kind>[A-Za-z]+)\s*=\s*(?P<gpu>\d+)\s*(?::\s*(?P<value>[^@\s]+)\s*)?@\s*(?P<at>\d+(?:\.\d*)?|\.\d+)\s*s?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +317,10 @@ class _SimGpu:
     last_now: float | None = None
     busy: _BusyLevel | None = None
     xid_errors: int = 0
+    last_xid: int = 0
+    ecc_sbe: int = 0
+    ecc_dbe: int = 0
+    temperature_override_c: float | None = None
     removed: bool = False
 
 
@@ -237,16 +362,27 @@ class SimulatedDevices(DeviceBackend):
     """A fleet of simulated GPUs (see the module's theory of operation).
 
     `seed` makes UUIDs and every draw reproducible; None draws one, so two
-    simulated agents never share GPU UUIDs by accident.
+    simulated agents never share GPU UUIDs by accident. `faults` fire from
+    sample() (see Faults); `clock` stamps the events of the fault-injection calls.
     """
 
     kind = "simulated"
 
-    def __init__(self, specs: Sequence[SimulatedGpuSpec], seed: int | None = None) -> None:
+    def __init__(
+        self,
+        specs: Sequence[SimulatedGpuSpec],
+        seed: int | None = None,
+        *,
+        faults: Sequence[SimulatedFault] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if not specs:
             raise ValueError("a simulated fleet needs at least one GPU")
         if len(specs) > MAX_SIMULATED_GPUS:
             raise ValueError(f"a simulated fleet has at most {MAX_SIMULATED_GPUS} GPUs, got {len(specs)}")
+        for fault in faults:
+            if not 0 <= fault.index < len(specs):
+                raise ValueError(f"a fault names GPU {fault.index}, but the fleet has GPUs 0-{len(specs) - 1}")
         self._seed = seed if seed is not None else random.SystemRandom().getrandbits(64)
         self._gpus = [_new_gpu(index, spec, self._seed) for index, spec in enumerate(specs)]
         for gpu in self._gpus:
@@ -256,6 +392,11 @@ class SimulatedDevices(DeviceBackend):
         self._leases: dict[int, str] = {}
         self._open = False
         self._degraded: str | None = None
+        self._clock = clock
+        self._events = EventQueue()
+        self._faults = sorted(faults, key=lambda fault: fault.at_s)
+        self._faults_fired = 0
+        self._first_now: float | None = None  # the scheduled faults' time zero
 
     @property
     def seed(self) -> int:
@@ -271,6 +412,7 @@ class SimulatedDevices(DeviceBackend):
         with self._lock:
             if not self._open:
                 raise RuntimeError("SimulatedDevices is not open")
+            self._fire_due_faults(now)
             readings = [self._step(gpu, now) for gpu in self._gpus if not gpu.removed]
             lost = [
                 f"GPU {gpu.index} ({gpu.uuid}) lost: removed by the simulation" for gpu in self._gpus if gpu.removed
@@ -303,25 +445,78 @@ class SimulatedDevices(DeviceBackend):
     def degraded_reason(self) -> str | None:
         return self._degraded
 
-    # ---- fault injection
+    def drain_events(self) -> list[DeviceEvent]:
+        return self._events.drain()
+
+    # ---- fault injection (see Faults); each raises ValueError for a GPU the fleet lacks
 
     def inject_xid(self, index: int, code: int) -> None:
-        """Record an XID event (e.g. 79, fallen off the bus) on GPU `index`: its xid_errors count grows by one."""
+        """GPU `index` raises XID `code` (e.g. 79, fallen off the bus): counted, its last_xid, and an "xid" event."""
         if code < 1:
             raise ValueError(f"XID codes are positive, got {code}")
-        with self._lock:
-            self._gpu(index).xid_errors += 1
-        log.warning("simulated XID %d on GPU %d", code, index)
+        self._inject(SimulatedFault(at_s=0.0, index=index, kind="xid", code=code))
+
+    def inject_ecc_dbe(self, index: int) -> None:
+        """GPU `index` has an uncorrectable ECC error: both DBE counters grow by one, and an "ecc_dbe" event."""
+        self._inject(SimulatedFault(at_s=0.0, index=index, kind="dbe"))
+
+    def inject_ecc_sbe(self, index: int) -> None:
+        """GPU `index` corrects an ECC error: both SBE counters grow by one, and an "ecc_sbe" event."""
+        self._inject(SimulatedFault(at_s=0.0, index=index, kind="sbe"))
+
+    def set_temperature_override(self, index: int, celsius: float | None) -> None:
+        """Pin GPU `index`'s temperature at `celsius` (HBM a few degrees above); None lets the model drive it again."""
+        self._inject(SimulatedFault(at_s=0.0, index=index, kind="temp", celsius=celsius))
 
     def remove_gpu(self, index: int) -> None:
-        """Make GPU `index` lost: left out of samples and topology until restore_gpu()."""
-        with self._lock:
-            self._gpu(index).removed = True
+        """Make GPU `index` lost: left out of samples and topology until restore_gpu(); a "lost" event."""
+        self._inject(SimulatedFault(at_s=0.0, index=index, kind="lost"))
 
     def restore_gpu(self, index: int) -> None:
-        """Bring back a GPU removed by remove_gpu(); its state carries on from where it was."""
+        """Bring back a GPU removed by remove_gpu(), its state where it was; a "recovered" event."""
+        self._inject(SimulatedFault(at_s=0.0, index=index, kind="recovered"))
+
+    def _inject(self, fault: SimulatedFault) -> None:
+        at = self._clock()
         with self._lock:
-            self._gpu(index).removed = False
+            self._apply(fault, at)
+
+    def _fire_due_faults(self, now: float) -> None:
+        if self._first_now is None:
+            self._first_now = now
+        while self._faults_fired < len(self._faults):
+            fault = self._faults[self._faults_fired]
+            at = self._first_now + fault.at_s
+            if at > now:
+                return
+            self._faults_fired += 1
+            self._apply(fault, at)
+
+    def _apply(self, fault: SimulatedFault, at: float) -> None:
+        """Apply one fault at time `at`, under the lock."""
+        gpu = self._gpu(fault.index)
+        event: DeviceEvent | None = None
+        if fault.kind == "xid" and fault.code is not None:
+            gpu.xid_errors += 1
+            gpu.last_xid = fault.code
+            event = DeviceEvent(index=gpu.index, kind="xid", code=fault.code, at=at)
+        elif fault.kind == "dbe":
+            gpu.ecc_dbe += 1
+            event = DeviceEvent(index=gpu.index, kind="ecc_dbe", code=None, at=at)
+        elif fault.kind == "sbe":
+            gpu.ecc_sbe += 1
+            event = DeviceEvent(index=gpu.index, kind="ecc_sbe", code=None, at=at)
+        elif fault.kind == "temp":
+            gpu.temperature_override_c = fault.celsius
+        elif fault.kind == "lost" and not gpu.removed:
+            gpu.removed = True
+            event = DeviceEvent(index=gpu.index, kind="lost", code=None, at=at, detail="removed by the simulation")
+        elif fault.kind == "recovered" and gpu.removed:
+            gpu.removed = False
+            event = DeviceEvent(index=gpu.index, kind="recovered", code=None, at=at)
+        if event is not None:
+            self._events.put(event)
+            log.warning("simulated %s on GPU %d", event.kind if event.code is None else f"XID {event.code}", gpu.index)
 
     def _gpu(self, index: int) -> _SimGpu:
         if not 0 <= index < len(self._gpus):
@@ -364,6 +559,7 @@ class SimulatedDevices(DeviceBackend):
         if gpu.busy is not None:
             job_memory = max(0, memory_used - int(gpu.idle_memory_mb))
             processes = (GpuProcess(pid=gpu.busy.pid, used_memory_mb=job_memory),)
+        temperature = gpu.temperature_c if gpu.temperature_override_c is None else gpu.temperature_override_c
         return GpuReading(
             index=gpu.index,
             uuid=gpu.uuid,
@@ -374,17 +570,17 @@ class SimulatedDevices(DeviceBackend):
             memory_free_mb=spec.memory_total_mb - memory_used,
             utilization_gpu_pct=utilization,
             utilization_memory_pct=float(round(utilization * 0.5)),
-            temperature_c=float(round(gpu.temperature_c)),
-            memory_temperature_c=float(round(gpu.temperature_c + HBM_OFFSET_C)),
+            temperature_c=float(round(temperature)),
+            memory_temperature_c=float(round(temperature + HBM_OFFSET_C)),
             power_draw_w=power,
             power_limit_w=spec.power_limit_w,
             total_energy_mj=gpu.energy_mj,
             sm_clock_mhz=int(round(sm_clock)),
             mem_clock_mhz=spec.mem_clock_mhz,
-            ecc_volatile_sbe=0,
-            ecc_volatile_dbe=0,
-            ecc_aggregate_sbe=0,
-            ecc_aggregate_dbe=0,
+            ecc_volatile_sbe=gpu.ecc_sbe,
+            ecc_volatile_dbe=gpu.ecc_dbe,
+            ecc_aggregate_sbe=gpu.ecc_sbe,  # the simulated GPUs start their lives with the agent
+            ecc_aggregate_dbe=gpu.ecc_dbe,
             retired_pages=0,
             remapped_rows_correctable=0,
             remapped_rows_uncorrectable=0,
@@ -395,4 +591,7 @@ class SimulatedDevices(DeviceBackend):
             mig_mode=False,
             processes=processes,
             sampled_at=now,
+            gr_engine_active=utilization / 100.0,
+            temperature_slowdown_c=spec.slowdown_temperature_c,
+            last_xid=gpu.last_xid,
         )

@@ -5,11 +5,16 @@ constants and its real error classes (`pynvml.NVMLError_NotSupported` and the
 rest, built the way pynvml builds them: `pynvml.NVMLError(code)` returns the
 subclass), so the backend's except clauses are tested against what it will
 really catch. Return values are pynvml's own ctypes structures (`c_nvmlMemory_t`,
-`c_nvmlUtilization_t`, `nvmlPciInfo_t`, `c_nvmlFieldValue_t`) or the objects
-pynvml builds (`nvmlFriendlyObject` for processes), so attribute names and types
-match what nvidia-ml-py 13 gives on a real H100 (checked against driver 580):
-names, UUIDs and `.busId` are str. `strings_as_bytes=True` imitates older
-bindings, which returned all three as bytes.
+`c_nvmlUtilization_t`, `nvmlPciInfo_t`, `c_nvmlFieldValue_t`, `c_nvmlEventData_t`)
+or the objects pynvml builds (`nvmlFriendlyObject` for processes), so attribute
+names and types match what nvidia-ml-py 13 gives on a real H100 (checked against
+driver 580): names, UUIDs and `.busId` are str. `strings_as_bytes=True` imitates
+older bindings, which returned all three as bytes; `missing=("nvmlEventSetWait_v2", ...)`
+leaves names out of the module, as older bindings do.
+
+Device handles are real `pynvml.c_nvmlDevice_t` pointers, one address per GPU,
+as NVML's are: two pointer objects for one GPU compare unequal, so code that
+keys on the handle object instead of its address breaks here as it would on a host.
 
 Scenarios, each a few lines in a test:
 
@@ -23,15 +28,24 @@ Scenarios, each a few lines in a test:
 * `gpu.lost = True` — every call on that GPU raises GpuIsLost (fallen off the bus);
   `fake.unplug(uuid)` removes it from the enumeration (the count drops and the
   later GPUs move up one index), `fake.plug(gpu)` adds one back at the end.
-* `gpu.errors[function] = code` — one function raises `code` on one GPU.
+* `gpu.errors[function] = code` — one function raises `code` on one GPU
+  ("nvmlDeviceGetMemoryInfo_v2" for the versioned memory query alone).
+* `fake.inject_event(position, event_type, data)` — the GPU at NVML's `position`
+  raises an event (e.g. `nvmlEventTypeXidCriticalError` with the XID as data):
+  every live event set registered for that type on that GPU receives it, and a
+  thread blocked in `nvmlEventSetWait_v2` wakes. `fake.fail_next_waits(code, n)`
+  makes the next `n` waits raise `code`.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import ctypes
+import threading
+from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeAlias
 
 import pynvml
 
@@ -52,8 +66,15 @@ SAMPLED_FUNCTIONS = (
     "nvmlDeviceGetRemappedRows",
     "nvmlDeviceGetPcieReplayCounter",
     "nvmlDeviceGetComputeRunningProcesses",
+    "nvmlDeviceGetGraphicsRunningProcesses",
     "nvmlDeviceGetMigMode",
 )
+
+# nvmlDeviceGetSupportedEventTypes on an H100 80GB HBM3, driver 580.159.04: every type
+# but bits 5-6, XID and both ECC kinds among them.
+H100_EVENT_TYPES = 0xFF9F
+
+NO_INSTANCE = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId of an event outside MIG
 
 # Bus numbers of the eight GPUs on an HGX H100 board.
 HGX_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
@@ -74,7 +95,9 @@ class FakeGpu:
     pci_bus_id: str
     name: str = "NVIDIA H100 80GB HBM3"
     memory_total: int = 81559 * MIB
-    memory_used: int = 512 * MIB
+    memory_used: int = 512 * MIB  # what processes hold: nvmlMemory_v2's `used`
+    # Held back by the driver: counted in v1's `used`, reported apart by v2.
+    memory_reserved: int = 0
     utilization_gpu: int = 0
     utilization_memory: int = 0
     temperature: int = 33
@@ -90,6 +113,10 @@ class FakeGpu:
     remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)  # correctable, uncorrectable, pending, failure
     pcie_replay_counter: int = 0
     processes: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, used bytes or None)
+    graphics_processes: list[tuple[int, int | None]] = field(default_factory=list)
+    # NVML_TEMPERATURE_THRESHOLD_* -> °C; the others answer NotSupported
+    temperature_thresholds: dict[int, int] = field(default_factory=dict)
+    supported_events: int = H100_EVENT_TYPES  # nvmlDeviceGetSupportedEventTypes
     mig_mode: int = pynvml.NVML_DEVICE_MIG_DISABLE
     nvlinks: list[str] = field(default_factory=list)  # per link: SWITCH or the peer GPU's bus id
     pcie_switch: int = 0  # GPUs on the same switch share an NVML_TOPOLOGY_SINGLE ancestor
@@ -107,6 +134,14 @@ def h100_80gb(position: int, **overrides: Any) -> FakeGpu:
         "pci_bus_id": f"00000000:{HGX_BUSES[position % 8]:02X}:00.0",
         "nvlinks": [SWITCH] * 18,
         "unsupported": {"nvmlDeviceGetRetiredPages"},  # Hopper remaps rows instead
+        # Read from an H100 80GB HBM3 on driver 580.159.04 (nvidia-smi agrees: 480 MiB reserved).
+        "memory_reserved": 480 * MIB,
+        "temperature_thresholds": {
+            pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN: 95,
+            pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN: 89,
+            pynvml.NVML_TEMPERATURE_THRESHOLD_MEM_MAX: 95,
+            pynvml.NVML_TEMPERATURE_THRESHOLD_GPU_MAX: 87,
+        },
     }
     values.update(overrides)
     return FakeGpu(**values)
@@ -120,6 +155,7 @@ def half_unsupported(gpu: FakeGpu) -> FakeGpu:
         "nvmlDeviceGetRemappedRows",
         "nvmlDeviceGetPcieReplayCounter",
         "nvmlDeviceGetMigMode",
+        "nvmlDeviceGetTemperatureThreshold",
     }
     gpu.unsupported_fields.add(pynvml.NVML_FI_DEV_MEMORY_TEMP)
     gpu.errors["nvmlDeviceGetTotalEnergyConsumption"] = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
@@ -127,27 +163,49 @@ def half_unsupported(gpu: FakeGpu) -> FakeGpu:
     return gpu
 
 
-@dataclass(frozen=True)
-class FakeHandle:
-    """What nvmlDeviceGetHandleByIndex returns; stays bound to its GPU like a real handle."""
+# What nvmlDeviceGetHandleByIndex returns: a pynvml.c_nvmlDevice_t pointer, bound to its GPU like a real handle.
+FakeHandle: TypeAlias = Any
 
-    gpu: FakeGpu
+
+@dataclass(eq=False)
+class FakeEventSet:
+    """What nvmlEventSetCreate returns: registrations and the events delivered to them."""
+
+    registered: dict[int, int] = field(default_factory=dict)  # id(FakeGpu) -> event type mask
+    pending: deque[Any] = field(default_factory=deque)  # c_nvmlEventData_t, oldest first
+    freed: bool = False
 
 
 class FakeNvml(ModuleType):
     """pynvml with fake GPUs behind it. `calls` counts every function call by name."""
 
-    def __init__(self, gpus: list[FakeGpu], *, strings_as_bytes: bool = False) -> None:
+    def __init__(
+        self, gpus: list[FakeGpu], *, strings_as_bytes: bool = False, missing: Iterable[str] = ()
+    ) -> None:
         super().__init__("fake_pynvml")
         for name in dir(pynvml):
-            if name.startswith(("NVML_", "NVMLError")):
+            if name.startswith(("NVML_", "NVMLError", "nvmlEventType")):
                 setattr(self, name, getattr(pynvml, name))
         self.nvmlFriendlyObject = pynvml.nvmlFriendlyObject
+        self.nvmlMemory_v2 = pynvml.nvmlMemory_v2
         self.gpus = list(gpus)
         self.strings_as_bytes = strings_as_bytes
+        self.missing = frozenset(missing)  # names this module pretends not to have
         self.calls: Counter[str] = Counter()
         self.refcount = 0  # nvmlInit calls not yet matched by nvmlShutdown
         self.broken: int | None = None  # error code every call raises
+        # One device struct per GPU ever seen, kept alive so its address stays that GPU's handle.
+        self._devices: dict[int, tuple[FakeGpu, Any]] = {}  # id(FakeGpu) -> (gpu, struct)
+        self._by_address: dict[int, FakeGpu] = {}
+        # Event sets and the waits on them; a waiter sleeps on `_events_changed`.
+        self._events_changed = threading.Condition()
+        self.event_sets: list[FakeEventSet] = []  # created and not yet freed
+        self._wait_failures: deque[int] = deque()  # error codes the next waits raise
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ModuleType.__getattribute__(self, "__dict__").get("missing", ()):
+            raise AttributeError(f"module 'fake_pynvml' has no attribute {name!r}")
+        return ModuleType.__getattribute__(self, name)
 
     # ---- scenario controls
 
@@ -169,6 +227,42 @@ class FakeNvml(ModuleType):
     def plug(self, gpu: FakeGpu) -> None:
         self.gpus.append(gpu)
 
+    def inject_event(self, position: int, event_type: int, data: int = 0, *, gpu_instance: int = NO_INSTANCE,
+                     compute_instance: int = NO_INSTANCE) -> int:
+        """The GPU at NVML's `position` raises an event; returns how many event sets received it.
+
+        As in NVML, only sets registered for that event type on that GPU receive it:
+        an event nobody registered for is gone.
+        """
+        gpu = self.gpus[position]
+        with self._events_changed:
+            receivers = [s for s in self.event_sets if s.registered.get(id(gpu), 0) & event_type]
+            for event_set in receivers:
+                event = pynvml.c_nvmlEventData_t()
+                event.device = self._handle(gpu)
+                event.eventType = event_type
+                event.eventData = data
+                event.gpuInstanceId = gpu_instance
+                event.computeInstanceId = compute_instance
+                event_set.pending.append(event)
+            self._events_changed.notify_all()
+        return len(receivers)
+
+    def fail_next_waits(self, code: int, count: int = 1) -> None:
+        """The next `count` calls to nvmlEventSetWait_v2 raise `code` (at once, without waiting)."""
+        with self._events_changed:
+            self._wait_failures.extend([code] * count)
+            self._events_changed.notify_all()
+
+    def registered_events(self, position: int) -> int:
+        """The event types registered for the GPU at `position`, over every live event set."""
+        gpu = self.gpus[position]
+        with self._events_changed:
+            mask = 0
+            for event_set in self.event_sets:
+                mask |= event_set.registered.get(id(gpu), 0)
+            return mask
+
     # ---- plumbing
 
     def _check(self, function: str) -> None:
@@ -179,17 +273,32 @@ class FakeNvml(ModuleType):
         if self.refcount == 0:
             raise error(pynvml.NVML_ERROR_UNINITIALIZED)
 
+    def _handle(self, gpu: FakeGpu) -> FakeHandle:
+        """A new pointer object to the GPU's one device struct, as each NVML call returns."""
+        known = self._devices.get(id(gpu))
+        if known is None:
+            known = (gpu, pynvml.struct_c_nvmlDevice_t())
+            self._devices[id(gpu)] = known
+            self._by_address[ctypes.addressof(known[1])] = gpu
+        return ctypes.pointer(known[1])
+
     def _enter(self, function: str, handle: FakeHandle) -> FakeGpu:
         """_check, then fail the call the way this GPU fails it, if it does; else the GPU."""
         self._check(function)
-        gpu = handle.gpu
+        gpu = self._by_address.get(ctypes.cast(handle, ctypes.c_void_p).value or 0)
+        if gpu is None:
+            raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         if gpu.lost or all(g is not gpu for g in self.gpus):
             raise error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        self._fail_as_configured(gpu, function)
+        return gpu
+
+    @staticmethod
+    def _fail_as_configured(gpu: FakeGpu, function: str) -> None:
         if function in gpu.errors:
             raise error(gpu.errors[function])
         if function in gpu.unsupported:
             raise error(pynvml.NVML_ERROR_NOT_SUPPORTED)
-        return gpu
 
     def _string(self, value: str) -> str | bytes:
         return value.encode() if self.strings_as_bytes else value
@@ -225,14 +334,14 @@ class FakeNvml(ModuleType):
         gpu = self.gpus[index]
         if gpu.lost:
             raise error(pynvml.NVML_ERROR_GPU_IS_LOST)
-        return FakeHandle(gpu)
+        return self._handle(gpu)
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> FakeHandle:
         self._check("nvmlDeviceGetHandleByUUID")
         text = uuid.decode() if isinstance(uuid, bytes) else uuid
         for gpu in self.gpus:
             if gpu.uuid == text:
-                return FakeHandle(gpu)
+                return self._handle(gpu)
         raise error(pynvml.NVML_ERROR_NOT_FOUND)
 
     def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str | bytes:
@@ -244,10 +353,17 @@ class FakeNvml(ModuleType):
     def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> Any:
         return self._pci_info(self._enter("nvmlDeviceGetPciInfo", handle).pci_bus_id)
 
-    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> pynvml.c_nvmlMemory_t:
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> Any:
         gpu = self._enter("nvmlDeviceGetMemoryInfo", handle)
-        return pynvml.c_nvmlMemory_t(
-            total=gpu.memory_total, free=gpu.memory_total - gpu.memory_used, used=gpu.memory_used
+        free = gpu.memory_total - gpu.memory_reserved - gpu.memory_used
+        if not version:
+            # v1 counts the driver's reservation as used.
+            return pynvml.c_nvmlMemory_t(total=gpu.memory_total, free=free, used=gpu.memory_used + gpu.memory_reserved)
+        self._fail_as_configured(gpu, "nvmlDeviceGetMemoryInfo_v2")
+        if version != pynvml.nvmlMemory_v2:
+            raise error(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        return pynvml.c_nvmlMemory_v2_t(
+            version=version, total=gpu.memory_total, reserved=gpu.memory_reserved, free=free, used=gpu.memory_used
         )
 
     def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> pynvml.c_nvmlUtilization_t:
@@ -259,6 +375,12 @@ class FakeNvml(ModuleType):
         if sensor != pynvml.NVML_TEMPERATURE_GPU:
             raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return gpu.temperature
+
+    def nvmlDeviceGetTemperatureThreshold(self, handle: FakeHandle, threshold: int) -> int:
+        gpu = self._enter("nvmlDeviceGetTemperatureThreshold", handle)
+        if threshold not in gpu.temperature_thresholds:
+            raise error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return gpu.temperature_thresholds[threshold]
 
     def nvmlDeviceGetFieldValues(self, handle: FakeHandle, fieldIds: list[int]) -> Any:
         gpu = self._enter("nvmlDeviceGetFieldValues", handle)
@@ -306,14 +428,20 @@ class FakeNvml(ModuleType):
     def nvmlDeviceGetPcieReplayCounter(self, handle: FakeHandle) -> int:
         return self._enter("nvmlDeviceGetPcieReplayCounter", handle).pcie_replay_counter
 
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeHandle) -> list[Any]:
-        gpu = self._enter("nvmlDeviceGetComputeRunningProcesses", handle)
+    @staticmethod
+    def _processes(processes: list[tuple[int, int | None]]) -> list[Any]:
         return [
             pynvml.nvmlFriendlyObject(
-                {"pid": pid, "usedGpuMemory": used, "gpuInstanceId": 0xFFFFFFFF, "computeInstanceId": 0xFFFFFFFF}
+                {"pid": pid, "usedGpuMemory": used, "gpuInstanceId": NO_INSTANCE, "computeInstanceId": NO_INSTANCE}
             )
-            for pid, used in gpu.processes
+            for pid, used in processes
         ]
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeHandle) -> list[Any]:
+        return self._processes(self._enter("nvmlDeviceGetComputeRunningProcesses", handle).processes)
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: FakeHandle) -> list[Any]:
+        return self._processes(self._enter("nvmlDeviceGetGraphicsRunningProcesses", handle).graphics_processes)
 
     def nvmlDeviceGetMigMode(self, device: FakeHandle) -> list[int]:
         gpu = self._enter("nvmlDeviceGetMigMode", device)
@@ -351,12 +479,65 @@ class FakeNvml(ModuleType):
         # A switch has a bus id of its own, which matches no GPU.
         return self._pci_info("00000000:05:00.0" if remote == SWITCH else remote)
 
+    # ---- events
+
+    def nvmlEventSetCreate(self) -> FakeEventSet:
+        self._check("nvmlEventSetCreate")
+        event_set = FakeEventSet()
+        with self._events_changed:
+            self.event_sets.append(event_set)
+        return event_set
+
+    def nvmlDeviceGetSupportedEventTypes(self, handle: FakeHandle) -> int:
+        return self._enter("nvmlDeviceGetSupportedEventTypes", handle).supported_events
+
+    def nvmlDeviceRegisterEvents(self, handle: FakeHandle, eventTypes: int, eventSet: FakeEventSet) -> None:
+        gpu = self._enter("nvmlDeviceRegisterEvents", handle)
+        if eventSet.freed:
+            raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if eventTypes & ~gpu.supported_events:
+            raise error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        with self._events_changed:
+            eventSet.registered[id(gpu)] = eventSet.registered.get(id(gpu), 0) | eventTypes
+
+    def nvmlEventSetWait_v2(self, eventSet: FakeEventSet, timeoutms: int) -> Any:
+        """The oldest event delivered to the set; NVMLError_Timeout when none comes within `timeoutms`."""
+        return self._wait("nvmlEventSetWait_v2", eventSet, timeoutms)
+
+    def nvmlEventSetWait(self, eventSet: FakeEventSet, timeoutms: int) -> Any:
+        return self._wait("nvmlEventSetWait", eventSet, timeoutms)
+
+    def _wait(self, function: str, eventSet: FakeEventSet, timeoutms: int) -> Any:
+        self._check(function)
+        if eventSet.freed:
+            raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        with self._events_changed:
+            self._events_changed.wait_for(
+                lambda: bool(eventSet.pending or self._wait_failures), timeout=timeoutms / 1000.0
+            )
+            if self._wait_failures:
+                raise error(self._wait_failures.popleft())
+            if eventSet.pending:
+                return eventSet.pending.popleft()
+        raise error(pynvml.NVML_ERROR_TIMEOUT)
+
+    def nvmlEventSetFree(self, eventSet: FakeEventSet) -> None:
+        self._check("nvmlEventSetFree")
+        if eventSet.freed:
+            raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        with self._events_changed:
+            eventSet.freed = True
+            self.event_sets.remove(eventSet)
+
 
 __all__ = [
+    "H100_EVENT_TYPES",
     "HGX_BUSES",
     "MIB",
+    "NO_INSTANCE",
     "SAMPLED_FUNCTIONS",
     "SWITCH",
+    "FakeEventSet",
     "FakeGpu",
     "FakeHandle",
     "FakeNvml",

@@ -20,8 +20,10 @@ from tests.fakes.fake_pynvml import MIB, FakeGpu, FakeNvml, h100_80gb, half_unsu
 LOGGER = "agent.devices.nvml"
 
 
-def opened(gpus: list[FakeGpu], **options: bool) -> tuple[FakeNvml, NvmlDevices]:
-    fake = FakeNvml(gpus, **options)
+def opened(
+    gpus: list[FakeGpu], *, strings_as_bytes: bool = False, missing: tuple[str, ...] = ()
+) -> tuple[FakeNvml, NvmlDevices]:
+    fake = FakeNvml(gpus, strings_as_bytes=strings_as_bytes, missing=missing)
     devices = NvmlDevices(fake)
     devices.open()
     return fake, devices
@@ -64,8 +66,8 @@ def test_normal_h100_every_field_read_and_converted() -> None:
         name="NVIDIA H100 80GB HBM3",
         pci_bus_id="00000000:18:00.0",
         memory_total_mb=81559,
-        memory_used_mb=40_000,
-        memory_free_mb=41_558,
+        memory_used_mb=40_000,  # nvmlMemory_v2: the driver's 480 MiB reservation is not "used"
+        memory_free_mb=41_078,  # (81559 - 480 - 40000 MiB - half a MiB) floored
         utilization_gpu_pct=87.0,
         utilization_memory_pct=41.0,
         temperature_c=61.0,
@@ -89,6 +91,9 @@ def test_normal_h100_every_field_read_and_converted() -> None:
         mig_mode=False,
         processes=(GpuProcess(pid=4242, used_memory_mb=38 * 1024), GpuProcess(pid=4243, used_memory_mb=None)),
         sampled_at=100.0,
+        gr_engine_active=0.87,
+        temperature_slowdown_c=89.0,
+        last_xid=None,  # the event watcher is not running
     )
     assert [r.index for r in readings] == [0, 1]
     assert readings[1].uuid == "GPU-00000001-1111-2222-3333-000000000001"
@@ -114,7 +119,7 @@ def test_unit_conversions() -> None:
 
     assert reading.memory_total_mb == 81920
     assert reading.memory_used_mb == 0
-    assert reading.memory_free_mb == 81919  # (80 GiB - 1 MiB + 1 byte) floored
+    assert reading.memory_free_mb == 81439  # (80 GiB - 480 MiB reserved - 1 MiB + 1 byte) floored
     assert reading.power_draw_w == 0.001
     assert reading.power_limit_w == 350.5
     assert reading.total_energy_mj == 7.0  # NVML's millijoules are dcgm's unit: passed through
@@ -175,6 +180,87 @@ def test_nvlink_permission_denied_leaves_link_count_unknown() -> None:
     assert devices.topology() == [GpuLink(a=0, b=1, relation="pcie_switch", nvlinks=None)]
 
 
+def test_memory_v2_leaves_the_reservation_out_as_nvidia_smi_does() -> None:
+    # On an idle H100, driver 580: nvidia-smi shows 480 MiB reserved, 0 MiB used, 81079 MiB free.
+    fake, devices = opened([h100_80gb(0, memory_used=0)])
+
+    (reading,) = devices.sample(now=0.0)
+
+    assert (reading.memory_total_mb, reading.memory_used_mb, reading.memory_free_mb) == (81559, 0, 81079)
+    assert fake.calls["nvmlDeviceGetMemoryInfo"] == 1
+
+
+@pytest.mark.parametrize("missing", ["driver", "binding"])
+def test_memory_falls_back_to_v1_where_v2_is_missing(missing: str, caplog: pytest.LogCaptureFixture) -> None:
+    gpu = h100_80gb(0, memory_used=0)
+    if missing == "driver":  # pynvml looks up nvmlDeviceGetMemoryInfo_v2 in an older libnvidia-ml
+        gpu.errors["nvmlDeviceGetMemoryInfo_v2"] = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        fake, devices = opened([gpu], missing=("nvmlMemory_v2",) if missing == "binding" else ())
+        first = devices.sample(now=0.0)[0]
+        second = devices.sample(now=1.0)[0]
+
+    for reading in (first, second):
+        # v1 counts the reservation as used; free is the same either way.
+        assert (reading.memory_used_mb, reading.memory_free_mb) == (480, 81079)
+    assert devices.degraded_reason is None
+    expected_calls = 3 if missing == "driver" else 2  # v2 is not asked again once it failed
+    assert fake.calls["nvmlDeviceGetMemoryInfo"] == expected_calls
+    logged = [r.getMessage() for r in caplog.records if "memory_v2" in r.getMessage()]
+    assert len(logged) == (1 if missing == "driver" else 0)
+
+
+def test_compute_and_graphics_processes_once_per_pid() -> None:
+    gpu = h100_80gb(
+        0,
+        processes=[(100, 2 * 1024 * MIB), (101, MIB)],
+        graphics_processes=[(101, MIB), (200, 64 * MIB)],  # 101 uses CUDA and OpenGL/Vulkan both
+    )
+    _, devices = opened([gpu])
+
+    (reading,) = devices.sample(now=0.0)
+
+    assert reading.processes == (
+        GpuProcess(pid=100, used_memory_mb=2048),
+        GpuProcess(pid=101, used_memory_mb=1),
+        GpuProcess(pid=200, used_memory_mb=64),
+    )
+
+
+def test_graphics_processes_unsupported_leaves_the_compute_list() -> None:
+    gpu = h100_80gb(0, processes=[(100, MIB)])
+    gpu.unsupported.add("nvmlDeviceGetGraphicsRunningProcesses")
+    _, devices = opened([gpu])
+
+    (reading,) = devices.sample(now=0.0)
+
+    assert reading.processes == (GpuProcess(pid=100, used_memory_mb=1),)
+    assert devices.degraded_reason is None
+
+
+def test_slowdown_temperature_is_read_once() -> None:
+    fake, devices = opened([h100_80gb(0, utilization_gpu=42)])
+
+    readings = [devices.sample(now=float(t))[0] for t in range(3)]
+
+    assert [r.temperature_slowdown_c for r in readings] == [89.0] * 3
+    assert fake.calls["nvmlDeviceGetTemperatureThreshold"] == 1
+    assert readings[0].gr_engine_active == pytest.approx(0.42)  # utilization.gpu / 100
+
+
+def test_slowdown_temperature_read_again_after_a_transient_failure() -> None:
+    fake, devices = opened([h100_80gb(0)])
+    fake.gpus[0].errors["nvmlDeviceGetTemperatureThreshold"] = pynvml.NVML_ERROR_UNKNOWN
+
+    (first,) = devices.sample(now=0.0)
+    del fake.gpus[0].errors["nvmlDeviceGetTemperatureThreshold"]
+    (second,) = devices.sample(now=1.0)
+    devices.sample(now=2.0)
+
+    assert (first.temperature_slowdown_c, second.temperature_slowdown_c) == (None, 89.0)
+    assert fake.calls["nvmlDeviceGetTemperatureThreshold"] == 2
+
+
 # ---- 2. a GPU that does not support half the queries
 
 
@@ -227,6 +313,7 @@ def test_unsupported_queries_read_none_and_are_logged_once(caplog: pytest.LogCap
             "pcie_replay_counter",
             "processes",
             "mig_mode",
+            "temperature_slowdown",
         ]
     )
     # The healthy H100 logs only its unsupported page retirement, once.

@@ -7,12 +7,25 @@ import uuid
 
 import pytest
 
-from agent.devices import GpuLink, GpuReading, SimulatedDevices, backend_from_config, parse_simulate_spec
+from agent.devices import (
+    DeviceEvent,
+    GpuLink,
+    GpuReading,
+    SimulatedDevices,
+    SimulatedFault,
+    backend_from_config,
+    parse_fault_schedule,
+    parse_simulate_spec,
+)
 from agent.devices.simulated import MAX_SIMULATED_GPUS
+
+WALL = 1_700_000_000.0  # what the fault hooks' clock says
 
 
 def fleet(spec: str, seed: int = 7) -> SimulatedDevices:
-    devices = SimulatedDevices(parse_simulate_spec(spec), seed=seed)
+    devices = SimulatedDevices(
+        parse_simulate_spec(spec), seed=seed, faults=parse_fault_schedule(spec), clock=lambda: WALL
+    )
     devices.open()
     return devices
 
@@ -212,11 +225,57 @@ def test_inject_xid_counts_on_that_gpu_only() -> None:
     devices.inject_xid(1, 79)
     devices.inject_xid(1, 48)
 
-    assert [r.xid_errors for r in devices.sample(0.0)] == [0, 2]
+    readings = devices.sample(0.0)
+    assert [(r.xid_errors, r.last_xid) for r in readings] == [(0, 0), (2, 48)]
+    assert devices.drain_events() == [
+        DeviceEvent(index=1, kind="xid", code=79, at=WALL),
+        DeviceEvent(index=1, kind="xid", code=48, at=WALL),
+    ]
+    assert devices.drain_events() == []
     with pytest.raises(ValueError, match="no simulated GPU 2"):
         devices.inject_xid(2, 79)
     with pytest.raises(ValueError, match="positive"):
         devices.inject_xid(0, 0)
+
+
+def test_ecc_errors_count_and_become_events() -> None:
+    devices = fleet("2xH100-80GB")
+
+    devices.inject_ecc_dbe(0)
+    devices.inject_ecc_sbe(0)
+    devices.inject_ecc_sbe(0)
+
+    first, second = devices.sample(0.0)
+    assert (first.ecc_volatile_dbe, first.ecc_aggregate_dbe, first.ecc_volatile_sbe, first.ecc_aggregate_sbe) == (
+        1,
+        1,
+        2,
+        2,
+    )
+    assert (second.ecc_volatile_dbe, second.ecc_volatile_sbe) == (0, 0)
+    assert [(e.index, e.kind, e.code) for e in devices.drain_events()] == [
+        (0, "ecc_dbe", None),
+        (0, "ecc_sbe", None),
+        (0, "ecc_sbe", None),
+    ]
+    with pytest.raises(ValueError, match="no simulated GPU 5"):
+        devices.inject_ecc_dbe(5)
+
+
+def test_temperature_override_pins_the_reading_then_lets_go() -> None:
+    devices = fleet("1xH100-80GB")
+    idle = devices.sample(0.0)[0].temperature_c
+
+    devices.set_temperature_override(0, 92.0)
+    hot = devices.sample(1.0)[0]
+    devices.set_temperature_override(0, None)
+    back = devices.sample(2.0)[0]
+
+    assert (hot.temperature_c, hot.memory_temperature_c, hot.temperature_slowdown_c) == (92.0, 95.0, 89.0)
+    assert hot.temperature_c is not None and hot.temperature_slowdown_c is not None
+    assert hot.temperature_c > hot.temperature_slowdown_c  # what an over-temperature check looks for
+    assert back.temperature_c == idle
+    assert devices.drain_events() == []  # NVML has no event for temperature either
 
 
 def test_removed_gpu_is_lost_until_restored() -> None:
@@ -224,14 +283,116 @@ def test_removed_gpu_is_lost_until_restored() -> None:
     lost_uuid = devices.sample(0.0)[1].uuid
 
     devices.remove_gpu(1)
+    devices.remove_gpu(1)  # already lost: no second event
 
     assert [r.index for r in devices.sample(1.0)] == [0, 2]
     assert devices.degraded_reason == f"GPU 1 ({lost_uuid}) lost: removed by the simulation"
     assert [(link.a, link.b) for link in devices.topology()] == [(0, 2)]
 
     devices.restore_gpu(1)
+    devices.restore_gpu(1)
     assert [r.index for r in devices.sample(2.0)] == [0, 1, 2]
     assert devices.degraded_reason is None
+    assert devices.drain_events() == [
+        DeviceEvent(index=1, kind="lost", code=None, at=WALL, detail="removed by the simulation"),
+        DeviceEvent(index=1, kind="recovered", code=None, at=WALL),
+    ]
+
+
+def test_new_telemetry_fields() -> None:
+    devices = fleet("1xH100-80GB,1xL4-24GB")
+    devices.set_leases({0: "alloc-a"})
+
+    for reading in run(devices, 0.0, 20.0)[-1]:
+        assert reading.utilization_gpu_pct is not None
+        assert reading.gr_engine_active == reading.utilization_gpu_pct / 100.0
+        assert reading.temperature_slowdown_c == 89.0
+        assert reading.last_xid == 0
+
+
+# ---- faults scheduled in the --simulate spec
+
+
+def test_parse_fault_schedule() -> None:
+    spec = "4xH100-80GB; xid=2:79@30 ;lost=2@31s;recovered=2@90;dbe=0@5;sbe=1@0.5;temp=3:95@60;temp=3:off@120"
+
+    assert parse_simulate_spec(spec) == parse_simulate_spec("4xH100-80GB")  # the fleet alone
+    assert parse_fault_schedule(spec) == [
+        SimulatedFault(at_s=0.5, index=1, kind="sbe"),
+        SimulatedFault(at_s=5.0, index=0, kind="dbe"),
+        SimulatedFault(at_s=30.0, index=2, kind="xid", code=79),
+        SimulatedFault(at_s=31.0, index=2, kind="lost"),
+        SimulatedFault(at_s=60.0, index=3, kind="temp", celsius=95.0),
+        SimulatedFault(at_s=90.0, index=2, kind="recovered"),
+        SimulatedFault(at_s=120.0, index=3, kind="temp", celsius=None),
+    ]
+    assert parse_fault_schedule("4xH100-80GB") == []
+    assert parse_fault_schedule("1xT4-16GB;XID=0:13@1;xid=0:43@1") == [  # same time: as written
+        SimulatedFault(at_s=1.0, index=0, kind="xid", code=13),
+        SimulatedFault(at_s=1.0, index=0, kind="xid", code=43),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("4xH100-80GB;", "empty fault"),
+        ("4xH100-80GB;xid=2:79@30;;", "empty fault"),
+        ("4xH100-80GB;xid=2:79", r"bad fault 'xid=2:79': expected one of xid=GPU:CODE@SECONDS"),
+        ("4xH100-80GB;xid=2@30", "expected xid=GPU:CODE@SECONDS"),
+        ("4xH100-80GB;dbe=2:1@30", "expected dbe=GPU@SECONDS"),
+        ("4xH100-80GB;fire=2@30", "bad fault 'fire=2@30'"),
+        ("4xH100-80GB;xid=2:79@-1", "bad fault"),
+        ("4xH100-80GB;xid=2:79@soon", "bad fault"),
+        ("4xH100-80GB;xid=4:79@30", "names GPU 4, but the fleet has GPUs 0-3"),
+        ("4xH100-80GB;xid=2:0@30", "XID code is a whole number of at least 1"),
+        ("4xH100-80GB;xid=2:x79@30", "XID code is a whole number of at least 1"),
+        ("4xH100-80GB;temp=1:hot@30", "expected °C or 'off'"),
+        ("4xH100-80GB;temp=1:900@30", "900 °C is no temperature"),
+        ("4xH100;xid=2:79@30", r"expected \[COUNTx\]MODEL-<N>GB"),  # the fleet is still checked first
+    ],
+)
+def test_bad_fault_specs_are_rejected_clearly(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_fault_schedule(spec)
+    with pytest.raises(ValueError, match=message):
+        parse_simulate_spec(spec)  # a fleet with a bad fault is a bad fleet
+
+
+def test_scheduled_faults_fire_relative_to_the_first_sample() -> None:
+    devices = fleet("4xH100-80GB;xid=2:79@30;lost=2@31;recovered=2@60;temp=1:95@10;dbe=0@0")
+
+    start = devices.sample(1000.0)  # time zero: the @0 fault fires now
+    assert start[0].ecc_volatile_dbe == 1
+    assert devices.drain_events() == [DeviceEvent(index=0, kind="ecc_dbe", code=None, at=1000.0)]
+
+    assert [r.temperature_c for r in devices.sample(1009.5)][1] != 95.0
+    assert [r.temperature_c for r in devices.sample(1010.0)][1] == 95.0
+    assert devices.sample(1029.9)[2].last_xid == 0
+    late = devices.sample(1045.0)  # one late sample fires both the XID and the loss, at their own times
+    assert [r.index for r in late] == [0, 1, 3]
+    assert devices.drain_events() == [
+        DeviceEvent(index=2, kind="xid", code=79, at=1030.0),
+        DeviceEvent(index=2, kind="lost", code=None, at=1031.0, detail="removed by the simulation"),
+    ]
+    back = devices.sample(1060.0)
+    assert (back[2].index, back[2].last_xid, back[2].xid_errors) == (2, 79, 1)
+    assert [e.kind for e in devices.drain_events()] == ["recovered"]
+    devices.sample(2000.0)
+    assert devices.drain_events() == []  # each fault fires once
+
+
+def test_faults_naming_a_gpu_outside_the_fleet_are_refused() -> None:
+    with pytest.raises(ValueError, match="names GPU 3, but the fleet has GPUs 0-1"):
+        SimulatedDevices(parse_simulate_spec("2xL4-24GB"), seed=1, faults=[SimulatedFault(1.0, 3, "lost")])
+
+
+def test_backend_from_config_schedules_the_spec_faults() -> None:
+    backend = backend_from_config("simulated", "2xH100-80GB;xid=1:79@0", seed=3)
+    backend.open()
+
+    assert [r.last_xid for r in backend.sample(0.0)] == [0, 79]
+    assert [(e.index, e.kind, e.code) for e in backend.drain_events()] == [(1, "xid", 79)]
 
 
 # ---- topology
@@ -293,6 +454,7 @@ def test_backend_from_config_builds_the_simulated_fleet() -> None:
         ("simulated", None, "needs a fleet"),
         ("simulated", " ", "needs a fleet"),
         ("simulated", "4xH100", "expected"),
+        ("simulated", "4xH100-80GB;xid=9:79@1", "names GPU 9"),
         ("dcgm", None, "unknown devices backend 'dcgm'"),
         ("NVML", None, "unknown devices backend 'NVML'"),
     ],
