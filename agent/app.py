@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import signal
 import time
@@ -32,6 +33,8 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from coordinator.backoff import CircuitBreaker
+from coordinator.gpu_health import GpuHealth, HealthPolicy
+from coordinator.model import GpuRef
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from coordinator.views import graph_event, webhook_payload
 
@@ -51,8 +54,9 @@ from agent.storage import AsyncStateStore, OutboxRow, StateStore
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.db"
-# Events a queued request's webhook hears about: the caller was told 202 and waits.
-_WEBHOOK_KINDS = frozenset({"allocated", "expired", "cancelled"})
+# Events a request's webhook hears about: the outcome of a queued request (the
+# caller was told 202 and waits), a lease's expiry, and a GPU under a lease failing.
+_WEBHOOK_KINDS = frozenset({"allocated", "expired", "cancelled", "gpu_unhealthy"})
 # Time the outbox gets at shutdown to deliver what is already due.
 _SHUTDOWN_FLUSH_S = 2.0
 
@@ -81,6 +85,8 @@ async def run_agent(
         timeout_s=config.devices.nvml_timeout_s,
         clock=time.time,
         rng=rng,
+        health_policy=HealthPolicy(quiet_period_s=config.devices.health_quiet_period_s),
+        idle_utilization_pct=config.devices.idle_utilization_pct,
     )
     await sampler.open()
 
@@ -109,6 +115,9 @@ async def run_agent(
                     _count_events(metrics, entry)
 
         lease_log = LocalLog(astore, on_applied=on_applied)
+        sampler.holders = lambda: {
+            ref.index: aid for ref, aid in lease_log.table.held_gpus().items() if ref.node == node
+        }
         replayed = await lease_log.recover()
         log.info(
             "state file %s: %d allocations, %d queued (%d log entries replayed)",
@@ -158,9 +167,9 @@ async def run_agent(
         metrics.attach_state(
             StateCollector(
                 node_name=node,
-                readings=lambda: sampler.readings,
+                sampler=sampler,
                 table=lambda: lease_log.table,
-                degraded=lambda: sampler.degraded_reason,
+                clock=time.time,
                 is_leader=lambda: True,
                 term=lambda: 1,
                 members=lambda: {"alive": 1},
@@ -168,6 +177,8 @@ async def run_agent(
             )
         )
         sampler.subscribe(service.wake)
+        health_send, health_recv = trio.open_memory_channel[tuple[int, GpuHealth]](math.inf)
+        sampler.on_health_change(lambda index, health: health_send.send_nowait((index, health)))
         app = create_app(ctx)
         hconfig = HypercornConfig()
         hconfig.bind = [_bind_address(config.http.bind, config.http.port)]
@@ -182,6 +193,7 @@ async def run_agent(
             await nursery.start(service.run_scheduler)
             await nursery.start(deliverer.run)
             nursery.start_soon(_housekeeping, ctx, astore, sampler, metrics)
+            nursery.start_soon(_report_health, service, sampler, health_recv)
             nursery.start_soon(_wait_for_signal, shutdown)
             bound: list[str] = await nursery.start(_serve, app, hconfig, shutdown, served)
             ctx.advertise_http = bound[0] if bound else ""
@@ -205,7 +217,7 @@ async def run_agent(
                     await trio.sleep(0.1)
                     ctx.outbox_pending = (await astore.outbox_counts()).pending
             nursery.cancel_scope.cancel()
-    await trio.to_thread.run_sync(backend.close)
+    await sampler.close()
     store.close()
     log.info("gpu-agent stopped")
 
@@ -249,6 +261,32 @@ async def _housekeeping(
         await trio.sleep(2.0)
 
 
+async def _report_health(
+    service: LeaseService, sampler: DeviceSampler, changes: trio.MemoryReceiveChannel[tuple[int, GpuHealth]]
+) -> None:
+    """Write this host's GPU health changes into the lease table, in order.
+
+    First reconcile: the table may still hold a state from before a restart
+    that the fresh sampler no longer sees (or the reverse).
+    """
+    node = sampler.node_name
+    for snap in sampler.snapshots():
+        recorded = service.table.gpu_health(GpuRef(node, snap.reading.index))
+        if recorded != (snap.health.state, snap.health.reasons):
+            await _report_one(service, node, snap.reading.index, snap.health)
+    async for index, health in changes:
+        await _report_one(service, node, index, health)
+
+
+async def _report_one(service: LeaseService, node: str, index: int, health: GpuHealth) -> None:
+    try:
+        await service.report_health(node, index, health.state, health.reasons)
+    except Exception:
+        # Health still shows in /gpu/status and metrics and still guides the
+        # scheduler from the sampler; only the durable record missed this change.
+        log.exception("could not record health of GPU %s/%d", node, index)
+
+
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -258,7 +296,7 @@ def _outbox_rows(entries: Sequence[Applied], node: str, graph_url: str | None) -
     for entry in entries:
         for seq, event in enumerate(entry.result.events):
             webhook = event.request.webhook_url
-            if webhook and event.kind in _WEBHOOK_KINDS and (event.was_queued or event.kind == "expired"):
+            if webhook and event.kind in _WEBHOOK_KINDS and (event.was_queued or event.kind != "allocated"):
                 rows.append(
                     OutboxRow(
                         id=f"{entry.index}.{seq}.webhook",
@@ -289,3 +327,5 @@ def _count_events(metrics: AgentMetrics, entry: Applied) -> None:
             metrics.queue_wait.observe(max(0.0, event.allocation.allocated_at - event.request.submitted_at))
         elif event.kind == "expired" and event.reason == "lease_ttl":
             metrics.leases_expired.inc()
+        elif event.kind == "gpu_unhealthy":
+            metrics.allocations_hit_by_unhealthy_gpu.inc()

@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.errors import NotFound
+from coordinator.model import UNHEALTHY, GpuRef
 from coordinator.views import rfc3339
 
 from agent.api_keys import ApiKeyring
 from agent.config import AgentConfig
-from agent.device_sampler import DeviceSampler
+from agent.device_sampler import DeviceSampler, GpuSnapshot
+from agent.devices.base import GpuReading
 from agent.lease_service import LeaseService
 from agent.local_log import LocalLog
 from agent.metrics import AgentMetrics
@@ -50,6 +53,7 @@ class AgentContext:
             "devices": {
                 "backend": self.sampler.backend.kind,
                 "gpus": len(self.sampler.readings),
+                "unhealthy": sum(1 for snap in self.sampler.snapshots() if snap.health.state == UNHEALTHY),
                 "degraded": degraded,
                 "last_sample_at": rfc3339(self.sampler.last_sample_at),
             },
@@ -64,34 +68,53 @@ class AgentContext:
 
     def gpu_rows(self) -> list[dict[str, Any]]:
         """GET /gpu/status rows: the seed's fields plus node, index, uuid, health; (node, index) order."""
+        return [self._row(snap) for snap in self.sampler.snapshots()]
+
+    def gpu_row(self, node: str, index: int) -> dict[str, Any]:
+        """One GPU's row. Raises NotFound for a GPU this agent does not know."""
+        snap = self.sampler.snapshot(index) if node == self.node else None
+        if snap is None:
+            raise NotFound(f"no GPU {node}/{index}")
+        return self._row(snap)
+
+    def _row(self, snap: GpuSnapshot) -> dict[str, Any]:
         table = self.service.table
-        holders = {ref.index: aid for ref, aid in table.held_gpus().items() if ref.node == self.node}
-        rows = []
-        for r in sorted(self.sampler.readings, key=lambda r: r.index):
-            holder_id = holders.get(r.index)
-            holder = table.allocation(holder_id) if holder_id else None
-            rows.append(
-                {
-                    "id": r.index,
-                    "node": self.node,
-                    "index": r.index,
-                    "uuid": r.uuid,
-                    "name": r.name,
-                    "memory_total": r.memory_total_mb,
-                    "memory_used": r.memory_used_mb,
-                    "memory_free": r.memory_free_mb,
-                    "utilization": r.utilization_gpu_pct,
-                    "temperature": r.temperature_c,
-                    "power_draw": r.power_draw_w,
-                    "last_updated": rfc3339(r.sampled_at),
-                    "allocated": holder is not None,
-                    "allocated_to": None if holder is None else holder.request.service_name,
-                    "allocation_id": holder_id,
-                    "allocated_at": None if holder is None else rfc3339(holder.allocated_at),
-                    "health": "healthy",
-                }
-            )
-        return rows
+        r = snap.reading
+        ref = GpuRef(self.node, r.index)
+        holder_id = table.holder(ref)
+        holder = table.allocation(holder_id) if holder_id else None
+        drained = table.drained()
+        now = self.sampler.last_sample_at or r.sampled_at
+        return {
+            "id": r.index,
+            "node": self.node,
+            "index": r.index,
+            "uuid": r.uuid,
+            "name": r.name,
+            "memory_total": r.memory_total_mb,
+            "memory_used": r.memory_used_mb,
+            "memory_free": r.memory_free_mb,
+            "utilization": r.utilization_gpu_pct,
+            "temperature": r.temperature_c,
+            "power_draw": r.power_draw_w,
+            "last_updated": rfc3339(r.sampled_at),
+            "allocated": holder is not None,
+            "allocated_to": None if holder is None else holder.request.service_name,
+            "allocation_id": holder_id,
+            "allocated_at": None if holder is None else rfc3339(holder.allocated_at),
+            "health": snap.health.state,
+            "health_reasons": list(snap.health.reasons),
+            "healthy_again_at": rfc3339(snap.health.until),
+            "present": snap.present,
+            "drained": ref in drained,
+            "drain_reason": drained.get(ref),
+            "processes": None
+            if r.processes is None
+            else [{"pid": p.pid, "used_memory_mb": p.used_memory_mb} for p in r.processes],
+            "in_use_without_lease": self.sampler.usage.unleased_in_use(r.index),
+            "lease_idle_seconds": round(self.sampler.usage.idle_seconds(r.index, now), 1),
+            "telemetry": _telemetry(r),
+        }
 
     def members(self) -> list[dict[str, Any]]:
         """GET /cluster/members: this agent alone until the membership layer lands."""
@@ -111,3 +134,33 @@ class AgentContext:
     def leader(self) -> dict[str, Any]:
         """GET /cluster/leader."""
         return {"leader": self.node, "address": self.advertise_http, "term": 1, "is_self": True}
+
+
+# Reading fields shown under "telemetry" in /gpu/status, in NVML's units.
+_TELEMETRY_FIELDS = (
+    "pci_bus_id",
+    "utilization_memory_pct",
+    "memory_temperature_c",
+    "power_limit_w",
+    "total_energy_mj",
+    "sm_clock_mhz",
+    "mem_clock_mhz",
+    "ecc_volatile_sbe",
+    "ecc_volatile_dbe",
+    "ecc_aggregate_sbe",
+    "ecc_aggregate_dbe",
+    "retired_pages",
+    "remapped_rows_correctable",
+    "remapped_rows_uncorrectable",
+    "remapped_rows_pending",
+    "remapped_rows_failed",
+    "pcie_replay_counter",
+    "last_xid",
+    "mig_mode",
+    "gr_engine_active",
+    "temperature_slowdown_c",
+)
+
+
+def _telemetry(r: GpuReading) -> dict[str, Any]:
+    return {name: getattr(r, name) for name in _TELEMETRY_FIELDS}

@@ -4,6 +4,12 @@ Everything that shows GPU state - `/gpu/status`, `/metrics`, the scheduler -
 reads the latest snapshot here; nothing queries the device on demand, so a
 scrape or an API call costs no NVML call and cannot hang on one.
 
+Each sample also feeds the pure health policy (coordinator/gpu_health.py) with
+the readings and the device events seen since the last sample (XIDs, ECC
+errors, GPUs lost or back), and the usage tracker (coordinator/gpu_usage.py)
+with who holds each GPU. A GPU that disappears stays listed, unhealthy, with
+its last reading, so nobody mistakes a lost GPU for one that never existed.
+
 Error handling
 --------------
 Each sample runs in a worker thread under a deadline (`timeout_s`). A sample
@@ -19,20 +25,34 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import trio
 
 from coordinator.backoff import retry_delay
-from coordinator.model import HEALTHY, GpuView
+from coordinator.gpu_health import HEALTHY_GPU, GpuHealth, HealthPolicy, HealthTracker
+from coordinator.gpu_usage import UsageTracker
+from coordinator.model import UNHEALTHY, GpuView
 
-from agent.devices.base import DeviceBackend, DeviceError, GpuReading
+from agent.devices.base import DeviceBackend, DeviceError, DeviceEvent, GpuReading
 
 log = logging.getLogger(__name__)
 
+HealthCallback = Callable[[int, GpuHealth], None]
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSnapshot:
+    """One GPU as last seen: its reading, whether it is present now, and its health."""
+
+    reading: GpuReading
+    present: bool
+    health: GpuHealth
+
 
 class DeviceSampler:
-    """Owns the backend; holds the latest readings for everyone else to read."""
+    """Owns the backend; holds the latest readings and health for everyone else to read."""
 
     def __init__(
         self,
@@ -43,6 +63,8 @@ class DeviceSampler:
         timeout_s: float,
         clock: Callable[[], float],
         rng: random.Random,
+        health_policy: HealthPolicy | None = None,
+        idle_utilization_pct: float = 5.0,
     ) -> None:
         self.backend = backend
         self.node_name = node_name
@@ -50,37 +72,63 @@ class DeviceSampler:
         self.timeout_s = timeout_s
         self._clock = clock
         self._rng = rng
-        self.readings: list[GpuReading] = []
+        self.health_tracker = HealthTracker(health_policy)
+        self.usage = UsageTracker(idle_utilization_pct)
+        # Who holds each local GPU (index -> allocation id); set by the agent.
+        self.holders: Callable[[], Mapping[int, str]] = dict
         self.last_sample_at: float | None = None
         self.last_sample_seconds = 0.0
         self.failures = 0
+        self.events_seen = 0
         self.error: str | None = None
         self._busy = threading.Event()
+        self._gpus: dict[int, GpuSnapshot] = {}
         self._views: list[GpuView] = []
         self._on_sample: list[Callable[[], None]] = []
+        self._on_health: list[HealthCallback] = []
 
     @property
     def degraded_reason(self) -> str | None:
-        """Why telemetry is missing or partial right now, or None when all is well."""
-        return self.error or self.backend.degraded_reason
+        """Why telemetry or health events are missing or partial now, or None when all is well."""
+        return self.error or self.backend.degraded_reason or self.backend.watcher_error
+
+    @property
+    def readings(self) -> list[GpuReading]:
+        """The last reading of every GPU this host has shown, present or lost, by index."""
+        return [snap.reading for _, snap in sorted(self._gpus.items())]
+
+    def snapshots(self) -> list[GpuSnapshot]:
+        return [snap for _, snap in sorted(self._gpus.items())]
+
+    def snapshot(self, index: int) -> GpuSnapshot | None:
+        return self._gpus.get(index)
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call `callback` (from the trio thread) after every successful sample."""
         self._on_sample.append(callback)
+
+    def on_health_change(self, callback: HealthCallback) -> None:
+        """Call `callback(index, health)` (from the trio thread) when a GPU's health changes."""
+        self._on_health.append(callback)
 
     def gpu_views(self) -> Sequence[GpuView]:
         """This host's GPUs as the scheduler sees them (cached per sample)."""
         return self._views
 
     async def open(self) -> None:
-        """Open the backend and take a first sample, so the agent starts with an inventory.
+        """Open the backend, start its event watcher and take a first sample.
 
         Raises DeviceError when the backend cannot start at all.
         """
         await trio.to_thread.run_sync(self.backend.open)
+        await trio.to_thread.run_sync(self.backend.start_event_watcher)
         await self.sample_once()
-        if self.error is not None and not self.readings:
+        if self.error is not None and not self._gpus:
             raise DeviceError(self.error)
+
+    async def close(self) -> None:
+        await trio.to_thread.run_sync(self.backend.stop_event_watcher)
+        await trio.to_thread.run_sync(self.backend.close)
 
     async def sample_once(self) -> bool:
         """Take one sample; returns False (and records why) when it failed."""
@@ -102,9 +150,8 @@ class DeviceSampler:
             self._fail(f"device sample took longer than {self.timeout_s:g}s")
             return False
         self.last_sample_seconds = trio.current_time() - started
-        self.readings = readings
         self.last_sample_at = now
-        self._views = [self._view(r) for r in readings]
+        self._absorb(readings, self.backend.drain_events(), now)
         if self.error is not None:
             log.info("device telemetry recovered after %d failed samples", self.failures)
         self.error = None
@@ -120,6 +167,62 @@ class DeviceSampler:
         finally:
             self._busy.clear()
 
+    def _absorb(self, readings: list[GpuReading], events: list[DeviceEvent], now: float) -> None:
+        """Feed one sample and its events to the policies; rebuild snapshots and views."""
+        tracker = self.health_tracker
+        for event in events:
+            self.events_seen += 1
+            if event.kind == "xid" and event.code is not None:
+                if tracker.xid(event.index, event.code, event.at):
+                    log.warning("GPU %d: XID %d %s", event.index, event.code, event.detail)
+            elif event.kind == "ecc_dbe":
+                log.warning("GPU %d: double-bit ECC error %s", event.index, event.detail)
+                tracker.double_bit_ecc(event.index, event.at)
+            elif event.kind == "lost":
+                tracker.lost(event.index, event.at)
+        present = {r.index: r for r in readings}
+        for index in set(self._gpus) - set(present):
+            tracker.lost(index, now)
+        for r in readings:
+            tracker.reading(
+                r.index,
+                now,
+                temperature_c=r.temperature_c,
+                slowdown_c=r.temperature_slowdown_c,
+                ecc_volatile_dbe=r.ecc_volatile_dbe,
+                remapped_rows_pending=r.remapped_rows_pending,
+                remapped_rows_failed=r.remapped_rows_failed,
+            )
+        holders = self.holders()
+        changed: list[tuple[int, GpuHealth]] = []
+        gpus: dict[int, GpuSnapshot] = {}
+        for index in sorted(set(self._gpus) | set(present)):
+            reading = present.get(index) or self._gpus[index].reading
+            health = tracker.health(index, now)
+            self.usage.observe(
+                index,
+                now,
+                holder=holders.get(index),
+                utilization_pct=reading.utilization_gpu_pct if index in present else None,
+                process_count=None if reading.processes is None else len(reading.processes),
+            )
+            previous = self._gpus.get(index)
+            if (previous.health if previous else HEALTHY_GPU) != health:
+                changed.append((index, health))
+            gpus[index] = GpuSnapshot(reading, index in present, health)
+        self._gpus = gpus
+        self._views = [self._view(snap) for snap in gpus.values()]
+        for index, health in changed:
+            log.log(
+                logging.WARNING if health.state == UNHEALTHY else logging.INFO,
+                "GPU %d is now %s%s",
+                index,
+                health.state,
+                f" ({'; '.join(health.reasons)})" if health.reasons else "",
+            )
+            for callback in self._on_health:
+                callback(index, health)
+
     def _fail(self, reason: str) -> None:
         self.failures += 1
         if self.error != reason:
@@ -134,9 +237,11 @@ class DeviceSampler:
             if ok:
                 await trio.sleep(self.interval_s)
             else:
-                await trio.sleep(max(self.interval_s, retry_delay(self.failures, self._rng, base_s=1.0, cap_s=60.0)))
+                delay = retry_delay(self.failures, self._rng, base_s=1.0, cap_s=60.0)
+                await trio.sleep(max(self.interval_s, delay))
 
-    def _view(self, r: GpuReading) -> GpuView:
+    def _view(self, snap: GpuSnapshot) -> GpuView:
+        r = snap.reading
         return GpuView(
             node=self.node_name,
             index=r.index,
@@ -145,6 +250,6 @@ class DeviceSampler:
             memory_total_mb=r.memory_total_mb,
             memory_free_mb=r.memory_free_mb,
             utilization_pct=r.utilization_gpu_pct,
-            health=HEALTHY,
+            health=snap.health.state,
             sampled_at=r.sampled_at,
         )

@@ -24,6 +24,7 @@ from coordinator.errors import CoordinatorError, InvalidRequest, NotFound
 from coordinator.model import Allocation
 from coordinator.request_parsing import (
     parse_allocate_body,
+    parse_drain_body,
     parse_release_body,
     parse_renew_body,
     valid_id,
@@ -165,6 +166,11 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                 403, "forbidden", f"API key {principal.name!r} may not act for service {service_name!r}"
             )
 
+    def require_admin(action: str) -> None:
+        principal: ApiKey | None = g.principal
+        if principal is not None and not principal.admin:
+            raise ApiError(403, "forbidden", f"only an admin API key may {action}")
+
     def live_allocation(allocation_id: str) -> Allocation:
         alloc = service.table.allocation(allocation_id) if valid_id(allocation_id) else None
         if alloc is None:
@@ -249,6 +255,20 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                 "estimate": estimate.estimate,
             }
         )
+
+    @app.post("/gpu/drain")
+    async def drain() -> Response:
+        body = parse_drain_body(await body_json(), default_node=ctx.node, draining=True)
+        require_admin("drain GPUs")
+        await service.set_drain(body.node, body.index, True, body.reason)
+        return json_response(ctx.gpu_row(body.node, body.index))
+
+    @app.post("/gpu/undrain")
+    async def undrain() -> Response:
+        body = parse_drain_body(await body_json(), default_node=ctx.node, draining=False)
+        require_admin("undrain GPUs")
+        await service.set_drain(body.node, body.index, False)
+        return json_response(ctx.gpu_row(body.node, body.index))
 
     @app.get("/gpu/allocations/<allocation_id>")
     async def get_allocation(allocation_id: str) -> Response:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol, Sequence
 
 import trio
 
-from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release, Renew
+from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release, Renew, ReportGpuHealth, SetDrain
 from coordinator.errors import Conflict, CoordinatorError, NotFound
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import ALLOCATED, QUEUED, Allocation, AllocationRequest, GpuRef, GpuView, QueuedRequest
@@ -123,6 +123,14 @@ class LeaseService:
     def table(self) -> LeaseTable:
         return self.log.table
 
+    def gpus(self) -> list[GpuView]:
+        """The GPUs the scheduler sees: live views, with operators' drains from the table."""
+        drained = self.table.drained()
+        views = self.inventory()
+        if not drained:
+            return list(views)
+        return [replace(v, drained=True) if v.ref in drained else v for v in views]
+
     # ------------------------------------------------------------------ analysis
 
     async def analyze(self, body: AllocateBody) -> Analysis:
@@ -130,7 +138,7 @@ class LeaseService:
 
         Raises InvalidRequest for workload data the analyzer rejects.
         """
-        gpus = self.inventory()
+        gpus = self.gpus()
         estimate = analyze_workload(
             body.workload_type, body.workload_data, gpu_memory_mb=_target_gpu_memory(gpus, body.gpu_model)
         )
@@ -216,7 +224,7 @@ class LeaseService:
             command = self.scheduler.admit(
                 request,
                 self.table,
-                self.inventory(),
+                self.gpus(),
                 request.submitted_at,
                 pending=self._pending,
                 pending_enqueues=self._pending_enqueues,
@@ -322,6 +330,21 @@ class LeaseService:
             raise NotFound(f"no live allocation {allocation_id}")
         return renewed
 
+    async def set_drain(self, node: str, index: int, drained: bool, reason: str = "") -> None:
+        """Drain (no new allocations) or undrain a GPU; durable like any lease change.
+
+        Raises NotFound for a GPU the scheduler does not know.
+        """
+        if not any(v.node == node and v.index == index for v in self.inventory()):
+            raise NotFound(f"no GPU {node}/{index}")
+        await self._propose_ok(SetDrain(self._clock(), node, index, drained, reason))
+        self.wake()
+
+    async def report_health(self, node: str, index: int, state: str, reasons: tuple[str, ...]) -> None:
+        """Record a GPU's health change; a leased GPU turning unhealthy notifies its owner."""
+        await self._propose_ok(ReportGpuHealth(self._clock(), node, index, state, reasons))
+        self.wake()
+
     async def _propose_ok(self, command: Command) -> ApplyResult:
         result = await self.log.propose(command)
         if result.error is not None:
@@ -339,7 +362,7 @@ class LeaseService:
         task_status.started()
         while True:
             self._wake = trio.Event()
-            commands = self.scheduler.tick(self.table, self.inventory(), self._clock(), self._pending)
+            commands = self.scheduler.tick(self.table, self.gpus(), self._clock(), self._pending)
             if commands:
                 await self._propose_tick(commands)
             deadline = self.scheduler.next_deadline(self.table)
@@ -372,15 +395,14 @@ class LeaseService:
 
 
 def _tick_outcome(command: Command) -> str:
+    """The scheduling-outcome label of a command the scheduler's tick proposed."""
     if isinstance(command, Allocate):
         return "allocated_from_queue"
     if isinstance(command, Release):
         return "lease_expired"
     if isinstance(command, Cancel):
         return "queue_timeout"
-    if isinstance(command, Enqueue):
-        return "queued"
-    return "renewed"
+    return type(command).__name__
 
 
 def _gpus_per_node(gpus: Sequence[GpuView]) -> dict[str, int]:

@@ -8,7 +8,7 @@ Per-GPU series use dcgm-exporter's names, units and labels (gpu, UUID, device,
 modelName, Hostname, pci_bus_id) so its Grafana dashboard works unchanged.
 dcgm-exporter types the energy and PCIe replay series as counters without the
 `_total` suffix; the Prometheus client (and promtool's lint) require the suffix
-on counters, so they are exported as gauges under dcgm's exact names - PromQL's
+on counters, so they are exported untyped under dcgm's exact names - PromQL's
 rate() and increase() work on them the same way.
 
 Each agent exports its own GPUs. Cluster-wide figures (allocations, queue) come
@@ -17,14 +17,16 @@ from the leader only, so a sum over agents never double counts.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric, UnknownMetricFamily
 from prometheus_client.registry import Collector
 
 from coordinator.lease_table import LeaseTable
+from coordinator.model import DEGRADED, HEALTHY, UNHEALTHY, GpuRef
 
+from agent.device_sampler import DeviceSampler, GpuSnapshot
 from agent.devices.base import GpuReading
 
 # (metric name, help, reading attribute)
@@ -43,9 +45,18 @@ _DCGM_FIELDS: tuple[tuple[str, str, str], ...] = (
     ),
     ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "sm_clock_mhz"),
     ("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", "mem_clock_mhz"),
-    ("DCGM_FI_DEV_XID_ERRORS", "XID errors seen since the agent started.", "xid_errors"),
+    ("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.", "last_xid"),
     ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "Total number of PCIe retries.", "pcie_replay_counter"),
+    (
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        "Ratio of time the graphics engine is active (NVML: utilization.gpu / 100).",
+        "gr_engine_active",
+    ),
 )
+# dcgm-exporter types these as counters, yet without the `_total` suffix that the
+# Prometheus client adds to counters and promtool requires; exported untyped under
+# dcgm's exact names so dashboards match and promtool's type lints do not apply.
+_DCGM_UNTYPED = frozenset({"DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER"})
 _DCGM_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname", "pci_bus_id")
 
 
@@ -108,6 +119,11 @@ class AgentMetrics:
             ["decided_by", "reason"],
             registry=r,
         )
+        self.allocations_hit_by_unhealthy_gpu = Counter(
+            "gpu_orchestrator_allocations_hit_by_unhealthy_gpu",
+            "Times a GPU under a live lease turned unhealthy (its owner's webhook is told).",
+            registry=r,
+        )
         self.device_sample_failures = Counter(
             "gpu_orchestrator_device_sample_failures",
             "Device telemetry samples that failed or timed out.",
@@ -128,45 +144,28 @@ class StateCollector(Collector):
         self,
         *,
         node_name: str,
-        readings: Callable[[], Sequence[GpuReading]],
+        sampler: DeviceSampler,
         table: Callable[[], LeaseTable],
-        degraded: Callable[[], str | None],
+        clock: Callable[[], float],
         is_leader: Callable[[], bool],
         term: Callable[[], int],
         members: Callable[[], dict[str, int]],
         outbox_pending: Callable[[], int],
     ) -> None:
         self.node_name = node_name
-        self._readings = readings
+        self._sampler = sampler
         self._table = table
-        self._degraded = degraded
+        self._clock = clock
         self._is_leader = is_leader
         self._term = term
         self._members = members
         self._outbox_pending = outbox_pending
 
     def collect(self) -> Iterable[Metric]:
-        readings = list(self._readings())
-        yield from self._dcgm(readings)
-        table = self._table()
-        holders = {ref.index: alloc for ref, alloc in table.held_gpus().items() if ref.node == self.node_name}
-        allocated = GaugeMetricFamily(
-            "gpu_orchestrator_gpu_allocated",
-            "1 when the GPU is held by a lease.",
-            labels=["Hostname", "gpu", "UUID"],
-        )
-        health = GaugeMetricFamily(
-            "gpu_orchestrator_gpu_health",
-            "1 for the GPU's current health state (healthy, degraded, unhealthy).",
-            labels=["Hostname", "gpu", "UUID", "state"],
-        )
-        for r in readings:
-            # No allocation id label: one series per GPU, not one per lease ever made.
-            allocated.add_metric([self.node_name, str(r.index), r.uuid], 1.0 if r.index in holders else 0.0)
-            health.add_metric([self.node_name, str(r.index), r.uuid, "healthy"], 1.0)
-        yield allocated
-        yield health
-        degraded = self._degraded()
+        snapshots = self._sampler.snapshots()
+        yield from self._dcgm([s.reading for s in snapshots if s.present])
+        yield from self._per_gpu(snapshots)
+        degraded = self._sampler.degraded_reason
         yield GaugeMetricFamily(
             "gpu_orchestrator_device_backend_degraded",
             "1 while device telemetry is failing or partial (see /healthz for why).",
@@ -188,8 +187,48 @@ class StateCollector(Collector):
             "Webhook and workflow events waiting for delivery.",
             value=float(self._outbox_pending()),
         )
-        if not leader:
-            return
+        if leader:
+            yield from self._cluster(self._table())
+
+    def _per_gpu(self, snapshots: list[GpuSnapshot]) -> Iterable[Metric]:
+        table = self._table()
+        labels = ["Hostname", "gpu", "UUID"]
+        allocated = GaugeMetricFamily("gpu_orchestrator_gpu_allocated", "1 when the GPU is held by a lease.", labels=labels)
+        health = GaugeMetricFamily(
+            "gpu_orchestrator_gpu_health",
+            "1 on the GPU's current health state (healthy, degraded, unhealthy), 0 on the others.",
+            labels=[*labels, "state"],
+        )
+        drained = GaugeMetricFamily(
+            "gpu_orchestrator_gpu_drained", "1 when an operator drained the GPU.", labels=labels
+        )
+        unleased = GaugeMetricFamily(
+            "gpu_orchestrator_gpu_unleased_in_use",
+            "1 when the GPU runs work (processes, or utilization above the idle threshold) without a lease.",
+            labels=labels,
+        )
+        idle = GaugeMetricFamily(
+            "gpu_orchestrator_lease_idle_seconds",
+            "Seconds the GPU has been idle under its current lease (0 when busy or unleased).",
+            labels=labels,
+        )
+        now = self._clock()
+        usage = self._sampler.usage
+        for snap in snapshots:
+            r = snap.reading
+            ref = GpuRef(self.node_name, r.index)
+            values = [self.node_name, str(r.index), r.uuid]
+            # No allocation id label: one series per GPU, not one per lease ever made.
+            allocated.add_metric(values, 1.0 if table.holder(ref) else 0.0)
+            for state in (HEALTHY, DEGRADED, UNHEALTHY):
+                health.add_metric([*values, state], 1.0 if snap.health.state == state else 0.0)
+            drained.add_metric(values, 1.0 if ref in table.drained() else 0.0)
+            unleased.add_metric(values, 1.0 if usage.unleased_in_use(r.index) else 0.0)
+            idle.add_metric(values, usage.idle_seconds(r.index, now))
+        yield from (allocated, health, drained, unleased, idle)
+
+    def _cluster(self, table: LeaseTable) -> Iterable[Metric]:
+        """Figures about the whole cluster: exported by the leader only, so sums never double count."""
         by_service: dict[str, int] = {}
         for alloc in table.allocations():
             by_service[alloc.request.service_name] = by_service.get(alloc.request.service_name, 0) + 1
@@ -210,10 +249,16 @@ class StateCollector(Collector):
             "Submission time of the oldest waiting request, 0 when the queue is empty (leader only).",
             value=0.0 if oldest is None else oldest,
         )
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_allocations_on_unhealthy_gpus",
+            "Live allocations holding at least one GPU last reported unhealthy (leader only).",
+            value=float(len(table.unhealthy_allocations())),
+        )
 
     def _dcgm(self, readings: list[GpuReading]) -> Iterable[Metric]:
         for name, help_text, attr in _DCGM_FIELDS:
-            family = GaugeMetricFamily(name, help_text, labels=list(_DCGM_LABELS))
+            family_type = UnknownMetricFamily if name in _DCGM_UNTYPED else GaugeMetricFamily
+            family = family_type(name, help_text, labels=list(_DCGM_LABELS))
             for r in readings:
                 value = getattr(r, attr)
                 if value is None:

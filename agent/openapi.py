@@ -115,6 +115,22 @@ def openapi_document() -> JsonObject:
                 body="AllocateRequest",
             )
         },
+        "/gpu/drain": {
+            "post": _op(
+                "Take a GPU out of scheduling (leases on it run on); admin keys only",
+                {200: _json(_ref("Gpu"), "The GPU, now drained")},
+                _WRITE_ERRORS,
+                body="DrainRequest",
+            )
+        },
+        "/gpu/undrain": {
+            "post": _op(
+                "Return a drained GPU to scheduling; admin keys only",
+                {200: _json(_ref("Gpu"), "The GPU, no longer drained")},
+                _WRITE_ERRORS,
+                body="UndrainRequest",
+            )
+        },
         "/gpu/allocations/{allocation_id}": {
             "get": _op("One live allocation", {200: _json(_ref("Allocation"), "OK")}, (401, 404))
         },
@@ -232,6 +248,22 @@ def _schemas() -> JsonObject:
             "additionalProperties": False,
             "properties": {"allocation_id": string, "ttl_seconds": {"type": "number", "minimum": 0}},
         },
+        "DrainRequest": {
+            "type": "object",
+            "required": ["index"],
+            "additionalProperties": False,
+            "properties": {
+                "index": {"type": "integer", "minimum": 0},
+                "node": {"type": "string", "description": "default: the agent answering"},
+                "reason": string,
+            },
+        },
+        "UndrainRequest": {
+            "type": "object",
+            "required": ["index"],
+            "additionalProperties": False,
+            "properties": {"index": {"type": "integer", "minimum": 0}, "node": string},
+        },
         "ReleaseResult": {
             "type": "object",
             "properties": {
@@ -314,6 +346,18 @@ def _schemas() -> JsonObject:
                 "allocation_id": nullable_string,
                 "allocated_at": time,
                 "health": {"enum": ["healthy", "degraded", "unhealthy"]},
+                "health_reasons": {"type": "array", "items": string},
+                "healthy_again_at": time,
+                "present": {"type": "boolean", "description": "false while the GPU is lost from NVML"},
+                "drained": {"type": "boolean"},
+                "drain_reason": nullable_string,
+                "processes": {
+                    "type": ["array", "null"],
+                    "items": {"type": "object", "properties": {"pid": integer, "used_memory_mb": {"type": ["integer", "null"]}}},
+                },
+                "in_use_without_lease": {"type": "boolean"},
+                "lease_idle_seconds": number,
+                "telemetry": {"type": "object", "description": "every other NVML field, null where unsupported"},
             },
         },
         "WorkloadAnalysis": {

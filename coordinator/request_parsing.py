@@ -226,6 +226,32 @@ def parse_renew_body(body: object) -> RenewBody:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class DrainBody:
+    """Which GPU to drain or undrain, and why."""
+
+    node: str
+    index: int
+    reason: str
+
+
+def parse_drain_body(body: object, *, default_node: str, draining: bool) -> DrainBody:
+    """Validate a drain/undrain body: `index`, optional `node` (default: this agent's) and `reason`."""
+    obj = _object(body, "request body")
+    allowed = {"node", "index", "reason"} if draining else {"node", "index"}
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}", code="unknown_field"
+        )
+    index = _opt_int(obj, "index", 0, 1023)
+    if index is None:
+        raise InvalidRequest("index is required: the GPU's index on its node")
+    node = _opt_str(obj.get("node"), "node") or default_node
+    reason = _opt_str(obj.get("reason"), "reason") or ""
+    return DrainBody(node=node, index=index, reason=reason)
+
+
 def valid_id(value: str) -> bool:
     """Whether a path parameter can be an allocation or request id at all."""
     return REQUEST_ID_RE.match(value) is not None

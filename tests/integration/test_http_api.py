@@ -189,6 +189,19 @@ def test_release_by_service_and_by_request_id(api: Api) -> None:
     assert api.get("/gpu/requests/other-wait").json()["status"] == "cancelled"
 
 
+def test_drain_keeps_new_work_off_a_gpu_until_undrained(api: Api) -> None:
+    """A drained GPU takes no new allocation (a 4-GPU request waits); undrain lets it through."""
+    row = api.post("/gpu/drain", {"index": 2, "reason": "fan noise"}).json()
+    assert (row["index"], row["drained"], row["drain_reason"]) == (2, True, "fan noise")
+    status = {g["index"]: g for g in api.get("/gpu/status").json()["gpus"]}
+    assert status[2]["drained"] and not status[1]["drained"]
+    waiting = api.post("/gpu/allocate", {"service_name": "all4", "gpu_count": 4, "request_id": "all4"})
+    assert waiting.status_code == 202
+    assert api.post("/gpu/undrain", {"index": 2}).json()["drained"] is False
+    record = _eventually(lambda: api.get("/gpu/requests/all4").json(), lambda r: r["status"] == "allocated")
+    assert record["allocation"]["gpu_ids"] == [0, 1, 2, 3]
+
+
 def test_workload_analysis_allocates_nothing(api: Api) -> None:
     """POST /gpu/workload returns the figures and how they were derived, and allocates nothing."""
     body = api.post(
@@ -276,6 +289,12 @@ def test_bad_allocate_bodies_are_400_and_change_nothing(api: Api, body: Any, cod
         ("/gpu/renew", {"ttl_seconds": 5}, 400),
         ("/gpu/renew", {"allocation_id": "x", "ttl_seconds": "long"}, 400),
         ("/gpu/workload", {"workload_type": "nope"}, 400),
+        ("/gpu/drain", {}, 400),
+        ("/gpu/drain", {"index": "0"}, 400),
+        ("/gpu/drain", {"index": 0, "why": "x"}, 400),
+        ("/gpu/undrain", {"index": 0, "reason": "x"}, 400),
+        ("/gpu/drain", {"index": 9}, 404),
+        ("/gpu/undrain", {"index": 0, "node": "elsewhere"}, 404),
     ],
 )
 def test_bad_release_renew_workload_bodies(api: Api, path: str, body: Any, status: int) -> None:
@@ -299,7 +318,7 @@ def test_unknown_ids_routes_methods_and_oversized_bodies(api: Api) -> None:
         assert api.request(method, path).status_code == 405
     before = api.state()
     huge = {"service_name": "s", "workload_data": {"blob": "x" * 2_000_000}}
-    for path in ("/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload"):
+    for path in ("/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload", "/gpu/drain", "/gpu/undrain"):
         response = api.post(path, huge)
         assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
     assert api.state() == before
@@ -345,7 +364,7 @@ def test_auth_keys_bind_services_and_leave_probes_open(tmp_path: Path) -> None:
             assert anonymous.get(path).status_code == 200
         gets = ["/gpu/status", "/gpu/list", "/cluster/members", "/cluster/leader",
                 "/gpu/allocations/x", "/gpu/requests/x"]
-        posts = ["/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload"]
+        posts = ["/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload", "/gpu/drain", "/gpu/undrain"]
         for client in (anonymous, wrong):
             for path in gets:
                 assert client.get(path).status_code == 401
@@ -361,6 +380,9 @@ def test_auth_keys_bind_services_and_leave_probes_open(tmp_path: Path) -> None:
         assert trainer.post("/gpu/release", {"allocation_id": mine["id"]}).status_code == 200
         assert ops.post("/gpu/release", {"service_name": "inference"}).json()["released"] == [theirs["id"]]
         assert trainer.post("/gpu/workload", {"workload_type": "ocr"}).status_code == 200
+        for path in ("/gpu/drain", "/gpu/undrain"):
+            assert trainer.post(path, {"index": 0}).status_code == 403
+            assert ops.post(path, {"index": 0}).status_code == 200
     finally:
         for client in (anonymous, trainer, ops, wrong):
             client.client.close()
