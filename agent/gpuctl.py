@@ -3,8 +3,9 @@
 Every command is one or two HTTP requests to one agent (any agent: each one
 answers for the cluster or forwards to the leader). The answer is printed as an
 aligned table or a key/value block, or with `--json` as the API's JSON verbatim,
-indented. Rendering is a set of pure functions from the API's JSON and `now`
-to text, so the tables are tested without a clock.
+indented. This module parses the arguments, talks HTTP and dispatches commands;
+turning the API's JSON into text is `agent.gpuctl_render`, pure functions of
+the JSON and `now`.
 
 Exit status (also in `gpuctl --help` and docs/gpuctl.md), for scripts:
 
@@ -30,14 +31,28 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+from agent.gpuctl_render import (
+    JsonObject,
+    render_allocation,
+    render_analysis,
+    render_gpu,
+    render_health,
+    render_leader,
+    render_list,
+    render_members,
+    render_queued,
+    render_release,
+    render_request,
+    render_status,
+)
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1
@@ -65,9 +80,6 @@ environment:
   GPU_AGENT_ADDR     default --address (else http://127.0.0.1:8086)
   GPU_AGENT_API_KEY  default API key (--api-key and --api-key-file win)
 """
-
-JsonObject = dict[str, Any]
-
 
 # ---------------------------------------------------------------------- errors
 
@@ -212,355 +224,6 @@ def _version() -> str:
         return "0+unknown"
 
 
-# ---------------------------------------------------------------------- rendering
-
-
-def parse_time(text: Any) -> float | None:
-    """An RFC 3339 timestamp as seconds since the epoch, or None if absent or unparsable."""
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
-
-
-def span(seconds: float) -> str:
-    """A duration in at most two units: 45s, 4m10s, 23h59m, 3d4h."""
-    s = int(round(abs(seconds)))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m{s:02d}s" if s else f"{m}m"
-    h, m = divmod(m, 60)
-    if h < 24:
-        return f"{h}h{m:02d}m" if m else f"{h}h"
-    d, h = divmod(h, 24)
-    return f"{d}d{h}h" if h else f"{d}d"
-
-
-def relative(text: Any, now: float, *, missing: str = "-") -> str:
-    """An RFC 3339 time relative to `now`: `in 23h59m`, `5m ago`, `now`."""
-    moment = parse_time(text)
-    if moment is None:
-        return missing if text is None else str(text)
-    delta = moment - now
-    if abs(delta) < 1:
-        return "now"
-    return f"in {span(delta)}" if delta > 0 else f"{span(delta)} ago"
-
-
-def absolute(text: Any, now: float, *, missing: str = "-") -> str:
-    """An RFC 3339 time as given, followed by its relative form: `2026-…Z (in 1d)`."""
-    if text is None:
-        return missing
-    return f"{text} ({relative(text, now)})"
-
-
-def gib(mb: Any) -> str:
-    return f"{mb / 1024:.1f}" if isinstance(mb, (int, float)) else "?"
-
-
-def memory(used_mb: Any, total_mb: Any) -> str:
-    """MiB figures as `12.3/80.0 GiB`."""
-    return f"{gib(used_mb)}/{gib(total_mb)} GiB"
-
-
-def _num(value: Any, unit: str) -> str:
-    return f"{value:.0f}{unit}" if isinstance(value, (int, float)) else "-"
-
-
-def _obj(value: Any) -> JsonObject:
-    return value if isinstance(value, dict) else {}
-
-
-def _text(value: Any) -> str:
-    return "-" if value is None or value == "" else str(value)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> str:
-    """Rows under headers, columns two spaces apart; columns in `right` align right."""
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-        return "  ".join(padded).rstrip()
-
-    return "\n".join([line(headers), *(line(r) for r in rows)])
-
-
-def key_values(pairs: Sequence[tuple[str, str]]) -> str:
-    """`key  value` lines with the values aligned."""
-    width = max((len(k) for k, _ in pairs), default=0)
-    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in pairs)
-
-
-def render_status(payload: JsonObject, now: float) -> str:
-    """GET /gpu/status as a table of GPUs by node, with a summary line."""
-    gpus = payload.get("gpus") or []
-    if not gpus:
-        return "no GPUs"
-    rows = [
-        [
-            _text(g.get("node")),
-            _text(g.get("index")),
-            _text(g.get("name")),
-            memory(g.get("memory_used"), g.get("memory_total")),
-            _num(g.get("utilization"), "%"),
-            _num(g.get("temperature"), "C"),
-            _text(g.get("health")),
-            _text(g.get("allocated_to")),
-            _text(g.get("allocation_id")),
-        ]
-        for g in gpus
-    ]
-    headers = ["NODE", "IDX", "MODEL", "MEMORY", "UTIL", "TEMP", "HEALTH", "LEASE", "ALLOCATION"]
-    nodes = len({g.get("node") for g in gpus})
-    leased = sum(1 for g in gpus if g.get("allocated"))
-    summary = f"{len(gpus)} GPU(s) on {nodes} node(s), {leased} leased"
-    return table(headers, rows, right=frozenset({1, 3, 4, 5})) + "\n\n" + summary
-
-
-def render_list(payload: JsonObject, now: float) -> str:
-    """GET /gpu/list as an allocations table and a queue table."""
-    allocations = payload.get("allocations") or []
-    queue = payload.get("queue") or []
-    parts = [f"ALLOCATIONS ({len(allocations)})"]
-    if allocations:
-        parts.append(
-            table(
-                ["ID", "SERVICE", "TYPE", "PRIO", "NODE", "GPUS", "ALLOCATED", "EXPIRES"],
-                [
-                    [
-                        _text(a.get("allocation_id")),
-                        _text(a.get("service_name")),
-                        _text(a.get("workload_type")),
-                        _text(a.get("priority")),
-                        _text(a.get("node")),
-                        ",".join(str(i) for i in a.get("gpu_ids") or []),
-                        relative(a.get("allocated_at"), now),
-                        relative(a.get("expires_at"), now, missing="never"),
-                    ]
-                    for a in allocations
-                ],
-                right=frozenset({3}),
-            )
-        )
-    parts.append(f"\nQUEUE ({len(queue)})")
-    if queue:
-        parts.append(
-            table(
-                ["POS", "REQUEST", "SERVICE", "TYPE", "PRIO", "GPUS", "MEM/GPU", "SUBMITTED", "DEADLINE"],
-                [
-                    [
-                        _text(q.get("position")),
-                        _text(q.get("request_id")),
-                        _text(q.get("service_name")),
-                        _text(q.get("workload_type")),
-                        _text(q.get("priority")),
-                        _text(_obj(q.get("requirements")).get("gpu_count")),
-                        f"{gib(_obj(q.get('requirements')).get('min_memory_mb'))} GiB",
-                        relative(q.get("submitted_at"), now),
-                        relative(q.get("queue_deadline"), now, missing="never"),
-                    ]
-                    for q in queue
-                ],
-                right=frozenset({0, 4, 5, 6}),
-            )
-        )
-    return "\n".join(parts)
-
-
-def _requirements(req: Any) -> str:
-    if not isinstance(req, dict):
-        return "-"
-    text = (
-        f"{_text(req.get('gpu_count'))} GPU(s), >= {gib(req.get('min_memory_mb'))} GiB each, "
-        f"max util {_num(req.get('max_utilization'), '%')}"
-    )
-    if req.get("gpu_model"):
-        text += f", model {req['gpu_model']}"
-    if req.get("node"):
-        text += f", node {req['node']}"
-    if req.get("decided_by"):
-        text += f" (decided by {req['decided_by']})"
-    return text
-
-
-def _allocation_pairs(alloc: JsonObject, now: float) -> list[tuple[str, str]]:
-    gpus = alloc.get("gpus") or []
-    models = sorted({str(g.get("name")) for g in gpus if g.get("name")})
-    indices = ", ".join(str(i) for i in alloc.get("gpu_ids") or [])
-    pairs = [
-        ("allocation", _text(alloc.get("allocation_id"))),
-        ("service", _text(alloc.get("service_name"))),
-        ("request", _text(alloc.get("request_id"))),
-        ("type", _text(alloc.get("workload_type"))),
-        ("priority", _text(alloc.get("priority"))),
-        ("node", _text(alloc.get("node"))),
-        ("gpus", f"{indices}  ({len(gpus)} x {' / '.join(models) or '?'})"),
-        ("cuda_visible_devices", _text(alloc.get("cuda_visible_devices"))),
-        ("allocated_at", absolute(alloc.get("allocated_at"), now)),
-        ("expires_at", absolute(alloc.get("expires_at"), now, missing="never")),
-        ("requirements", _requirements(alloc.get("requirements"))),
-    ]
-    if alloc.get("workflow_id"):
-        pairs.append(("workflow", str(alloc["workflow_id"])))
-    return pairs
-
-
-def render_allocation(alloc: JsonObject, now: float) -> str:
-    """One allocation object as a key/value block."""
-    return key_values(_allocation_pairs(alloc, now))
-
-
-def _queued_pairs(queued: JsonObject, now: float) -> list[tuple[str, str]]:
-    return [
-        ("request", _text(queued.get("request_id"))),
-        ("service", _text(queued.get("service_name"))),
-        ("position", _text(queued.get("position"))),
-        ("priority", _text(queued.get("priority"))),
-        ("requirements", _requirements(queued.get("requirements"))),
-        ("submitted_at", absolute(queued.get("submitted_at"), now)),
-        ("queue_deadline", absolute(queued.get("queue_deadline"), now, missing="never")),
-    ]
-
-
-def render_queued(queued: JsonObject, now: float) -> str:
-    """A 202 from POST /gpu/allocate: what is waiting and how to follow it."""
-    request_id = _text(queued.get("request_id"))
-    return (
-        f"queued: nothing is allocated yet\n{key_values(_queued_pairs(queued, now))}\n\n"
-        f"follow it: gpuctl request {request_id}\n"
-        f"cancel it: gpuctl release --request-id {request_id}"
-    )
-
-
-def render_request(record: JsonObject, now: float) -> str:
-    """GET /gpu/requests/{id}: the request's status, then what it became."""
-    pairs = [
-        ("request", _text(record.get("request_id"))),
-        ("service", _text(record.get("service_name"))),
-        ("status", _text(record.get("status"))),
-        ("submitted_at", absolute(record.get("submitted_at"), now)),
-        ("updated_at", absolute(record.get("updated_at"), now)),
-        ("allocation", _text(record.get("allocation_id"))),
-        ("reason", _text(record.get("reason"))),
-    ]
-    text = key_values(pairs)
-    if isinstance(record.get("allocation"), dict):
-        text += "\n\n" + render_allocation(record["allocation"], now)
-    if isinstance(record.get("queue"), dict):
-        queued = record["queue"]
-        text += "\n\n" + key_values(
-            [
-                ("position", _text(queued.get("position"))),
-                ("requirements", _requirements(queued.get("requirements"))),
-                ("queue_deadline", absolute(queued.get("queue_deadline"), now, missing="never")),
-            ]
-        )
-    return text
-
-
-def render_release(result: JsonObject, now: float) -> str:
-    """POST /gpu/release: one line per allocation released or request cancelled."""
-    lines = [f"released {a}" for a in result.get("released") or []]
-    lines += [f"cancelled {r}" for r in result.get("cancelled") or []]
-    return "\n".join(lines) or "nothing to release"
-
-
-def render_analysis(analysis: JsonObject, now: float) -> str:
-    """POST /gpu/workload: the figures it would be scheduled with, and how they were derived."""
-    mb = analysis.get("min_memory_mb")
-    pairs = [
-        ("workload_type", _text(analysis.get("workload_type"))),
-        ("gpus", _text(analysis.get("required_gpus"))),
-        ("memory_per_gpu", f"{_text(mb)} MB ({gib(mb)} GiB)"),
-        ("priority", _text(analysis.get("priority"))),
-        ("max_utilization", _num(analysis.get("max_utilization"), "%")),
-        ("decided_by", _text(analysis.get("decided_by"))),
-    ]
-    if analysis.get("advisor_fallback_reason"):
-        pairs.append(("advisor_fallback", str(analysis["advisor_fallback_reason"])))
-    estimate = _obj(analysis.get("estimate"))
-    if estimate.get("formula"):
-        pairs.append(("formula", str(estimate["formula"])))
-    text = key_values(pairs)
-    rules = estimate.get("rules") or []
-    if rules:
-        text += "\nrules:\n" + "\n".join(f"  - {r}" for r in rules)
-    return text
-
-
-def render_members(payload: JsonObject, now: float) -> str:
-    """GET /cluster/members as a table."""
-    members = payload.get("members") or []
-    if not members:
-        return "no members"
-    rows = [
-        [
-            _text(m.get("name")),
-            _text(m.get("status")),
-            _text(m.get("role")),
-            "*" if m.get("leader") else "",
-            _text(_obj(m.get("addresses")).get("http")),
-            _text(m.get("gpus")),
-            _text(m.get("version")),
-        ]
-        for m in members
-    ]
-    return table(["NAME", "STATUS", "ROLE", "LEADER", "HTTP", "GPUS", "VERSION"], rows, right=frozenset({5}))
-
-
-def render_leader(payload: JsonObject, now: float) -> str:
-    """GET /cluster/leader as a key/value block."""
-    leader = payload.get("leader")
-    name = "none (no leader elected)" if leader is None else str(leader)
-    if payload.get("is_self"):
-        name += " (this agent)"
-    return key_values(
-        [("leader", name), ("address", _text(payload.get("address"))), ("term", _text(payload.get("term")))]
-    )
-
-
-def render_health(payload: JsonObject, now: float) -> str:
-    """GET /healthz as a key/value block."""
-    devices = _obj(payload.get("devices"))
-    leases = _obj(payload.get("lease_table"))
-    outbox = _obj(payload.get("outbox"))
-    pairs = [
-        ("status", _text(payload.get("status"))),
-        ("node", _text(payload.get("node"))),
-        ("role", _text(payload.get("role"))),
-        ("leader", _text(payload.get("leader"))),
-        ("version", _text(payload.get("version"))),
-        ("started_at", absolute(payload.get("started_at"), now)),
-    ]
-    if devices:
-        pairs.append(
-            (
-                "devices",
-                f"{_text(devices.get('backend'))}, {_text(devices.get('gpus'))} GPU(s), "
-                f"last sample {relative(devices.get('last_sample_at'), now, missing='never')}",
-            )
-        )
-        if devices.get("degraded"):
-            pairs.append(("degraded", str(devices["degraded"])))
-    if leases:
-        pairs.append(
-            (
-                "lease_table",
-                f"{_text(leases.get('allocations'))} allocation(s), "
-                f"{_text(leases.get('queue_depth'))} queued",
-            )
-        )
-    if outbox:
-        pending, gave_up = _text(outbox.get("pending")), _text(outbox.get("gave_up"))
-        pairs.append(("outbox", f"{pending} pending, {gave_up} gave up"))
-    return key_values(pairs)
-
-
 # ---------------------------------------------------------------------- commands
 
 
@@ -649,6 +312,25 @@ def cmd_renew(client: AgentClient, args: argparse.Namespace) -> Result:
     return Result(payload, render_allocation)
 
 
+def _gpu_body(target: tuple[str | None, int]) -> JsonObject:
+    node, index = target
+    # No node: the agent answering drains its own GPU.
+    return {"index": index} if node is None else {"node": node, "index": index}
+
+
+def cmd_drain(client: AgentClient, args: argparse.Namespace) -> Result:
+    body = _gpu_body(args.gpu)
+    if args.reason is not None:
+        body["reason"] = args.reason
+    _, payload = client.post("/gpu/drain", body)
+    return Result(payload, render_gpu)
+
+
+def cmd_undrain(client: AgentClient, args: argparse.Namespace) -> Result:
+    _, payload = client.post("/gpu/undrain", _gpu_body(args.gpu))
+    return Result(payload, render_gpu)
+
+
 # ---------------------------------------------------------------------- arguments
 
 
@@ -677,6 +359,19 @@ def positive_seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
     return value
+
+
+def gpu_target(text: str) -> tuple[str | None, int]:
+    """argparse type for a GPU: `NODE:INDEX`, or a bare `INDEX` on the agent answering.
+
+    Node names may themselves contain ':', so the index is what follows the last one.
+    """
+    node, sep, raw = text.rpartition(":")
+    if sep and not node:
+        raise argparse.ArgumentTypeError(f"no node before ':' in {text!r} (NODE:INDEX or INDEX)")
+    if not raw.isdigit():
+        raise argparse.ArgumentTypeError(f"not a GPU: {text!r} (NODE:INDEX or INDEX, e.g. gpu-host-1:3 or 3)")
+    return (node if sep else None), int(raw)
 
 
 def data_item(text: str) -> tuple[str, Any]:
@@ -787,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "status",
         _getter(lambda a: "/gpu/status", render_status),
-        "GPUs by node: memory, utilisation, temperature, health, lease holder",
+        "GPUs by node: memory, utilisation, temperature, health, drains, lease holder",
     )
     add("list", _getter(lambda a: "/gpu/list", render_list), "live allocations and the wait queue")
     _request_options(
@@ -817,6 +512,17 @@ def build_parser() -> argparse.ArgumentParser:
     _request_options(
         add("analyze", cmd_analyze, "what a workload would need, without allocating (POST /gpu/workload)"),
         service_required=False,
+    )
+    drain = add(
+        "drain", cmd_drain, "take a GPU out of scheduling; its leases run on (admin key when auth is on)"
+    )
+    drain.add_argument(
+        "gpu", type=gpu_target, metavar="NODE:INDEX|INDEX", help="the GPU; INDEX alone: this agent's"
+    )
+    drain.add_argument("--reason", help="why, shown in gpuctl status")
+    undrain = add("undrain", cmd_undrain, "return a drained GPU to scheduling (admin key when auth is on)")
+    undrain.add_argument(
+        "gpu", type=gpu_target, metavar="NODE:INDEX|INDEX", help="the GPU; INDEX alone: this agent's"
     )
     add("members", _getter(lambda a: "/cluster/members", render_members), "cluster members")
     add("leader", _getter(lambda a: "/cluster/leader", render_leader), "the current leader")

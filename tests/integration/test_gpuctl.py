@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ import pytest
 
 from agent import gpuctl
 from agent.api_keys import hash_key
+from agent.gpuctl_render import render_status
 from tests.agent_process import AgentProcess, free_port
 
 pytestmark = pytest.mark.integration
@@ -234,6 +236,85 @@ def test_queued_allocate_exits_4_and_no_queue_exits_1(
     assert field(out, "status") == "cancelled"
 
 
+def test_drain_keeps_new_leases_off_a_gpu_until_undrain(
+    start_agent: StartAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent = start_agent(simulate="2xH100-80GB")
+    address = ["--address", agent.url]
+
+    code, out, _ = run(capsys, *address, "drain", "node-a:1", "--reason", "fan swap")
+    assert code == 0, out
+    assert field(out, "gpu") == "node-a:1"
+    assert field(out, "model") == "NVIDIA H100 80GB HBM3"
+    assert field(out, "health") == "healthy"
+    assert field(out, "drained") == "yes: fan swap"
+    assert field(out, "lease") == "-"
+
+    code, out, _ = run(capsys, *address, "status")
+    assert [(r["IDX"], r["HEALTH"]) for r in table_rows(out)] == [("0", "healthy"), ("1", "healthy,drained")]
+    assert "2 GPU(s) on 1 node(s), 0 leased, 1 drained\n  node-a:1 drained: fan swap\n" in out
+
+    # Draining again, with a bare index (the agent answering's own GPU), and --json.
+    code, out, _ = run(capsys, *address, "--json", "drain", "1", "--reason", "fan swap")
+    assert code == 0
+    row = json.loads(out)
+    assert (row["node"], row["index"], row["drained"], row["drain_reason"]) == ("node-a", 1, True, "fan swap")
+    [api_row] = [g for g in api_get(agent, "/gpu/status")["gpus"] if g["index"] == 1]
+    assert api_row["drained"] and api_row["drain_reason"] == "fan swap"
+
+    # Only one GPU of the node can take a lease now: a two-GPU request waits.
+    code, out, _ = run(capsys, *address, "allocate", "--service", "big", "--gpus", "2", "--request-id", "big-1")
+    assert code == gpuctl.EXIT_QUEUED, out
+
+    code, out, _ = run(capsys, *address, "undrain", "1")
+    assert code == 0
+    assert (field(out, "gpu"), field(out, "drained")) == ("node-a:1", "no")
+
+    deadline = time.monotonic() + 10
+    while (record := json.loads(run(capsys, *address, "--json", "request", "big-1")[1]))["status"] == "queued":
+        assert time.monotonic() < deadline, record
+        time.sleep(0.05)
+    assert record["status"] == "allocated"
+    assert sorted(record["allocation"]["gpu_ids"]) == [0, 1]
+
+    code, out, err = run(capsys, *address, "drain", "7")
+    assert (code, out) == (1, "")
+    assert err.startswith("error: not_found: "), err
+    code, _, err = run(capsys, *address, "undrain", "other-node:0")
+    assert code == 1 and err.startswith("error: not_found: "), err
+
+
+def test_status_marks_unhealthy_drained_unleased_and_idle_gpus() -> None:
+    def row(index: int, **fields: Any) -> dict[str, Any]:
+        base = {
+            "node": "n1", "index": index, "name": "H100", "memory_used": 1024, "memory_total": 81920,
+            "utilization": 0.0, "temperature": 40.0, "health": "healthy", "health_reasons": [],
+            "healthy_again_at": None, "drained": False, "drain_reason": None, "allocated": False,
+            "allocated_to": None, "allocation_id": None, "in_use_without_lease": False, "lease_idle_seconds": 0.0,
+        }
+        return {**base, **fields}
+
+    now = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    gpus = [
+        row(0, allocated=True, allocated_to="svc", allocation_id="svc-1", lease_idle_seconds=300.4),
+        row(1, allocated=True, allocated_to="svc", allocation_id="svc-1", lease_idle_seconds=59.0),
+        row(2, in_use_without_lease=True, utilization=97.0),
+        row(3, health="unhealthy", health_reasons=["XID 79", "GPU lost"],
+            healthy_again_at="2027-01-15T08:04:10Z", drained=True, drain_reason="RMA"),
+        row(4, health="degraded", health_reasons=["row remap pending: reset the GPU"]),
+    ]
+    out = render_status({"gpus": gpus}, now)
+    rows = table_rows(out)
+    assert [r["LEASE"] for r in rows] == ["svc (idle 5m)", "svc", "(unleased use)", "-", "-"]
+    assert [r["HEALTH"] for r in rows] == ["healthy", "healthy", "healthy", "unhealthy,drained", "degraded"]
+    assert out.split("\n\n", 1)[1] == (
+        "5 GPU(s) on 1 node(s), 2 leased, 1 degraded, 1 unhealthy, 1 drained, 1 in use without a lease\n"
+        "  n1:3 unhealthy: XID 79; GPU lost (healthy again in 4m10s if nothing new happens)\n"
+        "  n1:3 drained: RMA\n"
+        "  n1:4 degraded: row remap pending: reset the GPU"
+    )
+
+
 def test_api_errors_exit_1_with_code_and_message(
     start_agent: StartAgent, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -281,6 +362,11 @@ def test_unreachable_agent_exits_3_naming_the_address(capsys: pytest.CaptureFixt
         ["--address", "ftp://host", "status"],
         ["--api-key", "k", "--api-key-file", "/dev/null", "status"],
         ["--api-key-file", "/nonexistent/key", "status"],
+        ["drain"],  # no GPU
+        ["drain", "gpu-host-1"],  # a node alone is not a GPU
+        ["drain", ":3"],
+        ["drain", "gpu-host-1:x"],
+        ["undrain", "3", "--reason", "undrain takes no reason"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -357,6 +443,15 @@ def test_auth_wrong_key_exits_5_right_key_works(
     # A valid key acting for someone else's service: refused, also exit 5.
     code, _, err = run(capsys, *address, "--api-key-file", str(key_file), "allocate", "--service", "other")
     assert code == 5 and err.startswith("error: forbidden: ")
+
+    # Draining is for admin keys: a service's key is refused (exit 5), an admin's works.
+    code, out, err = run(capsys, *address, "--api-key-file", str(key_file), "drain", "0")
+    assert (code, out) == (5, "") and err.startswith("error: forbidden: "), err
+    code, out, _ = run(capsys, *address, "--api-key", "ops-secret", "drain", "0", "--reason", "maintenance")
+    assert code == 0 and field(out, "drained") == "yes: maintenance"
+    code, _, err = run(capsys, *address, "--api-key-file", str(key_file), "undrain", "0")
+    assert code == 5 and err.startswith("error: forbidden: "), err
+    assert run(capsys, *address, "--api-key", "ops-secret", "undrain", "0")[0] == 0
 
     monkeypatch.setenv(gpuctl.API_KEY_ENV, "trainer-secret")
     code, out, _ = run(capsys, *address, "list")

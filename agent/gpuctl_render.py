@@ -1,0 +1,441 @@
+"""`gpuctl`'s rendering: the API's JSON, and `now`, turned into text for people.
+
+Every function here is pure: no HTTP, no clock (the caller passes `now`, seconds
+since the epoch), so the tables are tested without an agent or a frozen clock.
+Renderers take an answer as the API gives it and tolerate missing fields: a value
+the API does not have is shown as `-`, an unparsable time as given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+JsonObject = dict[str, Any]
+
+
+def parse_time(text: Any) -> float | None:
+    """An RFC 3339 timestamp as seconds since the epoch, or None if absent or unparsable."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def span(seconds: float) -> str:
+    """A duration in at most two units: 45s, 4m10s, 23h59m, 3d4h."""
+    s = int(round(abs(seconds)))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s" if s else f"{m}m"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m" if m else f"{h}h"
+    d, h = divmod(h, 24)
+    return f"{d}d{h}h" if h else f"{d}d"
+
+
+def relative(text: Any, now: float, *, missing: str = "-") -> str:
+    """An RFC 3339 time relative to `now`: `in 23h59m`, `5m ago`, `now`."""
+    moment = parse_time(text)
+    if moment is None:
+        return missing if text is None else str(text)
+    delta = moment - now
+    if abs(delta) < 1:
+        return "now"
+    return f"in {span(delta)}" if delta > 0 else f"{span(delta)} ago"
+
+
+def absolute(text: Any, now: float, *, missing: str = "-") -> str:
+    """An RFC 3339 time as given, followed by its relative form: `2026-…Z (in 1d)`."""
+    if text is None:
+        return missing
+    return f"{text} ({relative(text, now)})"
+
+
+def gib(mb: Any) -> str:
+    return f"{mb / 1024:.1f}" if isinstance(mb, (int, float)) else "?"
+
+
+def memory(used_mb: Any, total_mb: Any) -> str:
+    """MiB figures as `12.3/80.0 GiB`."""
+    return f"{gib(used_mb)}/{gib(total_mb)} GiB"
+
+
+def _num(value: Any, unit: str) -> str:
+    return f"{value:.0f}{unit}" if isinstance(value, (int, float)) else "-"
+
+
+def _obj(value: Any) -> JsonObject:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> str:
+    """Rows under headers, columns two spaces apart; columns in `right` align right."""
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def key_values(pairs: Sequence[tuple[str, str]]) -> str:
+    """`key  value` lines with the values aligned."""
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in pairs)
+
+
+# A leased GPU idle for longer than this shows its idle time in the LEASE column:
+# a minute rules out the pauses between a job's steps and data loads.
+IDLE_LEASE_SHOWN_AFTER_S = 60.0
+
+
+def gpu_name(gpu: JsonObject) -> str:
+    """A GPU as `node:index`, the form `gpuctl drain` takes."""
+    return f"{_text(gpu.get('node'))}:{_text(gpu.get('index'))}"
+
+
+def _health_cell(gpu: JsonObject) -> str:
+    state = _text(gpu.get("health"))
+    return f"{state},drained" if gpu.get("drained") else state
+
+
+def _lease_cell(gpu: JsonObject) -> str:
+    if not gpu.get("allocated"):
+        return "(unleased use)" if gpu.get("in_use_without_lease") else "-"
+    holder = _text(gpu.get("allocated_to"))
+    idle = gpu.get("lease_idle_seconds")
+    if isinstance(idle, (int, float)) and idle > IDLE_LEASE_SHOWN_AFTER_S:
+        return f"{holder} (idle {span(idle)})"
+    return holder
+
+
+def _health_text(gpu: JsonObject, now: float) -> str:
+    """`degraded: reason; reason`, and when an unhealthy GPU returns if nothing new happens."""
+    text = _text(gpu.get("health"))
+    reasons = "; ".join(str(r) for r in gpu.get("health_reasons") or [])
+    if reasons:
+        text += f": {reasons}"
+    back = parse_time(gpu.get("healthy_again_at"))
+    if back is not None and back > now:
+        text += f" (healthy again {relative(gpu.get('healthy_again_at'), now)} if nothing new happens)"
+    return text
+
+
+def _status_notes(gpus: Sequence[JsonObject], now: float) -> list[str]:
+    """One line per GPU that is not healthy, and one per drained GPU, saying why."""
+    notes = []
+    for gpu in gpus:
+        if gpu.get("health") not in (None, "healthy"):
+            notes.append(f"{gpu_name(gpu)} {_health_text(gpu, now)}")
+        if gpu.get("drained"):
+            reason = gpu.get("drain_reason")
+            notes.append(f"{gpu_name(gpu)} drained: {reason}" if reason else f"{gpu_name(gpu)} drained")
+    return notes
+
+
+def render_status(payload: JsonObject, now: float) -> str:
+    """GET /gpu/status as a table of GPUs by node, a summary line, and why GPUs are out of service."""
+    gpus = payload.get("gpus") or []
+    if not gpus:
+        return "no GPUs"
+    rows = [
+        [
+            _text(g.get("node")),
+            _text(g.get("index")),
+            _text(g.get("name")),
+            memory(g.get("memory_used"), g.get("memory_total")),
+            _num(g.get("utilization"), "%"),
+            _num(g.get("temperature"), "C"),
+            _health_cell(g),
+            _lease_cell(g),
+            _text(g.get("allocation_id")),
+        ]
+        for g in gpus
+    ]
+    headers = ["NODE", "IDX", "MODEL", "MEMORY", "UTIL", "TEMP", "HEALTH", "LEASE", "ALLOCATION"]
+    nodes = len({g.get("node") for g in gpus})
+    counts = [
+        ("leased", sum(1 for g in gpus if g.get("allocated"))),
+        ("degraded", sum(1 for g in gpus if g.get("health") == "degraded")),
+        ("unhealthy", sum(1 for g in gpus if g.get("health") == "unhealthy")),
+        ("drained", sum(1 for g in gpus if g.get("drained"))),
+        ("in use without a lease", sum(1 for g in gpus if g.get("in_use_without_lease"))),
+    ]
+    # "leased" is always shown; the others only when there is something to see.
+    summary = f"{len(gpus)} GPU(s) on {nodes} node(s), " + ", ".join(
+        f"{n} {what}" for what, n in counts if n or what == "leased"
+    )
+    notes = "".join(f"\n  {line}" for line in _status_notes(gpus, now))
+    return table(headers, rows, right=frozenset({1, 3, 4, 5})) + "\n\n" + summary + notes
+
+
+def render_gpu(gpu: JsonObject, now: float) -> str:
+    """One /gpu/status row (the answer to drain and undrain) as a key/value block."""
+    drained = "no"
+    if gpu.get("drained"):
+        drained = f"yes: {gpu['drain_reason']}" if gpu.get("drain_reason") else "yes"
+    lease = _lease_cell(gpu)
+    if gpu.get("allocated"):
+        lease += f", allocation {_text(gpu.get('allocation_id'))}"
+        if gpu.get("drained"):
+            lease += " (runs on until released; no new leases here)"
+    return key_values(
+        [
+            ("gpu", gpu_name(gpu)),
+            ("model", _text(gpu.get("name"))),
+            ("health", _health_text(gpu, now)),
+            ("drained", drained),
+            ("lease", lease),
+        ]
+    )
+
+
+def render_list(payload: JsonObject, now: float) -> str:
+    """GET /gpu/list as an allocations table and a queue table."""
+    allocations = payload.get("allocations") or []
+    queue = payload.get("queue") or []
+    parts = [f"ALLOCATIONS ({len(allocations)})"]
+    if allocations:
+        parts.append(
+            table(
+                ["ID", "SERVICE", "TYPE", "PRIO", "NODE", "GPUS", "ALLOCATED", "EXPIRES"],
+                [
+                    [
+                        _text(a.get("allocation_id")),
+                        _text(a.get("service_name")),
+                        _text(a.get("workload_type")),
+                        _text(a.get("priority")),
+                        _text(a.get("node")),
+                        ",".join(str(i) for i in a.get("gpu_ids") or []),
+                        relative(a.get("allocated_at"), now),
+                        relative(a.get("expires_at"), now, missing="never"),
+                    ]
+                    for a in allocations
+                ],
+                right=frozenset({3}),
+            )
+        )
+    parts.append(f"\nQUEUE ({len(queue)})")
+    if queue:
+        parts.append(
+            table(
+                ["POS", "REQUEST", "SERVICE", "TYPE", "PRIO", "GPUS", "MEM/GPU", "SUBMITTED", "DEADLINE"],
+                [
+                    [
+                        _text(q.get("position")),
+                        _text(q.get("request_id")),
+                        _text(q.get("service_name")),
+                        _text(q.get("workload_type")),
+                        _text(q.get("priority")),
+                        _text(_obj(q.get("requirements")).get("gpu_count")),
+                        f"{gib(_obj(q.get('requirements')).get('min_memory_mb'))} GiB",
+                        relative(q.get("submitted_at"), now),
+                        relative(q.get("queue_deadline"), now, missing="never"),
+                    ]
+                    for q in queue
+                ],
+                right=frozenset({0, 4, 5, 6}),
+            )
+        )
+    return "\n".join(parts)
+
+
+def _requirements(req: Any) -> str:
+    if not isinstance(req, dict):
+        return "-"
+    text = (
+        f"{_text(req.get('gpu_count'))} GPU(s), >= {gib(req.get('min_memory_mb'))} GiB each, "
+        f"max util {_num(req.get('max_utilization'), '%')}"
+    )
+    if req.get("gpu_model"):
+        text += f", model {req['gpu_model']}"
+    if req.get("node"):
+        text += f", node {req['node']}"
+    if req.get("decided_by"):
+        text += f" (decided by {req['decided_by']})"
+    return text
+
+
+def _allocation_pairs(alloc: JsonObject, now: float) -> list[tuple[str, str]]:
+    gpus = alloc.get("gpus") or []
+    models = sorted({str(g.get("name")) for g in gpus if g.get("name")})
+    indices = ", ".join(str(i) for i in alloc.get("gpu_ids") or [])
+    pairs = [
+        ("allocation", _text(alloc.get("allocation_id"))),
+        ("service", _text(alloc.get("service_name"))),
+        ("request", _text(alloc.get("request_id"))),
+        ("type", _text(alloc.get("workload_type"))),
+        ("priority", _text(alloc.get("priority"))),
+        ("node", _text(alloc.get("node"))),
+        ("gpus", f"{indices}  ({len(gpus)} x {' / '.join(models) or '?'})"),
+        ("cuda_visible_devices", _text(alloc.get("cuda_visible_devices"))),
+        ("allocated_at", absolute(alloc.get("allocated_at"), now)),
+        ("expires_at", absolute(alloc.get("expires_at"), now, missing="never")),
+        ("requirements", _requirements(alloc.get("requirements"))),
+    ]
+    if alloc.get("workflow_id"):
+        pairs.append(("workflow", str(alloc["workflow_id"])))
+    return pairs
+
+
+def render_allocation(alloc: JsonObject, now: float) -> str:
+    """One allocation object as a key/value block."""
+    return key_values(_allocation_pairs(alloc, now))
+
+
+def _queued_pairs(queued: JsonObject, now: float) -> list[tuple[str, str]]:
+    return [
+        ("request", _text(queued.get("request_id"))),
+        ("service", _text(queued.get("service_name"))),
+        ("position", _text(queued.get("position"))),
+        ("priority", _text(queued.get("priority"))),
+        ("requirements", _requirements(queued.get("requirements"))),
+        ("submitted_at", absolute(queued.get("submitted_at"), now)),
+        ("queue_deadline", absolute(queued.get("queue_deadline"), now, missing="never")),
+    ]
+
+
+def render_queued(queued: JsonObject, now: float) -> str:
+    """A 202 from POST /gpu/allocate: what is waiting and how to follow it."""
+    request_id = _text(queued.get("request_id"))
+    return (
+        f"queued: nothing is allocated yet\n{key_values(_queued_pairs(queued, now))}\n\n"
+        f"follow it: gpuctl request {request_id}\n"
+        f"cancel it: gpuctl release --request-id {request_id}"
+    )
+
+
+def render_request(record: JsonObject, now: float) -> str:
+    """GET /gpu/requests/{id}: the request's status, then what it became."""
+    pairs = [
+        ("request", _text(record.get("request_id"))),
+        ("service", _text(record.get("service_name"))),
+        ("status", _text(record.get("status"))),
+        ("submitted_at", absolute(record.get("submitted_at"), now)),
+        ("updated_at", absolute(record.get("updated_at"), now)),
+        ("allocation", _text(record.get("allocation_id"))),
+        ("reason", _text(record.get("reason"))),
+    ]
+    text = key_values(pairs)
+    if isinstance(record.get("allocation"), dict):
+        text += "\n\n" + render_allocation(record["allocation"], now)
+    if isinstance(record.get("queue"), dict):
+        queued = record["queue"]
+        text += "\n\n" + key_values(
+            [
+                ("position", _text(queued.get("position"))),
+                ("requirements", _requirements(queued.get("requirements"))),
+                ("queue_deadline", absolute(queued.get("queue_deadline"), now, missing="never")),
+            ]
+        )
+    return text
+
+
+def render_release(result: JsonObject, now: float) -> str:
+    """POST /gpu/release: one line per allocation released or request cancelled."""
+    lines = [f"released {a}" for a in result.get("released") or []]
+    lines += [f"cancelled {r}" for r in result.get("cancelled") or []]
+    return "\n".join(lines) or "nothing to release"
+
+
+def render_analysis(analysis: JsonObject, now: float) -> str:
+    """POST /gpu/workload: the figures it would be scheduled with, and how they were derived."""
+    mb = analysis.get("min_memory_mb")
+    pairs = [
+        ("workload_type", _text(analysis.get("workload_type"))),
+        ("gpus", _text(analysis.get("required_gpus"))),
+        ("memory_per_gpu", f"{_text(mb)} MB ({gib(mb)} GiB)"),
+        ("priority", _text(analysis.get("priority"))),
+        ("max_utilization", _num(analysis.get("max_utilization"), "%")),
+        ("decided_by", _text(analysis.get("decided_by"))),
+    ]
+    if analysis.get("advisor_fallback_reason"):
+        pairs.append(("advisor_fallback", str(analysis["advisor_fallback_reason"])))
+    estimate = _obj(analysis.get("estimate"))
+    if estimate.get("formula"):
+        pairs.append(("formula", str(estimate["formula"])))
+    text = key_values(pairs)
+    rules = estimate.get("rules") or []
+    if rules:
+        text += "\nrules:\n" + "\n".join(f"  - {r}" for r in rules)
+    return text
+
+
+def render_members(payload: JsonObject, now: float) -> str:
+    """GET /cluster/members as a table."""
+    members = payload.get("members") or []
+    if not members:
+        return "no members"
+    rows = [
+        [
+            _text(m.get("name")),
+            _text(m.get("status")),
+            _text(m.get("role")),
+            "*" if m.get("leader") else "",
+            _text(_obj(m.get("addresses")).get("http")),
+            _text(m.get("gpus")),
+            _text(m.get("version")),
+        ]
+        for m in members
+    ]
+    return table(["NAME", "STATUS", "ROLE", "LEADER", "HTTP", "GPUS", "VERSION"], rows, right=frozenset({5}))
+
+
+def render_leader(payload: JsonObject, now: float) -> str:
+    """GET /cluster/leader as a key/value block."""
+    leader = payload.get("leader")
+    name = "none (no leader elected)" if leader is None else str(leader)
+    if payload.get("is_self"):
+        name += " (this agent)"
+    return key_values(
+        [("leader", name), ("address", _text(payload.get("address"))), ("term", _text(payload.get("term")))]
+    )
+
+
+def render_health(payload: JsonObject, now: float) -> str:
+    """GET /healthz as a key/value block."""
+    devices = _obj(payload.get("devices"))
+    leases = _obj(payload.get("lease_table"))
+    outbox = _obj(payload.get("outbox"))
+    pairs = [
+        ("status", _text(payload.get("status"))),
+        ("node", _text(payload.get("node"))),
+        ("role", _text(payload.get("role"))),
+        ("leader", _text(payload.get("leader"))),
+        ("version", _text(payload.get("version"))),
+        ("started_at", absolute(payload.get("started_at"), now)),
+    ]
+    if devices:
+        pairs.append(
+            (
+                "devices",
+                f"{_text(devices.get('backend'))}, {_text(devices.get('gpus'))} GPU(s), "
+                f"last sample {relative(devices.get('last_sample_at'), now, missing='never')}",
+            )
+        )
+        if devices.get("degraded"):
+            pairs.append(("degraded", str(devices["degraded"])))
+    if leases:
+        pairs.append(
+            (
+                "lease_table",
+                f"{_text(leases.get('allocations'))} allocation(s), "
+                f"{_text(leases.get('queue_depth'))} queued",
+            )
+        )
+    if outbox:
+        pending, gave_up = _text(outbox.get("pending")), _text(outbox.get("gave_up"))
+        pairs.append(("outbox", f"{pending} pending, {gave_up} gave up"))
+    return key_values(pairs)
