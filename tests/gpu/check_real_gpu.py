@@ -24,8 +24,61 @@ from tests.agent_process import AgentProcess
 
 SMI_FIELDS = (
     "index,uuid,name,pci.bus_id,memory.total,memory.used,memory.free,utilization.gpu,"
-    "utilization.memory,temperature.gpu,power.draw,clocks.sm,clocks.mem"
+    "utilization.memory,temperature.gpu,power.draw,power.limit,clocks.sm,clocks.mem,"
+    "ecc.errors.uncorrected.volatile.total"
 )
+
+# nvidia-smi field -> (where the agent shows it in /gpu/status, its dcgm series or None,
+# how far apart two samples a moment apart may honestly be).
+COMPARED: dict[str, tuple[str, str | None, float]] = {
+    "memory.total": ("memory_total", None, 0),
+    "memory.used": ("memory_used", "DCGM_FI_DEV_FB_USED", 64),
+    "memory.free": ("memory_free", "DCGM_FI_DEV_FB_FREE", 64),
+    "utilization.gpu": ("utilization", "DCGM_FI_DEV_GPU_UTIL", 10),
+    "utilization.memory": ("telemetry.utilization_memory_pct", "DCGM_FI_DEV_MEM_COPY_UTIL", 10),
+    "temperature.gpu": ("temperature", "DCGM_FI_DEV_GPU_TEMP", 3),
+    "power.draw": ("power_draw", "DCGM_FI_DEV_POWER_USAGE", 25),
+    "power.limit": ("telemetry.power_limit_w", None, 1),
+    "clocks.sm": ("telemetry.sm_clock_mhz", "DCGM_FI_DEV_SM_CLOCK", 400),
+    "clocks.mem": ("telemetry.mem_clock_mhz", "DCGM_FI_DEV_MEM_CLOCK", 100),
+    "ecc.errors.uncorrected.volatile.total": ("telemetry.ecc_volatile_dbe", None, 0),
+}
+
+
+def _status_value(gpu: dict[str, object], path: str) -> object:
+    value: object = gpu
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _metric_value(metrics: str, name: str, uuid: str) -> float | None:
+    match = re.search(rf'^{name}{{[^}}]*UUID="{re.escape(uuid)}"[^}}]*}} (\S+)$', metrics, re.M)
+    return float(match.group(1)) if match else None
+
+
+def compare(smi: list[dict[str, str]], status: list[dict[str, object]], metrics: str) -> tuple[list[str], list[str]]:
+    """Side-by-side lines for every compared field, and the problems among them."""
+    lines = [f"{'field':<40} {'nvidia-smi':>12} {'/gpu/status':>12} {'/metrics':>12}"]
+    problems = []
+    for row, gpu in zip(smi, status):
+        for field, (path, series, tolerance) in COMPARED.items():
+            raw = row.get(field, "")
+            agent = _status_value(gpu, path)
+            exported = _metric_value(metrics, series, str(gpu["uuid"])) if series else None
+            lines.append(f"{field:<40} {raw:>12} {str(agent):>12} {str(exported if series else '-'):>12}")
+            try:
+                expected = float(raw)
+            except ValueError:  # "[N/A]", "[Not Supported]": the agent should say null
+                if agent is not None:
+                    problems.append(f"GPU {row['index']} {field}: nvidia-smi says {raw!r}, agent {agent!r}")
+                continue
+            for where, got in (("/gpu/status", agent), ("/metrics", exported)):
+                if where == "/metrics" and series is None:
+                    continue
+                if not isinstance(got, (int, float)) or abs(float(got) - expected) > tolerance:
+                    problems.append(f"GPU {row['index']} {field}: nvidia-smi {raw}, {where} {got!r}")
+    return lines, problems
 
 
 def gpu_present() -> bool:
@@ -74,6 +127,10 @@ def run_check(out: list[str]) -> list[str]:
                     if abs(int(row["memory.total"]) - gpu["memory_total"]) > 1:
                         problems.append(f"GPU {row['index']}: memory.total {row['memory.total']} vs {gpu['memory_total']}")
                 metrics = api.get("/metrics").text
+                lines, mismatches = compare(smi, status, metrics)
+                out.append("\nside by side (agent sampled within a second of nvidia-smi):")
+                out.extend(lines)
+                problems.extend(mismatches)
                 out.append("\n$ curl /metrics | grep ^DCGM_")
                 out.extend(line for line in metrics.splitlines() if line.startswith("DCGM_"))
                 if not re.search(r"^DCGM_FI_DEV_FB_USED\{", metrics, re.M):
