@@ -292,32 +292,27 @@ def _bind_address(host: str, port: int) -> str:
 
 
 def _outbox_rows(entries: Sequence[Applied], node: str, graph_url: str | None) -> list[OutboxRow]:
+    """The deliveries each applied event causes, keyed by log index so a replay re-creates, never duplicates."""
     rows: list[OutboxRow] = []
     for entry in entries:
         for seq, event in enumerate(entry.result.events):
+            targets: list[tuple[str, str, dict[str, object]]] = []
             webhook = event.request.webhook_url
             if webhook and event.kind in _WEBHOOK_KINDS and (event.was_queued or event.kind != "allocated"):
-                rows.append(
-                    OutboxRow(
-                        id=f"{entry.index}.{seq}.webhook",
-                        log_index=entry.index,
-                        kind="webhook",
-                        url=webhook,
-                        payload=json.dumps(webhook_payload(event)).encode(),
-                        created_at=event.at,
-                    )
-                )
+                targets.append(("webhook", webhook, webhook_payload(event)))
             if graph_url:
-                rows.append(
-                    OutboxRow(
-                        id=f"{entry.index}.{seq}.graph",
-                        log_index=entry.index,
-                        kind="graph",
-                        url=graph_url,
-                        payload=json.dumps(graph_event(event, node)).encode(),
-                        created_at=event.at,
-                    )
+                targets.append(("graph", graph_url, graph_event(event, node)))
+            rows.extend(
+                OutboxRow(
+                    id=f"{entry.index}.{seq}.{kind}",
+                    log_index=entry.index,
+                    kind=kind,
+                    url=url,
+                    payload=json.dumps(payload).encode(),
+                    created_at=event.at,
                 )
+                for kind, url, payload in targets
+            )
     return rows
 
 

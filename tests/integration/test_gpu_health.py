@@ -7,27 +7,17 @@ fault schedule); the agent's quiet period is a few seconds so recovery is seen.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.agent_process import AgentProcess
+from tests.waiting import wait_for
 from tests.integration.test_integrations import Receiver
 
 pytestmark = pytest.mark.integration
-
-
-def _wait_for(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not reached within {timeout}s")
 
 
 def _gpu(api: httpx.Client, index: int) -> dict[str, Any]:
@@ -50,10 +40,10 @@ def test_xid_unhealthy_reported_avoided_and_recovered(tmp_path: Path) -> None:
             lease = api.post(
                 "/gpu/allocate", json={"service_name": "victim", "gpu_count": 2, "webhook_url": hook.url}
             ).json()
-            sick = _wait_for(lambda: (g := _gpu(api, 1))["health"] == "unhealthy" and g)
+            sick = wait_for(lambda: (g := _gpu(api, 1))["health"] == "unhealthy" and g)
             assert sick["health_reasons"] == ["XID 79"] and sick["healthy_again_at"]
             assert sick["telemetry"]["last_xid"] == 79
-            event = _wait_for(lambda: hook.bodies())[0]
+            event = wait_for(lambda: hook.bodies())[0]
             assert (event["status"], event["allocation"]["id"]) == ("gpu_unhealthy", lease["id"])
             assert "XID 79" in event["reason"]
             metrics = api.get("/metrics").text
@@ -67,7 +57,7 @@ def test_xid_unhealthy_reported_avoided_and_recovered(tmp_path: Path) -> None:
             assert one["gpu_ids"] == [0]
             refused = api.post("/gpu/allocate", json={"service_name": "more", "gpu_count": 1, "queue": False})
             assert refused.status_code == 409
-            _wait_for(lambda: _gpu(api, 1)["health"] == "healthy", timeout=15.0)
+            wait_for(lambda: _gpu(api, 1)["health"] == "healthy", timeout=15.0)
             again = api.post("/gpu/allocate", json={"service_name": "more", "gpu_count": 1, "queue": False})
             assert again.status_code == 200 and again.json()["gpu_ids"] == [1]
     finally:

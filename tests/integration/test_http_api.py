@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.agent_process import AgentProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +130,7 @@ def test_queue_then_allocate_on_release_and_request_status(api: Api) -> None:
     listing = api.get("/gpu/list").json()
     assert [q["request_id"] for q in listing["queue"]] == ["wait-1"]
     api.post("/gpu/release", {"allocation_id": first["id"]})
-    record = _eventually(lambda: api.get("/gpu/requests/wait-1").json(), lambda r: r["status"] == "allocated")
+    record = wait_for(lambda: (r := api.get("/gpu/requests/wait-1").json())["status"] == "allocated" and r)
     assert record["allocation"]["gpu_ids"] and len(record["allocation"]["gpu_ids"]) == 2
     assert api.get(f"/gpu/allocations/{record['allocation_id']}").json()["service_name"] == "waiter"
 
@@ -171,7 +172,7 @@ def test_renew_extends_the_lease(api: Api) -> None:
 def test_renew_after_expiry_is_a_conflict_or_gone(api: Api) -> None:
     """A lease past its TTL is expired by the scheduler; renewing it then is refused."""
     alloc = api.post("/gpu/allocate", {"service_name": "short", "gpu_count": 1, "ttl_seconds": 0.3}).json()
-    _eventually(lambda: api.get(f"/gpu/allocations/{alloc['id']}").status_code, lambda s: s == 404)
+    wait_for(lambda: api.get(f"/gpu/allocations/{alloc['id']}").status_code == 404)
     assert api.get(f"/gpu/requests/{alloc['request_id']}").json()["status"] == "expired"
     assert api.post("/gpu/renew", {"allocation_id": alloc["id"]}).status_code == 404
 
@@ -198,7 +199,7 @@ def test_drain_keeps_new_work_off_a_gpu_until_undrained(api: Api) -> None:
     waiting = api.post("/gpu/allocate", {"service_name": "all4", "gpu_count": 4, "request_id": "all4"})
     assert waiting.status_code == 202
     assert api.post("/gpu/undrain", {"index": 2}).json()["drained"] is False
-    record = _eventually(lambda: api.get("/gpu/requests/all4").json(), lambda r: r["status"] == "allocated")
+    record = wait_for(lambda: (r := api.get("/gpu/requests/all4").json())["status"] == "allocated" and r)
     assert record["allocation"]["gpu_ids"] == [0, 1, 2, 3]
 
 
@@ -387,19 +388,6 @@ def test_auth_keys_bind_services_and_leave_probes_open(tmp_path: Path) -> None:
         for client in (anonymous, trainer, ops, wrong):
             client.client.close()
         agent.kill()
-
-
-def _eventually(fetch: Any, done: Any, timeout: float = 10.0) -> Any:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s; last value: {value!r}")
-        time.sleep(0.05)
 
 
 def test_zz_openapi_document_matches_observed_behaviour(api: Api) -> None:

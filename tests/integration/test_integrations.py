@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.agent_process import AgentProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -77,16 +78,6 @@ def receivers() -> Iterator[Callable[..., Receiver]]:
         receiver.close()
 
 
-def _wait_for(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not reached within {timeout}s")
-
-
 def _agent(tmp_path: Path, toml: str = "", simulate: str = "1xH100-80GB", **env: str) -> AgentProcess:
     config = tmp_path / "agent.toml"
     config.write_text(toml)
@@ -109,7 +100,7 @@ def test_webhook_is_retried_until_the_receiver_accepts(tmp_path: Path, receivers
             )
             assert queued.status_code == 202
             api.post("/gpu/release", json={"allocation_id": first["id"]})
-            _wait_for(lambda: len(hook.requests) >= 3)
+            wait_for(lambda: len(hook.requests) >= 3)
             time.sleep(0.5)
         path, headers, body = hook.requests[-1]
         assert len(hook.requests) == 3 and path == "/hook"
@@ -132,7 +123,7 @@ def test_webhook_hears_queue_timeout_and_cancel(tmp_path: Path, receivers: Calla
                 api.post("/gpu/allocate", json={"service_name": "b", "gpu_count": 1, "request_id": rid,
                                                 "webhook_url": hook.url})
             api.post("/gpu/release", json={"request_id": "gone"})
-            _wait_for(lambda: len(hook.requests) >= 2)
+            wait_for(lambda: len(hook.requests) >= 2)
             assert api.get("/gpu/requests/late").json()["status"] == "expired"
         events = {(b["request_id"], b["status"], b["reason"]) for b in hook.bodies()}
         assert events == {("late", "expired", "queue_timeout"), ("gone", "cancelled", "cancelled")}
@@ -151,12 +142,12 @@ def test_undelivered_webhooks_survive_a_restart(tmp_path: Path, receivers: Calla
             api.post("/gpu/allocate", json={"service_name": "b", "gpu_count": 1, "request_id": "r",
                                             "webhook_url": hook.url})
             api.post("/gpu/release", json={"allocation_id": first["id"]})
-            _wait_for(lambda: hook.requests)
+            wait_for(lambda: hook.requests)
         agent.kill()
         refused = len(hook.requests)
         accepting.set()
         agent.start()
-        _wait_for(lambda: len(hook.requests) > refused, timeout=20)
+        wait_for(lambda: len(hook.requests) > refused, timeout=20)
         body = hook.bodies()[refused]
         assert (body["request_id"], body["status"]) == ("r", "allocated")
     finally:
@@ -175,9 +166,9 @@ def test_graph_service_gets_every_lifecycle_event(tmp_path: Path, receivers: Cal
             api.post("/gpu/allocate", json=body | {"request_id": "q-cancel"})
             api.post("/gpu/release", json={"request_id": "q-cancel"})
             api.post("/gpu/allocate", json=body | {"request_id": "q-timeout"})
-            _wait_for(lambda: api.get("/gpu/requests/q-timeout").json()["status"] == "expired")
+            wait_for(lambda: api.get("/gpu/requests/q-timeout").json()["status"] == "expired")
             api.post("/gpu/release", json={"allocation_id": first["id"]})
-            _wait_for(lambda: len(graph.requests) >= 7)
+            wait_for(lambda: len(graph.requests) >= 7)
         kinds = [b["event"] for b in graph.bodies()]
         assert sorted(kinds) == sorted(
             ["allocated", "renewed", "queued", "cancelled", "queued", "expired", "released"]
@@ -198,7 +189,7 @@ def test_a_dead_graph_service_delays_events_never_allocations(tmp_path: Path) ->
                 alloc = api.post("/gpu/allocate", json={"service_name": "s", "gpu_count": 1}).json()
                 api.post("/gpu/release", json={"allocation_id": alloc["id"]})
             assert time.monotonic() - started < 5.0
-            pending = _wait_for(lambda: api.get("/healthz").json()["outbox"]["pending"])
+            pending = wait_for(lambda: api.get("/healthz").json()["outbox"]["pending"])
             assert pending >= 10
     finally:
         agent.kill()
@@ -264,7 +255,7 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path, receivers: Calla
     worker = threading.Thread(target=allocate)
     try:
         worker.start()
-        _wait_for(lambda: advisor.requests)
+        wait_for(lambda: advisor.requests)
         assert agent.stop() == 0
         worker.join(timeout=10)
         assert answers and answers[0].status_code == 200
