@@ -180,9 +180,9 @@ class DeviceSampler:
                 tracker.double_bit_ecc(event.index, event.at)
             elif event.kind == "lost":
                 tracker.lost(event.index, event.at)
+        # A GPU missing from one sample without a "lost" event (a query failed
+        # once) keeps its health and last reading; only the backend's events say lost.
         present = {r.index: r for r in readings}
-        for index in set(self._gpus) - set(present):
-            tracker.lost(index, now)
         for r in readings:
             tracker.reading(
                 r.index,
@@ -207,7 +207,10 @@ class DeviceSampler:
                 process_count=None if reading.processes is None else len(reading.processes),
             )
             previous = self._gpus.get(index)
-            if (previous.health if previous else HEALTHY_GPU) != health:
+            before = previous.health if previous else HEALTHY_GPU
+            # Compare verdicts, not the recovery time: a new XID during a quiet
+            # period moves `until` but is no new state worth a log entry.
+            if (before.state, before.reasons) != (health.state, health.reasons):
                 changed.append((index, health))
             gpus[index] = GpuSnapshot(reading, index in present, health)
         self._gpus = gpus
@@ -222,6 +225,16 @@ class DeviceSampler:
             )
             for callback in self._on_health:
                 callback(index, health)
+
+    def restore_health(self, records: Mapping[int, tuple[str, ...]], now: float) -> None:
+        """Resume unhealthy verdicts recorded in the lease table before a restart (index -> reasons)."""
+        for index, reasons in records.items():
+            self.health_tracker.restore(index, reasons, now)
+        self._gpus = {
+            index: GpuSnapshot(snap.reading, snap.present, self.health_tracker.health(index, now))
+            for index, snap in self._gpus.items()
+        }
+        self._views = [self._view(snap) for snap in self._gpus.values()]
 
     def _fail(self, reason: str) -> None:
         self.failures += 1

@@ -155,6 +155,15 @@ class HealthTracker:
             elif temperature_c <= limit - self.policy.temperature_hysteresis_c:
                 gpu.hot = False
 
+    def restore(self, index: int, reasons: tuple[str, ...], at: float) -> None:
+        """Resume an unhealthy verdict recorded before a restart: a full quiet period from `at`.
+
+        The tracker's memory does not survive the agent; the lease table's record
+        does. Restarting must not put a faulty GPU straight back into service.
+        """
+        for reason in reasons or ("unhealthy before restart",):
+            self._critical(index, reason, at)
+
     def forget(self, index: int) -> None:
         """Drop everything known about GPU `index` (it left the host for good)."""
         self._gpus.pop(index, None)
@@ -186,18 +195,11 @@ class HealthTracker:
         reasons = []
         if gpu.hot:
             limit = gpu.slowdown_c if gpu.slowdown_c is not None else self.policy.default_slowdown_c
-            reasons.append(f"temperature {gpu.temperature_c:.0f}°C at or above slowdown {limit:.0f}°C")
+            temp = gpu.temperature_c if gpu.temperature_c is not None else limit
+            where = "at or above" if temp >= limit else "cooling below"
+            reasons.append(f"temperature {temp:.0f}°C {where} slowdown {limit:.0f}°C")
         if gpu.remap_pending:
             reasons.append("row remap pending: reset the GPU")
         if reasons:
             return GpuHealth(DEGRADED, tuple(reasons))
         return HEALTHY_GPU
-
-    def next_change(self, now: float) -> float | None:
-        """When some unhealthy GPU's quiet period ends, so a caller can re-check then."""
-        ends = [
-            g.last_critical_at + self.policy.quiet_period_s
-            for g in self._gpus.values()
-            if g.last_critical_at is not None and g.last_critical_at + self.policy.quiet_period_s > now
-        ]
-        return min(ends, default=None)

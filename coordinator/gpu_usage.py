@@ -42,6 +42,10 @@ class UsageTracker:
         unknown, when its utilization is above the idle threshold.
         """
         gpu = self._gpus.setdefault(index, _Usage())
+        if utilization_pct is None and process_count is None:
+            # Nothing known (a lost GPU, a failed query): claim neither idleness nor use.
+            gpu.holder, gpu.in_use_unleased, gpu.idle_since = holder, False, None
+            return
         busy_by_util = utilization_pct is not None and utilization_pct > self.idle_utilization_pct
         busy = bool(process_count) if process_count is not None else busy_by_util
         gpu.in_use_unleased = holder is None and busy

@@ -26,7 +26,6 @@ def test_a_critical_xid_makes_a_gpu_unhealthy_until_a_quiet_period_passes() -> N
     health = tracker.health(2, now=100.0)
     assert (health.state, health.reasons, health.until) == (UNHEALTHY, ("XID 79",), 400.0)
     assert tracker.health(2, now=399.9).state == UNHEALTHY
-    assert tracker.next_change(now=200.0) == 400.0
     assert tracker.health(2, now=400.0).state == HEALTHY
     assert tracker.health(1, now=400.0).state == HEALTHY
 
@@ -129,3 +128,20 @@ def test_drain_and_undrain_survive_a_snapshot() -> None:
     assert restored.gpu_health(GpuRef("n1", 3)) == (DEGRADED, ("hot",))
     restored.apply(SetDrain(2.0, "n1", 2, False))
     assert dict(restored.drained()) == {}
+
+
+def test_a_verdict_restored_after_a_restart_waits_a_full_quiet_period() -> None:
+    """The tracker forgets on restart; the table's record resumes the verdict from the restart time."""
+    tracker = HealthTracker(POLICY)
+    tracker.restore(1, ("XID 79",), at=1000.0)
+    health = tracker.health(1, now=1000.0)
+    assert (health.state, health.reasons, health.until) == (UNHEALTHY, ("XID 79",), 1300.0)
+    assert tracker.health(1, now=1300.0).state == HEALTHY
+
+
+def test_the_reason_says_when_a_hot_gpu_is_cooling_through_the_hysteresis_band() -> None:
+    """Below the slowdown point but not yet 5 °C under it: still degraded, and the reason says cooling."""
+    tracker = HealthTracker(POLICY)
+    tracker.reading(0, 1.0, temperature_c=90.0, slowdown_c=87.0)
+    tracker.reading(0, 2.0, temperature_c=85.0, slowdown_c=87.0)
+    assert tracker.health(0, now=2.0).reasons == ("temperature 85°C cooling below slowdown 87°C",)

@@ -40,3 +40,11 @@ def test_an_idle_lease_accrues_idle_seconds_until_work_starts() -> None:
     usage.observe(0, 70.0, holder=None, utilization_pct=0.0, process_count=0)
     assert usage.idle_seconds(0, now=80.0) == 0.0
     assert usage.idle_seconds(7, now=80.0) == 0.0
+
+
+def test_a_gpu_with_no_activity_figures_is_neither_idle_nor_in_use() -> None:
+    """Unknown utilization and processes (a lost GPU) claim nothing: no idle time, no unleased use."""
+    usage = UsageTracker(idle_utilization_pct=5.0)
+    usage.observe(0, 10.0, holder="a1", utilization_pct=0.0, process_count=0)
+    usage.observe(0, 20.0, holder="a1", utilization_pct=None, process_count=None)
+    assert usage.idle_seconds(0, now=30.0) == 0.0 and not usage.unleased_in_use(0)
