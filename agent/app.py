@@ -3,16 +3,17 @@
 Resource handling
 -----------------
 Tasks, nested as hypercorn nests its own: the log writer, the device sampler,
-the scheduler loop, the outbox deliverer and a small housekeeping task run in
-one nursery; the HTTP server runs beside them with a shutdown trigger. Start-up
-order is what makes an acknowledgement mean something: the state file is
+the scheduler loop, the outbox deliverer, the gossip membership service and a
+small housekeeping task run in one nursery; the HTTP server runs beside them
+with a shutdown trigger. Start-up order is what makes an acknowledgement mean something: the state file is
 opened and replayed before the HTTP port is bound, so the first answer already
 reflects every earlier acknowledged write.
 
 Shutdown (SIGTERM or SIGINT): hypercorn stops accepting and lets in-flight
 requests finish (their proposals complete, since the log writer still runs),
-the outbox gets a short grace period to deliver what is due, then everything
-is cancelled and the state file closed. Exit status 0.
+the agent gossips that it leaves the cluster (bounded by 2 s), the outbox
+gets a short grace period to deliver what is due, then everything is
+cancelled and the state file closed. Exit status 0.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from hypercorn.trio import serve
 
 from coordinator.backoff import CircuitBreaker
 from coordinator.gpu_health import GpuHealth, HealthPolicy
-from coordinator.model import GpuRef
+from coordinator.model import UNHEALTHY, GpuRef
 from coordinator.scheduler import Scheduler, SchedulerConfig
+from coordinator.swim_config import profile as swim_profile
 from coordinator.views import graph_event, webhook_payload
 
 from agent.advisor import DeepAgentsAdvisor
@@ -47,7 +49,8 @@ from agent.devices import backend_from_config
 from agent.http_api import create_app
 from agent.lease_service import LeaseService
 from agent.local_log import Applied, LocalLog
-from agent.metrics import AgentMetrics, StateCollector
+from agent.membership import MembershipService
+from agent.metrics import AgentMetrics, GossipCollector, StateCollector
 from agent.outbox import OutboxDeliverer
 from agent.storage import AsyncStateStore, OutboxRow, StateStore
 
@@ -119,6 +122,15 @@ async def run_agent(
             ref.index: aid for ref, aid in lease_log.table.held_gpus().items() if ref.node == node
         }
         replayed = await lease_log.recover()
+        sampler.restore_health(
+            {
+                snap.reading.index: reasons
+                for snap in sampler.snapshots()
+                for state, reasons in [lease_log.table.gpu_health(GpuRef(node, snap.reading.index))]
+                if state == UNHEALTHY
+            },
+            time.time(),
+        )
         log.info(
             "state file %s: %d allocations, %d queued (%d log entries replayed)",
             store.path,
@@ -154,6 +166,16 @@ async def run_agent(
             on_advice=lambda decided_by, reason: metrics.advisor.labels(decided_by, reason).inc(),
         )
         keyring = ApiKeyring.load(Path(config.auth.keys_file)) if config.auth.enabled else None
+        # Every agent gossips, joined or not, so another can join it later.
+        membership = MembershipService(
+            config,
+            swim_profile(config.cluster.profile),
+            version=version,
+            sampler=sampler,
+            drained=lambda: lease_log.table.drained(),
+            holders=lambda: lease_log.table.held_gpus(),
+            rng=rng,
+        )
         ctx = AgentContext(
             config=config,
             service=service,
@@ -163,6 +185,7 @@ async def run_agent(
             keyring=keyring,
             version=version,
             started_at=time.time(),
+            membership=membership,
         )
         metrics.attach_state(
             StateCollector(
@@ -172,10 +195,11 @@ async def run_agent(
                 clock=time.time,
                 is_leader=lambda: True,
                 term=lambda: 1,
-                members=lambda: {"alive": 1},
+                members=membership.member_counts,
                 outbox_pending=lambda: ctx.outbox_pending,
             )
         )
+        metrics.attach_gossip(GossipCollector(membership))
         sampler.subscribe(service.wake)
         health_send, health_recv = trio.open_memory_channel[tuple[int, GpuHealth]](math.inf)
         sampler.on_health_change(lambda index, health: health_send.send_nowait((index, health)))
@@ -192,6 +216,7 @@ async def run_agent(
             await nursery.start(sampler.run)
             await nursery.start(service.run_scheduler)
             await nursery.start(deliverer.run)
+            await nursery.start(membership.run)
             nursery.start_soon(_housekeeping, ctx, astore, sampler, metrics)
             nursery.start_soon(_report_health, service, sampler, health_recv)
             nursery.start_soon(_wait_for_signal, shutdown)
@@ -211,6 +236,9 @@ async def run_agent(
             # flight are answered (bounded by its graceful_timeout); the log writer
             # still runs meanwhile, so their proposals complete.
             await served.wait()
+            # Tell the cluster we are leaving (bounded), so peers list us as
+            # left at once instead of suspecting us for seconds.
+            await membership.leave()
             with trio.move_on_after(_SHUTDOWN_FLUSH_S):
                 while ctx.outbox_pending and await astore.next_outbox_due() is not None:
                     deliverer.wake()

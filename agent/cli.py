@@ -14,6 +14,7 @@ import sys
 import trio
 
 from agent.api_keys import ApiKeyError
+from agent.cluster_keyring import KeyringError
 from agent.app import run_agent
 from agent.config import ConfigError, build_arg_parser, load_config
 from agent.devices.base import DeviceError
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         trio.run(lambda: run_agent(config, version=package_version()))
-    except ApiKeyError as exc:
+    except (ApiKeyError, KeyringError) as exc:
         print(f"gpu-agent: configuration error: {exc}", file=sys.stderr)
         return 2
     except (DeviceError, StorageError, OSError, ValueError) as exc:

@@ -44,6 +44,10 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/gpu-orchestrator/agent.toml")
 STATE_SUBDIR: Final = "gpu-orchestrator"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 DEVICE_BACKENDS: Final = ("nvml", "simulated")
+# SWIM timing profiles (coordinator/swim_config.py): "lan" for real networks,
+# "local" for agents on one host (tests, trying a cluster out on a laptop).
+GOSSIP_PROFILES: Final = ("lan", "local")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}=[A-Za-z0-9._/:-]{0,63}")
 
 
 class ConfigError(Exception):
@@ -77,6 +81,10 @@ class AgentSection:
     # "info" records lifecycle events (elections, allocations, expiries) without
     # the per-tick detail of "debug".
     log_level: str = "info"
+    # Free-form "key=value" labels this agent gossips about itself (rack, zone,
+    # owner...), shown in /cluster/members. Kept short: they travel in every
+    # membership update, inside the 1 KiB gossip metadata.
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,7 +166,12 @@ class ClusterSection:
     # File holding the shared cluster key that protects cluster traffic. Unset:
     # traffic is not encrypted, acceptable only on a trusted network, chosen
     # as the default because it needs no key distribution to try the agent out.
+    # Format and rotation: docs/membership.md.
     key_file: Path | None = None
+    # SWIM timing profile: "lan" (a data-centre network: 1 s probes, suspicion
+    # that waits for independent confirmations) or "local" (one host: shorter
+    # probe and TCP timeouts, faster push-pull). See docs/membership.md.
+    profile: str = "lan"
 
 
 @dataclass(frozen=True)
@@ -245,7 +258,9 @@ class AgentConfig:
 
 # --- validation ------------------------------------------------------------------
 
-_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+# 128 bytes at most: the SWIM wire format's limit on member names
+# (coordinator/swim_messages.py MAX_NAME_BYTES), since every agent gossips.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # RFC 9110 token characters: what a header field name may consist of.
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PORT_TEXT = re.compile(r"[0-9]{1,5}")
@@ -297,13 +312,30 @@ def _validate_agent(section: AgentSection) -> None:
     if not _NODE_NAME.fullmatch(section.node_name):
         raise _fail(
             "agent.node_name",
-            "must be 1-253 letters, digits, '.', '_' or '-', starting with a letter or digit; "
+            "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit; "
             f"got {section.node_name!r} (set it with --node-name if the host name does not fit)",
         )
     if str(section.data_dir) in ("", "."):
         raise _fail("agent.data_dir", "must name a directory")
     if section.log_level not in LOG_LEVELS:
         raise _fail("agent.log_level", f"must be one of {', '.join(LOG_LEVELS)}; got {section.log_level!r}")
+    keys: set[str] = set()
+    for label in section.labels:
+        if not _LABEL.fullmatch(label):
+            raise _fail(
+                "agent.labels",
+                f"entry {label!r} is not key=value (key: 1-63 letters, digits, '.', '_', '/', '-'; "
+                "value: up to 63 of those or ':')",
+            )
+        key = label.split("=", 1)[0]
+        if key in keys:
+            raise _fail("agent.labels", f"names {key!r} twice")
+        keys.add(key)
+    if len(section.labels) > 16 or sum(len(label) for label in section.labels) > 256:
+        raise _fail(
+            "agent.labels",
+            "must be at most 16 entries of 256 characters in all, to fit in the gossip metadata",
+        )
 
 
 def _validate_http(section: HttpSection) -> None:
@@ -353,6 +385,10 @@ def _validate_cluster(section: ClusterSection) -> None:
             )
     _check_port("cluster.gossip_port", section.gossip_port)
     _check_port("cluster.raft_port", section.raft_port)
+    if section.profile not in GOSSIP_PROFILES:
+        raise _fail(
+            "cluster.profile", f"must be one of {', '.join(GOSSIP_PROFILES)}; got {section.profile!r}"
+        )
     for entry in section.join:
         try:
             split_host_port(entry, section.gossip_port)
@@ -505,6 +541,10 @@ FLAG_KEYS: Final[Mapping[str, str]] = {
     "bind": "http.bind",
     "port": "http.port",
     "simulate": "devices.simulate",
+    "cluster_bind": "cluster.bind",
+    "gossip_port": "cluster.gossip_port",
+    "raft_port": "cluster.raft_port",
+    "join": "cluster.join",
 }
 
 
@@ -544,6 +584,21 @@ def build_arg_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="serve a simulated fleet such as 4xH100-80GB instead of NVML "
         '(sets [devices] backend = "simulated")',
+    )
+    parser.add_argument(
+        "--cluster-bind",
+        metavar="ADDR",
+        help="address the gossip and Raft listeners bind to ([cluster] bind; default 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--gossip-port", type=int, metavar="N", help="gossip port, UDP and TCP ([cluster] gossip_port; default 7946)"
+    )
+    parser.add_argument("--raft-port", type=int, metavar="N", help="Raft port ([cluster] raft_port; default 7947)")
+    parser.add_argument(
+        "--join",
+        action="append",
+        metavar="HOST[:PORT]",
+        help="an existing member to join; repeat for several (replaces [cluster] join)",
     )
     parser.add_argument(
         "--log-level", choices=LOG_LEVELS, help="least severe level logged ([agent] log_level; default info)"
@@ -724,6 +779,8 @@ def load_config(
         if value is not None:
             if isinstance(value, Path):
                 value = value.absolute()
+            elif isinstance(value, list):
+                value = tuple(value)
             put(dotted, value, "--" + dest.replace("_", "-"))
     if getattr(args, "simulate", None) is not None:
         put("devices.backend", "simulated", "--simulate")

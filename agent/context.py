@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from agent.device_sampler import DeviceSampler, GpuSnapshot
 from agent.devices.base import GpuReading
 from agent.lease_service import LeaseService
 from agent.local_log import LocalLog
+from agent.membership import MembershipService, RemoteGpu
 from agent.metrics import AgentMetrics
 
 
@@ -34,6 +36,8 @@ class AgentContext:
     outbox_pending: int = 0
     outbox_gave_up: int = 0
     advertise_http: str = field(default="")
+    # The gossip view of the cluster; None only in set-ups without membership (never in run_agent).
+    membership: MembershipService | None = None
 
     @property
     def node(self) -> str:
@@ -67,8 +71,18 @@ class AgentContext:
         }
 
     def gpu_rows(self) -> list[dict[str, Any]]:
-        """GET /gpu/status rows: the seed's fields plus node, index, uuid, health; (node, index) order."""
-        return [self._row(snap) for snap in self.sampler.snapshots()]
+        """GET /gpu/status rows: every GPU of the cluster, in (node, index) order.
+
+        This agent's GPUs come from its sampler (`"source": "local"`); other
+        live members' from their gossip metadata (`"source": "gossip"`, with the
+        age of that metadata). Remote GPUs are shown, not scheduled here.
+        """
+        rows = [self._row(snap) for snap in self.sampler.snapshots()]
+        if self.membership is not None:
+            now = time.time()
+            rows += [_gossip_row(remote, now) for remote in self.membership.cluster_gpus() if remote.node != self.node]
+        rows.sort(key=lambda row: (row["node"], row["index"]))
+        return rows
 
     def gpu_row(self, node: str, index: int) -> dict[str, Any]:
         """One GPU's row. Raises NotFound for a GPU this agent does not know."""
@@ -107,29 +121,56 @@ class AgentContext:
             "healthy_again_at": rfc3339(snap.health.until),
             "present": snap.present,
             "drained": ref in drained,
-            "drain_reason": drained.get(ref),
+            "drain_reason": drained.get(ref) or None,
             "processes": None
             if r.processes is None
             else [{"pid": p.pid, "used_memory_mb": p.used_memory_mb} for p in r.processes],
             "in_use_without_lease": self.sampler.usage.unleased_in_use(r.index),
             "lease_idle_seconds": round(self.sampler.usage.idle_seconds(r.index, now), 1),
             "telemetry": _telemetry(r),
+            "source": "local",
         }
 
     def members(self) -> list[dict[str, Any]]:
-        """GET /cluster/members: this agent alone until the membership layer lands."""
-        return [
-            {
-                "name": self.node,
-                "status": "alive",
-                "role": "server",
-                "leader": True,
-                "incarnation": 0,
-                "addresses": {"http": self.advertise_http},
-                "version": self.version,
-                "gpus": len(self.sampler.readings),
-            }
-        ]
+        """GET /cluster/members: the gossip view, by name; this agent alone if membership is off."""
+        alone = {
+            "name": self.node,
+            "status": "alive",
+            "role": "server" if self.config.cluster.server else "client",
+            "leader": True,
+            "incarnation": 0,
+            "addresses": {"http": self.advertise_http},
+            "version": self.version,
+            "gpus": len(self.sampler.readings),
+            "self": True,
+        }
+        if self.membership is None or not self.membership.started:
+            return [alone]
+        out: list[dict[str, Any]] = []
+        for member in self.membership.members():
+            view, meta = member.view, member.meta
+            is_self = view.name == self.node
+            out.append(
+                {
+                    "name": view.name,
+                    "status": view.status,
+                    "role": meta.role if meta else None,
+                    # Until Raft elects one leader, each agent leads (schedules) its own GPUs.
+                    "leader": is_self,
+                    "incarnation": view.incarnation,
+                    "addresses": {
+                        "http": self.advertise_http if is_self else (f"http://{meta.http_address}" if meta else None),
+                        "gossip": f"{view.address[0]}:{view.address[1]}",
+                        "raft": meta.raft_address if meta else None,
+                    },
+                    "version": meta.version if meta else None,
+                    "labels": dict(meta.labels) if meta else {},
+                    "gpus": len(self.sampler.readings) if is_self else (meta.gpu_count if meta else 0),
+                    "gpu_models": sorted({g.model for g in meta.gpus}) if meta else [],
+                    "self": is_self,
+                }
+            )
+        return out
 
     def leader(self) -> dict[str, Any]:
         """GET /cluster/leader."""
@@ -160,6 +201,42 @@ _TELEMETRY_FIELDS = (
     "gr_engine_active",
     "temperature_slowdown_c",
 )
+
+
+def _gossip_row(remote: RemoteGpu, now: float) -> dict[str, Any]:
+    """A /gpu/status row for another member's GPU: what its gossip metadata says, fields it lacks None."""
+    g = remote.gpu
+    used = None if g.memory_free_mb is None else max(0, g.memory_total_mb - g.memory_free_mb)
+    return {
+        "id": g.index,
+        "node": remote.node,
+        "index": g.index,
+        "uuid": g.uuid,
+        "name": g.model,
+        "memory_total": g.memory_total_mb,
+        "memory_used": used,
+        "memory_free": g.memory_free_mb,
+        "utilization": g.utilization_pct,
+        "temperature": None,
+        "power_draw": None,
+        "last_updated": rfc3339(remote.received_at),
+        "allocated": g.allocated,
+        "allocated_to": None,
+        "allocation_id": None,
+        "allocated_at": None,
+        "health": g.health,
+        "health_reasons": [],
+        "healthy_again_at": None,
+        "present": True,
+        "drained": g.drained,
+        "drain_reason": None,
+        "processes": None,
+        "in_use_without_lease": None,
+        "lease_idle_seconds": None,
+        "telemetry": None,
+        "source": "gossip",
+        "age_seconds": round(max(0.0, now - remote.received_at), 1),
+    }
 
 
 def _telemetry(r: GpuReading) -> dict[str, Any]:

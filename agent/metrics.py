@@ -17,10 +17,11 @@ from the leader only, so a sum over agents never double counts.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric, UnknownMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
 from prometheus_client.registry import Collector
 
 from coordinator.lease_table import LeaseTable
@@ -28,6 +29,7 @@ from coordinator.model import DEGRADED, HEALTHY, UNHEALTHY, GpuRef
 
 from agent.device_sampler import DeviceSampler, GpuSnapshot
 from agent.devices.base import GpuReading
+from agent.membership import MembershipService
 
 # (metric name, help, reading attribute)
 _DCGM_FIELDS: tuple[tuple[str, str, str], ...] = (
@@ -133,8 +135,51 @@ class AgentMetrics:
     def attach_state(self, state: StateCollector) -> None:
         self.registry.register(state)
 
+    def attach_gossip(self, gossip: GossipCollector) -> None:
+        self.registry.register(gossip)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return render_text(self.registry)
+
+
+def _escape_label(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+def _format_value(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def render_text(registry: CollectorRegistry) -> bytes:
+    """The text exposition format (0.0.4), as prometheus_client's generate_latest writes it.
+
+    Written here because generate_latest validates and escapes every label name
+    of every sample (two regex matches each): most of a scrape's cost, spent on
+    names that are constants. Only label values can need escaping. The
+    `_created` series are left out, as Prometheus ignores them by default.
+    tests/unit/test_metrics_render.py checks the output parses to the same samples.
+    """
+    out: list[str] = []
+    for metric in registry.collect():
+        name = metric.name + "_total" if metric.type == "counter" else metric.name
+        kind = "untyped" if metric.type == "unknown" else metric.type
+        doc = metric.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+        for sample in metric.samples:
+            if sample.name.endswith("_created"):
+                continue
+            if sample.labels:
+                labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sample.labels.items())
+                out.append(f"{sample.name}{{{labels}}} {_format_value(sample.value)}\n")
+            else:
+                out.append(f"{sample.name} {_format_value(sample.value)}\n")
+    return "".join(out).encode()
 
 
 class StateCollector(Collector):
@@ -268,3 +313,63 @@ class StateCollector(Collector):
                     float(value),
                 )
             yield family
+
+
+class GossipCollector(Collector):
+    """The gossip layer's counters, read at scrape time from the membership service."""
+
+    def __init__(self, membership: MembershipService) -> None:
+        self._membership = membership
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._membership
+        stats = m.stats
+        core = m.core.stats if m.started else None
+        yield CounterMetricFamily(
+            "gpu_orchestrator_gossip_probes",
+            "SWIM probes this agent started (direct pings).",
+            value=float(core.probes if core else 0),
+        )
+        yield CounterMetricFamily(
+            "gpu_orchestrator_gossip_suspicions",
+            "Members this agent started suspecting.",
+            value=float(core.suspicions if core else 0),
+        )
+        packets = CounterMetricFamily(
+            "gpu_orchestrator_gossip_packets",
+            "Gossip UDP datagrams sent (out) and received (in), dropped ones included.",
+            labels=["direction"],
+        )
+        sizes = CounterMetricFamily(
+            "gpu_orchestrator_gossip_bytes",
+            "Gossip bytes on the wire (UDP datagrams and TCP push-pull frames), sealed size.",
+            labels=["direction"],
+        )
+        for direction in ("in", "out"):
+            packets.add_metric([direction], float(stats.packets[direction]))
+            sizes.add_metric([direction], float(stats.bytes[direction]))
+        yield packets
+        yield sizes
+        dropped = CounterMetricFamily(
+            "gpu_orchestrator_gossip_dropped_packets",
+            "Gossip datagrams and push-pull frames refused: decrypt (wrong or no key), "
+            "malformed (not a valid SWIM encoding), oversized.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.dropped.items()):
+            dropped.add_metric([reason], float(count))
+        yield dropped
+        push_pulls = CounterMetricFamily(
+            "gpu_orchestrator_gossip_push_pulls",
+            "Full-state TCP exchanges this agent started, by result (ok, failed).",
+            labels=["result"],
+        )
+        for result, count in sorted(stats.push_pulls.items()):
+            push_pulls.add_metric([result], float(count))
+        yield push_pulls
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_gossip_health_score",
+            "Lifeguard local health score: 0 = healthy; higher = this agent misses acks and "
+            "stretches its timeouts by (score + 1).",
+            value=float(m.health_score),
+        )

@@ -253,7 +253,7 @@ def _schemas() -> JsonObject:
             "required": ["index"],
             "additionalProperties": False,
             "properties": {
-                "index": {"type": "integer", "minimum": 0},
+                "index": {"type": "integer", "minimum": 0, "maximum": 1023},
                 "node": {"type": "string", "description": "default: the agent answering"},
                 "reason": string,
             },
@@ -262,7 +262,7 @@ def _schemas() -> JsonObject:
             "type": "object",
             "required": ["index"],
             "additionalProperties": False,
-            "properties": {"index": {"type": "integer", "minimum": 0}, "node": string},
+            "properties": {"index": {"type": "integer", "minimum": 0, "maximum": 1023}, "node": string},
         },
         "ReleaseResult": {
             "type": "object",

@@ -1,7 +1,9 @@
 """Start real `gpu-agent` processes on loopback for integration tests and benchmarks.
 
-Each agent gets its own data dir and a free port on a 127.0.0.x address; the
-helper waits until /healthz answers, and always kills what it started.
+Each agent gets its own data dir and free HTTP, gossip and Raft ports on a
+127.0.0.x address (gossip and Raft bound there too, so agents never collide on
+7946/7947); the helper waits until /healthz answers, and always kills what it
+started. `join` lists gossip addresses of agents to join.
 """
 
 from __future__ import annotations
@@ -20,11 +22,23 @@ import httpx
 STARTUP_TIMEOUT_S = 20.0
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (the agent binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
+    """A TCP port free on `host` right now (the agent binds it a moment later).
+
+    With `udp_too`, the same port is free for UDP as well (the gossip port).
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if not udp_too:
+            return port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind((host, port))
+            except OSError:
+                continue
+            return port
 
 
 @dataclass
@@ -38,6 +52,9 @@ class AgentProcess:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
+    gossip_port: int = 0
+    raft_port: int = 0
+    join: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -45,9 +62,17 @@ class AgentProcess:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def gossip_address(self) -> str:
+        return f"{self.host}:{self.gossip_port}"
+
     def start(self) -> AgentProcess:
         if not self.port:
             self.port = free_port(self.host)
+        if not self.gossip_port:
+            self.gossip_port = free_port(self.host, udp_too=True)
+        if not self.raft_port:
+            self.raft_port = free_port(self.host)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "agent.log"
         args = [
@@ -62,6 +87,13 @@ class AgentProcess:
             str(self.data_dir),
             "--node-name",
             self.node_name,
+            "--cluster-bind",
+            self.host,
+            "--gossip-port",
+            str(self.gossip_port),
+            "--raft-port",
+            str(self.raft_port),
+            *(arg for address in self.join for arg in ("--join", address)),
             *(["--simulate", self.simulate] if self.simulate else []),
             *self.extra_args,
         ]

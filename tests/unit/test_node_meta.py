@@ -1,0 +1,173 @@
+"""Gossiped node metadata: compact, round-trips, refuses garbage, re-announces only what matters."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+
+from coordinator.model import DEGRADED, HEALTHY, UNHEALTHY
+from coordinator.swim_config import lan
+
+from agent.node_meta import (
+    GpuMeta,
+    GpuState,
+    NodeMeta,
+    NodeMetaBuilder,
+    NodeMetaError,
+    decode_node_meta,
+    encode_node_meta,
+)
+
+CAP = lan().max_meta_size
+IDENTITY = NodeMeta(
+    name="gpu-host-17.rack-3.example.internal",
+    role="server",
+    advertise_ip="10.20.30.40",
+    http_port=8086,
+    gossip_port=7946,
+    raft_port=7947,
+    version="0.1.0",
+    labels={"rack": "r3", "zone": "eu-west-1a"},
+)
+
+
+def gpu_state(index: int, **changes: object) -> GpuState:
+    values: dict[str, object] = dict(
+        index=index,
+        uuid=f"GPU-{index:08x}-1111-2222-3333-444455556666",
+        model="NVIDIA H100 80GB HBM3",
+        memory_total_mb=81559,
+        memory_free_mb=81000,
+        utilization_pct=0.0,
+        health=HEALTHY,
+        drained=False,
+        allocated=False,
+    )
+    values.update(changes)
+    return GpuState(**values)  # type: ignore[arg-type]
+
+
+def test_an_eight_gpu_node_fits_comfortably_under_the_cap() -> None:
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP)
+    blob = builder.update([gpu_state(i, memory_free_mb=12345, utilization_pct=67.0) for i in range(8)], now=0.0)
+    assert blob is not None
+    assert len(blob) <= lan().max_meta_size // 2, len(blob)
+
+
+def test_a_node_with_too_many_gpus_gossips_those_that_fit_and_its_total() -> None:
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP)
+    blob = builder.update([gpu_state(i) for i in range(64)], now=0.0)
+    assert blob is not None and len(blob) <= CAP and builder.truncated
+    meta = decode_node_meta(blob)
+    assert meta.gpu_count == 64 and 8 < len(meta.gpus) < 64
+    assert [g.index for g in meta.gpus] == list(range(len(meta.gpus)))
+    assert decode_node_meta(NodeMetaBuilder(IDENTITY, max_bytes=CAP).update([gpu_state(0)], now=0.0) or b"").gpu_total is None
+
+
+def test_round_trip_quantizes_telemetry_and_keeps_identity() -> None:
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP)
+    blob = builder.update(
+        [gpu_state(0, memory_free_mb=1000, utilization_pct=42.0, drained=True), gpu_state(1, health=DEGRADED)],
+        now=0.0,
+    )
+    assert blob is not None
+    meta = decode_node_meta(blob)
+    assert (meta.name, meta.role, meta.labels, meta.version) == (
+        IDENTITY.name, "server", IDENTITY.labels, "0.1.0"
+    )
+    assert (meta.http_address, meta.gossip_address, meta.raft_address) == (
+        "10.20.30.40:8086", "10.20.30.40:7946", "10.20.30.40:7947"
+    )
+    first = meta.gpus[0]
+    assert first.uuid == "GPU-00000000-1111-2222-3333-444455556666"
+    assert (first.memory_free_mb, first.utilization_pct, first.drained, first.allocated) == (1024, 40, True, False)
+    assert meta.gpus[1].health == DEGRADED
+
+
+def test_non_nvml_uuids_ipv6_and_a_separate_http_address_survive() -> None:
+    meta = NodeMeta(
+        name="n", role="client", advertise_ip="fd00::5", http_port=80, gossip_port=7946, raft_port=7947,
+        version="x", http_ip="fd00::6",
+        gpus=(GpuMeta(0, "MIG-abc", "A100", 40000, None, None, UNHEALTHY, False, True),),
+    )
+    decoded = decode_node_meta(encode_node_meta(meta))
+    assert decoded == meta
+    assert decoded.http_address == "[fd00::6]:80"
+
+
+def test_unchanged_or_jittering_telemetry_is_not_re_announced() -> None:
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP, min_interval_s=5.0)
+    assert builder.update([gpu_state(0, utilization_pct=42.4)], now=0.0) is not None
+    # Jitter around a rounding boundary (42.5) and within 256 MiB: nothing to say, ever.
+    for step, util in enumerate([42.6, 42.4, 43.5, 37.0]):
+        assert builder.update([gpu_state(0, utilization_pct=util, memory_free_mb=81050)], now=10.0 * (step + 1)) is None
+
+
+def test_telemetry_changes_wait_for_the_minimum_interval() -> None:
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP, min_interval_s=5.0)
+    builder.update([gpu_state(0)], now=0.0)
+    assert builder.update([gpu_state(0, utilization_pct=90.0)], now=1.0) is None
+    blob = builder.update([gpu_state(0, utilization_pct=90.0)], now=5.0)
+    assert blob is not None and decode_node_meta(blob).gpus[0].utilization_pct == 90
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"health": UNHEALTHY}, {"drained": True}, {"allocated": True}],
+)
+def test_health_drain_and_lease_changes_are_announced_at_once(change: dict[str, object]) -> None:
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP, min_interval_s=5.0)
+    builder.update([gpu_state(0)], now=0.0)
+    assert builder.update([gpu_state(0, **change)], now=0.1) is not None
+
+
+def test_a_gpu_vanishing_is_announced_at_once() -> None:
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP, min_interval_s=5.0)
+    builder.update([gpu_state(0), gpu_state(1)], now=0.0)
+    blob = builder.update([gpu_state(0)], now=0.1)
+    assert blob is not None and len(decode_node_meta(blob).gpus) == 1
+
+
+def test_garbage_raises_node_meta_error_only() -> None:
+    rng = random.Random(7)
+    good = NodeMetaBuilder(IDENTITY, max_bytes=CAP).update([gpu_state(i) for i in range(4)], now=0.0)
+    assert good is not None
+    candidates = [b"", b"\xc1", b"\x91\x01", msgpack.packb({"v": 2}), msgpack.packb({"v": 1})]
+    candidates += [good[:n] for n in range(0, len(good), 7)]
+    candidates += [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 200))) for _ in range(500)]
+    for _ in range(500):
+        mutated = bytearray(good)
+        mutated[rng.randrange(len(mutated))] = rng.getrandbits(8)
+        candidates.append(bytes(mutated))
+    for blob in candidates:
+        try:
+            decode_node_meta(blob)
+        except NodeMetaError:
+            pass
+
+
+@pytest.mark.parametrize(
+    "doc, reason",
+    [
+        ({"v": 1}, "lacks"),
+        ({"v": 1, "n": "a", "r": 1, "ip": b"\x01\x02", "hp": 1, "gp": 2, "rp": 3, "ver": ""}, "IP"),
+        ({"v": 1, "n": "a", "r": 1, "ip": b"\x01\x02\x03\x04", "hp": 0, "gp": 2, "rp": 3, "ver": ""}, "port"),
+        (
+            {"v": 1, "n": "a", "r": 1, "ip": b"\x01\x02\x03\x04", "hp": 1, "gp": 2, "rp": 3, "ver": "",
+             "m": [], "g": [[0, "u", 0, 1, None, None, 0, 0]]},
+            "model",
+        ),
+        (
+            {"v": 1, "n": "a", "r": 1, "ip": b"\x01\x02\x03\x04", "hp": 1, "gp": 2, "rp": 3, "ver": "",
+             "m": ["x"], "g": [[0, "u", 0, 1, None, None, 9, 0]]},
+            "health",
+        ),
+        ({"v": 1, "n": 5, "r": 1, "ip": b"\x01\x02\x03\x04", "hp": 1, "gp": 2, "rp": 3, "ver": ""}, "name"),
+        ([1, 2], "not a map"),
+    ],
+)
+def test_specific_errors_name_the_problem(doc: object, reason: str) -> None:
+    with pytest.raises(NodeMetaError, match=reason):
+        decode_node_meta(msgpack.packb(doc, use_bin_type=True))
