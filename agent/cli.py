@@ -42,13 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         trio.run(lambda: run_agent(config, version=package_version()))
-    except (ApiKeyError, KeyringError) as exc:
-        print(f"gpu-agent: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except (DeviceError, StorageError, OSError, ValueError) as exc:
-        print(f"gpu-agent: cannot start: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:  # noqa: BLE001 - sorted below, re-raised if not ours
+        # trio wraps errors raised inside a nursery in an ExceptionGroup: unwrap a
+        # lone start-up error (a port in use, a bad key file) to say it plainly.
+        leaf = _lone_leaf(exc)
+        if isinstance(leaf, (ApiKeyError, KeyringError)):
+            print(f"gpu-agent: configuration error: {leaf}", file=sys.stderr)
+            return 2
+        if isinstance(leaf, (DeviceError, StorageError, OSError, ValueError)):
+            print(f"gpu-agent: cannot start: {leaf}", file=sys.stderr)
+            return 1
+        raise
     return 0
+
+
+def _lone_leaf(exc: BaseException) -> BaseException:
+    """The single exception inside nested exception groups, or `exc` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def _gossip_row(remote: RemoteGpu, now: float) -> dict[str, Any]:
         "health": g.health,
         "health_reasons": [],
         "healthy_again_at": None,
-        "present": True,
+        "present": None,  # gossip says health, not presence: a lost GPU shows as unhealthy
         "drained": g.drained,
         "drain_reason": None,
         "processes": None,
@@ -235,7 +235,9 @@ def _gossip_row(remote: RemoteGpu, now: float) -> dict[str, Any]:
         "lease_idle_seconds": None,
         "telemetry": None,
         "source": "gossip",
-        "age_seconds": round(max(0.0, now - remote.received_at), 1),
+        # Since the member last announced a change: unchanged state is not resent,
+        # so a steady, healthy member's rows age while it stays alive and probed.
+        "state_age_seconds": round(max(0.0, now - remote.received_at), 1),
     }
 
 

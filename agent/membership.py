@@ -312,6 +312,8 @@ class MembershipService:
         """Gossip that this agent leaves, and wait (bounded) until that has been sent enough times."""
         if self._core is None:
             return
+        if not any(m.status == "alive" and m.name != self._core.name for m in self._core.members()):
+            return  # alone: nobody to tell, so no reason to wait
         self._core.leave(trio.current_time())
         self._wake.set()
         with trio.move_on_after(LEAVE_TIMEOUT_S):

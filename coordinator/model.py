@@ -46,10 +46,11 @@ class GpuView:
     health: str = HEALTHY
     drained: bool = False
     sampled_at: float = 0.0
+    # Built once: the scheduler reads it several times per GPU per decision.
+    ref: GpuRef = field(init=False, repr=False, compare=False)
 
-    @property
-    def ref(self) -> GpuRef:
-        return GpuRef(self.node, self.index)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ref", GpuRef(self.node, self.index))
 
     @property
     def schedulable(self) -> bool:

@@ -18,8 +18,8 @@ Policy, in the order it is applied:
    node name. Within a node, the smallest adequate GPUs, lowest index first.
    A GPU is eligible when it is not unhealthy, not drained, free, matches the model and
    node constraints, has `min_memory_mb` of total memory, and - when its telemetry
-   was sampled after its last release - has that much free memory and runs under
-   `max_utilization` (busy, unleased GPUs are somebody else's).
+   was sampled more than RELEASE_GRACE_S after its last release - has that much free
+   memory and runs under `max_utilization` (busy, unleased GPUs are somebody else's).
 3. **No starvation (conservative backfill).** A request that cannot be placed
    reserves, on the node where it is closest to fitting (most eligible free GPUs,
    among nodes that have enough matching GPUs at all), every eligible free GPU
@@ -258,6 +258,13 @@ class Scheduler:
         )
 
 
+# Seconds after a release during which a GPU's telemetry still speaks of the previous
+# tenant: the release is stamped when proposed, before the device layer hears of it,
+# and a job's memory and activity take a moment to drain. Two default sample
+# intervals cover both.
+RELEASE_GRACE_S = 2.0
+
+
 def _eligible(
     gpu: GpuView, request: AllocationRequest, table: LeaseTable, released: set[GpuRef]
 ) -> bool:
@@ -265,8 +272,9 @@ def _eligible(
     req = request.requirements
     if not gpu.schedulable or not req.matches_statically(gpu):
         return False
-    # Telemetry from before the last release describes the previous tenant.
-    stale = gpu.ref in released or gpu.sampled_at <= table.released_at(gpu.ref)
+    # Telemetry from before (or just after) the last release describes the previous tenant.
+    last_release = table.released_at(gpu.ref)
+    stale = gpu.ref in released or (last_release > 0 and gpu.sampled_at <= last_release + RELEASE_GRACE_S)
     if stale:
         return True
     if gpu.memory_free_mb is not None and gpu.memory_free_mb < req.min_memory_mb:

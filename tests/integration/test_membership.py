@@ -136,7 +136,7 @@ def test_2_gpu_status_lists_every_gpu_and_allocations_stay_local(cluster: Cluste
     assert {g["source"] for g in gpus if g["node"] == NAMES[4]} == {"local"}
     remote = [g for g in gpus if g["node"] != NAMES[4]]
     assert {g["source"] for g in remote} == {"gossip"}
-    assert all(g["uuid"].startswith("GPU-") and g["memory_total"] > 0 and g["age_seconds"] >= 0 for g in remote)
+    assert all(g["uuid"].startswith("GPU-") and g["memory_total"] > 0 and g["state_age_seconds"] >= 0 for g in remote)
 
     # Remote GPUs are visible, not schedulable: agent 1 places on its own GPUs
     # only, and refuses what only the cluster as a whole could hold.

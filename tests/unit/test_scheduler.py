@@ -284,9 +284,11 @@ def test_a_fresh_sample_showing_unleased_use_makes_a_gpu_ineligible() -> None:
     assert placed(cluster.admit(req("r4", memory_mb=512, at=9.0))) == ("n1", [0])
 
 
-@pytest.mark.parametrize(("sampled_at", "chosen"), [(50.0, True), (49.0, True), (50.5, False)])
-def test_telemetry_sampled_at_or_before_the_last_release_is_ignored(sampled_at: float, chosen: bool) -> None:
-    """A sample from before the GPU's last release describes the old tenant and is not held against it."""
+@pytest.mark.parametrize(
+    ("sampled_at", "chosen"), [(49.0, True), (50.0, True), (50.5, True), (52.0, True), (52.5, False)]
+)
+def test_telemetry_from_around_the_last_release_is_ignored(sampled_at: float, chosen: bool) -> None:
+    """A sample up to RELEASE_GRACE_S (2 s) after the GPU's last release describes the old tenant."""
     cluster = Cluster(node("n1", 1))
     cluster.hold("old", "n1", [0], at=0.0)
     cluster.release("old", 50.0)
