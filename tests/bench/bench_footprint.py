@@ -63,6 +63,7 @@ from typing import Any, Sequence
 import httpx
 
 from tests.agent_process import AgentProcess
+from tests.bench.bench_single_agent import HttpError, Response, parse_response, prepare_request
 
 HOST = "127.0.0.1"
 REQUEST_TIMEOUT_S = 10.0
@@ -85,51 +86,8 @@ DCGM_RSS_MIB = (71.0, 155.0)
 # ---------------------------------------------------------------------- HTTP client
 
 
-class HttpError(Exception):
-    """The server answered something this client cannot parse, or not in time."""
-
-
 def prepare_get(path: str, port: int) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    status: int
-    body: bytes
-    close: bool  # the server closes the connection after this response
-
-
-def parse_response(buf: bytearray) -> Response | None:
-    """Take one complete response off the front of `buf`; None while it is incomplete.
-
-    Only what Hypercorn sends for these routes is understood: a Content-Length
-    body, no chunking. Raises HttpError otherwise.
-    """
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split(" ", 2)[1])
-    except (IndexError, ValueError) as exc:
-        raise HttpError(f"bad status line {lines[0]!r}") from exc
-    length, close = None, False
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "connection":
-            close = "close" in value.lower()
-    if length is None:
-        raise HttpError("response without Content-Length")
-    total = end + 4 + length
-    if len(buf) < total:
-        return None
-    body = bytes(buf[end + 4 : total])
-    del buf[:total]
-    return Response(status, body, close)
+    return prepare_request("GET", path, port)
 
 
 class KeepAliveClient:
