@@ -120,7 +120,9 @@ def main_run(cfg: SwimConfig, n: int, seed: int, meta_interval: float) -> MainRe
     return MainResult(detect, join, udp_bps, tcp_bps)
 
 
-def false_positive_run(cfg: SwimConfig, n: int, seed: int, *, loss: float, pause: bool) -> tuple[int, int]:
+def false_positive_run(
+    cfg: SwimConfig, n: int, seed: int, *, loss: float, pause: bool, seconds: float = FP_S
+) -> tuple[int, int]:
     net = SwimNetwork(cfg, seed, loss=loss)
     names = net.bootstrap(n)
     spared: set[str] = set()
@@ -128,7 +130,7 @@ def false_positive_run(cfg: SwimConfig, n: int, seed: int, *, loss: float, pause
         sleeper = names[n // 3]
         spared.add(sleeper)
         net.call_at(10.0, lambda: net.pause(sleeper, 5.0))
-    net.run_until(FP_S)
+    net.run_until(seconds)
     deaths = sum(1 for (_, _, k, m, _) in net.trace if k == "dead" and m not in spared)
     # Distinct accusations (member, incarnation), not the N observers each one reaches.
     suspicions = len({(m, inc) for (_, _, k, m, inc) in net.trace if k == "suspect" and m not in spared})
@@ -151,6 +153,9 @@ def main() -> None:
     ap.add_argument("--profiles", default="lan,memberlist", help="comma-separated: lan, memberlist")
     ap.add_argument("--meta-interval", type=float, default=60.0, help="seconds between a member's metadata changes (0 = none)")
     ap.add_argument("--no-fp", action="store_true", help="skip the false-positive runs")
+    ap.add_argument("--fp-only", action="store_true", help="only the false-positive runs")
+    ap.add_argument("--fp-nodes", type=int, default=FP_NODES, help="cluster size of the false-positive runs")
+    ap.add_argument("--fp-seconds", type=float, default=FP_S, help="simulated seconds per false-positive run")
     args = ap.parse_args()
     sizes = [int(x) for x in args.nodes.split(",")]
     profiles = args.profiles.split(",")
@@ -159,7 +164,7 @@ def main() -> None:
         "| profile | N | crash → all know dead (median [min–max]) | join → all N know | UDP B/s per member | TCP push-pull B/s per member |",
         "|---|---|---|---|---|---|",
     ]
-    for prof in profiles:
+    for prof in [] if args.fp_only else profiles:
         cfg = PROFILES[prof]()
         for n in sizes:
             results = [main_run(cfg, n, seed, args.meta_interval) for seed in range(1, args.seeds + 1)]
@@ -170,7 +175,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     fp_rows = [
         "",
-        f"False positives over {FP_S:.0f} s, N = min(N, {FP_NODES}), summed over seeds "
+        f"False positives over {args.fp_seconds:.0f} s, N = {args.fp_nodes}, summed over seeds "
         "(false deaths / distinct false suspicions):",
         "",
         "| profile | Lifeguard | N | 10% loss | one member paused 5 s |",
@@ -182,9 +187,10 @@ def main() -> None:
                 cfg = PROFILES[prof]()
                 if not lifeguard:
                     cfg = cfg.without_lifeguard()
-                n = min(max(sizes), FP_NODES)
-                loss = [false_positive_run(cfg, n, s, loss=0.10, pause=False) for s in range(1, args.seeds + 1)]
-                paused = [false_positive_run(cfg, n, s, loss=0.0, pause=True) for s in range(1, args.seeds + 1)]
+                n = args.fp_nodes
+                seeds = range(1, args.seeds + 1)
+                loss = [false_positive_run(cfg, n, s, loss=0.10, pause=False, seconds=args.fp_seconds) for s in seeds]
+                paused = [false_positive_run(cfg, n, s, loss=0.0, pause=True, seconds=args.fp_seconds) for s in seeds]
                 fp_rows.append(
                     f"| {prof} | {'on' if lifeguard else 'off'} | {n} "
                     f"| {sum(d for d, _ in loss)} / {sum(s for _, s in loss)} "
