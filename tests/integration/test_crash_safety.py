@@ -70,7 +70,12 @@ def test_kill_9_loses_no_acknowledged_allocation(tmp_path: Path, seed: int) -> N
     try:
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(0.5, 1.5))
+        # Kill mid-burst: once some allocations are acknowledged (however slow the
+        # machine is today), at a seeded moment after that.
+        deadline = time.monotonic() + 20.0
+        while len(acked) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.5))
         agent.kill()
         stop.set()
         for t in threads:
