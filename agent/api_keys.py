@@ -124,6 +124,16 @@ class ApiKeyring:
             raise ApiKeyError(f"{path}: not valid TOML: {error}") from None
         return cls(_parse_document(document, path))
 
+    def reload(self, path: Path) -> int:
+        """Replace the keys with those of the file at `path` (SIGHUP); return how many there are now.
+
+        Raises ApiKeyError, as `load` does, and then keeps the keys in force: a
+        botched edit must not lock every client out. The swap is one assignment,
+        so a concurrent `authenticate` sees the old keys or the new ones.
+        """
+        self._by_digest = ApiKeyring.load(path)._by_digest
+        return len(self._by_digest)
+
     def authenticate(self, presented: str) -> ApiKey | None:
         """Return the ApiKey that `presented` is, or None if it is no known key."""
         if not presented:

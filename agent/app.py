@@ -9,6 +9,16 @@ with a shutdown trigger. Start-up order is what makes an acknowledgement mean so
 opened and replayed before the HTTP port is bound, so the first answer already
 reflects every earlier acknowledged write.
 
+systemd (agent/systemd_notify.py): READY=1 once the HTTP port is bound (the
+gossip port already is), STATUS= whenever the one-line summary changes,
+WATCHDOG=1 while the device sampler is not stuck, STOPPING=1 on SIGTERM. All of
+it is a no-op without $NOTIFY_SOCKET.
+
+Reload (SIGHUP): the config file is read again and its log level applied, the
+API keys file and the cluster key file are re-read. A file that no longer
+loads is logged and the settings in force are kept; changed keys that need a
+restart are named in the log.
+
 Shutdown (SIGTERM or SIGINT): hypercorn stops accepting and lets in-flight
 requests finish (their proposals complete, since the log writer still runs),
 the agent gossips that it leaves the cluster (bounded by 2 s), the outbox
@@ -21,10 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
 import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -41,8 +54,8 @@ from coordinator.swim_config import profile as swim_profile
 from coordinator.views import graph_event, webhook_payload
 
 from agent.advisor import DeepAgentsAdvisor
-from agent.api_keys import ApiKeyring
-from agent.config import AgentConfig
+from agent.api_keys import ApiKeyError, ApiKeyring
+from agent.config import AgentConfig, ConfigError, restart_needed_keys
 from agent.context import AgentContext
 from agent.device_sampler import DeviceSampler
 from agent.devices import backend_from_config
@@ -53,6 +66,14 @@ from agent.membership import MembershipService
 from agent.metrics import AgentMetrics, GossipCollector, StateCollector
 from agent.outbox import OutboxDeliverer
 from agent.storage import AsyncStateStore, OutboxRow, StateStore
+from agent.systemd_notify import (
+    Notifier,
+    SampleWatch,
+    reloading_assignments,
+    run_status,
+    run_watchdog,
+    watchdog_interval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +89,18 @@ async def run_agent(
     config: AgentConfig,
     *,
     version: str,
+    environ: Mapping[str, str] | None = None,
+    reload_config: Callable[[], AgentConfig] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the agent until SIGTERM/SIGINT. Reports the bound HTTP addresses once serving."""
+    """Run the agent until SIGTERM/SIGINT. Reports the bound HTTP addresses once serving.
+
+    `environ` (default os.environ) supplies systemd's NOTIFY_SOCKET, WATCHDOG_USEC
+    and WATCHDOG_PID; `reload_config` re-reads the configuration on SIGHUP (without
+    it, SIGHUP reloads only the key files).
+    """
+    env = os.environ if environ is None else environ
+    notifier = Notifier.from_environ(env)
     rng = random.SystemRandom()
     store = StateStore(Path(config.agent.data_dir) / STATE_FILE)
     astore = AsyncStateStore(store)
@@ -81,8 +111,15 @@ async def run_agent(
     # restart, as real ones do: leases in the state file name GPUs by UUID.
     seed = zlib.crc32(node.encode())
     backend = backend_from_config(config.devices.backend, config.devices.simulate, seed=seed)
-    sampler = DeviceSampler(
+    # A sample stuck in the backend beyond its timeout and a few intervals stops
+    # the watchdog pings; one that fails quickly does not (agent/systemd_notify.py).
+    watched = SampleWatch.from_environ(
         backend,
+        stall_s=config.devices.nvml_timeout_s + 3 * config.devices.sample_interval_s,
+        environ=env,
+    )
+    sampler = DeviceSampler(
+        watched,
         node,
         interval_s=config.devices.sample_interval_s,
         timeout_s=config.devices.nvml_timeout_s,
@@ -219,7 +256,8 @@ async def run_agent(
             await nursery.start(membership.run)
             nursery.start_soon(_housekeeping, ctx, astore, sampler, metrics)
             nursery.start_soon(_report_health, service, sampler, health_recv)
-            nursery.start_soon(_wait_for_signal, shutdown)
+            nursery.start_soon(_wait_for_signal, shutdown, notifier)
+            nursery.start_soon(_reload_on_sighup, ctx, notifier, reload_config)
             bound: list[str] = await nursery.start(_serve, app, hconfig, shutdown, served)
             ctx.advertise_http = bound[0] if bound else ""
             log.info(
@@ -230,6 +268,11 @@ async def run_agent(
                 len(sampler.readings),
                 backend.kind,
             )
+            notifier.notify("READY=1", "STATUS=" + ctx.status_line())
+            nursery.start_soon(run_status, notifier, ctx.status_line)
+            ping_interval = watchdog_interval(env)
+            if ping_interval is not None:
+                nursery.start_soon(run_watchdog, notifier, ping_interval, watched.problem)
             task_status.started(bound)
             await shutdown.wait()
             # Hypercorn stops accepting at once and returns when the requests in
@@ -247,6 +290,7 @@ async def run_agent(
             nursery.cancel_scope.cancel()
     await sampler.close()
     store.close()
+    notifier.close()
     log.info("gpu-agent stopped")
 
 
@@ -264,12 +308,70 @@ async def _serve(
         served.set()
 
 
-async def _wait_for_signal(shutdown: trio.Event) -> None:
+async def _wait_for_signal(shutdown: trio.Event, notifier: Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("received %s; shutting down", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            log.info("received %s; shutting down", name)
+            notifier.notify("STOPPING=1", f"STATUS=stopping ({name})")
             shutdown.set()
             return
+
+
+async def _reload_on_sighup(
+    ctx: AgentContext, notifier: Notifier, reload_config: Callable[[], AgentConfig] | None
+) -> None:
+    """On each SIGHUP, reload what can change at run time (module docstring)."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            notifier.notify(*reloading_assignments())
+            # File reads in a worker thread: no task on the trio thread waits on the disk.
+            done = await trio.to_thread.run_sync(_reload, ctx, reload_config)
+            log.info("SIGHUP: %s", "; ".join(done))
+            notifier.notify("READY=1", "STATUS=" + ctx.status_line())
+
+
+def _reload(ctx: AgentContext, reload_config: Callable[[], AgentConfig] | None) -> list[str]:
+    """Reload the log level, the API keys and the cluster keys; return what happened to each, for the log.
+
+    Runs in a worker thread. The keyring swaps are single attribute assignments,
+    so a request on the trio thread sees either the old keys or the new ones.
+    """
+    done: list[str] = []
+    if reload_config is None:
+        done.append("log level: no config to re-read")
+    else:
+        try:
+            fresh = reload_config()
+        except ConfigError as error:
+            done.append(f"config NOT reloaded, keeping log level {ctx.config.agent.log_level} ({error})")
+        else:
+            root = logging.getLogger()
+            old_level = logging.getLevelName(root.level).lower()
+            root.setLevel(fresh.agent.log_level.upper())
+            done.append(f"log level {old_level} -> {fresh.agent.log_level}")
+            ignored = restart_needed_keys(ctx.config, fresh)
+            # The configuration in force: what started, with the reloadable keys applied.
+            ctx.config = replace(ctx.config, agent=replace(ctx.config.agent, log_level=fresh.agent.log_level))
+            if ignored:
+                done.append("changed but need a restart: " + ", ".join(ignored))
+    if ctx.keyring is None:
+        done.append("API keys: auth is off")
+    else:
+        try:
+            count = ctx.keyring.reload(ctx.config.auth.keys_file)
+        except ApiKeyError as error:
+            done.append(f"API keys NOT reloaded, keeping {len(ctx.keyring)} key(s) ({error})")
+        else:
+            done.append(f"API keys: {count} key(s) from {ctx.config.auth.keys_file}")
+    keyring_file = ctx.membership.keyring if ctx.membership is not None else None
+    if keyring_file is None:
+        done.append("cluster key: none configured")
+    else:
+        # Logs its own outcome (new primary, or a broken file kept out).
+        changed = keyring_file.reload_if_changed()
+        done.append(f"cluster key file {keyring_file.path}: {'reloaded' if changed else 'unchanged'}")
+    return done
 
 
 async def _housekeeping(

@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        trio.run(lambda: run_agent(config, version=package_version()))
+        trio.run(
+            lambda: run_agent(
+                config,
+                version=package_version(),
+                environ=os.environ,
+                reload_config=lambda: load_config(args, os.environ),
+            )
+        )
     except BaseException as exc:  # noqa: BLE001 - sorted below, re-raised if not ours
         # trio wraps errors raised inside a nursery in an ExceptionGroup: unwrap a
         # lone start-up error (a port in use, a bad key file) to say it plainly.

@@ -524,6 +524,25 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
     return (Path(home) if home else Path.home()) / ".local" / "state" / STATE_SUBDIR
 
 
+# --- reloading (SIGHUP) -------------------------------------------------------------
+
+# Keys a running agent applies when it re-reads its configuration on SIGHUP.
+# Everything else is bound into sockets, files or tasks at start-up.
+RELOADABLE_KEYS: Final = frozenset({"agent.log_level"})
+
+
+def restart_needed_keys(running: AgentConfig, fresh: AgentConfig) -> list[str]:
+    """Return the dotted keys whose value differs between `running` and `fresh` and need a restart."""
+    changed: list[str] = []
+    for section in fields(AgentConfig):
+        old, new = getattr(running, section.name), getattr(fresh, section.name)
+        for key in fields(old):
+            dotted = f"{section.name}.{key.name}"
+            if dotted not in RELOADABLE_KEYS and getattr(old, key.name) != getattr(new, key.name):
+                changed.append(dotted)
+    return changed
+
+
 # --- loading -------------------------------------------------------------------------
 
 # Environment variable -> the key it overrides. STATE_DIRECTORY is not here: it

@@ -70,6 +70,22 @@ class AgentContext:
             "outbox": {"pending": self.outbox_pending, "gave_up": self.outbox_gave_up},
         }
 
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (`systemctl status`): role, node, GPUs, members, degradation."""
+        snaps = self.sampler.snapshots()
+        unhealthy = sum(1 for snap in snaps if snap.health.state == UNHEALTHY)
+        role = "server" if self.config.cluster.server else "client"
+        counts = self.membership.member_counts() if self.membership is not None and self.membership.started else {}
+        alive = counts.get("alive", 1)
+        line = (
+            f"{role} {self.node} (leader of its own GPUs): {len(snaps)} GPU(s), {unhealthy} unhealthy; "
+            f"{alive} member(s) alive"
+        )
+        if counts.get("suspect") or counts.get("dead"):
+            line += f", {counts.get('suspect', 0)} suspect, {counts.get('dead', 0)} dead"
+        degraded = self.sampler.degraded_reason
+        return line + (f"; degraded: {degraded}" if degraded else "")
+
     def gpu_rows(self) -> list[dict[str, Any]]:
         """GET /gpu/status rows: every GPU of the cluster, in (node, index) order.
 

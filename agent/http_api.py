@@ -34,12 +34,15 @@ from coordinator.views import allocation_view, queued_view, record_view
 from agent.api_keys import ApiKey, extract_presented_key
 from agent.context import AgentContext
 from agent.openapi import openapi_document
+from agent.status_page import HEADERS as STATUS_PAGE_HEADERS
+from agent.status_page import status_page_html
 from agent.storage import StorageError
 
 log = logging.getLogger(__name__)
 
-# Open without a key even when auth is on: probes, scrapes and the API's own description.
-OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json"})
+# Open without a key even when auth is on: probes, scrapes, the API's own description,
+# and the status page (static HTML; the data it fetches needs a key like any call).
+OPEN_PATHS = frozenset({"/", "/healthz", "/metrics", "/openapi.json"})
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -178,6 +181,12 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return alloc
 
     # ------------------------------------------------------------------ routes
+
+    @app.get("/")
+    async def status_page() -> Response:
+        return Response(
+            status_page_html(ctx.node), content_type="text/html; charset=utf-8", headers=STATUS_PAGE_HEADERS
+        )
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -53,6 +53,15 @@ def openapi_document() -> JsonObject:
     """The API's OpenAPI document (built once)."""
     obj = {"type": "object"}
     paths: JsonObject = {
+        "/": {
+            "get": {
+                "summary": "The status page: static HTML whose script polls /gpu/list and /cluster/members "
+                "(open; with auth on, the page asks for a key for those calls)",
+                "responses": {
+                    "200": {"description": "OK", "content": {"text/html": {"schema": {"type": "string"}}}},
+                },
+            }
+        },
         "/healthz": {"get": _op("Liveness and a summary of the agent's state", {200: _json(_ref("Health"), "OK")}, ())},
         "/gpu/allocate": {
             "post": _op(
@@ -168,7 +177,7 @@ def openapi_document() -> JsonObject:
             "title": "gpu-orchestrator agent API",
             "version": "1",
             "description": "Every error is {\"error\": {\"code\", \"message\"}}. With auth enabled, send "
-            "X-API-Key (or Authorization: Bearer); /healthz, /metrics and /openapi.json stay open. "
+            "X-API-Key (or Authorization: Bearer); /, /healthz, /metrics and /openapi.json stay open. "
             "A method a path does not list answers 405 with an Allow header; an unknown path 404. "
             "Any write may answer 503 storage_unavailable with Retry-After if the state file fails.",
         },

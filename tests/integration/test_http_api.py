@@ -44,7 +44,7 @@ class Api:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = self.client.request(method, path, **kwargs)
         OBSERVED.add((_template(path), method.lower(), response.status_code))
-        if response.status_code != 200 or path != "/metrics":
+        if response.status_code != 200 or path not in ("/metrics", "/"):
             assert response.headers["content-type"].startswith("application/json"), response.text
         if response.status_code >= 400:
             error = response.json()["error"]
@@ -215,6 +215,16 @@ def test_workload_analysis_allocates_nothing(api: Api) -> None:
     assert (seed["required_gpus"], seed["min_memory_mb"], seed["priority"]) == (4, 16384, 5)
 
 
+def test_status_page_is_static_html_with_a_strict_policy(api: Api) -> None:
+    """GET / is the status page: HTML naming the node, with only its own inline script and style allowed."""
+    page = api.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>gpu-orchestrator: node-a</title>" in page.text and 'id="gpus"' in page.text
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'sha256-" in policy and "connect-src 'self'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
 def test_cluster_endpoints(api: Api) -> None:
     """A single agent is its own cluster: one alive server that leads."""
     members = api.get("/cluster/members").json()["members"]
@@ -315,7 +325,8 @@ def test_unknown_ids_routes_methods_and_oversized_bodies(api: Api) -> None:
     for path, method in [("/gpu/release", "GET"), ("/gpu/renew", "GET"), ("/gpu/workload", "GET"),
                          ("/gpu/status", "POST"), ("/gpu/list", "POST"), ("/healthz", "POST"),
                          ("/cluster/members", "POST"), ("/cluster/leader", "POST"), ("/metrics", "POST"),
-                         ("/openapi.json", "POST"), ("/gpu/allocations/x", "POST"), ("/gpu/requests/x", "POST")]:
+                         ("/openapi.json", "POST"), ("/gpu/allocations/x", "POST"), ("/gpu/requests/x", "POST"),
+                         ("/", "POST")]:
         assert api.request(method, path).status_code == 405
     before = api.state()
     huge = {"service_name": "s", "workload_data": {"blob": "x" * 2_000_000}}
@@ -361,7 +372,7 @@ def test_auth_keys_bind_services_and_leave_probes_open(tmp_path: Path) -> None:
     anonymous, trainer = Api(agent.url), Api(agent.url, {"X-API-Key": "train-key"})
     ops, wrong = Api(agent.url, {"Authorization": "Bearer ops-key"}), Api(agent.url, {"X-API-Key": "nope"})
     try:
-        for path in ("/healthz", "/metrics", "/openapi.json"):
+        for path in ("/", "/healthz", "/metrics", "/openapi.json"):
             assert anonymous.get(path).status_code == 200
         gets = ["/gpu/status", "/gpu/list", "/cluster/members", "/cluster/leader",
                 "/gpu/allocations/x", "/gpu/requests/x"]
