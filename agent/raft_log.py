@@ -1,0 +1,492 @@
+"""The replicated command log: a trio shell around `RaftCore`, with `LocalLog`'s interface.
+
+Every change to the lease table goes through `propose(command)` on the leader,
+which returns once the command's entry is committed (on a majority's disks)
+and applied to this server's `LeaseTable`. Followers apply the same entries in
+the same order; `table` is each server's copy. `recover`, `propose`,
+`propose_many`, `run`, `on_applied` and the `Applied` records are those of
+agent/local_log.py, so the lease service above does not change.
+
+Theory of operation
+-------------------
+One task (`run`) owns the core. Inputs never call the core directly: they go
+into one ordered queue, and the loop steps them all, then handles one Ready:
+
+    ticker ──tick──┐
+    transport ─msg─┼─▶ inputs (in arrival order) ──▶ loop: tick/step/propose all queued
+    propose ─batch─┘                                       │
+                                 while core.has_ready():   ▼
+        1. persist rd (hard state, snapshot, truncation, entries) — one fsync'd
+           transaction in the storage worker thread (agent/raft_storage.py)
+        2. send rd.messages (the transport queues them; never blocks)
+        3. restore the table from rd.snapshot, apply rd.committed_entries in
+           order, await on_applied(records), then wake the proposers
+        4. core.advance(rd); every snapshot_every applied entries, capture the
+           table and compact to the capture of the round before
+
+Ticks versus fsync
+------------------
+The core must not be touched between `ready()` and `advance()`, so a Ready's
+fsync necessarily delays whatever the core would do next, heartbeats included.
+What must not happen is that the disk slows the *clock*. So the ticker is its
+own task that only sleeps and appends a tick marker to the input queue: it
+never awaits the disk, the core or the loop. While a Ready is being persisted
+(in a worker thread, the trio loop free), ticks and messages keep arriving
+and queue **in the order they happened**; after `advance()` the loop replays
+them in that order. Logical time therefore never falls behind real time, and
+a follower that received the leader's heartbeat during our fsync sees it
+before the ticks that came after it (it does not campaign because the disk
+was slow). The delay a heartbeat suffers is bounded by one Ready cycle — a few
+milliseconds of fsync on a healthy disk, against a 1,000 ms election timeout.
+A disk that stalls for longer than that *should* cost this server its
+leadership: it cannot acknowledge anything anyway, and check-quorum on the
+others moves on. `storage.stalled_seconds()` exposes the stall for health.
+Ticks missed because the whole process was descheduled (not the disk) are
+not made up: the ticker resynchronises, as Go's time.Ticker (and etcd) do.
+
+Proposals
+---------
+`propose_many` checks leadership at once (`NotLeader(leader_hint)` on a
+follower or during a transfer: the HTTP layer forwards), then queues its
+commands; the loop proposes them consecutively, one entry per command, and
+remembers each (index, term). The proposer is answered when that index is
+applied: the same term means it is ours (the ApplyResult is returned);
+another term there means a new leader overwrote it — `ProposalLost`, retry.
+Only an *applied* entry is conclusive: an entry truncated from our log may
+still be committed by a later leader that holds it, so truncation alone
+decides nothing. When the outcome cannot be known — the wait exceeded
+`propose_timeout_s` (e.g. this server was cut off after losing leadership),
+a snapshot covering the index replaced our log, or the log stopped —
+the proposer gets `ProposalUnknown`: retry with the same request id (the
+lease table's commands are idempotent per request id). A batch is one entry
+per command, so a leader change can apply a prefix of it and lose the rest.
+
+Snapshots
+---------
+Every `config.snapshot_every` applied entries the loop captures
+`msgpack(table.snapshot())` at the applied index and compacts the log to the
+capture of the *previous* round (docs/raft.md): at least snapshot_every
+entries stay in the log for followers that lag a little. An InstallSnapshot
+(`rd.snapshot`) replaces the table and drops the capture; `on_restored` (when
+given) lets derived state refresh, since the individual entries it skipped
+are never applied here. If `on_applied` fails, no snapshot is taken until a
+restart, so the replay of the log re-derives what the hook missed (LocalLog's
+rule). Outbox rows keyed by log index make that replay idempotent.
+
+Error handling
+--------------
+A `StorageError` while persisting a Ready ends `run()`: the core cannot be
+advanced past a Ready that is not durable, and continuing would break persist
+before send. The agent exits and systemd restarts it from the state file.
+Pending proposers get `ProposalUnknown`. A failed compaction write is logged
+and retried at the next round (the log on disk only keeps more entries).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Protocol, Sequence
+
+import msgpack
+import trio
+
+from coordinator.commands import Command
+from coordinator.lease_table import ApplyResult, LeaseTable
+from coordinator.raft import NotLeader, RaftCore, RaftError, Ready, Role, initial_state
+from coordinator.raft_config import RaftConfig, lan
+from coordinator.raft_messages import EntryType, HardState, Message, NodeId, Snapshot
+
+from agent.local_log import Applied, OnApplied, decode_command, encode_command
+from agent.raft_storage import AsyncRaftStorage
+from agent.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Applied",
+    "MessageSink",
+    "NotLeader",
+    "OnApplied",
+    "ProposalLost",
+    "ProposalUnknown",
+    "RaftLog",
+]
+
+
+class ProposalLost(RaftError):
+    """The proposal's index was committed with another leader's entry: it was not applied. Retry."""
+
+    def __init__(self, index: int, term: int, committed_term: int) -> None:
+        super().__init__(
+            f"entry {index} of term {term} was replaced by a new leader's entry of term {committed_term}; retry"
+        )
+        self.index = index
+        self.term = term
+
+
+class ProposalUnknown(RaftError):
+    """Whether the proposal was applied cannot be known here; retry it idempotently (same request id)."""
+
+
+class MessageSink(Protocol):
+    """Where the log hands outgoing Raft messages (agent/raft_transport.RaftTransport)."""
+
+    def send(self, message: Message) -> None: ...
+
+
+class _Tick:
+    __slots__ = ()
+
+
+_TICK = _Tick()
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    commands: Sequence[Command]
+    results: list[ApplyResult | None]
+    # (index, term) given to each command by the core once proposed.
+    positions: list[tuple[int, int]] = field(default_factory=list)
+    settled: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+_Input = Message | _Tick | _Batch
+
+
+class RaftLog:
+    """Replicated, durable, ordered application of commands to a LeaseTable."""
+
+    def __init__(
+        self,
+        storage: AsyncRaftStorage,
+        transport: MessageSink,
+        *,
+        node_id: NodeId,
+        on_applied: OnApplied,
+        config: RaftConfig | None = None,
+        rng: random.Random | None = None,
+        bootstrap_voters: Sequence[NodeId] | None = None,
+        on_restored: Callable[[], Awaitable[None]] | None = None,
+        retention_s: float | None = None,
+        propose_timeout_s: float = 10.0,
+        inbox_limit: int = 8192,
+    ) -> None:
+        """`bootstrap_voters`: the founding voters, used only when the state file holds no Raft state.
+
+        A server added to a running cluster passes None: it starts blank and never
+        campaigns until the leader's log makes it a voter.
+        """
+        self.node_id = node_id
+        self.table = LeaseTable() if retention_s is None else LeaseTable(retention_s=retention_s)
+        self._retention_s = retention_s
+        self._storage = storage
+        self._transport = transport
+        self._on_applied = on_applied
+        self._on_restored = on_restored
+        self._config = config or lan()
+        self._config.validate()
+        self._rng = rng or random.Random()
+        self._bootstrap = tuple(bootstrap_voters) if bootstrap_voters else None
+        self._propose_timeout_s = propose_timeout_s
+        self._inbox_limit = inbox_limit
+        self._core: RaftCore | None = None
+        self._inputs: deque[_Input] = deque()
+        self._queued_messages = 0
+        self._wakeup = trio.Event()
+        # index → (batch, position in it, term the entry was proposed in)
+        self._pending: dict[int, tuple[_Batch, int, int]] = {}
+        self._hooks_complete = True
+        # The table captured one snapshot round ago: (index, bytes).
+        self._capture: tuple[int, bytes] | None = None
+        self._capture_index = 0
+        # Metrics, as LocalLog's: the last persist's duration and entries written.
+        self.last_append_seconds = 0.0
+        self.last_batch_size = 0
+        self.dropped_messages = 0
+
+    # --- observers ----------------------------------------------------------------------
+
+    def _require_core(self) -> RaftCore:
+        if self._core is None:
+            raise RuntimeError("RaftLog.recover() first")
+        return self._core
+
+    @property
+    def role(self) -> Role:
+        return self._require_core().role
+
+    @property
+    def is_leader(self) -> bool:
+        return self._require_core().role is Role.LEADER
+
+    @property
+    def leader_id(self) -> NodeId | None:
+        return self._require_core().lead
+
+    @property
+    def term(self) -> int:
+        return self._require_core().term
+
+    @property
+    def voters(self) -> tuple[NodeId, ...]:
+        return self._require_core().voters
+
+    @property
+    def commit_index(self) -> int:
+        return self._require_core().log.committed
+
+    @property
+    def applied_index(self) -> int:
+        return self._require_core().log.applied
+
+    @property
+    def last_index(self) -> int:
+        """The last entry in this server's log (committed or not); applied_index is what the table reflects."""
+        return self._require_core().log.last_index
+
+    @property
+    def snapshot_index(self) -> int:
+        return self._require_core().log.snapshot.index
+
+    # --- start-up -----------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Load the Raft state, restore the table from the snapshot, replay committed entries.
+
+        Returns the number of entries replayed. Raises StorageError.
+        """
+        state = await self._storage.load()
+        empty = state.hard_state == HardState() and state.snapshot is None and not state.entries
+        if empty and self._bootstrap is not None:
+            state = initial_state(self._bootstrap)
+            await self._storage.persist(state.hard_state, None, None, state.entries)
+            log.info("raft: bootstrapped a new cluster with voters %s", ", ".join(self._bootstrap))
+        if state.snapshot is not None:
+            self.table = self._restore_table(state.snapshot)
+        core = self._core = RaftCore(self._config, self.node_id, self._rng, state)
+        applied: list[Applied] = []
+        while core.has_ready():
+            rd = core.ready()
+            # A freshly built core only has committed entries to hand back (nothing to
+            # persist or send); persist anyway so the rule holds whatever the core does.
+            await self._storage.persist_ready(rd)
+            for m in rd.messages:
+                self._transport.send(m)
+            for e in rd.committed_entries:
+                if e.type is EntryType.NORMAL:
+                    command = decode_command(e.data)
+                    applied.append(Applied(e.index, command, self.table.apply(command), replayed=True))
+            core.advance(rd)
+        if applied:
+            await self._on_applied(applied)
+        self._capture_index = core.log.applied
+        return len(applied)
+
+    # --- inputs -------------------------------------------------------------------------
+
+    def receive(self, message: Message) -> None:
+        """Queue a message from a peer (the transport's callback; never blocks)."""
+        if self._queued_messages >= self._inbox_limit:
+            self.dropped_messages += 1  # Raft retransmits; an overloaded loop must not grow without bound
+            return
+        self._queued_messages += 1
+        self._inputs.append(message)
+        self._wakeup.set()
+
+    async def propose(self, command: Command) -> ApplyResult:
+        """Replicate `command`, wait until committed and applied here, return its result.
+
+        Raises NotLeader (leader_hint: forward there), ProposalLost (not applied: retry),
+        ProposalUnknown (may or may not be applied: retry idempotently).
+        """
+        return (await self.propose_many([command]))[0]
+
+    async def propose_many(self, commands: Sequence[Command]) -> list[ApplyResult]:
+        """Propose several commands, consecutive in the log in this order (see "Proposals")."""
+        if not commands:
+            return []
+        core = self._require_core()
+        if core.role is not Role.LEADER:
+            raise NotLeader(core.lead)
+        if core.lead_transferee is not None:
+            raise NotLeader(core.lead_transferee, "leadership is being transferred")
+        batch = _Batch(commands, [None] * len(commands))
+        self._inputs.append(batch)
+        self._wakeup.set()
+        with trio.move_on_after(self._propose_timeout_s):
+            await batch.done.wait()
+        if not batch.done.is_set():
+            raise ProposalUnknown(f"not applied within {self._propose_timeout_s} s; the outcome is unknown")
+        if batch.error is not None:
+            raise batch.error
+        return [r for r in batch.results if r is not None]
+
+    # --- the run task -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Tick, step, persist, send, apply and advance forever (see the module docstring).
+
+        Raises StorageError when the state file refuses a Ready.
+        """
+        core = self._require_core()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ticker)
+                task_status.started()
+                await self._loop(core)
+        finally:
+            self._fail_all()
+
+    async def _ticker(self) -> None:
+        interval = self._config.tick_interval_s
+        next_at = trio.current_time() + interval
+        while True:
+            await trio.sleep_until(next_at)
+            self._inputs.append(_TICK)
+            self._wakeup.set()
+            next_at += interval
+            now = trio.current_time()
+            if next_at < now:
+                next_at = now + interval  # descheduled: skip missed ticks rather than burst them
+
+    async def _loop(self, core: RaftCore) -> None:
+        while True:
+            self._wakeup = trio.Event()
+            self._drain_inputs(core)
+            if core.has_ready():
+                await self._handle_ready(core, core.ready())
+                continue
+            await self._wakeup.wait()
+
+    def _drain_inputs(self, core: RaftCore) -> None:
+        while self._inputs:
+            item = self._inputs.popleft()
+            if isinstance(item, _Tick):
+                core.tick()
+            elif isinstance(item, Message):
+                self._queued_messages -= 1
+                core.step(item)
+            else:
+                self._propose_batch(core, item)
+
+    def _propose_batch(self, core: RaftCore, batch: _Batch) -> None:
+        if batch.done.is_set():
+            return
+        try:
+            for n, command in enumerate(batch.commands):
+                index, term = core.propose(encode_command(command))
+                batch.positions.append((index, term))
+                self._pending[index] = (batch, n, term)
+        except NotLeader as error:
+            # Leadership moved between the caller's check and now; nothing was
+            # appended (a batch is proposed in one go, so never a part of it).
+            batch.fail(error)
+
+    async def _handle_ready(self, core: RaftCore, rd: Ready) -> None:
+        if rd.hard_state is not None or rd.snapshot is not None or rd.truncate_from is not None or rd.entries:
+            # 1. durable (StorageError ends run()). Readys with nothing to persist —
+            # heartbeats and their answers, most of them — skip the worker thread.
+            started = trio.current_time()
+            await self._storage.persist_ready(rd)
+            self.last_append_seconds = trio.current_time() - started
+            self.last_batch_size = len(rd.entries)
+        for m in rd.messages:  # 2. only now may promises leave this server
+            self._transport.send(m)
+        if rd.snapshot is not None:  # 3. apply
+            await self._install(rd.snapshot)
+        applied: list[Applied] = []
+        settled: list[_Batch] = []
+        for e in rd.committed_entries:
+            result = None
+            if e.type is EntryType.NORMAL:
+                command = decode_command(e.data)
+                result = self.table.apply(command)
+                applied.append(Applied(e.index, command, result, replayed=False))
+            batch = self._settle(e.index, e.term, result)
+            if batch is not None:
+                settled.append(batch)
+        if applied:
+            try:
+                await self._on_applied(applied)
+            except Exception:
+                log.exception("post-apply hook failed for entries %d..%d", applied[0].index, applied[-1].index)
+                self._hooks_complete = False
+        for batch in settled:  # after the hook, as LocalLog does
+            batch.done.set()
+        core.advance(rd)  # 4.
+        await self._maybe_snapshot(core)
+
+    def _settle(self, index: int, term: int, result: ApplyResult | None) -> _Batch | None:
+        """Record the outcome of a pending proposal at `index`; the batch when it is now complete."""
+        pending = self._pending.pop(index, None)
+        if pending is None:
+            return None
+        batch, position, proposed_term = pending
+        if batch.done.is_set():
+            return None  # already failed (or timed out and gone)
+        if term != proposed_term or result is None:
+            # Committed entries never change: ours is not, and never will be, at `index`.
+            # The rest of the batch follows it in the log (log matching), so it is lost too.
+            for later_index, _ in batch.positions[position + 1 :]:
+                self._pending.pop(later_index, None)
+            batch.error = ProposalLost(index, proposed_term, term)
+            return batch
+        batch.results[position] = result
+        batch.settled += 1
+        return batch if batch.settled == len(batch.commands) else None
+
+    async def _install(self, snapshot: Snapshot) -> None:
+        """Replace the table by a leader's snapshot (InstallSnapshot)."""
+        self.table = self._restore_table(snapshot)
+        self._capture = None
+        self._capture_index = snapshot.index
+        for index in [i for i in self._pending if i <= snapshot.index]:
+            batch = self._pending.pop(index)[0]
+            batch.fail(ProposalUnknown(f"entry {index} was covered by a snapshot from the leader; outcome unknown"))
+        log.info("raft: installed the leader's snapshot at index %d (term %d)", snapshot.index, snapshot.term)
+        if self._on_restored is not None:
+            try:
+                await self._on_restored()
+            except Exception:
+                log.exception("post-restore hook failed")
+
+    def _restore_table(self, snapshot: Snapshot) -> LeaseTable:
+        if not snapshot.data:
+            return LeaseTable() if self._retention_s is None else LeaseTable(retention_s=self._retention_s)
+        return LeaseTable.restore(msgpack.unpackb(snapshot.data, raw=False))
+
+    async def _maybe_snapshot(self, core: RaftCore) -> None:
+        applied = core.log.applied
+        if not self._hooks_complete or applied - self._capture_index < self._config.snapshot_every:
+            return
+        data: bytes = msgpack.packb(self.table.snapshot(), use_bin_type=True)
+        previous = self._capture
+        self._capture, self._capture_index = (applied, data), applied
+        if previous is None or previous[0] <= core.log.snapshot.index:
+            return
+        snapshot = core.compact(previous[0], previous[1])
+        try:
+            await self._storage.save_snapshot(snapshot)
+        except StorageError as error:
+            log.error("raft: storing the snapshot at %d failed (the log on disk is kept): %s", snapshot.index, error)
+
+    def _fail_all(self) -> None:
+        """run() ended: nobody will answer the waiting proposers."""
+        for batch, _, _ in self._pending.values():
+            batch.fail(ProposalUnknown("the raft log stopped; the outcome is unknown"))
+        self._pending.clear()
+        for item in self._inputs:
+            if isinstance(item, _Batch):
+                item.fail(NotLeader(None, "the raft log stopped"))
+        self._inputs.clear()
+        self._queued_messages = 0

@@ -1,0 +1,304 @@
+"""Three RaftLogs over real TCP on loopback, each with its own SQLite file.
+
+One trio process runs three servers, each a RaftLog + RaftTransport + RaftStorage
+exactly as an agent would wire them (10 ms ticks: elections in ~100-200 ms). The
+scenario: a leader is elected; allocations proposed on it apply on every server in
+the same order with equal tables; a follower refuses proposals naming the leader;
+the leader is stopped (its tasks cancelled, its listener closed) and another takes
+over; proposals continue (and the logs compact); the stopped server restarts from
+its state file and catches up — through an InstallSnapshot, since the entries it
+missed were compacted away. A server holding the wrong cluster key never gets in.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable, Sequence
+
+import pytest
+import trio
+
+from coordinator.commands import Allocate, Command, Release
+from coordinator.lease_table import LeaseTable
+from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, Requirements
+from coordinator.raft_config import local
+from coordinator.raft_messages import Message, MessageKind, encode_message
+from agent.cluster_keyring import KeyringFile, generate_key, install_key
+from agent.raft_log import Applied, NotLeader, RaftLog
+from agent.raft_storage import AsyncRaftStorage, RaftStorage
+from agent.raft_transport import RaftTransport
+
+HOST = "127.0.0.1"
+NAMES = ("n1", "n2", "n3")
+# local(): 10 ms ticks, 100 ms election timeout. Compact every 20 entries so the
+# scenario below needs snapshots.
+CONFIG = local().replace(snapshot_every=20)
+
+
+def allocate(n: int) -> Command:
+    """An allocation of one GPU, distinct for every n (so all of them succeed)."""
+    host, index = f"gpu-host-{n // 8}", n % 8
+    req = AllocationRequest(
+        request_id=f"req-{n}",
+        service_name=f"svc-{n % 3}",
+        workload_type="generic",
+        priority=5,
+        requirements=Requirements(gpu_count=1, min_memory_mb=1024),
+        ttl_s=0.0,
+        submitted_at=float(n),
+    )
+    gpu = AllocatedGpu(host, index, f"GPU-{host}-{index}", "NVIDIA H100 80GB HBM3", 81559)
+    return Allocate(float(n), Allocation(f"alloc-{n}", req, host, (gpu,), float(n), None))
+
+
+@dataclass
+class Server:
+    name: str
+    path: Path
+    key_file: Path | None
+    port: int = 0
+    log: RaftLog | None = None
+    transport: RaftTransport | None = None
+    storage: RaftStorage | None = None
+    scope: trio.CancelScope | None = None
+    stopped: trio.Event = field(default_factory=trio.Event)
+    applied: list[tuple[int, str]] = field(default_factory=list)
+    restored: int = 0
+
+    @property
+    def raft(self) -> RaftLog:
+        assert self.log is not None
+        return self.log
+
+    @property
+    def net(self) -> RaftTransport:
+        assert self.transport is not None
+        return self.transport
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, keys: Sequence[str]) -> None:
+        self.servers: dict[str, Server] = {}
+        for name, key in zip(NAMES, keys):
+            key_file = tmp_path / f"{name}.key"
+            install_key(key_file, key)
+            self.servers[name] = Server(name, tmp_path / f"{name}.db", key_file)
+
+    async def open_ports(self) -> None:
+        """Bind every listener first (port 0), so each server knows all addresses before it starts."""
+        for s in self.servers.values():
+            s.transport = RaftTransport(
+                s.name, HOST, s.port, KeyringFile(s.key_file) if s.key_file else None,
+                rng=random.Random(s.name), backoff_cap_s=0.1,
+            )
+            s.port = await s.transport.open()
+
+    async def start(self, nursery: trio.Nursery, s: Server) -> tuple[int, dict[str, object]]:
+        """Recover `s` from its state file and run it; returns the entries replayed and the table then."""
+        if s.transport is None:
+            s.transport = RaftTransport(
+                s.name, HOST, s.port, KeyringFile(s.key_file) if s.key_file else None,
+                rng=random.Random(s.name), backoff_cap_s=0.1,
+            )
+            await s.transport.open()
+        s.transport.set_peers({o.name: (HOST, o.port) for o in self.servers.values() if o is not s})
+        s.storage = RaftStorage(s.path)
+
+        async def on_applied(entries: Sequence[Applied]) -> None:
+            s.applied.extend((e.index, type(e.command).__name__) for e in entries)
+
+        async def on_restored() -> None:
+            s.restored += 1
+
+        s.log = RaftLog(
+            AsyncRaftStorage(s.storage), s.transport, node_id=s.name, on_applied=on_applied,
+            on_restored=on_restored, config=CONFIG, rng=random.Random(s.name), bootstrap_voters=NAMES,
+            propose_timeout_s=5.0,
+        )
+        replayed = await s.log.recover()
+        recovered = s.log.table.snapshot()
+        s.scope, s.stopped = trio.CancelScope(), trio.Event()
+        transport, raft = s.transport, s.log
+
+        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with s.scope:  # type: ignore[union-attr]
+                    async with trio.open_nursery() as inner:
+                        await inner.start(transport.run, raft.receive)
+                        await inner.start(raft.run)
+                        task_status.started()
+            finally:
+                s.stopped.set()
+
+        await nursery.start(serve)
+        return replayed, recovered
+
+    async def stop(self, s: Server) -> None:
+        """Crash-stop `s`: cancel its tasks, close its listener and its state file."""
+        assert s.scope is not None and s.storage is not None and s.transport is not None
+        s.scope.cancel()
+        await s.stopped.wait()
+        await s.transport.aclose()
+        s.storage.close()
+        s.transport = None
+
+    def running(self) -> list[Server]:
+        return [s for s in self.servers.values() if s.scope is not None and not s.stopped.is_set()]
+
+    def leader(self, among: Sequence[Server] | None = None) -> Server | None:
+        leaders = [s for s in (among or self.running()) if s.raft.is_leader]
+        return leaders[0] if len(leaders) == 1 else None
+
+    async def wait_leader(self, among: Sequence[Server] | None = None) -> Server:
+        await until(lambda: self.leader(among) is not None)
+        leader = self.leader(among)
+        assert leader is not None
+        return leader
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+def tables(servers: Sequence[Server]) -> list[dict[str, object]]:
+    return [s.raft.table.snapshot() for s in servers]
+
+
+def run(test: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                await test(nursery)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_three_servers_elect_replicate_fail_over_and_catch_up_from_disk(tmp_path: Path) -> None:
+    key = generate_key()
+    cluster = Cluster(tmp_path, [key, key, key])
+
+    async def test(nursery: trio.Nursery) -> None:
+        await cluster.open_ports()
+        for s in cluster.servers.values():
+            await cluster.start(nursery, s)
+        leader = await cluster.wait_leader()
+        followers = [s for s in cluster.running() if s is not leader]
+
+        # Allocations proposed on the leader apply everywhere, in the same order.
+        results = [await leader.raft.propose(allocate(n)) for n in range(20)]
+        results += await leader.raft.propose_many([allocate(n) for n in range(20, 40)])
+        assert all(r.ok for r in results)
+        last = leader.raft.applied_index
+        await until(lambda: all(s.raft.applied_index >= last for s in cluster.running()))
+        assert leader.applied == followers[0].applied == followers[1].applied
+        assert [op for _, op in leader.applied] == ["Allocate"] * 40
+        assert tables(cluster.running())[1:] == tables(cluster.running())[:-1]
+        assert len(leader.raft.table.allocations()) == 40
+
+        # A follower refuses, naming the leader (the HTTP layer forwards there).
+        with pytest.raises(NotLeader) as refused:
+            await followers[0].raft.propose(allocate(99))
+        assert refused.value.leader_hint == leader.name
+
+        # Stop the leader: another is elected within a few seconds, and proposals continue.
+        await cluster.stop(leader)
+        at_stop, at_stop_index = leader.raft.table.snapshot(), leader.raft.last_index
+        survivor = await cluster.wait_leader(followers)
+        assert survivor.raft.term > 1
+        release = Release(100.0, ("alloc-0", "alloc-1"))
+        assert (await survivor.raft.propose(release)).affected == ("alloc-0", "alloc-1")
+        # One at a time, so the applied index passes every snapshot_every boundary
+        # (a batch could jump over one) and the logs compact past where the stopped one ends.
+        results = [await survivor.raft.propose(allocate(n)) for n in range(40, 80)]
+        assert all(r.ok for r in results)
+        last = survivor.raft.applied_index
+        await until(lambda: all(s.raft.applied_index >= last for s in followers))
+        assert survivor.raft.snapshot_index > at_stop_index  # compacted past the stopped server's log
+
+        # The stopped server restarts from its SQLite file and catches up; what it
+        # missed was compacted away, so it gets there through the leader's snapshot.
+        replayed, recovered = await cluster.start(nursery, leader)
+        assert replayed > 0 and recovered == at_stop  # its snapshot + its log replayed: the table it had
+        await until(lambda: leader.raft.applied_index >= last)
+        assert leader.restored == 1
+        assert leader.raft.leader_id == survivor.name
+        assert tables(cluster.running())[1:] == tables(cluster.running())[:-1]
+        assert len(leader.raft.table.allocations()) == 78
+
+        # And the restarted server keeps applying new entries like the others.
+        await survivor.raft.propose(allocate(80))
+        last = survivor.raft.applied_index
+        await until(lambda: all(s.raft.applied_index >= last for s in cluster.running()))
+        assert tables(cluster.running())[1:] == tables(cluster.running())[:-1]
+
+    run(test)
+
+
+def test_a_server_with_the_wrong_cluster_key_is_kept_out(tmp_path: Path) -> None:
+    key = generate_key()
+    cluster = Cluster(tmp_path, [key, key, generate_key()])
+    outsider = cluster.servers["n3"]
+
+    async def test(nursery: trio.Nursery) -> None:
+        await cluster.open_ports()
+        for s in cluster.servers.values():
+            await cluster.start(nursery, s)
+        insiders = [cluster.servers["n1"], cluster.servers["n2"]]
+        leader = await cluster.wait_leader(insiders)  # two of three voters are a quorum
+        for n in range(5):
+            assert (await leader.raft.propose(allocate(n))).ok
+        await trio.sleep(0.3)  # 30 ticks: many heartbeats and pre-vote rounds each way
+        assert not outsider.raft.is_leader and outsider.raft.leader_id is None
+        assert outsider.raft.applied_index == 1  # only the bootstrap configuration
+        assert outsider.raft.table.snapshot() == LeaseTable().snapshot()
+        assert outsider.applied == []
+        # Each side drops (and counts) what the other sealed, and closes those connections.
+        assert outsider.net.stats.dropped["decrypt"] > 0
+        assert all(s.net.stats.dropped["decrypt"] > 0 for s in insiders)
+        assert all(s.net.stats.messages["in"] > 0 for s in insiders)
+        assert outsider.net.stats.messages["in"] == 0
+
+    run(test)
+
+
+def test_the_raft_port_drops_and_counts_bad_frames_and_closes_their_connections(tmp_path: Path) -> None:
+    got: list[Message] = []
+    transport = RaftTransport("n1", HOST, 0, None, rng=random.Random(1), max_message_bytes=1024)
+    heartbeat = Message(MessageKind.HEARTBEAT, "n2", "n1", 3, commit=7)
+
+    def frame(payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + payload
+
+    async def closed(stream: trio.SocketStream) -> bool:
+        with trio.fail_after(2):
+            return await stream.receive_some(1) == b""
+
+    async def test(nursery: trio.Nursery) -> None:
+        port = await transport.open()
+        await nursery.start(transport.run, got.append)
+        # Valid frames, pipelined on one connection; one addressed elsewhere is skipped.
+        good = await trio.open_tcp_stream(HOST, port)
+        misaddressed = Message(MessageKind.HEARTBEAT, "n2", "n9", 3)
+        await good.send_all(frame(encode_message(heartbeat)) + frame(encode_message(misaddressed)) * 2 + frame(encode_message(heartbeat)))
+        await until(lambda: len(got) == 2)
+        assert got == [heartbeat, heartbeat] and transport.stats.dropped["misaddressed"] == 2
+        # Garbage and oversized frames: dropped, counted, that connection closed.
+        for payload, reason in ((frame(b"\xc1 not msgpack"), "malformed"), (struct.pack(">I", 10**6), "oversized")):
+            bad = await trio.open_tcp_stream(HOST, port)
+            await bad.send_all(payload)
+            assert await closed(bad)
+            assert transport.stats.dropped[reason] == 1
+            await bad.aclose()
+        # The good connection is unaffected.
+        await good.send_all(frame(encode_message(heartbeat)))
+        await until(lambda: len(got) == 3)
+        await good.aclose()
+        await transport.aclose()
+
+    run(test)
