@@ -47,6 +47,9 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from coordinator.backoff import CircuitBreaker
+from coordinator.lease_table import LeaseTable
+from coordinator.raft_config import lan
+from coordinator.raft_messages import HardState
 from coordinator.gpu_health import GpuHealth, HealthPolicy
 from coordinator.model import UNHEALTHY, GpuRef
 from coordinator.scheduler import Scheduler, SchedulerConfig
@@ -55,6 +58,7 @@ from coordinator.views import graph_event, webhook_payload
 
 from agent.advisor import DeepAgentsAdvisor
 from agent.api_keys import ApiKeyError, ApiKeyring
+from agent.cluster import ClientLog, ClusterRuntime, CommandLog, raft_mode, run_while
 from agent.config import AgentConfig, ConfigError, restart_needed_keys
 from agent.context import AgentContext
 from agent.device_sampler import DeviceSampler
@@ -63,8 +67,11 @@ from agent.http_api import create_app
 from agent.lease_service import LeaseService
 from agent.local_log import Applied, LocalLog
 from agent.membership import MembershipService
-from agent.metrics import AgentMetrics, GossipCollector, StateCollector
+from agent.metrics import AgentMetrics, GossipCollector, RaftCollector, StateCollector
 from agent.outbox import OutboxDeliverer
+from agent.raft_log import RaftLog
+from agent.raft_storage import AsyncRaftStorage, RaftStorage
+from agent.raft_transport import RaftTransport
 from agent.storage import AsyncStateStore, OutboxRow, StateStore
 from agent.systemd_notify import (
     Notifier,
@@ -130,7 +137,21 @@ async def run_agent(
     )
     await sampler.open()
 
-    async with httpx.AsyncClient(headers={"User-Agent": f"gpu-orchestrator/{version}"}) as client:
+    mode = raft_mode(config)
+    cluster_rt: ClusterRuntime | None = None
+    raft_storage: RaftStorage | None = None
+    # The log in force, once built (gossip metadata reads the table through it).
+    log_box: list[CommandLog] = []
+
+    def current_table() -> LeaseTable:
+        return log_box[0].table if log_box else LeaseTable()
+
+    # `early` runs what a Raft server needs before its log can be recovered (gossip
+    # for the bootstrap, the Raft transport); alone, nothing runs in it.
+    async with (
+        httpx.AsyncClient(headers={"User-Agent": f"gpu-orchestrator/{version}"}) as client,
+        trio.open_nursery() as early,
+    ):
         deliverer = OutboxDeliverer(
             astore,
             client,
@@ -146,6 +167,8 @@ async def run_agent(
             if rows:
                 await astore.add_outbox(rows)
                 deliverer.wake()
+            if cluster_rt is not None:
+                cluster_rt.last_applied_at = time.time()
             table = lease_log.table
             backend.set_leases({ref.index: aid for ref, aid in table.held_gpus().items() if ref.node == node})
             if entries and not entries[0].replayed:
@@ -154,11 +177,64 @@ async def run_agent(
                 for entry in entries:
                     _count_events(metrics, entry)
 
-        lease_log = LocalLog(astore, on_applied=on_applied)
+        async def on_restored() -> None:
+            backend.set_leases({ref.index: aid for ref, aid in lease_log.table.held_gpus().items() if ref.node == node})
+
+        # Every agent gossips, joined or not, so another can join it later.
+        membership = MembershipService(
+            config,
+            swim_profile(config.cluster.profile),
+            version=version,
+            sampler=sampler,
+            drained=lambda: current_table().drained(),
+            holders=lambda: current_table().held_gpus(),
+            rng=rng,
+        )
+        lease_log: CommandLog
+        raft_log: RaftLog | None = None
+        transport: RaftTransport | None = None
+        if mode is None:
+            lease_log = LocalLog(astore, on_applied=on_applied)
+        else:
+            await early.start(membership.run)
+            cluster_rt = ClusterRuntime(config, membership, None, client)
+            if mode == "client":
+                lease_log = ClientLog()
+            else:
+                raft_storage = RaftStorage(Path(config.agent.data_dir) / STATE_FILE)
+                araft = AsyncRaftStorage(raft_storage)
+                transport = RaftTransport(
+                    node,
+                    config.cluster.bind,
+                    config.cluster.raft_port,
+                    membership.keyring,
+                    rng=random.Random(rng.getrandbits(64)),
+                )
+                await transport.open()
+                early.start_soon(cluster_rt.feed_peers, transport.set_peers)
+                state = await araft.load()
+                voters = None
+                if state.hard_state == HardState() and state.snapshot is None and not state.entries:
+                    voters = await cluster_rt.wait_for_founders(config.cluster.bootstrap_expect)
+                raft_log = RaftLog(
+                    araft,
+                    transport,
+                    node_id=node,
+                    on_applied=on_applied,
+                    config=lan(),
+                    rng=random.Random(rng.getrandbits(64)),
+                    bootstrap_voters=voters,
+                    on_restored=on_restored,
+                )
+                raft_log.on_proposal_seconds = metrics.raft_proposal.observe
+                cluster_rt.raft = raft_log
+                lease_log = raft_log
+                await early.start(transport.run, raft_log.receive)
+        log_box.append(lease_log)
         sampler.holders = lambda: {
             ref.index: aid for ref, aid in lease_log.table.held_gpus().items() if ref.node == node
         }
-        replayed = await lease_log.recover()
+        replayed = await lease_log.recover() if isinstance(lease_log, (LocalLog, RaftLog)) else 0
         sampler.restore_health(
             {
                 snap.reading.index: reasons
@@ -192,7 +268,7 @@ async def run_agent(
                 ),
                 rng,
             ),
-            sampler.gpu_views,
+            sampler.gpu_views if cluster_rt is None else cluster_rt.inventory(sampler.gpu_views),
             default_ttl_s=config.scheduler.default_ttl_s,
             max_ttl_s=config.scheduler.max_ttl_s,
             tick_interval_s=config.scheduler.tick_interval_s,
@@ -203,16 +279,6 @@ async def run_agent(
             on_advice=lambda decided_by, reason: metrics.advisor.labels(decided_by, reason).inc(),
         )
         keyring = ApiKeyring.load(Path(config.auth.keys_file)) if config.auth.enabled else None
-        # Every agent gossips, joined or not, so another can join it later.
-        membership = MembershipService(
-            config,
-            swim_profile(config.cluster.profile),
-            version=version,
-            sampler=sampler,
-            drained=lambda: lease_log.table.drained(),
-            holders=lambda: lease_log.table.held_gpus(),
-            rng=rng,
-        )
         ctx = AgentContext(
             config=config,
             service=service,
@@ -223,6 +289,7 @@ async def run_agent(
             version=version,
             started_at=time.time(),
             membership=membership,
+            cluster=cluster_rt,
         )
         metrics.attach_state(
             StateCollector(
@@ -230,16 +297,19 @@ async def run_agent(
                 sampler=sampler,
                 table=lambda: lease_log.table,
                 clock=time.time,
-                is_leader=lambda: True,
-                term=lambda: 1,
+                is_leader=(lambda: True) if cluster_rt is None else cluster_rt.is_leader,
+                term=(lambda: 1) if raft_log is None else (lambda: raft_log.term if raft_log else 0),
                 members=membership.member_counts,
                 outbox_pending=lambda: ctx.outbox_pending,
             )
         )
         metrics.attach_gossip(GossipCollector(membership))
+        if raft_log is not None and transport is not None:
+            metrics.attach_raft(RaftCollector(raft_log, transport.stats))
         sampler.subscribe(service.wake)
         health_send, health_recv = trio.open_memory_channel[tuple[int, GpuHealth]](math.inf)
-        sampler.on_health_change(lambda index, health: health_send.send_nowait((index, health)))
+        if mode != "client":
+            sampler.on_health_change(lambda index, health: health_send.send_nowait((index, health)))
         app = create_app(ctx)
         hconfig = HypercornConfig()
         hconfig.bind = [_bind_address(config.http.bind, config.http.port)]
@@ -249,13 +319,22 @@ async def run_agent(
 
         shutdown, served = trio.Event(), trio.Event()
         async with trio.open_nursery() as nursery:
-            await nursery.start(lease_log.run)
+            if isinstance(lease_log, (LocalLog, RaftLog)):
+                await nursery.start(lease_log.run)
             await nursery.start(sampler.run)
-            await nursery.start(service.run_scheduler)
-            await nursery.start(deliverer.run)
-            await nursery.start(membership.run)
+            if cluster_rt is None:
+                await nursery.start(service.run_scheduler)
+                await nursery.start(deliverer.run)
+                await nursery.start(membership.run)
+                nursery.start_soon(_report_health, service, sampler, health_recv)
+            elif raft_log is not None:
+                # Only the leader schedules and delivers the outbox (every server writes it).
+                leading = cluster_rt.is_leader
+                nursery.start_soon(run_while, leading, service.run_scheduler)
+                nursery.start_soon(run_while, leading, deliverer.run)
+                nursery.start_soon(run_while, leading, lambda: _report_health(service, sampler, health_recv))
+                nursery.start_soon(_watch_term, raft_log, metrics)
             nursery.start_soon(_housekeeping, ctx, astore, sampler, metrics)
-            nursery.start_soon(_report_health, service, sampler, health_recv)
             nursery.start_soon(_wait_for_signal, shutdown, notifier)
             nursery.start_soon(_reload_on_sighup, ctx, notifier, reload_config)
             bound: list[str] = await nursery.start(_serve, app, hconfig, shutdown, served)
@@ -282,16 +361,30 @@ async def run_agent(
             # Tell the cluster we are leaving (bounded), so peers list us as
             # left at once instead of suspecting us for seconds.
             await membership.leave()
-            with trio.move_on_after(_SHUTDOWN_FLUSH_S):
+            with trio.move_on_after(_SHUTDOWN_FLUSH_S if cluster_rt is None or cluster_rt.is_leader() else 0):
                 while ctx.outbox_pending and await astore.next_outbox_due() is not None:
                     deliverer.wake()
                     await trio.sleep(0.1)
                     ctx.outbox_pending = (await astore.outbox_counts()).pending
             nursery.cancel_scope.cancel()
+        early.cancel_scope.cancel()
     await sampler.close()
+    if raft_storage is not None:
+        raft_storage.close()
     store.close()
     notifier.close()
     log.info("gpu-agent stopped")
+
+
+async def _watch_term(raft_log: RaftLog, metrics: AgentMetrics) -> None:
+    """Count term changes (elections) for gpu_orchestrator_raft_elections_total."""
+    term = raft_log.term
+    while True:
+        await trio.sleep(0.1)
+        if raft_log.term != term:
+            metrics.raft_elections.inc(raft_log.term - term)
+            log.info("raft: term %d, role %s, leader %s", raft_log.term, raft_log.role.value, raft_log.leader_id)
+            term = raft_log.term
 
 
 async def _serve(

@@ -15,7 +15,7 @@ from agent.config import AgentConfig
 from agent.device_sampler import DeviceSampler, GpuSnapshot
 from agent.devices.base import GpuReading
 from agent.lease_service import LeaseService
-from agent.local_log import LocalLog
+from agent.cluster import ClusterRuntime, CommandLog
 from agent.membership import MembershipService, RemoteGpu
 from agent.metrics import AgentMetrics
 
@@ -26,7 +26,7 @@ class AgentContext:
 
     config: AgentConfig
     service: LeaseService
-    log: LocalLog
+    log: CommandLog
     sampler: DeviceSampler
     metrics: AgentMetrics
     keyring: ApiKeyring | None
@@ -38,6 +38,8 @@ class AgentContext:
     advertise_http: str = field(default="")
     # The gossip view of the cluster; None only in set-ups without membership (never in run_agent).
     membership: MembershipService | None = None
+    # Raft modes (server or client); None for a lone agent on LocalLog.
+    cluster: ClusterRuntime | None = None
 
     @property
     def node(self) -> str:
@@ -46,13 +48,18 @@ class AgentContext:
     def health(self) -> dict[str, Any]:
         """GET /healthz: ok, or degraded with the reason; always 200 so probes stay simple."""
         degraded = self.sampler.degraded_reason
-        return {
+        role, leader = "leader", self.node
+        raft: dict[str, Any] = {}
+        if self.cluster is not None:
+            raft = self.cluster.raft_health()
+            role, leader = str(raft["role"]), raft["leader"]
+        doc: dict[str, Any] = {
             "status": "degraded" if degraded else "ok",
             "service": "gpu-orchestrator",
             "version": self.version,
             "node": self.node,
-            "role": "leader",
-            "leader": self.node,
+            "role": role,
+            "leader": leader,
             "started_at": rfc3339(self.started_at),
             "devices": {
                 "backend": self.sampler.backend.kind,
@@ -69,6 +76,9 @@ class AgentContext:
             },
             "outbox": {"pending": self.outbox_pending, "gave_up": self.outbox_gave_up},
         }
+        if self.cluster is not None:
+            doc["raft"] = raft
+        return doc
 
     def status_line(self) -> str:
         """One line for systemd's STATUS= (`systemctl status`): role, node, GPUs, members, degradation."""
@@ -77,8 +87,14 @@ class AgentContext:
         role = "server" if self.config.cluster.server else "client"
         counts = self.membership.member_counts() if self.membership is not None and self.membership.started else {}
         alive = counts.get("alive", 1)
+        if self.cluster is None:
+            leading = "leader of its own GPUs"
+        elif self.cluster.raft is None:
+            leading = "raft client"
+        else:
+            leading = f"raft {self.cluster.raft.role.value}, term {self.cluster.raft.term}"
         line = (
-            f"{role} {self.node} (leader of its own GPUs): {len(snaps)} GPU(s), {unhealthy} unhealthy; "
+            f"{role} {self.node} ({leading}): {len(snaps)} GPU(s), {unhealthy} unhealthy; "
             f"{alive} member(s) alive"
         )
         if counts.get("suspect") or counts.get("dead"):
@@ -104,6 +120,10 @@ class AgentContext:
         """One GPU's row. Raises NotFound for a GPU this agent does not know."""
         snap = self.sampler.snapshot(index) if node == self.node else None
         if snap is None:
+            if node != self.node:
+                for row in self.gpu_rows():
+                    if row["node"] == node and row["index"] == index:
+                        return row
             raise NotFound(f"no GPU {node}/{index}")
         return self._row(snap)
 
@@ -163,6 +183,9 @@ class AgentContext:
         if self.membership is None or not self.membership.started:
             return [alone]
         out: list[dict[str, Any]] = []
+        raft_leader = None
+        if self.cluster is not None and self.cluster.raft is not None:
+            raft_leader = self.cluster.raft.leader_id
         for member in self.membership.members():
             view, meta = member.view, member.meta
             is_self = view.name == self.node
@@ -171,8 +194,8 @@ class AgentContext:
                     "name": view.name,
                     "status": view.status,
                     "role": meta.role if meta else None,
-                    # Until Raft elects one leader, each agent leads (schedules) its own GPUs.
-                    "leader": is_self,
+                    # Alone (LocalLog), each agent leads (schedules) its own GPUs.
+                    "leader": is_self if self.cluster is None else view.name == raft_leader,
                     "incarnation": view.incarnation,
                     "addresses": {
                         "http": self.advertise_http if is_self else (f"http://{meta.http_address}" if meta else None),

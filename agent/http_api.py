@@ -11,10 +11,11 @@ unexpected is logged and answered 500 `internal_error`. Every error body is
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from quart import Response, g, request
 from quart_trio import QuartTrio
@@ -22,6 +23,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from coordinator.errors import CoordinatorError, InvalidRequest, NotFound
 from coordinator.model import Allocation
+from coordinator.raft import NotLeader, RaftError
 from coordinator.request_parsing import (
     parse_allocate_body,
     parse_drain_body,
@@ -32,8 +34,10 @@ from coordinator.request_parsing import (
 from coordinator.views import allocation_view, queued_view, record_view
 
 from agent.api_keys import ApiKey, extract_presented_key
+from agent.cluster import FORWARDED_BY, ForwardFailed
 from agent.context import AgentContext
 from agent.openapi import openapi_document
+from agent.raft_log import ProposalLost, ProposalUnknown
 from agent.status_page import HEADERS as STATUS_PAGE_HEADERS
 from agent.status_page import status_page_html
 from agent.storage import StorageError
@@ -54,6 +58,18 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
     503: "unavailable",
 }
+
+
+def _with_default(raw: bytes, key: str, value: str) -> bytes:
+    """`raw` (a JSON object) with `key` set when absent; anything else unchanged (the leader judges it)."""
+    try:
+        doc = json.loads(raw) if raw else None
+    except (UnicodeDecodeError, ValueError):
+        return raw
+    if isinstance(doc, dict) and doc.get(key) is None:
+        doc[key] = value
+        return json.dumps(doc, separators=(",", ":")).encode()
+    return raw
 
 
 class ApiError(Exception):
@@ -131,6 +147,18 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     async def _storage_error(exc: StorageError) -> Response:
         return error_response(503, "storage_unavailable", str(exc), {"Retry-After": "5"})
 
+    @app.errorhandler(RaftError)
+    async def _raft_error(exc: RaftError) -> Response:
+        if isinstance(exc, ProposalUnknown):
+            code = "outcome_unknown"
+        elif isinstance(exc, ProposalLost):
+            code = "proposal_lost"
+        elif isinstance(exc, NotLeader):
+            code = "not_leader"
+        else:
+            code = "no_leader"
+        return error_response(503, code, f"{exc}; retry (with the same request_id)", {"Retry-After": "1"})
+
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
@@ -180,6 +208,64 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             raise NotFound(f"no live allocation {allocation_id}")
         return alloc
 
+    # ------------------------------------------------------------------ leader routing
+
+    Handler = Callable[..., Awaitable[Response]]
+
+    async def forward() -> Response:
+        cluster = ctx.cluster
+        assert cluster is not None
+        via = request.headers.get(FORWARDED_BY)
+        if via:
+            return error_response(
+                503,
+                "no_leader",
+                f"this agent ({ctx.node}) is not the leader and the request was already forwarded by {via}; "
+                "retry shortly",
+                {"Retry-After": "1"},
+            )
+        data = await request.get_data(as_text=False)
+        raw = data.encode() if isinstance(data, str) else data
+        stamp = request.method == "POST" and request.path == "/gpu/allocate"
+        if request.path in ("/gpu/drain", "/gpu/undrain"):
+            raw = _with_default(raw, "node", ctx.node)  # the default is this agent, not the leader
+        try:
+            status, headers, content = await cluster.forward(
+                request.method, request.path, request.query_string, dict(request.headers.items()), raw, stamp
+            )
+        except ForwardFailed as error:
+            return error_response(
+                503, "no_leader", f"no leader is known or reachable (no quorum?): {error}", {"Retry-After": "1"}
+            )
+        return Response(content, status=status, headers=headers)
+
+    def on_leader(*, read: bool = False) -> Callable[[Handler], Handler]:
+        """Answer on the Raft leader: forward from a follower or client (local mode: unchanged)."""
+
+        def decorate(handler: Handler) -> Handler:
+            @functools.wraps(handler)
+            async def routed(**kwargs: Any) -> Response:
+                cluster = ctx.cluster
+                if cluster is None:
+                    return await handler(**kwargs)
+                if read and cluster.is_server and request.args.get("stale", "").lower() in ("true", "1"):
+                    response = await handler(**kwargs)
+                    response.headers["X-Stale-Index"] = str(ctx.log.last_index)
+                    age = max(0.0, time.time() - cluster.last_applied_at)
+                    response.headers["X-Stale-Age-Seconds"] = f"{age:.3f}"
+                    return response
+                if not cluster.is_leader():
+                    return await forward()
+                try:
+                    return await handler(**kwargs)
+                except (NotLeader, ProposalLost):
+                    # Nothing of it was applied here: the new leader takes it.
+                    return await forward()
+
+            return routed
+
+        return decorate
+
     # ------------------------------------------------------------------ routes
 
     @app.get("/")
@@ -193,6 +279,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return json_response(ctx.health())
 
     @app.post("/gpu/allocate")
+    @on_leader(read=False)
     async def allocate() -> Response:
         body = parse_allocate_body(await body_json())
         require_service(body.service_name)
@@ -203,6 +290,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return json_response(queued_view(outcome.queued, outcome.position), 202)
 
     @app.post("/gpu/release")
+    @on_leader(read=False)
     async def release() -> Response:
         body = parse_release_body(await body_json())
         if body.allocation_id is not None:
@@ -223,6 +311,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         )
 
     @app.post("/gpu/renew")
+    @on_leader(read=False)
     async def renew() -> Response:
         body = parse_renew_body(await body_json())
         require_service(live_allocation(body.allocation_id).request.service_name)
@@ -233,6 +322,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return json_response({"gpus": ctx.gpu_rows()})
 
     @app.get("/gpu/list")
+    @on_leader(read=True)
     async def gpu_list() -> Response:
         table = service.table
         return json_response(
@@ -266,6 +356,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         )
 
     @app.post("/gpu/drain")
+    @on_leader(read=False)
     async def drain() -> Response:
         body = parse_drain_body(await body_json(), default_node=ctx.node, draining=True)
         require_admin("drain GPUs")
@@ -273,6 +364,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return json_response(ctx.gpu_row(body.node, body.index))
 
     @app.post("/gpu/undrain")
+    @on_leader(read=False)
     async def undrain() -> Response:
         body = parse_drain_body(await body_json(), default_node=ctx.node, draining=False)
         require_admin("undrain GPUs")
@@ -280,10 +372,12 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return json_response(ctx.gpu_row(body.node, body.index))
 
     @app.get("/gpu/allocations/<allocation_id>")
+    @on_leader(read=True)
     async def get_allocation(allocation_id: str) -> Response:
         return json_response(allocation_view(live_allocation(allocation_id)))
 
     @app.get("/gpu/requests/<request_id>")
+    @on_leader(read=True)
     async def get_request(request_id: str) -> Response:
         table = service.table
         record = table.record(request_id) if valid_id(request_id) else None
@@ -301,6 +395,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.get("/cluster/leader")
     async def leader() -> Response:
+        if ctx.cluster is not None:
+            return json_response(await ctx.cluster.leader_info())
         return json_response(ctx.leader())
 
     @app.get("/openapi.json")

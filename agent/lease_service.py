@@ -27,9 +27,10 @@ from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import ALLOCATED, QUEUED, Allocation, AllocationRequest, GpuRef, GpuView, QueuedRequest
 from coordinator.request_parsing import AllocateBody, build_request, resolve_ttl
 from coordinator.scheduler import Scheduler
+from coordinator.raft import RaftError
 from coordinator.workload import WorkloadEstimate, analyze_workload
 
-from agent.local_log import LocalLog
+from agent.cluster import CommandLog
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class LeaseService:
 
     def __init__(
         self,
-        log_: LocalLog,
+        log_: CommandLog,
         scheduler: Scheduler,
         inventory: Callable[[], Sequence[GpuView]],
         *,
@@ -378,6 +379,12 @@ class LeaseService:
             self._pending[ref] = self._pending.get(ref, 0) + 1
         try:
             results = await self.log.propose_many(commands)
+        except RaftError as error:
+            # Leadership moved (NotLeader) or the entries were overwritten (ProposalLost):
+            # the next leader's scheduler redoes what is still due.
+            log.info("scheduler proposals not applied (%s); retrying next tick", error)
+            await trio.sleep(self.tick_interval_s)
+            return
         except Exception:
             log.exception("scheduler proposals failed; retrying next tick")
             await trio.sleep(self.tick_interval_s)

@@ -30,6 +30,8 @@ from coordinator.model import DEGRADED, HEALTHY, UNHEALTHY, GpuRef
 from agent.device_sampler import DeviceSampler, GpuSnapshot
 from agent.devices.base import GpuReading
 from agent.membership import MembershipService
+from agent.raft_log import RaftLog
+from agent.raft_transport import RaftTransportStats
 
 # (metric name, help, reading attribute)
 _DCGM_FIELDS: tuple[tuple[str, str, str], ...] = (
@@ -131,6 +133,21 @@ class AgentMetrics:
             "Device telemetry samples that failed or timed out.",
             registry=r,
         )
+
+        self.raft_elections = Counter(
+            "gpu_orchestrator_raft_elections",
+            "Raft term changes this server observed (each is an election).",
+            registry=r,
+        )
+        self.raft_proposal = Histogram(
+            "gpu_orchestrator_raft_proposal_seconds",
+            "Time from a proposal on the leader to its entry applied (committed by a majority).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=r,
+        )
+
+    def attach_raft(self, raft: RaftCollector) -> None:
+        self.registry.register(raft)
 
     def attach_state(self, state: StateCollector) -> None:
         self.registry.register(state)
@@ -372,4 +389,35 @@ class GossipCollector(Collector):
             "Lifeguard local health score: 0 = healthy; higher = this agent misses acks and "
             "stretches its timeouts by (score + 1).",
             value=float(m.health_score),
+        )
+
+
+class RaftCollector(Collector):
+    """The Raft log's indexes and the transport's drops, read at scrape time (Raft servers only)."""
+
+    def __init__(self, raft: RaftLog, stats: RaftTransportStats) -> None:
+        self._raft = raft
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_raft_commit_index", "Highest log index known committed.", value=float(self._raft.commit_index)
+        )
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_raft_applied_index",
+            "Highest log index applied to this server's lease table.",
+            value=float(self._raft.applied_index),
+        )
+        dropped = CounterMetricFamily(
+            "gpu_orchestrator_raft_transport_dropped",
+            "Raft messages the transport dropped, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._stats.dropped.items()):
+            dropped.add_metric([reason], float(count))
+        yield dropped
+        yield CounterMetricFamily(
+            "gpu_orchestrator_raft_inbox_dropped",
+            "Raft messages dropped because the log's input queue was full.",
+            value=float(self._raft.dropped_messages),
         )

@@ -213,6 +213,8 @@ class RaftLog:
         self.last_append_seconds = 0.0
         self.last_batch_size = 0
         self.dropped_messages = 0
+        # Called with each successful proposal's latency (seconds), for a histogram.
+        self.on_proposal_seconds: Callable[[float], None] | None = None
 
     # --- observers ----------------------------------------------------------------------
 
@@ -321,6 +323,7 @@ class RaftLog:
         if core.lead_transferee is not None:
             raise NotLeader(core.lead_transferee, "leadership is being transferred")
         batch = _Batch(commands, [None] * len(commands))
+        started = trio.current_time()
         self._inputs.append(batch)
         self._wakeup.set()
         with trio.move_on_after(self._propose_timeout_s):
@@ -329,6 +332,8 @@ class RaftLog:
             raise ProposalUnknown(f"not applied within {self._propose_timeout_s} s; the outcome is unknown")
         if batch.error is not None:
             raise batch.error
+        if self.on_proposal_seconds is not None:
+            self.on_proposal_seconds(trio.current_time() - started)
         return [r for r in batch.results if r is not None]
 
     # --- the run task -------------------------------------------------------------------

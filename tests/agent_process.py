@@ -66,12 +66,14 @@ class AgentProcess:
     def gossip_address(self) -> str:
         return f"{self.host}:{self.gossip_port}"
 
-    def start(self) -> AgentProcess:
+    def start(self, *, wait: bool = True) -> AgentProcess:
+        """Start the process; with `wait` (the default), return once /healthz answers."""
         if not self.port:
             self.port = free_port(self.host)
-        if not self.gossip_port:
+        # Each port is free when picked but released at once: pick again on a repeat.
+        while not self.gossip_port or self.gossip_port == self.port:
             self.gossip_port = free_port(self.host, udp_too=True)
-        if not self.raft_port:
+        while not self.raft_port or self.raft_port in (self.port, self.gossip_port):
             self.raft_port = free_port(self.host)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "agent.log"
@@ -104,7 +106,8 @@ class AgentProcess:
             (self.data_dir / "no-config.toml").write_text("")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
         return self
 
     def wait_ready(self) -> None:

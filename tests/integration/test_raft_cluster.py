@@ -1,0 +1,180 @@
+"""Raft between real agent processes on loopback: three servers, two clients.
+
+Servers (bootstrap_expect = 3) on 127.0.0.2..4 and clients (server = false) on
+127.0.0.5..6 share a cluster key and join by gossip. In order, on one cluster:
+
+1. they bootstrap one leader that every agent names; an allocation through a
+   client lands and every agent lists it (reads forwarded to the leader);
+2. kill -9 the leader: within a few seconds allocations through a surviving
+   agent succeed again and every acknowledged allocation is still listed;
+3. kill -9 all five and restart them: nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from agent.cluster_keyring import generate_key
+from tests.agent_process import AgentProcess, free_port
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+HOSTS = [f"127.0.0.{i}" for i in range(2, 7)]
+NAMES = ["raft-s0", "raft-s1", "raft-s2", "raft-c0", "raft-c1"]
+SERVERS = 3
+FAILOVER_S = 15.0
+
+
+def get(agent: AgentProcess, path: str) -> Any:
+    return httpx.get(agent.url + path, timeout=10.0).json()
+
+
+def allocate(agent: AgentProcess, service: str) -> httpx.Response:
+    body = {"service_name": service, "gpu_count": 1, "ttl_seconds": 3600, "queue": False}
+    return httpx.post(agent.url + "/gpu/allocate", json=body, timeout=20.0)
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        key_file = root / "cluster.key"
+        key_file.write_text(generate_key() + "\n")
+        key_file.chmod(0o600)
+        self.agents: list[AgentProcess] = []
+        seed_port = free_port(HOSTS[0], udp_too=True)
+        for i, name in enumerate(NAMES):
+            server = i < SERVERS
+            config = root / f"{name}.toml"
+            config.write_text(
+                "[cluster]\n"
+                'profile = "local"\n'
+                f'key_file = "{key_file}"\n'
+                f"server = {'true' if server else 'false'}\n"
+                f"bootstrap_expect = {SERVERS if server else 1}\n"
+            )
+            self.agents.append(
+                AgentProcess(
+                    data_dir=root / name,
+                    host=HOSTS[i],
+                    node_name=name,
+                    simulate="2xH100-80GB",
+                    gossip_port=seed_port if i == 0 else 0,
+                    join=[] if i == 0 else [f"{HOSTS[0]}:{seed_port}"],
+                    extra_args=["--config", str(config)],
+                )
+            )
+        self.acknowledged: dict[str, str] = {}  # allocation id -> service
+
+    def start_all(self) -> None:
+        # Servers answer /healthz only once bootstrapped, which needs all three: start together.
+        for agent in self.agents:
+            agent.start(wait=False)
+        for agent in self.agents:
+            agent.wait_ready()
+
+    def live(self) -> list[AgentProcess]:
+        return [a for a in self.agents if a.proc is not None and a.proc.poll() is None]
+
+    def leader(self) -> str:
+        """The leader every live agent agrees on (waits for one)."""
+
+        def agreed() -> str | None:
+            names = {get(a, "/cluster/leader")["leader"] for a in self.live()}
+            return names.pop() if len(names) == 1 and None not in names else None
+
+        return wait_for(agreed, timeout=FAILOVER_S, interval=0.2)
+
+    def allocate_acknowledged(self, agent: AgentProcess, service: str, timeout: float = FAILOVER_S) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                resp = allocate(agent, service)
+            except httpx.HTTPError:
+                resp = None
+            if resp is not None and resp.status_code == 200:
+                alloc: dict[str, Any] = resp.json()
+                self.acknowledged[alloc["allocation_id"]] = service
+                return alloc
+            if time.monotonic() > deadline:
+                detail = "no answer" if resp is None else f"{resp.status_code} {resp.text}"
+                raise AssertionError(f"allocation through {agent.node_name} kept failing: {detail}")
+            time.sleep(0.2)
+
+    def listed_everywhere(self) -> bool:
+        for agent in self.live():
+            resp = httpx.get(agent.url + "/gpu/list", timeout=10.0)
+            if resp.status_code != 200:
+                return False
+            ids = {a["allocation_id"] for a in resp.json()["allocations"]}
+            if not set(self.acknowledged) <= ids:
+                return False
+        return True
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("raft"))
+    try:
+        c.start_all()
+        yield c
+    finally:
+        for agent in c.agents:
+            agent.kill()
+
+
+def test_1_one_leader_and_allocations_through_a_client(cluster: Cluster) -> None:
+    leader = cluster.leader()
+    assert leader in NAMES[:SERVERS]
+    health = get(cluster.agents[0], "/healthz")
+    assert health["raft"]["leader"] == leader and health["raft"]["term"] >= 1
+    client = cluster.agents[3]
+    alloc = cluster.allocate_acknowledged(client, "svc-a", timeout=5.0)
+    assert alloc["gpus"][0]["node"] in NAMES
+    wait_for(cluster.listed_everywhere, timeout=5.0)
+    # Every agent answers the same allocation by id (forwarded to the leader).
+    for agent in cluster.agents:
+        assert get(agent, f"/gpu/allocations/{alloc['allocation_id']}")["service_name"] == "svc-a"
+    # A stale read on a follower server answers locally, with the index it reflects.
+    follower = next(a for a in cluster.agents[:SERVERS] if a.node_name != leader)
+    resp = httpx.get(follower.url + "/gpu/list?stale=true", timeout=5.0)
+    assert resp.status_code == 200 and int(resp.headers["X-Stale-Index"]) >= 1
+    # More allocations, through every agent: they spread over the cluster's GPUs.
+    for i, agent in enumerate(cluster.agents):
+        cluster.allocate_acknowledged(agent, f"svc-b{i}", timeout=5.0)
+    nodes = {a["node"] for a in get(client, "/gpu/list")["allocations"]}
+    assert len(nodes) >= 2
+    metrics = httpx.get(cluster.agents[0].url + "/metrics", timeout=5.0).text
+    assert "gpu_orchestrator_raft_commit_index" in metrics
+
+
+def test_2_kill_the_leader(cluster: Cluster) -> None:
+    leader = cluster.leader()
+    victim = next(a for a in cluster.agents if a.node_name == leader)
+    victim.kill()
+    started = time.monotonic()
+    survivor = cluster.agents[4]
+    cluster.allocate_acknowledged(survivor, "svc-after-failover")
+    assert time.monotonic() - started < FAILOVER_S
+    assert cluster.leader() != leader
+    wait_for(cluster.listed_everywhere, timeout=10.0)
+    victim.start()  # it rejoins as a follower with its state
+    wait_for(cluster.listed_everywhere, timeout=10.0)
+
+
+def test_3_kill_and_restart_all_five(cluster: Cluster) -> None:
+    before = dict(cluster.acknowledged)
+    assert len(before) >= 7
+    for agent in cluster.agents:
+        agent.kill()
+    cluster.start_all()
+    cluster.leader()
+    wait_for(cluster.listed_everywhere, timeout=FAILOVER_S)
+    cluster.allocate_acknowledged(cluster.agents[3], "svc-after-restart")
+    wait_for(cluster.listed_everywhere, timeout=10.0)
+
