@@ -298,10 +298,10 @@ def remove_key(path: Path, key: str) -> None:
 # --- command line: python -m agent.cluster_keyring ... ------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a keyring command; returns the exit status (0 ok, 1 refused)."""
+def main(argv: list[str] | None = None, *, prog: str = "python -m agent.cluster_keyring") -> int:
+    """Run a keyring command; returns the exit status (0 ok, 1 refused, 2 usage)."""
     parser = argparse.ArgumentParser(
-        prog="python -m agent.cluster_keyring",
+        prog=prog,
         description="Generate cluster keys and rotate them in a key file (docs/membership.md).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -316,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("path", type=Path)
         sub.add_argument("key", help="base64 key, or - to read it from standard input")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         if args.command == "generate":
             print(generate_key())
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             key = sys.stdin.readline() if args.key == "-" else args.key
             {"install": install_key, "use": use_key, "remove": remove_key}[args.command](args.path, key)
     except (KeyringError, OSError) as error:
-        print(f"cluster_keyring: {error}", file=sys.stderr)
+        print(f"{prog}: {error}", file=sys.stderr)
         return 1
     return 0
 

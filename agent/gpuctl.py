@@ -39,6 +39,7 @@ from urllib.parse import quote
 
 import httpx
 
+from agent.cluster_keyring import main as keyring_main
 from agent.gpuctl_render import (
     JsonObject,
     render_allocation,
@@ -527,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("members", _getter(lambda a: "/cluster/members", render_members), "cluster members")
     add("leader", _getter(lambda a: "/cluster/leader", render_leader), "the current leader")
     add("health", _getter(lambda a: "/healthz", render_health), "this agent's health (GET /healthz)")
+    # Listed for --help; main() hands everything after "keyring" to the key-file tool,
+    # which works on a local file and talks to no agent.
+    commands.add_parser(
+        "keyring",
+        help="the cluster key file: generate | list PATH | install PATH KEY | use PATH KEY | remove PATH KEY",
+        add_help=False,
+    ).add_argument("keyring_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -555,6 +563,9 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
 
 def main(argv: list[str] | None = None) -> int:
     """Run gpuctl with `argv` (default sys.argv[1:]); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keyring"]:
+        return keyring_main(argv[1:], prog="gpuctl keyring")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -473,3 +473,27 @@ def test_console_script_and_the_shell_idiom(start_agent: StartAgent) -> None:
     done = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, env=env, timeout=30)
     assert "RAN-A" in done.stdout, done
     assert "RAN-B" not in done.stdout and "exit=4" in done.stdout, done  # b was queued
+
+
+def test_keyring_generates_and_rotates_a_cluster_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """gpuctl keyring: generate two keys, install both, make the new one primary, remove the old."""
+    from agent.cluster_keyring import Keyring, decode_key
+    from agent.gpuctl import main
+
+    path = tmp_path / "cluster.key"
+    keys = []
+    for _ in range(2):
+        assert main(["keyring", "generate"]) == 0
+        keys.append(capsys.readouterr().out.strip())
+    old, new = keys
+    assert old != new and len(decode_key(old)) == 32
+    assert main(["keyring", "install", str(path), old]) == 0
+    assert main(["keyring", "install", str(path), new]) == 0
+    assert Keyring.load(path).keys[0] == decode_key(old)
+    assert main(["keyring", "use", str(path), new]) == 0
+    assert main(["keyring", "remove", str(path), old]) == 0
+    assert Keyring.load(path).keys == (decode_key(new),)
+    capsys.readouterr()
+    assert main(["keyring", "remove", str(path), new]) == 1  # the primary cannot go
+    assert "primary" in capsys.readouterr().err
+    assert main(["keyring", "rotate"]) == 2
