@@ -71,7 +71,7 @@ from agent.metrics import AgentMetrics, GossipCollector, RaftCollector, StateCol
 from agent.outbox import OutboxDeliverer
 from agent.raft_log import RaftLog
 from agent.raft_storage import AsyncRaftStorage, RaftStorage
-from agent.raft_transport import RaftTransport
+from agent.raft_transport import RaftTransport, local_address_for
 from agent.storage import AsyncStateStore, OutboxRow, StateStore
 from agent.systemd_notify import (
     Notifier,
@@ -90,6 +90,8 @@ STATE_FILE = "state.db"
 _WEBHOOK_KINDS = frozenset({"allocated", "expired", "cancelled", "gpu_unhealthy"})
 # Time the outbox gets at shutdown to deliver what is already due.
 _SHUTDOWN_FLUSH_S = 2.0
+# How long a leader that is stopping waits for another server to take over.
+_HAND_OVER_S = 2.0
 
 
 async def run_agent(
@@ -150,6 +152,12 @@ async def run_agent(
     # for the bootstrap, the Raft transport); alone, nothing runs in it.
     async with (
         httpx.AsyncClient(headers={"User-Agent": f"gpu-orchestrator/{version}"}) as client,
+        # Requests to other agents (forwarding, leader lookups) leave from the HTTP
+        # bind address when it names one; webhooks and the advisor keep `client`.
+        httpx.AsyncClient(
+            headers={"User-Agent": f"gpu-orchestrator/{version}"},
+            transport=httpx.AsyncHTTPTransport(local_address=local_address_for(config.http.bind)),
+        ) as peer_client,
         trio.open_nursery() as early,
     ):
         deliverer = OutboxDeliverer(
@@ -197,7 +205,7 @@ async def run_agent(
             lease_log = LocalLog(astore, on_applied=on_applied)
         else:
             await early.start(membership.run)
-            cluster_rt = ClusterRuntime(config, membership, None, client)
+            cluster_rt = ClusterRuntime(config, membership, None, peer_client)
             if mode == "client":
                 lease_log = ClientLog()
             else:
@@ -357,6 +365,13 @@ async def run_agent(
             # Hypercorn stops accepting at once and returns when the requests in
             # flight are answered (bounded by its graceful_timeout); the log writer
             # still runs meanwhile, so their proposals complete.
+            if raft_log is not None:
+                # A leader hands over first (bounded; meanwhile Hypercorn stops
+                # accepting), so a graceful restart costs the cluster one round of
+                # messages rather than an election timeout.
+                successor = await raft_log.hand_over(_HAND_OVER_S)
+                if successor is not None:
+                    log.info("raft: leadership handed over to %s", successor)
             await served.wait()
             # Tell the cluster we are leaving (bounded), so peers list us as
             # left at once instead of suspecting us for seconds.

@@ -48,6 +48,7 @@ from typing import Final
 import trio
 
 from agent.cluster_keyring import OVERHEAD, KeyringFile, SealError
+from agent.raft_transport import local_address_for
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class GossipTransport:
         """
         try:
             with trio.fail_after(self.tcp_timeout_s):
-                stream = await trio.open_tcp_stream(address[0], address[1])
+                stream = await trio.open_tcp_stream(address[0], address[1], local_address=local_address_for(self.bind))
                 async with stream:
                     await self._write_frame(stream, state)
                     theirs = await self._read_frame(stream)

@@ -160,7 +160,14 @@ class _Batch:
             self.done.set()
 
 
-_Input = Message | _Tick | _Batch
+@dataclass(eq=False, slots=True)
+class _Transfer:
+    """A request to hand leadership over (to the most up-to-date voter when `to` is None)."""
+
+    to: NodeId | None = None
+
+
+_Input = Message | _Tick | _Batch | _Transfer
 
 
 class RaftLog:
@@ -336,6 +343,32 @@ class RaftLog:
             self.on_proposal_seconds(trio.current_time() - started)
         return [r for r in batch.results if r is not None]
 
+    def transfer_leadership(self, to: NodeId | None = None) -> None:
+        """Ask the core to hand leadership to `to` (default: the most up-to-date other voter).
+
+        Returns at once; the run task starts the transfer on its next turn, and
+        does nothing if this server no longer leads by then. Watch `leader_id`.
+        """
+        self._inputs.append(_Transfer(to))
+        self._wakeup.set()
+
+    async def hand_over(self, timeout_s: float = 2.0) -> NodeId | None:
+        """On the leader: transfer leadership and wait (bounded) until another server leads.
+
+        Returns the new leader, or None (not leading, no other voter, or it took too long).
+        """
+        core = self._require_core()
+        if core.role is not Role.LEADER or len(core.voters) < 2:
+            return None
+        self.transfer_leadership()
+        with trio.move_on_after(timeout_s):
+            while True:
+                lead = core.lead
+                if lead is not None and lead != self.node_id:
+                    return lead
+                await trio.sleep(0.01)
+        return None
+
     # --- the run task -------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -381,6 +414,13 @@ class RaftLog:
             elif isinstance(item, Message):
                 self._queued_messages -= 1
                 core.step(item)
+            elif isinstance(item, _Transfer):
+                try:
+                    target = core.transfer_leadership(item.to)
+                except RaftError as error:
+                    log.info("raft: not transferring leadership: %s", error)
+                else:
+                    log.info("raft: transferring leadership to %s", target)
             else:
                 self._propose_batch(core, item)
 

@@ -162,6 +162,9 @@ class RaftTransport:
         self._listeners: list[trio.SocketListener] = []
         self._nursery: trio.Nursery | None = None
         self._inbound = trio.CapacityLimiter(MAX_INBOUND_CONNECTIONS)
+        # Outbound streams originate from the bind address when it names one, so a
+        # peer (and a firewall rule) sees this agent's own address, not the route's.
+        self.local_address = local_address_for(bind)
 
     # --- set-up ------------------------------------------------------------------------
 
@@ -326,7 +329,7 @@ class RaftTransport:
                 host, port = peer.address
                 try:
                     with trio.fail_after(self._connect_timeout_s):
-                        stream = await trio.open_tcp_stream(host, port)
+                        stream = await trio.open_tcp_stream(host, port, local_address=self.local_address)
                 except (OSError, trio.TooSlowError) as error:
                     attempt += 1
                     self.stats.connect_failures += 1
@@ -404,6 +407,14 @@ class RaftTransport:
         return _FRAME_HEADER.pack(len(payload)) + payload
 
 
+def local_address_for(bind: str) -> str | None:
+    """The address outbound sockets should originate from: `bind`, unless it is a wildcard."""
+    host = bind.strip("[]")
+    if host in ("", "0.0.0.0", "::", "*"):
+        return None
+    return host
+
+
 def _peer_name(stream: trio.SocketStream) -> str:
     try:
         name = stream.socket.getpeername()
@@ -412,4 +423,4 @@ def _peer_name(stream: trio.SocketStream) -> str:
     return f"{name[0]}:{name[1]}"
 
 
-__all__ = ["Address", "RAFT_AAD", "RaftTransport", "RaftTransportStats", "DROP_REASONS", "MAX_INBOUND_CONNECTIONS"]
+__all__ = ["Address", "local_address_for", "RAFT_AAD", "RaftTransport", "RaftTransportStats", "DROP_REASONS", "MAX_INBOUND_CONNECTIONS"]

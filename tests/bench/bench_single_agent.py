@@ -211,6 +211,7 @@ class LoadSpec:
     start_at: float  # time.monotonic() at which the warm-up starts
     warmup_s: float
     duration_s: float
+    host: str = HOST  # the server's address (another 127.0.0.x for a cluster)
 
 
 @dataclass
@@ -287,7 +288,7 @@ def run_load(spec: LoadSpec) -> LoadResult:
 
     def connect(client: _Client) -> bool:
         try:
-            sock = socket.create_connection((HOST, spec.port), timeout=REQUEST_TIMEOUT_S)
+            sock = socket.create_connection((spec.host, spec.port), timeout=REQUEST_TIMEOUT_S)
         except OSError as exc:
             result.note_error(f"connect: {exc}")
             return False
@@ -468,7 +469,15 @@ class LoadRunner:
         self._pool.join()
 
     def run(
-        self, name: str, *, port: int, server_pid: int, kind: str, clients: int, duration_s: float
+        self,
+        name: str,
+        *,
+        port: int,
+        server_pid: int,
+        kind: str,
+        clients: int,
+        duration_s: float,
+        host: str = HOST,
     ) -> PhaseResult:
         """Warm up, then measure `duration_s` of `clients` connections running `kind` scripts."""
         procs = min(self.procs, clients)
@@ -482,6 +491,7 @@ class LoadRunner:
                 start_at=start_at,
                 warmup_s=self.warmup_s,
                 duration_s=duration_s,
+                host=host,
             )
             for p in range(procs)
         ]

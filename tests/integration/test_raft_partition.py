@@ -1,0 +1,173 @@
+"""Raft under a network partition: three server processes on loopback, the leader cut off by nftables.
+
+Servers on 127.0.0.7..9 (outbound sockets bound to their own address, so
+each one's traffic really comes from it). An nftables table of our own drops
+every packet between the leader's address and the other two on the cluster's
+gossip, Raft and HTTP ports (the test itself talks from 127.0.0.1, which the
+rules leave alone). Then:
+
+- the majority elects a new leader and accepts writes;
+- the isolated old leader steps down (check-quorum) and, unable to reach a
+  leader to forward to, answers its allocate with 503;
+- once the rules are gone it rejoins as a follower, and every acknowledged
+  allocation is listed by every server.
+
+Needs root and the `nft` tool; skipped otherwise. The table is always deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from agent.cluster_keyring import generate_key
+from tests.agent_process import AgentProcess, free_port
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+HOSTS = ["127.0.0.7", "127.0.0.8", "127.0.0.9"]
+NAMES = ["part-s0", "part-s1", "part-s2"]
+TABLE = f"gpuorch_test_{os.getpid()}"
+SETTLE_S = 15.0
+
+
+def _nft_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to load nftables rules"
+    if shutil.which("nft") is None:
+        return "needs the nft tool (apt-get install nftables)"
+    probe = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        return f"nft cannot read the ruleset here: {probe.stderr.strip()}"
+    return None
+
+
+pytestmark = [pytestmark, pytest.mark.skipif(_nft_unavailable() is not None, reason=str(_nft_unavailable()))]
+
+
+def nft(script: str) -> None:
+    subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True, capture_output=True)
+
+
+def leader_of(agent: AgentProcess) -> str | None:
+    try:
+        name = httpx.get(agent.url + "/cluster/leader", timeout=2.0).json()["leader"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+    return None if name is None else str(name)
+
+
+def allocate(agent: AgentProcess, service: str) -> httpx.Response:
+    body = {"service_name": service, "gpu_count": 1, "ttl_seconds": 3600, "queue": False}
+    return httpx.post(agent.url + "/gpu/allocate", json=body, timeout=20.0)
+
+
+@pytest.fixture()
+def servers(tmp_path: Path) -> Iterator[list[AgentProcess]]:
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(generate_key() + "\n")
+    key_file.chmod(0o600)
+    seed_port = free_port(HOSTS[0], udp_too=True)
+    agents = []
+    for i, name in enumerate(NAMES):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f'[cluster]\nprofile = "local"\nkey_file = "{key_file}"\nserver = true\nbootstrap_expect = 3\n')
+        agents.append(
+            AgentProcess(
+                data_dir=tmp_path / name,
+                host=HOSTS[i],
+                node_name=name,
+                simulate="2xH100-80GB",
+                gossip_port=seed_port if i == 0 else 0,
+                join=[] if i == 0 else [f"{HOSTS[0]}:{seed_port}"],
+                extra_args=["--config", str(config)],
+            )
+        )
+    try:
+        for agent in agents:
+            agent.start(wait=False)
+        for agent in agents:
+            agent.wait_ready()
+        yield agents
+    finally:
+        for agent in agents:
+            agent.kill()
+
+
+def test_isolated_leader_steps_down_and_rejoins(servers: list[AgentProcess]) -> None:
+    started = time.monotonic()
+    acknowledged: set[str] = set()
+
+    def agreed() -> str | None:
+        names = {leader_of(a) for a in servers}
+        return names.pop() if len(names) == 1 and None not in names else None
+
+    leader = wait_for(agreed, timeout=SETTLE_S, interval=0.1)
+    old = next(a for a in servers if a.node_name == leader)
+    majority = [a for a in servers if a is not old]
+    first = wait_for(lambda: (r := allocate(majority[0], "before")).status_code == 200 and r, timeout=SETTLE_S)
+    acknowledged.add(first.json()["allocation_id"])
+
+    others = ", ".join(a.host for a in majority)
+    ports = ", ".join(str(p) for a in servers for p in sorted({a.port, a.gossip_port, a.raft_port}))
+    try:
+        nft(
+            f"add table inet {TABLE}\n"
+            f"add chain inet {TABLE} input {{ type filter hook input priority -10; policy accept; }}\n"
+            f"add rule inet {TABLE} input ip saddr {old.host} ip daddr {{ {others} }} "
+            f"meta l4proto {{ tcp, udp }} th dport {{ {ports} }} drop\n"
+            f"add rule inet {TABLE} input ip daddr {old.host} ip saddr {{ {others} }} "
+            f"meta l4proto {{ tcp, udp }} th dport {{ {ports} }} drop\n"
+        )
+
+        # The majority elects a new leader among themselves and takes writes.
+        def majority_leader() -> str | None:
+            name = leader_of(majority[0])
+            return name if name is not None and name != leader and leader_of(majority[1]) == name else None
+
+        new_leader = wait_for(majority_leader, timeout=SETTLE_S, interval=0.1)
+        assert new_leader in (a.node_name for a in majority)
+        during = wait_for(lambda: (r := allocate(majority[1], "during")).status_code == 200 and r, timeout=SETTLE_S)
+        acknowledged.add(during.json()["allocation_id"])
+
+        # Check-quorum: the old leader, hearing from no majority, steps down.
+        def stepped_down() -> bool:
+            return bool(httpx.get(old.url + "/healthz", timeout=5.0).json()["raft"]["role"] != "leader")
+
+        wait_for(stepped_down, timeout=SETTLE_S, interval=0.1)
+        # ... and, with no leader it can reach to forward to, refuses writes.
+        refusal = allocate(old, "isolated")
+        assert refusal.status_code == 503, refusal.text
+        assert refusal.json()["error"]["code"] == "no_leader", refusal.text
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True, check=False)
+
+    # Healed: the old leader follows the new one, and every acknowledged write is everywhere.
+    wait_for(lambda: leader_of(old) == new_leader, timeout=SETTLE_S, interval=0.1)
+    after = wait_for(lambda: (r := allocate(old, "after")).status_code == 200 and r, timeout=SETTLE_S)
+    acknowledged.add(after.json()["allocation_id"])
+
+    def listed_everywhere() -> bool:
+        for agent in servers:
+            resp = httpx.get(agent.url + "/gpu/list?stale=true", timeout=5.0)
+            if resp.status_code != 200:
+                return False
+            if not acknowledged <= {a["allocation_id"] for a in resp.json()["allocations"]}:
+                return False
+        return True
+
+    wait_for(listed_everywhere, timeout=SETTLE_S, interval=0.2)
+    assert time.monotonic() - started < 60.0
+
+
+def test_nft_table_is_gone() -> None:
+    listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    assert TABLE not in listed
