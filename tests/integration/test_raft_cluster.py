@@ -50,6 +50,7 @@ class Cluster:
         key_file.write_text(generate_key() + "\n")
         key_file.chmod(0o600)
         self.agents: list[AgentProcess] = []
+        self.why = ""
         seed_port = free_port(HOSTS[0], udp_too=True)
         for i, name in enumerate(NAMES):
             server = i < SERVERS
@@ -110,12 +111,19 @@ class Cluster:
             time.sleep(0.2)
 
     def listed_everywhere(self) -> bool:
+        """Every live agent lists every acknowledged allocation; `self.why` says who does not."""
         for agent in self.live():
-            resp = httpx.get(agent.url + "/gpu/list", timeout=10.0)
+            try:
+                resp = httpx.get(agent.url + "/gpu/list", timeout=10.0)
+            except httpx.HTTPError as exc:
+                self.why = f"{agent.node_name}: {exc!r}"
+                return False
             if resp.status_code != 200:
+                self.why = f"{agent.node_name}: {resp.status_code} {resp.text[:300]}"
                 return False
             ids = {a["allocation_id"] for a in resp.json()["allocations"]}
             if not set(self.acknowledged) <= ids:
+                self.why = f"{agent.node_name} lacks {sorted(set(self.acknowledged) - ids)}"
                 return False
         return True
 
@@ -167,7 +175,10 @@ def test_2_kill_the_leader(cluster: Cluster) -> None:
     assert cluster.leader() != leader
     wait_for(cluster.listed_everywhere, timeout=10.0)
     victim.start()  # it rejoins as a follower with its state
-    wait_for(cluster.listed_everywhere, timeout=2 * FAILOVER_S)
+    try:
+        wait_for(cluster.listed_everywhere, timeout=2 * FAILOVER_S)
+    except AssertionError:
+        raise AssertionError(f"{cluster.why}\n--- {victim.node_name} log:\n{victim.log()[-6000:]}") from None
 
 
 def test_2b_sigterm_the_leader_hands_over(cluster: Cluster) -> None:
@@ -197,7 +208,10 @@ def test_2b_sigterm_the_leader_hands_over(cluster: Cluster) -> None:
     assert f"raft: leadership handed over to {successor}" in victim.log()
     cluster.allocate_acknowledged(survivors[0], "svc-after-handover", timeout=5.0)
     victim.start()  # it rejoins as a follower with its state
-    wait_for(cluster.listed_everywhere, timeout=2 * FAILOVER_S)
+    try:
+        wait_for(cluster.listed_everywhere, timeout=2 * FAILOVER_S)
+    except AssertionError:
+        raise AssertionError(f"{cluster.why}\n--- {victim.node_name} log:\n{victim.log()[-6000:]}") from None
 
 
 def test_3_kill_and_restart_all_five(cluster: Cluster) -> None:
