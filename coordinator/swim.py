@@ -620,22 +620,26 @@ class SwimCore:
     def _gossip(self, now: float) -> None:
         """Send pending news to gossip_nodes random members (memberlist gossip()).
 
-        With correct_stale_senders, a round with no news still tells the *dead* members
-        picked our verdict: if they are alive after all (a healed partition), they
-        refute it, or answer with their newer alive message.
+        With correct_stale_senders, a round with no news still tells the *dead* and
+        *left* members picked our verdict: if they are alive after all (a healed
+        partition, or a member restarted after a graceful leave that has no seed to
+        join through), they refute it, or answer with their newer alive message.
+        memberlist gossips to recently dead members but never to left ones.
         """
         quiet = not self._queue
-        if quiet and not self._config.correct_stale_senders:
+        stale_senders = self._config.correct_stale_senders
+        if quiet and not stale_senders:
             return
         dead_window = self._config.gossip_to_the_dead_time
+        gone = (DEAD, LEFT) if stale_senders else (DEAD,)
         targets = self._random_members(
             self._config.gossip_nodes,
-            lambda m: m.status in (ALIVE, SUSPECT) or (m.status == DEAD and now - m.since <= dead_window),
+            lambda m: m.status in (ALIVE, SUSPECT) or (m.status in gone and now - m.since <= dead_window),
         )
         for target in targets:
             if not quiet:
                 self._send(target.address, [])
-            elif target.status == DEAD:
+            elif target.status in gone:
                 self._emit_datagram(target.address, self._header, [self._verdict_part(target)])
 
     def _retry_join(self, now: float) -> None:

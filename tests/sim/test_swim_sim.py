@@ -111,6 +111,26 @@ def test_refutation_after_a_partition_heals() -> None:
     assert sum(net.nodes[x].core.stats.refutations for x in names) > 0, net.repro(HERE)
 
 
+def test_a_member_restarted_after_leaving_is_readmitted_without_a_seed() -> None:
+    """A member that left gracefully and restarts with no seed to join (the cluster's own
+    seed, say) is not stranded: within gossip_to_the_dead_time the others tell it their
+    "left" verdict, it refutes, and every member lists it alive again. (memberlist never
+    gossips to left members; our correct_stale_senders profiles do.)"""
+    net = SwimNetwork(lan(), SEED)
+    names = net.bootstrap(5)
+    net.run_until(5.0)
+    seed_member = names[0]
+    net.nodes[seed_member].core.leave(net.now)
+    net.run_until(net.now + 2.0)
+    net.crash(seed_member)
+    net.run_until(net.now + 10.0)
+    assert all(net.status(o, seed_member) == "left" for o in names[1:]), net.repro(HERE)
+    net.restart(seed_member, [])
+    net.run_until(net.now + lan().gossip_to_the_dead_time - 12.0)
+    stale = [o for o in names[1:] if net.status(o, seed_member) != "alive"]
+    assert not stale, f"{stale} still do not list it alive; {net.repro(HERE)}"
+
+
 def test_one_way_partition_does_not_kill_the_member_that_can_still_talk() -> None:
     """An asymmetric cut (a cannot hear b) is bridged by indirect probes through others:
     nobody is declared dead."""
