@@ -69,7 +69,7 @@ from coordinator.raft_messages import (
     encode_voters,
 )
 
-from agent.storage import StorageError
+from agent.storage import StorageError, open_state_db, run_transaction
 
 T = TypeVar("T")
 
@@ -109,14 +109,7 @@ class RaftStorage:
         # by the worker thread, read by the trio thread (a float swap is atomic).
         self._started: float | None = None
         self._lock = threading.Lock()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageError(f"cannot open raft state in {path}: {exc}") from exc
+        self._db = open_state_db(path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -179,13 +172,7 @@ class RaftStorage:
             if timed:
                 self._started = started
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = work(self._db)
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+                result = run_transaction(self._db, work)
             except (sqlite3.Error, OSError, ValueError, MalformedMessage) as exc:
                 raise StorageError(f"raft state in {self.path}: {exc}") from exc
             finally:

@@ -99,33 +99,48 @@ class OutboxCounts:
     gave_up: int
 
 
+def open_state_db(path: Path, schema: str) -> sqlite3.Connection:
+    """Open the state file in WAL mode with fsync on commit and create `schema`'s tables.
+
+    Shared by the lease log's tables here and the Raft tables (agent/raft_storage.py),
+    which live in the same file. Raises StorageError.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(schema)
+        return db
+    except (sqlite3.Error, OSError) as exc:
+        raise StorageError(f"cannot open state file {path}: {exc}") from exc
+
+
+def run_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `work` in one IMMEDIATE transaction: committed (fsync'd) or rolled back whole."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(db)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
 class StateStore:
     """Blocking access to the state file. Not thread-safe: use from one thread at a time."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageError(f"cannot open state file {path}: {exc}") from exc
+        self._db = open_state_db(path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()
 
     def _tx(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
+            return run_transaction(self._db, work)
         except sqlite3.Error as exc:
             raise StorageError(f"state file {self.path}: {exc}") from exc
 
