@@ -306,9 +306,10 @@ async def run_agent(
                 table=lambda: lease_log.table,
                 clock=time.time,
                 is_leader=(lambda: True) if cluster_rt is None else cluster_rt.is_leader,
-                term=(lambda: 1) if raft_log is None else (lambda: raft_log.term if raft_log else 0),
+                term=(lambda: 1) if cluster_rt is None else cluster_rt.known_term,
                 members=membership.member_counts,
                 outbox_pending=lambda: ctx.outbox_pending,
+                disk_stalled=lease_log.disk_stalled_seconds,
             )
         )
         metrics.attach_gossip(GossipCollector(membership))

@@ -56,10 +56,14 @@ class CommandLog(Protocol):
     @property
     def last_index(self) -> int: ...
     @property
+    def applied_index(self) -> int: ...
+    @property
     def snapshot_index(self) -> int: ...
     @property
     def last_append_seconds(self) -> float: ...
 
+    def disk_stalled_seconds(self) -> float: ...
+    async def read_barrier(self) -> None: ...
     async def propose(self, command: Command) -> ApplyResult: ...
     async def propose_many(self, commands: Sequence[Command]) -> list[ApplyResult]: ...
 
@@ -70,8 +74,15 @@ class ClientLog:
     def __init__(self) -> None:
         self.table = LeaseTable()
         self.last_index = 0
+        self.applied_index = 0
         self.snapshot_index = 0
         self.last_append_seconds = 0.0
+
+    def disk_stalled_seconds(self) -> float:
+        return 0.0  # a client writes no log
+
+    async def read_barrier(self) -> None:
+        raise NotLeader(None, "a client holds no lease table")
 
     async def propose(self, command: Command) -> ApplyResult:
         raise NotLeader(None, "a client holds no lease table")
@@ -122,6 +133,7 @@ class ClusterRuntime:
         # A client's idea of the leader, learnt from the servers' /cluster/leader.
         self._client_leader: LeaderInfo | None = None
         self._client_leader_at = 0.0
+        self._term_seen = 0  # the highest term a client learnt (kept when the cached leader is dropped)
         self.last_applied_at = clock()
         self.forwarded = 0
 
@@ -248,6 +260,7 @@ class ClusterRuntime:
                 break
         if best.node is not None:
             best = LeaderInfo(best.node, best.term, self.http_address(best.node))
+            self._term_seen = max(self._term_seen, best.term)
         self._client_leader = best if best.node is not None else None
         self._client_leader_at = trio.current_time()
         return best
@@ -315,6 +328,12 @@ class ClusterRuntime:
             answer["X-Forwarded-To"] = target.node or ""
             return resp.status_code, answer, resp.content
         raise ForwardFailed(last_error)
+
+    def known_term(self) -> int:
+        """The Raft term: the core's on a server, the last one a client learnt from the servers (0: none yet)."""
+        if self.raft is not None:
+            return self.raft.term
+        return self._term_seen
 
     def raft_health(self) -> dict[str, Any]:
         """The /healthz `raft` object."""

@@ -19,6 +19,18 @@ from agent.cluster import ClusterRuntime, CommandLog
 from agent.membership import MembershipService, RemoteGpu
 from agent.metrics import AgentMetrics
 
+# A state-file write running this long means the disk is not making progress: a
+# healthy fsync takes milliseconds, and a Raft server stalled past an election
+# timeout (1 s) has already lost leadership, so /healthz says degraded from here.
+DISK_STALL_DEGRADED_S = 1.0
+
+def degraded_reason(devices: str | None, write_stalled_s: float) -> str | None:
+    """Why /healthz says degraded (device telemetry, a stalled state-file write), or None when ok."""
+    reasons = [devices] if devices else []
+    if write_stalled_s >= DISK_STALL_DEGRADED_S:
+        reasons.append(f"state file write stalled for {write_stalled_s:.1f} s")
+    return "; ".join(reasons) or None
+
 
 @dataclass
 class AgentContext:
@@ -47,7 +59,8 @@ class AgentContext:
 
     def health(self) -> dict[str, Any]:
         """GET /healthz: ok, or degraded with the reason; always 200 so probes stay simple."""
-        degraded = self.sampler.degraded_reason
+        stalled = self.log.disk_stalled_seconds()
+        degraded = degraded_reason(self.sampler.degraded_reason, stalled)
         role, leader = "leader", self.node
         raft: dict[str, Any] = {}
         if self.cluster is not None:
@@ -55,6 +68,7 @@ class AgentContext:
             role, leader = str(raft["role"]), raft["leader"]
         doc: dict[str, Any] = {
             "status": "degraded" if degraded else "ok",
+            "degraded": degraded,
             "service": "gpu-orchestrator",
             "version": self.version,
             "node": self.node,
@@ -65,14 +79,15 @@ class AgentContext:
                 "backend": self.sampler.backend.kind,
                 "gpus": len(self.sampler.readings),
                 "unhealthy": sum(1 for snap in self.sampler.snapshots() if snap.health.state == UNHEALTHY),
-                "degraded": degraded,
+                "degraded": self.sampler.degraded_reason,
                 "last_sample_at": rfc3339(self.sampler.last_sample_at),
             },
             "lease_table": {
                 "allocations": len(self.service.table.allocations()),
                 "queue_depth": self.service.table.queue_length(),
-                "applied_index": self.log.last_index,
+                "applied_index": self.log.applied_index,
                 "snapshot_index": self.log.snapshot_index,
+                "write_stalled_seconds": round(stalled, 3),
             },
             "outbox": {"pending": self.outbox_pending, "gave_up": self.outbox_gave_up},
         }
@@ -99,7 +114,7 @@ class AgentContext:
         )
         if counts.get("suspect") or counts.get("dead"):
             line += f", {counts.get('suspect', 0)} suspect, {counts.get('dead', 0)} dead"
-        degraded = self.sampler.degraded_reason
+        degraded = degraded_reason(self.sampler.degraded_reason, self.log.disk_stalled_seconds())
         return line + (f"; degraded: {degraded}" if degraded else "")
 
     def gpu_rows(self) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from agent.api_keys import ApiKey, extract_presented_key
 from agent.cluster import FORWARDED_BY, ForwardFailed
 from agent.context import AgentContext
 from agent.openapi import openapi_document
-from agent.raft_log import ProposalLost, ProposalUnknown
+from agent.raft_log import ProposalLost, ProposalUnknown, ReadUnconfirmed
 from agent.status_page import HEADERS as STATUS_PAGE_HEADERS
 from agent.status_page import status_page_html
 from agent.storage import StorageError
@@ -149,6 +149,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.errorhandler(RaftError)
     async def _raft_error(exc: RaftError) -> Response:
+        if isinstance(exc, ReadUnconfirmed):
+            return error_response(503, "no_leader", f"{exc}; retry", {"Retry-After": "1"})
         if isinstance(exc, ProposalUnknown):
             code = "outcome_unknown"
         elif isinstance(exc, ProposalLost):
@@ -250,13 +252,17 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                     return await handler(**kwargs)
                 if read and cluster.is_server and request.args.get("stale", "").lower() in ("true", "1"):
                     response = await handler(**kwargs)
-                    response.headers["X-Stale-Index"] = str(ctx.log.last_index)
+                    response.headers["X-Stale-Index"] = str(ctx.log.applied_index)
                     age = max(0.0, time.time() - cluster.last_applied_at)
                     response.headers["X-Stale-Age-Seconds"] = f"{age:.3f}"
                     return response
                 if not cluster.is_leader():
                     return await forward()
                 try:
+                    if read:
+                        # ReadIndex: a deposed leader that has not noticed yet cannot
+                        # confirm a majority, so it never answers from a stale table.
+                        await ctx.log.read_barrier()
                     return await handler(**kwargs)
                 except (NotLeader, ProposalLost):
                     # Nothing of it was applied here: the new leader takes it.

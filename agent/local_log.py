@@ -100,6 +100,21 @@ class LocalLog:
         # whose outbox rows were never written, so none is taken until restart,
         # when replaying the log re-derives them.
         self._hooks_complete = True
+        # When the append in flight started (trio time); None when the writer is idle.
+        self._append_started: float | None = None
+
+    @property
+    def applied_index(self) -> int:
+        """Entries are applied as soon as they are durable: the same as last_index."""
+        return self.last_index
+
+    def disk_stalled_seconds(self) -> float:
+        """How long the state-file append in flight has been running (0.0 when none)."""
+        started = self._append_started
+        return 0.0 if started is None else max(0.0, trio.current_time() - started)
+
+    async def read_barrier(self) -> None:
+        """Reads of `table` are always current on the only server there is."""
 
     async def recover(self) -> int:
         """Load the snapshot and replay the log after it; returns entries replayed."""
@@ -154,15 +169,17 @@ class LocalLog:
     async def _commit(self, batch: list[_Proposal]) -> None:
         first = self.last_index + 1
         entries = [(first + i, encode_command(p.command)) for i, p in enumerate(batch)]
-        started = trio.current_time()
+        started = self._append_started = trio.current_time()
         try:
             await self._store.append(entries)
         except StorageError as exc:
+            self._append_started = None
             log.error("state file append failed; %d proposals refused: %s", len(batch), exc)
             for p in batch:
                 p.error = exc
                 p.done.set()
             return
+        self._append_started = None
         self.last_append_seconds = trio.current_time() - started
         self.last_batch_size = len(batch)
         applied = []

@@ -213,6 +213,7 @@ class StateCollector(Collector):
         term: Callable[[], int],
         members: Callable[[], dict[str, int]],
         outbox_pending: Callable[[], int],
+        disk_stalled: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.node_name = node_name
         self._sampler = sampler
@@ -222,6 +223,7 @@ class StateCollector(Collector):
         self._term = term
         self._members = members
         self._outbox_pending = outbox_pending
+        self._disk_stalled = disk_stalled
 
     def collect(self) -> Iterable[Metric]:
         snapshots = self._sampler.snapshots()
@@ -248,6 +250,11 @@ class StateCollector(Collector):
             "gpu_orchestrator_outbox_pending",
             "Webhook and workflow events waiting for delivery.",
             value=float(self._outbox_pending()),
+        )
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_state_write_stall_seconds",
+            "How long the state-file write in flight has run (0 when idle); grows while the disk makes no progress.",
+            value=self._disk_stalled(),
         )
         if leader:
             yield from self._cluster(self._table())

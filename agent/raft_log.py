@@ -61,6 +61,17 @@ the proposer gets `ProposalUnknown`: retry with the same request id (the
 lease table's commands are idempotent per request id). A batch is one entry
 per command, so a leader change can apply a prefix of it and lose the rest.
 
+Reads
+-----
+`read_barrier()` makes a read of `table` linearizable (thesis §6.4, ReadIndex):
+the leader notes its commit index, confirms with a heartbeat round that a
+majority still follows it, and the caller proceeds once that index is applied
+here. A leader deposed by a partition cannot confirm, so it never serves a
+stale read; the caller gets ReadUnconfirmed after the timeout (503, retry).
+Reads still unconfirmed when this server stops leading fail with NotLeader
+at once, and the HTTP layer forwards them to the new leader. A confirmed read
+stays valid even if leadership moves before its index is applied.
+
 Snapshots
 ---------
 Every `config.snapshot_every` applied entries the loop captures
@@ -113,6 +124,7 @@ __all__ = [
     "ProposalLost",
     "ProposalUnknown",
     "RaftLog",
+    "ReadUnconfirmed",
 ]
 
 
@@ -129,6 +141,10 @@ class ProposalLost(RaftError):
 
 class ProposalUnknown(RaftError):
     """Whether the proposal was applied cannot be known here; retry it idempotently (same request id)."""
+
+
+class ReadUnconfirmed(RaftError):
+    """A linearizable read could not be confirmed in time (no quorum?); nothing was read. Retry."""
 
 
 class MessageSink(Protocol):
@@ -167,7 +183,23 @@ class _Transfer:
     to: NodeId | None = None
 
 
-_Input = Message | _Tick | _Batch | _Transfer
+@dataclass(eq=False, slots=True)
+class _Read:
+    """A linearizable read waiting for its ReadIndex round (see "Reads")."""
+
+    context: bytes
+    # The commit index the leader confirmed for this read; None until confirmed.
+    index: int | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+
+    def finish(self, error: Exception | None = None) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+_Input = Message | _Tick | _Batch | _Transfer | _Read
 
 
 class RaftLog:
@@ -222,6 +254,10 @@ class RaftLog:
         self.dropped_messages = 0
         # Called with each successful proposal's latency (seconds), for a histogram.
         self.on_proposal_seconds: Callable[[float], None] | None = None
+        # Reads sent into the core (by context) and confirmed reads waiting for apply.
+        self._reads: dict[bytes, _Read] = {}
+        self._confirmed: list[_Read] = []
+        self._read_seq = 0
 
     # --- observers ----------------------------------------------------------------------
 
@@ -266,6 +302,10 @@ class RaftLog:
     @property
     def snapshot_index(self) -> int:
         return self._require_core().log.snapshot.index
+
+    def disk_stalled_seconds(self) -> float:
+        """How long the state-file write in flight has been running (0.0 when none)."""
+        return self._storage.stalled_seconds()
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -343,6 +383,29 @@ class RaftLog:
             self.on_proposal_seconds(trio.current_time() - started)
         return [r for r in batch.results if r is not None]
 
+    async def read_barrier(self, timeout_s: float = 5.0) -> None:
+        """Return once this server's table reflects every write committed before the call (see "Reads").
+
+        Raises NotLeader (forward the read), ReadUnconfirmed (no quorum confirmed
+        this leader within `timeout_s`: answer 503, the caller retries).
+        """
+        core = self._require_core()
+        if core.role is not Role.LEADER:
+            raise NotLeader(core.lead)
+        self._read_seq += 1
+        read = _Read(self._read_seq.to_bytes(8, "big"))
+        self._inputs.append(read)
+        self._wakeup.set()
+        with trio.move_on_after(timeout_s):
+            await read.done.wait()
+        if not read.done.is_set():
+            self._reads.pop(read.context, None)
+            if read in self._confirmed:
+                self._confirmed.remove(read)
+            raise ReadUnconfirmed(f"no majority confirmed this leader within {timeout_s} s")
+        if read.error is not None:
+            raise read.error
+
     def transfer_leadership(self, to: NodeId | None = None) -> None:
         """Ask the core to hand leadership to `to` (default: the most up-to-date other voter).
 
@@ -401,6 +464,7 @@ class RaftLog:
         while True:
             self._wakeup = trio.Event()
             self._drain_inputs(core)
+            self._drop_unconfirmed_reads(core)
             if core.has_ready():
                 await self._handle_ready(core, core.ready())
                 continue
@@ -421,8 +485,20 @@ class RaftLog:
                     log.info("raft: not transferring leadership: %s", error)
                 else:
                     log.info("raft: transferring leadership to %s", target)
+            elif isinstance(item, _Read):
+                self._start_read(core, item)
             else:
                 self._propose_batch(core, item)
+
+    def _start_read(self, core: RaftCore, read: _Read) -> None:
+        if read.done.is_set():
+            return  # timed out while queued
+        try:
+            core.read_index(read.context)
+        except NotLeader as error:
+            read.finish(error)
+        else:
+            self._reads[read.context] = read
 
     def _propose_batch(self, core: RaftCore, batch: _Batch) -> None:
         if batch.done.is_set():
@@ -469,7 +545,32 @@ class RaftLog:
         for batch in settled:  # after the hook, as LocalLog does
             batch.done.set()
         core.advance(rd)  # 4.
+        self._release_reads(core, rd)
         await self._maybe_snapshot(core)
+
+    def _release_reads(self, core: RaftCore, rd: Ready) -> None:
+        """Answer confirmed reads whose index is applied; fail the rest once we stop leading."""
+        for state in rd.read_states:
+            read = self._reads.pop(state.context, None)
+            if read is not None and not read.done.is_set():
+                read.index = state.index
+                self._confirmed.append(read)
+        applied = core.log.applied
+        waiting: list[_Read] = []
+        for read in self._confirmed:
+            if read.index is not None and read.index <= applied:
+                read.finish()
+            else:
+                waiting.append(read)
+        self._confirmed = waiting
+        self._drop_unconfirmed_reads(core)
+
+    def _drop_unconfirmed_reads(self, core: RaftCore) -> None:
+        """The core drops reads in flight when it stops leading: answer them now, so they are forwarded."""
+        if self._reads and core.role is not Role.LEADER:
+            for read in self._reads.values():
+                read.finish(NotLeader(core.lead, "leadership was lost during the read"))
+            self._reads.clear()
 
     def _settle(self, index: int, term: int, result: ApplyResult | None) -> _Batch | None:
         """Record the outcome of a pending proposal at `index`; the batch when it is now complete."""
@@ -533,5 +634,11 @@ class RaftLog:
         for item in self._inputs:
             if isinstance(item, _Batch):
                 item.fail(NotLeader(None, "the raft log stopped"))
+            elif isinstance(item, _Read):
+                item.finish(NotLeader(None, "the raft log stopped"))
+        for read in [*self._reads.values(), *self._confirmed]:
+            read.finish(NotLeader(None, "the raft log stopped"))
+        self._reads.clear()
+        self._confirmed.clear()
         self._inputs.clear()
         self._queued_messages = 0

@@ -27,7 +27,7 @@ from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, Requi
 from coordinator.raft_config import local
 from coordinator.raft_messages import Message, MessageKind, encode_message
 from agent.cluster_keyring import KeyringFile, generate_key, install_key
-from agent.raft_log import Applied, NotLeader, RaftLog
+from agent.raft_log import Applied, NotLeader, RaftLog, ReadUnconfirmed
 from agent.raft_storage import AsyncRaftStorage, RaftStorage
 from agent.raft_transport import RaftTransport
 
@@ -236,6 +236,40 @@ def test_three_servers_elect_replicate_fail_over_and_catch_up_from_disk(tmp_path
         last = survivor.raft.applied_index
         await until(lambda: all(s.raft.applied_index >= last for s in cluster.running()))
         assert tables(cluster.running())[1:] == tables(cluster.running())[:-1]
+
+    run(test)
+
+
+def test_reads_are_confirmed_by_a_majority_and_a_cut_off_leader_serves_none(tmp_path: Path) -> None:
+    """ReadIndex (thesis §6.4): the leader reads only after a majority confirms it still leads."""
+    key = generate_key()
+    cluster = Cluster(tmp_path, [key, key, key])
+
+    async def test(nursery: trio.Nursery) -> None:
+        await cluster.open_ports()
+        for s in cluster.servers.values():
+            await cluster.start(nursery, s)
+        leader = await cluster.wait_leader()
+        followers = [s for s in cluster.running() if s is not leader]
+        assert (await leader.raft.propose(allocate(1))).ok
+
+        # Confirmed reads on the leader: each returns with the write above applied.
+        async with trio.open_nursery() as readers:
+            for _ in range(20):
+                readers.start_soon(leader.raft.read_barrier)
+        assert leader.raft.table.allocation("alloc-1") is not None
+
+        # A follower does not read; it names the leader (the HTTP layer forwards there).
+        with pytest.raises(NotLeader) as refused:
+            await followers[0].raft.read_barrier()
+        assert refused.value.leader_hint == leader.name
+
+        # Cut the leader off from both followers: it can no longer confirm a read,
+        # whichever comes first (its read timeout or its check-quorum step-down).
+        for follower in followers:
+            await cluster.stop(follower)
+        with pytest.raises((ReadUnconfirmed, NotLeader)):
+            await leader.raft.read_barrier(timeout_s=1.0)
 
     run(test)
 

@@ -7,6 +7,8 @@ gossip, Raft and HTTP ports (the test itself talks from 127.0.0.1, which the
 rules leave alone). Then:
 
 - the majority elects a new leader and accepts writes;
+- a linearizable read on the isolated old leader answers 503 (it cannot
+  confirm a majority), while `?stale=true` answers from its replica;
 - the isolated old leader steps down (check-quorum) and, unable to reach a
   leader to forward to, answers its allocate with 503;
 - once the rules are gone it rejoins as a follower, and every acknowledged
@@ -137,6 +139,15 @@ def test_isolated_leader_steps_down_and_rejoins(servers: list[AgentProcess]) -> 
         assert new_leader in (a.node_name for a in majority)
         during = wait_for(lambda: (r := allocate(majority[1], "during")).status_code == 200 and r, timeout=SETTLE_S)
         acknowledged.add(during.json()["allocation_id"])
+
+        # Reads are linearizable: the cut-off side cannot confirm a majority, so it
+        # answers 503 rather than a list missing the write just acknowledged ...
+        read = httpx.get(old.url + "/gpu/list", timeout=15.0)
+        assert read.status_code == 503, read.text
+        # ... unless the caller asks for its own replica, which says how old it is.
+        stale = httpx.get(old.url + "/gpu/list?stale=true", timeout=5.0)
+        assert stale.status_code == 200 and "X-Stale-Index" in stale.headers, stale.text
+        assert during.json()["allocation_id"] not in {a["allocation_id"] for a in stale.json()["allocations"]}
 
         # Check-quorum: the old leader, hearing from no majority, steps down.
         def stepped_down() -> bool:
