@@ -92,6 +92,8 @@ _WEBHOOK_KINDS = frozenset({"allocated", "expired", "cancelled", "gpu_unhealthy"
 _SHUTDOWN_FLUSH_S = 2.0
 # How long a leader that is stopping waits for another server to take over.
 _HAND_OVER_S = 2.0
+# How often the leader compares the health members gossip with the table's record.
+_REMOTE_HEALTH_POLL_S = 1.0
 
 
 async def run_agent(
@@ -342,6 +344,7 @@ async def run_agent(
                 nursery.start_soon(run_while, leading, service.run_scheduler)
                 nursery.start_soon(run_while, leading, deliverer.run)
                 nursery.start_soon(run_while, leading, lambda: _report_health(service, sampler, health_recv))
+                nursery.start_soon(run_while, leading, lambda: _record_remote_health(service, cluster_rt))
                 nursery.start_soon(_watch_term, raft_log, metrics)
             nursery.start_soon(_housekeeping, ctx, astore, sampler, metrics)
             nursery.start_soon(_wait_for_signal, shutdown, notifier)
@@ -515,6 +518,22 @@ async def _report_health(
             await _report_one(service, node, snap.reading.index, snap.health)
     async for index, health in changes:
         await _report_one(service, node, index, health)
+
+
+async def _record_remote_health(service: LeaseService, cluster: ClusterRuntime) -> None:
+    """On the Raft leader: record the health other members gossip for their GPUs, as they change.
+
+    Each agent's health policy decides its own GPUs' health; only the leader
+    may write the table, so it copies what the others announce (a change is
+    gossiped at once). Recording it is what tells a lease holder its remote
+    GPU failed (the gpu_unhealthy event) and keeps the verdict across a
+    restart of that host. Hosts that are not alive are left to host loss.
+    """
+    while True:
+        for node, index, state, reasons in cluster.gossiped_health():
+            if service.table.gpu_health(GpuRef(node, index)) != (state, reasons):
+                await _report_one(service, node, index, GpuHealth(state, reasons))
+        await trio.sleep(_REMOTE_HEALTH_POLL_S)
 
 
 async def _report_one(service: LeaseService, node: str, index: int, health: GpuHealth) -> None:

@@ -196,6 +196,15 @@ class ClusterRuntime:
 
         return views
 
+    def gossiped_health(self) -> list[tuple[str, int, str, tuple[str, ...]]]:
+        """(node, index, state, reasons) of every GPU that alive members other than this one gossip."""
+        return [
+            (m.view.name, g.index, g.health, g.reasons)
+            for m in self.membership.members()
+            if m.view.name != self.node and m.view.status == "alive" and m.meta is not None
+            for g in m.meta.gpus
+        ]
+
     async def wait_for_founders(self, expect: int) -> list[str]:
         """Block until gossip shows exactly `expect` alive servers (this one included); their sorted names."""
         logged = 0.0

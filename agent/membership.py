@@ -407,6 +407,7 @@ class MembershipService:
                     memory_free_mb=r.memory_free_mb,
                     utilization_pct=r.utilization_gpu_pct,
                     health=snap.health.state,
+                    reasons=snap.health.reasons,
                     drained=ref in drained,
                     allocated=ref in holders,
                 )

@@ -19,7 +19,7 @@ hip  HTTP IP address, packed, only when it differs from ``ip``
 ver  agent version string
 l    labels: {str: str}, omitted when empty
 m    model names: [str], each named once; a GPU refers to its model by position
-g    GPUs: [[index, uuid, model#, total MiB, free/256 MiB, util %, health, flags], ...]
+g    GPUs: [[index, uuid, model#, total MiB, free/256 MiB, util %, health, flags(, reasons)], ...]
 gt   the node's GPU count, only when ``g`` lists fewer (the blob would not fit)
 ===  ====================================================================
 
@@ -28,6 +28,10 @@ else kept as a string (MIG devices). Free memory is sent in 256 MiB quanta and
 utilization in 5 % steps, with a quarter-step hysteresis (`_Quantizer`), so
 telemetry jitter does not change the blob; ``None`` stays None. Health is
 0 healthy, 1 degraded, 2 unhealthy; flags bit 0 = drained, bit 1 = allocated.
+A GPU that is not healthy appends why (at most 2 reasons of 64 characters): the
+leader records it in the lease table and tells the lease holder, so the reason
+must travel; a healthy GPU sends none, so the common case costs nothing. When
+the blob would exceed the cap, reasons are dropped before any GPU is.
 With those, eight GPUs take about 32 bytes each and a whole 8-GPU node about
 350 bytes. A node whose blob would exceed the core's cap (about 25 GPUs at
 1 KiB) gossips the first GPUs that fit, by index, and its total in ``gt``.
@@ -60,6 +64,10 @@ from coordinator.model import DEGRADED, HEALTHY, UNHEALTHY
 FORMAT_VERSION: Final = 1
 MEMORY_QUANTUM_MB: Final = 256
 UTILIZATION_STEP_PCT: Final = 5
+# Health reasons a GPU gossips: enough for "XID 79: GPU has fallen off the bus"
+# and one more, while eight failing GPUs still fit the metadata cap.
+MAX_REASONS: Final = 2
+MAX_REASON_CHARS: Final = 64
 _HEALTH_CODES: Final = {HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2}
 _HEALTH_NAMES: Final = {code: name for name, code in _HEALTH_CODES.items()}
 _DRAINED, _ALLOCATED = 1, 2
@@ -83,6 +91,8 @@ class GpuMeta:
     health: str
     drained: bool
     allocated: bool
+    # Why the GPU is not healthy (bounded: see the module docstring); () when healthy.
+    reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,18 +164,19 @@ def encode_node_meta(meta: NodeMeta) -> bytes:
         if gpu.model not in models:
             models.append(gpu.model)
         flags = (_DRAINED if gpu.drained else 0) | (_ALLOCATED if gpu.allocated else 0)
-        gpus.append(
-            [
-                gpu.index,
-                _pack_uuid(gpu.uuid),
-                models.index(gpu.model),
-                gpu.memory_total_mb,
-                None if gpu.memory_free_mb is None else gpu.memory_free_mb // MEMORY_QUANTUM_MB,
-                gpu.utilization_pct,
-                _HEALTH_CODES[gpu.health],
-                flags,
-            ]
-        )
+        row: list[object] = [
+            gpu.index,
+            _pack_uuid(gpu.uuid),
+            models.index(gpu.model),
+            gpu.memory_total_mb,
+            None if gpu.memory_free_mb is None else gpu.memory_free_mb // MEMORY_QUANTUM_MB,
+            gpu.utilization_pct,
+            _HEALTH_CODES[gpu.health],
+            flags,
+        ]
+        if gpu.reasons:
+            row.append(list(gpu.reasons))
+        gpus.append(row)
     doc: dict[str, object] = {
         "v": FORMAT_VERSION,
         "n": meta.name,
@@ -229,6 +240,7 @@ def _decode_gpu(raw: object, models: Sequence[str]) -> GpuMeta:
         raise NodeMetaError(f"GPU health code {health_code} is unknown")
     free_quanta = _optional_int(free, "GPU free memory")
     bits: int = _expect(flags, int, "GPU flags")
+    reasons: list[object] = _expect(row[8], list, "GPU health reasons") if len(row) > 8 else []
     return GpuMeta(
         index=_expect(index, int, "GPU index"),
         uuid=_unpack_uuid(packed_uuid),
@@ -239,6 +251,7 @@ def _decode_gpu(raw: object, models: Sequence[str]) -> GpuMeta:
         health=_HEALTH_NAMES[health_code],
         drained=bool(bits & _DRAINED),
         allocated=bool(bits & _ALLOCATED),
+        reasons=tuple(_expect(r, str, "GPU health reason") for r in reasons[:MAX_REASONS]),
     )
 
 
@@ -298,6 +311,14 @@ class GpuState:
     health: str
     drained: bool
     allocated: bool
+    reasons: tuple[str, ...] = ()
+
+
+def gossiped_reasons(health: str, reasons: Sequence[str]) -> tuple[str, ...]:
+    """The reasons a GPU gossips: none when healthy, else the first MAX_REASONS, each cut to MAX_REASON_CHARS."""
+    if health == HEALTHY:
+        return ()
+    return tuple(r[:MAX_REASON_CHARS] for r in reasons[:MAX_REASONS])
 
 
 def _quantize(raw: float | None, announced: int | None, step: int) -> int | None:
@@ -357,10 +378,11 @@ class NodeMetaBuilder:
                 health=state.health,
                 drained=state.drained,
                 allocated=state.allocated,
+                reasons=gossiped_reasons(state.health, state.reasons),
             )
             if before is not None and (
-                (before.uuid, before.model, before.memory_total_mb, before.health, before.drained, before.allocated)
-                != (gpu.uuid, gpu.model, gpu.memory_total_mb, gpu.health, gpu.drained, gpu.allocated)
+                (before.uuid, before.model, before.memory_total_mb, before.health, before.reasons, before.drained, before.allocated)
+                != (gpu.uuid, gpu.model, gpu.memory_total_mb, gpu.health, gpu.reasons, gpu.drained, gpu.allocated)
             ):
                 urgent = True
             fresh[state.index] = gpu
@@ -375,6 +397,12 @@ class NodeMetaBuilder:
 
     def _fit(self, gpus: list[GpuMeta]) -> bytes:
         """The blob with as many GPUs (lowest indices first) as fit in max_bytes."""
+        blob = encode_node_meta(replace(self.identity, gpus=tuple(gpus)))
+        if len(blob) <= self.max_bytes:
+            self.truncated = False
+            return blob
+        # Every GPU matters more to the scheduler than why some are failing: drop reasons first.
+        gpus = [replace(g, reasons=()) for g in gpus]
         blob = encode_node_meta(replace(self.identity, gpus=tuple(gpus)))
         if len(blob) <= self.max_bytes:
             self.truncated = False

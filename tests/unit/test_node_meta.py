@@ -123,6 +123,36 @@ def test_health_drain_and_lease_changes_are_announced_at_once(change: dict[str, 
     assert builder.update([gpu_state(0, **change)], now=0.1) is not None
 
 
+def test_a_failing_gpu_gossips_why_bounded_and_a_healthy_one_nothing() -> None:
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP, min_interval_s=5.0)
+    healthy = builder.update([gpu_state(0, reasons=("left over from before",))], now=0.0)
+    assert healthy is not None and decode_node_meta(healthy).gpus[0].reasons == ()
+    reasons = ("XID 79", "x" * 200, "a third reason")
+    blob = builder.update([gpu_state(0, health=UNHEALTHY, reasons=reasons)], now=0.1)
+    assert blob is not None
+    assert decode_node_meta(blob).gpus[0].reasons == ("XID 79", "x" * 64)
+    # A new reason alone is news too (the leader records it at once).
+    assert builder.update([gpu_state(0, health=UNHEALTHY, reasons=("XID 48",))], now=0.2) is not None
+    # Eight failing GPUs with long reasons would not fit: the reasons go, every GPU stays.
+    eight = NodeMetaBuilder(IDENTITY, max_bytes=CAP)
+    blob = eight.update([gpu_state(i, health=DEGRADED, reasons=("r" * 80, "s" * 80)) for i in range(8)], now=0.0)
+    assert blob is not None and len(blob) <= CAP and not eight.truncated
+    assert [(g.health, g.reasons) for g in decode_node_meta(blob).gpus] == [(DEGRADED, ())] * 8
+
+
+def test_a_row_without_reasons_from_an_older_agent_still_decodes() -> None:
+    meta = IDENTITY
+    blob = encode_node_meta(
+        NodeMeta(
+            meta.name, meta.role, meta.advertise_ip, meta.http_port, meta.gossip_port, meta.raft_port, meta.version,
+            gpus=(GpuMeta(0, "GPU-00000000-1111-2222-3333-444455556666", "H100", 81559, 0, 0, UNHEALTHY, False, False),),
+        )
+    )
+    doc = msgpack.unpackb(blob, raw=False)
+    assert len(doc["g"][0]) == 8  # no reasons given: the row keeps the original eight fields
+    assert decode_node_meta(blob).gpus[0].reasons == ()
+
+
 def test_a_gpu_vanishing_is_announced_at_once() -> None:
     builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP, min_interval_s=5.0)
     builder.update([gpu_state(0), gpu_state(1)], now=0.0)

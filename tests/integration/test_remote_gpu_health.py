@@ -1,0 +1,120 @@
+"""A GPU failing on a host that is not the leader reaches its lease holder.
+
+Three servers (bootstrap_expect = 3) on 127.0.0.50..52 and one client on
+127.0.0.53 whose two simulated GPUs raise XID 79 ("fallen off the bus")
+FAULT_AT_S seconds after it starts. A client never leads, so only the
+leader's copy of the client's gossiped health can record it. Before the
+fault, a lease is taken on the client with a webhook; after it, the leader
+has recorded the GPU unhealthy (with the XID as the reason), the lease
+holder's webhook hears gpu_unhealthy, the lease is kept, and the client's
+GPUs are no longer handed out.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from agent.cluster_keyring import generate_key
+from tests.agent_process import AgentProcess, free_port
+from tests.integration.test_integrations import Receiver
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+HOSTS = [f"127.0.0.{i}" for i in range(50, 54)]
+NAMES = ["health-s0", "health-s1", "health-s2", "health-c0"]
+# Long enough for the cluster to form and take the lease first, even on a slow machine.
+FAULT_AT_S = 20
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[AgentProcess]]:
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(generate_key() + "\n")
+    key_file.chmod(0o600)
+    seed_port = free_port(HOSTS[0], udp_too=True)
+    agents: list[AgentProcess] = []
+    for i, name in enumerate(NAMES):
+        server = i < 3
+        config = tmp_path / f"{name}.toml"
+        config.write_text(
+            "[cluster]\n"
+            'profile = "local"\n'
+            f'key_file = "{key_file}"\n'
+            f"server = {'true' if server else 'false'}\n"
+            f"bootstrap_expect = {3 if server else 1}\n"
+        )
+        agents.append(
+            AgentProcess(
+                data_dir=tmp_path / name,
+                host=HOSTS[i],
+                node_name=name,
+                simulate="2xH100-80GB" if server else f"2xH100-80GB;xid=0:79@{FAULT_AT_S};xid=1:79@{FAULT_AT_S}",
+                gossip_port=seed_port if i == 0 else 0,
+                join=[] if i == 0 else [f"{HOSTS[0]}:{seed_port}"],
+                extra_args=["--config", str(config)],
+            )
+        )
+    try:
+        for agent in agents:
+            agent.start(wait=False)
+        for agent in agents:
+            agent.wait_ready()
+        yield agents
+    finally:
+        for agent in agents:
+            agent.kill()
+
+
+def metric(agent: AgentProcess, name: str) -> float:
+    text = httpx.get(agent.url + "/metrics", timeout=5.0).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return values[0] if values else 0.0
+
+
+def test_a_remote_gpu_failing_notifies_its_lease_holder(cluster: list[AgentProcess]) -> None:
+    client = cluster[-1]
+    started = time.monotonic()
+    receiver = Receiver(lambda n, body: (200, {}, 0.0))
+    try:
+        leader_name = wait_for(lambda: httpx.get(client.url + "/cluster/leader", timeout=5).json()["leader"], timeout=20)
+        leader = next(a for a in cluster if a.node_name == leader_name)
+        body = {
+            "service_name": "trainer",
+            "gpu_count": 2,
+            "ttl_seconds": 3600,
+            "queue": False,
+            "constraints": {"node": client.node_name},
+            "webhook_url": receiver.url + "/hook",
+        }
+
+        def placed() -> dict[str, Any] | None:
+            resp = httpx.post(client.url + "/gpu/allocate", json=body, timeout=10)
+            return resp.json() if resp.status_code == 200 else None
+
+        alloc = wait_for(placed, timeout=10, interval=0.2)
+        assert time.monotonic() - started < FAULT_AT_S, "the lease must precede the fault for this test to mean anything"
+
+        def heard() -> list[Any]:
+            return [b for b in receiver.bodies() if b.get("event") == "gpu_unhealthy"]
+
+        events = wait_for(heard, timeout=FAULT_AT_S + 30, interval=0.5)
+        assert events[0]["allocation"]["allocation_id"] == alloc["allocation_id"], events
+        assert "XID 79" in events[0]["reason"] and client.node_name in events[0]["reason"], events
+        assert metric(leader, "gpu_orchestrator_allocations_hit_by_unhealthy_gpu_total") >= 1
+
+        # The lease is kept (only its owner knows whether the job survived) ...
+        lookup = httpx.get(f"{client.url}/gpu/allocations/{alloc['allocation_id']}", timeout=10)
+        assert lookup.status_code == 200 and lookup.json()["status"] == "allocated", lookup.text
+        # ... and once released, the unhealthy GPUs are not handed out again.
+        released = httpx.post(client.url + "/gpu/release", json={"allocation_id": alloc["allocation_id"]}, timeout=10)
+        assert released.status_code == 200, released.text
+        again = httpx.post(client.url + "/gpu/allocate", json={**body, "webhook_url": None}, timeout=10)
+        assert again.status_code in (400, 409), again.text
+    finally:
+        receiver.close()
