@@ -16,9 +16,11 @@ into one ordered queue, and the loop steps them all, then handles one Ready:
     transport ─msg─┼─▶ inputs (in arrival order) ──▶ loop: tick/step/propose all queued
     propose ─batch─┘                                       │
                                  while core.has_ready():   ▼
-        1. persist rd (hard state, snapshot, truncation, entries) — one fsync'd
-           transaction in the storage worker thread (agent/raft_storage.py)
-        2. send rd.messages (the transport queues them; never blocks)
+        1. persist rd (hard state, snapshot, truncation, entries) — one
+           transaction in the storage worker thread (agent/raft_storage.py),
+           fsync'd unless only the commit index changed (rd.must_sync)
+        2. send rd.messages (the transport queues them; never blocks); a
+           leader's go out before step 1 when rd.send_before_persist
         3. restore the table from rd.snapshot, apply rd.committed_entries in
            order, await on_applied(records), then wake the proposers
         4. core.advance(rd); every snapshot_every applied entries, capture the
@@ -514,15 +516,21 @@ class RaftLog:
             batch.fail(error)
 
     async def _handle_ready(self, core: RaftCore, rd: Ready) -> None:
+        if rd.send_before_persist:
+            # A leader's appends go out while it writes them (thesis §10.2.1): the
+            # followers' fsyncs overlap ours, and the core counts our own log
+            # towards a majority only once advance() says it is durable.
+            self._send_all(rd)
         if rd.hard_state is not None or rd.snapshot is not None or rd.truncate_from is not None or rd.entries:
             # 1. durable (StorageError ends run()). Readys with nothing to persist —
-            # heartbeats and their answers, most of them — skip the worker thread.
+            # heartbeats and their answers, most of them — skip the worker thread;
+            # a commit index alone is written without fsync (rd.must_sync).
             started = trio.current_time()
             await self._storage.persist_ready(rd)
             self.last_append_seconds = trio.current_time() - started
             self.last_batch_size = len(rd.entries)
-        for m in rd.messages:  # 2. only now may promises leave this server
-            self._transport.send(m)
+        if not rd.send_before_persist:
+            self._send_all(rd)  # 2. only now may promises leave this server
         if rd.snapshot is not None:  # 3. apply
             await self._install(rd.snapshot)
         applied: list[Applied] = []
@@ -571,6 +579,10 @@ class RaftLog:
             for read in self._reads.values():
                 read.finish(NotLeader(core.lead, "leadership was lost during the read"))
             self._reads.clear()
+
+    def _send_all(self, rd: Ready) -> None:
+        for m in rd.messages:
+            self._transport.send(m)
 
     def _settle(self, index: int, term: int, result: ApplyResult | None) -> _Batch | None:
         """Record the outcome of a pending proposal at `index`; the batch when it is now complete."""

@@ -9,16 +9,21 @@ and the local requests (`propose`, `add_voter`, `remove_voter`,
 
     while core.has_ready():
         rd = core.ready()
+        if rd.send_before_persist: send rd.messages           # a leader's, see below
         persist rd.hard_state, rd.snapshot, then delete persisted entries ≥
-            rd.truncate_from and append rd.entries           # fsync here
-        send rd.messages                                     # only after the fsync
+            rd.truncate_from and append rd.entries           # fsync if rd.must_sync
+        if not rd.send_before_persist: send rd.messages      # only after the fsync
         restore the state machine from rd.snapshot (if any), then apply
             rd.committed_entries in order; answer rd.read_states once applied
         core.advance(rd)
 
 Persist before send is what makes a vote or an acknowledgement a promise that
 survives a crash (Fig. 2: "updated on stable storage before responding to RPCs").
-A leader counts its own log towards a majority only as far as it is persisted.
+A leader counts its own log towards a majority only as far as it is persisted,
+which is why its appends may leave while it writes them (thesis §10.2.1): the
+follower's fsync then overlaps the leader's instead of following it. A Ready
+whose only durable change is the commit index need not be fsync'd (etcd's
+MustSync): a commit index lost in a crash is learnt again.
 Between `ready()` and `advance()` the shell calls nothing else on the core.
 
 Roles swap the step function, as etcd's `stepLeader/stepCandidate/stepFollower`:
@@ -157,6 +162,16 @@ class Ready:
     # Apply in order (all are committed and, after the persist step, durable here).
     committed_entries: tuple[Entry, ...]
     read_states: tuple[ReadState, ...]
+    # Whether the persist step must fsync (etcd's MustSync): new entries, a
+    # snapshot, a truncation, or a new term or vote. A commit index alone need
+    # not: losing it in a crash only makes the restarted server learn it again
+    # (the commit restored never exceeds the persisted log either way).
+    must_sync: bool = True
+    # A leader's messages may leave before its own persist (thesis §10.2.1):
+    # appends and heartbeats carry no promise of ours, and the leader counts its
+    # own log towards a majority only once advance() says it is durable. Never
+    # when the term or vote changed in this Ready: a vote must be durable first.
+    send_before_persist: bool = False
 
 
 @dataclass(slots=True)
@@ -364,6 +379,7 @@ class RaftCore:
         """What to persist, send and apply now; hand it back with advance() when done."""
         hs = self.hard_state
         truncate_from, entries = self.log.unstable()
+        promised = (hs.term, hs.vote) != (self._persisted_hard.term, self._persisted_hard.vote)
         rd = Ready(
             hard_state=hs if hs != self._persisted_hard else None,
             snapshot=self._installed_snapshot,
@@ -372,6 +388,8 @@ class RaftCore:
             messages=tuple(self._msgs),
             committed_entries=tuple(self.log.unapplied()),
             read_states=tuple(self._read_states),
+            must_sync=promised or bool(entries) or truncate_from is not None or self._installed_snapshot is not None,
+            send_before_persist=self.role is Role.LEADER and not promised,
         )
         self._msgs = []
         self._read_states = []

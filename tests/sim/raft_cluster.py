@@ -3,7 +3,9 @@
 A discrete-event loop (a heap of (time, seq, action); time is in ticks and no
 wall clock is read) drives several `RaftCore`s exactly as the agent's shell
 will: tick every 1.0, step each delivered message, and drain Ready - persist to
-the node's simulated disk, then send, then apply, then advance.
+the node's simulated disk, then send, then apply, then advance (a leader's
+messages leave before its persist when the Ready allows it, and a Ready that
+need not be fsync'd is lost as if the crash came before the OS wrote it).
 
 The world is hostile and seeded (one `random.Random` decides everything):
 - the network loses, duplicates and reorders (random delays) messages, every one
@@ -72,6 +74,10 @@ class Disk:
         return self.snapshot.index if self.snapshot else 0
 
     def persist(self, rd: Ready) -> None:
+        """Apply rd's durable part. One that need not be fsync'd (a commit index alone) is
+        dropped: the pessimistic case of a crash that loses an unsynced write."""
+        if not rd.must_sync:
+            return
         if rd.snapshot is not None:
             self.snapshot = rd.snapshot
             self.entries = [e for e in self.entries if e.index > rd.snapshot.index]
@@ -348,6 +354,10 @@ class RaftCluster:
             if not node.core.has_ready():
                 return
             rd = node.core.ready()
+            if rd.send_before_persist:
+                # A leader's appends leave while its own (possibly slow) fsync runs.
+                for m in rd.messages:
+                    self._send(m)
             if node.slow_disk > 0:
                 node.busy = True
                 life = node.life
@@ -366,8 +376,9 @@ class RaftCluster:
         core = node.core
         assert core is not None
         node.disk.persist(rd)  # 1. persist
-        for m in rd.messages:  # 2. send
-            self._send(m)
+        if not rd.send_before_persist:
+            for m in rd.messages:  # 2. send, now that the promises in them are durable
+                self._send(m)
         if rd.snapshot is not None:  # 3. apply
             node.machine = Machine(rd.snapshot)
             self.stats["snapshots_installed"] += 1

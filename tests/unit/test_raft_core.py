@@ -284,6 +284,40 @@ def test_leader_counts_its_own_log_only_once_persisted() -> None:
     assert leader.log.committed == index
 
 
+def test_which_readys_must_be_fsynced_and_which_messages_may_leave_first() -> None:
+    """Fig. 2 asks a promise (vote, term) to be durable before it is sent; thesis §10.2.1 lets a
+    leader send its appends while it writes them; a commit index alone needs no fsync (etcd
+    MustSync: losing it in a crash only means learning it again)."""
+    net = Net(ids(3), config=CFG.replace(pre_vote=False))
+    candidate = net.cores["n1"]
+    for _ in range(2 * E):
+        candidate.tick()
+    campaign = candidate.ready()  # new term and a vote for itself: durable, then sent
+    assert campaign.hard_state is not None and campaign.must_sync and not campaign.send_before_persist
+    candidate.advance(campaign)
+    net.inbox.extend(campaign.messages)
+    net.deliver()  # elected; its NOOP replicated, so the followers are in the replicate state
+    assert candidate.role is Role.LEADER
+    candidate.propose(b"x")
+    append = candidate.ready()  # the leader's entries: fsync'd, but its appends may go first
+    assert append.entries and append.must_sync and append.send_before_persist
+    assert any(m.kind is MessageKind.APP for m in append.messages)
+    candidate.advance(append)
+    net.inbox.extend(append.messages)
+    net.deliver()
+    net.heartbeat("n1")  # carries the new commit index to the followers
+    commit_only, before = [], HardState()
+    for rd in net.readies["n2"]:
+        if rd.hard_state is not None:
+            if not rd.entries and (rd.hard_state.term, rd.hard_state.vote) == (before.term, before.vote):
+                commit_only.append(rd)
+            before = rd.hard_state
+    assert commit_only and all(not rd.must_sync and not rd.send_before_persist for rd in commit_only)
+    # A follower's acknowledgement of entries is a promise: fsync'd and sent only after.
+    acks = [rd for rd in net.readies["n2"] if rd.entries]
+    assert acks and all(rd.must_sync and not rd.send_before_persist for rd in acks)
+
+
 def test_propose_on_a_follower_raises_not_leader_with_a_hint() -> None:
     """Only the leader appends (§5.3); followers name the leader they know."""
     net = Net(ids(3))
