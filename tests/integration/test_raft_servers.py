@@ -83,7 +83,7 @@ class Cluster:
             names = {get(a, "/cluster/leader")["leader"] for a in among or self.live()}
             return names.pop() if len(names) == 1 and not names & {None, other_than} else None
 
-        return wait_for(agreed, timeout=FAILOVER_S, interval=0.2)
+        return str(wait_for(agreed, timeout=FAILOVER_S, interval=0.2))
 
     def allocate(self, agent: AgentProcess, service: str) -> None:
         """Allocate through `agent`, retrying (same request_id) while an election settles."""
