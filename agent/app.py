@@ -225,7 +225,8 @@ async def run_agent(
                 state = await araft.load()
                 voters = None
                 if state.hard_state == HardState() and state.snapshot is None and not state.entries:
-                    voters = await cluster_rt.wait_for_founders(config.cluster.bootstrap_expect)
+                    # None: a cluster already runs; start blank and wait to be added.
+                    voters = await cluster_rt.wait_for_bootstrap(config.cluster.bootstrap_expect)
                 raft_log = RaftLog(
                     araft,
                     transport,
@@ -245,6 +246,10 @@ async def run_agent(
             ref.index: aid for ref, aid in lease_log.table.held_gpus().items() if ref.node == node
         }
         replayed = await lease_log.recover() if isinstance(lease_log, (LocalLog, RaftLog)) else 0
+        if raft_log is not None:
+            # Gossip "holds Raft state" (metadata `b`) as soon as it is true, so a
+            # blank server started later joins this cluster instead of founding one.
+            early.start_soon(_advertise_raft_state, raft_log, membership)
         sampler.restore_health(
             {
                 snap.reading.index: reasons
@@ -393,6 +398,15 @@ async def run_agent(
     store.close()
     notifier.close()
     log.info("gpu-agent stopped")
+
+
+async def _advertise_raft_state(raft_log: RaftLog, membership: MembershipService) -> None:
+    """Set the gossip flag once this server's log holds anything (at once for a founder or a restart;
+    for a blank server, when the leader's first entries or snapshot reach it). Raft state is never
+    deleted, so the flag is never withdrawn."""
+    while raft_log.last_index == 0:
+        await trio.sleep(0.2)
+    membership.set_bootstrapped()
 
 
 async def _watch_term(raft_log: RaftLog, metrics: AgentMetrics) -> None:

@@ -91,6 +91,17 @@ class ClientLog:
         raise NotLeader(None, "a client holds no lease table")
 
 
+def server_problem(membership: MembershipService, name: str) -> str | None:
+    """Why gossip says `name` cannot become a voter now — "unknown", "not_a_server", "not_alive" — or None."""
+    for m in membership.members():
+        if m.view.name != name:
+            continue
+        if m.meta is None or m.meta.role != ROLE_SERVER:
+            return "not_a_server"
+        return None if m.view.status == "alive" else "not_alive"
+    return "unknown"
+
+
 def raft_mode(config: AgentConfig) -> str | None:
     """"server", "client", or None (alone: LocalLog)."""
     cluster = config.cluster
@@ -205,10 +216,43 @@ class ClusterRuntime:
             for g in m.meta.gpus
         ]
 
-    async def wait_for_founders(self, expect: int) -> list[str]:
-        """Block until gossip shows exactly `expect` alive servers (this one included); their sorted names."""
+    def bootstrapped_servers(self) -> list[str]:
+        """Alive servers other than this one whose metadata says they hold Raft state (a running cluster)."""
+        return sorted(
+            m.view.name
+            for m in self.membership.members()
+            if m.view.status == "alive"
+            and m.view.name != self.node
+            and m.meta is not None
+            and m.meta.role == ROLE_SERVER
+            and m.meta.bootstrapped
+        )
+
+    async def wait_for_bootstrap(self, expect: int) -> list[str] | None:
+        """For a server with no Raft state: the founders to bootstrap with, or None to start blank.
+
+        None as soon as gossip shows an alive server that holds Raft state: a
+        cluster already runs, and this server waits (never campaigning) until its
+        leader adds it (`POST /cluster/servers`). That check comes first, so a
+        replacement never founds a second cluster even when it makes the alive
+        count equal `expect` again. Otherwise block until gossip shows exactly
+        `expect` alive servers (this one included) and return their sorted names:
+        every founder computes the same list. A founder that sees a peer which
+        bootstrapped a moment earlier starts blank instead — safe too, since that
+        peer's first configuration already names it a voter, and it receives that
+        entry from the leader.
+        """
         logged = 0.0
         while True:
+            running = self.bootstrapped_servers()
+            if running:
+                log.info(
+                    "raft: %s already hold Raft state; starting as a blank server that waits to be added "
+                    "(gpuctl servers add %s)",
+                    ", ".join(running),
+                    self.node,
+                )
+                return None
             servers = self.alive_servers()
             if len(servers) == expect and self.node in servers:
                 log.info("raft: %d servers alive (%s); bootstrapping", expect, ", ".join(servers))
@@ -237,12 +281,22 @@ class ClusterRuntime:
 
     # --- leader ------------------------------------------------------------------------
 
-    async def leader(self, headers: Mapping[str, str] | None = None, *, force: bool = False) -> LeaderInfo:
-        """Who leads: the Raft core's view on a server; asked of the servers on a client."""
+    async def leader(
+        self, headers: Mapping[str, str] | None = None, *, force: bool = False, ask: bool = True
+    ) -> LeaderInfo:
+        """Who leads: the Raft core's view on a voter; asked of the other servers on a client.
+
+        A server that is not a voter (blank, waiting to be added, or removed)
+        hears from no leader, so it asks like a client does — unless `ask` is
+        False: it answers a peer's own look-up, and two non-voters must not ask
+        each other in circles.
+        """
         if self.raft is not None:
             lead = self.raft.leader_id
-            address = None if lead is None else self.http_address(lead)
-            return LeaderInfo(lead, self.raft.term, address)
+            # A non-voter's idea of the leader goes stale (nobody heartbeats it): on a retry, ask.
+            if self.raft.is_voter or not ask or (lead is not None and not force):
+                address = None if lead is None else self.http_address(lead)
+                return LeaderInfo(lead, self.raft.term, address)
         cached = self._client_leader
         fresh = trio.current_time() - self._client_leader_at < CLIENT_LEADER_TTL_S
         if cached is not None and fresh and not force and cached.node is not None and self.http_address(cached.node):
@@ -250,9 +304,11 @@ class ClusterRuntime:
         best = LeaderInfo(None, 0, None)
         auth = {self.config.auth.header_name.lower(), "authorization"}
         lookup_headers = {k: v for k, v in (headers or {}).items() if k.lower() in auth}
+        # Marks a look-up, so a non-voter asked answers from its own core (no relay).
+        lookup_headers[FORWARDED_BY] = self.node
         for server in self.alive_servers():
             url = self.http_address(server)
-            if url is None:
+            if url is None or server == self.node:
                 continue
             try:
                 resp = await self._client.get(f"{url}/cluster/leader", headers=lookup_headers, timeout=1.0)
@@ -274,9 +330,9 @@ class ClusterRuntime:
         self._client_leader_at = trio.current_time()
         return best
 
-    async def leader_info(self) -> dict[str, Any]:
-        """GET /cluster/leader."""
-        info = await self.leader()
+    async def leader_info(self, *, ask: bool = True) -> dict[str, Any]:
+        """GET /cluster/leader (`ask`: False when the caller is itself looking the leader up)."""
+        info = await self.leader(ask=ask)
         return {
             "leader": info.node,
             "term": info.term,
@@ -345,20 +401,63 @@ class ClusterRuntime:
         return self._term_seen
 
     def raft_health(self) -> dict[str, Any]:
-        """The /healthz `raft` object."""
+        """The /healthz `raft` object.
+
+        `role` is the core's, except `non_voter` for a server outside its latest
+        configuration (blank and waiting to be added, or removed) that does not lead.
+        """
         if self.raft is None:
             info = self._client_leader
             return {"role": "client", "term": info.term if info else None, "leader": info.node if info else None}
         r = self.raft
+        role = r.role.value
+        if not r.is_voter and not r.is_leader:
+            role = "non_voter"
+        leader = r.leader_id
+        if leader is None and not r.is_voter and self._client_leader is not None:
+            leader = self._client_leader.node  # learnt by asking the servers (see leader())
         return {
-            "role": r.role.value,
+            "role": role,
+            "voter": r.is_voter,
             "term": r.term,
-            "leader": r.leader_id,
+            "leader": leader,
             "voters": list(r.voters),
             "commit_index": r.commit_index,
             "applied_index": r.applied_index,
             "last_persist_seconds": round(r.last_append_seconds, 6),
         }
+
+    def servers(self) -> list[dict[str, Any]]:
+        """GET /cluster/servers rows: this server's latest configuration, plus the non-voter servers gossip knows.
+
+        Voters first, in configuration order, then non-voters by name. `alive` and
+        `status` are gossip's view; `address` is the Raft address the member
+        advertises (None when gossip does not know it).
+        """
+        assert self.raft is not None, "servers() is answered by a Raft server"
+        voters = self.raft.voters
+        leader = self.raft.leader_id
+        members = {m.view.name: m for m in self.membership.members()}
+
+        def row(name: str, voter: bool) -> dict[str, Any]:
+            member = members.get(name)
+            meta = member.meta if member is not None else None
+            return {
+                "name": name,
+                "voter": voter,
+                "alive": member is not None and member.view.status == "alive",
+                "status": member.view.status if member is not None else "unknown",
+                "leader": name == leader,
+                "address": meta.raft_address if meta is not None else None,
+            }
+
+        rows = [row(name, True) for name in voters]
+        rows += [
+            row(name, False)
+            for name, m in sorted(members.items())
+            if name not in voters and m.meta is not None and m.meta.role == ROLE_SERVER and m.view.status in ("alive", "suspect")
+        ]
+        return rows
 
 
 def _leaderless(resp: httpx.Response) -> bool:

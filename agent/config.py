@@ -308,6 +308,11 @@ def _check_url(key: str, url: str) -> None:
         raise _fail(key, f"must be an http:// or https:// URL, or empty to turn it off; got {url!r}")
 
 
+def is_node_name(text: str) -> bool:
+    """Whether `text` is a valid [agent] node_name (what /cluster/servers accepts as a server's name)."""
+    return bool(_NODE_NAME.fullmatch(text))
+
+
 def _validate_agent(section: AgentSection) -> None:
     if not _NODE_NAME.fullmatch(section.node_name):
         raise _fail(

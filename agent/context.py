@@ -15,7 +15,7 @@ from agent.config import AgentConfig
 from agent.device_sampler import DeviceSampler, GpuSnapshot
 from agent.devices.base import GpuReading
 from agent.lease_service import LeaseService
-from agent.cluster import ClusterRuntime, CommandLog
+from agent.cluster import ClusterRuntime, CommandLog, server_problem
 from agent.membership import MembershipService, RemoteGpu
 from agent.metrics import AgentMetrics
 
@@ -225,6 +225,26 @@ class AgentContext:
                 }
             )
         return out
+
+    def voters(self) -> tuple[str, ...]:
+        """The Raft voters in this server's latest configuration; a lone agent is its own one voter."""
+        if self.cluster is not None and self.cluster.raft is not None:
+            return self.cluster.raft.voters
+        return (self.node,)
+
+    def servers(self) -> dict[str, Any]:
+        """GET /cluster/servers: the Raft view on a server (see ClusterRuntime.servers); a lone agent lists itself."""
+        if self.cluster is not None and self.cluster.raft is not None:
+            raft = self.cluster.raft
+            return {"servers": self.cluster.servers(), "leader": raft.leader_id, "term": raft.term}
+        row = {"name": self.node, "voter": True, "alive": True, "status": "alive", "leader": True, "address": None}
+        return {"servers": [row], "leader": self.node, "term": 1}
+
+    def server_problem(self, name: str) -> str | None:
+        """Why `name` cannot be added as a voter by gossip's view (agent.cluster.server_problem), or None."""
+        if self.membership is None or not self.membership.started:
+            return "unknown"
+        return server_problem(self.membership, name)
 
     def leader(self) -> dict[str, Any]:
         """GET /cluster/leader."""

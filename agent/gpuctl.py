@@ -52,6 +52,7 @@ from agent.gpuctl_render import (
     render_queued,
     render_release,
     render_request,
+    render_servers,
     render_status,
 )
 
@@ -176,6 +177,10 @@ class AgentClient:
     def post(self, path: str, body: JsonObject) -> tuple[int, Any]:
         """POST `body` as JSON to `path`; returns (status, decoded JSON). Raises CtlError."""
         return self._send("POST", path, body)
+
+    def delete(self, path: str) -> tuple[int, Any]:
+        """DELETE `path`; returns (status, decoded JSON). Raises CtlError."""
+        return self._send("DELETE", path, None)
 
     def _send(self, method: str, path: str, body: JsonObject | None) -> tuple[int, Any]:
         where = self.settings.address
@@ -330,6 +335,16 @@ def cmd_drain(client: AgentClient, args: argparse.Namespace) -> Result:
 def cmd_undrain(client: AgentClient, args: argparse.Namespace) -> Result:
     _, payload = client.post("/gpu/undrain", _gpu_body(args.gpu))
     return Result(payload, render_gpu)
+
+
+def cmd_servers_add(client: AgentClient, args: argparse.Namespace) -> Result:
+    _, payload = client.post("/cluster/servers", {"name": args.name})
+    return Result(payload, render_servers)
+
+
+def cmd_servers_remove(client: AgentClient, args: argparse.Namespace) -> Result:
+    _, payload = client.delete(_path("cluster", "servers", args.name))
+    return Result(payload, render_servers)
 
 
 # ---------------------------------------------------------------------- arguments
@@ -526,6 +541,26 @@ def build_parser() -> argparse.ArgumentParser:
         "gpu", type=gpu_target, metavar="NODE:INDEX|INDEX", help="the GPU; INDEX alone: this agent's"
     )
     add("members", _getter(lambda a: "/cluster/members", render_members), "cluster members")
+    servers = add(
+        "servers",
+        _getter(lambda a: "/cluster/servers", render_servers),
+        "the Raft servers: voters, and servers waiting to be added (add / remove change them, one at a time)",
+    )
+    server_actions = servers.add_subparsers(dest="servers_action", metavar="ACTION")
+    for action, handler, summary in (
+        ("add", cmd_servers_add, "make a running server (alive in gossip, not yet a voter) a voter; admin key"),
+        ("remove", cmd_servers_remove, "remove a voter, alive or dead (the leader too: it steps down); admin key"),
+    ):
+        sub = server_actions.add_parser(
+            action,
+            help=summary,
+            description=summary,
+            epilog=EXIT_STATUS_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _global_options(sub)
+        sub.set_defaults(handler=handler)
+        sub.add_argument("name", help="the server's node name ([agent] node_name)")
     add("leader", _getter(lambda a: "/cluster/leader", render_leader), "the current leader")
     add("health", _getter(lambda a: "/healthz", render_health), "this agent's health (GET /healthz)")
     # Listed for --help; main() hands everything after "keyring" to the key-file tool,

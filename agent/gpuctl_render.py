@@ -393,6 +393,31 @@ def render_members(payload: JsonObject, now: float) -> str:
     return table(["NAME", "STATUS", "ROLE", "LEADER", "HTTP", "GPUS", "VERSION"], rows, right=frozenset({5}))
 
 
+def render_servers(payload: JsonObject, now: float) -> str:
+    """GET (or POST/DELETE) /cluster/servers as a table: the Raft voters, then servers waiting to be added."""
+    servers = payload.get("servers") or []
+    if not servers:
+        return "no servers"
+    rows = [
+        [
+            _text(s.get("name")),
+            "yes" if s.get("voter") else "no",
+            "yes" if s.get("alive") else f"no ({_text(s.get('status'))})",
+            "*" if s.get("leader") else "",
+            _text(s.get("address")),
+        ]
+        for s in servers
+    ]
+    text = table(["NAME", "VOTER", "ALIVE", "LEADER", "ADDRESS"], rows)
+    voters = [s for s in servers if s.get("voter")]
+    alive = sum(1 for s in voters if s.get("alive"))
+    quorum = len(voters) // 2 + 1
+    text += f"\n\n{len(voters)} voter(s), {alive} alive; quorum {quorum}"
+    if voters and alive < quorum:
+        text += " - NOT MET: no leader can be elected until enough voters return"
+    return text
+
+
 def render_leader(payload: JsonObject, now: float) -> str:
     """GET /cluster/leader as a key/value block."""
     leader = payload.get("leader")

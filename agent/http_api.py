@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from coordinator.errors import CoordinatorError, InvalidRequest, NotFound
 from coordinator.model import Allocation
-from coordinator.raft import NotLeader, RaftError
+from coordinator.raft import NotLeader, ProposalRejected, RaftError
 from coordinator.request_parsing import (
     parse_allocate_body,
     parse_drain_body,
@@ -35,6 +35,7 @@ from coordinator.views import allocation_view, queued_view, record_view
 
 from agent.api_keys import ApiKey, extract_presented_key
 from agent.cluster import FORWARDED_BY, ForwardFailed
+from agent.config import is_node_name
 from agent.context import AgentContext
 from agent.openapi import openapi_document
 from agent.raft_log import ProposalLost, ProposalUnknown, ReadUnconfirmed
@@ -402,8 +403,78 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     @app.get("/cluster/leader")
     async def leader() -> Response:
         if ctx.cluster is not None:
-            return json_response(await ctx.cluster.leader_info())
+            # A peer looking the leader up (X-Forwarded-By) gets this agent's own view, never a relay.
+            return json_response(await ctx.cluster.leader_info(ask=FORWARDED_BY not in request.headers))
         return json_response(ctx.leader())
+
+    # ------------------------------------------------------------------ Raft servers
+
+    def servers_view() -> Response:
+        return json_response(ctx.servers())
+
+    def server_name_body(doc: Any) -> str:
+        if not isinstance(doc, dict):
+            raise InvalidRequest('the body must be a JSON object {"name": "<node>"}')
+        unknown = sorted(set(doc) - {"name"})
+        if unknown:
+            raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", code="unknown_field")
+        name = doc.get("name")
+        if not isinstance(name, str) or not is_node_name(name):
+            raise InvalidRequest("name must be a node name: 1-128 letters, digits, '.', '_' or '-'", code="invalid_name")
+        return name
+
+    async def change_voters(*, add: str | None = None, remove: str | None = None) -> Response:
+        """Apply one membership change on the leader; the error mapping of POST/DELETE /cluster/servers."""
+        raft = ctx.cluster.raft if ctx.cluster is not None else None
+        if raft is None:
+            raise ApiError(
+                409,
+                "not_clustered",
+                f"{ctx.node} runs alone (bootstrap_expect = 1, no Raft): it has no servers to change",
+            )
+        try:
+            await raft.change_voters(add=add, remove=remove)
+        except ProposalRejected as error:
+            # A change still in flight, or the leader's first entry of its term not yet
+            # committed: nothing was proposed. Try again once the first one is applied.
+            raise ApiError(409, "membership_change_in_progress", f"{error}; retry shortly") from None
+        return servers_view()
+
+    @app.get("/cluster/servers")
+    @on_leader(read=True)
+    async def servers() -> Response:
+        return servers_view()
+
+    @app.post("/cluster/servers")
+    @on_leader(read=False)
+    async def add_server() -> Response:
+        require_admin("add Raft servers")
+        name = server_name_body(await body_json())
+        voters = ctx.voters()
+        if name in voters:
+            raise ApiError(409, "already_voter", f"{name} is already a voter (voters: {', '.join(voters)})")
+        problem = ctx.server_problem(name)
+        if problem == "unknown":
+            raise NotFound(f"gossip knows no member named {name}; start it with [cluster] server = true and join")
+        if problem == "not_a_server":
+            raise InvalidRequest(f"{name} is not a server ([cluster] server = false): clients never vote", code="not_a_server")
+        if problem == "not_alive":
+            raise InvalidRequest(
+                f"{name} is not alive in gossip: add a server only while it runs, so it can catch up",
+                code="server_not_alive",
+            )
+        return await change_voters(add=name)
+
+    @app.delete("/cluster/servers/<name>")
+    @on_leader(read=False)
+    async def remove_server(name: str) -> Response:
+        require_admin("remove Raft servers")
+        voters = ctx.voters()
+        if name not in voters:
+            raise NotFound(f"{name} is not a voter (voters: {', '.join(voters)})")
+        if len(voters) == 1:
+            raise ApiError(409, "last_voter", f"{name} is the last voter: a cluster cannot remove its only server")
+        return await change_voters(remove=name)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:

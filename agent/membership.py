@@ -49,7 +49,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -366,6 +366,24 @@ class MembershipService:
         except MalformedPacket:
             self.stats.count_malformed()
             log.debug("malformed push-pull state from %s:%d", *source)
+            return
+        self._wake.set()
+
+    def set_bootstrapped(self) -> None:
+        """Gossip from now on that this server holds Raft state (metadata key ``b``; docs/raft.md).
+
+        Blank servers that see it join the running cluster rather than bootstrap another.
+        """
+        if self._builder.identity.bootstrapped:
+            return
+        now = trio.current_time()
+        blob = self._builder.set_identity(replace(self._builder.identity, bootstrapped=True), now)
+        if blob is None or self._core is None:
+            return  # not started yet: run() announces the builder's blob
+        try:
+            self._core.set_meta(blob, now)
+        except ValueError as error:
+            log.error("cannot gossip that this server holds Raft state: %s", error)
             return
         self._wake.set()
 

@@ -415,6 +415,18 @@ class RaftCollector(Collector):
             "Highest log index applied to this server's lease table.",
             value=float(self._raft.applied_index),
         )
+        # This server's latest configuration (uncommitted changes included, as the core uses it).
+        # 0 on a blank server that has not been added yet.
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_raft_voters",
+            "Voting servers in this server's latest Raft configuration.",
+            value=float(len(self._raft.voters)),
+        )
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_raft_voter",
+            "1 if this server is a voter in its latest configuration, else 0 (blank or removed).",
+            value=1.0 if self._raft.is_voter else 0.0,
+        )
         dropped = CounterMetricFamily(
             "gpu_orchestrator_raft_transport_dropped",
             "Raft messages the transport dropped, by reason.",

@@ -21,7 +21,13 @@ l    labels: {str: str}, omitted when empty
 m    model names: [str], each named once; a GPU refers to its model by position
 g    GPUs: [[index, uuid, model#, total MiB, free/256 MiB, util %, health, flags(, reasons)], ...]
 gt   the node's GPU count, only when ``g`` lists fewer (the blob would not fit)
+b    1 when this server holds Raft state (it belongs to a bootstrapped
+     cluster), omitted otherwise: a blank server that sees it joins the
+     running cluster instead of bootstrapping another (docs/raft.md)
 ===  ====================================================================
+
+Decoders ignore keys they do not know, so a key added later (as ``b`` was)
+needs no new version: older agents read the rest of the blob unchanged.
 
 A GPU's uuid is packed to its 16 bytes when it has NVML's "GPU-<uuid>" form,
 else kept as a string (MIG devices). Free memory is sent in 256 MiB quanta and
@@ -112,6 +118,8 @@ class NodeMeta:
     # The node's GPU count when `gpus` lists only the first ones (the metadata
     # cap); None when `gpus` is complete.
     gpu_total: int | None = None
+    # A server that holds Raft state: it is (or was) a member of a bootstrapped cluster.
+    bootstrapped: bool = False
 
     @property
     def gpu_count(self) -> int:
@@ -196,6 +204,8 @@ def encode_node_meta(meta: NodeMeta) -> bytes:
         doc["g"] = gpus
     if meta.gpu_total is not None:
         doc["gt"] = meta.gpu_total
+    if meta.bootstrapped:
+        doc["b"] = 1
     packed: bytes = msgpack.packb(doc, use_bin_type=True)
     return packed
 
@@ -290,6 +300,7 @@ def decode_node_meta(data: bytes) -> NodeMeta:
             labels={_expect(k, str, "label"): _expect(v, str, "label value") for k, v in labels.items()},
             gpus=tuple(_decode_gpu(g, models) for g in _expect(doc.get("g", []), list, "GPUs")),
             gpu_total=_optional_int(doc.get("gt"), "GPU total"),
+            bootstrapped=_optional_int(doc.get("b"), "bootstrapped") == 1,
         )
     except KeyError as missing:
         raise NodeMetaError(f"metadata lacks {missing.args[0]!r}") from None
@@ -352,6 +363,16 @@ class NodeMetaBuilder:
     def blob(self) -> bytes:
         """The metadata as last announced."""
         return self._blob
+
+    def set_identity(self, identity: NodeMeta, now: float) -> bytes | None:
+        """Replace everything but the GPUs; return the new blob if it changed (announce it now), else None."""
+        self.identity = replace(identity, gpus=(), gpu_total=None)
+        blob = self._fit([self._gpus[i] for i in sorted(self._gpus)])
+        if blob == self._blob:
+            return None
+        self._blob = blob
+        self._announced_at = now
+        return blob
 
     def update(self, gpus: Sequence[GpuState], now: float) -> bytes | None:
         """Return the new blob if it should be announced now, else None.

@@ -156,6 +156,29 @@ def openapi_document() -> JsonObject:
         "/cluster/leader": {
             "get": _op("The current leader", {200: _json(obj, "OK")}, _READ_ERRORS)
         },
+        "/cluster/servers": {
+            "get": _op(
+                "The Raft voters (answered by the leader) and the servers gossip knows that are not voters",
+                {200: _json(_ref("Servers"), "OK")},
+                _READ_ERRORS,
+            ),
+            "post": _op(
+                "Make a server alive in gossip a voter (one change at a time); answered once the change is "
+                "applied; admin keys only. 404: gossip knows no such member; 400: not a server, not alive, "
+                "or a bad name; 409: already a voter, a change in flight, or a lone agent",
+                {200: _json(_ref("Servers"), "The servers after the change")},
+                (400, 401, 403, 404, 409, 413),
+                body="AddServerRequest",
+            ),
+        },
+        "/cluster/servers/{name}": {
+            "delete": _op(
+                "Remove a voter, alive or dead (the leader too: it answers, then steps down); admin keys only. "
+                "404: not a voter; 409: the last voter, or a change in flight",
+                {200: _json(_ref("Servers"), "The servers after the change")},
+                (401, 403, 404, 409),
+            )
+        },
         "/openapi.json": {"get": _op("This document", {200: _json(obj, "OK")}, ())},
         "/metrics": {
             "get": {
@@ -166,9 +189,13 @@ def openapi_document() -> JsonObject:
             }
         },
     }
-    for template in ("/gpu/allocations/{allocation_id}", "/gpu/requests/{request_id}"):
+    for template, method in (
+        ("/gpu/allocations/{allocation_id}", "get"),
+        ("/gpu/requests/{request_id}", "get"),
+        ("/cluster/servers/{name}", "delete"),
+    ):
         name = template.rsplit("{", 1)[1].rstrip("}")
-        paths[template]["get"]["parameters"] = [
+        paths[template][method]["parameters"] = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
         ]
     return {
@@ -380,6 +407,34 @@ def _schemas() -> JsonObject:
                 "decided_by": {"enum": ["request", "analyzer", "advisor"]},
                 "advisor_fallback_reason": nullable_string,
                 "estimate": {"type": "object"},
+            },
+        },
+        "AddServerRequest": {
+            "type": "object",
+            "required": ["name"],
+            "additionalProperties": False,
+            "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}},
+        },
+        "Servers": {
+            "type": "object",
+            "properties": {
+                "leader": nullable_string,
+                "term": integer,
+                "servers": {
+                    "type": "array",
+                    "description": "voters in configuration order, then non-voter servers by name",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "name": string,
+                            "voter": {"type": "boolean"},
+                            "alive": {"type": "boolean", "description": "alive in gossip"},
+                            "status": {"enum": ["alive", "suspect", "dead", "left", "unknown"]},
+                            "leader": {"type": "boolean"},
+                            "address": {"type": ["string", "null"], "description": "Raft address host:port"},
+                        },
+                    },
+                },
             },
         },
         "Health": {

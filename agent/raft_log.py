@@ -13,8 +13,9 @@ One task (`run`) owns the core. Inputs never call the core directly: they go
 into one ordered queue, and the loop steps them all, then handles one Ready:
 
     ticker ──tick──┐
-    transport ─msg─┼─▶ inputs (in arrival order) ──▶ loop: tick/step/propose all queued
-    propose ─batch─┘                                       │
+    transport ─msg─┤
+    propose ─batch─┼─▶ inputs (in arrival order) ──▶ loop: tick/step/propose all queued
+    change_voters ─┘                                       │
                                  while core.has_ready():   ▼
         1. persist rd (hard state, snapshot, truncation, entries) — one
            transaction in the storage worker thread (agent/raft_storage.py),
@@ -74,6 +75,24 @@ Reads still unconfirmed when this server stops leading fail with NotLeader
 at once, and the HTTP layer forwards them to the new leader. A confirmed read
 stays valid even if leadership moves before its index is applied.
 
+Membership changes
+------------------
+`change_voters(add=...)` / `change_voters(remove=...)` go through the same
+queue (never touching the core outside the loop): the loop calls the core's
+`add_voter` / `remove_voter`, which append one CONF_CHANGE entry holding the
+complete new voter set — in force on this server from that moment (thesis
+§4.1). The caller is answered like a proposer: when that index is applied
+with the same term it gets the new voters; another entry there is
+`ProposalLost`; no answer within `propose_timeout_s`, a snapshot covering the
+index or the log stopping is `ProposalUnknown` (a retry is safe to judge
+against `voters`: adding a voter twice or removing one that is gone is
+refused, not repeated). The core refuses (`ProposalRejected`) while an earlier
+change is uncommitted, before this leader committed an entry of its term, and
+for changes that make no sense (adding a voter, removing a non-voter or the
+last one); that error reaches the caller unchanged. A leader that removes
+itself applies the change like anyone else — the caller is answered — and the
+core steps down as it commits.
+
 Snapshots
 ---------
 Every `config.snapshot_every` applied entries the loop captures
@@ -108,9 +127,9 @@ import trio
 
 from coordinator.commands import Command
 from coordinator.lease_table import ApplyResult, LeaseTable
-from coordinator.raft import NotLeader, RaftCore, RaftError, Ready, Role, initial_state
+from coordinator.raft import NotLeader, ProposalRejected, RaftCore, RaftError, Ready, Role, initial_state
 from coordinator.raft_config import RaftConfig, lan
-from coordinator.raft_messages import EntryType, HardState, Message, NodeId, Snapshot
+from coordinator.raft_messages import Entry, EntryType, HardState, Message, NodeId, Snapshot, decode_voters
 
 from agent.local_log import Applied, OnApplied, decode_command, encode_command
 from agent.raft_storage import AsyncRaftStorage
@@ -124,6 +143,7 @@ __all__ = [
     "NotLeader",
     "OnApplied",
     "ProposalLost",
+    "ProposalRejected",
     "ProposalUnknown",
     "RaftLog",
     "ReadUnconfirmed",
@@ -201,7 +221,25 @@ class _Read:
             self.done.set()
 
 
-_Input = Message | _Tick | _Batch | _Transfer | _Read
+@dataclass(eq=False, slots=True)
+class _ConfChange:
+    """A request to add or remove one voter; `voters` is the new set once applied."""
+
+    add: NodeId | None
+    remove: NodeId | None
+    # (index, term) of the CONF_CHANGE entry once the core appended it.
+    position: tuple[int, int] | None = None
+    voters: tuple[NodeId, ...] | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+_Input = Message | _Tick | _Batch | _Transfer | _Read | _ConfChange
 
 
 class RaftLog:
@@ -246,6 +284,9 @@ class RaftLog:
         self._wakeup = trio.Event()
         # index → (batch, position in it, term the entry was proposed in)
         self._pending: dict[int, tuple[_Batch, int, int]] = {}
+        # index → the membership change proposed there (at most one at a time in practice:
+        # the core refuses a second while the first is uncommitted).
+        self._pending_conf: dict[int, _ConfChange] = {}
         self._hooks_complete = True
         # The table captured one snapshot round ago: (index, bytes).
         self._capture: tuple[int, bytes] | None = None
@@ -287,6 +328,11 @@ class RaftLog:
     @property
     def voters(self) -> tuple[NodeId, ...]:
         return self._require_core().voters
+
+    @property
+    def is_voter(self) -> bool:
+        """Whether this server votes in its latest configuration (a blank or removed server does not)."""
+        return self.node_id in self._require_core().voters
 
     @property
     def commit_index(self) -> int:
@@ -408,6 +454,35 @@ class RaftLog:
         if read.error is not None:
             raise read.error
 
+    async def change_voters(self, add: NodeId | None = None, remove: NodeId | None = None) -> tuple[NodeId, ...]:
+        """Add or remove one voter (exactly one of the two); return the voters once the change is applied here.
+
+        Raises ValueError (neither or both given), NotLeader (leader_hint: forward
+        there), ProposalRejected (the core refuses: a change in flight, no entry of
+        this term committed yet, adding a voter, removing a non-voter or the last
+        one), ProposalLost (not applied: retry), ProposalUnknown (see "Membership
+        changes": look at `voters` before retrying).
+        """
+        if (add is None) == (remove is None):
+            raise ValueError("change_voters: give exactly one of add and remove")
+        core = self._require_core()
+        if core.role is not Role.LEADER:
+            raise NotLeader(core.lead)
+        if core.lead_transferee is not None:
+            raise NotLeader(core.lead_transferee, "leadership is being transferred")
+        change = _ConfChange(add, remove)
+        self._inputs.append(change)
+        self._wakeup.set()
+        with trio.move_on_after(self._propose_timeout_s):
+            await change.done.wait()
+        # On a timeout this marks it done: the loop then neither proposes it (if it
+        # has not yet) nor settles it; whether an earlier proposal commits is unknown.
+        change.fail(ProposalUnknown(f"membership change not applied within {self._propose_timeout_s} s; the outcome is unknown"))
+        if change.error is not None:
+            raise change.error
+        assert change.voters is not None
+        return change.voters
+
     def transfer_leadership(self, to: NodeId | None = None) -> None:
         """Ask the core to hand leadership to `to` (default: the most up-to-date other voter).
 
@@ -489,6 +564,8 @@ class RaftLog:
                     log.info("raft: transferring leadership to %s", target)
             elif isinstance(item, _Read):
                 self._start_read(core, item)
+            elif isinstance(item, _ConfChange):
+                self._propose_conf_change(core, item)
             else:
                 self._propose_batch(core, item)
 
@@ -501,6 +578,23 @@ class RaftLog:
             read.finish(error)
         else:
             self._reads[read.context] = read
+
+    def _propose_conf_change(self, core: RaftCore, change: _ConfChange) -> None:
+        if change.done.is_set():
+            return  # the caller timed out before the loop got to it: propose nothing
+        try:
+            if change.add is not None:
+                index, term = core.add_voter(change.add)
+            else:
+                assert change.remove is not None
+                index, term = core.remove_voter(change.remove)
+        except (NotLeader, ProposalRejected) as error:
+            change.fail(error)
+            return
+        change.position = (index, term)
+        self._pending_conf[index] = change
+        verb, node = ("adding", change.add) if change.add is not None else ("removing", change.remove)
+        log.info("raft: %s voter %s (entry %d, term %d)", verb, node, index, term)
 
     def _propose_batch(self, core: RaftCore, batch: _Batch) -> None:
         if batch.done.is_set():
@@ -534,7 +628,7 @@ class RaftLog:
         if rd.snapshot is not None:  # 3. apply
             await self._install(rd.snapshot)
         applied: list[Applied] = []
-        settled: list[_Batch] = []
+        settled: list[_Batch | _ConfChange] = []
         for e in rd.committed_entries:
             result = None
             if e.type is EntryType.NORMAL:
@@ -544,14 +638,17 @@ class RaftLog:
             batch = self._settle(e.index, e.term, result)
             if batch is not None:
                 settled.append(batch)
+            change = self._settle_conf(e)
+            if change is not None:
+                settled.append(change)
         if applied:
             try:
                 await self._on_applied(applied)
             except Exception:
                 log.exception("post-apply hook failed for entries %d..%d", applied[0].index, applied[-1].index)
                 self._hooks_complete = False
-        for batch in settled:  # after the hook, as LocalLog does
-            batch.done.set()
+        for waiter in settled:  # after the hook, as LocalLog does
+            waiter.done.set()
         core.advance(rd)  # 4.
         self._release_reads(core, rd)
         await self._maybe_snapshot(core)
@@ -603,6 +700,19 @@ class RaftLog:
         batch.settled += 1
         return batch if batch.settled == len(batch.commands) else None
 
+    def _settle_conf(self, entry: Entry) -> _ConfChange | None:
+        """Record the outcome of a membership change proposed at `entry.index`; the change if it was pending."""
+        change = self._pending_conf.pop(entry.index, None)
+        if change is None or change.done.is_set() or change.position is None:
+            return None
+        _, proposed_term = change.position
+        if entry.term != proposed_term or entry.type is not EntryType.CONF_CHANGE:
+            change.error = ProposalLost(entry.index, proposed_term, entry.term)
+        else:
+            change.voters = decode_voters(entry.data)
+            log.info("raft: voters now %s (entry %d)", ", ".join(change.voters), entry.index)
+        return change
+
     async def _install(self, snapshot: Snapshot) -> None:
         """Replace the table by a leader's snapshot (InstallSnapshot)."""
         self.table = self._restore_table(snapshot)
@@ -611,6 +721,10 @@ class RaftLog:
         for index in [i for i in self._pending if i <= snapshot.index]:
             batch = self._pending.pop(index)[0]
             batch.fail(ProposalUnknown(f"entry {index} was covered by a snapshot from the leader; outcome unknown"))
+        for index in [i for i in self._pending_conf if i <= snapshot.index]:
+            self._pending_conf.pop(index).fail(
+                ProposalUnknown(f"membership change {index} was covered by a snapshot from the leader; outcome unknown")
+            )
         log.info("raft: installed the leader's snapshot at index %d (term %d)", snapshot.index, snapshot.term)
         if self._on_restored is not None:
             try:
@@ -643,8 +757,11 @@ class RaftLog:
         for batch, _, _ in self._pending.values():
             batch.fail(ProposalUnknown("the raft log stopped; the outcome is unknown"))
         self._pending.clear()
+        for change in self._pending_conf.values():
+            change.fail(ProposalUnknown("the raft log stopped; the outcome of the membership change is unknown"))
+        self._pending_conf.clear()
         for item in self._inputs:
-            if isinstance(item, _Batch):
+            if isinstance(item, (_Batch, _ConfChange)):
                 item.fail(NotLeader(None, "the raft log stopped"))
             elif isinstance(item, _Read):
                 item.finish(NotLeader(None, "the raft log stopped"))

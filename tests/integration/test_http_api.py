@@ -25,6 +25,7 @@ OBSERVED: set[tuple[str, str, int]] = set()
 _TEMPLATES = (
     (re.compile(r"^/gpu/allocations/[^/]+$"), "/gpu/allocations/{allocation_id}"),
     (re.compile(r"^/gpu/requests/[^/]+$"), "/gpu/requests/{request_id}"),
+    (re.compile(r"^/cluster/servers/[^/]+$"), "/cluster/servers/{name}"),
 )
 
 
@@ -232,6 +233,67 @@ def test_cluster_endpoints(api: Api) -> None:
     assert api.get("/cluster/leader").json()["leader"] == "node-a"
 
 
+def test_cluster_servers_on_a_lone_agent(api: Api) -> None:
+    """A lone agent is its one voter; every change is refused with a reason, and nothing changes."""
+    doc = api.get("/cluster/servers").json()
+    assert doc["servers"] == [
+        {"name": "node-a", "voter": True, "alive": True, "status": "alive", "leader": True, "address": None}
+    ]
+    for body, status, code in (
+        ({"name": "ghost"}, 404, "not_found"),
+        ({"name": "node-a"}, 409, "already_voter"),
+        ({"name": "a/b"}, 400, "invalid_name"),
+        ({"name": "x", "extra": 1}, 400, "unknown_field"),
+        (["node-b"], 400, "invalid_request"),
+    ):
+        response = api.post("/cluster/servers", body)
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), body
+    assert api.request("DELETE", "/cluster/servers/ghost").status_code == 404
+    last = api.request("DELETE", "/cluster/servers/node-a")
+    assert last.status_code == 409 and last.json()["error"]["code"] == "last_voter"
+    assert api.get("/cluster/servers").json() == doc
+
+
+def test_cluster_servers_add_and_remove_on_a_raft_cluster(tmp_path: Path) -> None:
+    """The successful changes need a Raft cluster: three founders, then a blank server that
+    waits (a non-voter) until POST /cluster/servers adds it; DELETE removes it again."""
+    from agent.cluster_keyring import generate_key
+    from tests.agent_process import free_port
+
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(generate_key() + "\n")
+    key_file.chmod(0o600)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[cluster]\nprofile = "local"\nkey_file = "{key_file}"\nserver = true\nbootstrap_expect = 3\n')
+    seed = free_port("127.0.0.24", udp_too=True)
+    agents = [
+        AgentProcess(
+            data_dir=tmp_path / f"s{i}", host=f"127.0.0.{24 + i}", node_name=f"api-s{i}", simulate="1xH100-80GB",
+            gossip_port=seed if i == 0 else 0, join=[] if i == 0 else [f"127.0.0.24:{seed}"],
+            extra_args=["--config", str(config)],
+        )
+        for i in range(4)
+    ]
+    try:
+        for agent in agents[:3]:
+            agent.start(wait=False)
+        for agent in agents[:3]:
+            agent.wait_ready()
+        agents[3].start()
+        api = Api(agents[3].url)  # a non-voter: everything forwarded to the leader
+        wait_for(lambda: "api-s3" in [s["name"] for s in api.get("/cluster/servers").json()["servers"]])
+        added = api.post("/cluster/servers", {"name": "api-s3"})
+        assert added.status_code == 200, added.text
+        assert [(s["name"], s["voter"]) for s in added.json()["servers"]] == [(f"api-s{i}", True) for i in range(4)]
+        removed = api.request("DELETE", "/cluster/servers/api-s3")
+        assert removed.status_code == 200, removed.text
+        assert [s["name"] for s in removed.json()["servers"] if s["voter"]] == ["api-s0", "api-s1", "api-s2"]
+        api.client.close()
+    finally:
+        for agent in agents:
+            agent.kill()
+
+
 def test_metrics_use_dcgm_names_and_route_templates(api: Api) -> None:
     """/metrics: dcgm-exporter's per-GPU series with its labels; HTTP counts by route template."""
     alloc = api.post("/gpu/allocate", {"service_name": "metered", "gpu_count": 1}).json()
@@ -330,7 +392,8 @@ def test_unknown_ids_routes_methods_and_oversized_bodies(api: Api) -> None:
         assert api.request(method, path).status_code == 405
     before = api.state()
     huge = {"service_name": "s", "workload_data": {"blob": "x" * 2_000_000}}
-    for path in ("/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload", "/gpu/drain", "/gpu/undrain"):
+    for path in ("/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload", "/gpu/drain", "/gpu/undrain",
+                 "/cluster/servers"):
         response = api.post(path, huge)
         assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
     assert api.state() == before
@@ -374,14 +437,20 @@ def test_auth_keys_bind_services_and_leave_probes_open(tmp_path: Path) -> None:
     try:
         for path in ("/", "/healthz", "/metrics", "/openapi.json"):
             assert anonymous.get(path).status_code == 200
-        gets = ["/gpu/status", "/gpu/list", "/cluster/members", "/cluster/leader",
+        gets = ["/gpu/status", "/gpu/list", "/cluster/members", "/cluster/leader", "/cluster/servers",
                 "/gpu/allocations/x", "/gpu/requests/x"]
-        posts = ["/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload", "/gpu/drain", "/gpu/undrain"]
+        posts = ["/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload", "/gpu/drain", "/gpu/undrain",
+                 "/cluster/servers"]
         for client in (anonymous, wrong):
             for path in gets:
                 assert client.get(path).status_code == 401
             for path in posts:
                 assert client.post(path, {"service_name": "training"}).status_code == 401
+            assert client.request("DELETE", "/cluster/servers/node-a").status_code == 401
+        # Changing the Raft servers takes an admin key (checked before anything else).
+        assert trainer.post("/cluster/servers", {"name": "ghost"}).status_code == 403
+        assert trainer.request("DELETE", "/cluster/servers/node-a").status_code == 403
+        assert ops.request("DELETE", "/cluster/servers/node-a").status_code == 409  # the last voter
         assert trainer.post("/gpu/allocate", {"service_name": "inference"}).status_code == 403
         mine = trainer.post("/gpu/allocate", {"service_name": "training", "gpu_count": 1}).json()
         theirs = ops.post("/gpu/allocate", {"service_name": "inference", "gpu_count": 1}).json()

@@ -27,7 +27,7 @@ from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, Requi
 from coordinator.raft_config import local
 from coordinator.raft_messages import Message, MessageKind, encode_message
 from agent.cluster_keyring import KeyringFile, generate_key, install_key
-from agent.raft_log import Applied, NotLeader, RaftLog, ReadUnconfirmed
+from agent.raft_log import Applied, NotLeader, ProposalRejected, RaftLog, ReadUnconfirmed
 from agent.raft_storage import AsyncRaftStorage, RaftStorage
 from agent.raft_transport import RaftTransport
 
@@ -80,9 +80,9 @@ class Server:
 
 
 class Cluster:
-    def __init__(self, tmp_path: Path, keys: Sequence[str]) -> None:
+    def __init__(self, tmp_path: Path, keys: Sequence[str], names: Sequence[str] = NAMES) -> None:
         self.servers: dict[str, Server] = {}
-        for name, key in zip(NAMES, keys):
+        for name, key in zip(names, keys):
             key_file = tmp_path / f"{name}.key"
             install_key(key_file, key)
             self.servers[name] = Server(name, tmp_path / f"{name}.db", key_file)
@@ -115,7 +115,8 @@ class Cluster:
 
         s.log = RaftLog(
             AsyncRaftStorage(s.storage), s.transport, node_id=s.name, on_applied=on_applied,
-            on_restored=on_restored, config=CONFIG, rng=random.Random(s.name), bootstrap_voters=NAMES,
+            on_restored=on_restored, config=CONFIG, rng=random.Random(s.name),
+            bootstrap_voters=NAMES if s.name in NAMES else None,  # any other name starts blank
             propose_timeout_s=5.0,
         )
         replayed = await s.log.recover()
@@ -270,6 +271,75 @@ def test_reads_are_confirmed_by_a_majority_and_a_cut_off_leader_serves_none(tmp_
             await cluster.stop(follower)
         with pytest.raises((ReadUnconfirmed, NotLeader)):
             await leader.raft.read_barrier(timeout_s=1.0)
+
+    run(test)
+
+
+def test_change_voters_adds_a_blank_server_removes_a_dead_one_and_the_leader(tmp_path: Path) -> None:
+    """Membership through RaftLog.change_voters: a blank server n4 never campaigns until the
+    leader adds it, then holds every entry; a change while another is in flight is refused and
+    changes nothing; a stopped voter is removed (replacing it); the leader removes itself and
+    its caller still hears the outcome before it steps down."""
+    key = generate_key()
+    cluster = Cluster(tmp_path, [key] * 4, names=(*NAMES, "n4"))
+    blank = cluster.servers["n4"]
+
+    async def test(nursery: trio.Nursery) -> None:
+        await cluster.open_ports()
+        for s in cluster.servers.values():
+            await cluster.start(nursery, s)
+        founders = [cluster.servers[n] for n in NAMES]
+        leader = await cluster.wait_leader(founders)
+        for n in range(5):
+            assert (await leader.raft.propose(allocate(n))).ok
+        await trio.sleep(0.3)  # 30 ticks: a promotable server would have campaigned by now
+        assert not blank.raft.is_voter and blank.raft.voters == () and blank.raft.term == 0
+        assert blank.applied == [] and blank.raft.last_index == 0
+
+        with pytest.raises(ValueError):
+            await leader.raft.change_voters()
+        follower = next(s for s in founders if s is not leader)
+        with pytest.raises(NotLeader):
+            await follower.raft.change_voters(add="n4")
+        with pytest.raises(ProposalRejected):
+            await leader.raft.change_voters(add=follower.name)  # a voter already
+
+        # A second change while the first is appended but not yet committed (that takes a
+        # round trip to the followers): refused, and nothing proposed for it.
+        added: list[tuple[str, ...]] = []
+
+        async def add_n4() -> None:
+            added.append(await leader.raft.change_voters(add="n4"))
+
+        before = leader.raft.last_index
+        async with trio.open_nursery() as both:
+            both.start_soon(add_n4)
+            while leader.raft.last_index == before:
+                await trio.sleep(0)
+            with pytest.raises(ProposalRejected, match="not committed"):
+                await leader.raft.change_voters(remove=follower.name)
+        assert added == [(*NAMES, "n4")] and leader.raft.last_index == before + 1
+        last = leader.raft.applied_index
+        await until(lambda: blank.raft.applied_index >= last)
+        assert blank.raft.is_voter and blank.raft.voters == (*NAMES, "n4")
+        assert tables([leader, blank])[0] == tables([leader, blank])[1]
+
+        # Replace a dead server: stop one follower, remove it; three voters, quorum two.
+        dead = next(s for s in founders if s is not leader)
+        await cluster.stop(dead)
+        voters = await leader.raft.change_voters(remove=dead.name)
+        assert dead.name not in voters and len(voters) == 3
+        assert (await leader.raft.propose(allocate(10))).ok
+
+        # The leader removes itself: answered with the new voters, then another leads.
+        rest = [s for s in cluster.running() if s is not leader]
+        voters = await leader.raft.change_voters(remove=leader.name)
+        assert leader.name not in voters and len(voters) == 2
+        successor = await cluster.wait_leader(rest)
+        assert not leader.raft.is_voter and not leader.raft.is_leader
+        assert (await successor.raft.propose(allocate(11))).ok
+        with pytest.raises(ProposalRejected):
+            await successor.raft.change_voters(remove=leader.name)  # not a voter any more
 
     run(test)
 

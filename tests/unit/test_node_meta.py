@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import msgpack
 import pytest
@@ -201,3 +202,26 @@ def test_garbage_raises_node_meta_error_only() -> None:
 def test_specific_errors_name_the_problem(doc: object, reason: str) -> None:
     with pytest.raises(NodeMetaError, match=reason):
         decode_node_meta(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_the_bootstrapped_flag_costs_three_bytes_and_old_blobs_read_as_blank() -> None:
+    """Key `b`: set on servers holding Raft state, omitted otherwise, so a blob from an agent
+    that predates it decodes as not bootstrapped and one that has it stays readable by others."""
+    plain = encode_node_meta(IDENTITY)
+    flagged = encode_node_meta(replace(IDENTITY, bootstrapped=True))
+    assert not decode_node_meta(plain).bootstrapped and decode_node_meta(flagged).bootstrapped
+    assert len(flagged) - len(plain) == 3  # fixstr "b" + fixint 1, one more map entry
+    assert "b" not in msgpack.unpackb(plain, raw=False)
+    with pytest.raises(NodeMetaError, match="bootstrapped"):
+        doc = msgpack.unpackb(flagged, raw=False)
+        decode_node_meta(msgpack.packb({**doc, "b": "yes"}, use_bin_type=True))
+
+
+def test_setting_the_identity_keeps_the_gpus_and_announces_only_a_change() -> None:
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP)
+    builder.update([gpu_state(0), gpu_state(1)], now=0.0)
+    blob = builder.set_identity(replace(IDENTITY, bootstrapped=True), now=1.0)
+    assert blob is not None and blob == builder.blob
+    meta = decode_node_meta(blob)
+    assert meta.bootstrapped and [g.index for g in meta.gpus] == [0, 1]
+    assert builder.set_identity(replace(IDENTITY, bootstrapped=True), now=2.0) is None
