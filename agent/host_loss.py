@@ -76,7 +76,7 @@ class HostLossWatcher:
     async def run(self) -> None:
         """Watch and decide until cancelled (when leadership is lost)."""
         policy = HostLossPolicy(self.grace_s, self.node)
-        log.info("host-loss watcher: leases of a host gone from gossip for %.0fs will be marked lost", self.grace_s)
+        log.info("host-loss watcher: leases of a host gone from gossip for %gs will be marked lost", self.grace_s)
         while True:
             now = trio.current_time()
             for node in self.observe(policy, now):
@@ -105,7 +105,7 @@ class HostLossWatcher:
             change = policy.observe(node, status, now)
             if change == "gone":
                 log.warning(
-                    "host %s is %s in gossip and holds %d allocation(s); marking them lost in %.0fs "
+                    "host %s is %s in gossip and holds %d allocation(s); marking them lost in %gs "
                     "unless it returns",
                     node,
                     seen,
@@ -121,7 +121,7 @@ class HostLossWatcher:
         gone_for = 0.0 if since is None else now - since
         ids = [a.allocation_id for a in self._service.table.allocations() if a.node == node]
         log.warning(
-            "host %s gone for %.1fs (grace %.0fs): marking its allocation(s) lost: %s",
+            "host %s gone for %.1fs (grace %gs): marking its allocation(s) lost: %s",
             node,
             gone_for,
             self.grace_s,
