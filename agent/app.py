@@ -3,8 +3,9 @@
 Resource handling
 -----------------
 Tasks, nested as hypercorn nests its own: the log writer, the device sampler,
-the scheduler loop, the outbox deliverer, the gossip membership service and a
-small housekeeping task run in one nursery; the HTTP server runs beside them
+the scheduler loop, the outbox deliverer, the gossip membership service, on a
+Raft leader the host-loss watcher (agent/host_loss.py), and a small
+housekeeping task run in one nursery; the HTTP server runs beside them
 with a shutdown trigger. Start-up order is what makes an acknowledgement mean something: the state file is
 opened and replayed before the HTTP port is bound, so the first answer already
 reflects every earlier acknowledged write.
@@ -63,6 +64,7 @@ from agent.config import AgentConfig, ConfigError, restart_needed_keys
 from agent.context import AgentContext
 from agent.device_sampler import DeviceSampler
 from agent.devices import backend_from_config
+from agent.host_loss import HostLossWatcher
 from agent.http_api import create_app
 from agent.lease_service import LeaseService
 from agent.local_log import Applied, LocalLog
@@ -86,8 +88,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.db"
 # Events a request's webhook hears about: the outcome of a queued request (the
-# caller was told 202 and waits), a lease's expiry, and a GPU under a lease failing.
-_WEBHOOK_KINDS = frozenset({"allocated", "expired", "cancelled", "gpu_unhealthy"})
+# caller was told 202 and waits), a lease's expiry, a GPU under a lease failing,
+# and a lease lost with its host (the holder may not even know its host is gone).
+_WEBHOOK_KINDS = frozenset({"allocated", "expired", "cancelled", "gpu_unhealthy", "lost"})
 # Time the outbox gets at shutdown to deliver what is already due.
 _SHUTDOWN_FLUSH_S = 2.0
 # How long a leader that is stopping waits for another server to take over.
@@ -350,6 +353,16 @@ async def run_agent(
                 nursery.start_soon(run_while, leading, deliverer.run)
                 nursery.start_soon(run_while, leading, lambda: _report_health(service, sampler, health_recv))
                 nursery.start_soon(run_while, leading, lambda: _record_remote_health(service, cluster_rt))
+                if config.cluster.host_lost_grace_s > 0:
+                    watcher = HostLossWatcher(
+                        service,
+                        lambda: {m.view.name: m.view.status for m in membership.members()},
+                        node=node,
+                        grace_s=config.cluster.host_lost_grace_s,
+                    )
+                    nursery.start_soon(run_while, leading, watcher.run)
+                else:
+                    log.info("[cluster] host_lost_grace_s = 0: leases of a lost host are never marked lost")
                 nursery.start_soon(_watch_term, raft_log, metrics)
             nursery.start_soon(_housekeeping, ctx, astore, sampler, metrics)
             nursery.start_soon(_wait_for_signal, shutdown, notifier)
@@ -596,3 +609,5 @@ def _count_events(metrics: AgentMetrics, entry: Applied) -> None:
             metrics.leases_expired.inc()
         elif event.kind == "gpu_unhealthy":
             metrics.allocations_hit_by_unhealthy_gpu.inc()
+        elif event.kind == "lost":
+            metrics.allocations_lost.inc()

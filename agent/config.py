@@ -172,6 +172,20 @@ class ClusterSection:
     # that waits for independent confirmations) or "local" (one host: shorter
     # probe and TCP timeouts, faster push-pull). See docs/membership.md.
     profile: str = "lan"
+    # Seconds a host must stay dead or left in gossip, as the leader observes it,
+    # before the leader marks the host's leases lost (status "lost", a webhook,
+    # gpu_orchestrator_allocations_lost_total) and frees its GPUs in the lease
+    # table. Its GPUs leave the schedulable pool at once whatever this says; the
+    # grace only guards the *leases*: a host that was merely cut off (a switch or
+    # link failure) comes back with its jobs still running, and freeing their GPUs
+    # would let a second tenant onto them. 300 s is the time Kubernetes gives an
+    # unreachable node's pods (the default tolerationSeconds of the
+    # node.kubernetes.io/unreachable taint), and rides out a top-of-rack switch
+    # reboot (typically 2-4 min); shorter means lease holders hear sooner and
+    # reschedule elsewhere, at the risk of double use after a short partition.
+    # 0 = never mark leases lost (they end by release or TTL only) - never
+    # "at once": a host is not lost the instant a probe fails. Servers only.
+    host_lost_grace_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -393,6 +407,12 @@ def _validate_cluster(section: ClusterSection) -> None:
     if section.profile not in GOSSIP_PROFILES:
         raise _fail(
             "cluster.profile", f"must be one of {', '.join(GOSSIP_PROFILES)}; got {section.profile!r}"
+        )
+    if not (math.isfinite(section.host_lost_grace_s) and section.host_lost_grace_s >= 0):
+        raise _fail(
+            "cluster.host_lost_grace_s",
+            f"must be a number of seconds >= 0 (0 = never mark a lost host's leases lost), "
+            f"got {section.host_lost_grace_s}",
         )
     for entry in section.join:
         try:

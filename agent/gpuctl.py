@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     request = add(
         "request",
         _getter(lambda a: _path("gpu", "requests", a.request_id), render_request),
-        "where a request id stands: queued, allocated, released, expired or cancelled",
+        "where a request id stands: queued, allocated, released, expired, cancelled or lost",
     )
     request.add_argument("request_id")
     _request_options(

@@ -21,7 +21,17 @@ from typing import Callable, Protocol, Sequence
 
 import trio
 
-from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release, Renew, ReportGpuHealth, SetDrain
+from coordinator.commands import (
+    Allocate,
+    Cancel,
+    Command,
+    Enqueue,
+    MarkHostLost,
+    Release,
+    Renew,
+    ReportGpuHealth,
+    SetDrain,
+)
 from coordinator.errors import Conflict, CoordinatorError, NotFound
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import ALLOCATED, QUEUED, Allocation, AllocationRequest, GpuRef, GpuView, QueuedRequest
@@ -345,6 +355,17 @@ class LeaseService:
         """Record a GPU's health change; a leased GPU turning unhealthy notifies its owner."""
         await self._propose_ok(ReportGpuHealth(self._clock(), node, index, state, reasons))
         self.wake()
+
+    async def mark_host_lost(self, node: str) -> ApplyResult:
+        """End every live lease on `node` as lost (the leader decided the host is gone).
+
+        Returns the applied result: its `affected` ids, or a NotFound error when
+        nothing was live there any more. Raises RaftError when leadership moved.
+        """
+        result = await self.log.propose(MarkHostLost(self._clock(), node))
+        if result.ok:
+            self.wake()  # GPUs were freed; the queue may be served once the host returns
+        return result
 
     async def _propose_ok(self, command: Command) -> ApplyResult:
         result = await self.log.propose(command)

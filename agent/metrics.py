@@ -128,6 +128,12 @@ class AgentMetrics:
             "Times a GPU under a live lease turned unhealthy (its owner's webhook is told).",
             registry=r,
         )
+        self.allocations_lost = Counter(
+            "gpu_orchestrator_allocations_lost",
+            "Leases ended because their host stayed dead or left in gossip for [cluster] "
+            "host_lost_grace_s (each is a lost event; counted when applied, not on replay).",
+            registry=r,
+        )
         self.device_sample_failures = Counter(
             "gpu_orchestrator_device_sample_failures",
             "Device telemetry samples that failed or timed out.",

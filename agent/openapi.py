@@ -145,7 +145,7 @@ def openapi_document() -> JsonObject:
         },
         "/gpu/requests/{request_id}": {
             "get": _op(
-                "Where a request id stands: queued, allocated, released, expired or cancelled",
+                "Where a request id stands: queued, allocated, released, expired, cancelled or lost",
                 {200: _json(_ref("RequestStatus"), "OK")},
                 (401, 404),
             )
@@ -353,7 +353,7 @@ def _schemas() -> JsonObject:
             "properties": {
                 "request_id": string,
                 "service_name": string,
-                "status": {"enum": ["queued", "allocated", "released", "expired", "cancelled"]},
+                "status": {"enum": ["queued", "allocated", "released", "expired", "cancelled", "lost"]},
                 "submitted_at": time,
                 "updated_at": time,
                 "allocation_id": nullable_string,

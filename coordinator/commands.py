@@ -143,7 +143,25 @@ class ReportGpuHealth:
         }
 
 
-Command = Union[Allocate, Enqueue, Release, Renew, Cancel, SetDrain, ReportGpuHealth]
+@dataclass(frozen=True, slots=True)
+class MarkHostLost:
+    """Gossip has not seen `node` running for the leader's grace period: its leases are lost.
+
+    Every live allocation on `node` ends with status "lost" (reason "host_lost")
+    and its GPUs are freed, so they are schedulable again once the host returns.
+    Proposed by the leader's host-loss watcher (agent/host_loss.py); the decision
+    that the host is gone is the leader's, taken before proposing, so applying
+    needs nothing but the table and `at`.
+    """
+
+    at: float
+    node: str
+
+    def to_wire(self) -> Wire:
+        return {"op": "mark_host_lost", "at": self.at, "node": self.node}
+
+
+Command = Union[Allocate, Enqueue, Release, Renew, Cancel, SetDrain, ReportGpuHealth, MarkHostLost]
 
 
 def command_from_wire(w: Mapping[str, Any]) -> Command:
@@ -175,4 +193,11 @@ def command_from_wire(w: Mapping[str, Any]) -> Command:
         return ReportGpuHealth(
             at, str(w["node"]), int(w["index"]), str(w["state"]), tuple(str(r) for r in w["reasons"])
         )
+    if op == "mark_host_lost":
+        node = w["node"]
+        # An empty or non-string node could never match an allocation's node; a
+        # log entry carrying one is corrupt or forged, not a command to no-op on.
+        if not isinstance(node, str) or not node:
+            raise InvalidRequest(f"mark_host_lost needs a node name, got {node!r}", code="invalid_command")
+        return MarkHostLost(at, node)
     raise InvalidRequest(f"unknown command op {op!r}", code="unknown_command")

@@ -14,6 +14,9 @@ Rules that keep every replica identical:
   but forgetting old request records.
 - An expiry (Release with reason "expired") ends only leases whose `expires_at`
   has passed at its `at`: a renewal applied after the expiry was proposed wins.
+- MarkHostLost ends every lease live on its node *when it is applied*: whether
+  the host is gone is the leader's judgement (gossip is not replicated), so the
+  table takes the command as that decision and only checks it against its state.
 - A rejection depends only on the state and the command, never on outside facts.
 - Iteration orders that leak into results (snapshots, listings) are sorted.
 - Finished request records are kept for `retention_s` after they end and then
@@ -34,6 +37,7 @@ from coordinator.commands import (
     Cancel,
     Command,
     Enqueue,
+    MarkHostLost,
     Release,
     Renew,
     ReportGpuHealth,
@@ -45,6 +49,7 @@ from coordinator.model import (
     CANCELLED,
     EXPIRED,
     HEALTHY,
+    LOST,
     QUEUED,
     UNHEALTHY,
     RELEASED,
@@ -174,6 +179,8 @@ class LeaseTable:
                 result = self._cancel(command)
             elif isinstance(command, SetDrain):
                 result = self._set_drain(command)
+            elif isinstance(command, MarkHostLost):
+                result = self._mark_host_lost(command)
             else:
                 result = self._report_health(command)
         except CoordinatorError as exc:
@@ -271,6 +278,26 @@ class LeaseTable:
             what = "expired allocation" if expired else "live allocation"
             raise NotFound(f"no {what} among {', '.join(cmd.allocation_ids) or 'none'}")
         return ApplyResult(events=tuple(events), affected=tuple(affected))
+
+    def _mark_host_lost(self, cmd: MarkHostLost) -> ApplyResult:
+        # Oldest first (allocations() order), so events and `affected` come out in
+        # the same order on every replica.
+        lost = [a for a in self.allocations() if a.node == cmd.node]
+        if not lost:
+            # Nothing live there: already marked by an earlier entry, or released
+            # meanwhile. Refused like a release of ids that are gone, so a repeat
+            # changes nothing, not even the clock, and emits nothing.
+            raise NotFound(f"no live allocation on node {cmd.node}")
+        events: list[LeaseEvent] = []
+        for alloc in lost:
+            del self._allocations[alloc.allocation_id]
+            for gpu in alloc.gpus:
+                del self._holders[gpu.ref]
+                # As on release: telemetry from before `at` describes the old tenant.
+                self._released_at[gpu.ref] = cmd.at
+            self._finish(alloc.request.request_id, LOST, cmd.at, "host_lost")
+            events.append(LeaseEvent("lost", cmd.at, alloc.request, allocation=alloc, reason="host_lost"))
+        return ApplyResult(events=tuple(events), affected=tuple(a.allocation_id for a in lost))
 
     def _renew(self, cmd: Renew) -> ApplyResult:
         alloc = self._allocations.get(cmd.allocation_id)

@@ -237,7 +237,9 @@ ALLOCATED = "allocated"
 RELEASED = "released"
 EXPIRED = "expired"
 CANCELLED = "cancelled"
-TERMINAL_STATUSES = frozenset({RELEASED, EXPIRED, CANCELLED})
+# The lease's host stopped gossiping for the leader's grace period (MarkHostLost).
+LOST = "lost"
+TERMINAL_STATUSES = frozenset({RELEASED, EXPIRED, CANCELLED, LOST})
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,9 +301,9 @@ class QueuedRequest:
 class LeaseEvent:
     """A lifecycle change that the outside world hears about (webhooks, graph service).
 
-    kind: queued | allocated | renewed | released | expired | cancelled | gpu_unhealthy.
-    `reason` narrows it: "lease_ttl" or "queue_timeout" for expired, the release
-    reason otherwise. `allocation` is set for every kind but queued/cancelled and
+    kind: queued | allocated | renewed | released | expired | cancelled | gpu_unhealthy | lost.
+    `reason` narrows it: "lease_ttl" or "queue_timeout" for expired, "host_lost"
+    for lost, the release reason otherwise. `allocation` is set for every kind but queued/cancelled and
     a queue timeout. `was_queued` tells webhook delivery that the caller was told
     202 and waits for this event.
     """

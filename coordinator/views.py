@@ -129,6 +129,10 @@ def webhook_payload(event: LeaseEvent) -> JsonObject:
         "at": rfc3339(event.at),
         "allocation": None if event.allocation is None else allocation_view(event.allocation),
     }
+    if event.kind == "lost" and event.allocation is not None:
+        # The host the lease was lost with, at the top level: what a receiver
+        # needs to decide where to reschedule, without reading the allocation.
+        payload["node"] = event.allocation.node
     if event.kind == "allocated" and event.allocation is not None:
         payload["allocated_at"] = rfc3339(event.allocation.allocated_at)
         payload["wait_time_seconds"] = round(event.allocation.allocated_at - request.submitted_at, 3)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 class Receiver:
     """Records POSTs; `respond(n, body)` decides each answer (status, JSON body, delay)."""
 
-    def __init__(self, respond: Callable[[int, Any], tuple[int, Any, float]]) -> None:
+    def __init__(self, respond: Callable[[int, Any], tuple[int, Any, float]], host: str = "127.0.0.1") -> None:
         self.requests: list[tuple[str, dict[str, str], Any]] = []
         self._lock = threading.Lock()
         receiver = self
@@ -51,9 +51,9 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{host}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def bodies(self) -> list[Any]:

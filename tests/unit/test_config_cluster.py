@@ -34,10 +34,18 @@ def test_profile_and_labels_from_the_file(tmp_path: Path) -> None:
     assert config.agent.labels == ("rack=r3", "zone=eu-1a")
 
 
+def test_host_lost_grace_defaults_to_five_minutes_and_zero_means_off(tmp_path: Path) -> None:
+    assert load(tmp_path, []).cluster.host_lost_grace_s == 300.0
+    assert load(tmp_path, [], "[cluster]\nhost_lost_grace_s = 0\n").cluster.host_lost_grace_s == 0.0
+    assert load(tmp_path, [], "[cluster]\nhost_lost_grace_s = 2.5\n").cluster.host_lost_grace_s == 2.5
+
+
 @pytest.mark.parametrize(
     "toml, message",
     [
         ('[cluster]\nprofile = "wan"\n', r"\[cluster\] profile must be one of lan, local"),
+        ("[cluster]\nhost_lost_grace_s = -1\n", r"\[cluster\] host_lost_grace_s must be a number of seconds >= 0"),
+        ("[cluster]\nhost_lost_grace_s = nan\n", r"\[cluster\] host_lost_grace_s must be a number of seconds >= 0"),
         ('[agent]\nlabels = ["no-equals"]\n', r"\[agent\] labels entry 'no-equals' is not key=value"),
         ('[agent]\nlabels = ["a=1", "a=2"]\n', r"names 'a' twice"),
         ('[agent]\nlabels = [' + ", ".join(f'"k{i}=v"' for i in range(17)) + "]\n", r"at most 16"),

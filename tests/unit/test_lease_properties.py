@@ -12,7 +12,8 @@ Checked after every apply:
       exactly the union of the live allocations' GPUs (each on one node);
   (d) every request id that has had a lifecycle event is in exactly one state:
       queued, allocated and live, or finished (its record may be pruned);
-  and that the scheduler's own proposals are accepted, except for the
+  that a host marked lost holds no lease afterwards (its leases lost, each
+  with an event); and that the scheduler's own proposals are accepted, except for the
   refusals a race or a reused request id explains.
 Checked at the end:
   (b) replaying the command log (through its wire form) into a fresh table
@@ -33,7 +34,7 @@ from typing import Any, Sequence, Union
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release, Renew, command_from_wire
+from coordinator.commands import Allocate, Cancel, Command, Enqueue, MarkHostLost, Release, Renew, command_from_wire
 from coordinator.errors import CoordinatorError
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import (
@@ -110,13 +111,20 @@ class RenewRacingTick:
 
 
 @dataclass(frozen=True)
+class HostLost:
+    """The leader marks a node's leases lost; the node stays in the pool (it came back)."""
+
+    pick: int
+
+
+@dataclass(frozen=True)
 class SetHealth:
     pick: int
     healthy: bool
     drained: bool
 
 
-Op = Union[Admit, AdmitPair, CallerRelease, CallerRenew, CallerCancel, Tick, RenewRacingTick, SetHealth]
+Op = Union[Admit, AdmitPair, CallerRelease, CallerRenew, CallerCancel, Tick, RenewRacingTick, SetHealth, HostLost]
 
 admits = st.builds(
     Admit,
@@ -143,6 +151,7 @@ operations = st.one_of(
     st.builds(Tick, st.sampled_from(STEPS)),
     st.builds(RenewRacingTick, st.sampled_from(STEPS[1:]), picks, st.sampled_from(TTLS)),
     st.builds(SetHealth, picks, st.booleans(), st.booleans()),
+    st.builds(HostLost, picks),
 )
 
 
@@ -221,6 +230,13 @@ class Harness:
                 expires = renewal.expires_at
                 alive = self.table.allocation(renewal.allocation_id) is not None
                 assert alive == (expires is None or expires > self.now), (renewal, self.now)
+        elif isinstance(op, HostLost):
+            nodes = sorted({g.node for g in self.gpus})
+            node = nodes[op.pick % len(nodes)]
+            holds = any(a.node == node for a in self.table.allocations())
+            result = self.apply(MarkHostLost(self.now, node), allowed=() if holds else ("not_found",))
+            assert all(a.node != node for a in self.table.allocations())
+            assert len(result.affected) == len(result.events)
         else:
             gpu = self.gpus[op.pick % len(self.gpus)]
             health = HEALTHY if op.healthy else UNHEALTHY
@@ -319,7 +335,7 @@ class Harness:
             elif event.kind == "renewed":
                 assert self.state[request_id] == "allocated"
             else:
-                assert event.kind in ("released", "expired", "cancelled")
+                assert event.kind in ("released", "expired", "cancelled", "lost")
                 was = self.state[request_id]
                 assert (event.allocation is not None) == (was == "allocated")
                 self.state[request_id] = "finished"
