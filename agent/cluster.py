@@ -252,9 +252,11 @@ class ClusterRuntime:
         self._client_leader_at = trio.current_time()
         return best
 
-    async def leader_info(self) -> dict[str, Any]:
-        """GET /cluster/leader."""
-        info = await self.leader()
+    async def leader_info(self, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """GET /cluster/leader; `headers` are the request's, whose API key a client's look-up presents."""
+        # With [auth] enabled the servers' /cluster/leader wants a key too: without the
+        # caller's, a client's look-up is refused and it reports no leader at all.
+        info = await self.leader(headers)
         return {
             "leader": info.node,
             "term": info.term,

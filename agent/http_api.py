@@ -396,7 +396,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     @app.get("/cluster/leader")
     async def leader() -> Response:
         if ctx.cluster is not None:
-            return json_response(await ctx.cluster.leader_info())
+            return json_response(await ctx.cluster.leader_info(dict(request.headers.items())))
         return json_response(ctx.leader())
 
     @app.get("/openapi.json")
