@@ -330,9 +330,14 @@ class ClusterRuntime:
         self._client_leader_at = trio.current_time()
         return best
 
-    async def leader_info(self, *, ask: bool = True) -> dict[str, Any]:
-        """GET /cluster/leader (`ask`: False when the caller is itself looking the leader up)."""
-        info = await self.leader(ask=ask)
+    async def leader_info(self, headers: Mapping[str, str] | None = None, *, ask: bool = True) -> dict[str, Any]:
+        """GET /cluster/leader; `headers` are the request's, whose API key a look-up presents.
+
+        With [auth] enabled the servers' /cluster/leader wants a key too: without the
+        caller's, a client's look-up is refused and it reports no leader at all.
+        `ask` is False when the caller is itself looking the leader up (no relays).
+        """
+        info = await self.leader(headers, ask=ask)
         return {
             "leader": info.node,
             "term": info.term,

@@ -135,9 +135,13 @@ class Keyring:
             mode = path.stat().st_mode
         except (OSError, UnicodeDecodeError) as error:
             raise KeyringError(f"cannot read cluster key file {path}: {error}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        # Group read is the documented set-up (root:gpu-agent 0640: operators
+        # edit it as root, the agent reads it through its group); anything
+        # more lets someone other than the agent read or change the key.
+        if mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP):
             log.warning(
-                "cluster key file %s is readable by group or others (mode %o); chmod 600 it",
+                "cluster key file %s is open to others or group-writable (mode %o); "
+                "chmod 640 it (root:gpu-agent), or 600",
                 path,
                 stat.S_IMODE(mode),
             )
@@ -201,12 +205,14 @@ class KeyringFile:
         self.keyring = Keyring.load(path)
         self._stamp = self._stat()
 
-    def _stat(self) -> tuple[int, int, int] | None:
+    def _stat(self) -> tuple[int, int, int, int] | None:
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        # ctime too: a chmod or chown that makes an unreadable file readable
+        # changes nothing else, and must still get the file re-read.
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
     def reload_if_changed(self) -> bool:
         """Re-read the file if it changed since the last read; return True if the keyring changed.
@@ -238,13 +244,34 @@ class KeyringFile:
 
 
 def write_keys(path: Path, keys: Sequence[bytes]) -> None:
-    """Replace the key file with `keys` (first = primary), atomically and with mode 0600."""
+    """Replace the key file with `keys` (first = primary), atomically.
+
+    A new file gets mode 0600 and the caller's owner. An existing file keeps its
+    mode, owner and group: the rewrite is a new inode, and a root-run rotation
+    of a root:gpu-agent 0640 file must not leave a root:root 0600 one that the
+    agent can no longer read. Raises KeyringError when the owner or group cannot
+    be kept (only root may give a file away), before anything is replaced.
+    """
     Keyring(keys)  # validates count and sizes before anything is written
     lines = ["# gpu-orchestrator cluster keys: the first seals, all open (docs/membership.md)"]
     lines += [base64.b64encode(key).decode("ascii") for key in keys]
+    try:
+        existing: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        existing = None
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, 0o600 if existing is None else stat.S_IMODE(existing.st_mode))
+        if existing is not None:
+            mine = os.fstat(fd)
+            if (mine.st_uid, mine.st_gid) != (existing.st_uid, existing.st_gid):
+                try:
+                    os.fchown(fd, existing.st_uid, existing.st_gid)
+                except PermissionError:
+                    raise KeyringError(
+                        f"cannot keep the owner and group of {path} "
+                        f"(uid {existing.st_uid}, gid {existing.st_gid}); run this as root"
+                    ) from None
         with os.fdopen(fd, "w", encoding="ascii") as stream:
             stream.write("\n".join(lines) + "\n")
             stream.flush()

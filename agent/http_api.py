@@ -404,7 +404,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     async def leader() -> Response:
         if ctx.cluster is not None:
             # A peer looking the leader up (X-Forwarded-By) gets this agent's own view, never a relay.
-            return json_response(await ctx.cluster.leader_info(ask=FORWARDED_BY not in request.headers))
+            asked = FORWARDED_BY not in request.headers
+            return json_response(await ctx.cluster.leader_info(dict(request.headers.items()), ask=asked))
         return json_response(ctx.leader())
 
     # ------------------------------------------------------------------ Raft servers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import stat
 from pathlib import Path
 
@@ -106,9 +107,56 @@ def test_key_file_lines_comments_and_errors(tmp_path: Path) -> None:
 def test_a_readable_key_file_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "cluster.key"
     path.write_text(generate_key() + "\n")
+    path.chmod(0o640)  # the documented root:gpu-agent 0640: group read is fine
+    Keyring.load(path)
+    assert "chmod" not in caplog.text
     path.chmod(0o644)
     Keyring.load(path)
-    assert "chmod 600" in caplog.text
+    assert "chmod 640" in caplog.text
+
+
+def test_rotation_keeps_the_files_mode_owner_and_group(tmp_path: Path) -> None:
+    """A root-run rotation of root:gpu-agent 0640 must leave the agent able to read the file."""
+    path = tmp_path / "cluster.key"
+    old, new = generate_key(), generate_key()
+    install_key(path, old)
+    path.chmod(0o640)
+    group = next((g for g in os.getgroups() if g != path.stat().st_gid), None)
+    if os.geteuid() == 0 and group is None:
+        group = path.stat().st_gid + 1  # root may give a file to any gid
+    if group is not None:
+        os.chown(path, -1, group)
+    before = path.stat()
+    install_key(path, new)
+    use_key(path, new)
+    remove_key(path, old)
+    after = path.stat()
+    assert after.st_ino != before.st_ino  # rewritten, not edited in place
+    assert stat.S_IMODE(after.st_mode) == 0o640
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+
+
+def test_a_chmod_alone_gets_the_key_file_re_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file unreadable when it changed is read again once a chmod/chown fixes it (same inode, mtime, size)."""
+    path = tmp_path / "cluster.key"
+    first, second = decode_key(generate_key()), decode_key(generate_key())
+    write_keys(path, [first])
+    watched = KeyringFile(path)
+    write_keys(path, [second])
+
+    def unreadable(cls: type[Keyring], _path: Path) -> Keyring:
+        raise KeyringError("cannot read cluster key file: permission denied")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Keyring, "load", classmethod(unreadable))
+        assert watched.reload_if_changed() is False
+    assert watched.keyring.primary == first
+    changed = path.stat().st_ctime_ns
+    while path.stat().st_ctime_ns == changed:  # ctime has the kernel's coarse clock: until it moves
+        path.chmod(0o600)
+    assert watched.reload_if_changed() is True
+    assert watched.keyring.primary == second
+
 
 
 def test_rotation_functions_rewrite_the_file_atomically_with_mode_600(tmp_path: Path) -> None:
