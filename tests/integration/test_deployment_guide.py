@@ -17,7 +17,10 @@ ports; a port already in use there fails the test at once, naming it. In order:
    drops traffic sealed with the old one, and all five are still alive;
 4. the rolling restart restarts all five (clients first, leader last), keeps a
    leader, and loses neither allocation;
-5. the stop block stops them all.
+4b. the replacement of a dead server (kill -9 of a follower, `gpuctl servers
+   remove`, a blank srv-46 started and `gpuctl servers add`ed) leaves three live
+   voters, and srv-46's own replica holds both allocations;
+5. the stop block stops every agent still running.
 
 Every process the blocks start is in a process group of its own bash; the
 fixture kills those groups whatever happens.
@@ -51,12 +54,15 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "docs" / "deployment.md"
 MARKED_BLOCK = re.compile(r"^<!-- (rehearsal|host): ([a-z0-9-]+) -->\n```(\w+)\n(.*?)^```$", re.M | re.S)
-REHEARSAL = ("prepare", "start-cluster", "check-cluster", "allocate", "rotate-key", "rolling-restart", "stop")
+REHEARSAL = (
+    "prepare", "start-cluster", "check-cluster", "allocate", "rotate-key", "rolling-restart", "replace-server", "stop",
+)
 HOST = ("make-keys", "server-config", "client-config", "prometheus")
 
 # What the guide's rehearsal sets up (its table): the test checks the cluster against these.
 AGENTS = {"srv-41": 2, "srv-42": 2, "srv-43": 2, "cli-44": 4, "cli-45": 4}  # name -> GPUs
 SERVERS = ("srv-41", "srv-42", "srv-43")
+REPLACEMENT = "srv-46"  # the server the guide adds in place of a dead one
 HTTP_PORT, GOSSIP_PORT, RAFT_PORT = 28086, 27946, 27947
 BLOCK_TIMEOUT_S = 240.0
 
@@ -97,7 +103,7 @@ def command_shims(directory: Path) -> dict[str, str]:
 def busy_ports() -> list[str]:
     """The guide's fixed address:port pairs that something else holds right now."""
     busy = []
-    for name in AGENTS:
+    for name in (*AGENTS, REPLACEMENT):
         for port, kind in ((HTTP_PORT, socket.SOCK_STREAM), (GOSSIP_PORT, socket.SOCK_STREAM),
                            (GOSSIP_PORT, socket.SOCK_DGRAM), (RAFT_PORT, socket.SOCK_STREAM)):
             with socket.socket(socket.AF_INET, kind) as probe:
@@ -144,7 +150,7 @@ class Rehearsal:
 
     def logs(self, tail: int = 3000) -> str:
         parts = []
-        for name in AGENTS:
+        for name in (*AGENTS, REPLACEMENT):
             log = self.guide_dir / name / "agent.log"
             if log.exists():
                 parts.append(f"--- {name}/agent.log\n{log.read_text(errors='replace')[-tail:]}")
@@ -292,8 +298,33 @@ def test_4_rolling_restart_keeps_a_leader_and_every_allocation(rehearsal: Rehear
         assert {a["allocation_id"] for a in rehearsal.get(name, "/gpu/list")["allocations"]} >= kept
 
 
+def test_4b_replace_a_dead_server(rehearsal: Rehearsal) -> None:
+    leader = rehearsal.get("srv-41", "/cluster/leader")["leader"]
+    pids = {name: rehearsal.pid(name) for name in SERVERS}
+    out = rehearsal.run("replace-server")
+    dead = [name for name in SERVERS if not (rehearsal.guide_dir / name / "agent.pid").exists()]
+    assert len(dead) == 1 and dead[0] != leader and not alive(pids[dead[0]]), out
+    survivors = [name for name in SERVERS if name not in dead]
+    assert "already hold Raft state; starting as a blank server" in (
+        rehearsal.guide_dir / REPLACEMENT / "agent.log"
+    ).read_text()
+    for name in (*survivors, REPLACEMENT, "cli-44"):
+        rows = {row["name"]: row for row in rehearsal.get(name, "/cluster/servers")["servers"]}
+        voters = {n for n, row in rows.items() if row["voter"]}
+        assert voters == {*survivors, REPLACEMENT}, rows
+        assert all(rows[n]["alive"] for n in voters), rows
+    # The new server's own copy of the table (not forwarded) holds what was acknowledged before it came.
+    kept: set[str] = rehearsal.allocations  # type: ignore[attr-defined]
+    wait_for(lambda: {a["allocation_id"] for a in rehearsal.get(REPLACEMENT, "/gpu/list?stale=true")["allocations"]}
+             >= kept, timeout=15.0)
+    health = rehearsal.get(REPLACEMENT, "/healthz")
+    assert health["role"] == "follower" and REPLACEMENT in health["raft"]["voters"], health
+
+
 def test_5_stop_stops_every_agent(rehearsal: Rehearsal) -> None:
-    pids = {name: rehearsal.pid(name) for name in AGENTS}
+    running = [p.parent.name for p in rehearsal.guide_dir.glob("*/agent.pid")]
+    assert REPLACEMENT in running and len(running) == len(AGENTS)  # one server replaced by srv-46
+    pids = {name: rehearsal.pid(name) for name in running}
     rehearsal.run("stop")
     for name, pid in pids.items():
         wait_for(lambda: not alive(pid), timeout=30.0)
