@@ -399,6 +399,22 @@ class ClusterRuntime:
             return resp.status_code, answer, resp.content
         raise ForwardFailed(last_error)
 
+    async def leader_allocations(self, headers: Mapping[str, str]) -> list[dict[str, Any]] | None:
+        """The live allocations as the leader lists them (GET /gpu/list), or None when it cannot be asked.
+
+        A client holds no lease table, so its /gpu/status asks this to say who
+        holds each GPU; `headers` carry the caller's API key.
+        """
+        try:
+            status, _, content = await self.forward("GET", "/gpu/list", b"", headers, b"", False)
+            doc = json.loads(content) if status == 200 else None
+        except (ForwardFailed, ValueError) as error:
+            log.info("could not ask the leader who holds which GPU: %s", error)
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("allocations"), list):
+            return None
+        return list(doc["allocations"])
+
     def known_term(self) -> int:
         """The Raft term: the core's on a server, the last one a client learnt from the servers (0: none yet)."""
         if self.raft is not None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import NotFound
+from coordinator.lease_table import LeaseTable
 from coordinator.model import UNHEALTHY, GpuRef
 from coordinator.views import rfc3339
 
@@ -23,6 +25,39 @@ from agent.metrics import AgentMetrics
 # healthy fsync takes milliseconds, and a Raft server stalled past an election
 # timeout (1 s) has already lost leadership, so /healthz says degraded from here.
 DISK_STALL_DEGRADED_S = 1.0
+
+@dataclass(frozen=True, slots=True)
+class LeaseHolder:
+    """Who holds a GPU, for a /gpu/status row."""
+
+    allocation_id: str
+    service_name: str
+    allocated_at: str | None  # RFC 3339
+
+
+# (node, index) -> its holder; GPUs not in it are free.
+Holders = Mapping[tuple[str, int], LeaseHolder]
+
+
+def holders_from_table(table: LeaseTable) -> dict[tuple[str, int], LeaseHolder]:
+    """Every held GPU's holder, from a replica of the lease table."""
+    out: dict[tuple[str, int], LeaseHolder] = {}
+    for ref, allocation_id in table.held_gpus().items():
+        alloc = table.allocation(allocation_id)
+        if alloc is not None:
+            out[(ref.node, ref.index)] = LeaseHolder(allocation_id, alloc.request.service_name, rfc3339(alloc.allocated_at))
+    return out
+
+
+def holders_from_allocations(allocations: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], LeaseHolder]:
+    """Every held GPU's holder, from allocation objects as /gpu/list returns them (a client asks the leader)."""
+    out: dict[tuple[str, int], LeaseHolder] = {}
+    for alloc in allocations:
+        holder = LeaseHolder(str(alloc["allocation_id"]), str(alloc["service_name"]), alloc.get("allocated_at"))
+        for gpu in alloc["gpus"]:
+            out[(str(gpu["node"]), int(gpu["index"]))] = holder
+    return out
+
 
 def degraded_reason(devices: str | None, write_stalled_s: float) -> str | None:
     """Why /healthz says degraded (device telemetry, a stalled state-file write), or None when ok."""
@@ -117,17 +152,34 @@ class AgentContext:
         degraded = degraded_reason(self.sampler.degraded_reason, self.log.disk_stalled_seconds())
         return line + (f"; degraded: {degraded}" if degraded else "")
 
-    def gpu_rows(self) -> list[dict[str, Any]]:
+    @property
+    def holds_table(self) -> bool:
+        """False on a Raft client: it keeps no replica of the lease table."""
+        return self.cluster is None or self.cluster.is_server
+
+    def gpu_rows(self, holders: Holders | None = None) -> list[dict[str, Any]]:
         """GET /gpu/status rows: every GPU of the cluster, in (node, index) order.
 
         This agent's GPUs come from its sampler (`"source": "local"`); other
         live members' from their gossip metadata (`"source": "gossip"`, with the
-        age of that metadata). Remote GPUs are shown, not scheduled here.
+        age of that metadata). Remote GPUs are shown, not scheduled here. Who
+        holds each GPU comes from `holders` (a client passes the leader's), else
+        from this agent's lease table (in a Raft cluster; a lone agent's knows
+        only its own GPUs); otherwise the gossiped "allocated" flags.
         """
-        rows = [self._row(snap) for snap in self.sampler.snapshots()]
+        if holders is None and self.holds_table:
+            holders = holders_from_table(self.service.table)
+        rows = [self._row(snap, holders) for snap in self.sampler.snapshots()]
         if self.membership is not None:
             now = time.time()
-            rows += [_gossip_row(remote, now) for remote in self.membership.cluster_gpus() if remote.node != self.node]
+            # A lone agent's table knows only its own GPUs' leases: other lone agents'
+            # rows keep what their own gossip says.
+            remote_holders = holders if self.cluster is not None else None
+            rows += [
+                _gossip_row(remote, now, remote_holders)
+                for remote in self.membership.cluster_gpus()
+                if remote.node != self.node
+            ]
         rows.sort(key=lambda row: (row["node"], row["index"]))
         return rows
 
@@ -142,12 +194,13 @@ class AgentContext:
             raise NotFound(f"no GPU {node}/{index}")
         return self._row(snap)
 
-    def _row(self, snap: GpuSnapshot) -> dict[str, Any]:
+    def _row(self, snap: GpuSnapshot, holders: Holders | None = None) -> dict[str, Any]:
         table = self.service.table
         r = snap.reading
         ref = GpuRef(self.node, r.index)
-        holder_id = table.holder(ref)
-        holder = table.allocation(holder_id) if holder_id else None
+        if holders is None:
+            holders = holders_from_table(table) if self.holds_table else {}
+        holder = holders.get((self.node, r.index))
         drained = table.drained()
         now = self.sampler.last_sample_at or r.sampled_at
         return {
@@ -163,10 +216,7 @@ class AgentContext:
             "temperature": r.temperature_c,
             "power_draw": r.power_draw_w,
             "last_updated": rfc3339(r.sampled_at),
-            "allocated": holder is not None,
-            "allocated_to": None if holder is None else holder.request.service_name,
-            "allocation_id": holder_id,
-            "allocated_at": None if holder is None else rfc3339(holder.allocated_at),
+            **_holder_fields(holder),
             "health": snap.health.state,
             "health_reasons": list(snap.health.reasons),
             "healthy_again_at": rfc3339(snap.health.until),
@@ -277,8 +327,11 @@ _TELEMETRY_FIELDS = (
 )
 
 
-def _gossip_row(remote: RemoteGpu, now: float) -> dict[str, Any]:
-    """A /gpu/status row for another member's GPU: what its gossip metadata says, fields it lacks None."""
+def _gossip_row(remote: RemoteGpu, now: float, holders: Holders | None) -> dict[str, Any]:
+    """A /gpu/status row for another member's GPU: what its gossip metadata says, fields it lacks None.
+
+    Who holds it comes from `holders` when known, else only the gossiped flag.
+    """
     g = remote.gpu
     used = None if g.memory_free_mb is None else max(0, g.memory_total_mb - g.memory_free_mb)
     return {
@@ -294,12 +347,13 @@ def _gossip_row(remote: RemoteGpu, now: float) -> dict[str, Any]:
         "temperature": None,
         "power_draw": None,
         "last_updated": rfc3339(remote.received_at),
-        "allocated": g.allocated,
-        "allocated_to": None,
-        "allocation_id": None,
-        "allocated_at": None,
+        **(
+            _holder_fields(holders.get((remote.node, g.index)))
+            if holders is not None
+            else {"allocated": g.allocated, "allocated_to": None, "allocation_id": None, "allocated_at": None}
+        ),
         "health": g.health,
-        "health_reasons": [],
+        "health_reasons": list(g.reasons),
         "healthy_again_at": None,
         "present": None,  # gossip says health, not presence: a lost GPU shows as unhealthy
         "drained": g.drained,
@@ -312,6 +366,15 @@ def _gossip_row(remote: RemoteGpu, now: float) -> dict[str, Any]:
         # Since the member last announced a change: unchanged state is not resent,
         # so a steady, healthy member's rows age while it stays alive and probed.
         "state_age_seconds": round(max(0.0, now - remote.received_at), 1),
+    }
+
+
+def _holder_fields(holder: LeaseHolder | None) -> dict[str, Any]:
+    return {
+        "allocated": holder is not None,
+        "allocated_to": None if holder is None else holder.service_name,
+        "allocation_id": None if holder is None else holder.allocation_id,
+        "allocated_at": None if holder is None else holder.allocated_at,
     }
 
 

@@ -36,7 +36,7 @@ from coordinator.views import allocation_view, queued_view, record_view
 from agent.api_keys import ApiKey, extract_presented_key
 from agent.cluster import FORWARDED_BY, ForwardFailed
 from agent.config import is_node_name
-from agent.context import AgentContext
+from agent.context import AgentContext, holders_from_allocations
 from agent.openapi import openapi_document
 from agent.raft_log import ProposalLost, ProposalUnknown, ReadUnconfirmed
 from agent.status_page import HEADERS as STATUS_PAGE_HEADERS
@@ -326,7 +326,16 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.get("/gpu/status")
     async def gpu_status() -> Response:
-        return json_response({"gpus": ctx.gpu_rows()})
+        holders = None
+        if ctx.cluster is not None and not ctx.holds_table and FORWARDED_BY not in request.headers:
+            # A client has no lease table: the leader says who holds what (without it, the
+            # rows show only the gossiped "allocated" flags).
+            allocations = await ctx.cluster.leader_allocations(dict(request.headers.items()))
+            try:
+                holders = None if allocations is None else holders_from_allocations(allocations)
+            except (KeyError, TypeError, ValueError):
+                log.warning("the leader's /gpu/list did not list allocations as expected; showing gossip only")
+        return json_response({"gpus": ctx.gpu_rows(holders)})
 
     @app.get("/gpu/list")
     @on_leader(read=True)

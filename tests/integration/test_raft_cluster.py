@@ -158,8 +158,23 @@ def test_1_one_leader_and_allocations_through_a_client(cluster: Cluster) -> None
     # More allocations, through every agent: they spread over the cluster's GPUs.
     for i, agent in enumerate(cluster.agents):
         cluster.allocate_acknowledged(agent, f"svc-b{i}", timeout=5.0)
-    nodes = {a["node"] for a in get(client, "/gpu/list")["allocations"]}
+    allocations = get(client, "/gpu/list")["allocations"]
+    nodes = {a["node"] for a in allocations}
     assert len(nodes) >= 2
+    # /gpu/status names every GPU's holder on every agent: a server from its replica,
+    # a client (no table) from the leader; the clients' own GPUs included.
+    held = {(g["node"], g["index"]): a["allocation_id"] for a in allocations for g in a["gpus"]}
+
+    def holders_shown_everywhere() -> bool:
+        for agent in cluster.agents:
+            rows = get(agent, "/gpu/status")["gpus"]
+            shown = {(r["node"], r["index"]): r["allocation_id"] for r in rows if r["allocated"]}
+            if shown != held:
+                cluster.why = f"{agent.node_name} shows {shown}, the leader lists {held}"
+                return False
+        return True
+
+    wait_for(holders_shown_everywhere, timeout=5.0, interval=0.2)
     metrics = httpx.get(cluster.agents[0].url + "/metrics", timeout=5.0).text
     assert "gpu_orchestrator_raft_commit_index" in metrics
 
