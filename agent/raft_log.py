@@ -17,9 +17,9 @@ into one ordered queue, and the loop steps them all, then handles one Ready:
     propose ─batch─┼─▶ inputs (in arrival order) ──▶ loop: tick/step/propose all queued
     change_voters ─┘                                       │
                                  while core.has_ready():   ▼
-        1. persist rd (hard state, snapshot, truncation, entries) — one
-           transaction in the storage worker thread (agent/raft_storage.py),
-           fsync'd unless only the commit index changed (rd.must_sync)
+        1. persist rd (hard state, snapshot, truncation, entries) — one fsync'd
+           transaction in the storage worker thread (agent/raft_storage.py);
+           skipped when only the commit index changed (not rd.must_sync)
         2. send rd.messages (the transport queues them; never blocks); a
            leader's go out before step 1 when rd.send_before_persist
         3. restore the table from rd.snapshot, apply rd.committed_entries in
@@ -615,10 +615,15 @@ class RaftLog:
             # followers' fsyncs overlap ours, and the core counts our own log
             # towards a majority only once advance() says it is durable.
             self._send_all(rd)
-        if rd.hard_state is not None or rd.snapshot is not None or rd.truncate_from is not None or rd.entries:
+        if rd.must_sync and (
+            rd.hard_state is not None or rd.snapshot is not None or rd.truncate_from is not None or rd.entries
+        ):
             # 1. durable (StorageError ends run()). Readys with nothing to persist —
-            # heartbeats and their answers, most of them — skip the worker thread;
-            # a commit index alone is written without fsync (rd.must_sync).
+            # heartbeats and their answers, most of them — skip the worker thread, and
+            # so does a commit index alone (not rd.must_sync): the commit on disk is
+            # then the one of the last durable write, and a restarted server learns
+            # the rest again from the leader (Raft never needs it persisted). Not
+            # waiting for it takes a thread round trip off every proposal's path.
             started = trio.current_time()
             await self._storage.persist_ready(rd)
             self.last_append_seconds = trio.current_time() - started

@@ -147,8 +147,8 @@ class RaftStorage:
     # --- writing ------------------------------------------------------------------------
 
     def persist_ready(self, rd: Ready) -> None:
-        """Write the durable part of `rd` in one transaction, fsync'd when rd.must_sync; raises StorageError."""
-        self.persist(rd.hard_state, rd.snapshot, rd.truncate_from, rd.entries, sync=rd.must_sync)
+        """Make the durable part of `rd` stable in one fsync'd transaction; raises StorageError."""
+        self.persist(rd.hard_state, rd.snapshot, rd.truncate_from, rd.entries)
 
     def persist(
         self,
@@ -156,38 +156,23 @@ class RaftStorage:
         snapshot: Snapshot | None,
         truncate_from: int | None,
         entries: Sequence[Entry],
-        *,
-        sync: bool = True,
     ) -> None:
-        """Write what a Ready asks for, all or nothing (see the module docstring).
-
-        `sync=False` (a commit index alone) commits without fsync: WAL frames are
-        ordered, so the next fsync'd transaction makes it durable with itself, and
-        a crash before that only loses a commit index the server learns again.
-        """
+        """Write what a Ready asks for, all or nothing (see the module docstring)."""
         if hard_state is None and snapshot is None and truncate_from is None and not entries:
             return  # nothing durable in this Ready: no transaction, no fsync
-        self._tx(lambda db: _write(db, hard_state, snapshot, truncate_from, entries), timed=True, sync=sync)
+        self._tx(lambda db: _write(db, hard_state, snapshot, truncate_from, entries), timed=True)
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store a compaction's snapshot and delete the entries it covers; raises StorageError."""
         self._tx(lambda db: _write(db, None, snapshot, None, ()), timed=True)
 
-    def _tx(self, work: Callable[[sqlite3.Connection], T], *, timed: bool, sync: bool = True) -> T:
+    def _tx(self, work: Callable[[sqlite3.Connection], T], *, timed: bool) -> T:
         with self._lock:  # the async wrapper serializes already; this guards direct use
             started = time.monotonic()
             if timed:
                 self._started = started
             try:
-                if sync:
-                    result = run_transaction(self._db, work)
-                else:
-                    # In WAL mode, synchronous=NORMAL commits without fsync (set outside the transaction).
-                    self._db.execute("PRAGMA synchronous = NORMAL")
-                    try:
-                        result = run_transaction(self._db, work)
-                    finally:
-                        self._db.execute("PRAGMA synchronous = FULL")
+                result = run_transaction(self._db, work)
             except (sqlite3.Error, OSError, ValueError, MalformedMessage) as exc:
                 raise StorageError(f"raft state in {self.path}: {exc}") from exc
             finally:

@@ -11,7 +11,7 @@ and the local requests (`propose`, `add_voter`, `remove_voter`,
         rd = core.ready()
         if rd.send_before_persist: send rd.messages           # a leader's, see below
         persist rd.hard_state, rd.snapshot, then delete persisted entries ≥
-            rd.truncate_from and append rd.entries           # fsync if rd.must_sync
+            rd.truncate_from and append rd.entries           # fsync; skippable if not rd.must_sync
         if not rd.send_before_persist: send rd.messages      # only after the fsync
         restore the state machine from rd.snapshot (if any), then apply
             rd.committed_entries in order; answer rd.read_states once applied
@@ -22,7 +22,7 @@ survives a crash (Fig. 2: "updated on stable storage before responding to RPCs")
 A leader counts its own log towards a majority only as far as it is persisted,
 which is why its appends may leave while it writes them (thesis §10.2.1): the
 follower's fsync then overlaps the leader's instead of following it. A Ready
-whose only durable change is the commit index need not be fsync'd (etcd's
+whose only durable change is the commit index need not be persisted (etcd's
 MustSync): a commit index lost in a crash is learnt again.
 Between `ready()` and `advance()` the shell calls nothing else on the core.
 
@@ -162,10 +162,11 @@ class Ready:
     # Apply in order (all are committed and, after the persist step, durable here).
     committed_entries: tuple[Entry, ...]
     read_states: tuple[ReadState, ...]
-    # Whether the persist step must fsync (etcd's MustSync): new entries, a
-    # snapshot, a truncation, or a new term or vote. A commit index alone need
-    # not: losing it in a crash only makes the restarted server learn it again
-    # (the commit restored never exceeds the persisted log either way).
+    # Whether the persist step must happen before what follows (etcd's
+    # MustSync): new entries, a snapshot, a truncation, or a new term or vote.
+    # A commit index alone need not be persisted at all: losing it only makes
+    # a restarted server learn it again (and the commit restored never exceeds
+    # the persisted log either way).
     must_sync: bool = True
     # A leader's messages may leave before its own persist (thesis §10.2.1):
     # appends and heartbeats carry no promise of ours, and the leader counts its

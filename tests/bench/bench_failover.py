@@ -10,7 +10,8 @@ is not part of the test suite. On loopback only, it starts three Raft servers
    `POLL_S`); release it, restart the killed server and wait until it follows
    the new leader again;
 2. allocate latency through a follower with one client (each allocate
-   forwarded to the leader, then committed by a majority);
+   forwarded to the leader, then committed by a majority), and on the leader
+   itself (the Raft round without the forwarding hop);
 3. allocate→release pairs per second through the leader with `--clients`
    connections (each pair is two committed log entries), against a single
    agent (`bootstrap_expect = 1`, no Raft) measured in the same run with the
@@ -167,6 +168,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "follower-1", host=follower.host, port=follower.port, server_pid=follower.proc.pid,
                 kind="pairs", clients=1, duration_s=args.duration,
             )
+            print("leader latency, 1 client ...", file=sys.stderr)
+            direct = runner.run(
+                "leader-1", host=leader.host, port=leader.port, server_pid=leader.proc.pid,
+                kind="pairs", clients=1, duration_s=args.duration,
+            )
             print(f"leader pairs/s, {args.clients} clients ...", file=sys.stderr)
             many = runner.run(
                 "leader-n", host=leader.host, port=leader.port, server_pid=leader.proc.pid,
@@ -182,16 +188,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cluster.kill()
             single.kill()
     report["failover_s"] = [round(t, 3) for t in failovers]
-    report["phases"] = {p.name: p.summary() for p in (one, many, alone)}
+    report["phases"] = {p.name: p.summary() for p in (one, direct, many, alone)}
     report["figures"] = {
         "failover_median_s": percentile(failovers, 50),
         "failover_p90_s": percentile(failovers, 90),
         "failover_max_s": max(failovers),
         "follower_p50_ms": one.latency("allocate", 50),
         "follower_p99_ms": one.latency("allocate", 99),
+        "leader_p50_ms": direct.latency("allocate", 50),
+        "leader_p99_ms": direct.latency("allocate", 99),
         "leader_pairs_per_s": many.pair_rate,
         "single_pairs_per_s": alone.pair_rate,
-        "errors": one.load.errors + many.load.errors + alone.load.errors,
+        "errors": one.load.errors + direct.load.errors + many.load.errors + alone.load.errors,
     }
     return report
 
@@ -204,6 +212,8 @@ def render(report: dict[str, Any]) -> str:
         ("failover, max (s)", f["failover_max_s"], "", None),
         ("allocate via follower, 1 client, p50 (ms)", f["follower_p50_ms"], f"<= {TARGET_FOLLOWER_P50_MS}", f["follower_p50_ms"] / TARGET_FOLLOWER_P50_MS),
         ("allocate via follower, 1 client, p99 (ms)", f["follower_p99_ms"], f"<= {TARGET_FOLLOWER_P99_MS}", f["follower_p99_ms"] / TARGET_FOLLOWER_P99_MS),
+        ("allocate on the leader, 1 client, p50 (ms)", f["leader_p50_ms"], "", None),
+        ("allocate on the leader, 1 client, p99 (ms)", f["leader_p99_ms"], "", None),
         ("pairs/s via leader, 3 servers", f["leader_pairs_per_s"], "vs single agent", f["leader_pairs_per_s"] / f["single_pairs_per_s"]),
         ("pairs/s, single agent (no Raft)", f["single_pairs_per_s"], "", None),
     ]

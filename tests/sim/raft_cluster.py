@@ -5,7 +5,7 @@ wall clock is read) drives several `RaftCore`s exactly as the agent's shell
 will: tick every 1.0, step each delivered message, and drain Ready - persist to
 the node's simulated disk, then send, then apply, then advance (a leader's
 messages leave before its persist when the Ready allows it, and a Ready that
-need not be fsync'd is lost as if the crash came before the OS wrote it).
+need not be persisted - a commit index alone - is not written, as in the agent).
 
 The world is hostile and seeded (one `random.Random` decides everything):
 - the network loses, duplicates and reorders (random delays) messages, every one
@@ -74,8 +74,8 @@ class Disk:
         return self.snapshot.index if self.snapshot else 0
 
     def persist(self, rd: Ready) -> None:
-        """Apply rd's durable part. One that need not be fsync'd (a commit index alone) is
-        dropped: the pessimistic case of a crash that loses an unsynced write."""
+        """Apply rd's durable part. One that need not be persisted (a commit index alone)
+        is not written, as the agent's RaftLog does."""
         if not rd.must_sync:
             return
         if rd.snapshot is not None:

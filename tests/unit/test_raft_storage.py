@@ -30,9 +30,8 @@ def ready(
     snapshot: Snapshot | None = None,
     truncate_from: int | None = None,
     entries: tuple[Entry, ...] = (),
-    must_sync: bool = True,
 ) -> Ready:
-    return Ready(hard_state, snapshot, truncate_from, entries, (), (), (), must_sync=must_sync)
+    return Ready(hard_state, snapshot, truncate_from, entries, (), (), ())
 
 
 def entries(first: int, last: int, term: int) -> tuple[Entry, ...]:
@@ -45,17 +44,6 @@ def reopen(path: Path) -> RaftState:
         return store.load()
     finally:
         store.close()
-
-
-def test_a_commit_index_alone_is_written_without_fsync_and_later_writes_are_fsynced_again(tmp_path: Path) -> None:
-    path = tmp_path / "state.db"
-    store = RaftStorage(path)
-    store.persist_ready(ready(HardState(1, "a", 0), entries=entries(1, 3, 1)))
-    store.persist_ready(ready(HardState(1, "a", 3), must_sync=False))
-    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again for the next write
-    store.persist_ready(ready(HardState(2, "b", 3), entries=entries(4, 4, 2)))
-    store.close()
-    assert reopen(path) == RaftState(HardState(2, "b", 3), None, (*entries(1, 3, 1), *entries(4, 4, 2)))
 
 
 def test_a_new_file_loads_as_the_empty_state(tmp_path: Path) -> None:
