@@ -11,7 +11,8 @@ is not part of the test suite. On loopback only, it starts three Raft servers
    the new leader again;
 2. allocate latency through a follower with one client (each allocate
    forwarded to the leader, then committed by a majority), and on the leader
-   itself (the Raft round without the forwarding hop);
+   itself (the Raft round without the forwarding hop), and on a single agent
+   (neither: the yardstick of this machine);
 3. allocate→release pairs per second through the leader with `--clients`
    connections (each pair is two committed log entries), against a single
    agent (`bootstrap_expect = 1`, no Raft) measured in the same run with the
@@ -178,6 +179,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "leader-n", host=leader.host, port=leader.port, server_pid=leader.proc.pid,
                 kind="pairs", clients=args.clients, duration_s=args.duration,
             )
+            print("single agent latency, 1 client ...", file=sys.stderr)
+            alone_one = runner.run(
+                "single-1", host=single.host, port=single.port, server_pid=single.proc.pid,
+                kind="pairs", clients=1, duration_s=args.duration,
+            )
             print(f"single agent pairs/s, {args.clients} clients ...", file=sys.stderr)
             alone = runner.run(
                 "single-n", host=single.host, port=single.port, server_pid=single.proc.pid,
@@ -188,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cluster.kill()
             single.kill()
     report["failover_s"] = [round(t, 3) for t in failovers]
-    report["phases"] = {p.name: p.summary() for p in (one, direct, many, alone)}
+    report["phases"] = {p.name: p.summary() for p in (one, direct, many, alone_one, alone)}
     report["figures"] = {
         "failover_median_s": percentile(failovers, 50),
         "failover_p90_s": percentile(failovers, 90),
@@ -197,9 +203,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "follower_p99_ms": one.latency("allocate", 99),
         "leader_p50_ms": direct.latency("allocate", 50),
         "leader_p99_ms": direct.latency("allocate", 99),
+        "single_p50_ms": alone_one.latency("allocate", 50),
         "leader_pairs_per_s": many.pair_rate,
         "single_pairs_per_s": alone.pair_rate,
-        "errors": one.load.errors + direct.load.errors + many.load.errors + alone.load.errors,
+        "errors": sum(p.load.errors for p in (one, direct, many, alone_one, alone)),
     }
     return report
 
@@ -214,6 +221,7 @@ def render(report: dict[str, Any]) -> str:
         ("allocate via follower, 1 client, p99 (ms)", f["follower_p99_ms"], f"<= {TARGET_FOLLOWER_P99_MS}", f["follower_p99_ms"] / TARGET_FOLLOWER_P99_MS),
         ("allocate on the leader, 1 client, p50 (ms)", f["leader_p50_ms"], "", None),
         ("allocate on the leader, 1 client, p99 (ms)", f["leader_p99_ms"], "", None),
+        ("allocate, single agent, 1 client, p50 (ms)", f["single_p50_ms"], "", None),
         ("pairs/s via leader, 3 servers", f["leader_pairs_per_s"], "vs single agent", f["leader_pairs_per_s"] / f["single_pairs_per_s"]),
         ("pairs/s, single agent (no Raft)", f["single_pairs_per_s"], "", None),
     ]
