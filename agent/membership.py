@@ -20,9 +20,10 @@ warning, left at info) and refreshes the decoded metadata of changed members.
 Joining: the seeds of ``[cluster] join`` are resolved, the core is told to
 join them over UDP (it repeats that every probe interval until someone
 answers), and a TCP push-pull with each seed fetches the whole membership at
-once. Until one push-pull succeeds (or the core already sees another alive
-member) this repeats with jittered exponential backoff capped at 30 s, so
-agents may start in any order. A restarted agent joins like a new one; the
+once, and tells the seed about us. Until one push-pull succeeds this repeats
+with jittered exponential backoff capped at 30 s, so agents may start in any
+order; once gossip shows other members it gives up after a few rounds (a
+seed that answered over UDP alone may not know us yet, hence not at once). A restarted agent joins like a new one; the
 core refutes the verdicts on its previous life by raising its incarnation.
 
 Push-pull: every `push_pull_interval · push_pull_scale(N)` (30 s on "lan",
@@ -78,6 +79,8 @@ log = logging.getLogger(__name__)
 LEAVE_TIMEOUT_S = 2.0  # how long shutdown waits for "left" to be gossiped
 KEY_FILE_CHECK_S = 5.0  # how often the key file is checked for a rotation step
 JOIN_RETRY_CAP_S = 30.0
+# Push-pull rounds a joining agent tries even after gossip shows it peers (see _join).
+JOIN_PUSH_PULL_ATTEMPTS = 5
 # A push-pull state is every member's row; 8 MiB holds ~7,000 members with full
 # 1 KiB metadata, far above any cluster this agent is meant for, and bounds
 # what a peer can make us buffer.
@@ -453,8 +456,17 @@ class MembershipService:
         return any(v.status == "alive" and v.name != self.name for v in self.core.members())
 
     async def _join(self) -> None:
+        """Join through the seeds: done when a push-pull with one of them succeeded.
+
+        A seed that answered our UDP join but whose push-pull failed (a TCP
+        timeout on a loaded host) has told us about the cluster, yet may know
+        nothing of us: only our own alive broadcast, sent a few times, would tell
+        it. So seeing peers is not enough; the push-pull is retried, up to
+        JOIN_PUSH_PULL_ATTEMPTS rounds once peers are seen (after that, gossip
+        and the periodic push-pull carry the rest).
+        """
         attempt = 0
-        while not self._has_peers():
+        while True:
             attempt += 1
             seeds = [a for a in await self._resolve(self._seeds) if a != (self.advertise, self.transport.port)]
             if seeds:
@@ -462,13 +474,20 @@ class MembershipService:
                 self._wake.set()
                 for seed in seeds:
                     if await self._exchange(seed):
-                        break
-            if self._has_peers():
-                break
+                        log.info("joined the cluster through %s:%d: %d member(s) known", *seed, len(self.core.members()))
+                        return
+            peers = self._has_peers()
+            if peers and attempt >= JOIN_PUSH_PULL_ATTEMPTS:
+                log.warning(
+                    "joined the cluster by gossip (%d member(s) known), but no push-pull with %s succeeded",
+                    len(self.core.members()),
+                    ", ".join(self._seeds),
+                )
+                return
             delay = retry_delay(attempt, self._rng, base_s=self.swim.probe_interval, cap_s=JOIN_RETRY_CAP_S)
-            log.info("no member answered yet at %s; retrying in %.1fs", ", ".join(self._seeds), delay)
+            if not peers:
+                log.info("no member answered yet at %s; retrying in %.1fs", ", ".join(self._seeds), delay)
             await trio.sleep(max(delay, self.swim.probe_interval))
-        log.info("joined the cluster: %d member(s) known", len(self.core.members()))
 
     async def _exchange(self, address: Address) -> bool:
         """One push-pull with `address`; True if its state was merged."""

@@ -14,10 +14,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from agent.cluster_keyring import generate_key
 
 STARTUP_TIMEOUT_S = 20.0
 
@@ -145,3 +148,61 @@ class AgentProcess:
                 self.proc.kill()
                 self.proc.wait()
         return int(self.proc.returncode)
+
+
+def cluster_agents(
+    root: Path,
+    hosts: Sequence[str],
+    names: Sequence[str],
+    *,
+    servers: int,
+    bootstrap_expect: int | None = None,
+    simulate: str | Sequence[str] = "2xH100-80GB",
+    profile: str | None = "local",
+    cluster_settings: str = "",
+) -> list[AgentProcess]:
+    """Agents (not started) that share a new cluster key and join through the first one.
+
+    The first `servers` are Raft servers (`bootstrap_expect`, default `servers`),
+    the rest clients. `simulate` is one fleet for all or one per agent; `profile`
+    the gossip profile (None: the default, lan); `cluster_settings` extra
+    `[cluster]` lines for every agent.
+    """
+    key_file = root / "cluster.key"
+    root.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(generate_key() + "\n")
+    key_file.chmod(0o600)
+    fleets = [simulate] * len(names) if isinstance(simulate, str) else list(simulate)
+    seed_port = free_port(hosts[0], udp_too=True)
+    agents: list[AgentProcess] = []
+    for i, name in enumerate(names):
+        server = i < servers
+        config = root / f"{name}.toml"
+        config.write_text(
+            "[cluster]\n"
+            + (f'profile = "{profile}"\n' if profile else "")
+            + f'key_file = "{key_file}"\n'
+            + f"server = {'true' if server else 'false'}\n"
+            + f"bootstrap_expect = {(bootstrap_expect or servers) if server else 1}\n"
+            + cluster_settings
+        )
+        agents.append(
+            AgentProcess(
+                data_dir=root / name,
+                host=hosts[i],
+                node_name=name,
+                simulate=fleets[i],
+                gossip_port=seed_port if i == 0 else 0,
+                join=[] if i == 0 else [f"{hosts[0]}:{seed_port}"],
+                extra_args=["--config", str(config)],
+            )
+        )
+    return agents
+
+
+def start_together(agents: Sequence[AgentProcess]) -> None:
+    """Start every agent, then wait for each: founding servers answer only once all of them are up."""
+    for agent in agents:
+        agent.start(wait=False)
+    for agent in agents:
+        agent.wait_ready()

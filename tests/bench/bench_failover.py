@@ -33,8 +33,7 @@ from typing import Any
 
 import httpx
 
-from agent.cluster_keyring import generate_key
-from tests.agent_process import AgentProcess, free_port
+from tests.agent_process import AgentProcess, cluster_agents, start_together
 from tests.bench.bench_single_agent import LoadRunner, allocate_body, machine_info, percentile
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -69,32 +68,11 @@ def wait(check: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
 
 class Cluster:
     def __init__(self, root: Path, fleet: str) -> None:
-        root.mkdir(parents=True)
-        key_file = root / "cluster.key"
-        key_file.write_text(generate_key() + "\n")
-        key_file.chmod(0o600)
-        seed = free_port(HOSTS[0], udp_too=True)
-        self.agents: list[AgentProcess] = []
-        for i, name in enumerate(NAMES):
-            config = root / f"{name}.toml"
-            config.write_text(f'[cluster]\nkey_file = "{key_file}"\nserver = true\nbootstrap_expect = 3\n')
-            self.agents.append(
-                AgentProcess(
-                    data_dir=root / name,
-                    host=HOSTS[i],
-                    node_name=name,
-                    simulate=fleet,
-                    gossip_port=seed if i == 0 else 0,
-                    join=[] if i == 0 else [f"{HOSTS[0]}:{seed}"],
-                    extra_args=["--config", str(config)],
-                )
-            )
+        # The default (lan) gossip and Raft timings: what the targets are about.
+        self.agents = cluster_agents(root, HOSTS, NAMES, servers=3, simulate=fleet, profile=None)
 
     def start(self) -> None:
-        for agent in self.agents:
-            agent.start(wait=False)
-        for agent in self.agents:
-            agent.wait_ready()
+        start_together(self.agents)
 
     def kill(self) -> None:
         for agent in self.agents:

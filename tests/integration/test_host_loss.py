@@ -25,8 +25,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-from agent.cluster_keyring import generate_key
-from tests.agent_process import AgentProcess, free_port
+from tests.agent_process import AgentProcess, cluster_agents, start_together
 from tests.integration.test_integrations import Receiver
 from tests.waiting import wait_for
 
@@ -57,39 +56,12 @@ def on_node(node: str, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[AgentProcess]]:
-    key_file = tmp_path / "cluster.key"
-    key_file.write_text(generate_key() + "\n")
-    key_file.chmod(0o600)
-    seed_port = free_port(HOSTS[0], udp_too=True)
-    agents: list[AgentProcess] = []
-    for i, name in enumerate(NAMES):
-        server = i < SERVERS
-        config = tmp_path / f"{name}.toml"
-        config.write_text(
-            "[cluster]\n"
-            'profile = "local"\n'
-            f'key_file = "{key_file}"\n'
-            f"server = {'true' if server else 'false'}\n"
-            f"bootstrap_expect = {SERVERS if server else 1}\n"
-            f"host_lost_grace_s = {GRACE_S}\n"
-        )
-        agents.append(
-            AgentProcess(
-                data_dir=tmp_path / name,
-                host=HOSTS[i],
-                node_name=name,
-                simulate="1xH100-80GB",
-                gossip_port=seed_port if i == 0 else 0,
-                join=[] if i == 0 else [f"{HOSTS[0]}:{seed_port}"],
-                extra_args=["--config", str(config)],
-            )
-        )
+    agents = cluster_agents(
+        tmp_path, HOSTS, NAMES, servers=SERVERS, simulate="1xH100-80GB",
+        cluster_settings=f"host_lost_grace_s = {GRACE_S}\n",
+    )
     try:
-        # Servers answer /healthz only once bootstrapped, which needs all three: start together.
-        for agent in agents:
-            agent.start(wait=False)
-        for agent in agents:
-            agent.wait_ready()
+        start_together(agents)
         yield agents
     finally:
         for agent in agents:

@@ -22,8 +22,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from agent.cluster_keyring import generate_key
-from tests.agent_process import AgentProcess, free_port
+from tests.agent_process import AgentProcess, cluster_agents, start_together
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -46,41 +45,12 @@ def allocate(agent: AgentProcess, service: str) -> httpx.Response:
 class Cluster:
     def __init__(self, root: Path) -> None:
         self.root = root
-        key_file = root / "cluster.key"
-        key_file.write_text(generate_key() + "\n")
-        key_file.chmod(0o600)
-        self.agents: list[AgentProcess] = []
+        self.agents = cluster_agents(root, HOSTS, NAMES, servers=SERVERS)
         self.why = ""
-        seed_port = free_port(HOSTS[0], udp_too=True)
-        for i, name in enumerate(NAMES):
-            server = i < SERVERS
-            config = root / f"{name}.toml"
-            config.write_text(
-                "[cluster]\n"
-                'profile = "local"\n'
-                f'key_file = "{key_file}"\n'
-                f"server = {'true' if server else 'false'}\n"
-                f"bootstrap_expect = {SERVERS if server else 1}\n"
-            )
-            self.agents.append(
-                AgentProcess(
-                    data_dir=root / name,
-                    host=HOSTS[i],
-                    node_name=name,
-                    simulate="2xH100-80GB",
-                    gossip_port=seed_port if i == 0 else 0,
-                    join=[] if i == 0 else [f"{HOSTS[0]}:{seed_port}"],
-                    extra_args=["--config", str(config)],
-                )
-            )
         self.acknowledged: dict[str, str] = {}  # allocation id -> service
 
     def start_all(self) -> None:
-        # Servers answer /healthz only once bootstrapped, which needs all three: start together.
-        for agent in self.agents:
-            agent.start(wait=False)
-        for agent in self.agents:
-            agent.wait_ready()
+        start_together(self.agents)
 
     def live(self) -> list[AgentProcess]:
         return [a for a in self.agents if a.proc is not None and a.proc.poll() is None]

@@ -29,8 +29,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from agent.cluster_keyring import generate_key
-from tests.agent_process import AgentProcess, free_port
+from tests.agent_process import AgentProcess, cluster_agents, start_together
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -74,30 +73,9 @@ def allocate(agent: AgentProcess, service: str) -> httpx.Response:
 
 @pytest.fixture()
 def servers(tmp_path: Path) -> Iterator[list[AgentProcess]]:
-    key_file = tmp_path / "cluster.key"
-    key_file.write_text(generate_key() + "\n")
-    key_file.chmod(0o600)
-    seed_port = free_port(HOSTS[0], udp_too=True)
-    agents = []
-    for i, name in enumerate(NAMES):
-        config = tmp_path / f"{name}.toml"
-        config.write_text(f'[cluster]\nprofile = "local"\nkey_file = "{key_file}"\nserver = true\nbootstrap_expect = 3\n')
-        agents.append(
-            AgentProcess(
-                data_dir=tmp_path / name,
-                host=HOSTS[i],
-                node_name=name,
-                simulate="2xH100-80GB",
-                gossip_port=seed_port if i == 0 else 0,
-                join=[] if i == 0 else [f"{HOSTS[0]}:{seed_port}"],
-                extra_args=["--config", str(config)],
-            )
-        )
+    agents = cluster_agents(tmp_path, HOSTS, NAMES, servers=3)
     try:
-        for agent in agents:
-            agent.start(wait=False)
-        for agent in agents:
-            agent.wait_ready()
+        start_together(agents)
         yield agents
     finally:
         for agent in agents:

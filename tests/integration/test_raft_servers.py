@@ -28,8 +28,7 @@ import httpx
 import pytest
 
 from agent import gpuctl
-from agent.cluster_keyring import generate_key
-from tests.agent_process import AgentProcess, free_port
+from tests.agent_process import AgentProcess, cluster_agents, start_together
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -46,28 +45,8 @@ def get(agent: AgentProcess, path: str) -> Any:
 
 class Cluster:
     def __init__(self, root: Path) -> None:
-        key_file = root / "cluster.key"
-        key_file.write_text(generate_key() + "\n")
-        key_file.chmod(0o600)
-        seed_port = free_port(HOSTS[0], udp_too=True)
-        self.agents: list[AgentProcess] = []
-        for i, name in enumerate(NAMES):
-            config = root / f"{name}.toml"
-            # The same configuration for founders and the server added later.
-            config.write_text(
-                f'[cluster]\nprofile = "local"\nkey_file = "{key_file}"\nserver = true\nbootstrap_expect = {FOUNDERS}\n'
-            )
-            self.agents.append(
-                AgentProcess(
-                    data_dir=root / name,
-                    host=HOSTS[i],
-                    node_name=name,
-                    simulate="2xH100-80GB",
-                    gossip_port=seed_port if i == 0 else 0,
-                    join=[] if i == 0 else [f"{HOSTS[0]}:{seed_port}"],
-                    extra_args=["--config", str(config)],
-                )
-            )
+        # The same configuration for founders and the server added later.
+        self.agents = cluster_agents(root, HOSTS, NAMES, servers=len(NAMES), bootstrap_expect=FOUNDERS)
         self.acknowledged: set[str] = set()
 
     def by_name(self, name: str) -> AgentProcess:
@@ -118,11 +97,7 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("raft-servers"))
     try:
-        founders = c.agents[:FOUNDERS]
-        for agent in founders:  # founders answer /healthz once all three are there: start together
-            agent.start(wait=False)
-        for agent in founders:
-            agent.wait_ready()
+        start_together(c.agents[:FOUNDERS])
         yield c
     finally:
         for agent in c.agents:
@@ -166,7 +141,9 @@ def test_1_a_blank_server_joins_as_a_non_voter_and_waits(cluster: Cluster, capsy
     assert health["raft"]["voters"] == [] and health["raft"]["term"] == 0
     assert "already hold Raft state; starting as a blank server" in blank.log()
 
-    # Through the non-voter: forwarded to the leader (which it had to look up).
+    # Through the non-voter: forwarded to the leader (which it had to look up), once the
+    # leader's gossip has heard of it (a join reaches the others within a gossip round or two).
+    wait_for(lambda: "srv-d" in {s["name"] for s in get(blank, "/cluster/servers")["servers"]}, timeout=10.0)
     code, out, err = ctl(capsys, blank, "servers")
     assert code == 0, err
     rows = servers_table(out)

@@ -19,8 +19,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from agent.cluster_keyring import generate_key
-from tests.agent_process import AgentProcess, free_port
+from tests.agent_process import AgentProcess, cluster_agents, start_together
 from tests.integration.test_integrations import Receiver
 from tests.waiting import wait_for
 
@@ -34,37 +33,10 @@ FAULT_AT_S = 20
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[AgentProcess]]:
-    key_file = tmp_path / "cluster.key"
-    key_file.write_text(generate_key() + "\n")
-    key_file.chmod(0o600)
-    seed_port = free_port(HOSTS[0], udp_too=True)
-    agents: list[AgentProcess] = []
-    for i, name in enumerate(NAMES):
-        server = i < 3
-        config = tmp_path / f"{name}.toml"
-        config.write_text(
-            "[cluster]\n"
-            'profile = "local"\n'
-            f'key_file = "{key_file}"\n'
-            f"server = {'true' if server else 'false'}\n"
-            f"bootstrap_expect = {3 if server else 1}\n"
-        )
-        agents.append(
-            AgentProcess(
-                data_dir=tmp_path / name,
-                host=HOSTS[i],
-                node_name=name,
-                simulate="2xH100-80GB" if server else f"2xH100-80GB;xid=0:79@{FAULT_AT_S};xid=1:79@{FAULT_AT_S}",
-                gossip_port=seed_port if i == 0 else 0,
-                join=[] if i == 0 else [f"{HOSTS[0]}:{seed_port}"],
-                extra_args=["--config", str(config)],
-            )
-        )
+    faulty = f"2xH100-80GB;xid=0:79@{FAULT_AT_S};xid=1:79@{FAULT_AT_S}"
+    agents = cluster_agents(tmp_path, HOSTS, NAMES, servers=3, simulate=["2xH100-80GB"] * 3 + [faulty])
     try:
-        for agent in agents:
-            agent.start(wait=False)
-        for agent in agents:
-            agent.wait_ready()
+        start_together(agents)
         yield agents
     finally:
         for agent in agents:
