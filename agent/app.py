@@ -50,7 +50,7 @@ from hypercorn.trio import serve
 from coordinator.backoff import CircuitBreaker
 from coordinator.lease_table import LeaseTable
 from coordinator.raft_config import lan
-from coordinator.raft_messages import HardState
+from coordinator.raft import RaftState
 from coordinator.gpu_health import GpuHealth, HealthPolicy
 from coordinator.model import UNHEALTHY, GpuRef
 from coordinator.scheduler import Scheduler, SchedulerConfig
@@ -69,6 +69,7 @@ from agent.http_api import create_app
 from agent.lease_service import LeaseService
 from agent.local_log import Applied, LocalLog
 from agent.membership import MembershipService
+from agent.node_meta import gossiped_reasons
 from agent.metrics import AgentMetrics, GossipCollector, RaftCollector, StateCollector
 from agent.outbox import OutboxDeliverer
 from agent.raft_log import RaftLog
@@ -209,13 +210,21 @@ async def run_agent(
         if mode is None:
             lease_log = LocalLog(astore, on_applied=on_applied)
         else:
-            await early.start(membership.run)
-            cluster_rt = ClusterRuntime(config, membership, None, peer_client)
-            if mode == "client":
-                lease_log = ClientLog()
-            else:
+            araft: AsyncRaftStorage | None = None
+            state = RaftState()
+            if mode == "server":
                 raft_storage = RaftStorage(Path(config.agent.data_dir) / STATE_FILE)
                 araft = AsyncRaftStorage(raft_storage)
+                state = await araft.load()
+                if state != RaftState():
+                    # Gossip "holds Raft state" from the first packet on: a blank server
+                    # must never take a restarting server for a founder still to bootstrap.
+                    membership.set_bootstrapped()
+            await early.start(membership.run)
+            cluster_rt = ClusterRuntime(config, membership, None, peer_client)
+            if araft is None:
+                lease_log = ClientLog()
+            else:
                 transport = RaftTransport(
                     node,
                     config.cluster.bind,
@@ -225,9 +234,8 @@ async def run_agent(
                 )
                 await transport.open()
                 early.start_soon(cluster_rt.feed_peers, transport.set_peers)
-                state = await araft.load()
                 voters = None
-                if state.hard_state == HardState() and state.snapshot is None and not state.entries:
+                if state == RaftState():
                     # None: a cluster already runs; start blank and wait to be added.
                     voters = await cluster_rt.wait_for_bootstrap(config.cluster.bootstrap_expect)
                 raft_log = RaftLog(
@@ -558,7 +566,10 @@ async def _record_remote_health(service: LeaseService, cluster: ClusterRuntime) 
     """
     while True:
         for node, index, state, reasons in cluster.gossiped_health():
-            if service.table.gpu_health(GpuRef(node, index)) != (state, reasons):
+            recorded, why = service.table.gpu_health(GpuRef(node, index))
+            # Compared as gossip would carry the record (reasons cut short), so a verdict
+            # that host recorded in full while it led is not re-proposed for nothing.
+            if (recorded, gossiped_reasons(recorded, why)) != (state, reasons):
                 await _report_one(service, node, index, GpuHealth(state, reasons))
         await trio.sleep(_REMOTE_HEALTH_POLL_S)
 

@@ -10,11 +10,16 @@ observation per node that holds live allocations: its gossip status, or None
 when gossip has forgotten it. Nodes that hold nothing are not watched: the
 decision only exists to end leases.
 
-For each node the policy reports lost, it proposes `MarkHostLost(at, node)`
-through the lease service, with `at` from the wall clock; the grace itself is
+For each node the policy reports lost, it proposes `MarkHostLost(at, node,
+allocated_before)` through the lease service, with `at` from the wall clock and
+`allocated_before` when the host was first seen gone (a lease placed after that,
+on a host back just as the decision commits, is kept); the grace itself is
 measured on trio's monotonic clock, so a wall-clock step neither fires nor
 delays a decision. Every decision is logged at warning, and so are the clock
 starting for a host (with the time left) and a host returning in time.
+
+No host is marked lost while this leader sees fewer than half of the members
+alive (`_view_trusted`): then its own gossip is the likelier fault.
 
 A new leader starts with an empty policy (run_while starts this task afresh
 on every term it leads), so the grace restarts from the new leader's own
@@ -34,6 +39,7 @@ and retried at the next poll, as the scheduler does.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 import trio
@@ -72,6 +78,7 @@ class HostLossWatcher:
         self.grace_s = grace_s
         self.poll_s = poll_s
         HostLossPolicy(grace_s, node)  # validate now, not at the first election won
+        self._trusted = True
 
     async def run(self) -> None:
         """Watch and decide until cancelled (when leadership is lost)."""
@@ -79,7 +86,10 @@ class HostLossWatcher:
         log.info("host-loss watcher: leases of a host gone from gossip for %gs will be marked lost", self.grace_s)
         while True:
             now = trio.current_time()
-            for node in self.observe(policy, now):
+            due = self.observe(policy, now)
+            if due and not self._view_trusted():
+                due = []  # logged by _view_trusted; decided again at the next poll
+            for node in due:
                 await self._mark_lost(policy, node, now)
             # Wake at the next grace deadline when it falls within a poll. One
             # already passed is a node whose proposal just failed: retried at the
@@ -89,6 +99,27 @@ class HostLossWatcher:
             if deadline is not None and now < deadline < wake:
                 wake = deadline
             await trio.sleep_until(wake)
+
+    def _view_trusted(self) -> bool:
+        """Whether this leader's gossip view may condemn a host: at least half of it is alive.
+
+        A leader whose own UDP is cut (a firewall, a full conntrack table) still
+        leads over Raft's TCP but sees every host dead, and would end every lease
+        in the cluster while the jobs run on. Hosts really lost in that number
+        (most of the cluster at once) are rare enough to wait, loudly, for an operator.
+        """
+        statuses = list(self._statuses().values())
+        alive = sum(1 for status in statuses if status == "alive")
+        trusted = alive * 2 >= len(statuses)
+        if not trusted and self._trusted:
+            log.error(
+                "host-loss watcher: this leader sees only %d of %d members alive; its own gossip may be "
+                "cut off, so no host's leases are marked lost until most members are alive again",
+                alive,
+                len(statuses),
+            )
+        self._trusted = trusted
+        return trusted
 
     def observe(self, policy: HostLossPolicy, now: float) -> list[str]:
         """Feed the policy this moment's view; return the nodes whose leases are due to be marked lost."""
@@ -127,8 +158,10 @@ class HostLossWatcher:
             self.grace_s,
             ", ".join(ids),
         )
+        # Leases placed after the host was first seen gone are not its old tenants'.
+        gone_at = time.time() - gone_for
         try:
-            result = await self._service.mark_host_lost(node)
+            result = await self._service.mark_host_lost(node, allocated_before=gone_at)
         except RaftError as error:
             log.info("host %s: not marked lost (%s); the next leader decides afresh", node, error)
             return

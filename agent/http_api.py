@@ -17,6 +17,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
+import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -44,6 +45,9 @@ from agent.status_page import status_page_html
 from agent.storage import StorageError
 
 log = logging.getLogger(__name__)
+
+# How long a client's /gpu/status waits for the leader to say who holds what.
+CLIENT_HOLDERS_WAIT_S = 1.5
 
 # Open without a key even when auth is on: probes, scrapes, the API's own description,
 # and the status page (static HTML; the data it fetches needs a key like any call).
@@ -330,7 +334,10 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         if ctx.cluster is not None and not ctx.holds_table and FORWARDED_BY not in request.headers:
             # A client has no lease table: the leader says who holds what (without it, the
             # rows show only the gossiped "allocated" flags).
-            allocations = await ctx.cluster.leader_allocations(dict(request.headers.items()))
+            allocations = None
+            # Bounded: without a quorum the status must still answer at once (from gossip).
+            with trio.move_on_after(CLIENT_HOLDERS_WAIT_S):
+                allocations = await ctx.cluster.leader_allocations(dict(request.headers.items()))
             try:
                 holders = None if allocations is None else holders_from_allocations(allocations)
             except (KeyError, TypeError, ValueError):

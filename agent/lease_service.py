@@ -356,13 +356,13 @@ class LeaseService:
         await self._propose_ok(ReportGpuHealth(self._clock(), node, index, state, reasons))
         self.wake()
 
-    async def mark_host_lost(self, node: str) -> ApplyResult:
-        """End every live lease on `node` as lost (the leader decided the host is gone).
+    async def mark_host_lost(self, node: str, allocated_before: float | None = None) -> ApplyResult:
+        """End every live lease on `node` made at or before `allocated_before` as lost (the host is gone).
 
         Returns the applied result: its `affected` ids, or a NotFound error when
         nothing was live there any more. Raises RaftError when leadership moved.
         """
-        result = await self.log.propose(MarkHostLost(self._clock(), node))
+        result = await self.log.propose(MarkHostLost(self._clock(), node, allocated_before))
         if result.ok:
             self.wake()  # GPUs were freed; the queue may be served once the host returns
         return result

@@ -73,7 +73,9 @@ here. A leader deposed by a partition cannot confirm, so it never serves a
 stale read; the caller gets ReadUnconfirmed after the timeout (503, retry).
 Reads still unconfirmed when this server stops leading fail with NotLeader
 at once, and the HTTP layer forwards them to the new leader. A confirmed read
-stays valid even if leadership moves before its index is applied.
+stays valid even if leadership moves before its index is applied. Reads that
+arrive in the same loop turn share one round (one heartbeat broadcast), so a
+burst of reads costs the followers one message each, not one per read.
 
 Membership changes
 ------------------
@@ -209,7 +211,6 @@ class _Transfer:
 class _Read:
     """A linearizable read waiting for its ReadIndex round (see "Reads")."""
 
-    context: bytes
     # The commit index the leader confirmed for this read; None until confirmed.
     index: int | None = None
     done: trio.Event = field(default_factory=trio.Event)
@@ -298,7 +299,9 @@ class RaftLog:
         # Called with each successful proposal's latency (seconds), for a histogram.
         self.on_proposal_seconds: Callable[[float], None] | None = None
         # Reads sent into the core (by context) and confirmed reads waiting for apply.
-        self._reads: dict[bytes, _Read] = {}
+        # Reads queued in one loop turn share one ReadIndex round (one heartbeat
+        # broadcast), keyed by that round's context.
+        self._reads: dict[bytes, list[_Read]] = {}
         self._confirmed: list[_Read] = []
         self._read_seq = 0
 
@@ -440,17 +443,15 @@ class RaftLog:
         core = self._require_core()
         if core.role is not Role.LEADER:
             raise NotLeader(core.lead)
-        self._read_seq += 1
-        read = _Read(self._read_seq.to_bytes(8, "big"))
+        read = _Read()
         self._inputs.append(read)
         self._wakeup.set()
         with trio.move_on_after(timeout_s):
             await read.done.wait()
         if not read.done.is_set():
-            self._reads.pop(read.context, None)
-            if read in self._confirmed:
-                self._confirmed.remove(read)
-            raise ReadUnconfirmed(f"no majority confirmed this leader within {timeout_s} s")
+            error = ReadUnconfirmed(f"no majority confirmed this leader within {timeout_s} s")
+            read.finish(error)  # the loop skips (or drops) a finished read wherever it is
+            raise error
         if read.error is not None:
             raise read.error
 
@@ -548,6 +549,7 @@ class RaftLog:
             await self._wakeup.wait()
 
     def _drain_inputs(self, core: RaftCore) -> None:
+        reads: list[_Read] = []
         while self._inputs:
             item = self._inputs.popleft()
             if isinstance(item, _Tick):
@@ -563,21 +565,26 @@ class RaftLog:
                 else:
                     log.info("raft: transferring leadership to %s", target)
             elif isinstance(item, _Read):
-                self._start_read(core, item)
+                if not item.done.is_set():  # else it timed out while queued
+                    reads.append(item)
             elif isinstance(item, _ConfChange):
                 self._propose_conf_change(core, item)
             else:
                 self._propose_batch(core, item)
+        if reads:
+            self._start_reads(core, reads)
 
-    def _start_read(self, core: RaftCore, read: _Read) -> None:
-        if read.done.is_set():
-            return  # timed out while queued
+    def _start_reads(self, core: RaftCore, reads: list[_Read]) -> None:
+        """One ReadIndex round for every read that arrived in this turn."""
+        self._read_seq += 1
+        context = self._read_seq.to_bytes(8, "big")
         try:
-            core.read_index(read.context)
+            core.read_index(context)
         except NotLeader as error:
-            read.finish(error)
+            for read in reads:
+                read.finish(error)
         else:
-            self._reads[read.context] = read
+            self._reads[context] = reads
 
     def _propose_conf_change(self, core: RaftCore, change: _ConfChange) -> None:
         if change.done.is_set():
@@ -661,16 +668,16 @@ class RaftLog:
     def _release_reads(self, core: RaftCore, rd: Ready) -> None:
         """Answer confirmed reads whose index is applied; fail the rest once we stop leading."""
         for state in rd.read_states:
-            read = self._reads.pop(state.context, None)
-            if read is not None and not read.done.is_set():
-                read.index = state.index
-                self._confirmed.append(read)
+            for read in self._reads.pop(state.context, []):
+                if not read.done.is_set():
+                    read.index = state.index
+                    self._confirmed.append(read)
         applied = core.log.applied
         waiting: list[_Read] = []
         for read in self._confirmed:
             if read.index is not None and read.index <= applied:
                 read.finish()
-            else:
+            elif not read.done.is_set():  # not given up on by its caller
                 waiting.append(read)
         self._confirmed = waiting
         self._drop_unconfirmed_reads(core)
@@ -678,8 +685,9 @@ class RaftLog:
     def _drop_unconfirmed_reads(self, core: RaftCore) -> None:
         """The core drops reads in flight when it stops leading: answer them now, so they are forwarded."""
         if self._reads and core.role is not Role.LEADER:
-            for read in self._reads.values():
-                read.finish(NotLeader(core.lead, "leadership was lost during the read"))
+            for reads in self._reads.values():
+                for read in reads:
+                    read.finish(NotLeader(core.lead, "leadership was lost during the read"))
             self._reads.clear()
 
     def _send_all(self, rd: Ready) -> None:
@@ -770,7 +778,7 @@ class RaftLog:
                 item.fail(NotLeader(None, "the raft log stopped"))
             elif isinstance(item, _Read):
                 item.finish(NotLeader(None, "the raft log stopped"))
-        for read in [*self._reads.values(), *self._confirmed]:
+        for read in [*(r for reads in self._reads.values() for r in reads), *self._confirmed]:
             read.finish(NotLeader(None, "the raft log stopped"))
         self._reads.clear()
         self._confirmed.clear()

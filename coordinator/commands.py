@@ -156,9 +156,16 @@ class MarkHostLost:
 
     at: float
     node: str
+    # Only allocations made at or before this time end: the host was seen gone
+    # from then on, so one placed later (the host came back just as the decision
+    # was being committed) is a new tenant's, not a lost one. None: all of them.
+    allocated_before: float | None = None
 
     def to_wire(self) -> Wire:
-        return {"op": "mark_host_lost", "at": self.at, "node": self.node}
+        wire: Wire = {"op": "mark_host_lost", "at": self.at, "node": self.node}
+        if self.allocated_before is not None:
+            wire["allocated_before"] = self.allocated_before
+        return wire
 
 
 Command = Union[Allocate, Enqueue, Release, Renew, Cancel, SetDrain, ReportGpuHealth, MarkHostLost]
@@ -199,5 +206,6 @@ def command_from_wire(w: Mapping[str, Any]) -> Command:
         # log entry carrying one is corrupt or forged, not a command to no-op on.
         if not isinstance(node, str) or not node:
             raise InvalidRequest(f"mark_host_lost needs a node name, got {node!r}", code="invalid_command")
-        return MarkHostLost(at, node)
+        before = w.get("allocated_before")
+        return MarkHostLost(at, node, None if before is None else float(before))
     raise InvalidRequest(f"unknown command op {op!r}", code="unknown_command")

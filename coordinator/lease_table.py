@@ -282,7 +282,11 @@ class LeaseTable:
     def _mark_host_lost(self, cmd: MarkHostLost) -> ApplyResult:
         # Oldest first (allocations() order), so events and `affected` come out in
         # the same order on every replica.
-        lost = [a for a in self.allocations() if a.node == cmd.node]
+        lost = [
+            a
+            for a in self.allocations()
+            if a.node == cmd.node and (cmd.allocated_before is None or a.allocated_at <= cmd.allocated_before)
+        ]
         if not lost:
             # Nothing live there: already marked by an earlier entry, or released
             # meanwhile. Refused like a release of ids that are gone, so a repeat

@@ -1,10 +1,11 @@
-"""The status page in a real browser (headless Chromium) against a real three-agent gossip cluster.
+"""The status page in a real browser (headless Chromium) against a real three-server Raft cluster.
 
-Three agents on 127.0.0.2-4 join through the first ("local" SWIM profile, two
-simulated GPUs each). Chromium loads the first agent's `/` and dumps the DOM
-once the page's script has run: every GPU of the cluster is there, by node, with
-the queue. After an allocation and a queued request, a second dump shows who
-holds the GPUs and what waits. A screenshot lands in test-artifacts/ (gitignored)
+Three Raft servers on 127.0.0.2-4 join through the first ("local" profile, two
+simulated GPUs each). Chromium loads a follower's `/` (so the page's reads are
+forwarded to the leader) and dumps the DOM once the page's script has run:
+every GPU of the cluster is there, by node, with the members, the leader and the
+queue. After an allocation of page-a's two GPUs and a queued request for them,
+a second dump shows who holds the GPUs and what waits. A screenshot lands in test-artifacts/ (gitignored)
 for a human to look at. Skipped, with the reason, where Chromium is not installed
 (.ci/run installs Debian's `chromium`).
 """
@@ -19,7 +20,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.agent_process import AgentProcess
+from tests.agent_process import AgentProcess, cluster_agents, start_together
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -37,16 +38,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AgentProc
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does)")
     root = tmp_path_factory.mktemp("status-page")
-    config = root / "agent.toml"
-    config.write_text('[cluster]\nprofile = "local"\n')
-    agents: list[AgentProcess] = []
+    agents = cluster_agents(root, HOSTS, NAMES, servers=len(NAMES), simulate=f"{GPUS_PER_AGENT}xH100-80GB")
     try:
-        for host, name in zip(HOSTS, NAMES):
-            agent = AgentProcess(
-                data_dir=root / name, host=host, node_name=name, simulate=f"{GPUS_PER_AGENT}xH100-80GB",
-                join=[agents[0].gossip_address] if agents else [], extra_args=["--config", str(config)],
-            )
-            agents.append(agent.start())
+        start_together(agents)
         wait_for(
             lambda: len(httpx.get(agents[0].url + "/gpu/status", timeout=5).json()["gpus"])
             == GPUS_PER_AGENT * len(HOSTS),
@@ -76,20 +70,28 @@ def test_the_page_shows_every_gpu_then_the_allocation_and_the_queue(
 ) -> None:
     """First dump: six GPUs on three nodes, three members, an empty queue. Then allocate both GPUs of
     page-a and queue a request: the second dump shows the holder and the waiting request."""
-    url = cluster[0].url + "/"
+    leader = wait_for(lambda: httpx.get(cluster[0].url + "/cluster/leader", timeout=5).json()["leader"], timeout=20)
+    follower = next(a for a in cluster if a.node_name != leader)
+    url = follower.url + "/"
     dom = chromium(url, tmp_path / "profile", "--dump-dom")
     for name in NAMES:
         assert f'data-node="{name}"' in dom and f'data-member="{name}"' in dom
         for index in range(GPUS_PER_AGENT):
             assert f'data-gpu="{name}/{index}"' in dom
     assert '<div id="queue"><p class="empty">The queue is empty.</p></div>' in dom
+    assert f'<strong id="leader">{leader}</strong>' in dom  # the Raft leader, as the members list marks it
     assert '<span id="state">updated ' in dom
 
-    held = httpx.post(cluster[0].url + "/gpu/allocate", json={"service_name": "trainer", "gpu_count": 2}, timeout=5)
+    on_page_a = {"node": "page-a"}
+    held = httpx.post(
+        follower.url + "/gpu/allocate",
+        json={"service_name": "trainer", "gpu_count": 2, "constraints": on_page_a},
+        timeout=5,
+    )
     assert held.status_code == 200
     queued = httpx.post(
-        cluster[0].url + "/gpu/allocate",
-        json={"service_name": "waiter", "gpu_count": 2, "request_id": "waits-for-page-a"},
+        follower.url + "/gpu/allocate",
+        json={"service_name": "waiter", "gpu_count": 2, "request_id": "waits-for-page-a", "constraints": on_page_a},
         timeout=5,
     )
     assert queued.status_code == 202

@@ -214,3 +214,16 @@ def test_the_policy_refuses_a_grace_that_is_not_a_positive_number(grace: float) 
     """0 is "off" in the config; the policy must never read it as "lost at once"."""
     with pytest.raises(ValueError, match="grace"):
         HostLossPolicy(grace, "leader")
+
+
+def test_a_lease_placed_after_the_host_was_seen_gone_is_kept() -> None:
+    """The host came back just as the decision committed: the new tenant's lease is not lost."""
+    table = LeaseTable()
+    granted(table, "old", "r-old", [0], 10.0, node="gone")
+    granted(table, "new", "r-new", [1], 50.0, node="gone")
+    result = apply_ok(table, MarkHostLost(60.0, "gone", allocated_before=40.0))
+    assert result.affected == ("old",)
+    assert table.allocation("new") is not None and table.allocation("old") is None
+    wire = MarkHostLost(60.0, "gone", allocated_before=40.0).to_wire()
+    assert command_from_wire(wire) == MarkHostLost(60.0, "gone", 40.0)
+    assert "allocated_before" not in MarkHostLost(60.0, "gone").to_wire()

@@ -23,9 +23,11 @@ class FakeService:
     def __init__(self) -> None:
         self.table = LeaseTable()
         self.proposed: list[str] = []
+        self.before: list[float | None] = []
 
-    async def mark_host_lost(self, node: str) -> ApplyResult:
+    async def mark_host_lost(self, node: str, allocated_before: float | None = None) -> ApplyResult:
         self.proposed.append(node)
+        self.before.append(allocated_before)
         return self.table.apply(MarkHostLost(1000.0, node))
 
 
@@ -81,3 +83,40 @@ def test_run_proposes_once_after_the_grace_and_a_new_run_starts_its_clock_afresh
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_leader_that_sees_most_members_dead_marks_nothing_until_its_view_recovers() -> None:
+    """Its own gossip is the likelier fault: ending every lease in the cluster would be worse."""
+    service = FakeService()
+    for n, node in enumerate(("h1", "h2", "h3")):
+        granted(service.table, f"a{n}", f"r{n}", [0], 1.0, node=node)
+    gossip = {"leader": "alive", "h1": "dead", "h2": "dead", "h3": "dead", "h4": "alive"}
+    w = watcher(service, gossip)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(w.run)
+            await trio.sleep(60.0)
+            assert service.proposed == []  # 2 of 5 alive: not trusted
+            gossip.update(h2="alive", h3="alive")  # the view heals: h1 really is gone
+            await trio.sleep(1.5)
+            assert service.proposed == ["h1"]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_proposal_spares_leases_placed_after_the_host_was_seen_gone() -> None:
+    service = FakeService()
+    granted(service.table, "a1", "r1", [0], 1.0, node="h1")
+    w = watcher(service, {"leader": "alive", "h1": "dead"})
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(w.run)
+            await trio.sleep(10.5)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    (before,) = service.before
+    assert before is not None  # the wall-clock moment the host was first seen gone
