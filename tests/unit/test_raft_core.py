@@ -318,6 +318,20 @@ def test_which_readys_must_be_fsynced_and_which_messages_may_leave_first() -> No
     assert acks and all(rd.must_sync and not rd.send_before_persist for rd in acks)
 
 
+def test_a_leader_that_steps_down_within_a_ready_sends_nothing_before_its_persist() -> None:
+    """Fig. 2: a leader that learns of a higher term in the same turn becomes a follower whose
+    answers (at the new term, with its vote) are promises: the Ready must be durable first."""
+    net = Net(ids(3), config=CFG.replace(pre_vote=False))
+    leader = net.elect("n1")
+    net.deliver()
+    leader.propose(b"x")
+    # Before the shell takes a Ready, a heartbeat of a newer leader (a higher term) arrives.
+    leader.step(Message(MessageKind.HEARTBEAT, "n2", "n1", leader.term + 1))
+    rd = leader.ready()
+    assert leader.role is Role.FOLLOWER and rd.hard_state is not None and rd.hard_state.term == leader.term
+    assert rd.must_sync and not rd.send_before_persist
+
+
 def test_propose_on_a_follower_raises_not_leader_with_a_hint() -> None:
     """Only the leader appends (§5.3); followers name the leader they know."""
     net = Net(ids(3))
