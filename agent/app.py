@@ -294,7 +294,7 @@ async def run_agent(
                 ),
                 rng,
             ),
-            sampler.gpu_views if cluster_rt is None else cluster_rt.inventory(sampler.gpu_views),
+            sampler.gpu_views if cluster_rt is None else cluster_rt.inventory(sampler.gpu_views, current_table),
             default_ttl_s=config.scheduler.default_ttl_s,
             max_ttl_s=config.scheduler.max_ttl_s,
             tick_interval_s=config.scheduler.tick_interval_s,
@@ -360,7 +360,8 @@ async def run_agent(
                 nursery.start_soon(run_while, leading, service.run_scheduler)
                 nursery.start_soon(run_while, leading, deliverer.run)
                 nursery.start_soon(run_while, leading, lambda: _report_health(service, sampler, health_recv))
-                nursery.start_soon(run_while, leading, lambda: _record_remote_health(service, cluster_rt))
+                quiet_s = config.devices.health_quiet_period_s
+                nursery.start_soon(run_while, leading, lambda: _record_remote_health(service, cluster_rt, quiet_s))
                 if config.cluster.host_lost_grace_s > 0:
                     watcher = HostLossWatcher(
                         service,
@@ -555,22 +556,39 @@ async def _report_health(
         await _report_one(service, node, index, health)
 
 
-async def _record_remote_health(service: LeaseService, cluster: ClusterRuntime) -> None:
+async def _record_remote_health(service: LeaseService, cluster: ClusterRuntime, quiet_s: float) -> None:
     """On the Raft leader: record the health other members gossip for their GPUs, as they change.
 
     Each agent's health policy decides its own GPUs' health; only the leader
     may write the table, so it copies what the others announce (a change is
     gossiped at once). Recording it is what tells a lease holder its remote
-    GPU failed (the gpu_unhealthy event) and keeps the verdict across a
-    restart of that host. Hosts that are not alive are left to host loss.
+    GPU failed (the gpu_unhealthy event). Hosts that are not alive are left to
+    host loss.
+
+    An unhealthy verdict is kept for `quiet_s` (the health policy's quiet
+    period) from when this leader first saw it, even if the host gossips
+    healthy sooner: its own policy would not have, so the host restarted and
+    forgot (a client holds no replica to restore it from). The inventory reads
+    the table's verdict too (ClusterRuntime.inventory), so such a GPU is not
+    scheduled meanwhile. A new leader starts its clocks afresh: late, never early.
     """
+    unhealthy_since: dict[GpuRef, float] = {}
     while True:
+        now = trio.current_time()
         for node, index, state, reasons in cluster.gossiped_health():
-            recorded, why = service.table.gpu_health(GpuRef(node, index))
+            ref = GpuRef(node, index)
+            recorded, why = service.table.gpu_health(ref)
+            if recorded == UNHEALTHY:
+                unhealthy_since.setdefault(ref, now)
+            else:
+                unhealthy_since.pop(ref, None)
             # Compared as gossip would carry the record (reasons cut short), so a verdict
             # that host recorded in full while it led is not re-proposed for nothing.
-            if (recorded, gossiped_reasons(recorded, why)) != (state, reasons):
-                await _report_one(service, node, index, GpuHealth(state, reasons))
+            if (recorded, gossiped_reasons(recorded, why)) == (state, reasons):
+                continue
+            if recorded == UNHEALTHY and state != UNHEALTHY and now - unhealthy_since[ref] < quiet_s:
+                continue  # lifted before its quiet period: the host forgot it, the leader has not
+            await _report_one(service, node, index, GpuHealth(state, reasons))
         await trio.sleep(_REMOTE_HEALTH_POLL_S)
 
 

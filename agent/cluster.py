@@ -26,7 +26,7 @@ import trio
 
 from coordinator.commands import Command
 from coordinator.lease_table import ApplyResult, LeaseTable
-from coordinator.model import GpuView
+from coordinator.model import UNHEALTHY, GpuRef, GpuView
 from coordinator.raft import NotLeader
 
 from agent.config import AgentConfig
@@ -179,11 +179,19 @@ class ClusterRuntime:
                 return f"http://{m.meta.http_address}"
         return None
 
-    def inventory(self, local: Callable[[], Sequence[GpuView]]) -> Callable[[], list[GpuView]]:
-        """The scheduler's view: this host's GPUs plus those alive members gossip."""
+    def inventory(
+        self, local: Callable[[], Sequence[GpuView]], table: Callable[[], LeaseTable]
+    ) -> Callable[[], list[GpuView]]:
+        """The scheduler's view: this host's GPUs plus those alive members gossip.
+
+        A remote GPU the table holds unhealthy is unhealthy here whatever its host
+        gossips: the leader keeps a verdict for its quiet period even when the host
+        forgot it (a client restarting; see _record_remote_health in agent/app.py).
+        """
 
         def views() -> list[GpuView]:
             out = list(local())
+            recorded = table().gpu_health
             for m in self.membership.members():
                 if m.view.name == self.node or m.view.status != "alive" or m.meta is None:
                     continue
@@ -197,7 +205,7 @@ class ClusterRuntime:
                         memory_total_mb=g.memory_total_mb,
                         memory_free_mb=g.memory_free_mb,
                         utilization_pct=None if g.utilization_pct is None else float(g.utilization_pct),
-                        health=g.health,
+                        health=UNHEALTHY if recorded(GpuRef(m.view.name, g.index))[0] == UNHEALTHY else g.health,
                         drained=g.drained,
                         sampled_at=received,
                     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,8 +175,10 @@ class AgentContext:
             # A lone agent's table knows only its own GPUs' leases: other lone agents'
             # rows keep what their own gossip says.
             remote_holders = holders if self.cluster is not None else None
+            # A Raft server's replica may hold a verdict the host itself forgot (it restarted).
+            recorded = self.service.table.gpu_health if self.cluster is not None and self.holds_table else None
             rows += [
-                _gossip_row(remote, now, remote_holders)
+                _gossip_row(remote, now, remote_holders, recorded)
                 for remote in self.membership.cluster_gpus()
                 if remote.node != self.node
             ]
@@ -327,12 +329,23 @@ _TELEMETRY_FIELDS = (
 )
 
 
-def _gossip_row(remote: RemoteGpu, now: float, holders: Holders | None) -> dict[str, Any]:
+def _gossip_row(
+    remote: RemoteGpu,
+    now: float,
+    holders: Holders | None,
+    recorded: Callable[[GpuRef], tuple[str, tuple[str, ...]]] | None = None,
+) -> dict[str, Any]:
     """A /gpu/status row for another member's GPU: what its gossip metadata says, fields it lacks None.
 
-    Who holds it comes from `holders` when known, else only the gossiped flag.
+    Who holds it comes from `holders` when known, else only the gossiped flag; an
+    unhealthy verdict `recorded` in the lease table wins over gossiped health.
     """
     g = remote.gpu
+    health, reasons = g.health, g.reasons
+    if recorded is not None:
+        state, why = recorded(GpuRef(remote.node, g.index))
+        if state == UNHEALTHY:
+            health, reasons = state, why
     used = None if g.memory_free_mb is None else max(0, g.memory_total_mb - g.memory_free_mb)
     return {
         "id": g.index,
@@ -352,8 +365,8 @@ def _gossip_row(remote: RemoteGpu, now: float, holders: Holders | None) -> dict[
             if holders is not None
             else {"allocated": g.allocated, "allocated_to": None, "allocation_id": None, "allocated_at": None}
         ),
-        "health": g.health,
-        "health_reasons": list(g.reasons),
+        "health": health,
+        "health_reasons": list(reasons),
         "healthy_again_at": None,
         "present": None,  # gossip says health, not presence: a lost GPU shows as unhealthy
         "drained": g.drained,

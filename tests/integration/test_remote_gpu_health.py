@@ -7,7 +7,8 @@ leader's copy of the client's gossiped health can record it. Before the
 fault, a lease is taken on the client with a webhook; after it, the leader
 has recorded the GPU unhealthy (with the XID as the reason), the lease
 holder's webhook hears gpu_unhealthy, the lease is kept, and the client's
-GPUs are no longer handed out.
+GPUs are no longer handed out; after the client restarts without the fault
+(forgetting the XID), the leader still holds the verdict and hands nothing out.
 """
 
 from __future__ import annotations
@@ -88,5 +89,23 @@ def test_a_remote_gpu_failing_notifies_its_lease_holder(cluster: list[AgentProce
         assert released.status_code == 200, released.text
         again = httpx.post(client.url + "/gpu/allocate", json={**body, "webhook_url": None}, timeout=10)
         assert again.status_code in (400, 409), again.text
+
+        # The client restarts without the fault (a client keeps no replica, so its agent
+        # forgets the XID and gossips its GPUs healthy): the leader keeps the verdict for
+        # the quiet period (300 s by default), so the GPUs are still not handed out.
+        client.kill()
+        client.simulate = "2xH100-80GB"
+        client.start()
+
+        def gossiped_healthy() -> bool:
+            rows = httpx.get(client.url + "/gpu/status", timeout=10).json()["gpus"]
+            return all(r["health"] == "healthy" for r in rows if r["node"] == client.node_name)
+
+        wait_for(gossiped_healthy, timeout=15, interval=0.5)
+        time.sleep(3.0)  # several of the leader's health rounds (1 s each)
+        rows = httpx.get(leader.url + "/gpu/status", timeout=10).json()["gpus"]
+        assert [r["health"] for r in rows if r["node"] == client.node_name] == ["unhealthy", "unhealthy"], rows
+        held = httpx.post(client.url + "/gpu/allocate", json={**body, "gpu_count": 1, "webhook_url": None}, timeout=10)
+        assert held.status_code in (400, 409), held.text
     finally:
         receiver.close()
