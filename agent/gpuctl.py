@@ -412,6 +412,22 @@ def data_object(text: str) -> JsonObject:
     return value
 
 
+def _add_command(
+    subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str, handler: Command, summary: str
+) -> argparse.ArgumentParser:
+    """A (sub)command with its summary, the exit statuses and the global options."""
+    sub = subparsers.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _global_options(sub)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
 def _global_options(parser: argparse.ArgumentParser) -> None:
     # Defaults are SUPPRESSed so that these options work before or after the
     # command (`gpuctl --json status` and `gpuctl status --json`) without the
@@ -484,16 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, handler: Command, summary: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            epilog=EXIT_STATUS_HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        _global_options(sub)
-        sub.set_defaults(handler=handler)
-        return sub
+        return _add_command(commands, name, handler, summary)
 
     add(
         "status",
@@ -551,15 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("add", cmd_servers_add, "make a running server (alive in gossip, not yet a voter) a voter; admin key"),
         ("remove", cmd_servers_remove, "remove a voter, alive or dead (the leader too: it steps down); admin key"),
     ):
-        sub = server_actions.add_parser(
-            action,
-            help=summary,
-            description=summary,
-            epilog=EXIT_STATUS_HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        _global_options(sub)
-        sub.set_defaults(handler=handler)
+        sub = _add_command(server_actions, action, handler, summary)
         sub.add_argument("name", help="the server's node name ([agent] node_name)")
     add("leader", _getter(lambda a: "/cluster/leader", render_leader), "the current leader")
     add("health", _getter(lambda a: "/healthz", render_health), "this agent's health (GET /healthz)")
