@@ -184,20 +184,27 @@ class _Tick:
 _TICK = _Tick()
 
 
+@dataclass(eq=False, slots=True, kw_only=True)
+class _Waiter:
+    """What a caller waits on: `done` once answered, with `error` when it failed."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+
+    def finish(self, error: Exception | None = None) -> None:
+        """Answer the caller (first answer wins: a late one after a timeout changes nothing)."""
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
 @dataclass(eq=False, slots=True)
-class _Batch:
+class _Batch(_Waiter):
     commands: Sequence[Command]
     results: list[ApplyResult | None]
     # (index, term) given to each command by the core once proposed.
     positions: list[tuple[int, int]] = field(default_factory=list)
     settled: int = 0
-    done: trio.Event = field(default_factory=trio.Event)
-    error: Exception | None = None
-
-    def fail(self, error: Exception) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
 
 
 @dataclass(eq=False, slots=True)
@@ -208,22 +215,15 @@ class _Transfer:
 
 
 @dataclass(eq=False, slots=True)
-class _Read:
+class _Read(_Waiter):
     """A linearizable read waiting for its ReadIndex round (see "Reads")."""
 
     # The commit index the leader confirmed for this read; None until confirmed.
     index: int | None = None
-    done: trio.Event = field(default_factory=trio.Event)
-    error: Exception | None = None
-
-    def finish(self, error: Exception | None = None) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
 
 
 @dataclass(eq=False, slots=True)
-class _ConfChange:
+class _ConfChange(_Waiter):
     """A request to add or remove one voter; `voters` is the new set once applied."""
 
     add: NodeId | None
@@ -231,13 +231,6 @@ class _ConfChange:
     # (index, term) of the CONF_CHANGE entry once the core appended it.
     position: tuple[int, int] | None = None
     voters: tuple[NodeId, ...] | None = None
-    done: trio.Event = field(default_factory=trio.Event)
-    error: Exception | None = None
-
-    def fail(self, error: Exception) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
 
 
 _Input = Message | _Tick | _Batch | _Transfer | _Read | _ConfChange
@@ -478,7 +471,7 @@ class RaftLog:
             await change.done.wait()
         # On a timeout this marks it done: the loop then neither proposes it (if it
         # has not yet) nor settles it; whether an earlier proposal commits is unknown.
-        change.fail(ProposalUnknown(f"membership change not applied within {self._propose_timeout_s} s; the outcome is unknown"))
+        change.finish(ProposalUnknown(f"membership change not applied within {self._propose_timeout_s} s; the outcome is unknown"))
         if change.error is not None:
             raise change.error
         assert change.voters is not None
@@ -596,7 +589,7 @@ class RaftLog:
                 assert change.remove is not None
                 index, term = core.remove_voter(change.remove)
         except (NotLeader, ProposalRejected) as error:
-            change.fail(error)
+            change.finish(error)
             return
         change.position = (index, term)
         self._pending_conf[index] = change
@@ -614,7 +607,7 @@ class RaftLog:
         except NotLeader as error:
             # Leadership moved between the caller's check and now; nothing was
             # appended (a batch is proposed in one go, so never a part of it).
-            batch.fail(error)
+            batch.finish(error)
 
     async def _handle_ready(self, core: RaftCore, rd: Ready) -> None:
         if rd.send_before_persist:
@@ -733,9 +726,9 @@ class RaftLog:
         self._capture_index = snapshot.index
         for index in [i for i in self._pending if i <= snapshot.index]:
             batch = self._pending.pop(index)[0]
-            batch.fail(ProposalUnknown(f"entry {index} was covered by a snapshot from the leader; outcome unknown"))
+            batch.finish(ProposalUnknown(f"entry {index} was covered by a snapshot from the leader; outcome unknown"))
         for index in [i for i in self._pending_conf if i <= snapshot.index]:
-            self._pending_conf.pop(index).fail(
+            self._pending_conf.pop(index).finish(
                 ProposalUnknown(f"membership change {index} was covered by a snapshot from the leader; outcome unknown")
             )
         log.info("raft: installed the leader's snapshot at index %d (term %d)", snapshot.index, snapshot.term)
@@ -768,14 +761,14 @@ class RaftLog:
     def _fail_all(self) -> None:
         """run() ended: nobody will answer the waiting proposers."""
         for batch, _, _ in self._pending.values():
-            batch.fail(ProposalUnknown("the raft log stopped; the outcome is unknown"))
+            batch.finish(ProposalUnknown("the raft log stopped; the outcome is unknown"))
         self._pending.clear()
         for change in self._pending_conf.values():
-            change.fail(ProposalUnknown("the raft log stopped; the outcome of the membership change is unknown"))
+            change.finish(ProposalUnknown("the raft log stopped; the outcome of the membership change is unknown"))
         self._pending_conf.clear()
         for item in self._inputs:
             if isinstance(item, (_Batch, _ConfChange)):
-                item.fail(NotLeader(None, "the raft log stopped"))
+                item.finish(NotLeader(None, "the raft log stopped"))
             elif isinstance(item, _Read):
                 item.finish(NotLeader(None, "the raft log stopped"))
         for read in [*(r for reads in self._reads.values() for r in reads), *self._confirmed]:
