@@ -329,6 +329,27 @@ class RaftCore:
 
     # --- inputs -------------------------------------------------------------------------------
 
+    def campaign(self) -> None:
+        """Start an election now instead of at the election timeout (etcd's Campaign).
+
+        For a server that knows no one else can lead: a cluster of one voter
+        elects itself at once, so a lone agent serves from its first second.
+        Does nothing on a leader or on a server that may not campaign.
+        """
+        if self.role is not Role.LEADER and self.promotable:
+            self._election_elapsed = 0
+            self._campaign(_CAMPAIGN_PRE if self._config.pre_vote else _CAMPAIGN_ELECTION)
+
+    @property
+    def leader_ready(self) -> bool:
+        """Leader, and an entry of its own term is applied: its state machine holds every committed write.
+
+        Before that, a new leader's applied state may miss entries its predecessor
+        committed (they commit through its NOOP), so it must not decide anything
+        from it (thesis §6.4 asks the same of reads).
+        """
+        return self.role is Role.LEADER and self.log.term(self.log.applied) == self.term
+
     def tick(self) -> None:
         """One logical clock tick (RaftConfig.tick_interval_s of real time)."""
         self._ticks += 1

@@ -78,7 +78,7 @@ class Scheduler:
         self,
         request: AllocationRequest,
         table: LeaseTable,
-        gpus: Sequence[GpuView],
+        gpus: Iterable[GpuView],
         now: float,
         pending: Iterable[GpuRef] = (),
         pending_enqueues: int = 0,
@@ -107,7 +107,7 @@ class Scheduler:
     def tick(
         self,
         table: LeaseTable,
-        gpus: Sequence[GpuView],
+        gpus: Iterable[GpuView],
         now: float,
         pending: Iterable[GpuRef] = (),
     ) -> list[Command]:
@@ -145,7 +145,7 @@ class Scheduler:
         return min(times) if times else None
 
     @staticmethod
-    def check_satisfiable(request: AllocationRequest, gpus: Sequence[GpuView]) -> None:
+    def check_satisfiable(request: AllocationRequest, gpus: Iterable[GpuView]) -> None:
         """Raise Unsatisfiable unless some node has enough GPUs matching the request.
 
         Health and drain are ignored here: a sick GPU may recover, a missing model never appears.
@@ -174,7 +174,7 @@ class Scheduler:
         self,
         ranked: Sequence[AllocationRequest],
         table: LeaseTable,
-        gpus: Sequence[GpuView],
+        gpus: Iterable[GpuView],
         pending: set[GpuRef],
         released: set[GpuRef],
     ) -> dict[str, Placement]:

@@ -500,3 +500,41 @@ def test_restart_from_persisted_state_keeps_term_vote_and_redelivers_committed_e
     rd = core.ready()
     assert rd.hard_state is None and rd.entries == ()
     assert [e.index for e in rd.committed_entries] == [1, 2, 3]
+
+
+# --- a cluster of one, and when a new leader may decide ---------------------------------------
+
+
+def test_a_single_voter_campaigns_at_once_and_is_ready_once_its_noop_is_applied() -> None:
+    """etcd's Campaign: a lone voter elects itself without waiting an election timeout.
+    `leader_ready` (thesis §6.4's condition for reads, here for every decision) waits for the NOOP."""
+    net = Net(["solo"])
+    core = net.cores["solo"]
+    core.campaign()
+    assert core.role is Role.LEADER and core.term == 2
+    assert not core.leader_ready  # its NOOP is not durable, so not committed nor applied
+    rd = core.ready()
+    assert [e.type for e in rd.entries] == [EntryType.NOOP]
+    core.advance(rd)  # persisted: the only voter's log is the majority
+    net.drain("solo")
+    assert core.leader_ready and core.log.applied == 2
+
+
+def test_a_new_leader_is_not_ready_before_it_applies_an_entry_of_its_term() -> None:
+    net = Net(ids(3))
+    leader = net.elect("n1")
+    assert leader.role is Role.LEADER and not leader.leader_ready
+    net.deliver()  # the NOOP replicates and commits
+    assert leader.leader_ready
+
+
+def test_campaign_does_nothing_on_a_leader_or_a_non_voter() -> None:
+    net = Net(["solo"])
+    core = net.cores["solo"]
+    core.campaign()
+    term = core.term
+    core.campaign()
+    assert (core.role, core.term) == (Role.LEADER, term)
+    blank = net.add("blank")
+    blank.campaign()
+    assert blank.role is Role.FOLLOWER and blank.term == 0
