@@ -1,14 +1,26 @@
-"""The agent process: builds the parts and runs them as trio tasks until SIGTERM.
+"""The agent process: builds its parts in order, runs them as trio tasks until SIGTERM.
+
+Every agent is built the same way; its role decides only what its parts hold
+(agent/replication.py: a replica on a server, none on a client;
+agent/leadership.py: the leader's work while it leads). The parts, in the order
+they are built and started:
+
+1. devices: the backend (NVML or simulated) and its sampler, with a first sample;
+2. the outbox store (the state file's outbox) and its deliverer;
+3. membership (gossip), which reads the table's drains and holders for its metadata;
+4. replication: a pre-Raft log adopted, the Raft state loaded, and on a server
+   that can (a restart, or alone) the log recovered, before anything serves;
+5. the inventory (agent/inventory_feed.py), workload analysis, the leader
+   proxy (agent/cluster.py) and leadership, which follows the log's role events;
+6. the tasks: gossip, the sampler, replication (bootstrap wait, transport, log),
+   leadership, housekeeping, signals, then HTTP. READY goes to systemd once HTTP
+   serves, on every role, waiting for peers or not.
 
 Resource handling
 -----------------
-Tasks, nested as hypercorn nests its own: the log writer, the device sampler,
-the scheduler loop, the outbox deliverer, the gossip membership service, on a
-Raft leader the host-loss watcher (agent/host_loss.py), and a small
-housekeeping task run in one nursery; the HTTP server runs beside them
-with a shutdown trigger. Start-up order is what makes an acknowledgement mean something: the state file is
-opened and replayed before the HTTP port is bound, so the first answer already
-reflects every earlier acknowledged write.
+All tasks run in one nursery (hypercorn nests its own) with the HTTP server
+beside them behind a shutdown trigger; the state file and the device backend
+are closed after the nursery ends.
 
 systemd (agent/systemd_notify.py): READY=1 once the HTTP port is bound (the
 gossip port already is), STATUS= whenever the one-line summary changes,
@@ -21,17 +33,16 @@ loads is logged and the settings in force are kept; changed keys that need a
 restart are named in the log.
 
 Shutdown (SIGTERM or SIGINT): hypercorn stops accepting and lets in-flight
-requests finish (their proposals complete, since the log writer still runs),
-the agent gossips that it leaves the cluster (bounded by 2 s), the outbox
-gets a short grace period to deliver what is due, then everything is
-cancelled and the state file closed. Exit status 0.
+requests finish (their proposals complete, since the log still runs); a leader
+hands leadership over (bounded by 2 s); the agent gossips that it leaves the
+cluster (bounded by 2 s); the outbox gets a short grace period to deliver what
+is due; then everything is cancelled and the state file closed. Exit status 0.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -47,34 +58,37 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from coordinator.admission import Admission
 from coordinator.backoff import CircuitBreaker
+from coordinator.commands import OutboxDelivered
+from coordinator.gpu_health import HealthPolicy
 from coordinator.lease_table import LeaseTable
-from coordinator.raft_config import lan
-from coordinator.raft import RaftState
-from coordinator.gpu_health import GpuHealth, HealthPolicy
 from coordinator.model import UNHEALTHY, GpuRef
+from coordinator.notifications import deliveries
+from coordinator.raft_config import lan
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from coordinator.swim_config import profile as swim_profile
-from coordinator.views import graph_event, webhook_payload
 
 from agent.advisor import DeepAgentsAdvisor
 from agent.api_keys import ApiKeyError, ApiKeyring
-from agent.cluster import ClientLog, ClusterRuntime, CommandLog, raft_mode, run_while
+from agent.cluster import ClusterRuntime
 from agent.config import AgentConfig, ConfigError, restart_needed_keys
 from agent.context import AgentContext
 from agent.device_sampler import DeviceSampler
 from agent.devices import backend_from_config
+from agent.devices.base import DeviceBackend
+from agent.health_reporting import record_remote_health, report_local_health
 from agent.host_loss import HostLossWatcher
 from agent.http_api import create_app
+from agent.inventory_feed import InventoryFeed
+from agent.leadership import LeaderTask, Leadership
 from agent.lease_service import LeaseService
-from agent.local_log import Applied, LocalLog
 from agent.membership import MembershipService
-from agent.node_meta import gossiped_reasons
 from agent.metrics import AgentMetrics, GossipCollector, RaftCollector, StateCollector
 from agent.outbox import OutboxDeliverer
-from agent.raft_log import RaftLog
-from agent.raft_storage import AsyncRaftStorage, RaftStorage
-from agent.raft_transport import RaftTransport, local_address_for
+from agent.raft_log import Applied, RaftLog, RoleState
+from agent.raft_transport import local_address_for
+from agent.replication import STATE_FILE, Replication
 from agent.storage import AsyncStateStore, OutboxRow, StateStore
 from agent.systemd_notify import (
     Notifier,
@@ -84,20 +98,16 @@ from agent.systemd_notify import (
     run_watchdog,
     watchdog_interval,
 )
+from agent.workload_analysis import WorkloadAnalysis
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.db"
-# Events a request's webhook hears about: the outcome of a queued request (the
-# caller was told 202 and waits), a lease's expiry, a GPU under a lease failing,
-# and a lease lost with its host (the holder may not even know its host is gone).
-_WEBHOOK_KINDS = frozenset({"allocated", "expired", "cancelled", "gpu_unhealthy", "lost"})
 # Time the outbox gets at shutdown to deliver what is already due.
 _SHUTDOWN_FLUSH_S = 2.0
 # How long a leader that is stopping waits for another server to take over.
 _HAND_OVER_S = 2.0
-# How often the leader compares the health members gossip with the table's record.
-_REMOTE_HEALTH_POLL_S = 1.0
+# How often the leader replicates its outbox delivery progress (one small entry when it moved).
+_OUTBOX_PROGRESS_S = 2.0
 
 
 async def run_agent(
@@ -117,15 +127,132 @@ async def run_agent(
     env = os.environ if environ is None else environ
     notifier = Notifier.from_environ(env)
     rng = random.SystemRandom()
-    store = StateStore(Path(config.agent.data_dir) / STATE_FILE)
-    astore = AsyncStateStore(store)
     metrics = AgentMetrics()
     node = config.agent.node_name
 
+    # 1. Devices.
+    backend, watched, sampler = _build_devices(config, env, rng)
+    await sampler.open()
+    # 2. The outbox.
+    store = StateStore(Path(config.agent.data_dir) / STATE_FILE)
+    astore = AsyncStateStore(store)
+    replication: Replication | None = None
+    try:
+        async with (
+            httpx.AsyncClient(headers={"User-Agent": f"gpu-orchestrator/{version}"}) as client,
+            # Requests to other agents (forwarding, leader lookups) leave from the HTTP
+            # bind address when it names one; webhooks and the advisor keep `client`.
+            httpx.AsyncClient(
+                headers={"User-Agent": f"gpu-orchestrator/{version}"},
+                transport=httpx.AsyncHTTPTransport(local_address=local_address_for(config.http.bind)),
+            ) as peer_client,
+        ):
+            deliverer = OutboxDeliverer(
+                astore,
+                client,
+                timeout_s=config.integrations.webhook_timeout_s,
+                max_attempts=config.integrations.webhook_max_attempts,
+                rng=rng,
+                on_outcome=lambda kind, outcome: metrics.outbox.labels(kind, outcome).inc(),
+            )
+            # 3. Membership: its metadata carries the table's drains and holders once a replica exists.
+            membership = MembershipService(
+                config,
+                swim_profile(config.cluster.profile),
+                version=version,
+                sampler=sampler,
+                drained=lambda: {} if replication is None or replication.log is None else replication.log.table.drained(),
+                holders=lambda: {} if replication is None or replication.log is None else replication.log.table.held_gpus(),
+                rng=rng,
+            )
+            # 4. Replication, with what every applied entry causes.
+            effects = _AppliedEffects(node, config.integrations.graph_service_url or None, astore, deliverer, backend, metrics)
+            replication = Replication(
+                config,
+                membership,
+                raft_config=lan().replace(snapshot_every=config.cluster.snapshot_every),
+                on_applied=effects.on_applied,
+                on_restored=effects.on_restored,
+                on_compacted=astore.prune_outbox,
+                rng=rng,
+            )
+            # 5. Inventory, analysis, the way to the leader, leadership.
+            feed = InventoryFeed(
+                node, sampler, membership, lambda: None if replication.log is None else replication.log.table, replication.voters
+            )
+            effects.attach(replication, feed)
+            analysis = WorkloadAnalysis(
+                feed.inventory,
+                _build_advisor(config, client),
+                on_advice=lambda decided_by, reason: metrics.advisor.labels(decided_by, reason).inc(),
+            )
+            cluster = ClusterRuntime(config, membership, lambda: replication.log if replication else None, peer_client)
+            leadership = Leadership(
+                node,
+                lambda raft_log: _build_lease_service(config, raft_log, feed, analysis, metrics, rng),
+                _leader_tasks(config, sampler, membership, feed, deliverer, astore, lambda: replication.log if replication else None),
+            )
+            replication.on_log(leadership.follow)
+            replication.on_log(lambda raft_log: raft_log.on_role(_ElectionCounter(metrics)))
+            await replication.open()
+            table = replication.log.table if replication.log is not None else None
+            sampler.holders = lambda: {
+                ref.index: aid
+                for ref, aid in (replication.log.table.held_gpus().items() if replication.log is not None else ())
+                if ref.node == node
+            }
+            sampler.restore_health(
+                {
+                    snap.reading.index: reasons
+                    for snap in sampler.snapshots()
+                    for state, reasons in [table.gpu_health(GpuRef(node, snap.reading.index)) if table else ("", ())]
+                    if state == UNHEALTHY
+                },
+                time.time(),
+            )
+            if table is not None:
+                log.info(
+                    "state file %s: %d allocations, %d queued (%d log entries replayed)",
+                    store.path,
+                    len(table.allocations()),
+                    table.queue_length(),
+                    replication.replayed,
+                )
+            keyring = ApiKeyring.load(Path(config.auth.keys_file)) if config.auth.enabled else None
+            ctx = AgentContext(
+                config=config,
+                sampler=sampler,
+                metrics=metrics,
+                keyring=keyring,
+                version=version,
+                started_at=time.time(),
+                membership=membership,
+                replication=replication,
+                leadership=leadership,
+                cluster=cluster,
+                inventory=feed,
+                analysis=analysis,
+            )
+            effects.ctx = ctx
+            _attach_metrics(metrics, ctx, replication)
+            # 6. The tasks.
+            await _run(ctx, config, sampler, watched, astore, deliverer, notifier, env, reload_config, backend, task_status)
+    finally:
+        await sampler.close()
+        if replication is not None:
+            replication.close()
+        store.close()
+        notifier.close()
+    log.info("gpu-agent stopped")
+
+
+def _build_devices(
+    config: AgentConfig, env: Mapping[str, str], rng: random.Random
+) -> tuple[DeviceBackend, SampleWatch, DeviceSampler]:
+    node = config.agent.node_name
     # A simulated fleet is seeded by the node name so its GPU UUIDs survive a
     # restart, as real ones do: leases in the state file name GPUs by UUID.
-    seed = zlib.crc32(node.encode())
-    backend = backend_from_config(config.devices.backend, config.devices.simulate, seed=seed)
+    backend = backend_from_config(config.devices.backend, config.devices.simulate, seed=zlib.crc32(node.encode()))
     # A sample stuck in the backend beyond its timeout and a few intervals stops
     # the watchdog pings; one that fails quickly does not (agent/systemd_notify.py).
     watched = SampleWatch.from_environ(
@@ -143,303 +270,272 @@ async def run_agent(
         health_policy=HealthPolicy(quiet_period_s=config.devices.health_quiet_period_s),
         idle_utilization_pct=config.devices.idle_utilization_pct,
     )
-    await sampler.open()
+    return backend, watched, sampler
 
-    mode = raft_mode(config)
-    cluster_rt: ClusterRuntime | None = None
-    raft_storage: RaftStorage | None = None
-    # The log in force, once built (gossip metadata reads the table through it).
-    log_box: list[CommandLog] = []
 
-    def current_table() -> LeaseTable:
-        return log_box[0].table if log_box else LeaseTable()
+def _build_advisor(config: AgentConfig, client: httpx.AsyncClient) -> DeepAgentsAdvisor | None:
+    if not config.integrations.deepagents_url:
+        return None
+    return DeepAgentsAdvisor(
+        config.integrations.deepagents_url,
+        client,
+        timeout_s=config.integrations.deepagents_timeout_s,
+        breaker=CircuitBreaker(),
+    )
 
-    # `early` runs what a Raft server needs before its log can be recovered (gossip
-    # for the bootstrap, the Raft transport); alone, nothing runs in it.
-    async with (
-        httpx.AsyncClient(headers={"User-Agent": f"gpu-orchestrator/{version}"}) as client,
-        # Requests to other agents (forwarding, leader lookups) leave from the HTTP
-        # bind address when it names one; webhooks and the advisor keep `client`.
-        httpx.AsyncClient(
-            headers={"User-Agent": f"gpu-orchestrator/{version}"},
-            transport=httpx.AsyncHTTPTransport(local_address=local_address_for(config.http.bind)),
-        ) as peer_client,
-        trio.open_nursery() as early,
-    ):
-        deliverer = OutboxDeliverer(
-            astore,
-            client,
-            timeout_s=config.integrations.webhook_timeout_s,
-            max_attempts=config.integrations.webhook_max_attempts,
-            rng=rng,
-            on_outcome=lambda kind, outcome: metrics.outbox.labels(kind, outcome).inc(),
-        )
-        graph_url = config.integrations.graph_service_url or None
 
-        async def on_applied(entries: Sequence[Applied]) -> None:
-            rows = _outbox_rows(entries, node, graph_url)
-            if rows:
-                await astore.add_outbox(rows)
-                deliverer.wake()
-            if cluster_rt is not None:
-                cluster_rt.last_applied_at = time.time()
-            table = lease_log.table
-            backend.set_leases({ref.index: aid for ref, aid in table.held_gpus().items() if ref.node == node})
-            if entries and not entries[0].replayed:
-                metrics.log_append.observe(lease_log.last_append_seconds)
-                metrics.log_batch.observe(len(entries))
-                for entry in entries:
-                    _count_events(metrics, entry)
+def _build_lease_service(
+    config: AgentConfig,
+    raft_log: RaftLog,
+    feed: InventoryFeed,
+    analysis: WorkloadAnalysis,
+    metrics: AgentMetrics,
+    rng: random.Random,
+) -> LeaseService:
+    """One ready leadership's lease service, with a fresh admission core."""
+    scheduler = Scheduler(
+        SchedulerConfig(queue_timeout_s=config.scheduler.queue_timeout_s, max_queue=config.scheduler.max_queue), rng
+    )
+    return LeaseService(
+        raft_log,
+        Admission(scheduler),
+        feed.inventory,
+        analysis,
+        default_ttl_s=config.scheduler.default_ttl_s,
+        max_ttl_s=config.scheduler.max_ttl_s,
+        tick_interval_s=config.scheduler.tick_interval_s,
+        clock=time.time,
+        on_decision=lambda outcome: metrics.scheduling.labels(outcome).inc(),
+    )
 
-        async def on_restored() -> None:
-            backend.set_leases({ref.index: aid for ref, aid in lease_log.table.held_gpus().items() if ref.node == node})
 
-        # Every agent gossips, joined or not, so another can join it later.
-        membership = MembershipService(
-            config,
-            swim_profile(config.cluster.profile),
-            version=version,
-            sampler=sampler,
-            drained=lambda: current_table().drained(),
-            holders=lambda: current_table().held_gpus(),
-            rng=rng,
-        )
-        lease_log: CommandLog
-        raft_log: RaftLog | None = None
-        transport: RaftTransport | None = None
-        if mode is None:
-            lease_log = LocalLog(astore, on_applied=on_applied)
-        else:
-            araft: AsyncRaftStorage | None = None
-            state = RaftState()
-            if mode == "server":
-                raft_storage = RaftStorage(Path(config.agent.data_dir) / STATE_FILE)
-                araft = AsyncRaftStorage(raft_storage)
-                state = await araft.load()
-                if state != RaftState():
-                    # Gossip "holds Raft state" from the first packet on: a blank server
-                    # must never take a restarting server for a founder still to bootstrap.
-                    membership.set_bootstrapped()
-            await early.start(membership.run)
-            cluster_rt = ClusterRuntime(config, membership, None, peer_client)
-            if araft is None:
-                lease_log = ClientLog()
-            else:
-                transport = RaftTransport(
-                    node,
-                    config.cluster.bind,
-                    config.cluster.raft_port,
-                    membership.keyring,
-                    rng=random.Random(rng.getrandbits(64)),
-                )
-                await transport.open()
-                early.start_soon(cluster_rt.feed_peers, transport.set_peers)
-                voters = None
-                if state == RaftState():
-                    # None: a cluster already runs; start blank and wait to be added.
-                    voters = await cluster_rt.wait_for_bootstrap(config.cluster.bootstrap_expect)
-                raft_log = RaftLog(
-                    araft,
-                    transport,
-                    node_id=node,
-                    on_applied=on_applied,
-                    config=lan(),
-                    rng=random.Random(rng.getrandbits(64)),
-                    bootstrap_voters=voters,
-                    on_restored=on_restored,
-                )
-                raft_log.on_proposal_seconds = metrics.raft_proposal.observe
-                cluster_rt.raft = raft_log
-                lease_log = raft_log
-                await early.start(transport.run, raft_log.receive)
-        log_box.append(lease_log)
-        sampler.holders = lambda: {
-            ref.index: aid for ref, aid in lease_log.table.held_gpus().items() if ref.node == node
-        }
-        replayed = await lease_log.recover() if isinstance(lease_log, (LocalLog, RaftLog)) else 0
-        if raft_log is not None:
-            # Gossip "holds Raft state" (metadata `b`) as soon as it is true, so a
-            # blank server started later joins this cluster instead of founding one.
-            early.start_soon(_advertise_raft_state, raft_log, membership)
-        sampler.restore_health(
-            {
-                snap.reading.index: reasons
-                for snap in sampler.snapshots()
-                for state, reasons in [lease_log.table.gpu_health(GpuRef(node, snap.reading.index))]
-                if state == UNHEALTHY
-            },
-            time.time(),
-        )
-        log.info(
-            "state file %s: %d allocations, %d queued (%d log entries replayed)",
-            store.path,
-            len(lease_log.table.allocations()),
-            lease_log.table.queue_length(),
-            replayed,
-        )
+def _leader_tasks(
+    config: AgentConfig,
+    sampler: DeviceSampler,
+    membership: MembershipService,
+    feed: InventoryFeed,
+    deliverer: OutboxDeliverer,
+    astore: AsyncStateStore,
+    replication_log: Callable[[], RaftLog | None],
+) -> list[LeaderTask]:
+    """What a ready leader runs: the scheduler, the outbox, the health reporters, the host-loss watcher."""
 
-        advisor = None
-        if config.integrations.deepagents_url:
-            advisor = DeepAgentsAdvisor(
-                config.integrations.deepagents_url,
-                client,
-                timeout_s=config.integrations.deepagents_timeout_s,
-                breaker=CircuitBreaker(),
-            )
-        service = LeaseService(
-            lease_log,
-            Scheduler(
-                SchedulerConfig(
-                    queue_timeout_s=config.scheduler.queue_timeout_s, max_queue=config.scheduler.max_queue
-                ),
-                rng,
-            ),
-            sampler.gpu_views if cluster_rt is None else cluster_rt.inventory(sampler.gpu_views, current_table),
-            default_ttl_s=config.scheduler.default_ttl_s,
-            max_ttl_s=config.scheduler.max_ttl_s,
-            tick_interval_s=config.scheduler.tick_interval_s,
-            advisor=advisor,
-            clock=time.time,
-            rng=rng,
-            on_decision=lambda outcome: metrics.scheduling.labels(outcome).inc(),
-            on_advice=lambda decided_by, reason: metrics.advisor.labels(decided_by, reason).inc(),
-        )
-        keyring = ApiKeyring.load(Path(config.auth.keys_file)) if config.auth.enabled else None
-        ctx = AgentContext(
-            config=config,
-            service=service,
-            log=lease_log,
-            sampler=sampler,
-            metrics=metrics,
-            keyring=keyring,
-            version=version,
-            started_at=time.time(),
-            membership=membership,
-            cluster=cluster_rt,
-        )
-        metrics.attach_state(
-            StateCollector(
-                node_name=node,
-                sampler=sampler,
-                table=lambda: lease_log.table,
-                clock=time.time,
-                is_leader=(lambda: True) if cluster_rt is None else cluster_rt.is_leader,
-                term=(lambda: 1) if cluster_rt is None else cluster_rt.known_term,
-                members=membership.member_counts,
-                outbox_pending=lambda: ctx.outbox_pending,
-                disk_stalled=lease_log.disk_stalled_seconds,
-            )
-        )
-        metrics.attach_gossip(GossipCollector(membership))
-        if raft_log is not None and transport is not None:
-            metrics.attach_raft(RaftCollector(raft_log, transport.stats))
-        sampler.subscribe(service.wake)
-        health_send, health_recv = trio.open_memory_channel[tuple[int, GpuHealth]](math.inf)
-        if mode != "client":
-            sampler.on_health_change(lambda index, health: health_send.send_nowait((index, health)))
-        app = create_app(ctx)
-        hconfig = HypercornConfig()
-        hconfig.bind = [_bind_address(config.http.bind, config.http.port)]
-        hconfig.accesslog = None
-        hconfig.errorlog = logging.getLogger("hypercorn.error")
-        hconfig.graceful_timeout = 10.0
+    async def scheduler(service: LeaseService) -> None:
+        # A sample may make a GPU eligible: wake the scheduler (the subscription ends with the term).
+        stop = sampler.subscribe(service.wake)
+        try:
+            await service.run_scheduler()
+        finally:
+            stop()
 
-        shutdown, served = trio.Event(), trio.Event()
+    async def outbox(service: LeaseService) -> None:
         async with trio.open_nursery() as nursery:
-            if isinstance(lease_log, (LocalLog, RaftLog)):
-                await nursery.start(lease_log.run)
-            await nursery.start(sampler.run)
-            if cluster_rt is None:
-                await nursery.start(service.run_scheduler)
-                await nursery.start(deliverer.run)
-                await nursery.start(membership.run)
-                nursery.start_soon(_report_health, service, sampler, health_recv)
-            elif raft_log is not None:
-                # Only the leader schedules and delivers the outbox (every server writes it).
-                leading = cluster_rt.is_leader
-                nursery.start_soon(run_while, leading, service.run_scheduler)
-                nursery.start_soon(run_while, leading, deliverer.run)
-                nursery.start_soon(run_while, leading, lambda: _report_health(service, sampler, health_recv))
-                quiet_s = config.devices.health_quiet_period_s
-                nursery.start_soon(run_while, leading, lambda: _record_remote_health(service, cluster_rt, quiet_s))
-                if config.cluster.host_lost_grace_s > 0:
-                    watcher = HostLossWatcher(
-                        service,
-                        lambda: {m.view.name: m.view.status for m in membership.members()},
-                        node=node,
-                        grace_s=config.cluster.host_lost_grace_s,
-                    )
-                    nursery.start_soon(run_while, leading, watcher.run)
-                else:
-                    log.info("[cluster] host_lost_grace_s = 0: leases of a lost host are never marked lost")
-                nursery.start_soon(_watch_term, raft_log, metrics)
-            nursery.start_soon(_housekeeping, ctx, astore, sampler, metrics)
-            nursery.start_soon(_wait_for_signal, shutdown, notifier)
-            nursery.start_soon(_reload_on_sighup, ctx, notifier, reload_config)
-            bound: list[str] = await nursery.start(_serve, app, hconfig, shutdown, served)
-            ctx.advertise_http = bound[0] if bound else ""
-            log.info(
-                "gpu-agent %s serving on %s as node %r with %d GPU(s) (%s backend)",
-                version,
-                ", ".join(bound),
-                node,
-                len(sampler.readings),
-                backend.kind,
-            )
-            notifier.notify("READY=1", "STATUS=" + ctx.status_line())
-            nursery.start_soon(run_status, notifier, ctx.status_line)
-            ping_interval = watchdog_interval(env)
-            if ping_interval is not None:
-                nursery.start_soon(run_watchdog, notifier, ping_interval, watched.problem)
-            task_status.started(bound)
-            await shutdown.wait()
-            # Hypercorn stops accepting at once and returns when the requests in
-            # flight are answered (bounded by its graceful_timeout); the log writer
-            # still runs meanwhile, so their proposals complete.
+            nursery.start_soon(deliverer.run)
+            while True:
+                # Replicate how far delivery got, so every server drops those rows.
+                await trio.sleep(_OUTBOX_PROGRESS_S)
+                raft_log = replication_log()
+                if raft_log is not None:
+                    try:
+                        await service.record_outbox_progress(await astore.delivered_through(raft_log.applied_index))
+                    except Exception as error:  # noqa: BLE001 - retried at the next round; delivery goes on
+                        log.info("outbox progress not recorded (%s); retrying", error)
+
+    async def local_health(service: LeaseService) -> None:
+        await report_local_health(service, sampler)
+
+    async def remote_health(service: LeaseService) -> None:
+        await record_remote_health(
+            service,
+            membership,
+            lambda name: bool(feed.inventory().node_views(name)),
+            config.devices.health_quiet_period_s,
+        )
+
+    tasks: list[LeaderTask] = [scheduler, outbox, local_health, remote_health]
+    grace_s = config.cluster.host_lost_grace_s
+    if grace_s > 0:
+
+        async def host_loss(service: LeaseService) -> None:
+            statuses = lambda: {m.view.name: m.view.status for m in membership.members()}  # noqa: E731
+            await HostLossWatcher(service, statuses, node=config.agent.node_name, grace_s=grace_s).run()
+
+        tasks.append(host_loss)
+    else:
+        log.info("[cluster] host_lost_grace_s = 0: leases of a lost host are never marked lost")
+    return tasks
+
+
+class _AppliedEffects:
+    """What every applied entry causes outside the table: outbox rows, the device layer's lease map, metrics."""
+
+    def __init__(
+        self,
+        node: str,
+        graph_url: str | None,
+        astore: AsyncStateStore,
+        deliverer: OutboxDeliverer,
+        backend: DeviceBackend,
+        metrics: AgentMetrics,
+    ) -> None:
+        self.node = node
+        self.graph_url = graph_url
+        self._astore = astore
+        self._deliverer = deliverer
+        self._backend = backend
+        self._metrics = metrics
+        self._replication: Replication | None = None
+        self._feed: InventoryFeed | None = None
+        self.ctx: AgentContext | None = None
+
+    def attach(self, replication: Replication, feed: InventoryFeed) -> None:
+        self._replication, self._feed = replication, feed
+
+    async def on_applied(self, entries: Sequence[Applied]) -> None:
+        raft_log = self._replication.log if self._replication is not None else None
+        # Rows at or below the replicated delivery progress are done: a replay must not re-create them.
+        done = raft_log.table.outbox_delivered_through if raft_log is not None else 0
+        rows = [
+            OutboxRow(id=d.id, log_index=d.log_index, kind=d.kind, url=d.url, payload=_json_bytes(d.payload), created_at=d.created_at)
+            for entry in entries
+            if entry.index > done
+            for d in deliveries(entry.index, entry.result.events, self.node, self.graph_url)
+        ]
+        if rows:
+            await self._astore.add_outbox(rows)
+            self._deliverer.wake()
+        progress = [e.command.through for e in entries if isinstance(e.command, OutboxDelivered) and e.result.ok]
+        if progress:
+            await self._astore.drop_outbox_through(max(progress))
+        if self.ctx is not None:
+            self.ctx.last_applied_at = time.time()
+        if self._feed is not None:
+            self._feed.note_applied(entry.command for entry in entries)
+        self._share_leases()
+        if entries and not entries[0].replayed:
             if raft_log is not None:
-                # A leader hands over first (bounded; meanwhile Hypercorn stops
-                # accepting), so a graceful restart costs the cluster one round of
-                # messages rather than an election timeout.
-                successor = await raft_log.hand_over(_HAND_OVER_S)
-                if successor is not None:
-                    log.info("raft: leadership handed over to %s", successor)
-            await served.wait()
-            # Tell the cluster we are leaving (bounded), so peers list us as
-            # left at once instead of suspecting us for seconds.
-            await membership.leave()
-            with trio.move_on_after(_SHUTDOWN_FLUSH_S if cluster_rt is None or cluster_rt.is_leader() else 0):
-                while ctx.outbox_pending and await astore.next_outbox_due() is not None:
-                    deliverer.wake()
-                    await trio.sleep(0.1)
-                    ctx.outbox_pending = (await astore.outbox_counts()).pending
-            nursery.cancel_scope.cancel()
-        early.cancel_scope.cancel()
-    await sampler.close()
-    if raft_storage is not None:
-        raft_storage.close()
-    store.close()
-    notifier.close()
-    log.info("gpu-agent stopped")
+                self._metrics.log_append.observe(raft_log.last_append_seconds)
+            self._metrics.log_batch.observe(len(entries))
+            for entry in entries:
+                _count_events(self._metrics, entry)
+
+    async def on_restored(self) -> None:
+        self._share_leases()
+
+    def _share_leases(self) -> None:
+        """Tell the device layer which of this host's GPUs are leased (the simulated fleet loads them)."""
+        raft_log = self._replication.log if self._replication is not None else None
+        if raft_log is None:
+            return
+        held = raft_log.table.held_gpus()
+        self._backend.set_leases({ref.index: aid for ref, aid in held.items() if ref.node == self.node})
 
 
-async def _advertise_raft_state(raft_log: RaftLog, membership: MembershipService) -> None:
-    """Set the gossip flag once this server's log holds anything (at once for a founder or a restart;
-    for a blank server, when the leader's first entries or snapshot reach it). Raft state is never
-    deleted, so the flag is never withdrawn."""
-    while raft_log.last_index == 0:
-        await trio.sleep(0.2)
-    membership.set_bootstrapped()
+class _ElectionCounter:
+    """Counts term changes for gpu_orchestrator_raft_elections_total."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self._metrics = metrics
+        self._term: int | None = None
+
+    def __call__(self, state: RoleState) -> None:
+        if self._term is not None and state.term > self._term:
+            self._metrics.raft_elections.inc(state.term - self._term)
+        self._term = state.term
 
 
-async def _watch_term(raft_log: RaftLog, metrics: AgentMetrics) -> None:
-    """Count term changes (elections) for gpu_orchestrator_raft_elections_total."""
-    term = raft_log.term
-    while True:
-        await trio.sleep(0.1)
-        if raft_log.term != term:
-            metrics.raft_elections.inc(raft_log.term - term)
-            log.info("raft: term %d, role %s, leader %s", raft_log.term, raft_log.role.value, raft_log.leader_id)
-            term = raft_log.term
+def _json_bytes(payload: object) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def _attach_metrics(metrics: AgentMetrics, ctx: AgentContext, replication: Replication) -> None:
+    no_replica = LeaseTable()  # what a client (or a server before its log) reports: nothing held
+
+    metrics.attach_state(
+        StateCollector(
+            node_name=ctx.node,
+            sampler=ctx.sampler,
+            table=lambda: no_replica if ctx.table is None else ctx.table,
+            clock=time.time,
+            is_leader=lambda: ctx.leadership.service is not None,
+            term=lambda: int(ctx.raft_health().get("term") or 0),
+            members=ctx.membership.member_counts,
+            outbox_pending=lambda: ctx.outbox_pending,
+            disk_stalled=ctx.disk_stalled_seconds,
+        )
+    )
+    metrics.attach_gossip(GossipCollector(ctx.membership))
+    metrics.attach_raft(
+        RaftCollector(lambda: replication.log, lambda: None if replication.transport is None else replication.transport.stats)
+    )
+async def _run(
+    ctx: AgentContext,
+    config: AgentConfig,
+    sampler: DeviceSampler,
+    watched: SampleWatch,
+    astore: AsyncStateStore,
+    deliverer: OutboxDeliverer,
+    notifier: Notifier,
+    env: Mapping[str, str],
+    reload_config: Callable[[], AgentConfig] | None,
+    backend: DeviceBackend,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """Start the tasks in order, serve HTTP until SIGTERM, then shut down (module docstring)."""
+    app = create_app(ctx)
+    hconfig = HypercornConfig()
+    hconfig.bind = [_bind_address(config.http.bind, config.http.port)]
+    hconfig.accesslog = None
+    hconfig.errorlog = logging.getLogger("hypercorn.error")
+    hconfig.graceful_timeout = 10.0
+    shutdown, served = trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        # Gossip first: /cluster/members never answers from a membership that is not running.
+        await nursery.start(ctx.membership.run)
+        await nursery.start(sampler.run)
+        await nursery.start(ctx.leadership.run)
+        await nursery.start(ctx.replication.run)
+        nursery.start_soon(_housekeeping, ctx, astore, sampler, ctx.metrics)
+        nursery.start_soon(_wait_for_signal, shutdown, notifier)
+        nursery.start_soon(_reload_on_sighup, ctx, notifier, reload_config)
+        bound: list[str] = await nursery.start(_serve, app, hconfig, shutdown, served)
+        ctx.advertise_http = bound[0] if bound else ""
+        log.info(
+            "gpu-agent %s serving on %s as node %r with %d GPU(s) (%s backend)",
+            ctx.version,
+            ", ".join(bound),
+            ctx.node,
+            len(sampler.readings),
+            backend.kind,
+        )
+        notifier.notify("READY=1", "STATUS=" + ctx.status_line())
+        nursery.start_soon(run_status, notifier, ctx.status_line)
+        ping_interval = watchdog_interval(env)
+        if ping_interval is not None:
+            nursery.start_soon(run_watchdog, notifier, ping_interval, watched.problem)
+        task_status.started(bound)
+        await shutdown.wait()
+        # Hypercorn stops accepting at once and returns when the requests in
+        # flight are answered (bounded by its graceful_timeout); the log still
+        # runs meanwhile, so their proposals complete.
+        raft_log = ctx.replication.log
+        if raft_log is not None:
+            # A leader hands over first (bounded; meanwhile Hypercorn stops accepting),
+            # so a graceful restart costs the cluster one round of messages rather
+            # than an election timeout. Alone, there is no one to hand over to.
+            successor = await raft_log.hand_over(_HAND_OVER_S)
+            if successor is not None:
+                log.info("raft: leadership handed over to %s", successor)
+        await served.wait()
+        # Tell the cluster we are leaving (bounded), so peers list us as
+        # left at once instead of suspecting us for seconds.
+        await ctx.membership.leave()
+        with trio.move_on_after(_SHUTDOWN_FLUSH_S if ctx.leadership.service is not None else 0):
+            while ctx.outbox_pending and await astore.next_outbox_due() is not None:
+                deliverer.wake()
+                await trio.sleep(0.1)
+                ctx.outbox_pending = (await astore.outbox_counts()).pending
+        nursery.cancel_scope.cancel()
 
 
 async def _serve(
@@ -539,95 +635,8 @@ async def _housekeeping(
         await trio.sleep(2.0)
 
 
-async def _report_health(
-    service: LeaseService, sampler: DeviceSampler, changes: trio.MemoryReceiveChannel[tuple[int, GpuHealth]]
-) -> None:
-    """Write this host's GPU health changes into the lease table, in order.
-
-    First reconcile: the table may still hold a state from before a restart
-    that the fresh sampler no longer sees (or the reverse).
-    """
-    node = sampler.node_name
-    for snap in sampler.snapshots():
-        recorded = service.table.gpu_health(GpuRef(node, snap.reading.index))
-        if recorded != (snap.health.state, snap.health.reasons):
-            await _report_one(service, node, snap.reading.index, snap.health)
-    async for index, health in changes:
-        await _report_one(service, node, index, health)
-
-
-async def _record_remote_health(service: LeaseService, cluster: ClusterRuntime, quiet_s: float) -> None:
-    """On the Raft leader: record the health other members gossip for their GPUs, as they change.
-
-    Each agent's health policy decides its own GPUs' health; only the leader
-    may write the table, so it copies what the others announce (a change is
-    gossiped at once). Recording it is what tells a lease holder its remote
-    GPU failed (the gpu_unhealthy event). Hosts that are not alive are left to
-    host loss.
-
-    An unhealthy verdict is kept for `quiet_s` (the health policy's quiet
-    period) from when this leader first saw it, even if the host gossips
-    healthy sooner: its own policy would not have, so the host restarted and
-    forgot (a client holds no replica to restore it from). The inventory reads
-    the table's verdict too (ClusterRuntime.inventory), so such a GPU is not
-    scheduled meanwhile. A new leader starts its clocks afresh: late, never early.
-    """
-    unhealthy_since: dict[GpuRef, float] = {}
-    while True:
-        now = trio.current_time()
-        for node, index, state, reasons in cluster.gossiped_health():
-            ref = GpuRef(node, index)
-            recorded, why = service.table.gpu_health(ref)
-            if recorded == UNHEALTHY:
-                unhealthy_since.setdefault(ref, now)
-            else:
-                unhealthy_since.pop(ref, None)
-            # Compared as gossip would carry the record (reasons cut short), so a verdict
-            # that host recorded in full while it led is not re-proposed for nothing.
-            if (recorded, gossiped_reasons(recorded, why)) == (state, reasons):
-                continue
-            if recorded == UNHEALTHY and state != UNHEALTHY and now - unhealthy_since[ref] < quiet_s:
-                continue  # lifted before its quiet period: the host forgot it, the leader has not
-            await _report_one(service, node, index, GpuHealth(state, reasons))
-        await trio.sleep(_REMOTE_HEALTH_POLL_S)
-
-
-async def _report_one(service: LeaseService, node: str, index: int, health: GpuHealth) -> None:
-    try:
-        await service.report_health(node, index, health.state, health.reasons)
-    except Exception:
-        # Health still shows in /gpu/status and metrics and still guides the
-        # scheduler from the sampler; only the durable record missed this change.
-        log.exception("could not record health of GPU %s/%d", node, index)
-
-
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _outbox_rows(entries: Sequence[Applied], node: str, graph_url: str | None) -> list[OutboxRow]:
-    """The deliveries each applied event causes, keyed by log index so a replay re-creates, never duplicates."""
-    rows: list[OutboxRow] = []
-    for entry in entries:
-        for seq, event in enumerate(entry.result.events):
-            targets: list[tuple[str, str, dict[str, object]]] = []
-            webhook = event.request.webhook_url
-            if webhook and event.kind in _WEBHOOK_KINDS and (event.was_queued or event.kind != "allocated"):
-                targets.append(("webhook", webhook, webhook_payload(event)))
-            if graph_url:
-                targets.append(("graph", graph_url, graph_event(event, node)))
-            rows.extend(
-                OutboxRow(
-                    id=f"{entry.index}.{seq}.{kind}",
-                    log_index=entry.index,
-                    kind=kind,
-                    url=url,
-                    payload=json.dumps(payload).encode(),
-                    created_at=event.at,
-                )
-                for kind, url, payload in targets
-            )
-    return rows
 
 
 def _count_events(metrics: AgentMetrics, entry: Applied) -> None:

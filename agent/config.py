@@ -186,6 +186,12 @@ class ClusterSection:
     # 0 = never mark leases lost (they end by release or TTL only) - never
     # "at once": a host is not lost the instant a probe fails. Servers only.
     host_lost_grace_s: float = 300.0
+    # A server snapshots its lease table every this many applied log entries and
+    # compacts its log to the snapshot before, which also bounds the state file:
+    # the log, and the delivered outbox rows it could re-create on a replay, never
+    # hold much more than two rounds of it. 10,000 is etcd's SnapshotCount; at
+    # least 100 (each snapshot costs a write of the whole table).
+    snapshot_every: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -414,6 +420,8 @@ def _validate_cluster(section: ClusterSection) -> None:
             f"must be a number of seconds >= 0 (0 = never mark a lost host's leases lost), "
             f"got {section.host_lost_grace_s}",
         )
+    if section.snapshot_every < 100:
+        raise _fail("cluster.snapshot_every", f"must be an integer >= 100 (entries), got {section.snapshot_every}")
     for entry in section.join:
         try:
             split_host_port(entry, section.gossip_port)

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import NotFound
 from coordinator.lease_table import LeaseTable
-from coordinator.model import UNHEALTHY, GpuRef
+from coordinator.model import UNHEALTHY, GpuRef, GpuView
 from coordinator.views import rfc3339
 
 from agent.api_keys import ApiKeyring
+from agent.cluster import ClusterRuntime
 from agent.config import AgentConfig
 from agent.device_sampler import DeviceSampler, GpuSnapshot
 from agent.devices.base import GpuReading
-from agent.lease_service import LeaseService
-from agent.cluster import ClusterRuntime, CommandLog, server_problem
+from agent.inventory_feed import InventoryFeed, overlay
+from agent.leadership import Leadership
 from agent.membership import MembershipService, RemoteGpu
 from agent.metrics import AgentMetrics
+from agent.replication import Replication, server_problem
+from agent.workload_analysis import WorkloadAnalysis
 
 # A state-file write running this long means the disk is not making progress: a
 # healthy fsync takes milliseconds, and a Raft server stalled past an election
@@ -69,46 +72,72 @@ def degraded_reason(devices: str | None, write_stalled_s: float) -> str | None:
 
 @dataclass
 class AgentContext:
-    """The running agent's parts, for handlers and metrics (all on the trio thread)."""
+    """The running agent's parts, for handlers and metrics (all on the trio thread).
+
+    Every agent has the same parts; what differs is only what they hold now:
+    a replica of the table once this server's log runs (never on a client), and
+    a lease service while this server is the ready leader.
+    """
 
     config: AgentConfig
-    service: LeaseService
-    log: CommandLog
     sampler: DeviceSampler
     metrics: AgentMetrics
     keyring: ApiKeyring | None
     version: str
     started_at: float
+    membership: MembershipService
+    replication: Replication
+    leadership: Leadership
+    cluster: ClusterRuntime
+    inventory: InventoryFeed
+    analysis: WorkloadAnalysis
     # Refreshed by a background task; a handler never waits on the disk for it.
     outbox_pending: int = 0
     outbox_gave_up: int = 0
     advertise_http: str = field(default="")
-    # The gossip view of the cluster; None only in set-ups without membership (never in run_agent).
-    membership: MembershipService | None = None
-    # Raft modes (server or client); None for a lone agent on LocalLog.
-    cluster: ClusterRuntime | None = None
+    # Wall-clock time of the last applied entry (the age of a stale read).
+    last_applied_at: float = 0.0
 
     @property
     def node(self) -> str:
         return self.config.agent.node_name
 
+    @property
+    def table(self) -> LeaseTable | None:
+        """This server's replica of the lease table; None on a client and before the log recovered."""
+        replica = self.replication.log
+        return None if replica is None else replica.table
+
+    def disk_stalled_seconds(self) -> float:
+        replica = self.replication.log
+        return 0.0 if replica is None else replica.disk_stalled_seconds()
+
+    def raft_health(self) -> dict[str, Any]:
+        """The /healthz `raft` object: the replica's view, and the leader a client or non-voter learnt by asking."""
+        raft = self.replication.health()
+        learnt = self.cluster.learnt_leader()
+        if raft.get("leader") is None and learnt is not None:
+            raft["leader"] = learnt.node
+            raft.setdefault("term", learnt.term)
+            if raft["role"] == "client":
+                raft["term"] = learnt.term
+        raft.setdefault("term", None)
+        raft.setdefault("leader", None)
+        return raft
+
     def health(self) -> dict[str, Any]:
         """GET /healthz: ok, or degraded with the reason; always 200 so probes stay simple."""
-        stalled = self.log.disk_stalled_seconds()
+        stalled = self.disk_stalled_seconds()
         degraded = degraded_reason(self.sampler.degraded_reason, stalled)
-        role, leader = "leader", self.node
-        raft: dict[str, Any] = {}
-        if self.cluster is not None:
-            raft = self.cluster.raft_health()
-            role, leader = str(raft["role"]), raft["leader"]
+        raft = self.raft_health()
         doc: dict[str, Any] = {
             "status": "degraded" if degraded else "ok",
             "degraded": degraded,
             "service": "gpu-orchestrator",
             "version": self.version,
             "node": self.node,
-            "role": role,
-            "leader": leader,
+            "role": str(raft["role"]),
+            "leader": raft["leader"],
             "started_at": rfc3339(self.started_at),
             "devices": {
                 "backend": self.sampler.backend.kind,
@@ -117,68 +146,65 @@ class AgentContext:
                 "degraded": self.sampler.degraded_reason,
                 "last_sample_at": rfc3339(self.sampler.last_sample_at),
             },
-            "lease_table": {
-                "allocations": len(self.service.table.allocations()),
-                "queue_depth": self.service.table.queue_length(),
-                "applied_index": self.log.applied_index,
-                "snapshot_index": self.log.snapshot_index,
-                "write_stalled_seconds": round(stalled, 3),
-            },
             "outbox": {"pending": self.outbox_pending, "gave_up": self.outbox_gave_up},
+            "raft": raft,
         }
-        if self.cluster is not None:
-            doc["raft"] = raft
+        if self.replication.waiting_for:
+            doc["waiting_for"] = self.replication.waiting_for
+        table, replica = self.table, self.replication.log
+        if table is not None and replica is not None:
+            doc["lease_table"] = {
+                "allocations": len(table.allocations()),
+                "queue_depth": table.queue_length(),
+                "applied_index": replica.applied_index,
+                "snapshot_index": replica.snapshot_index,
+                "write_stalled_seconds": round(stalled, 3),
+            }
         return doc
 
     def status_line(self) -> str:
         """One line for systemd's STATUS= (`systemctl status`): role, node, GPUs, members, degradation."""
         snaps = self.sampler.snapshots()
         unhealthy = sum(1 for snap in snaps if snap.health.state == UNHEALTHY)
-        role = "server" if self.config.cluster.server else "client"
-        counts = self.membership.member_counts() if self.membership is not None and self.membership.started else {}
+        kind = "server" if self.config.cluster.server else "client"
+        counts = self.membership.member_counts() if self.membership.started else {}
         alive = counts.get("alive", 1)
-        if self.cluster is None:
-            leading = "leader of its own GPUs"
-        elif self.cluster.raft is None:
+        raft = self.raft_health()
+        if self.replication.waiting_for:
+            leading = f"waiting for {self.replication.waiting_for}"
+        elif raft["role"] == "client":
             leading = "raft client"
         else:
-            leading = f"raft {self.cluster.raft.role.value}, term {self.cluster.raft.term}"
+            leading = f"raft {raft['role']}, term {raft['term']}"
         line = (
-            f"{role} {self.node} ({leading}): {len(snaps)} GPU(s), {unhealthy} unhealthy; "
+            f"{kind} {self.node} ({leading}): {len(snaps)} GPU(s), {unhealthy} unhealthy; "
             f"{alive} member(s) alive"
         )
         if counts.get("suspect") or counts.get("dead"):
             line += f", {counts.get('suspect', 0)} suspect, {counts.get('dead', 0)} dead"
-        degraded = degraded_reason(self.sampler.degraded_reason, self.log.disk_stalled_seconds())
+        degraded = degraded_reason(self.sampler.degraded_reason, self.disk_stalled_seconds())
         return line + (f"; degraded: {degraded}" if degraded else "")
-
-    @property
-    def holds_table(self) -> bool:
-        """False on a Raft client: it keeps no replica of the lease table."""
-        return self.cluster is None or self.cluster.is_server
 
     def gpu_rows(self, holders: Holders | None = None) -> list[dict[str, Any]]:
         """GET /gpu/status rows: every GPU of the cluster, in (node, index) order.
 
         This agent's GPUs come from its sampler (`"source": "local"`); other
         live members' from their gossip metadata (`"source": "gossip"`, with the
-        age of that metadata). Remote GPUs are shown, not scheduled here. Who
-        holds each GPU comes from `holders` (a client passes the leader's), else
-        from this agent's lease table (in a Raft cluster; a lone agent's knows
-        only its own GPUs); otherwise the gossiped "allocated" flags.
+        age of that metadata). Drains and recorded verdicts are laid over both
+        by the inventory's overlay, as the scheduler sees them. Who holds each
+        GPU comes from `holders` (a client passes the leader's), else from this
+        server's replica; without either, the gossiped "allocated" flags.
         """
-        if holders is None and self.holds_table:
-            holders = holders_from_table(self.service.table)
-        rows = [self._row(snap, holders) for snap in self.sampler.snapshots()]
-        if self.membership is not None:
+        table = self.table
+        if holders is None and table is not None:
+            holders = holders_from_table(table)
+        rows = [self._row(snap, table, holders) for snap in self.sampler.snapshots()]
+        if self.membership.started:
             now = time.time()
-            # A lone agent's table knows only its own GPUs' leases: other lone agents'
-            # rows keep what their own gossip says.
-            remote_holders = holders if self.cluster is not None else None
-            # A Raft server's replica may hold a verdict the host itself forgot (it restarted).
-            recorded = self.service.table.gpu_health if self.cluster is not None and self.holds_table else None
+            # Another cluster's GPUs (a lone agent sharing the gossip) keep what their own gossip says.
+            ours = set(self.inventory.inventory().nodes())
             rows += [
-                _gossip_row(remote, now, remote_holders, recorded)
+                _gossip_row(remote, now, holders if remote.node in ours else None, table)
                 for remote in self.membership.cluster_gpus()
                 if remote.node != self.node
             ]
@@ -194,16 +220,14 @@ class AgentContext:
                     if row["node"] == node and row["index"] == index:
                         return row
             raise NotFound(f"no GPU {node}/{index}")
-        return self._row(snap)
+        table = self.table
+        return self._row(snap, table, None if table is None else holders_from_table(table))
 
-    def _row(self, snap: GpuSnapshot, holders: Holders | None = None) -> dict[str, Any]:
-        table = self.service.table
+    def _row(self, snap: GpuSnapshot, table: LeaseTable | None, holders: Holders | None) -> dict[str, Any]:
         r = snap.reading
         ref = GpuRef(self.node, r.index)
-        if holders is None:
-            holders = holders_from_table(table) if self.holds_table else {}
-        holder = holders.get((self.node, r.index))
-        drained = table.drained()
+        holder = (holders or {}).get((self.node, r.index))
+        drains = table.drained() if table is not None else {}
         now = self.sampler.last_sample_at or r.sampled_at
         return {
             "id": r.index,
@@ -223,8 +247,8 @@ class AgentContext:
             "health_reasons": list(snap.health.reasons),
             "healthy_again_at": rfc3339(snap.health.until),
             "present": snap.present,
-            "drained": ref in drained,
-            "drain_reason": drained.get(ref) or None,
+            "drained": ref in drains,
+            "drain_reason": drains.get(ref) or None,
             "processes": None
             if r.processes is None
             else [{"pid": p.pid, "used_memory_mb": p.used_memory_mb} for p in r.processes],
@@ -240,19 +264,17 @@ class AgentContext:
             "name": self.node,
             "status": "alive",
             "role": "server" if self.config.cluster.server else "client",
-            "leader": True,
+            "leader": self.raft_health()["leader"] == self.node,
             "incarnation": 0,
             "addresses": {"http": self.advertise_http},
             "version": self.version,
             "gpus": len(self.sampler.readings),
             "self": True,
         }
-        if self.membership is None or not self.membership.started:
+        if not self.membership.started:
             return [alone]
         out: list[dict[str, Any]] = []
-        raft_leader = None
-        if self.cluster is not None and self.cluster.raft is not None:
-            raft_leader = self.cluster.raft.leader_id
+        raft_leader = self.raft_health()["leader"]
         for member in self.membership.members():
             view, meta = member.view, member.meta
             is_self = view.name == self.node
@@ -261,8 +283,7 @@ class AgentContext:
                     "name": view.name,
                     "status": view.status,
                     "role": meta.role if meta else None,
-                    # Alone (LocalLog), each agent leads (schedules) its own GPUs.
-                    "leader": is_self if self.cluster is None else view.name == raft_leader,
+                    "leader": view.name == raft_leader,
                     "incarnation": view.incarnation,
                     "addresses": {
                         "http": self.advertise_http if is_self else (f"http://{meta.http_address}" if meta else None),
@@ -279,28 +300,19 @@ class AgentContext:
         return out
 
     def voters(self) -> tuple[str, ...]:
-        """The Raft voters in this server's latest configuration; a lone agent is its own one voter."""
-        if self.cluster is not None and self.cluster.raft is not None:
-            return self.cluster.raft.voters
-        return (self.node,)
+        """The Raft voters of this server's latest configuration (none before its log runs, or on a client)."""
+        return self.replication.voters() or ()
 
     def servers(self) -> dict[str, Any]:
-        """GET /cluster/servers: the Raft view on a server (see ClusterRuntime.servers); a lone agent lists itself."""
-        if self.cluster is not None and self.cluster.raft is not None:
-            raft = self.cluster.raft
-            return {"servers": self.cluster.servers(), "leader": raft.leader_id, "term": raft.term}
-        row = {"name": self.node, "voter": True, "alive": True, "status": "alive", "leader": True, "address": None}
-        return {"servers": [row], "leader": self.node, "term": 1}
+        """GET /cluster/servers: the Raft configuration and the other servers gossip knows (Replication.servers)."""
+        raft = self.raft_health()
+        return {"servers": self.replication.servers(), "leader": raft["leader"], "term": raft["term"]}
 
     def server_problem(self, name: str) -> str | None:
-        """Why `name` cannot be added as a voter by gossip's view (agent.cluster.server_problem), or None."""
-        if self.membership is None or not self.membership.started:
+        """Why `name` cannot be added as a voter by gossip's view (agent.replication.server_problem), or None."""
+        if not self.membership.started:
             return "unknown"
         return server_problem(self.membership, name)
-
-    def leader(self) -> dict[str, Any]:
-        """GET /cluster/leader."""
-        return {"leader": self.node, "address": self.advertise_http, "term": 1, "is_self": True}
 
 
 # Reading fields shown under "telemetry" in /gpu/status, in NVML's units.
@@ -329,23 +341,22 @@ _TELEMETRY_FIELDS = (
 )
 
 
-def _gossip_row(
-    remote: RemoteGpu,
-    now: float,
-    holders: Holders | None,
-    recorded: Callable[[GpuRef], tuple[str, tuple[str, ...]]] | None = None,
-) -> dict[str, Any]:
+def _gossip_row(remote: RemoteGpu, now: float, holders: Holders | None, table: LeaseTable | None) -> dict[str, Any]:
     """A /gpu/status row for another member's GPU: what its gossip metadata says, fields it lacks None.
 
-    Who holds it comes from `holders` when known, else only the gossiped flag; an
-    unhealthy verdict `recorded` in the lease table wins over gossiped health.
+    Who holds it comes from `holders` when known, else only the gossiped flag; the
+    table's drain and unhealthy verdict are laid over it (agent.inventory_feed.overlay).
     """
     g = remote.gpu
-    health, reasons = g.health, g.reasons
-    if recorded is not None:
-        state, why = recorded(GpuRef(remote.node, g.index))
-        if state == UNHEALTHY:
-            health, reasons = state, why
+    ref = GpuRef(remote.node, g.index)
+    view = overlay(
+        GpuView(remote.node, g.index, g.uuid, g.model, g.memory_total_mb, health=g.health, drained=g.drained),
+        table,
+        local=False,
+    )
+    health, reasons = view.health, g.reasons
+    if table is not None and health == UNHEALTHY and g.health != UNHEALTHY:
+        reasons = table.gpu_health(ref)[1]
     used = None if g.memory_free_mb is None else max(0, g.memory_total_mb - g.memory_free_mb)
     return {
         "id": g.index,
@@ -369,8 +380,8 @@ def _gossip_row(
         "health_reasons": list(reasons),
         "healthy_again_at": None,
         "present": None,  # gossip says health, not presence: a lost GPU shows as unhealthy
-        "drained": g.drained,
-        "drain_reason": None,
+        "drained": view.drained,
+        "drain_reason": (table.drained().get(ref) if table is not None else None) or None,
         "processes": None,
         "in_use_without_lease": None,
         "lease_idle_seconds": None,

@@ -103,13 +103,15 @@ class DeviceSampler:
     def snapshot(self, index: int) -> GpuSnapshot | None:
         return self._gpus.get(index)
 
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        """Call `callback` (from the trio thread) after every successful sample."""
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from the trio thread) after every successful sample; returns the function that stops it."""
         self._on_sample.append(callback)
+        return lambda: self._on_sample.remove(callback)
 
-    def on_health_change(self, callback: HealthCallback) -> None:
-        """Call `callback(index, health)` (from the trio thread) when a GPU's health changes."""
+    def on_health_change(self, callback: HealthCallback) -> Callable[[], None]:
+        """Call `callback(index, health)` (from the trio thread) when a GPU's health changes; returns the stopper."""
         self._on_health.append(callback)
+        return lambda: self._on_health.remove(callback)
 
     def gpu_views(self) -> Sequence[GpuView]:
         """This host's GPUs as the scheduler sees them (cached per sample)."""

@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Runs on a Raft leader only (agent/app.py starts it with `run_while(is_leader,
-...)`, like the scheduler), as one trio task. Every `poll_s` (and at the next
+Runs on a ready Raft leader only (agent/leadership.py starts it with each
+leadership, like the scheduler, and cancels it when leadership ends), as one
+trio task. Every `poll_s` (and at the next
 grace deadline, if sooner) it reads this agent's gossip view and the lease
 table, and feeds the pure `HostLossPolicy` (coordinator/host_loss.py) one
 observation per node that holds live allocations: its gossip status, or None
@@ -21,7 +22,7 @@ starting for a host (with the time left) and a host returning in time.
 No host is marked lost while this leader sees fewer than half of the members
 alive (`_view_trusted`): then its own gossip is the likelier fault.
 
-A new leader starts with an empty policy (run_while starts this task afresh
+A new leader starts with an empty policy (leadership starts this task afresh
 on every term it leads), so the grace restarts from the new leader's own
 observation: after a failover a lease is marked lost up to one grace period
 late, never early. Gossip is each agent's own view, and a leader that only

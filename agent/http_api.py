@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from coordinator.errors import CoordinatorError, InvalidRequest, NotFound
+from coordinator.lease_table import LeaseTable
 from coordinator.model import Allocation
 from coordinator.raft import NotLeader, ProposalRejected, RaftError
 from coordinator.request_parsing import (
@@ -35,9 +36,10 @@ from coordinator.request_parsing import (
 from coordinator.views import allocation_view, queued_view, record_view
 
 from agent.api_keys import ApiKey, extract_presented_key
-from agent.cluster import FORWARDED_BY, ForwardFailed
+from agent.cluster import FORWARDED_BY, LEADER_WAIT_S, ForwardFailed
 from agent.config import is_node_name
 from agent.context import AgentContext, holders_from_allocations
+from agent.lease_service import LeaseReader, LeaseService, TableReader
 from agent.openapi import openapi_document
 from agent.raft_log import ProposalLost, ProposalUnknown, ReadUnconfirmed
 from agent.status_page import HEADERS as STATUS_PAGE_HEADERS
@@ -100,7 +102,6 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = ctx.config.http.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     metrics = ctx.metrics
-    service = ctx.service
 
     # ------------------------------------------------------------------ plumbing
 
@@ -209,8 +210,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         if principal is not None and not principal.admin:
             raise ApiError(403, "forbidden", f"only an admin API key may {action}")
 
-    def live_allocation(allocation_id: str) -> Allocation:
-        alloc = service.table.allocation(allocation_id) if valid_id(allocation_id) else None
+    def live_allocation(table: LeaseTable, allocation_id: str) -> Allocation:
+        alloc = table.allocation(allocation_id) if valid_id(allocation_id) else None
         if alloc is None:
             raise NotFound(f"no live allocation {allocation_id}")
         return alloc
@@ -221,7 +222,6 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     async def forward() -> Response:
         cluster = ctx.cluster
-        assert cluster is not None
         via = request.headers.get(FORWARDED_BY)
         if via:
             return error_response(
@@ -247,28 +247,33 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return Response(content, status=status, headers=headers)
 
     def on_leader(*, read: bool = False) -> Callable[[Handler], Handler]:
-        """Answer on the Raft leader: forward from a follower or client (local mode: unchanged)."""
+        """Answer with the ready leader's lease service here, else forward to the leader.
+
+        The handler gets the service as its first argument (a read gets a
+        `LeaseReader`). During an election, or a lone agent's first moments, a
+        request waits (at most LEADER_WAIT_S) for the outcome. `?stale=true` on a
+        read is answered from this server's replica, leader or not.
+        """
 
         def decorate(handler: Handler) -> Handler:
             @functools.wraps(handler)
             async def routed(**kwargs: Any) -> Response:
-                cluster = ctx.cluster
-                if cluster is None:
-                    return await handler(**kwargs)
-                if read and cluster.is_server and request.args.get("stale", "").lower() in ("true", "1"):
-                    response = await handler(**kwargs)
-                    response.headers["X-Stale-Index"] = str(ctx.log.applied_index)
-                    age = max(0.0, time.time() - cluster.last_applied_at)
+                replica = ctx.replication.log
+                if read and replica is not None and request.args.get("stale", "").lower() in ("true", "1"):
+                    response = await handler(TableReader(replica.table), **kwargs)
+                    response.headers["X-Stale-Index"] = str(replica.applied_index)
+                    age = max(0.0, time.time() - ctx.last_applied_at)
                     response.headers["X-Stale-Age-Seconds"] = f"{age:.3f}"
                     return response
-                if not cluster.is_leader():
+                service = ctx.leadership.service or await ctx.leadership.wait_for_service(LEADER_WAIT_S)
+                if service is None:
                     return await forward()
                 try:
                     if read:
                         # ReadIndex: a deposed leader that has not noticed yet cannot
                         # confirm a majority, so it never answers from a stale table.
-                        await ctx.log.read_barrier()
-                    return await handler(**kwargs)
+                        await service.log.read_barrier()
+                    return await handler(service, **kwargs)
                 except (NotLeader, ProposalLost):
                     # Nothing of it was applied here: the new leader takes it.
                     return await forward()
@@ -291,7 +296,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.post("/gpu/allocate")
     @on_leader(read=False)
-    async def allocate() -> Response:
+    async def allocate(service: LeaseService) -> Response:
         body = parse_allocate_body(await body_json())
         require_service(body.service_name)
         outcome = await service.allocate(body)
@@ -302,10 +307,10 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.post("/gpu/release")
     @on_leader(read=False)
-    async def release() -> Response:
+    async def release(service: LeaseService) -> Response:
         body = parse_release_body(await body_json())
         if body.allocation_id is not None:
-            require_service(live_allocation(body.allocation_id).request.service_name)
+            require_service(live_allocation(service.table, body.allocation_id).request.service_name)
             outcome = await service.release_allocation(body.allocation_id)
         elif body.service_name is not None:
             require_service(body.service_name)
@@ -323,17 +328,17 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.post("/gpu/renew")
     @on_leader(read=False)
-    async def renew() -> Response:
+    async def renew(service: LeaseService) -> Response:
         body = parse_renew_body(await body_json())
-        require_service(live_allocation(body.allocation_id).request.service_name)
+        require_service(live_allocation(service.table, body.allocation_id).request.service_name)
         return json_response(allocation_view(await service.renew(body.allocation_id, body.ttl_seconds)))
 
     @app.get("/gpu/status")
     async def gpu_status() -> Response:
         holders = None
-        if ctx.cluster is not None and not ctx.holds_table and FORWARDED_BY not in request.headers:
-            # A client has no lease table: the leader says who holds what (without it, the
-            # rows show only the gossiped "allocated" flags).
+        if ctx.table is None and FORWARDED_BY not in request.headers:
+            # No replica here (a client, or a server before its log runs): the leader says
+            # who holds what (without it, the rows show only the gossiped "allocated" flags).
             allocations = None
             # Bounded: without a quorum the status must still answer at once (from gossip).
             with trio.move_on_after(CLIENT_HOLDERS_WAIT_S):
@@ -346,8 +351,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.get("/gpu/list")
     @on_leader(read=True)
-    async def gpu_list() -> Response:
-        table = service.table
+    async def gpu_list(reader: LeaseReader) -> Response:
+        table = reader.table
         return json_response(
             {
                 "gpus": ctx.gpu_rows(),
@@ -359,7 +364,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     @app.post("/gpu/workload")
     async def workload() -> Response:
         body = parse_allocate_body(await body_json(), require_service=False)
-        analysis = await service.analyze(body)
+        analysis = await ctx.analysis.analyze(body)
         estimate = analysis.estimate
         return json_response(
             {
@@ -380,7 +385,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.post("/gpu/drain")
     @on_leader(read=False)
-    async def drain() -> Response:
+    async def drain(service: LeaseService) -> Response:
         body = parse_drain_body(await body_json(), default_node=ctx.node, draining=True)
         require_admin("drain GPUs")
         await service.set_drain(body.node, body.index, True, body.reason)
@@ -388,7 +393,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.post("/gpu/undrain")
     @on_leader(read=False)
-    async def undrain() -> Response:
+    async def undrain(service: LeaseService) -> Response:
         body = parse_drain_body(await body_json(), default_node=ctx.node, draining=False)
         require_admin("undrain GPUs")
         await service.set_drain(body.node, body.index, False)
@@ -396,19 +401,19 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.get("/gpu/allocations/<allocation_id>")
     @on_leader(read=True)
-    async def get_allocation(allocation_id: str) -> Response:
-        return json_response(allocation_view(live_allocation(allocation_id)))
+    async def get_allocation(reader: LeaseReader, allocation_id: str) -> Response:
+        return json_response(allocation_view(live_allocation(reader.table, allocation_id)))
 
     @app.get("/gpu/requests/<request_id>")
     @on_leader(read=True)
-    async def get_request(request_id: str) -> Response:
-        table = service.table
+    async def get_request(reader: LeaseReader, request_id: str) -> Response:
+        table = reader.table
         record = table.record(request_id) if valid_id(request_id) else None
         if record is None:
             raise NotFound(f"no request {request_id}")
         alloc = table.allocation(record.allocation_id) if record.allocation_id else None
         queued = table.queued(request_id)
-        position = service.queue_position(request_id)
+        position = reader.queue_position(request_id)
         queued_json = queued_view(queued, position) if queued is not None and position else None
         return json_response(record_view(record, alloc, queued_json))
 
@@ -418,11 +423,9 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.get("/cluster/leader")
     async def leader() -> Response:
-        if ctx.cluster is not None:
-            # A peer looking the leader up (X-Forwarded-By) gets this agent's own view, never a relay.
-            asked = FORWARDED_BY not in request.headers
-            return json_response(await ctx.cluster.leader_info(dict(request.headers.items()), ask=asked))
-        return json_response(ctx.leader())
+        # A peer looking the leader up (X-Forwarded-By) gets this agent's own view, never a relay.
+        asked = FORWARDED_BY not in request.headers
+        return json_response(await ctx.cluster.leader_info(dict(request.headers.items()), ask=asked))
 
     # ------------------------------------------------------------------ Raft servers
 
@@ -442,15 +445,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     async def change_voters(*, add: str | None = None, remove: str | None = None) -> Response:
         """Apply one membership change on the leader; the error mapping of POST/DELETE /cluster/servers."""
-        raft = ctx.cluster.raft if ctx.cluster is not None else None
-        if raft is None:
-            raise ApiError(
-                409,
-                "not_clustered",
-                f"{ctx.node} runs alone (bootstrap_expect = 1, no Raft): it has no servers to change",
-            )
         try:
-            await raft.change_voters(add=add, remove=remove)
+            await ctx.replication.change_voters(add=add, remove=remove)
         except ProposalRejected as error:
             # A change still in flight, or the leader's first entry of its term not yet
             # committed: nothing was proposed. Try again once the first one is applied.
@@ -459,12 +455,12 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.get("/cluster/servers")
     @on_leader(read=True)
-    async def servers() -> Response:
+    async def servers(reader: LeaseReader) -> Response:
         return servers_view()
 
     @app.post("/cluster/servers")
     @on_leader(read=False)
-    async def add_server() -> Response:
+    async def add_server(service: LeaseService) -> Response:
         require_admin("add Raft servers")
         name = server_name_body(await body_json())
         voters = ctx.voters()
@@ -484,7 +480,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.delete("/cluster/servers/<name>")
     @on_leader(read=False)
-    async def remove_server(name: str) -> Response:
+    async def remove_server(service: LeaseService, name: str) -> Response:
         require_admin("remove Raft servers")
         voters = ctx.voters()
         if name not in voters:

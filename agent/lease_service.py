@@ -1,92 +1,80 @@
-"""The lease service: API operations on the lease table, and the scheduler loop.
+"""The lease service: the leader's API operations on the lease table, and its scheduler loop.
 
-It is the only writer of the log. Every operation reads the applied table,
-asks the pure Scheduler for a command, proposes it, and answers from the
-applied result, so a write is acknowledged only once it is durable.
+One `LeaseService` serves one leadership (agent/leadership.py builds it when
+this server starts to lead and drops it when it stops). Every operation reads
+the applied table, asks the pure admission core (coordinator/admission.py) or
+builds a command, proposes it, and answers from the applied result, so a write
+is acknowledged only once it is durable on a majority.
 
-Concurrency (single trio thread): deciding a placement and registering its
-GPUs as pending happen with no await in between, so two concurrent requests
-never pick the same GPU. Requests that share a `request_id` while the first is
-still in flight wait for it and then get its answer (idempotency holds even for
-simultaneous retries).
+The shell's own state is only what must be awaited: an event per request id
+in flight, so a concurrent retry waits for the first call's answer. Which ids
+are in flight, which GPUs pending proposals hold and every decision are the
+admission core's.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import trio
 
+from coordinator.admission import PROCEED, Admission, AllocateOutcome, Repeat, queue_position
 from coordinator.commands import (
     Allocate,
     Cancel,
     Command,
-    Enqueue,
     MarkHostLost,
+    OutboxDelivered,
     Release,
     Renew,
     ReportGpuHealth,
     SetDrain,
 )
 from coordinator.errors import Conflict, CoordinatorError, NotFound
+from coordinator.inventory import Inventory
 from coordinator.lease_table import ApplyResult, LeaseTable
-from coordinator.model import ALLOCATED, QUEUED, Allocation, AllocationRequest, GpuRef, GpuView, QueuedRequest
-from coordinator.request_parsing import AllocateBody, build_request, resolve_ttl
-from coordinator.scheduler import Scheduler
+from coordinator.model import ALLOCATED, QUEUED, Allocation, GpuRef
 from coordinator.raft import RaftError
-from coordinator.workload import WorkloadEstimate, analyze_workload
+from coordinator.request_parsing import AllocateBody, build_request, resolve_ttl
 
-from agent.cluster import CommandLog
+from agent.workload_analysis import WorkloadAnalysis
 
 log = logging.getLogger(__name__)
 
-
-class Advisor(Protocol):
-    """What the service needs of the DeepAgents client (agent.advisor.DeepAgentsAdvisor)."""
-
-    async def advise(
-        self,
-        service_name: str,
-        workload_type: str,
-        workload_data: dict[str, object],
-        fallback: WorkloadEstimate,
-        *,
-        max_gpus_per_node: int,
-    ) -> "AdviceLike": ...
+__all__ = ["AllocateOutcome", "CommandLog", "LeaseReader", "LeaseService", "ReleaseOutcome", "TableReader"]
 
 
-class AdviceLike(Protocol):
+class CommandLog(Protocol):
+    """What the service needs of the replicated log (agent/raft_log.RaftLog)."""
+
     @property
-    def estimate(self) -> WorkloadEstimate: ...
+    def table(self) -> LeaseTable: ...
+
+    async def read_barrier(self) -> None: ...
+    async def propose(self, command: Command) -> ApplyResult: ...
+    async def propose_many(self, commands: Sequence[Command]) -> list[ApplyResult]: ...
+
+
+class LeaseReader(Protocol):
+    """What a read handler needs: the table and queue positions (a LeaseService, or a TableReader)."""
+
     @property
-    def decided_by(self) -> str: ...
-    @property
-    def fallback_reason(self) -> str | None: ...
+    def table(self) -> LeaseTable: ...
+
+    def queue_position(self, request_id: str) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)
-class Analysis:
-    """The figures a request will be scheduled with, and who decided them."""
+class TableReader:
+    """Reads of a replica's table without a leader (`?stale=true` on a follower)."""
 
-    estimate: WorkloadEstimate
-    decided_by: str
-    fallback_reason: str | None
+    table: LeaseTable
 
-
-@dataclass(frozen=True, slots=True)
-class AllocateOutcome:
-    """The answer to an allocate: placed now (allocation) or waiting (queued)."""
-
-    request_id: str
-    allocation: Allocation | None = None
-    queued: QueuedRequest | None = None
-    position: int | None = None
-    # True when this answer repeats an earlier request with the same request_id.
-    repeated: bool = False
+    def queue_position(self, request_id: str) -> int | None:
+        return queue_position(self.table, request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,83 +84,37 @@ class ReleaseOutcome:
 
 
 class LeaseService:
-    """Allocate, release, renew and cancel; expiry and queue service in `run_scheduler`."""
+    """Allocate, release, renew, cancel, drain and health records; expiry and queue service in `run_scheduler`."""
 
     def __init__(
         self,
         log_: CommandLog,
-        scheduler: Scheduler,
-        inventory: Callable[[], Sequence[GpuView]],
+        admission: Admission,
+        inventory: Callable[[], Inventory],
+        analysis: WorkloadAnalysis,
         *,
         default_ttl_s: float,
         max_ttl_s: float,
         tick_interval_s: float = 0.5,
-        advisor: Advisor | None = None,
         clock: Callable[[], float],
-        rng: random.Random,
         on_decision: Callable[[str], None] = lambda outcome: None,
-        on_advice: Callable[[str, str], None] = lambda decided_by, reason: None,
     ) -> None:
         self.log = log_
-        self.scheduler = scheduler
+        self.admission = admission
         self.inventory = inventory
+        self.analysis = analysis
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
         self.tick_interval_s = tick_interval_s
-        self.advisor = advisor
         self._clock = clock
-        self._rng = rng
         self._on_decision = on_decision
-        self._on_advice = on_advice
-        self._pending: dict[GpuRef, int] = {}
-        # Enqueues proposed but not yet applied, so concurrent admits respect max_queue.
-        self._pending_enqueues = 0
-        self._inflight: dict[str, trio.Event] = {}
+        # request id -> set when the call that owns it finishes (see Admission.begin).
+        self._finished: dict[str, trio.Event] = {}
         self._wake = trio.Event()
 
     @property
     def table(self) -> LeaseTable:
         return self.log.table
-
-    def gpus(self) -> list[GpuView]:
-        """The GPUs the scheduler sees: live views, with operators' drains from the table."""
-        drained = self.table.drained()
-        views = self.inventory()
-        if not drained:
-            return list(views)
-        return [replace(v, drained=True) if v.ref in drained else v for v in views]
-
-    # ------------------------------------------------------------------ analysis
-
-    async def analyze(self, body: AllocateBody) -> Analysis:
-        """The built-in analyzer's figures, or the advisor's when it is set and answers well.
-
-        Raises InvalidRequest for workload data the analyzer rejects.
-        """
-        gpus = self.gpus()
-        estimate = analyze_workload(
-            body.workload_type, body.workload_data, gpu_memory_mb=_target_gpu_memory(gpus, body.gpu_model)
-        )
-        if self.advisor is None or body.fully_specified:
-            return Analysis(estimate, "analyzer", None)
-        advice = await self.advisor.advise(
-            body.service_name,
-            body.workload_type,
-            body.workload_data,
-            estimate,
-            max_gpus_per_node=max(_gpus_per_node(gpus).values(), default=1),
-        )
-        analysis = Analysis(advice.estimate, advice.decided_by, advice.fallback_reason)
-        largest = max((g.memory_total_mb for g in gpus), default=None)
-        if advice.decided_by == "advisor" and largest is not None and advice.estimate.min_memory_mb > largest:
-            # Advice no GPU here could satisfy would turn the request into a 400: the
-            # advisor may only refine the analyzer, never make a request unschedulable.
-            analysis = Analysis(
-                estimate, "analyzer", f"invalid_output: min_memory_mb above every GPU ({largest} MB)"
-            )
-        reason = (analysis.fallback_reason or "").split(":", 1)[0]
-        self._on_advice(analysis.decided_by, reason)
-        return analysis
 
     # ------------------------------------------------------------------ allocate
 
@@ -180,109 +122,50 @@ class LeaseService:
         """Place the request now, or queue it.
 
         Raises InvalidRequest/Unsatisfiable (400), Conflict (409: no capacity with
-        queue=false, or a request_id already used), QueueFull (503), StorageError.
+        queue=false, or a request_id already used), QueueFull (503), RaftError.
         """
         request_id = body.request_id or uuid.uuid4().hex
-        earlier = await self._earlier_answer(request_id, body.service_name)
-        if earlier is not None:
-            return earlier
-        done = self._inflight[request_id] = trio.Event()
+        while True:
+            step = self.admission.begin(request_id, body.service_name, self.table)
+            if isinstance(step, Repeat):
+                return step.outcome
+            if step is PROCEED:
+                break
+            await self._finished[request_id].wait()
+        finished = self._finished[request_id] = trio.Event()
         try:
-            analysis = await self.analyze(body)
+            analysis = await self.analysis.analyze(body)
+            now = self._clock()
             request = build_request(
                 body,
                 analysis.estimate,
                 decided_by=analysis.decided_by,
                 request_id=request_id,
-                now=self._clock(),
+                now=now,
                 default_ttl_s=self.default_ttl_s,
                 max_ttl_s=self.max_ttl_s,
             )
-            return await self._admit(request)
+            try:
+                command = self.admission.decide(request, self.table, self.inventory(), now)
+            except CoordinatorError as exc:
+                self._on_decision(f"rejected_{exc.code}")
+                raise
+            try:
+                result = await self.log.propose(command)
+            finally:
+                self.admission.settle(command)
+            outcome = self.admission.answer(command, result, self.table)
+            self._on_decision("allocated" if isinstance(command, Allocate) else "queued")
+            if not isinstance(command, Allocate):
+                self.wake()
+            return outcome
         finally:
-            del self._inflight[request_id]
-            done.set()
-
-    async def _earlier_answer(self, request_id: str, service_name: str) -> AllocateOutcome | None:
-        """The answer already given for `request_id`, waiting out one still in flight."""
-        while (event := self._inflight.get(request_id)) is not None:
-            await event.wait()
-        record = self.table.record(request_id)
-        if record is None:
-            return None
-        if record.service_name != service_name:
-            raise Conflict(
-                f"request_id {request_id} belongs to another service", code="request_id_conflict"
-            )
-        if record.status == ALLOCATED and record.allocation_id is not None:
-            alloc = self.table.allocation(record.allocation_id)
-            if alloc is not None:
-                return AllocateOutcome(request_id, allocation=alloc, repeated=True)
-        if record.status == QUEUED:
-            queued = self.table.queued(request_id)
-            if queued is not None:
-                return AllocateOutcome(
-                    request_id, queued=queued, position=self.queue_position(request_id), repeated=True
-                )
-        raise Conflict(
-            f"request_id {request_id} was already used and is {record.status}; "
-            "send a new request_id to allocate again",
-            code="request_id_used",
-        )
-
-    async def _admit(self, request: AllocationRequest) -> AllocateOutcome:
-        try:
-            command = self.scheduler.admit(
-                request,
-                self.table,
-                self.gpus(),
-                request.submitted_at,
-                pending=self._pending,
-                pending_enqueues=self._pending_enqueues,
-            )
-        except CoordinatorError as exc:
-            self._on_decision(f"rejected_{exc.code}")
-            raise
-        result = await self._propose_holding(command)
-        if not result.ok:
-            assert result.error is not None
-            raise result.error
-        if isinstance(command, Allocate):
-            self._on_decision("allocated")
-            return AllocateOutcome(request.request_id, allocation=command.allocation)
-        self._on_decision("queued")
-        self.wake()
-        queued = self.table.queued(request.request_id)
-        if queued is None:
-            # Placed by the scheduler between the Enqueue and this read.
-            return await self._earlier_answer(request.request_id, request.service_name) or AllocateOutcome(
-                request.request_id
-            )
-        return AllocateOutcome(
-            request.request_id, queued=queued, position=self.queue_position(request.request_id)
-        )
-
-    async def _propose_holding(self, command: Command) -> ApplyResult:
-        """Propose, counting an Allocate's GPUs as taken until it is applied."""
-        refs = [g.ref for g in command.allocation.gpus] if isinstance(command, Allocate) else []
-        enqueue = int(isinstance(command, Enqueue))
-        for ref in refs:
-            self._pending[ref] = self._pending.get(ref, 0) + 1
-        self._pending_enqueues += enqueue
-        try:
-            return await self.log.propose(command)
-        finally:
-            self._pending_enqueues -= enqueue
-            for ref in refs:
-                self._pending[ref] -= 1
-                if not self._pending[ref]:
-                    del self._pending[ref]
+            self.admission.finish(request_id)
+            del self._finished[request_id]
+            finished.set()
 
     def queue_position(self, request_id: str) -> int | None:
-        for position, queued in enumerate(self.table.queue(), start=1):
-            if queued.request.request_id == request_id:
-                return position
-        return None
+        return queue_position(self.table, request_id)
 
     # ------------------------------------------------------------------ release, renew, cancel
 
@@ -346,7 +229,7 @@ class LeaseService:
 
         Raises NotFound for a GPU the scheduler does not know.
         """
-        if not any(v.node == node and v.index == index for v in self.inventory()):
+        if self.inventory().get(GpuRef(node, index)) is None:
             raise NotFound(f"no GPU {node}/{index}")
         await self._propose_ok(SetDrain(self._clock(), node, index, drained, reason))
         self.wake()
@@ -367,6 +250,11 @@ class LeaseService:
             self.wake()  # GPUs were freed; the queue may be served once the host returns
         return result
 
+    async def record_outbox_progress(self, through: int) -> None:
+        """Replicate that every outbox row of entries at or below `through` is done (OutboxDelivered)."""
+        if through > self.table.outbox_delivered_through:
+            await self._propose_ok(OutboxDelivered(self._clock(), through))
+
     async def _propose_ok(self, command: Command) -> ApplyResult:
         result = await self.log.propose(command)
         if result.error is not None:
@@ -380,14 +268,14 @@ class LeaseService:
         self._wake.set()
 
     async def run_scheduler(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Expire leases, time out the queue and place waiting requests, forever."""
+        """Expire leases, time out the queue and place waiting requests, for as long as this leadership lasts."""
         task_status.started()
         while True:
             self._wake = trio.Event()
-            commands = self.scheduler.tick(self.table, self.gpus(), self._clock(), self._pending)
+            commands = self.admission.tick(self.table, self.inventory(), self._clock())
             if commands:
                 await self._propose_tick(commands)
-            deadline = self.scheduler.next_deadline(self.table)
+            deadline = self.admission.next_deadline(self.table)
             wait = self.tick_interval_s
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - self._clock()))
@@ -395,9 +283,6 @@ class LeaseService:
                 await self._wake.wait()
 
     async def _propose_tick(self, commands: list[Command]) -> None:
-        refs = [g.ref for c in commands if isinstance(c, Allocate) for g in c.allocation.gpus]
-        for ref in refs:
-            self._pending[ref] = self._pending.get(ref, 0) + 1
         try:
             results = await self.log.propose_many(commands)
         except RaftError as error:
@@ -411,10 +296,8 @@ class LeaseService:
             await trio.sleep(self.tick_interval_s)
             return
         finally:
-            for ref in refs:
-                self._pending[ref] -= 1
-                if not self._pending[ref]:
-                    del self._pending[ref]
+            for command in commands:
+                self.admission.settle(command)
         for command, result in zip(commands, results):
             if result.ok:
                 self._on_decision(_tick_outcome(command))
@@ -431,18 +314,3 @@ def _tick_outcome(command: Command) -> str:
     if isinstance(command, Cancel):
         return "queue_timeout"
     return type(command).__name__
-
-
-def _gpus_per_node(gpus: Sequence[GpuView]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for gpu in gpus:
-        counts[gpu.node] = counts.get(gpu.node, 0) + 1
-    return counts
-
-
-def _target_gpu_memory(gpus: Sequence[GpuView], gpu_model: str | None) -> int | None:
-    """The GPU memory an estimate should plan for: the requested model's, else the largest GPU's."""
-    candidates = [
-        g.memory_total_mb for g in gpus if gpu_model is None or gpu_model.lower() in g.name.lower()
-    ]
-    return max(candidates, default=None)

@@ -203,6 +203,7 @@ class MembershipService:
         self._wake = trio.Event()
         self._decoded: dict[str, Member] = {}
         self._bad_meta_logged: set[bytes] = set()
+        self._change_listeners: list[Callable[[str], None]] = []
         self.joined = trio.Event()
 
     # --- what others read ----------------------------------------------------------------
@@ -229,6 +230,21 @@ class MembershipService:
         for gone in set(self._decoded) - {v.name for v in views}:
             del self._decoded[gone]
         return [self._decode(view) for view in views]
+
+    def member(self, name: str) -> Member | None:
+        """One member by name, with decoded metadata (None when gossip does not know it)."""
+        if self._core is None:
+            return None
+        view = self._core.member(name)
+        return None if view is None else self._decode(view)
+
+    def on_change(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call `listener(name)` whenever a member joins, changes status or metadata, or leaves.
+
+        Returns the function that stops it.
+        """
+        self._change_listeners.append(listener)
+        return lambda: self._change_listeners.remove(listener)
 
     def member_counts(self) -> dict[str, int]:
         """Members by status, for gpu_orchestrator_cluster_members (every status present, 0 included)."""
@@ -343,6 +359,8 @@ class MembershipService:
     def _publish(self, event: MemberEvent) -> None:
         member = event.member
         self._decode(member)
+        for listener in self._change_listeners:
+            listener(member.name)
         if event.kind == "meta":
             log.debug("member %s updated its metadata (incarnation %d)", member.name, member.incarnation)
             return

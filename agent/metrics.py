@@ -406,13 +406,17 @@ class GossipCollector(Collector):
 
 
 class RaftCollector(Collector):
-    """The Raft log's indexes and the transport's drops, read at scrape time (Raft servers only)."""
+    """The Raft log's indexes and the transport's drops, read at scrape time (servers whose log runs)."""
 
-    def __init__(self, raft: RaftLog, stats: RaftTransportStats) -> None:
-        self._raft = raft
-        self._stats = stats
+    def __init__(self, raft: Callable[[], RaftLog | None], stats: Callable[[], RaftTransportStats | None]) -> None:
+        self._raft_now = raft
+        self._stats_now = stats
 
     def collect(self) -> Iterable[Metric]:
+        raft, stats = self._raft_now(), self._stats_now()
+        if raft is None or stats is None:
+            return
+        self._raft, self._stats = raft, stats
         yield GaugeMetricFamily(
             "gpu_orchestrator_raft_commit_index", "Highest log index known committed.", value=float(self._raft.commit_index)
         )

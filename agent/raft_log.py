@@ -1,11 +1,21 @@
-"""The replicated command log: a trio shell around `RaftCore`, with `LocalLog`'s interface.
+"""The replicated command log: a trio shell around `RaftCore`, the only log the agent has.
 
 Every change to the lease table goes through `propose(command)` on the leader,
 which returns once the command's entry is committed (on a majority's disks)
 and applied to this server's `LeaseTable`. Followers apply the same entries in
-the same order; `table` is each server's copy. `recover`, `propose`,
-`propose_many`, `run`, `on_applied` and the `Applied` records are those of
-agent/local_log.py, so the lease service above does not change.
+the same order; `table` is each server's copy. A lone agent is the same log
+with one voter: it elects itself as soon as `run` starts (`RaftCore.campaign`)
+and commits an entry once its own fsync returns.
+
+Leadership
+----------
+Role changes are events, not polls: after every loop turn the log compares
+(term, role, leader, ready) with what it last published and calls each
+`on_role` listener with a `RoleState` when it changed. `ready` is the core's
+`leader_ready`: this server leads *and* has applied an entry of its own term,
+so its table holds every write any earlier leader committed. Work that decides
+from the table (admission, the scheduler, the outbox, host loss) starts on a
+ready leadership and stops on any other state (agent/leadership.py).
 
 Theory of operation
 -------------------
@@ -104,8 +114,10 @@ entries stay in the log for followers that lag a little. An InstallSnapshot
 (`rd.snapshot`) replaces the table and drops the capture; `on_restored` (when
 given) lets derived state refresh, since the individual entries it skipped
 are never applied here. If `on_applied` fails, no snapshot is taken until a
-restart, so the replay of the log re-derives what the hook missed (LocalLog's
-rule). Outbox rows keyed by log index make that replay idempotent.
+restart, so the replay of the log re-derives what the hook missed. Outbox rows
+keyed by log index make that replay idempotent; once a compaction's snapshot
+is durable, `on_compacted(index)` lets the outbox drop the delivered rows of
+entries at or below it, which no replay can re-create.
 
 Error handling
 --------------
@@ -127,13 +139,12 @@ from typing import Awaitable, Callable, Protocol, Sequence
 import msgpack
 import trio
 
-from coordinator.commands import Command
+from coordinator.commands import Command, decode_command, encode_command
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.raft import NotLeader, ProposalRejected, RaftCore, RaftError, Ready, Role, initial_state
 from coordinator.raft_config import RaftConfig, lan
 from coordinator.raft_messages import Entry, EntryType, HardState, Message, NodeId, Snapshot, decode_voters
 
-from agent.local_log import Applied, OnApplied, decode_command, encode_command
 from agent.raft_storage import AsyncRaftStorage
 from agent.storage import StorageError
 
@@ -149,7 +160,35 @@ __all__ = [
     "ProposalUnknown",
     "RaftLog",
     "ReadUnconfirmed",
+    "RoleState",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One applied log entry, as `on_applied` receives it."""
+
+    index: int
+    command: Command
+    result: ApplyResult
+    # True for entries re-applied at start-up from the state file (they were answered before).
+    replayed: bool
+
+
+OnApplied = Callable[[Sequence[Applied]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RoleState:
+    """What `on_role` listeners hear: this server's role as of the end of a loop turn."""
+
+    term: int
+    role: Role
+    leader: NodeId | None
+    # Leading with an entry of this term applied (RaftCore.leader_ready).
+    ready: bool
+    # False once run() has ended: nothing of this log answers any more.
+    running: bool = True
 
 
 class ProposalLost(RaftError):
@@ -250,6 +289,7 @@ class RaftLog:
         rng: random.Random | None = None,
         bootstrap_voters: Sequence[NodeId] | None = None,
         on_restored: Callable[[], Awaitable[None]] | None = None,
+        on_compacted: Callable[[int], Awaitable[object]] | None = None,
         retention_s: float | None = None,
         propose_timeout_s: float = 10.0,
         inbox_limit: int = 8192,
@@ -266,6 +306,9 @@ class RaftLog:
         self._transport = transport
         self._on_applied = on_applied
         self._on_restored = on_restored
+        self._on_compacted = on_compacted
+        self._role_listeners: list[Callable[[RoleState], None]] = []
+        self._published: RoleState | None = None
         self._config = config or lan()
         self._config.validate()
         self._rng = rng or random.Random()
@@ -285,7 +328,7 @@ class RaftLog:
         # The table captured one snapshot round ago: (index, bytes).
         self._capture: tuple[int, bytes] | None = None
         self._capture_index = 0
-        # Metrics, as LocalLog's: the last persist's duration and entries written.
+        # Metrics: the last persist's duration and entries written.
         self.last_append_seconds = 0.0
         self.last_batch_size = 0
         self.dropped_messages = 0
@@ -304,6 +347,23 @@ class RaftLog:
         if self._core is None:
             raise RuntimeError("RaftLog.recover() first")
         return self._core
+
+    def on_role(self, listener: Callable[[RoleState], None]) -> None:
+        """Call `listener(state)` from the run loop whenever (term, role, leader, ready) changes.
+
+        Listeners run synchronously in the loop: they must not block (start a task, set an event).
+        """
+        self._role_listeners.append(listener)
+
+    @property
+    def role_state(self) -> RoleState:
+        core = self._require_core()
+        return RoleState(core.term, core.role, core.lead, core.leader_ready)
+
+    @property
+    def leader_ready(self) -> bool:
+        """This server leads and has applied an entry of its term (see "Leadership")."""
+        return self._require_core().leader_ready
 
     @property
     def role(self) -> Role:
@@ -511,6 +571,8 @@ class RaftLog:
         Raises StorageError when the state file refuses a Ready.
         """
         core = self._require_core()
+        if core.voters == (self.node_id,):
+            core.campaign()  # the only voter: nobody else can lead, so do not wait an election timeout
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ticker)
@@ -518,6 +580,7 @@ class RaftLog:
                 await self._loop(core)
         finally:
             self._fail_all()
+            self._publish(RoleState(core.term, core.role, None, False, running=False))
 
     async def _ticker(self) -> None:
         interval = self._config.tick_interval_s
@@ -538,8 +601,17 @@ class RaftLog:
             self._drop_unconfirmed_reads(core)
             if core.has_ready():
                 await self._handle_ready(core, core.ready())
+                self._publish(self.role_state)
                 continue
+            self._publish(self.role_state)
             await self._wakeup.wait()
+
+    def _publish(self, state: RoleState) -> None:
+        if state == self._published:
+            return
+        self._published = state
+        for listener in self._role_listeners:
+            listener(state)
 
     def _drain_inputs(self, core: RaftCore) -> None:
         reads: list[_Read] = []
@@ -652,7 +724,7 @@ class RaftLog:
             except Exception:
                 log.exception("post-apply hook failed for entries %d..%d", applied[0].index, applied[-1].index)
                 self._hooks_complete = False
-        for waiter in settled:  # after the hook, as LocalLog does
+        for waiter in settled:  # after the hook: an answered write has its outbox rows
             waiter.done.set()
         core.advance(rd)  # 4.
         self._release_reads(core, rd)
@@ -757,6 +829,12 @@ class RaftLog:
             await self._storage.save_snapshot(snapshot)
         except StorageError as error:
             log.error("raft: storing the snapshot at %d failed (the log on disk is kept): %s", snapshot.index, error)
+            return
+        if self._on_compacted is not None:
+            try:
+                await self._on_compacted(snapshot.index)
+            except Exception:
+                log.exception("post-compaction hook failed at %d (retried at the next compaction)", snapshot.index)
 
     def _fail_all(self) -> None:
         """run() ended: nobody will answer the waiting proposers."""

@@ -160,11 +160,16 @@ class RaftStorage:
         """Write what a Ready asks for, all or nothing (see the module docstring)."""
         if hard_state is None and snapshot is None and truncate_from is None and not entries:
             return  # nothing durable in this Ready: no transaction, no fsync
-        self._tx(lambda db: _write(db, hard_state, snapshot, truncate_from, entries), timed=True)
+        self._tx(lambda db: write_state(db, hard_state, snapshot, truncate_from, entries), timed=True)
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store a compaction's snapshot and delete the entries it covers; raises StorageError."""
-        self._tx(lambda db: _write(db, None, snapshot, None, ()), timed=True)
+        self._tx(lambda db: write_state(db, None, snapshot, None, ()), timed=True)
+
+    def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one fsync'd transaction on the state file (start-up work such as
+        agent/state_migration.py's); raises StorageError after a rollback."""
+        return self._tx(work, timed=False)
 
     def _tx(self, work: Callable[[sqlite3.Connection], T], *, timed: bool) -> T:
         with self._lock:  # the async wrapper serializes already; this guards direct use
@@ -183,13 +188,14 @@ class RaftStorage:
             return result
 
 
-def _write(
+def write_state(
     db: sqlite3.Connection,
     hard_state: HardState | None,
     snapshot: Snapshot | None,
     truncate_from: int | None,
     entries: Sequence[Entry],
 ) -> None:
+    """Write a Ready's durable parts inside the caller's transaction."""
     # The order matters: the snapshot first (it makes older entries redundant),
     # then the truncation of a conflicting suffix, then the new entries.
     if snapshot is not None:

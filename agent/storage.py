@@ -1,28 +1,31 @@
-"""The agent's state file: command log, snapshots and the event outbox in SQLite.
+"""The state file's outbox, and what every table in the file shares: WAL, fsync, one transaction at a time.
 
 Resource handling
 -----------------
 One SQLite file (`state.db` in the data dir) in WAL mode with
-`synchronous=FULL`: a committed transaction has been fsync'd, so whatever
-`append` returned from survives a power cut. A single connection serves all
-calls; `AsyncStateStore` runs them one at a time in a worker thread so the trio
-loop never blocks on disk.
+`synchronous=FULL`: a committed transaction has been fsync'd, so whatever a
+write returned from survives a power cut. The Raft tables (agent/raft_storage.py)
+live in the same file with a connection of their own; this module holds the
+outbox's. `AsyncStateStore` runs its calls one at a time in a worker thread so
+the trio loop never blocks on disk.
 
 Layout
 ------
-- `log(idx, term, data)`: msgpack-encoded commands, contiguous indices.
-- `snapshot(id=1, idx, term, data)`: the lease table as of `idx`; log rows at or
-  below it are deleted when it is written.
 - `outbox(...)`: webhook and workflow events waiting for delivery. Rows are keyed
   by the log index that caused them, inserted with INSERT OR IGNORE, so
   replaying log entries after a crash re-creates missing rows and never
-  duplicates present ones. Delivered rows are kept until a snapshot covers their
-  log index, for the same reason.
+  duplicates present ones. Every server derives the rows, only the leader
+  delivers them; the leader's progress is replicated (`OutboxDelivered`), and
+  each server then drops the rows at or below it (`drop_outbox_through`). A
+  delivered row is also dropped once a snapshot covers its log index
+  (`prune_outbox`, when the Raft log compacts): no replay re-creates it.
+
+Files written before the lone agent ran on Raft also hold `log` and `snapshot`
+tables; agent/state_migration.py turns them into Raft state and drops them.
 
 Error handling
 --------------
-Any sqlite3 error is raised as StorageError; the caller decides (a failed
-append fails the proposals in that batch and applies none of them).
+Any sqlite3 error is raised as StorageError; the caller decides.
 """
 
 from __future__ import annotations
@@ -39,17 +42,6 @@ from agent.outbox import OutboxItem
 T = TypeVar("T")
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS log (
-    idx INTEGER PRIMARY KEY,
-    term INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS snapshot (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    idx INTEGER NOT NULL,
-    term INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
 CREATE TABLE IF NOT EXISTS outbox (
     id TEXT PRIMARY KEY,
     log_index INTEGER NOT NULL,
@@ -82,15 +74,6 @@ class OutboxRow:
     url: str
     payload: bytes
     created_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedState:
-    """What start-up replays: the latest snapshot and the log entries after it."""
-
-    snapshot_index: int
-    snapshot: bytes | None
-    entries: list[tuple[int, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,44 +127,36 @@ class StateStore:
         except sqlite3.Error as exc:
             raise StorageError(f"state file {self.path}: {exc}") from exc
 
-    def load(self) -> LoadedState:
-        """The snapshot (if any) and every log entry after it, in index order."""
+    def prune_outbox(self, upto_log_index: int) -> int:
+        """Delete delivered and given-up rows caused by entries at or below `upto_log_index`; returns how many.
 
-        def read(db: sqlite3.Connection) -> LoadedState:
-            row = db.execute("SELECT idx, data FROM snapshot WHERE id = 1").fetchone()
-            index, data = (0, None) if row is None else (int(row[0]), bytes(row[1]))
-            entries = [
-                (int(i), bytes(d))
-                for i, d in db.execute("SELECT idx, data FROM log WHERE idx > ? ORDER BY idx", (index,))
-            ]
-            return LoadedState(index, data, entries)
+        Call it once a snapshot at that index is durable: those entries are never
+        replayed again, so nothing can re-create the rows.
+        """
 
-        return self._tx(read)
-
-    def append(self, entries: Sequence[tuple[int, bytes]], term: int = 0) -> None:
-        """Write log entries in one fsync'd transaction."""
-        self._tx(
-            lambda db: db.executemany(
-                "INSERT INTO log (idx, term, data) VALUES (?, ?, ?)",
-                [(i, term, d) for i, d in entries],
-            )
-        )
-
-    def save_snapshot(self, index: int, data: bytes, term: int = 0) -> None:
-        """Store the snapshot at `index` and drop what it makes redundant."""
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT OR REPLACE INTO snapshot (id, idx, term, data) VALUES (1, ?, ?, ?)",
-                (index, term, data),
-            )
-            db.execute("DELETE FROM log WHERE idx <= ?", (index,))
-            db.execute(
+        def prune(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
                 "DELETE FROM outbox WHERE log_index <= ? AND (delivered_at IS NOT NULL OR gave_up = 1)",
-                (index,),
+                (upto_log_index,),
             )
+            return int(cursor.rowcount)
 
-        self._tx(write)
+        return self._tx(prune)
+
+    def drop_outbox_through(self, log_index: int) -> int:
+        """Delete every row caused by entries at or below `log_index`, delivered or not; returns how many.
+
+        For `OutboxDelivered` (coordinator/commands.py): the leader delivered (or gave
+        up on) all of them, so no server keeps them, and none re-creates them.
+        """
+        return self._tx(lambda db: int(db.execute("DELETE FROM outbox WHERE log_index <= ?", (log_index,)).rowcount))
+
+    def delivered_through(self, applied_index: int) -> int:
+        """The highest log index at or below which no row waits for delivery (`applied_index` when none waits)."""
+        row = self._tx(
+            lambda db: db.execute("SELECT MIN(log_index) FROM outbox WHERE delivered_at IS NULL AND gave_up = 0").fetchone()
+        )
+        return applied_index if row is None or row[0] is None else min(applied_index, int(row[0]) - 1)
 
     # ------------------------------------------------------------------ outbox
 
@@ -255,14 +230,14 @@ class AsyncStateStore:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def load(self) -> LoadedState:
-        return await self._run(self.sync.load)
+    async def prune_outbox(self, upto_log_index: int) -> int:
+        return await self._run(self.sync.prune_outbox, upto_log_index)
 
-    async def append(self, entries: Sequence[tuple[int, bytes]], term: int = 0) -> None:
-        await self._run(self.sync.append, entries, term)
+    async def drop_outbox_through(self, log_index: int) -> int:
+        return await self._run(self.sync.drop_outbox_through, log_index)
 
-    async def save_snapshot(self, index: int, data: bytes, term: int = 0) -> None:
-        await self._run(self.sync.save_snapshot, index, data, term)
+    async def delivered_through(self, applied_index: int) -> int:
+        return await self._run(self.sync.delivered_through, applied_index)
 
     async def add_outbox(self, rows: Sequence[OutboxRow]) -> None:
         await self._run(self.sync.add_outbox, rows)

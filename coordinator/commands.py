@@ -6,14 +6,16 @@ same log gives the same table on every server and on every replay. A command
 that no longer fits the state when it is applied (a GPU taken meanwhile, an id
 already released) is rejected deterministically: every replica rejects it too.
 
-Commands travel as plain dicts (`to_wire` / `command_from_wire`), which the
-storage layer packs with msgpack.
+Commands travel as plain dicts (`to_wire` / `command_from_wire`); in a log
+entry they are msgpack'd (`encode_command` / `decode_command`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
+
+import msgpack
 
 from coordinator.errors import InvalidRequest
 from coordinator.model import Allocation, AllocationRequest, Wire
@@ -168,7 +170,24 @@ class MarkHostLost:
         return wire
 
 
-Command = Union[Allocate, Enqueue, Release, Renew, Cancel, SetDrain, ReportGpuHealth, MarkHostLost]
+@dataclass(frozen=True, slots=True)
+class OutboxDelivered:
+    """Every outbox row caused by entries at or below `through` was delivered or given up.
+
+    Every server derives the same outbox rows from the log, but only the leader
+    delivers them. The leader proposes its delivery progress, so every server
+    drops those rows (a follower's outbox would otherwise grow forever) and a
+    new leader does not deliver them again.
+    """
+
+    at: float
+    through: int
+
+    def to_wire(self) -> Wire:
+        return {"op": "outbox_delivered", "at": self.at, "through": self.through}
+
+
+Command = Union[Allocate, Enqueue, Release, Renew, Cancel, SetDrain, ReportGpuHealth, MarkHostLost, OutboxDelivered]
 
 
 def command_from_wire(w: Mapping[str, Any]) -> Command:
@@ -208,4 +227,20 @@ def command_from_wire(w: Mapping[str, Any]) -> Command:
             raise InvalidRequest(f"mark_host_lost needs a node name, got {node!r}", code="invalid_command")
         before = w.get("allocated_before")
         return MarkHostLost(at, node, None if before is None else float(before))
+    if op == "outbox_delivered":
+        return OutboxDelivered(at, int(w["through"]))
     raise InvalidRequest(f"unknown command op {op!r}", code="unknown_command")
+
+
+def encode_command(command: Command) -> bytes:
+    """A log entry's bytes for `command`."""
+    data: bytes = msgpack.packb(command.to_wire(), use_bin_type=True)
+    return data
+
+
+def decode_command(data: bytes) -> Command:
+    """The command in a log entry written by `encode_command`.
+
+    Raises InvalidRequest for an unknown op; msgpack's errors for bytes that are not msgpack.
+    """
+    return command_from_wire(msgpack.unpackb(data, raw=False))

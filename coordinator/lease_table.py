@@ -38,6 +38,7 @@ from coordinator.commands import (
     Command,
     Enqueue,
     MarkHostLost,
+    OutboxDelivered,
     Release,
     Renew,
     ReportGpuHealth,
@@ -101,6 +102,8 @@ class LeaseTable:
         # (ended_at, request_id) of finished records, for pruning in time order.
         self._finished: list[tuple[float, str]] = []
         self._clock = 0.0
+        # The leader's delivery progress (OutboxDelivered): rows of entries at or below it are done.
+        self._outbox_delivered_through = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -146,6 +149,11 @@ class LeaseTable:
             if any(self._gpu_health.get(g.ref, (HEALTHY,))[0] == UNHEALTHY for g in a.gpus)
         ]
 
+    @property
+    def outbox_delivered_through(self) -> int:
+        """Log index at or below which every outbox row was delivered or given up (0: none yet)."""
+        return self._outbox_delivered_through
+
     def queue(self) -> list[QueuedRequest]:
         """Waiting requests in strict priority order (the order the scheduler serves)."""
         return sorted(self._queue.values(), key=lambda q: q.request.rank_key())
@@ -181,6 +189,8 @@ class LeaseTable:
                 result = self._set_drain(command)
             elif isinstance(command, MarkHostLost):
                 result = self._mark_host_lost(command)
+            elif isinstance(command, OutboxDelivered):
+                result = self._outbox_delivered(command)
             else:
                 result = self._report_health(command)
         except CoordinatorError as exc:
@@ -303,6 +313,15 @@ class LeaseTable:
             events.append(LeaseEvent("lost", cmd.at, alloc.request, allocation=alloc, reason="host_lost"))
         return ApplyResult(events=tuple(events), affected=tuple(a.allocation_id for a in lost))
 
+    def _outbox_delivered(self, cmd: OutboxDelivered) -> ApplyResult:
+        if cmd.through <= self._outbox_delivered_through:
+            # A stale report (a previous leader's, applied late): progress never goes back.
+            raise Conflict(
+                f"outbox already delivered through {self._outbox_delivered_through}", code="stale_outbox_progress"
+            )
+        self._outbox_delivered_through = cmd.through
+        return ApplyResult()
+
     def _renew(self, cmd: Renew) -> ApplyResult:
         alloc = self._allocations.get(cmd.allocation_id)
         if alloc is None:
@@ -409,6 +428,7 @@ class LeaseTable:
                 [ref.node, ref.index, state, list(reasons)]
                 for ref, (state, reasons) in sorted(self._gpu_health.items())
             ],
+            "outbox_delivered_through": self._outbox_delivered_through,
         }
 
     @classmethod
@@ -441,6 +461,7 @@ class LeaseTable:
             table._drained[GpuRef(str(node), int(index))] = str(why)
         for node, index, state, reasons in snap.get("gpu_health", ()):
             table._gpu_health[GpuRef(str(node), int(index))] = (str(state), tuple(str(r) for r in reasons))
+        table._outbox_delivered_through = int(snap.get("outbox_delivered_through", 0))
         return table
 
 

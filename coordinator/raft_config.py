@@ -56,7 +56,7 @@ class RaftConfig:
     # server uses 512). Bounds the memory a slow follower can pin on the leader.
     max_inflight_messages: int = 256
     # The shell captures a state-machine snapshot every snapshot_every applied entries
-    # (etcd's default SnapshotCount is 10,000; LocalLog uses the same) and compacts the
+    # (etcd's default SnapshotCount is 10,000) and compacts the
     # log to the snapshot captured one round earlier, so at least snapshot_every entries
     # stay in the log and a follower that lags a little catches up without a snapshot
     # (the role of etcd's SnapshotCatchUpEntries).

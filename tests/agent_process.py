@@ -201,7 +201,7 @@ def cluster_agents(
 
 
 def start_together(agents: Sequence[AgentProcess]) -> None:
-    """Start every agent, then wait for each: founding servers answer only once all of them are up."""
+    """Start every agent, then wait until each answers /healthz (so they start about together)."""
     for agent in agents:
         agent.start(wait=False)
     for agent in agents:

@@ -60,3 +60,10 @@ def test_nonsense_is_refused(tmp_path: Path, toml: str, message: str) -> None:
 def test_a_gossip_port_on_the_http_port_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="gossip_port"):
         load(tmp_path, ["--port", "9000", "--gossip-port", "9000"])
+
+
+def test_snapshot_every_has_etcds_default_and_refuses_a_tiny_round(tmp_path: Path) -> None:
+    assert load(tmp_path, []).cluster.snapshot_every == 10_000
+    assert load(tmp_path, [], "[cluster]\nsnapshot_every = 500\n").cluster.snapshot_every == 500
+    with pytest.raises(ConfigError, match=r"\[cluster\] snapshot_every must be an integer >= 100"):
+        load(tmp_path, [], "[cluster]\nsnapshot_every = 10\n")

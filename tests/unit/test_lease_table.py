@@ -492,3 +492,17 @@ def test_restore_refuses_an_unknown_snapshot_version() -> None:
     snap = LeaseTable().snapshot()
     with pytest.raises(ValueError, match="version"):
         LeaseTable.restore(snap | {"version": 99})
+
+
+def test_outbox_progress_only_moves_forward_and_survives_a_snapshot() -> None:
+    from coordinator.commands import OutboxDelivered, command_from_wire
+
+    table = LeaseTable()
+    assert table.outbox_delivered_through == 0
+    assert table.apply(OutboxDelivered(10.0, 40)).ok
+    stale = table.apply(OutboxDelivered(11.0, 40))
+    assert stale.error is not None and stale.error.code == "stale_outbox_progress"
+    assert table.outbox_delivered_through == 40 and table.clock == 10.0  # a refusal changes nothing
+    assert table.apply(command_from_wire(OutboxDelivered(12.0, 55).to_wire())).ok
+    restored = LeaseTable.restore(table.snapshot())
+    assert restored.outbox_delivered_through == 55 and restored.snapshot() == table.snapshot()

@@ -21,7 +21,7 @@ from coordinator.raft import RaftCore, RaftState, Ready, Role, initial_state
 from coordinator.raft_config import local
 from coordinator.raft_messages import Entry, EntryType, HardState, Snapshot
 from agent.raft_storage import AsyncRaftStorage, RaftStorage
-from agent.storage import StateStore, StorageError
+from agent.storage import OutboxRow, StateStore, StorageError
 
 
 def ready(
@@ -106,15 +106,15 @@ def test_a_ready_with_nothing_durable_writes_nothing(tmp_path: Path) -> None:
     store.close()
 
 
-def test_raft_tables_live_beside_the_single_server_tables(tmp_path: Path) -> None:
+def test_raft_tables_live_beside_the_outbox(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    single = StateStore(path)
-    single.append([(1, b"local-cmd")])
+    outbox = StateStore(path)
+    outbox.add_outbox([OutboxRow("1.0.graph", 1, "graph", "http://127.0.0.1:9/", b"{}", 1.0)])
     store = RaftStorage(path)
     store.persist_ready(ready(HardState(1, None, 1), entries=entries(1, 1, 1)))
     store.close()
-    assert single.load().entries == [(1, b"local-cmd")]
-    single.close()
+    assert outbox.outbox_counts().pending == 1
+    outbox.close()
     assert reopen(path).entries == entries(1, 1, 1)
 
 
@@ -136,13 +136,13 @@ _CRASH_MID_TRANSACTION = textwrap.dedent(
     import agent.raft_storage as rs
 
     store = rs.RaftStorage(Path(sys.argv[1]))
-    real_write = rs._write
+    real_write = rs.write_state
 
     def write_then_die(db, *args):
         real_write(db, *args)  # every row of the Ready is written, the COMMIT never runs
         os._exit(9)
 
-    rs._write = write_then_die
+    rs.write_state = write_then_die
     store.persist(HardState(5, "x", 4), None, 2, [Entry(2, 5, data=b"unacknowledged")])
     """
 )
