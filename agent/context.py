@@ -13,8 +13,9 @@ from coordinator.model import UNHEALTHY, GpuRef
 from coordinator.views import rfc3339
 
 from agent.api_keys import ApiKeyring
-from agent.config import AgentConfig
+from agent.config import AgentConfig, exposure_warnings
 from agent.device_sampler import DeviceSampler, GpuSnapshot
+from agent.http_listener import ApiTls
 from agent.devices.base import GpuReading
 from agent.lease_service import LeaseService
 from agent.cluster import ClusterRuntime, CommandLog, server_problem
@@ -87,6 +88,8 @@ class AgentContext:
     membership: MembershipService | None = None
     # Raft modes (server or client); None for a lone agent on LocalLog.
     cluster: ClusterRuntime | None = None
+    # The API's TLS contexts, reloaded on SIGHUP; None in set-ups without a listener.
+    tls: ApiTls | None = None
 
     @property
     def node(self) -> str:
@@ -110,6 +113,10 @@ class AgentContext:
             "role": role,
             "leader": leader,
             "started_at": rfc3339(self.started_at),
+            # The Go service's /healthz had it: when this answer was made.
+            "timestamp": rfc3339(time.time()),
+            # Set-up choices that make this agent unsafe to expose (auth off beyond loopback, ...).
+            "warnings": exposure_warnings(self.config),
             "devices": {
                 "backend": self.sampler.backend.kind,
                 "gpus": len(self.sampler.readings),
@@ -265,7 +272,7 @@ class AgentContext:
                     "leader": is_self if self.cluster is None else view.name == raft_leader,
                     "incarnation": view.incarnation,
                     "addresses": {
-                        "http": self.advertise_http if is_self else (f"http://{meta.http_address}" if meta else None),
+                        "http": self.advertise_http if is_self else (meta.http_url if meta else None),
                         "gossip": f"{view.address[0]}:{view.address[1]}",
                         "raft": meta.raft_address if meta else None,
                     },
