@@ -60,11 +60,12 @@ from coordinator.views import graph_event, webhook_payload
 from agent.advisor import DeepAgentsAdvisor
 from agent.api_keys import ApiKeyError, ApiKeyring
 from agent.cluster import ClientLog, ClusterRuntime, CommandLog, raft_mode, run_while
-from agent.config import AgentConfig, ConfigError, restart_needed_keys
+from agent.config import AgentConfig, ConfigError, graph_events_url, restart_needed_keys
 from agent.context import AgentContext
 from agent.device_sampler import DeviceSampler
 from agent.devices import backend_from_config
 from agent.host_loss import HostLossWatcher
+from agent.http_listener import ApiTls, advertised_http_url, hypercorn_config
 from agent.http_api import create_app
 from agent.lease_service import LeaseService
 from agent.local_log import Applied, LocalLog
@@ -121,6 +122,7 @@ async def run_agent(
     astore = AsyncStateStore(store)
     metrics = AgentMetrics()
     node = config.agent.node_name
+    tls = ApiTls(config.http)
 
     # A simulated fleet is seeded by the node name so its GPU UUIDs survive a
     # restart, as real ones do: leases in the state file name GPUs by UUID.
@@ -162,7 +164,7 @@ async def run_agent(
         # bind address when it names one; webhooks and the advisor keep `client`.
         httpx.AsyncClient(
             headers={"User-Agent": f"gpu-orchestrator/{version}"},
-            transport=httpx.AsyncHTTPTransport(local_address=local_address_for(config.http.bind)),
+            transport=httpx.AsyncHTTPTransport(local_address=local_address_for(config.http.bind), verify=tls.peer),
         ) as peer_client,
         trio.open_nursery() as early,
     ):
@@ -174,7 +176,7 @@ async def run_agent(
             rng=rng,
             on_outcome=lambda kind, outcome: metrics.outbox.labels(kind, outcome).inc(),
         )
-        graph_url = config.integrations.graph_service_url or None
+        graph_url = graph_events_url(config.integrations.graph_service_url)
 
         async def on_applied(entries: Sequence[Applied]) -> None:
             rows = _outbox_rows(entries, node, graph_url)
@@ -301,7 +303,7 @@ async def run_agent(
             advisor=advisor,
             clock=time.time,
             rng=rng,
-            on_decision=lambda outcome: metrics.scheduling.labels(outcome).inc(),
+            on_decision=metrics.count_decision,
             on_advice=lambda decided_by, reason: metrics.advisor.labels(decided_by, reason).inc(),
         )
         keyring = ApiKeyring.load(Path(config.auth.keys_file)) if config.auth.enabled else None
@@ -316,6 +318,7 @@ async def run_agent(
             started_at=time.time(),
             membership=membership,
             cluster=cluster_rt,
+            tls=tls,
         )
         metrics.attach_state(
             StateCollector(
@@ -338,11 +341,7 @@ async def run_agent(
         if mode != "client":
             sampler.on_health_change(lambda index, health: health_send.send_nowait((index, health)))
         app = create_app(ctx)
-        hconfig = HypercornConfig()
-        hconfig.bind = [_bind_address(config.http.bind, config.http.port)]
-        hconfig.accesslog = None
-        hconfig.errorlog = logging.getLogger("hypercorn.error")
-        hconfig.graceful_timeout = 10.0
+        hconfig = hypercorn_config(config, tls)
 
         shutdown, served = trio.Event(), trio.Event()
         async with trio.open_nursery() as nursery:
@@ -377,7 +376,7 @@ async def run_agent(
             nursery.start_soon(_wait_for_signal, shutdown, notifier)
             nursery.start_soon(_reload_on_sighup, ctx, notifier, reload_config)
             bound: list[str] = await nursery.start(_serve, app, hconfig, shutdown, served)
-            ctx.advertise_http = bound[0] if bound else ""
+            ctx.advertise_http = advertised_http_url(config, membership.advertise)
             log.info(
                 "gpu-agent %s serving on %s as node %r with %d GPU(s) (%s backend)",
                 version,
@@ -512,6 +511,8 @@ def _reload(ctx: AgentContext, reload_config: Callable[[], AgentConfig] | None) 
             done.append(f"API keys NOT reloaded, keeping {len(ctx.keyring)} key(s) ({error})")
         else:
             done.append(f"API keys: {count} key(s) from {ctx.config.auth.keys_file}")
+    if ctx.tls is not None:
+        done.append(ctx.tls.reload())
     keyring_file = ctx.membership.keyring if ctx.membership is not None else None
     if keyring_file is None:
         done.append("cluster key: none configured")
@@ -601,10 +602,6 @@ async def _report_one(service: LeaseService, node: str, index: int, health: GpuH
         log.exception("could not record health of GPU %s/%d", node, index)
 
 
-def _bind_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _outbox_rows(entries: Sequence[Applied], node: str, graph_url: str | None) -> list[OutboxRow]:
     """The deliveries each applied event causes, keyed by log index so a replay re-creates, never duplicates."""
     rows: list[OutboxRow] = []
@@ -633,7 +630,7 @@ def _outbox_rows(entries: Sequence[Applied], node: str, graph_url: str | None) -
 def _count_events(metrics: AgentMetrics, entry: Applied) -> None:
     for event in entry.result.events:
         if event.kind == "allocated" and event.was_queued and event.allocation is not None:
-            metrics.queue_wait.observe(max(0.0, event.allocation.allocated_at - event.request.submitted_at))
+            metrics.observe_queue_wait(max(0.0, event.allocation.allocated_at - event.request.submitted_at))
         elif event.kind == "expired" and event.reason == "lease_ttl":
             metrics.leases_expired.inc()
         elif event.kind == "gpu_unhealthy":
