@@ -189,6 +189,13 @@ class AgentContext:
                 for remote in self.membership.cluster_gpus()
                 if remote.node != self.node
             ]
+            if self.cluster is not None and self.holds_table:
+                # Gossip carries only a drained flag; a replica of the table also knows why.
+                drained = self.service.table.drained()
+                for row in rows:
+                    reason = drained.get(GpuRef(row["node"], row["index"]))
+                    if row["source"] == "gossip" and reason is not None:
+                        row["drained"], row["drain_reason"] = True, reason or None
         rows.sort(key=lambda row: (row["node"], row["index"]))
         return rows
 
