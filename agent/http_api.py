@@ -124,17 +124,17 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             limit()
             return
         presented = extract_presented_key(request.headers, ctx.config.auth.header_name)
+        g.principal = None if presented is None else ctx.keyring.authenticate(presented)
+        # Before the 401s: a client guessing keys is limited by its address.
+        limit()
         if presented is None:
             raise ApiError(
                 401,
                 "unauthorized",
                 f"an API key is required ({ctx.config.auth.header_name} header or Authorization: Bearer)",
             )
-        principal = ctx.keyring.authenticate(presented)
-        if principal is None:
+        if g.principal is None:
             raise ApiError(401, "unauthorized", "the API key is not valid")
-        g.principal = principal
-        limit()
 
     def limit() -> None:
         """Take a token for the caller (its key, else its address); raise 429 when its bucket is empty."""
@@ -143,7 +143,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         principal: ApiKey | None = g.principal
         if principal is not None:
             who = f"key {principal.name!r}"
-        elif FORWARDED_BY in request.headers:
+        elif ctx.keyring is None and FORWARDED_BY in request.headers:
             return  # auth off: counted at the agent the client called (docs/operations.md)
         else:
             who = f"address {request.remote_addr}"

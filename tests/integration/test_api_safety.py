@@ -177,6 +177,12 @@ def test_rate_limit_per_key_answers_429_and_every_write_is_audited(tmp_path: Pat
             assert lines[1].startswith("action=allocate outcome=denied status=403 key=beta service=alpha ")
             assert lines[2].startswith(f"action=allocate outcome=ok status=200 key=beta service=beta ids={allocation_id},")
             assert all(line.endswith("via=-") for line in lines)
+            # Without a valid key a client is counted by its address, so guessing keys is throttled too.
+            guesses = [
+                httpx.get(f"{agent.url}/gpu/list", headers={"X-API-Key": f"guess-{n}"}, timeout=10).status_code
+                for n in range(4)
+            ]
+            assert guesses == [401, 401, 401, 429]
             metrics = beta.get("/metrics").text
             for outcome in ("rate_limited", "denied", "ok"):
                 assert f'gpu_orchestrator_audit_writes_total{{action="allocate",outcome="{outcome}"}} 1.0' in metrics
