@@ -101,6 +101,9 @@ class AuditTrail:
 
     def __init__(self, counter: Counter) -> None:
         self._counter = counter
+        # An audit trail that a quieter [agent] log_level (warning, error) switched off
+        # would fail exactly when it is needed: its lines are emitted at INFO regardless.
+        log.setLevel(logging.INFO)
 
     def record(
         self,

@@ -90,6 +90,17 @@ def test_audit_ids_come_from_request_and_answer_once_each() -> None:
     assert ids_in({"node": "gpu-2", "index": 3}, None, "not json") == ["gpu-2/3"]
 
 
+def test_a_quiet_log_level_does_not_silence_the_audit_trail() -> None:
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.ERROR)
+        AuditTrail(Counter("writes", "test", ["action", "outcome"], registry=CollectorRegistry()))
+        assert logging.getLogger(AUDIT_LOGGER).isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(level)
+
+
 def test_an_audit_line_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
     registry = CollectorRegistry()
     counter = Counter("audit_writes", "test", ["action", "outcome"], registry=registry)
@@ -103,3 +114,12 @@ def test_an_audit_line_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -
         "client=10.0.0.9 via=-"
     ]
     assert registry.get_sample_value("audit_writes_total", {"action": "release", "outcome": "denied"}) == 1.0
+
+
+def test_listening_beyond_loopback_with_auth_off_is_logged_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="agent.http_listener"):
+        hypercorn_config(config(bind="127.0.0.1"), ApiTls(HttpSection()))
+        assert caplog.messages == []
+        hypercorn_config(config(bind="0.0.0.0"), ApiTls(HttpSection()))
+    (warning,) = caplog.messages
+    assert "0.0.0.0:8086" in warning and "[auth] enabled = false" in warning
