@@ -116,13 +116,14 @@ async def run_agent(
     it, SIGHUP reloads only the key files).
     """
     env = os.environ if environ is None else environ
+    # First: a certificate that does not load is a configuration error, before any state is opened.
+    tls = ApiTls(config.http)
     notifier = Notifier.from_environ(env)
     rng = random.SystemRandom()
     store = StateStore(Path(config.agent.data_dir) / STATE_FILE)
     astore = AsyncStateStore(store)
     metrics = AgentMetrics()
     node = config.agent.node_name
-    tls = ApiTls(config.http)
 
     # A simulated fleet is seeded by the node name so its GPU UUIDs survive a
     # restart, as real ones do: leases in the state file name GPUs by UUID.

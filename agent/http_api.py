@@ -66,8 +66,8 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     409: "conflict",
     413: "body_too_large",
-    429: "rate_limited",
     415: "unsupported_media_type",
+    429: "rate_limited",
     503: "unavailable",
 }
 
