@@ -72,13 +72,14 @@ from coordinator.swim_config import profile as swim_profile
 from agent.advisor import DeepAgentsAdvisor
 from agent.api_keys import ApiKeyError, ApiKeyring
 from agent.cluster import ClusterRuntime
-from agent.config import AgentConfig, ConfigError, restart_needed_keys
+from agent.config import AgentConfig, ConfigError, graph_events_url, restart_needed_keys
 from agent.context import AgentContext
 from agent.device_sampler import DeviceSampler
 from agent.devices import backend_from_config
 from agent.devices.base import DeviceBackend
 from agent.health_reporting import record_remote_health, report_local_health
 from agent.host_loss import HostLossWatcher
+from agent.http_listener import ApiTls, advertised_http_url, hypercorn_config
 from agent.http_api import create_app
 from agent.inventory_feed import InventoryFeed
 from agent.leadership import LeaderTask, Leadership
@@ -125,6 +126,8 @@ async def run_agent(
     it, SIGHUP reloads only the key files).
     """
     env = os.environ if environ is None else environ
+    # First: a certificate that does not load is a configuration error, before any state is opened.
+    tls = ApiTls(config.http)
     notifier = Notifier.from_environ(env)
     rng = random.SystemRandom()
     metrics = AgentMetrics()
@@ -144,7 +147,7 @@ async def run_agent(
             # bind address when it names one; webhooks and the advisor keep `client`.
             httpx.AsyncClient(
                 headers={"User-Agent": f"gpu-orchestrator/{version}"},
-                transport=httpx.AsyncHTTPTransport(local_address=local_address_for(config.http.bind)),
+                transport=httpx.AsyncHTTPTransport(local_address=local_address_for(config.http.bind), verify=tls.peer),
             ) as peer_client,
         ):
             deliverer = OutboxDeliverer(
@@ -166,7 +169,7 @@ async def run_agent(
                 rng=rng,
             )
             # 4. Replication, with what every applied entry causes.
-            effects = _AppliedEffects(node, config.integrations.graph_service_url or None, astore, deliverer, backend, metrics)
+            effects = _AppliedEffects(node, graph_events_url(config.integrations.graph_service_url), astore, deliverer, backend, metrics)
             replication = Replication(
                 config,
                 membership,
@@ -232,6 +235,7 @@ async def run_agent(
                 cluster=cluster,
                 inventory=feed,
                 analysis=analysis,
+                tls=tls,
             )
             effects.ctx = ctx
             _attach_metrics(metrics, ctx, replication)
@@ -305,7 +309,7 @@ def _build_lease_service(
         max_ttl_s=config.scheduler.max_ttl_s,
         tick_interval_s=config.scheduler.tick_interval_s,
         clock=time.time,
-        on_decision=lambda outcome: metrics.scheduling.labels(outcome).inc(),
+        on_decision=metrics.count_decision,
     )
 
 
@@ -483,11 +487,8 @@ async def _run(
 ) -> None:
     """Start the tasks in order, serve HTTP until SIGTERM, then shut down (module docstring)."""
     app = create_app(ctx)
-    hconfig = HypercornConfig()
-    hconfig.bind = [_bind_address(config.http.bind, config.http.port)]
-    hconfig.accesslog = None
-    hconfig.errorlog = logging.getLogger("hypercorn.error")
-    hconfig.graceful_timeout = 10.0
+    assert ctx.tls is not None, "run_agent builds the API's TLS contexts first"
+    hconfig = hypercorn_config(config, ctx.tls)
     shutdown, served = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
         # Gossip first: /cluster/members never answers from a membership that is not running.
@@ -499,7 +500,7 @@ async def _run(
         nursery.start_soon(_wait_for_signal, shutdown, notifier)
         nursery.start_soon(_reload_on_sighup, ctx, notifier, reload_config)
         bound: list[str] = await nursery.start(_serve, app, hconfig, shutdown, served)
-        ctx.advertise_http = bound[0] if bound else ""
+        ctx.advertise_http = advertised_http_url(config, ctx.membership.advertise)
         log.info(
             "gpu-agent %s serving on %s as node %r with %d GPU(s) (%s backend)",
             ctx.version,
@@ -608,6 +609,8 @@ def _reload(ctx: AgentContext, reload_config: Callable[[], AgentConfig] | None) 
             done.append(f"API keys NOT reloaded, keeping {len(ctx.keyring)} key(s) ({error})")
         else:
             done.append(f"API keys: {count} key(s) from {ctx.config.auth.keys_file}")
+    if ctx.tls is not None:
+        done.append(ctx.tls.reload())
     keyring_file = ctx.membership.keyring if ctx.membership is not None else None
     if keyring_file is None:
         done.append("cluster key: none configured")
@@ -635,14 +638,10 @@ async def _housekeeping(
         await trio.sleep(2.0)
 
 
-def _bind_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _count_events(metrics: AgentMetrics, entry: Applied) -> None:
     for event in entry.result.events:
         if event.kind == "allocated" and event.was_queued and event.allocation is not None:
-            metrics.queue_wait.observe(max(0.0, event.allocation.allocated_at - event.request.submitted_at))
+            metrics.observe_queue_wait(max(0.0, event.allocation.allocated_at - event.request.submitted_at))
         elif event.kind == "expired" and event.reason == "lease_ttl":
             metrics.leases_expired.inc()
         elif event.kind == "gpu_unhealthy":

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         # trio wraps errors raised inside a nursery in an ExceptionGroup: unwrap a
         # lone start-up error (a port in use, a bad key file) to say it plainly.
         leaf = _lone_leaf(exc)
-        if isinstance(leaf, (ApiKeyError, KeyringError)):
+        if isinstance(leaf, (ApiKeyError, KeyringError, ConfigError)):
             print(f"gpu-agent: configuration error: {leaf}", file=sys.stderr)
             return 2
         if isinstance(leaf, (DeviceError, StorageError, OSError, ValueError)):

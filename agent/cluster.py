@@ -44,7 +44,7 @@ CLIENT_LEADER_TTL_S = 2.0
 class LeaderInfo:
     node: str | None
     term: int
-    address: str | None  # http://host:port
+    address: str | None  # http(s)://host:port
 
 
 class ForwardFailed(Exception):
@@ -94,7 +94,7 @@ class ClusterRuntime:
     def http_address(self, node: str) -> str | None:
         for m in self.membership.members():
             if m.view.name == node and m.meta is not None and m.view.status in ("alive", "suspect"):
-                return f"http://{m.meta.http_address}"
+                return m.meta.http_url  # https:// when that member serves TLS
         return None
 
     # --- leader ------------------------------------------------------------------------

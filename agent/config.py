@@ -47,6 +47,10 @@ DEVICE_BACKENDS: Final = ("nvml", "simulated")
 # SWIM timing profiles (coordinator/swim_config.py): "lan" for real networks,
 # "local" for agents on one host (tests, trying a cluster out on a laptop).
 GOSSIP_PROFILES: Final = ("lan", "local")
+# Appended to a GRAPH_SERVICE_URL that has no path. The Go service took a bare
+# base URL (http://localhost:8081) and defined no event path of its own (it
+# only read GET <base>/workflow/<id>); /events is the path docs/api.md documents.
+GRAPH_EVENTS_PATH: Final = "/events"
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}=[A-Za-z0-9._/:-]{0,63}")
 
 
@@ -91,10 +95,13 @@ class AgentSection:
 class HttpSection:
     """``[http]``: the HTTP API and ``/metrics`` listener."""
 
-    # Address to listen on. Every interface by default: Prometheus and clients on
-    # other hosts must reach every agent. Must be an IP address, not a host name,
-    # since a name may resolve to several addresses or none.
-    bind: str = "0.0.0.0"
+    # Address to listen on. Loopback by default, so an agent started by hand is
+    # not an open API on the network (auth is off by default); production configs
+    # name an address (or 0.0.0.0) with [auth] enabled, and the agent warns at
+    # start and in /healthz while it listens beyond loopback with auth off. Must
+    # be an IP address, not a host name, since a name may resolve to several
+    # addresses or none.
+    bind: str = "127.0.0.1"
     # TCP port of the API and /metrics. 8086 is the seed's port, kept so existing
     # clients and scrape configs work unchanged. Also set by PORT and --port.
     port: int = 8086
@@ -102,6 +109,26 @@ class HttpSection:
     # documents: 1 MiB leaves ample room for workload_data while bounding what one
     # client can make the agent buffer.
     max_body_bytes: int = 1_048_576
+    # PEM certificate chain and private key: set both to serve the API (and
+    # /metrics) over HTTPS only. Re-read on SIGHUP, so a renewed certificate
+    # needs no restart. Unset: plain HTTP, fine on loopback or a network you trust.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # PEM bundle of the CA(s) that signed the other agents' certificates, used to
+    # verify them when this agent forwards to the leader over HTTPS. Unset: the
+    # system's trust store. Agents reach each other by IP address, so each
+    # certificate must name its agent's advertised IP in subjectAltName.
+    tls_ca_file: Path | None = None
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the API is served over HTTPS (a certificate and key are set)."""
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    @property
+    def scheme(self) -> str:
+        """"https" with TLS on, else "http": the scheme of this agent's API URL."""
+        return "https" if self.tls_enabled else "http"
 
 
 @dataclass(frozen=True)
@@ -231,6 +258,19 @@ class AuthSection:
     # TOML file mapping keys (by SHA-256) to the service each may act for. Read
     # only when `enabled`, when it must exist.
     keys_file: Path = Path("/etc/gpu-orchestrator/api-keys.toml")
+    # A token bucket per API key (per client address while auth is off) in front
+    # of every route but /healthz and /metrics: a request takes a token, tokens
+    # refill at `rate_per_s` up to `burst`, and an empty bucket answers 429
+    # rate_limited with Retry-After. Off by default, like auth, so existing
+    # clients and benchmarks are not throttled by surprise.
+    rate_limit: bool = False
+    # Sustained requests per second each key (or address) may make. 20/s is far
+    # above what an allocating client or a status page (1 request/s) needs, yet
+    # stops a client in a retry loop from monopolising the leader.
+    rate_per_s: float = 20.0
+    # Requests a key may make at once after being idle: absorbs a script's burst
+    # (gpuctl status + list + members) without a 429.
+    burst: int = 40
 
 
 @dataclass(frozen=True)
@@ -243,7 +283,9 @@ class IntegrationsSection:
     # must not hold up an allocation: after 2 s the agent decides without it.
     deepagents_timeout_s: float = 2.0
     # URL that allocation lifecycle events are POSTed to; empty = off. Also
-    # GRAPH_SERVICE_URL.
+    # GRAPH_SERVICE_URL. A URL with a path is used as given; a bare base URL
+    # (no path, as the Go service's GRAPH_SERVICE_URL=http://host:8081 was) gets
+    # GRAPH_EVENTS_PATH appended (see graph_events_url).
     graph_service_url: str = ""
     # Seconds one webhook delivery attempt may take before it counts as failed.
     webhook_timeout_s: float = 5.0
@@ -368,6 +410,12 @@ def _validate_http(section: HttpSection) -> None:
     _check_port("http.port", section.port)
     if section.max_body_bytes < 1:
         raise _fail("http.max_body_bytes", f"must be at least 1, got {section.max_body_bytes}")
+    # [http] tls_cert_file alone (or the key alone) is a half-done TLS set-up:
+    # refuse it rather than serve plain HTTP the operator believes is encrypted.
+    _check_readable_pair("http.tls_cert_file", "http.tls_key_file", section.tls_cert_file, section.tls_key_file)
+    _check_file("http.tls_cert_file", section.tls_cert_file)
+    _check_file("http.tls_key_file", section.tls_key_file)
+    _check_file("http.tls_ca_file", section.tls_ca_file)
 
 
 def _validate_devices(section: DevicesSection) -> None:
@@ -478,7 +526,22 @@ def _validate_scheduler(section: SchedulerSection) -> None:
     _check_positive("scheduler.tick_interval_s", section.tick_interval_s)
 
 
+def _check_readable_pair(cert_key: str, key_key: str, cert: Path | None, key: Path | None) -> None:
+    if (cert is None) != (key is None):
+        missing, given = (key_key, cert_key) if key is None else (cert_key, key_key)
+        raise _fail(missing, f"must be set as well: {given.replace('.', '] ', 1)} alone cannot serve TLS")
+
+
+def _check_file(key: str, path: Path | None) -> None:
+    if path is not None and not path.is_file():
+        raise _fail(key, f"= {str(path)!r} is not a readable file")
+
+
 def _validate_auth(section: AuthSection) -> None:
+    # Checked even while rate_limit is off, so turning it on never reveals a typo late.
+    _check_positive("auth.rate_per_s", section.rate_per_s)
+    if section.burst < 1:
+        raise _fail("auth.burst", f"must be at least 1 (one request at a time), got {section.burst}")
     if not _HEADER_TOKEN.fullmatch(section.header_name):
         raise _fail("auth.header_name", f"must be an HTTP header name, got {section.header_name!r}")
     if section.header_name.lower() == "authorization":
@@ -500,6 +563,42 @@ def _validate_integrations(section: IntegrationsSection) -> None:
         raise _fail(
             "integrations.webhook_max_attempts", f"must be at least 1, got {section.webhook_max_attempts}"
         )
+
+
+def graph_events_url(url: str) -> str | None:
+    """The URL graph events are POSTed to: None when `url` is empty (off), `url` with
+    GRAPH_EVENTS_PATH appended when it has no path (a base URL, as the Go service's
+    GRAPH_SERVICE_URL was), else `url` unchanged."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.path in ("", "/") and not parts.query:
+        return url.rstrip("/") + GRAPH_EVENTS_PATH
+    return url
+
+
+def listens_beyond_loopback(http: HttpSection) -> bool:
+    """Whether [http] bind lets other hosts reach the API (anything but a loopback address)."""
+    return not ipaddress.ip_address(http.bind).is_loopback
+
+
+def exposure_warnings(config: AgentConfig) -> list[str]:
+    """What makes this agent's API unsafe to expose, in words for the log and /healthz; [] when nothing."""
+    http = config.http
+    if not listens_beyond_loopback(http):
+        return []
+    warnings: list[str] = []
+    if not config.auth.enabled:
+        warnings.append(
+            f"the HTTP API listens on {http.bind}:{http.port}, beyond loopback, with [auth] enabled = false: "
+            "anyone who can reach it can allocate and release GPUs (turn auth on, or bind 127.0.0.1)"
+        )
+    elif not http.tls_enabled:
+        warnings.append(
+            f"the HTTP API listens on {http.bind}:{http.port}, beyond loopback, without TLS: API keys cross "
+            "the network in clear text (set [http] tls_cert_file and tls_key_file)"
+        )
+    return warnings
 
 
 def split_host_port(address: str, default_port: int) -> tuple[str, int]:
@@ -625,7 +724,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--port", type=int, metavar="N", help="HTTP API and /metrics port ([http] port, PORT; default 8086)"
     )
     parser.add_argument(
-        "--bind", metavar="ADDR", help="address the HTTP API listens on ([http] bind; default 0.0.0.0)"
+        "--bind", metavar="ADDR", help="address the HTTP API listens on ([http] bind; default 127.0.0.1)"
     )
     parser.add_argument("--data-dir", type=Path, metavar="PATH", help="state directory ([agent] data_dir)")
     parser.add_argument(

@@ -14,8 +14,9 @@ from coordinator.views import rfc3339
 
 from agent.api_keys import ApiKeyring
 from agent.cluster import ClusterRuntime
-from agent.config import AgentConfig
+from agent.config import AgentConfig, exposure_warnings
 from agent.device_sampler import DeviceSampler, GpuSnapshot
+from agent.http_listener import ApiTls
 from agent.devices.base import GpuReading
 from agent.inventory_feed import InventoryFeed, overlay
 from agent.leadership import Leadership
@@ -97,6 +98,8 @@ class AgentContext:
     advertise_http: str = field(default="")
     # Wall-clock time of the last applied entry (the age of a stale read).
     last_applied_at: float = 0.0
+    # The API's TLS contexts, reloaded on SIGHUP; None in set-ups without a listener.
+    tls: ApiTls | None = None
 
     @property
     def node(self) -> str:
@@ -139,6 +142,10 @@ class AgentContext:
             "role": str(raft["role"]),
             "leader": raft["leader"],
             "started_at": rfc3339(self.started_at),
+            # The Go service's /healthz had it: when this answer was made.
+            "timestamp": rfc3339(time.time()),
+            # Set-up choices that make this agent unsafe to expose (auth off beyond loopback, ...).
+            "warnings": exposure_warnings(self.config),
             "devices": {
                 "backend": self.sampler.backend.kind,
                 "gpus": len(self.sampler.readings),
@@ -286,7 +293,7 @@ class AgentContext:
                     "leader": view.name == raft_leader,
                     "incarnation": view.incarnation,
                     "addresses": {
-                        "http": self.advertise_http if is_self else (f"http://{meta.http_address}" if meta else None),
+                        "http": self.advertise_http if is_self else (meta.http_url if meta else None),
                         "gossip": f"{view.address[0]}:{view.address[1]}",
                         "raft": meta.raft_address if meta else None,
                     },

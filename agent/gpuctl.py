@@ -29,6 +29,7 @@ import importlib.metadata
 import json
 import math
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -68,6 +69,7 @@ DEFAULT_PORT = 8086
 DEFAULT_TIMEOUT_S = 10.0
 ADDRESS_ENV = "GPU_AGENT_ADDR"
 API_KEY_ENV = "GPU_AGENT_API_KEY"
+CACERT_ENV = "GPU_AGENT_CACERT"
 
 EXIT_STATUS_HELP = """\
 exit status:
@@ -81,6 +83,7 @@ exit status:
 environment:
   GPU_AGENT_ADDR     default --address (else http://127.0.0.1:8086)
   GPU_AGENT_API_KEY  default API key (--api-key and --api-key-file win)
+  GPU_AGENT_CACERT   default --cacert (a PEM CA bundle for https:// agents)
 """
 
 # ---------------------------------------------------------------------- errors
@@ -127,6 +130,8 @@ class Settings:
     address: str
     api_key: str | None
     timeout_s: float
+    # PEM CA bundle that verifies an https:// agent; None = the system trust store.
+    cacert: Path | None = None
 
 
 def normalize_address(raw: str) -> str:
@@ -162,7 +167,15 @@ class AgentClient:
             # whatever its [auth] header_name, so the key works either way.
             headers["X-API-Key"] = settings.api_key
             headers["Authorization"] = f"Bearer {settings.api_key}"
-        self._http = httpx.Client(base_url=settings.address, headers=headers, timeout=settings.timeout_s)
+        verify: ssl.SSLContext | bool = True
+        if settings.cacert is not None:
+            try:
+                verify = ssl.create_default_context(cafile=str(settings.cacert))
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"cannot load --cacert {settings.cacert}: {exc}") from None
+        self._http = httpx.Client(
+            base_url=settings.address, headers=headers, timeout=settings.timeout_s, verify=verify
+        )
 
     def __enter__(self) -> AgentClient:
         return self
@@ -448,6 +461,12 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
         "--api-key-file", default=argparse.SUPPRESS, metavar="PATH", help="read the API key from PATH"
     )
     group.add_argument(
+        "--cacert",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help=f"PEM CA bundle to verify an https:// agent with (default ${CACERT_ENV}, else the system's)",
+    )
+    group.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON answer, indented"
     )
     group.add_argument(
@@ -588,10 +607,12 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
             raise UsageError(f"--api-key-file {key_file} is empty")
     if key is None:
         key = environ.get(API_KEY_ENV) or None
+    cacert = getattr(args, "cacert", None) or environ.get(CACERT_ENV) or None
     return Settings(
         address=normalize_address(address),
         api_key=key or None,
         timeout_s=getattr(args, "timeout", DEFAULT_TIMEOUT_S),
+        cacert=None if cacert is None else Path(cacert),
     )
 
 

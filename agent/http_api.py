@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable
 
@@ -25,6 +26,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from coordinator.errors import CoordinatorError, InvalidRequest, NotFound
 from coordinator.lease_table import LeaseTable
 from coordinator.model import Allocation
+from coordinator.rate_limit import RateLimit, TokenBuckets
 from coordinator.raft import NotLeader, ProposalRejected, RaftError
 from coordinator.request_parsing import (
     parse_allocate_body,
@@ -36,6 +38,7 @@ from coordinator.request_parsing import (
 from coordinator.views import allocation_view, queued_view, record_view
 
 from agent.api_keys import ApiKey, extract_presented_key
+from agent.audit import WRITE_ACTIONS, AuditTrail, ids_in
 from agent.cluster import FORWARDED_BY, LEADER_WAIT_S, ForwardFailed
 from agent.config import is_node_name
 from agent.context import AgentContext, holders_from_allocations
@@ -54,6 +57,9 @@ CLIENT_HOLDERS_WAIT_S = 1.5
 # Open without a key even when auth is on: probes, scrapes, the API's own description,
 # and the status page (static HTML; the data it fetches needs a key like any call).
 OPEN_PATHS = frozenset({"/", "/healthz", "/metrics", "/openapi.json"})
+# Never rate limited: a probe or a scrape refused would page someone for nothing,
+# and both are cheap (no lease table, no leader).
+UNLIMITED_PATHS = frozenset({"/healthz", "/metrics"})
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -63,6 +69,7 @@ _HTTP_CODES = {
     409: "conflict",
     413: "body_too_large",
     415: "unsupported_media_type",
+    429: "rate_limited",
     503: "unavailable",
 }
 
@@ -80,11 +87,11 @@ def _with_default(raw: bytes, key: str, value: str) -> bytes:
 
 
 class ApiError(Exception):
-    """An HTTP-edge refusal that is not a core error (auth)."""
+    """An HTTP-edge refusal that is not a core error (auth, rate limit)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -102,6 +109,9 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = ctx.config.http.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     metrics = ctx.metrics
+    audit = AuditTrail(metrics.audit_writes)
+    rate = ctx.config.auth
+    limiter = TokenBuckets(RateLimit(rate.rate_per_s, rate.burst)) if rate.rate_limit else None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -109,19 +119,45 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     async def _start() -> None:
         g.started = time.perf_counter()
         g.principal = None
+        g.forwarded = False
+        g.audit_service = None
         if ctx.keyring is None or request.path in OPEN_PATHS:
+            limit()
             return
         presented = extract_presented_key(request.headers, ctx.config.auth.header_name)
+        g.principal = None if presented is None else ctx.keyring.authenticate(presented)
+        # Before the 401s: a client guessing keys is limited by its address.
+        limit()
         if presented is None:
             raise ApiError(
                 401,
                 "unauthorized",
                 f"an API key is required ({ctx.config.auth.header_name} header or Authorization: Bearer)",
             )
-        principal = ctx.keyring.authenticate(presented)
-        if principal is None:
+        if g.principal is None:
             raise ApiError(401, "unauthorized", "the API key is not valid")
-        g.principal = principal
+
+    def limit() -> None:
+        """Take a token for the caller (its key, else its address); raise 429 when its bucket is empty."""
+        if limiter is None or request.path in UNLIMITED_PATHS:
+            return
+        principal: ApiKey | None = g.principal
+        if principal is not None:
+            who = f"key {principal.name!r}"
+        elif ctx.keyring is None and FORWARDED_BY in request.headers:
+            return  # auth off: counted at the agent the client called (docs/operations.md)
+        else:
+            who = f"address {request.remote_addr}"
+        wait = limiter.take(who, time.monotonic())
+        if wait > 0:
+            retry_after = max(1, math.ceil(wait))
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many requests from {who}: at most {limiter.limit.rate_per_s:g}/s "
+                f"(bursts of {limiter.limit.burst}); retry after {retry_after} s",
+                {"Retry-After": str(retry_after)},
+            )
 
     @app.after_request
     async def _count(response: Response) -> Response:
@@ -135,6 +171,9 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                 response.headers["Connection"] = "close"
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.http_requests.labels(request.method, rule, str(response.status_code)).inc()
+        action = WRITE_ACTIONS.get((request.method, rule))
+        if action is not None and not getattr(g, "forwarded", False):
+            await record_write(action, response)
         started = getattr(g, "started", None)
         if started is not None:
             metrics.http_duration.labels(request.method, rule).observe(time.perf_counter() - started)
@@ -147,7 +186,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.errorhandler(StorageError)
     async def _storage_error(exc: StorageError) -> Response:
@@ -189,6 +228,38 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; see the agent's log")
 
+    async def record_write(action: str, response: Response) -> None:
+        """One audit line for an answered write (agent/audit.py); a forwarded one is the leader's to record."""
+
+        def json_of(data: str | bytes) -> Any:
+            try:
+                return json.loads(data) if data else None
+            except (UnicodeDecodeError, ValueError):
+                return None
+
+        # A 413's body was never read (it is over the limit): the answer alone says enough.
+        asked = json_of(await request.get_data(as_text=False)) if response.status_code != 413 else None
+        answered = json_of(await response.get_data(as_text=False))
+        principal: ApiKey | None = getattr(g, "principal", None)
+        service = getattr(g, "audit_service", None)
+        if service is None:
+            for doc in (asked, answered):
+                if isinstance(doc, dict) and isinstance(doc.get("service_name"), str):
+                    service = doc["service_name"]
+                    break
+        ids = ids_in(asked, answered)
+        if request.view_args and isinstance(request.view_args.get("name"), str):
+            ids.insert(0, request.view_args["name"])
+        audit.record(
+            action=action,
+            status=response.status_code,
+            key=principal.name if principal is not None else None,
+            service=service,
+            ids=ids,
+            client=request.remote_addr,
+            via=request.headers.get(FORWARDED_BY),
+        )
+
     async def body_json() -> Any:
         raw = await request.get_data(as_text=False)
         if not raw:
@@ -199,6 +270,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
 
     def require_service(service_name: str) -> None:
+        g.audit_service = service_name
         principal: ApiKey | None = g.principal
         if principal is not None and not principal.may_act_for(service_name):
             raise ApiError(
@@ -244,6 +316,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             return error_response(
                 503, "no_leader", f"no leader is known or reachable (no quorum?): {error}", {"Retry-After": "1"}
             )
+        g.forwarded = True  # the leader answered it, and audits it
         return Response(content, status=status, headers=headers)
 
     def on_leader(*, read: bool = False) -> Callable[[Handler], Handler]:

@@ -190,6 +190,7 @@ class MembershipService:
                 raft_port=cluster.raft_port,
                 version=version,
                 http_ip=None if http_bind in ("0.0.0.0", "::") else http_bind,
+                tls=config.http.tls_enabled,
                 labels=dict(label.split("=", 1) for label in config.agent.labels),
             ),
             # Telemetry-only changes at most every few probe intervals: fresh

@@ -62,6 +62,8 @@ _DCGM_FIELDS: tuple[tuple[str, str, str], ...] = (
 # dcgm's exact names so dashboards match and promtool's type lints do not apply.
 _DCGM_UNTYPED = frozenset({"DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER"})
 _DCGM_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname", "pci_bus_id")
+# Our scheduling outcome -> the Go service's gpu_scheduler_scheduled_total status.
+_SEED_SCHEDULED = {"allocated": "immediate", "queued": "queued", "allocated_from_queue": "allocated_from_queue"}
 
 
 class AgentMetrics:
@@ -151,6 +153,50 @@ class AgentMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
             registry=r,
         )
+
+        self.audit_writes = Counter(
+            "gpu_orchestrator_audit_writes",
+            "Write requests answered by this agent (each is an audit log line), by action and outcome "
+            "(ok, queued, denied, rate_limited, rejected, unavailable, error).",
+            ["action", "outcome"],
+            registry=r,
+        )
+
+        # The Go service's own series, kept under its names and labels so its
+        # dashboards and alerts work unchanged (docs/migrating-from-the-go-service.md).
+        # Counted where the scheduler decides, i.e. on the leader, like the seed's one process.
+        self.seed_allocations = Counter(
+            "gpu_allocator_allocations",
+            "Go-service compatible: GPU allocations made, by status (only \"success\", as in the Go service).",
+            ["status"],
+            registry=r,
+        )
+        self.seed_scheduled = Counter(
+            "gpu_scheduler_scheduled",
+            "Go-service compatible: scheduled requests by status (immediate, queued, allocated_from_queue).",
+            ["status"],
+            registry=r,
+        )
+        self.seed_queue_wait = Histogram(
+            "gpu_scheduler_queue_wait_seconds",
+            "Go-service compatible: time requests spent waiting in the queue (the Go service's buckets).",
+            buckets=(1, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+
+    def count_decision(self, outcome: str) -> None:
+        """Count one scheduling decision, in ours and in the Go service's series."""
+        self.scheduling.labels(outcome).inc()
+        seed_status = _SEED_SCHEDULED.get(outcome)
+        if seed_status is not None:
+            self.seed_scheduled.labels(seed_status).inc()
+        if outcome in ("allocated", "allocated_from_queue"):
+            self.seed_allocations.labels("success").inc()
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        """Record how long a request that was queued waited for its allocation."""
+        self.queue_wait.observe(seconds)
+        self.seed_queue_wait.observe(seconds)
 
     def attach_raft(self, raft: RaftCollector) -> None:
         self.registry.register(raft)
@@ -328,6 +374,22 @@ class StateCollector(Collector):
             "gpu_orchestrator_allocations_on_unhealthy_gpus",
             "Live allocations holding at least one GPU last reported unhealthy (leader only).",
             value=float(len(table.unhealthy_allocations())),
+        )
+        # The Go service's gauges, under its names (its `_total` on a gauge included).
+        yield GaugeMetricFamily(
+            "gpu_allocator_allocations_active",
+            "Go-service compatible: live allocations (leader only).",
+            value=float(len(table.allocations())),
+        )
+        yield GaugeMetricFamily(
+            "gpu_allocator_gpus_allocated_total",
+            "Go-service compatible: GPUs held by live allocations (a gauge, as in the Go service; leader only).",
+            value=float(len(table.held_gpus())),
+        )
+        yield GaugeMetricFamily(
+            "gpu_scheduler_queue_depth",
+            "Go-service compatible: requests waiting in the queue (leader only).",
+            value=float(table.queue_length()),
         )
 
     def _dcgm(self, readings: list[GpuReading]) -> Iterable[Metric]:

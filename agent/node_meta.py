@@ -24,9 +24,11 @@ gt   the node's GPU count, only when ``g`` lists fewer (the blob would not fit)
 b    1 when this server holds Raft state (it belongs to a bootstrapped
      cluster), omitted otherwise: a blank server that sees it joins the
      running cluster instead of bootstrapping another (docs/raft.md)
+s    1 when the HTTP API is served over TLS (https), omitted otherwise:
+     peers forward to https://<hip or ip>:<hp> then
 ===  ====================================================================
 
-Decoders ignore keys they do not know, so a key added later (as ``b`` was)
+Decoders ignore keys they do not know, so a key added later (as ``b`` and ``s`` were)
 needs no new version: older agents read the rest of the blob unchanged.
 
 A GPU's uuid is packed to its 16 bytes when it has NVML's "GPU-<uuid>" form,
@@ -120,6 +122,8 @@ class NodeMeta:
     gpu_total: int | None = None
     # A server that holds Raft state: it is (or was) a member of a bootstrapped cluster.
     bootstrapped: bool = False
+    # The HTTP API is served over TLS: reach it at https://.
+    tls: bool = False
 
     @property
     def gpu_count(self) -> int:
@@ -128,6 +132,11 @@ class NodeMeta:
     @property
     def http_address(self) -> str:
         return _join_host_port(self.http_ip or self.advertise_ip, self.http_port)
+
+    @property
+    def http_url(self) -> str:
+        """The member's API base URL, scheme included: what forwarding and /cluster/members use."""
+        return f"{'https' if self.tls else 'http'}://{self.http_address}"
 
     @property
     def gossip_address(self) -> str:
@@ -206,6 +215,8 @@ def encode_node_meta(meta: NodeMeta) -> bytes:
         doc["gt"] = meta.gpu_total
     if meta.bootstrapped:
         doc["b"] = 1
+    if meta.tls:
+        doc["s"] = 1
     packed: bytes = msgpack.packb(doc, use_bin_type=True)
     return packed
 
@@ -301,6 +312,7 @@ def decode_node_meta(data: bytes) -> NodeMeta:
             gpus=tuple(_decode_gpu(g, models) for g in _expect(doc.get("g", []), list, "GPUs")),
             gpu_total=_optional_int(doc.get("gt"), "GPU total"),
             bootstrapped=_optional_int(doc.get("b"), "bootstrapped") == 1,
+            tls=_optional_int(doc.get("s"), "tls") == 1,
         )
     except KeyError as missing:
         raise NodeMetaError(f"metadata lacks {missing.args[0]!r}") from None

@@ -2,14 +2,18 @@
 
 One static HTML document with its CSS and a little JavaScript inline: no build
 step, no files to install, nothing fetched from elsewhere. The page itself holds
-no data and is served without an API key; its script reads `/gpu/list` and
-`/cluster/members` from the agent that served it, every 2 s. With auth on, those
-calls need a key: the page has a field for it and keeps it in the tab's
-sessionStorage (gone when the tab closes, never sent anywhere but this agent).
+no data and is served without an API key; its script reads `/gpu/list`,
+`/cluster/members` and `/healthz` from the agent that served it, every 2 s.
+With auth on, those calls need a key: the page has a field for it and keeps it
+in the tab's sessionStorage (gone when the tab closes, never sent anywhere but
+this agent).
 
-It shows the GPUs grouped by node (holder, utilization, memory, health), the
-live allocations and the queue this agent knows, and the members with the
-leader. Every value is put into the page with `textContent`, never as HTML, so
+It shows the GPUs grouped by node (holder, utilization, memory, temperature,
+power, health and drain state each with its reason), the live allocations and
+the queue this agent knows, the members with the leader and the address each
+advertises, and the set-up warnings of `/healthz` (an API open beyond loopback
+without auth, ...). Every time on the page is shown one way: UTC, to the
+second. Every value is put into the page with `textContent`, never as HTML, so
 names from the API cannot inject markup; a Content-Security-Policy allows only
 this page's own inline script and style (by hash) and requests to this origin.
 """
@@ -36,7 +40,9 @@ input { font: inherit; padding: .2rem .4rem; min-width: 10rem; }
 table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #8884; white-space: nowrap; }
 th { font-weight: 600; }
-.healthy { color: var(--ok); } .degraded { color: var(--warn); } .unhealthy { color: var(--bad); }
+.healthy { color: var(--ok); } .degraded { color: var(--warn); } .unhealthy { color: var(--bad); font-weight: 600; }
+.drained { color: var(--warn); font-style: italic; } .in-service { color: var(--muted); }
+#warnings p { margin: .5rem 0; padding: .4rem .6rem; border-left: 4px solid var(--bad); background: #c6282818; }
 .alive { color: var(--ok); } .suspect { color: var(--warn); } .dead, .left { color: var(--bad); }
 .empty { color: var(--muted); font-style: italic; }
 @media (max-width: 600px) {
@@ -75,6 +81,28 @@ function table(headers, rows, wide) {
   box.appendChild(t);
   return box;
 }
+// One time format on the whole page: UTC, to the second ("2026-12-04 15:33:08 UTC").
+function when(iso) {
+  if (iso === null || iso === undefined) return "never";
+  const t = new Date(iso);
+  if (isNaN(t.getTime())) return String(iso);
+  return t.toISOString().slice(0, 19).replace("T", " ") + " UTC";
+}
+function num(value, unit) {
+  return value === null || value === undefined ? "?" : Math.round(value) + " " + unit;
+}
+// Health and drain are separate states, each with its reason: an unhealthy GPU is out
+// because the hardware failed, a drained one because an operator said so.
+function health(g) {
+  let text = g.health;
+  if (g.health_reasons && g.health_reasons.length) text += ": " + g.health_reasons.join("; ");
+  if (g.health === "unhealthy" && g.healthy_again_at) text += " (until " + when(g.healthy_again_at) + ")";
+  return text;
+}
+function drain(g) {
+  if (!g.drained) return "in service";
+  return "drained" + (g.drain_reason ? ": " + g.drain_reason : "");
+}
 function memory(g) {
   if (g.memory_used === null || g.memory_used === undefined) return "? / " + g.memory_total + " MiB";
   return g.memory_used + " / " + g.memory_total + " MiB";
@@ -94,10 +122,12 @@ function renderGpus(gpus) {
     section.appendChild(el("h3", node + " (" + list.length + " GPU" + (list.length === 1 ? "" : "s") + ")"));
     const rows = list.map((g) => row([
       [g.index], [g.name], [g.allocated ? (g.allocated_to || "allocated") : "free"],
-      [g.utilization === null ? "?" : g.utilization + " %"], [memory(g)],
-      [g.health + (g.drained ? " (drained)" : ""), g.health], [g.uuid],
-    ], {"data-gpu": node + "/" + g.index}));
-    section.appendChild(table(["GPU", "Model", "Held by", "Util", "Memory", "Health", "UUID"], rows, [1, 6]));
+      [num(g.utilization, "%")], [memory(g)], [num(g.temperature, "\u00b0C")], [num(g.power_draw, "W")],
+      [health(g), g.health], [drain(g), g.drained ? "drained" : "in-service"], [when(g.last_updated)], [g.uuid],
+    ], {"data-gpu": node + "/" + g.index, "data-health": g.health, "data-drained": String(Boolean(g.drained))}));
+    section.appendChild(table(
+      ["GPU", "Model", "Held by", "Util", "Memory", "Temp", "Power", "Health", "Drain", "Updated", "UUID"],
+      rows, [1, 9, 10]));
     out.appendChild(section);
   }
 }
@@ -116,24 +146,31 @@ async function get(path) {
   if (!response.ok) throw new Error(path + ": HTTP " + response.status);
   return response.json();
 }
+function renderWarnings(health) {
+  const out = $("warnings");
+  out.replaceChildren();
+  for (const w of health.warnings || []) out.appendChild(el("p", "Warning: " + w, "warning"));
+}
 async function refresh() {
   try {
-    const [list, members] = await Promise.all([get("/gpu/list"), get("/cluster/members")]);
+    const [list, members, health] = await Promise.all([get("/gpu/list"), get("/cluster/members"), get("/healthz")]);
+    renderWarnings(health);
     renderGpus(list.gpus);
-    renderList("allocations", list.allocations, ["Allocation", "Service", "Node", "GPUs", "Expires"],
-      (a) => row([[a.allocation_id], [a.service_name], [a.node], [a.gpu_ids.join(", ")], [a.expires_at || "never"]],
-                 {"data-allocation": a.allocation_id}), [4], "No allocations on this agent.");
-    renderList("queue", list.queue, ["#", "Request", "Service", "Priority", "GPUs"],
+    renderList("allocations", list.allocations, ["Allocation", "Service", "Node", "GPUs", "Since", "Expires"],
+      (a) => row([[a.allocation_id], [a.service_name], [a.node], [a.gpu_ids.join(", ")], [when(a.allocated_at)],
+                  [when(a.expires_at)]], {"data-allocation": a.allocation_id}), [4], "No allocations on this agent.");
+    renderList("queue", list.queue, ["#", "Request", "Service", "Priority", "GPUs", "Waiting since"],
       (q) => row([[q.position], [q.request_id], [q.service_name], [q.priority],
-                  [q.requirements ? q.requirements.gpu_count : "?"]], {"data-request": q.request_id}),
-      [], "The queue is empty.");
+                  [q.requirements ? q.requirements.gpu_count : "?"], [when(q.submitted_at)]],
+                 {"data-request": q.request_id}),
+      [5], "The queue is empty.");
     const leaders = members.members.filter((m) => m.leader).map((m) => m.name);
     $("leader").textContent = leaders.join(", ") || "none";
     renderList("members", members.members, ["Member", "Status", "Role", "GPUs", "HTTP", "Version"],
       (m) => row([[m.name + (m.self ? " (this agent)" : "") + (m.leader ? " \u2605" : "")], [m.status, m.status],
                   [m.role || "?"], [m.gpus], [(m.addresses && m.addresses.http) || ""], [m.version || ""]],
                  {"data-member": m.name}), [4, 5], "No members.");
-    $("state").textContent = "updated " + new Date().toLocaleTimeString();
+    $("state").textContent = "updated " + when(new Date().toISOString());
   } catch (error) {
     $("state").textContent = String(error.message || error);
   }
@@ -163,6 +200,7 @@ _PAGE = """<!doctype html>
 <form id="keyform"><input id="key" type="password" placeholder="API key (if auth is on)"
  autocomplete="off" aria-label="API key"><button>Use key</button></form>
 </header>
+<div id="warnings"></div>
 <p>Leader: <strong id="leader">&hellip;</strong> &middot; <span id="state">loading&hellip;</span></p>
 <h2>GPUs by node</h2>
 <div id="gpus"></div>

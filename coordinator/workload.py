@@ -155,6 +155,10 @@ class _Fields:
     def has(self, key: str) -> bool:
         return self._get(key) is not None
 
+    def raw(self, key: str) -> Any:
+        """The value as given (None when missing or null), for fields with a shape of their own."""
+        return self._get(key)
+
     def integer(self, key: str, low: int, high: int) -> int | None:
         value = self._get(key)
         if value is None:
@@ -305,6 +309,7 @@ def analyze_workload(
         estimate.update(_split_over_gpus(draft, terms["total_mb"], gpu_memory_mb))
 
     _RULES[workload_type](draft, fields, None if params is None else params[0])
+    _workflow_rules(draft, fields, estimate)
 
     if draft.total_mb is not None and draft.memory_override is None:
         draft.rules.append(f"min_memory_mb = ceil({_mb(draft.total_mb)} MB / {draft.gpus} GPUs)")
@@ -659,6 +664,30 @@ def _generic_rules(draft: _Draft, fields: _Fields, params_b: float | None) -> No
     if priority is not None:
         draft.priority = priority
         draft.rules.append(f"priority {priority} (given)")
+
+
+def _workflow_rules(draft: _Draft, fields: _Fields, estimate: dict[str, Any]) -> None:
+    """The Go service's workflow context: `workflow_priority` sets the priority, whatever the type.
+
+    The Go service read it (default 5) as the base priority of inference only,
+    where model-name rules could still override it; here it is the caller's
+    stated priority for every type and wins over every table rule (a top-level
+    `priority` in the body still wins over it). `workflow_dependencies` (names
+    of other workflows) is checked and echoed in the estimate, with no effect
+    on scheduling, as in the Go service, which only logged it.
+    """
+    priority = fields.integer("workflow_priority", 1, 10)
+    if priority is not None:
+        draft.priority = priority
+        draft.rules.append(f"workflow_priority {priority}: priority {priority}")
+    dependencies = fields.raw("workflow_dependencies")
+    if dependencies is not None:
+        if not isinstance(dependencies, list) or not all(isinstance(d, str) for d in dependencies):
+            raise InvalidRequest(
+                f"workload_data.workflow_dependencies must be an array of strings, got {dependencies!r}"
+            )
+        estimate["workflow_dependencies"] = list(dependencies)
+        draft.rules.append("workflow_dependencies: recorded, not enforced (no ordering between workflows)")
 
 
 _RULES: Final[Mapping[str, Callable[[_Draft, _Fields, float | None], None]]] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -60,10 +61,18 @@ class AgentProcess:
     join: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # The CA that signed the agent's certificate when it serves TLS (its [http] tls_* keys
+    # are the test's to configure): the URL is then https:// and readiness is checked with it.
+    ca_file: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ca_file else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx's `verify=` needs to talk to this agent."""
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
 
     @property
     def gossip_address(self) -> str:
@@ -120,7 +129,7 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=0.5, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -12,6 +12,7 @@ for a human to look at. Skipped, with the reason, where Chromium is not installe
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,7 +39,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AgentProc
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does)")
     root = tmp_path_factory.mktemp("status-page")
-    agents = cluster_agents(root, HOSTS, NAMES, servers=len(NAMES), simulate=f"{GPUS_PER_AGENT}xH100-80GB")
+    fleet = f"{GPUS_PER_AGENT}xH100-80GB"
+    # page-c's GPU 1 raises XID 79 (fallen off the bus) a second after start: unhealthy, with a reason.
+    agents = cluster_agents(root, HOSTS, NAMES, servers=len(NAMES), simulate=[fleet, fleet, f"{fleet};xid=1:79@1"])
     try:
         start_together(agents)
         wait_for(
@@ -50,6 +53,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AgentProc
     finally:
         for agent in agents:
             agent.kill()
+
+
+def row_of(dom: str, key: str, attribute: str = "data-gpu") -> str:
+    """The <tr> of the dumped DOM whose `attribute` is `key`, with its attributes."""
+    return dom.split(f'{attribute}="{key}"', 1)[1].split("</tr>", 1)[0]
 
 
 def chromium(url: str, profile: Path, *args: str) -> str:
@@ -73,6 +81,17 @@ def test_the_page_shows_every_gpu_then_the_allocation_and_the_queue(
     leader = wait_for(lambda: httpx.get(cluster[0].url + "/cluster/leader", timeout=5).json()["leader"], timeout=20)
     follower = next(a for a in cluster if a.node_name != leader)
     url = follower.url + "/"
+    drained = httpx.post(
+        follower.url + "/gpu/drain", json={"node": "page-b", "index": 0, "reason": "bios update"}, timeout=5
+    )
+    assert drained.status_code == 200, drained.text
+    wait_for(
+        lambda: [
+            g for g in httpx.get(follower.url + "/gpu/list", timeout=5).json()["gpus"]
+            if (g["node"], g["index"], g["health"]) == ("page-c", 1, "unhealthy")
+        ],
+        timeout=30.0,
+    )
     dom = chromium(url, tmp_path / "profile", "--dump-dom")
     for name in NAMES:
         assert f'data-node="{name}"' in dom and f'data-member="{name}"' in dom
@@ -81,6 +100,24 @@ def test_the_page_shows_every_gpu_then_the_allocation_and_the_queue(
     assert '<div id="queue"><p class="empty">The queue is empty.</p></div>' in dom
     assert f'<strong id="leader">{leader}</strong>' in dom  # the Raft leader, as the members list marks it
     assert '<span id="state">updated ' in dom
+
+    # Drained and unhealthy are distinct states, each with its reason.
+    drained_row = row_of(dom, "page-b/0")
+    assert 'data-health="healthy" data-drained="true"' in drained_row
+    assert "drained: bios update" in drained_row and "unhealthy" not in drained_row
+    broken_row = row_of(dom, "page-c/1")
+    assert 'data-health="unhealthy" data-drained="false"' in broken_row
+    assert "XID 79" in broken_row and "in service" in broken_row
+    # Temperature and power of the GPUs the answering agent samples itself.
+    assert "\u00b0C</td>" in dom and " W</td>" in dom
+    # One time format throughout: UTC to the second, never raw RFC 3339.
+    assert re.search(r'<span id="state">updated \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC</span>', dom)
+    assert not re.search(r">\d{4}-\d\d-\d\dT", dom)
+    # Members show the address they advertise, never a wildcard.
+    assert "0.0.0.0" not in dom
+    for agent in cluster:
+        assert f"<td class=\"wide\">{agent.url}</td>" in row_of(dom, agent.node_name, "data-member")
+    assert '<div id="warnings"></div>' in dom  # loopback: nothing to warn about
 
     on_page_a = {"node": "page-a"}
     held = httpx.post(

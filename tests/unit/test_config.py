@@ -340,7 +340,7 @@ def test_listeners_on_different_addresses_may_share_a_port() -> None:
 
 
 def test_a_wildcard_bind_overlaps_every_address() -> None:
-    config = with_(base(), "cluster", bind="10.0.0.5", gossip_port=8086)
+    config = with_(with_(base(), "http", bind="0.0.0.0"), "cluster", bind="10.0.0.5", gossip_port=8086)
     with pytest.raises(ConfigError, match=r"\[cluster\] gossip_port = 8086 is already \[http\] port"):
         config.validate()  # http.bind is 0.0.0.0, which includes 10.0.0.5
 
