@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from coordinator.raft_config import RaftConfig
-from coordinator.raft_log import RaftLog
+from coordinator.raft_entries import EntryLog
 from coordinator.raft_messages import (
     Entry,
     EntryType,
@@ -208,7 +208,7 @@ class RaftCore:
         hs = state.hard_state
         self.term = hs.term
         self.vote = hs.vote
-        self.log = RaftLog(state.snapshot, state.entries, hs.commit, applied)
+        self.log = EntryLog(state.snapshot, state.entries, hs.commit, applied)
         self.role = Role.FOLLOWER
         self.lead: NodeId | None = None
         self._election_elapsed = 0

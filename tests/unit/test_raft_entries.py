@@ -1,15 +1,15 @@
-"""RaftLog: the follower's AppendEntries rules, the fast back-off search, compaction and config."""
+"""EntryLog: the follower's AppendEntries rules, the fast back-off search, compaction and config."""
 
 from __future__ import annotations
 
 import pytest
 
-from coordinator.raft_log import LogInvariantError, RaftLog
+from coordinator.raft_entries import EntryLog, LogInvariantError
 from coordinator.raft_messages import Entry, EntryType, Snapshot, encode_voters
 
 
-def log_of(terms: list[int], committed: int = 0) -> RaftLog:
-    return RaftLog(None, [Entry(i, t) for i, t in enumerate(terms, start=1)], committed)
+def log_of(terms: list[int], committed: int = 0) -> EntryLog:
+    return EntryLog(None, [Entry(i, t) for i, t in enumerate(terms, start=1)], committed)
 
 
 def test_maybe_append_truncates_a_conflicting_suffix_and_marks_it_dirty() -> None:
@@ -51,7 +51,7 @@ def test_find_conflict_by_term() -> None:
 def test_compaction_keeps_terms_at_the_boundary_and_the_config() -> None:
     """§7: the snapshot records the last included index and term, and the configuration then."""
     conf = Entry(1, 1, EntryType.CONF_CHANGE, encode_voters(["a", "b", "c"]))
-    log = RaftLog(None, [conf, Entry(2, 1), Entry(3, 2)], committed=3, applied=3)
+    log = EntryLog(None, [conf, Entry(2, 1), Entry(3, 2)], committed=3, applied=3)
     snap = log.compact(2, b"s")
     assert snap == Snapshot(2, 1, ("a", "b", "c"), b"s")
     assert log.term(2) == 1 and log.term(1) is None and log.first_index == 3
@@ -73,4 +73,4 @@ def test_restore_replaces_the_log() -> None:
 def test_restart_rejects_a_log_with_a_gap() -> None:
     """What the shell loads must be a contiguous log after the snapshot."""
     with pytest.raises(LogInvariantError):
-        RaftLog(None, [Entry(1, 1), Entry(3, 1)], 0)
+        EntryLog(None, [Entry(1, 1), Entry(3, 1)], 0)

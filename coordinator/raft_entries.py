@@ -28,7 +28,7 @@ class LogInvariantError(AssertionError):
     """The log was asked to do something Raft's safety argument rules out (a bug)."""
 
 
-class RaftLog:
+class EntryLog:
     def __init__(self, snapshot: Snapshot | None, entries: Sequence[Entry], committed: int, applied: int | None = None) -> None:
         self.snapshot = snapshot or Snapshot(0, 0, ())
         self._entries: list[Entry] = []
