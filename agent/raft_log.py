@@ -819,7 +819,11 @@ class RaftLog:
         applied = core.log.applied
         if not self._hooks_complete or applied - self._capture_index < self._config.snapshot_every:
             return
-        data: bytes = msgpack.packb(self.table.snapshot(), use_bin_type=True)
+        # The plain-dict copy is taken here, consistent with `applied`; encoding it (the
+        # bulk of the cost on a big table) runs in a worker thread, off the event loop,
+        # so HTTP and gossip are not held up. Only this task waits for it.
+        state = self.table.snapshot()
+        data: bytes = await trio.to_thread.run_sync(_pack, state)
         previous = self._capture
         self._capture, self._capture_index = (applied, data), applied
         if previous is None or previous[0] <= core.log.snapshot.index:
@@ -855,3 +859,8 @@ class RaftLog:
         self._confirmed.clear()
         self._inputs.clear()
         self._queued_messages = 0
+
+
+def _pack(state: object) -> bytes:
+    data: bytes = msgpack.packb(state, use_bin_type=True)
+    return data
