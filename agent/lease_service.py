@@ -37,9 +37,10 @@ from coordinator.errors import Conflict, CoordinatorError, NotFound
 from coordinator.inventory import Inventory
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import ALLOCATED, QUEUED, Allocation, GpuRef
-from coordinator.raft import RaftError
+from coordinator.raft import NotLeader, RaftError
 from coordinator.request_parsing import AllocateBody, build_request, resolve_ttl
 
+from agent.raft_log import ProposalLost
 from agent.workload_analysis import WorkloadAnalysis
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,15 @@ class LeaseService:
                 raise
             try:
                 result = await self.log.propose(command)
-            finally:
-                self.admission.settle(command)
+            except (NotLeader, ProposalLost):
+                self.admission.settle(command)  # surely not applied: its GPUs are free again
+                raise
+            except BaseException:
+                # Outcome unknown (cut short by the request bound, or the log could not tell):
+                # the entry may still apply, so its GPUs stay held until the table says.
+                self.admission.unsure(command)
+                raise
+            self.admission.settle(command)
             outcome = self.admission.answer(command, result, self.table)
             self._on_decision("allocated" if isinstance(command, Allocate) else "queued")
             if not isinstance(command, Allocate):
@@ -285,19 +293,32 @@ class LeaseService:
     async def _propose_tick(self, commands: list[Command]) -> None:
         try:
             results = await self.log.propose_many(commands)
-        except RaftError as error:
-            # Leadership moved (NotLeader) or the entries were overwritten (ProposalLost):
-            # the next leader's scheduler redoes what is still due.
+        except (NotLeader, ProposalLost) as error:
+            for command in commands:
+                self.admission.settle(command)
+            # Leadership moved or the entries were overwritten: the next leader's scheduler
+            # redoes what is still due.
             log.info("scheduler proposals not applied (%s); retrying next tick", error)
             await trio.sleep(self.tick_interval_s)
             return
+        except RaftError as error:
+            for command in commands:
+                self.admission.unsure(command)
+            log.info("scheduler proposals' outcome unknown (%s); retrying next tick", error)
+            await trio.sleep(self.tick_interval_s)
+            return
         except Exception:
+            for command in commands:
+                self.admission.unsure(command)
             log.exception("scheduler proposals failed; retrying next tick")
             await trio.sleep(self.tick_interval_s)
             return
-        finally:
+        except BaseException:
             for command in commands:
-                self.admission.settle(command)
+                self.admission.unsure(command)
+            raise
+        for command in commands:
+            self.admission.settle(command)
         for command, result in zip(commands, results):
             if result.ok:
                 self._on_decision(_tick_outcome(command))

@@ -17,6 +17,11 @@ proposal is in flight between "decided" and "applied":
   never picks the same GPU. `decide` and `tick` register their commands before
   they return, so no await can fall between deciding and registering.
 - **Pending enqueues**, counted against `max_queue` the same way.
+- **Unsure proposals.** A proposal whose outcome the caller could not learn
+  (its wait was cut short, or the log said "outcome unknown") may still be
+  applied, so its GPUs stay held (`unsure`) until the table shows its request
+  id (applied, or refused and recorded by then): releasing them at once would
+  let a second decision take a GPU that entry is about to take.
 - **Request ids in flight.** `begin(request_id)` answers `PROCEED` once per id:
   a second call with the same id before `finish` gets `WAIT` (the caller waits
   for the first to finish and calls `begin` again), and an id the table already
@@ -91,6 +96,8 @@ class Admission:
         self._pending: dict[GpuRef, int] = {}
         self._pending_enqueues = 0
         self._inflight: set[str] = set()
+        # Commands whose proposal's outcome is unknown, held until the table records their request.
+        self._unsure: list[Allocate | Enqueue] = []
 
     # ------------------------------------------------------------------ observers
 
@@ -154,6 +161,7 @@ class Admission:
         returned or failed. Raises Unsatisfiable (400), Conflict `no_capacity`
         (409, queue=false), QueueFull (503).
         """
+        self._resolve_unsure(table)
         command = self.scheduler.admit(
             request, table, inventory, now, pending=self._pending, pending_enqueues=self._pending_enqueues
         )
@@ -186,6 +194,7 @@ class Admission:
 
     def tick(self, table: LeaseTable, inventory: Inventory, now: float) -> list[Command]:
         """Commands due at `now` (expiries, queue timeouts, placements); each is registered as pending."""
+        self._resolve_unsure(table)
         commands = self.scheduler.tick(table, inventory, now, self._pending)
         for command in commands:
             self._hold(command)
@@ -208,6 +217,29 @@ class Admission:
                     del self._pending[gpu.ref]
         elif isinstance(command, Enqueue):
             self._pending_enqueues -= 1
+
+    def unsure(self, command: Command) -> None:
+        """A command's proposal ended without an answer (cut short, outcome unknown): hold it until the table says.
+
+        Other commands hold nothing and are settled at once.
+        """
+        if isinstance(command, (Allocate, Enqueue)):
+            self._unsure.append(command)
+        else:
+            self.settle(command)
+
+    def _resolve_unsure(self, table: LeaseTable) -> None:
+        """Settle the unsure commands whose request the table now records (applied, or refused after another entry)."""
+        if not self._unsure:
+            return
+        still: list[Allocate | Enqueue] = []
+        for command in self._unsure:
+            request = command.allocation.request if isinstance(command, Allocate) else command.request
+            if table.record(request.request_id) is None:
+                still.append(command)
+            else:
+                self.settle(command)
+        self._unsure = still
 
     def _hold(self, command: Command) -> None:
         if isinstance(command, Allocate):

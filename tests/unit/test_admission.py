@@ -162,3 +162,26 @@ def test_tick_holds_the_gpus_it_places_until_settled() -> None:
     assert [type(c) for c in placed] == [Allocate]
     # A decision while the tick's Allocate is in flight must not take the same GPU.
     assert isinstance(core.decide(request("late", at=13.0), table, inv, 13.0), Enqueue)
+
+
+def test_an_unsure_proposal_holds_its_gpus_until_the_table_records_it() -> None:
+    """A caller cut short (request bound, outcome unknown) must not free GPUs its entry may still take."""
+    core, table, inv = admission(), LeaseTable(), inventory(per_node=1)
+    command = core.decide(request("r1"), table, inv, 10.0)
+    assert isinstance(command, Allocate)
+    core.unsure(command)
+    # Not applied yet: the GPU is still held, so another request queues instead of colliding.
+    assert isinstance(core.decide(request("r2"), table, inv, 11.0), Enqueue)
+    table.apply(command)  # the entry applies after all
+    assert core.tick(table, inv, 12.0) == [] and core.pending_gpus == frozenset()
+
+
+def test_an_unsure_proposal_that_never_applies_is_held_only_while_its_request_is_unknown() -> None:
+    core, table, inv = admission(), LeaseTable(), inventory(per_node=1)
+    command = core.decide(request("r1"), table, inv, 10.0)
+    core.unsure(command)
+    # The caller's retry is cancelled instead: the record settles the unsure Allocate.
+    table.apply(Enqueue(11.0, request("r1", at=11.0), None))
+    table.apply(Cancel(11.5, ("r1",)))
+    again = core.decide(request("r3"), table, inv, 12.0)
+    assert isinstance(again, Allocate) and again.allocation.gpus == command.allocation.gpus
