@@ -35,9 +35,9 @@ from coordinator.request_parsing import (
 from coordinator.views import allocation_view, queued_view, record_view
 
 from agent.api_keys import ApiKey, extract_presented_key
-from agent.cluster import FORWARDED_BY, ForwardFailed
 from agent.config import is_node_name
 from agent.context import AgentContext, holders_from_allocations
+from agent.leader_proxy import FORWARDED_BY, ForwardFailed
 from agent.openapi import openapi_document
 from agent.raft_log import ProposalLost, ProposalUnknown, ReadUnconfirmed
 from agent.status_page import HEADERS as STATUS_PAGE_HEADERS
@@ -237,7 +237,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         if request.path in ("/gpu/drain", "/gpu/undrain"):
             raw = _with_default(raw, "node", ctx.node)  # the default is this agent, not the leader
         try:
-            status, headers, content = await cluster.forward(
+            status, headers, content = await cluster.proxy.forward(
                 request.method, request.path, request.query_string, dict(request.headers.items()), raw, stamp
             )
         except ForwardFailed as error:
@@ -337,7 +337,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             allocations = None
             # Bounded: without a quorum the status must still answer at once (from gossip).
             with trio.move_on_after(CLIENT_HOLDERS_WAIT_S):
-                allocations = await ctx.cluster.leader_allocations(dict(request.headers.items()))
+                allocations = await ctx.cluster.proxy.leader_allocations(dict(request.headers.items()))
             try:
                 holders = None if allocations is None else holders_from_allocations(allocations)
             except (KeyError, TypeError, ValueError):
@@ -421,7 +421,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         if ctx.cluster is not None:
             # A peer looking the leader up (X-Forwarded-By) gets this agent's own view, never a relay.
             asked = FORWARDED_BY not in request.headers
-            return json_response(await ctx.cluster.leader_info(dict(request.headers.items()), ask=asked))
+            return json_response(await ctx.cluster.proxy.leader_info(dict(request.headers.items()), ask=asked))
         return json_response(ctx.leader())
 
     # ------------------------------------------------------------------ Raft servers
