@@ -37,7 +37,7 @@ from coordinator.views import allocation_view, queued_view, record_view
 from agent.api_keys import ApiKey, extract_presented_key
 from agent.config import is_node_name
 from agent.context import AgentContext, holders_from_allocations
-from agent.leader_proxy import FORWARDED_BY, ForwardFailed
+from agent.leader_proxy import FORWARDED_BY, ForwardFailed, LeadHere
 from agent.openapi import openapi_document
 from agent.raft_log import ProposalLost, ProposalUnknown, ReadUnconfirmed
 from agent.status_page import HEADERS as STATUS_PAGE_HEADERS
@@ -188,8 +188,16 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; see the agent's log")
 
+    async def request_body() -> bytes:
+        """The request's body; on a request taken over from forwarding, the body it was forwarded with."""
+        override: bytes | None = getattr(g, "body", None)
+        if override is not None:
+            return override
+        data = await request.get_data(as_text=False)
+        return data.encode() if isinstance(data, str) else data
+
     async def body_json() -> Any:
-        raw = await request.get_data(as_text=False)
+        raw = await request_body()
         if not raw:
             raise InvalidRequest("a JSON request body is required", code="invalid_json")
         try:
@@ -220,6 +228,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     Handler = Callable[..., Awaitable[Response]]
 
     async def forward() -> Response:
+        """Relay the request to the leader. Raises LeadHere when this agent leads by now."""
         cluster = ctx.cluster
         assert cluster is not None
         via = request.headers.get(FORWARDED_BY)
@@ -231,20 +240,17 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                 "retry shortly",
                 {"Retry-After": "1"},
             )
-        data = await request.get_data(as_text=False)
-        raw = data.encode() if isinstance(data, str) else data
+        raw = await request_body()
         stamp = request.method == "POST" and request.path == "/gpu/allocate"
         if request.path in ("/gpu/drain", "/gpu/undrain"):
             raw = _with_default(raw, "node", ctx.node)  # the default is this agent, not the leader
         try:
-            status, headers, content = await cluster.proxy.forward(
+            answer = await cluster.proxy.forward(
                 request.method, request.path, request.query_string, dict(request.headers.items()), raw, stamp
             )
         except ForwardFailed as error:
-            return error_response(
-                503, "no_leader", f"no leader is known or reachable (no quorum?): {error}", {"Retry-After": "1"}
-            )
-        return Response(content, status=status, headers=headers)
+            return error_response(503, error.code, str(error), {"Retry-After": "1"})
+        return Response(answer.content, status=answer.status, headers=answer.headers)
 
     def on_leader(*, read: bool = False) -> Callable[[Handler], Handler]:
         """Answer on the Raft leader: forward from a follower or client (local mode: unchanged)."""
@@ -261,17 +267,26 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                     age = max(0.0, time.time() - cluster.last_applied_at)
                     response.headers["X-Stale-Age-Seconds"] = f"{age:.3f}"
                     return response
-                if not cluster.is_leader():
-                    return await forward()
-                try:
-                    if read:
-                        # ReadIndex: a deposed leader that has not noticed yet cannot
-                        # confirm a majority, so it never answers from a stale table.
-                        await ctx.log.read_barrier()
-                    return await handler(**kwargs)
-                except (NotLeader, ProposalLost):
-                    # Nothing of it was applied here: the new leader takes it.
-                    return await forward()
+                # Leadership can move either way while one request is served (this
+                # agent loses it mid-proposal, or wins it while forwarding); a few
+                # hand-overs are followed, not an endless ping-pong.
+                for _ in range(3):
+                    if cluster.is_leader():
+                        try:
+                            if read:
+                                # ReadIndex: a deposed leader that has not noticed yet cannot
+                                # confirm a majority, so it never answers from a stale table.
+                                await ctx.log.read_barrier()
+                            return await handler(**kwargs)
+                        except (NotLeader, ProposalLost):
+                            pass  # nothing of it was applied here: the new leader takes it
+                    try:
+                        return await forward()
+                    except LeadHere as here:
+                        g.body = here.body  # with the request_id the forwarding stamped
+                return error_response(
+                    503, "not_leader", "leadership kept moving while the request was handled; retry", {"Retry-After": "1"}
+                )
 
             return routed
 
