@@ -217,6 +217,16 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         if principal is not None and not principal.admin:
             raise ApiError(403, "forbidden", f"only an admin API key may {action}")
 
+    def allocation_service(allocation_id: str) -> str:
+        """The service of a live allocation, or of one already ended (a repeated release). Raises NotFound."""
+        alloc = service.table.allocation(allocation_id) if valid_id(allocation_id) else None
+        if alloc is not None:
+            return alloc.request.service_name
+        record = service.table.record_of_allocation(allocation_id) if valid_id(allocation_id) else None
+        if record is None:
+            raise NotFound(f"no live allocation {allocation_id}")
+        return record.service_name
+
     def live_allocation(allocation_id: str) -> Allocation:
         alloc = service.table.allocation(allocation_id) if valid_id(allocation_id) else None
         if alloc is None:
@@ -320,7 +330,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     async def release() -> Response:
         body = parse_release_body(await body_json())
         if body.allocation_id is not None:
-            require_service(live_allocation(body.allocation_id).request.service_name)
+            require_service(allocation_service(body.allocation_id))
             outcome = await service.release_allocation(body.allocation_id)
         elif body.service_name is not None:
             require_service(body.service_name)
@@ -332,9 +342,14 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                 raise NotFound(f"no request {body.request_id}")
             require_service(record.service_name)
             outcome = await service.release_request(body.request_id)
-        return json_response(
-            {"status": "released", "released": list(outcome.released), "cancelled": list(outcome.cancelled)}
-        )
+        answer: dict[str, Any] = {
+            "status": "released",
+            "released": list(outcome.released),
+            "cancelled": list(outcome.cancelled),
+        }
+        if outcome.repeated:
+            answer["repeated"] = True
+        return json_response(answer)
 
     @app.post("/gpu/renew")
     @on_leader(read=False)
