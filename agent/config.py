@@ -47,6 +47,8 @@ DEVICE_BACKENDS: Final = ("nvml", "simulated")
 # SWIM timing profiles (coordinator/swim_config.py): "lan" for real networks,
 # "local" for agents on one host (tests, trying a cluster out on a laptop).
 GOSSIP_PROFILES: Final = ("lan", "local")
+# The shortest [http] request_timeout_s: above the forwarding's 2.5 s search for a leader.
+MIN_REQUEST_TIMEOUT_S: Final = 3.0
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}=[A-Za-z0-9._/:-]{0,63}")
 
 
@@ -102,6 +104,12 @@ class HttpSection:
     # documents: 1 MiB leaves ample room for workload_data while bounding what one
     # client can make the agent buffer.
     max_body_bytes: int = 1_048_576
+    # Every request is answered within this many seconds. A request whose work is
+    # not done by then (a stalled disk, a leader that cannot commit, no quorum) gets
+    # 503 with Retry-After: `outcome_unknown` for a write that may have been
+    # proposed, `timeout` otherwise. At least 3 s: a forwarded request looks for a
+    # leader for up to 2.5 s and answers that search's outcome itself (no_leader).
+    request_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -362,6 +370,12 @@ def _validate_http(section: HttpSection) -> None:
     _check_port("http.port", section.port)
     if section.max_body_bytes < 1:
         raise _fail("http.max_body_bytes", f"must be at least 1, got {section.max_body_bytes}")
+    if not (math.isfinite(section.request_timeout_s) and section.request_timeout_s >= MIN_REQUEST_TIMEOUT_S):
+        raise _fail(
+            "http.request_timeout_s",
+            f"must be at least {MIN_REQUEST_TIMEOUT_S:g} s (a forwarded request looks for a leader for up to 2.5 s), "
+            f"got {section.request_timeout_s}",
+        )
 
 
 def _validate_devices(section: DevicesSection) -> None:

@@ -7,6 +7,16 @@ snake_case code, a StorageError becomes 503 with Retry-After, an HTTP-level
 error (404 route, 405, 413) keeps its status with a JSON body, and anything
 unexpected is logged and answered 500 `internal_error`. Every error body is
 `{"error": {"code": ..., "message": ...}}`.
+
+Bounds
+------
+Every route runs under `[http] request_timeout_s` (`_bounded`): whatever it
+waits on — a stalled disk, a leader that cannot commit, a forward — it is
+answered by then, with 503 and Retry-After: `outcome_unknown` when it is a
+write that may have been proposed (here or at the leader), `timeout`
+otherwise. A forward gets the same deadline and answers its own, more precise
+error just before it (agent/leader_proxy.py). Cancelling a proposal's waiter
+does not withdraw the proposal, which is why such a write's outcome is unknown.
 """
 
 from __future__ import annotations
@@ -48,6 +58,12 @@ log = logging.getLogger(__name__)
 
 # How long a client's /gpu/status waits for the leader to say who holds what.
 CLIENT_HOLDERS_WAIT_S = 1.5
+# A forward ends this much before the request bound, so its own error (no_leader or
+# outcome_unknown, which it knows best) is the answer rather than the bound's.
+FORWARD_MARGIN_S = 0.1
+# How long an error answer may spend reading the rest of the request body (so the
+# keep-alive connection stays usable) before it closes the connection instead.
+DRAIN_TIMEOUT_S = 1.0
 
 # Open without a key even when auth is on: probes, scrapes, the API's own description,
 # and the status page (static HTML; the data it fetches needs a key like any call).
@@ -128,9 +144,14 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             # A refusal before the handler read the body (401, 405, ...) leaves it on
             # the wire; hypercorn would then misread it as the next request on this
             # keep-alive connection. Drain it (it is within the size limit) or close.
-            try:
-                await request.get_data()
-            except Exception:
+            drained = False
+            with trio.move_on_after(DRAIN_TIMEOUT_S):  # a client that stalls mid-body is not waited for
+                try:
+                    await request.get_data()
+                    drained = True
+                except Exception:
+                    pass
+            if not drained:
                 response.headers["Connection"] = "close"
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.http_requests.labels(request.method, rule, str(response.status_code)).inc()
@@ -254,9 +275,16 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         stamp = request.method == "POST" and request.path == "/gpu/allocate"
         if request.path in ("/gpu/drain", "/gpu/undrain"):
             raw = _with_default(raw, "node", ctx.node)  # the default is this agent, not the leader
+        g.write_started = request.method != "GET"  # from here on it may reach a leader
         try:
             answer = await cluster.proxy.forward(
-                request.method, request.path, request.query_string, dict(request.headers.items()), raw, stamp
+                request.method,
+                request.path,
+                request.query_string,
+                dict(request.headers.items()),
+                raw,
+                stamp,
+                deadline=g.deadline - FORWARD_MARGIN_S,
             )
         except ForwardFailed as error:
             return error_response(503, error.code, str(error), {"Retry-After": "1"})
@@ -270,6 +298,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             async def routed(**kwargs: Any) -> Response:
                 cluster = ctx.cluster
                 if cluster is None:
+                    g.write_started = not read
                     return await handler(**kwargs)
                 if read and cluster.is_server and request.args.get("stale", "").lower() in ("true", "1"):
                     response = await handler(**kwargs)
@@ -287,6 +316,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                                 # ReadIndex: a deposed leader that has not noticed yet cannot
                                 # confirm a majority, so it never answers from a stale table.
                                 await ctx.log.read_barrier()
+                            g.write_started = not read
                             return await handler(**kwargs)
                         except (NotLeader, ProposalLost):
                             pass  # nothing of it was applied here: the new leader takes it
@@ -533,4 +563,33 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
+    # Every route (registered above) answers within the bound.
+    for endpoint, view in list(app.view_functions.items()):
+        app.view_functions[endpoint] = _bounded(view, ctx.config.http.request_timeout_s)
     return app
+
+
+def _bounded(view: Callable[..., Any], bound_s: float) -> Callable[..., Awaitable[Any]]:
+    """`view`, answered with a 503 once it has run `bound_s` seconds (see "Bounds")."""
+
+    @functools.wraps(view)
+    async def bounded(**kwargs: Any) -> Any:
+        g.deadline = trio.current_time() + bound_s
+        with trio.move_on_at(g.deadline):
+            return await view(**kwargs)
+        if getattr(g, "write_started", False):
+            return error_response(
+                503,
+                "outcome_unknown",
+                f"not answered within {bound_s:g}s ([http] request_timeout_s) and the write may have been "
+                "applied: retry with the same request_id (or allocation_id)",
+                {"Retry-After": "1"},
+            )
+        return error_response(
+            503,
+            "timeout",
+            f"not answered within {bound_s:g}s ([http] request_timeout_s); retry",
+            {"Retry-After": "1"},
+        )
+
+    return bounded
