@@ -163,11 +163,22 @@ def leader_of(agent: AgentProcess) -> str | None:
     return None if name is None else str(name)
 
 
-def allocate(agent: AgentProcess, service: str, timeout: float = 10.0) -> httpx.Response | None:
-    body = {"service_name": service, "gpu_count": 1, "ttl_seconds": 3600, "queue": False}
+def allocate(
+    agent: AgentProcess, service: str, timeout: float = 10.0, request_id: str | None = None
+) -> httpx.Response | None:
+    body: dict[str, object] = {"service_name": service, "gpu_count": 1, "ttl_seconds": 3600, "queue": False}
+    if request_id is not None:
+        body["request_id"] = request_id
     try:
         return httpx.post(agent.url + "/gpu/allocate", json=body, timeout=timeout)
     except httpx.TimeoutException:
+        return None
+
+
+def role_of(agent: AgentProcess) -> str | None:
+    try:
+        return str(httpx.get(agent.url + "/healthz", timeout=2.0).json()["raft"]["role"])
+    except (httpx.HTTPError, ValueError, KeyError):
         return None
 
 
@@ -180,9 +191,28 @@ def test_the_old_leader_serves_again_soon_after_a_15s_isolation(servers: list[Ag
     old = next(a for a in servers if a.node_name == leader)
     majority = [a for a in servers if a is not old]
     assert wait_for(lambda: (r := allocate(old, "before")) is not None and r.status_code == 200, timeout=15.0)
+    # A forward through a follower leaves a keep-alive connection to the leader behind:
+    # the request below is sent on it, into the cut, and must not hang there.
+    assert wait_for(lambda: (r := allocate(majority[0], "warm")) is not None and r.status_code == 200, timeout=15.0)
 
     with Cut(old.host, [a.host for a in majority]) as cut:
         cut_at = time.monotonic()
+        # In flight through a follower while the leader is cut off: answered within the
+        # request bound (5 s) by following the new leader — or honestly, and then a
+        # retry with the same request_id gets the original answer.
+        inflight = allocate(majority[0], "inflight", timeout=15.0, request_id="inflight-1")
+        took = time.monotonic() - cut_at
+        assert inflight is not None, "the forwarded request hung"
+        print(f"\na request in flight through a follower was answered {inflight.status_code} after {took:.2f}s")
+        assert took < 6.0, took
+        if inflight.status_code != 200:
+            assert inflight.status_code == 503 and inflight.json()["error"]["code"] == "outcome_unknown", inflight.text
+
+            def retried() -> httpx.Response | None:
+                r = allocate(majority[0], "inflight", request_id="inflight-1")
+                return r if r is not None and r.status_code == 200 else None
+
+            wait_for(retried, timeout=15.0, interval=0.2)
 
         def new_leader() -> str | None:
             name = leader_of(majority[0])
@@ -190,6 +220,15 @@ def test_the_old_leader_serves_again_soon_after_a_15s_isolation(servers: list[Ag
 
         wait_for(new_leader, timeout=15.0, interval=0.1)
         assert wait_for(lambda: (r := allocate(majority[1], "during")) is not None and r.status_code == 200, timeout=15.0)
+
+        # The cut-off old leader, once it has stepped down, knows no leader: no_leader, within 2.5 s.
+        wait_for(lambda: role_of(old) not in (None, "leader"), timeout=15.0, interval=0.1)
+        started = time.monotonic()
+        refused = allocate(old, "isolated")
+        assert refused is not None and refused.status_code == 503, refused
+        assert refused.json()["error"]["code"] == "no_leader", refused.text
+        assert time.monotonic() - started < 2.5 + 1.0
+
         wait_for(lambda: time.monotonic() - cut_at >= ISOLATION_S, timeout=ISOLATION_S + 1.0, interval=0.2)
         cut.heal()
         healed_at = time.monotonic()
@@ -200,5 +239,5 @@ def test_the_old_leader_serves_again_soon_after_a_15s_isolation(servers: list[Ag
 
     wait_for(served, timeout=HEALED_WITHIN_S + 5.0, interval=0.05)
     took = time.monotonic() - healed_at
-    print(f"\nthe old leader served a write {took:.2f}s after the heal")
+    print(f"the old leader served a write {took:.2f}s after the heal")
     assert took < HEALED_WITHIN_S, f"writes through the old leader failed for {took:.1f}s after the heal"
