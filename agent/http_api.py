@@ -58,9 +58,9 @@ log = logging.getLogger(__name__)
 
 # How long a client's /gpu/status waits for the leader to say who holds what.
 CLIENT_HOLDERS_WAIT_S = 1.5
-# A forward ends this much before the request bound, so its own error (no_leader or
-# outcome_unknown, which it knows best) is the answer rather than the bound's.
-FORWARD_MARGIN_S = 0.1
+# A forward or a read's ReadIndex wait ends this much before the request bound, so its
+# own error (no_leader or outcome_unknown, which it knows best) is the answer, not the bound's.
+ANSWER_MARGIN_S = 0.1
 # How long an error answer may spend reading the rest of the request body (so the
 # keep-alive connection stays usable) before it closes the connection instead.
 DRAIN_TIMEOUT_S = 1.0
@@ -284,7 +284,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                 dict(request.headers.items()),
                 raw,
                 stamp,
-                deadline=g.deadline - FORWARD_MARGIN_S,
+                deadline=g.deadline - ANSWER_MARGIN_S,
             )
         except ForwardFailed as error:
             return error_response(503, error.code, str(error), {"Retry-After": "1"})
@@ -315,7 +315,10 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                             if read:
                                 # ReadIndex: a deposed leader that has not noticed yet cannot
                                 # confirm a majority, so it never answers from a stale table.
-                                await ctx.log.read_barrier()
+                                with trio.move_on_at(g.deadline - ANSWER_MARGIN_S) as waited:
+                                    await ctx.log.read_barrier()
+                                if waited.cancelled_caught:
+                                    raise ReadUnconfirmed("no majority confirmed this leader within the request bound")
                             g.write_started = not read
                             return await handler(**kwargs)
                         except (NotLeader, ProposalLost):
