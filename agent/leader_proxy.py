@@ -20,7 +20,7 @@ known about the write:
 - **Once sent**, the answer is awaited until the caller's deadline (the
   request bound), but only while the target still leads as far as this agent
   can tell: this agent's core, or on a client the servers asked every
-  `WATCH_INTERVAL_S`. When another leader is known, waiting is pointless.
+  `CLIENT_WATCH_INTERVAL_S`. When another leader is known, waiting is pointless.
 - A request sent and not conclusively answered (no answer, the connection
   reset mid-request, leadership moved on) **may have been applied**. If
   sending it again gives the original answer (`_resendable`: reads, allocate
