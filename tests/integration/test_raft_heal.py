@@ -12,9 +12,12 @@ a stream left unanswered for an election timeout is dropped and redialled
 - three agent processes, the leader isolated for 15 s then healed: writes
   through the old leader succeed again within seconds (the measured figure
   is printed), well before the kernel's own retransmission would have
-  reached it.
+  reached it; a request in flight through a follower when the cut begins
+  follows the new leader;
+- the leader paused (SIGSTOP): a request forwarded to it follows the new
+  leader instead of waiting for SIGCONT.
 
-Needs root and the `nft` tool (skipped otherwise). Rules go on an input hook in
+Needs root and the `nft` tool (skipped otherwise, the SIGSTOP case too). Rules go on an input hook in
 a table of this test's own, always deleted.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -241,3 +245,36 @@ def test_the_old_leader_serves_again_soon_after_a_15s_isolation(servers: list[Ag
     took = time.monotonic() - healed_at
     print(f"the old leader served a write {took:.2f}s after the heal")
     assert took < HEALED_WITHIN_S, f"writes through the old leader failed for {took:.1f}s after the heal"
+
+
+def test_requests_follow_a_new_leader_while_the_leader_is_paused(servers: list[AgentProcess]) -> None:
+    """SIGSTOP the leader: its kernel still accepts and acknowledges, so only the Raft
+    core notices; a request forwarded to it follows the new leader instead of waiting
+    for SIGCONT, and after SIGCONT the old leader steps down and serves again."""
+
+    def agreed() -> str | None:
+        names = {leader_of(a) for a in servers}
+        return names.pop() if len(names) == 1 and None not in names else None
+
+    leader = wait_for(agreed, timeout=20.0, interval=0.1)
+    old = next(a for a in servers if a.node_name == leader)
+    follower = next(a for a in servers if a is not old)
+    assert wait_for(lambda: (r := allocate(follower, "warm")) is not None and r.status_code == 200, timeout=15.0)
+    assert old.proc is not None
+    old.proc.send_signal(signal.SIGSTOP)
+    try:
+        paused_at = time.monotonic()
+        answer = allocate(follower, "paused", timeout=15.0, request_id="paused-1")
+        took = time.monotonic() - paused_at
+        assert answer is not None, "the forwarded request waited for the paused leader"
+        print(f"\nwith the leader paused, a request through a follower was answered {answer.status_code} after {took:.2f}s")
+        assert took < 6.0, took
+        if answer.status_code != 200:
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "outcome_unknown", answer.text
+    finally:
+        old.proc.send_signal(signal.SIGCONT)
+    resumed_at = time.monotonic()
+    wait_for(lambda: (r := allocate(old, "resumed", timeout=5.0)) is not None and r.status_code == 200, timeout=15.0)
+    print(f"the resumed old leader served a write {time.monotonic() - resumed_at:.2f}s after SIGCONT")
+    retry = allocate(follower, "paused", request_id="paused-1")
+    assert retry is not None and retry.status_code == 200, retry
