@@ -51,6 +51,8 @@ GOSSIP_PROFILES: Final = ("lan", "local")
 # base URL (http://localhost:8081) and defined no event path of its own (it
 # only read GET <base>/workflow/<id>); /events is the path docs/api.md documents.
 GRAPH_EVENTS_PATH: Final = "/events"
+# The shortest [http] request_timeout_s: above the forwarding's 2.5 s search for a leader.
+MIN_REQUEST_TIMEOUT_S: Final = 3.0
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}=[A-Za-z0-9._/:-]{0,63}")
 
 
@@ -129,6 +131,12 @@ class HttpSection:
     def scheme(self) -> str:
         """"https" with TLS on, else "http": the scheme of this agent's API URL."""
         return "https" if self.tls_enabled else "http"
+    # Every request is answered within this many seconds. A request whose work is
+    # not done by then (a stalled disk, a leader that cannot commit, no quorum) gets
+    # 503 with Retry-After: `outcome_unknown` for a write that may have been
+    # proposed, `timeout` otherwise. At least 3 s: a forwarded request looks for a
+    # leader for up to 2.5 s and answers that search's outcome itself (no_leader).
+    request_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -416,6 +424,12 @@ def _validate_http(section: HttpSection) -> None:
     _check_file("http.tls_cert_file", section.tls_cert_file)
     _check_file("http.tls_key_file", section.tls_key_file)
     _check_file("http.tls_ca_file", section.tls_ca_file)
+    if not (math.isfinite(section.request_timeout_s) and section.request_timeout_s >= MIN_REQUEST_TIMEOUT_S):
+        raise _fail(
+            "http.request_timeout_s",
+            f"must be at least {MIN_REQUEST_TIMEOUT_S:g} s (a forwarded request looks for a leader for up to 2.5 s), "
+            f"got {section.request_timeout_s}",
+        )
 
 
 def _validate_devices(section: DevicesSection) -> None:

@@ -7,6 +7,16 @@ snake_case code, a StorageError becomes 503 with Retry-After, an HTTP-level
 error (404 route, 405, 413) keeps its status with a JSON body, and anything
 unexpected is logged and answered 500 `internal_error`. Every error body is
 `{"error": {"code": ..., "message": ...}}`.
+
+Bounds
+------
+Every route runs under `[http] request_timeout_s` (`_bounded`): whatever it
+waits on — a stalled disk, a leader that cannot commit, a forward — it is
+answered by then, with 503 and Retry-After: `outcome_unknown` when it is a
+write that may have been proposed (here or at the leader), `timeout`
+otherwise. A forward gets the same deadline and answers its own, more precise
+error just before it (agent/leader_proxy.py). Cancelling a proposal's waiter
+does not withdraw the proposal, which is why such a write's outcome is unknown.
 """
 
 from __future__ import annotations
@@ -39,9 +49,9 @@ from coordinator.views import allocation_view, queued_view, record_view
 
 from agent.api_keys import ApiKey, extract_presented_key
 from agent.audit import WRITE_ACTIONS, AuditTrail, ids_in
-from agent.cluster import FORWARDED_BY, LEADER_WAIT_S, ForwardFailed
 from agent.config import is_node_name
 from agent.context import AgentContext, holders_from_allocations
+from agent.leader_proxy import FORWARDED_BY, LEADER_WAIT_S, ForwardFailed, LeadHere
 from agent.lease_service import LeaseReader, LeaseService, TableReader
 from agent.openapi import openapi_document
 from agent.raft_log import ProposalLost, ProposalUnknown, ReadUnconfirmed
@@ -53,6 +63,12 @@ log = logging.getLogger(__name__)
 
 # How long a client's /gpu/status waits for the leader to say who holds what.
 CLIENT_HOLDERS_WAIT_S = 1.5
+# A forward or a read's ReadIndex wait ends this much before the request bound, so its
+# own error (no_leader or outcome_unknown, which it knows best) is the answer, not the bound's.
+ANSWER_MARGIN_S = 0.1
+# How long an error answer may spend reading the rest of the request body (so the
+# keep-alive connection stays usable) before it closes the connection instead.
+DRAIN_TIMEOUT_S = 1.0
 
 # Open without a key even when auth is on: probes, scrapes, the API's own description,
 # and the status page (static HTML; the data it fetches needs a key like any call).
@@ -165,9 +181,14 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             # A refusal before the handler read the body (401, 405, ...) leaves it on
             # the wire; hypercorn would then misread it as the next request on this
             # keep-alive connection. Drain it (it is within the size limit) or close.
-            try:
-                await request.get_data()
-            except Exception:
+            drained = False
+            with trio.move_on_after(DRAIN_TIMEOUT_S):  # a client that stalls mid-body is not waited for
+                try:
+                    await request.get_data()
+                    drained = True
+                except Exception:
+                    pass
+            if not drained:
                 response.headers["Connection"] = "close"
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.http_requests.labels(request.method, rule, str(response.status_code)).inc()
@@ -260,8 +281,16 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             via=request.headers.get(FORWARDED_BY),
         )
 
+    async def request_body() -> bytes:
+        """The request's body; on a request taken over from forwarding, the body it was forwarded with."""
+        override: bytes | None = getattr(g, "body", None)
+        if override is not None:
+            return override
+        data = await request.get_data(as_text=False)
+        return data.encode() if isinstance(data, str) else data
+
     async def body_json() -> Any:
-        raw = await request.get_data(as_text=False)
+        raw = await request_body()
         if not raw:
             raise InvalidRequest("a JSON request body is required", code="invalid_json")
         try:
@@ -282,6 +311,16 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         if principal is not None and not principal.admin:
             raise ApiError(403, "forbidden", f"only an admin API key may {action}")
 
+    def allocation_service(table: LeaseTable, allocation_id: str) -> str:
+        """The service of a live allocation, or of one already ended (a repeated release). Raises NotFound."""
+        alloc = table.allocation(allocation_id) if valid_id(allocation_id) else None
+        if alloc is not None:
+            return alloc.request.service_name
+        record = table.record_of_allocation(allocation_id) if valid_id(allocation_id) else None
+        if record is None:
+            raise NotFound(f"no live allocation {allocation_id}")
+        return record.service_name
+
     def live_allocation(table: LeaseTable, allocation_id: str) -> Allocation:
         alloc = table.allocation(allocation_id) if valid_id(allocation_id) else None
         if alloc is None:
@@ -293,6 +332,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     Handler = Callable[..., Awaitable[Response]]
 
     async def forward() -> Response:
+        """Relay the request to the leader. Raises LeadHere when this agent leads by now."""
         cluster = ctx.cluster
         via = request.headers.get(FORWARDED_BY)
         if via:
@@ -303,21 +343,25 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                 "retry shortly",
                 {"Retry-After": "1"},
             )
-        data = await request.get_data(as_text=False)
-        raw = data.encode() if isinstance(data, str) else data
+        raw = await request_body()
         stamp = request.method == "POST" and request.path == "/gpu/allocate"
         if request.path in ("/gpu/drain", "/gpu/undrain"):
             raw = _with_default(raw, "node", ctx.node)  # the default is this agent, not the leader
+        g.write_started = request.method != "GET"  # from here on it may reach a leader
         try:
-            status, headers, content = await cluster.forward(
-                request.method, request.path, request.query_string, dict(request.headers.items()), raw, stamp
+            answer = await cluster.proxy.forward(
+                request.method,
+                request.path,
+                request.query_string,
+                dict(request.headers.items()),
+                raw,
+                stamp,
+                deadline=g.deadline - ANSWER_MARGIN_S,
             )
         except ForwardFailed as error:
-            return error_response(
-                503, "no_leader", f"no leader is known or reachable (no quorum?): {error}", {"Retry-After": "1"}
-            )
+            return error_response(503, error.code, str(error), {"Retry-After": "1"})
         g.forwarded = True  # the leader answered it, and audits it
-        return Response(content, status=status, headers=headers)
+        return Response(answer.content, status=answer.status, headers=answer.headers)
 
     def on_leader(*, read: bool = False) -> Callable[[Handler], Handler]:
         """Answer with the ready leader's lease service here, else forward to the leader.
@@ -338,18 +382,41 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                     age = max(0.0, time.time() - ctx.last_applied_at)
                     response.headers["X-Stale-Age-Seconds"] = f"{age:.3f}"
                     return response
-                service = ctx.leadership.service or await ctx.leadership.wait_for_service(LEADER_WAIT_S)
-                if service is None:
-                    return await forward()
-                try:
-                    if read:
-                        # ReadIndex: a deposed leader that has not noticed yet cannot
-                        # confirm a majority, so it never answers from a stale table.
-                        await service.log.read_barrier()
-                    return await handler(service, **kwargs)
-                except (NotLeader, ProposalLost):
-                    # Nothing of it was applied here: the new leader takes it.
-                    return await forward()
+                # Leadership can move either way while one request is served (this
+                # agent loses it mid-proposal, or wins it while forwarding); a few
+                # hand-overs are followed, not an endless ping-pong.
+                for _ in range(3):
+                    service = ctx.leadership.service
+                    if service is None and ctx.leadership.election_pending:
+                        # This voter's election (or its first entry) is under way: wait for it, bounded.
+                        service = await ctx.leadership.wait_for_service(LEADER_WAIT_S)
+                        if service is None and ctx.leadership.election_pending:
+                            return error_response(
+                                503,
+                                "no_leader",
+                                f"no leader was elected within {LEADER_WAIT_S:g} s (no quorum?); nothing was proposed",
+                                {"Retry-After": "1"},
+                            )
+                    if service is not None:
+                        try:
+                            if read:
+                                # ReadIndex: a deposed leader that has not noticed yet cannot
+                                # confirm a majority, so it never answers from a stale table.
+                                with trio.move_on_at(g.deadline - ANSWER_MARGIN_S) as waited:
+                                    await service.log.read_barrier()
+                                if waited.cancelled_caught:
+                                    raise ReadUnconfirmed("no majority confirmed this leader within the request bound")
+                            g.write_started = not read
+                            return await handler(service, **kwargs)
+                        except (NotLeader, ProposalLost):
+                            pass  # nothing of it was applied here: the new leader takes it
+                    try:
+                        return await forward()
+                    except LeadHere as here:
+                        g.body = here.body  # with the request_id the forwarding stamped
+                return error_response(
+                    503, "not_leader", "leadership kept moving while the request was handled; retry", {"Retry-After": "1"}
+                )
 
             return routed
 
@@ -383,7 +450,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     async def release(service: LeaseService) -> Response:
         body = parse_release_body(await body_json())
         if body.allocation_id is not None:
-            require_service(live_allocation(service.table, body.allocation_id).request.service_name)
+            require_service(allocation_service(service.table, body.allocation_id))
             outcome = await service.release_allocation(body.allocation_id)
         elif body.service_name is not None:
             require_service(body.service_name)
@@ -395,9 +462,14 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                 raise NotFound(f"no request {body.request_id}")
             require_service(record.service_name)
             outcome = await service.release_request(body.request_id)
-        return json_response(
-            {"status": "released", "released": list(outcome.released), "cancelled": list(outcome.cancelled)}
-        )
+        answer: dict[str, Any] = {
+            "status": "released",
+            "released": list(outcome.released),
+            "cancelled": list(outcome.cancelled),
+        }
+        if outcome.repeated:
+            answer["repeated"] = True
+        return json_response(answer)
 
     @app.post("/gpu/renew")
     @on_leader(read=False)
@@ -415,7 +487,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             allocations = None
             # Bounded: without a quorum the status must still answer at once (from gossip).
             with trio.move_on_after(CLIENT_HOLDERS_WAIT_S):
-                allocations = await ctx.cluster.leader_allocations(dict(request.headers.items()))
+                allocations = await ctx.cluster.proxy.leader_allocations(dict(request.headers.items()))
             try:
                 holders = None if allocations is None else holders_from_allocations(allocations)
             except (KeyError, TypeError, ValueError):
@@ -498,7 +570,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     async def leader() -> Response:
         # A peer looking the leader up (X-Forwarded-By) gets this agent's own view, never a relay.
         asked = FORWARDED_BY not in request.headers
-        return json_response(await ctx.cluster.leader_info(dict(request.headers.items()), ask=asked))
+        return json_response(await ctx.cluster.proxy.leader_info(dict(request.headers.items()), ask=asked))
 
     # ------------------------------------------------------------------ Raft servers
 
@@ -572,4 +644,33 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
+    # Every route (registered above) answers within the bound.
+    for endpoint, view in list(app.view_functions.items()):
+        app.view_functions[endpoint] = _bounded(view, ctx.config.http.request_timeout_s)
     return app
+
+
+def _bounded(view: Callable[..., Any], bound_s: float) -> Callable[..., Awaitable[Any]]:
+    """`view`, answered with a 503 once it has run `bound_s` seconds (see "Bounds")."""
+
+    @functools.wraps(view)
+    async def bounded(**kwargs: Any) -> Any:
+        g.deadline = trio.current_time() + bound_s
+        with trio.move_on_at(g.deadline):
+            return await view(**kwargs)
+        if getattr(g, "write_started", False):
+            return error_response(
+                503,
+                "outcome_unknown",
+                f"not answered within {bound_s:g}s ([http] request_timeout_s) and the write may have been "
+                "applied: retry with the same request_id (or allocation_id)",
+                {"Retry-After": "1"},
+            )
+        return error_response(
+            503,
+            "timeout",
+            f"not answered within {bound_s:g}s ([http] request_timeout_s); retry",
+            {"Retry-After": "1"},
+        )
+
+    return bounded

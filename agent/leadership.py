@@ -70,9 +70,13 @@ class Leadership:
 
     @property
     def election_pending(self) -> bool:
-        """This server's log runs and no ready leader is known yet: an election (or its first entry) is under way."""
+        """This voter's log runs and no ready leader is known yet: an election (or its first entry) is under way.
+
+        Never on a client or a server outside the configuration: they hear no
+        election, and ask the servers who leads instead.
+        """
         state = self._state
-        if state is None or not state.running:
+        if state is None or not state.running or not state.voter:
             return False
         return state.leader is None or (state.leader == self.node and not state.ready)
 

@@ -36,7 +36,7 @@ from coordinator.commands import (
 from coordinator.errors import Conflict, CoordinatorError, NotFound
 from coordinator.inventory import Inventory
 from coordinator.lease_table import ApplyResult, LeaseTable
-from coordinator.model import ALLOCATED, QUEUED, Allocation, GpuRef
+from coordinator.model import ALLOCATED, QUEUED, RELEASED, Allocation, GpuRef
 from coordinator.raft import NotLeader, RaftError
 from coordinator.request_parsing import AllocateBody, build_request, resolve_ttl
 
@@ -82,6 +82,8 @@ class TableReader:
 class ReleaseOutcome:
     released: tuple[str, ...]
     cancelled: tuple[str, ...]
+    # True when the allocation had already been released by its caller (a retry).
+    repeated: bool = False
 
 
 class LeaseService:
@@ -178,8 +180,15 @@ class LeaseService:
     # ------------------------------------------------------------------ release, renew, cancel
 
     async def release_allocation(self, allocation_id: str) -> ReleaseOutcome:
-        """Release one allocation. Raises NotFound when it is not live."""
+        """Release one allocation. Raises NotFound when it is not live.
+
+        One its caller already released (a retry after outcome_unknown) answers
+        as the first release did, marked `repeated`.
+        """
         if self.table.allocation(allocation_id) is None:
+            record = self.table.record_of_allocation(allocation_id)
+            if record is not None and record.status == RELEASED and record.reason == "released":
+                return ReleaseOutcome((allocation_id,), (), repeated=True)
             raise NotFound(f"no live allocation {allocation_id}")
         result = await self._propose_ok(Release(self._clock(), (allocation_id,)))
         self.wake()

@@ -306,6 +306,10 @@ def _schemas() -> JsonObject:
                 "status": {"const": "released"},
                 "released": {"type": "array", "items": string},
                 "cancelled": {"type": "array", "items": string},
+                "repeated": {
+                    "const": True,
+                    "description": "present when the allocation had already been released by its caller (a retry)",
+                },
             },
         },
         "AllocatedGpu": {

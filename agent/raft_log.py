@@ -187,6 +187,8 @@ class RoleState:
     leader: NodeId | None
     # Leading with an entry of this term applied (RaftCore.leader_ready).
     ready: bool
+    # A voter of its latest configuration (a blank or removed server is not: it hears no election).
+    voter: bool = True
     # False once run() has ended: nothing of this log answers any more.
     running: bool = True
 
@@ -358,7 +360,7 @@ class RaftLog:
     @property
     def role_state(self) -> RoleState:
         core = self._require_core()
-        return RoleState(core.term, core.role, core.lead, core.leader_ready)
+        return RoleState(core.term, core.role, core.lead, core.leader_ready, voter=core.promotable)
 
     @property
     def leader_ready(self) -> bool:
@@ -580,7 +582,7 @@ class RaftLog:
                 await self._loop(core)
         finally:
             self._fail_all()
-            self._publish(RoleState(core.term, core.role, None, False, running=False))
+            self._publish(RoleState(core.term, core.role, None, False, voter=core.promotable, running=False))
 
     async def _ticker(self) -> None:
         interval = self._config.tick_interval_s

@@ -29,6 +29,30 @@ retry), so every overload path drops instead of blocking the caller:
   redials with full-jitter exponential backoff (`retry_delay`), so a dead
   peer costs one connect attempt per backoff window, not a busy loop.
 
+Silence
+-------
+A stream whose packets stop arriving (the peer's host cut off by a firewall,
+a switch, a partition) does not fail by itself: the kernel keeps it
+ESTABLISHED and retransmits with exponential backoff, up to minutes. Raft's
+traffic is small, so the send buffer never fills and a write deadline never
+fires, and after the network heals the next retransmission may still be
+seconds away (measured: `rto:13056 backoff:6` after a 15 s isolation, the
+old leader unreachable for 13 s more). So every outbound stream sets
+`TCP_USER_TIMEOUT` to `silence_timeout_s` (an election timeout): data left
+unacknowledged that long makes the kernel drop the connection, the peer task
+sees the error at once and redials, and a fresh connection starts with a
+fresh retransmission timer. It is the kernel's own definition of "sent and
+never answered", measured per byte, so an idle stream is never dropped and a
+peer that is merely slow to process (its kernel still acknowledges) is left
+alone. Neither alternative says that: TCP keepalive probes only idle
+connections (ours are never idle while a leader heartbeats, and keepalive
+stays silent while data is unacknowledged), and an application-level
+deadline would have to infer acknowledgement from the peer's Raft answers,
+which come back on its own stream and do not exist for every message.
+Redials during the partition are cheap (one SYN per `connect_timeout_s` plus
+backoff, capped at `backoff_cap_s`), and both are short so that a healed
+peer is reached again within about a second.
+
 Resource handling
 -----------------
 Every inbound read is bounded: the declared frame length is checked against
@@ -49,8 +73,10 @@ A message addressed to another node is counted (`misaddressed`) and skipped.
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
+import socket
 import struct
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -60,6 +86,7 @@ from typing import Final
 import trio
 
 from coordinator.backoff import retry_delay
+from coordinator.raft_config import lan
 from coordinator.raft_messages import (
     MAX_MESSAGE_BYTES,
     MalformedMessage,
@@ -78,6 +105,11 @@ Address = tuple[str, int]
 RAFT_AAD: Final = b"gpu-orchestrator raft tcp v1"
 _FRAME_HEADER: Final = struct.Struct(">I")
 MAX_INBOUND_CONNECTIONS: Final = 64
+# How long sent data may stay unacknowledged before a stream is dropped and
+# redialled: the default Raft profile's election timeout (see "Silence").
+SILENCE_TIMEOUT_S: Final = lan().election_ticks * lan().tick_interval_s
+# Linux's TCP_USER_TIMEOUT (18); None where the platform has no such option.
+_TCP_USER_TIMEOUT: Final[int | None] = getattr(socket, "TCP_USER_TIMEOUT", None)
 DROP_REASONS: Final = (
     # inbound
     "decrypt",
@@ -138,11 +170,12 @@ class RaftTransport:
         queue_limit: int = 4096,
         queue_bytes: int = 64 * 1024 * 1024,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
-        connect_timeout_s: float = 1.0,
+        connect_timeout_s: float = 0.5,
         write_timeout_s: float = 10.0,
         idle_timeout_s: float = 30.0,
+        silence_timeout_s: float = SILENCE_TIMEOUT_S,
         backoff_base_s: float = 0.05,
-        backoff_cap_s: float = 2.0,
+        backoff_cap_s: float = 1.0,
         stats: RaftTransportStats | None = None,
     ) -> None:
         self.node_id = node_id
@@ -157,6 +190,7 @@ class RaftTransport:
         self._connect_timeout_s = connect_timeout_s
         self._write_timeout_s = write_timeout_s
         self._idle_timeout_s = idle_timeout_s
+        self._silence_ms = max(1, round(silence_timeout_s * 1000))
         self._backoff = (backoff_base_s, backoff_cap_s)
         self._peers: dict[NodeId, _Peer] = {}
         self._listeners: list[trio.SocketListener] = []
@@ -338,6 +372,7 @@ class RaftTransport:
                         await peer.redial.wait()  # a new address ends the wait early
                     continue
                 self.stats.connects += 1
+                self._notice_silence(stream)
                 opened = trio.current_time()
                 async with stream:
                     with trio.CancelScope() as scope:
@@ -359,17 +394,32 @@ class RaftTransport:
                     with trio.move_on_after(retry_delay(attempt, self._rng, base_s=self._backoff[0], cap_s=self._backoff[1])):
                         await peer.redial.wait()
 
+    def _notice_silence(self, stream: trio.SocketStream) -> None:
+        """Make the kernel drop `stream` once sent data stays unacknowledged for the silence timeout."""
+        if _TCP_USER_TIMEOUT is None:
+            return  # not Linux: only write_timeout_s (a full send buffer) ends a silent stream
+        try:
+            stream.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, self._silence_ms)
+        except OSError as error:
+            log.warning("raft: cannot set TCP_USER_TIMEOUT (%r); a silent peer is noticed only by write_timeout_s", error)
+
     async def _pump(self, peer: _Peer, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
         """Write queued messages until the connection breaks (or the peer closes its end)."""
 
         async def watch_close() -> None:
             # The peer never writes on this stream: EOF or an error means it is gone,
-            # and noticing now saves losing the next batch to a dead socket.
+            # and noticing now saves losing the next batch to a dead socket. A stream
+            # the kernel dropped for silence (TCP_USER_TIMEOUT) ends here too.
             try:
                 while await stream.receive_some(4096):
                     pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+                if _is_silence(error):
+                    log.info(
+                        "raft: stream to %s unanswered for %.1fs; dropping it and redialling",
+                        peer.node,
+                        self._silence_ms / 1000,
+                    )
             scope.cancel()
 
         async with trio.open_nursery() as nursery:
@@ -415,6 +465,12 @@ def local_address_for(bind: str) -> str | None:
     return host
 
 
+def _is_silence(error: BaseException) -> bool:
+    """Whether `error` (or the OSError trio wrapped in it) is the kernel's ETIMEDOUT."""
+    cause = error if isinstance(error, OSError) else error.__cause__
+    return isinstance(cause, OSError) and cause.errno == errno.ETIMEDOUT
+
+
 def _peer_name(stream: trio.SocketStream) -> str:
     try:
         name = stream.socket.getpeername()
@@ -423,4 +479,13 @@ def _peer_name(stream: trio.SocketStream) -> str:
     return f"{name[0]}:{name[1]}"
 
 
-__all__ = ["Address", "local_address_for", "RAFT_AAD", "RaftTransport", "RaftTransportStats", "DROP_REASONS", "MAX_INBOUND_CONNECTIONS"]
+__all__ = [
+    "Address",
+    "local_address_for",
+    "RAFT_AAD",
+    "RaftTransport",
+    "RaftTransportStats",
+    "DROP_REASONS",
+    "MAX_INBOUND_CONNECTIONS",
+    "SILENCE_TIMEOUT_S",
+]

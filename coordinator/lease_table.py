@@ -167,6 +167,16 @@ class LeaseTable:
     def record(self, request_id: str) -> RequestRecord | None:
         return self._records.get(request_id)
 
+    def record_of_allocation(self, allocation_id: str) -> RequestRecord | None:
+        """The record of the request granted `allocation_id`, live or ended (while kept), or None.
+
+        A scan of the records: it serves only releases of ids that are no longer live.
+        """
+        for record in self._records.values():
+            if record.allocation_id == allocation_id:
+                return record
+        return None
+
     # ------------------------------------------------------------------ apply
 
     def apply(self, command: Command) -> ApplyResult:

@@ -118,6 +118,10 @@ def test_the_seed_examples_allocate_status_release(api: Api) -> None:
     assert seed_fields | {"node", "index", "uuid", "health"} <= set(status[0])
     released = api.post("/gpu/release", {"allocation_id": body["id"]})
     assert released.json() == {"status": "released", "released": [body["id"]], "cancelled": []}
+    # A retry (after a lost answer) gets the same answer, marked as a repeat.
+    again = api.post("/gpu/release", {"allocation_id": body["id"]})
+    assert again.status_code == 200, again.text
+    assert again.json() == {"status": "released", "released": [body["id"]], "cancelled": [], "repeated": True}
     assert not any(g["allocated"] for g in api.get("/gpu/status").json()["gpus"])
 
 

@@ -286,6 +286,8 @@ def test_defaults_are_valid() -> None:
         ("http", {"port": 7947}, r"\[cluster\] raft_port = 7947 is already \[http\] port"),
         ("http", {"bind": "localhost"}, r"\[http\] bind must be an IP address"),
         ("http", {"max_body_bytes": 0}, r"\[http\] max_body_bytes must be at least 1"),
+        ("http", {"request_timeout_s": 2.0}, r"\[http\] request_timeout_s must be at least 3 s"),
+        ("http", {"request_timeout_s": float("inf")}, r"\[http\] request_timeout_s must be at least 3 s"),
         ("devices", {"sample_interval_s": 0.0}, r"\[devices\] sample_interval_s must be a number greater than 0"),
         ("devices", {"nvml_timeout_s": float("nan")}, r"\[devices\] nvml_timeout_s must be"),
         ("devices", {"backend": "cuda"}, r"\[devices\] backend must be one of nvml, simulated; got 'cuda'"),

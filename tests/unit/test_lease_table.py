@@ -244,6 +244,18 @@ def test_release_frees_the_gpus_and_emits_released() -> None:
     )
 
 
+def test_the_record_of_an_allocation_is_found_live_and_after_it_ended() -> None:
+    """record_of_allocation finds the request behind an allocation id, live or released; None when unknown."""
+    table = LeaseTable()
+    granted(table, "a1", "r1", [0], 1.0)
+    live = table.record_of_allocation("a1")
+    assert live is not None and (live.request_id, live.status) == ("r1", ALLOCATED)
+    apply_ok(table, Release(2.0, ("a1",)))
+    ended = table.record_of_allocation("a1")
+    assert ended is not None and (ended.status, ended.reason) == (RELEASED, "released")
+    assert table.record_of_allocation("a2") is None
+
+
 def test_release_keeps_an_operators_reason() -> None:
     """A release reason other than "expired" is passed through to the event and the record."""
     table = LeaseTable()
