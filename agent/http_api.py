@@ -22,7 +22,8 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from coordinator.errors import CoordinatorError, InvalidRequest, NotFound
+from coordinator.errors import CoordinatorError, InvalidRequest, NotFound, brief
+from coordinator.json_body import decode_json_body
 from coordinator.model import Allocation
 from coordinator.raft import NotLeader, ProposalRejected, RaftError
 from coordinator.request_parsing import (
@@ -30,6 +31,7 @@ from coordinator.request_parsing import (
     parse_drain_body,
     parse_release_body,
     parse_renew_body,
+    resolve_ttl,
     valid_id,
 )
 from coordinator.views import allocation_view, queued_view, record_view
@@ -38,6 +40,7 @@ from agent.api_keys import ApiKey, extract_presented_key
 from agent.cluster import FORWARDED_BY, ForwardFailed
 from agent.config import is_node_name
 from agent.context import AgentContext, holders_from_allocations
+from agent import http_protocol_errors
 from agent.openapi import openapi_document
 from agent.raft_log import ProposalLost, ProposalUnknown, ReadUnconfirmed
 from agent.status_page import HEADERS as STATUS_PAGE_HEADERS
@@ -58,9 +61,11 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "body_too_large",
     415: "unsupported_media_type",
+    431: "request_header_fields_too_large",
     503: "unavailable",
 }
 
@@ -68,8 +73,8 @@ _HTTP_CODES = {
 def _with_default(raw: bytes, key: str, value: str) -> bytes:
     """`raw` (a JSON object) with `key` set when absent; anything else unchanged (the leader judges it)."""
     try:
-        doc = json.loads(raw) if raw else None
-    except (UnicodeDecodeError, ValueError):
+        doc = decode_json_body(raw)
+    except InvalidRequest:
         return raw
     if isinstance(doc, dict) and doc.get(key) is None:
         doc[key] = value
@@ -96,6 +101,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 def create_app(ctx: AgentContext) -> QuartTrio:
     """Build the Quart-trio app serving `ctx`."""
+    http_protocol_errors.install()  # Hypercorn's own 400/431/501 answers get JSON bodies too
     app = QuartTrio("gpu-orchestrator")
     app.config["MAX_CONTENT_LENGTH"] = ctx.config.http.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -177,8 +183,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         message = {
-            404: f"no route {request.path}",
-            405: f"{request.method} is not allowed on {request.path}",
+            404: f"no route {brief(request.path)}",
+            405: f"{brief(request.method)} is not allowed on {brief(request.path)}",
             413: f"request body larger than {ctx.config.http.max_body_bytes} bytes",
         }.get(status, exc.description or exc.name)
         return error_response(status, _HTTP_CODES.get(status, "http_error"), message, headers)
@@ -189,13 +195,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return error_response(500, "internal_error", "internal error; see the agent's log")
 
     async def body_json() -> Any:
-        raw = await request.get_data(as_text=False)
-        if not raw:
-            raise InvalidRequest("a JSON request body is required", code="invalid_json")
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+        data = await request.get_data(as_text=False)
+        return decode_json_body(data.encode() if isinstance(data, str) else data)
 
     def require_service(service_name: str) -> None:
         principal: ApiKey | None = g.principal
@@ -212,7 +213,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     def live_allocation(allocation_id: str) -> Allocation:
         alloc = service.table.allocation(allocation_id) if valid_id(allocation_id) else None
         if alloc is None:
-            raise NotFound(f"no live allocation {allocation_id}")
+            raise NotFound(f"no live allocation {brief(allocation_id)}")
         return alloc
 
     # ------------------------------------------------------------------ leader routing
@@ -359,6 +360,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     @app.post("/gpu/workload")
     async def workload() -> Response:
         body = parse_allocate_body(await body_json(), require_service=False)
+        # The TTL is not part of the analysis, but the same body must get the same verdict as on allocate.
+        resolve_ttl(body.ttl_seconds, default_ttl_s=service.default_ttl_s, max_ttl_s=service.max_ttl_s)
         analysis = await service.analyze(body)
         estimate = analysis.estimate
         return json_response(
@@ -405,7 +408,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         table = service.table
         record = table.record(request_id) if valid_id(request_id) else None
         if record is None:
-            raise NotFound(f"no request {request_id}")
+            raise NotFound(f"no request {brief(request_id)}")
         alloc = table.allocation(record.allocation_id) if record.allocation_id else None
         queued = table.queued(request_id)
         position = service.queue_position(request_id)
@@ -488,14 +491,19 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         require_admin("remove Raft servers")
         voters = ctx.voters()
         if name not in voters:
-            raise NotFound(f"{name} is not a voter (voters: {', '.join(voters)})")
+            raise NotFound(f"{brief(name)} is not a voter (voters: {', '.join(voters)})")
         if len(voters) == 1:
             raise ApiError(409, "last_voter", f"{name} is the last voter: a cluster cannot remove its only server")
         return await change_voters(remove=name)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        return json_response(openapi_document())
+        return json_response(
+            openapi_document(
+                auth_header=ctx.config.auth.header_name if ctx.keyring is not None else None,
+                max_ttl_s=ctx.config.scheduler.max_ttl_s,
+            )
+        )
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
