@@ -488,3 +488,21 @@ def test_zz_openapi_document_matches_observed_behaviour(api: Api) -> None:
     missing = documented - observed
     assert not missing, f"documented but never produced: {sorted(missing)}"
     json.dumps(document)
+    # Request bodies as the server reads them: unknown fields refused, and every optional
+    # field may be null ("not given"); tests/integration/test_openapi_contract.py checks the rest.
+    schemas = document["components"]["schemas"]
+    bodies = {
+        op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        for ops in document["paths"].values()
+        for op in ops.values()
+        if "requestBody" in op
+    }
+    assert bodies == {"AllocateRequest", "WorkloadRequest", "ReleaseRequest", "RenewRequest", "DrainRequest",
+                      "UndrainRequest", "AddServerRequest"}
+    for name in bodies:
+        body = schemas[name]
+        assert body["additionalProperties"] is False, name
+        for field, schema in body["properties"].items():
+            if field not in body.get("required", ()):
+                assert {"type": "null"} in schema.get("anyOf", ()), (name, field)
+    assert "security" not in json.dumps(document["paths"])  # auth is off on this agent
