@@ -2,6 +2,10 @@
 
 Error handling
 --------------
+Bodies are decoded once, by `coordinator.json_body.decode_json_body` (UTF-8 only,
+nesting bounded, duplicate keys refused), and Hypercorn's own protocol errors get
+the same JSON body (`agent/http_protocol_errors.py`).
+
 Errors are converted once, here: a CoordinatorError becomes its status and
 snake_case code, a StorageError becomes 503 with Retry-After, an HTTP-level
 error (404 route, 405, 413) keeps its status with a JSON body, and anything
