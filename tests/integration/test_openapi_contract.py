@@ -38,7 +38,7 @@ from tests.agent_process import AgentProcess
 pytestmark = pytest.mark.integration
 
 ADMIN_KEY = "contract-admin-key"
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 10
 STATEFUL_STEPS = hypothesis.settings(
     max_examples=30,
     stateful_step_count=8,
