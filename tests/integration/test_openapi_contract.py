@@ -22,6 +22,7 @@ busy two-core machine.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,24 @@ def test_stateful_links_allocate_get_renew_release(auth: bool, request: pytest.F
     # The links were followed with real ids: each step of a lease's life answered 200.
     for label in ("POST /gpu/allocate", "GET /gpu/allocations/{allocation_id}", "POST /gpu/renew", "POST /gpu/release"):
         assert (label, 200) in answered, str(sorted(answered))
+
+
+def test_zz_every_operation_was_exercised(agent_without_auth: AgentProcess, agent_with_auth: AgentProcess) -> None:
+    """The runs above reached every documented operation on both agents (so they cannot pass vacuously)."""
+    for agent in (agent_without_auth, agent_with_auth):
+        document = httpx.get(f"{agent.url}/openapi.json", timeout=10).json()
+        expected = {
+            (method.upper(), path.replace("{", "<").replace("}", ">"))
+            for path, operations in document["paths"].items()
+            for method in operations
+        }
+        text = httpx.get(f"{agent.url}/metrics", timeout=10).text
+        answered: dict[tuple[str, str], dict[str, int]] = {}
+        for method, route, status, value in re.findall(
+            r'^gpu_orchestrator_http_requests_total\{method="(\w+)",route="([^"]+)",status="(\d+)"\} (\S+)$', text, re.M
+        ):
+            answered.setdefault((method, route), {})[status] = int(float(value))
+        assert expected <= set(answered), sorted(expected - set(answered))
+        assert not any(status.startswith("5") for statuses in answered.values() for status in statuses)
+        total = sum(sum(statuses.values()) for statuses in answered.values())
+        print(f"{agent.url}: {total} requests answered; by operation: {sorted(answered.items())}")
