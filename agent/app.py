@@ -197,6 +197,7 @@ async def run_agent(
             )
             replication.on_log(leadership.follow)
             replication.on_log(lambda raft_log: raft_log.on_role(_ElectionCounter(metrics)))
+            replication.on_log(_ProposalTimer(metrics))
             await replication.open()
             table = replication.log.table if replication.log is not None else None
             sampler.holders = lambda: {
@@ -446,6 +447,16 @@ class _ElectionCounter:
         if self._term is not None and state.term > self._term:
             self._metrics.raft_elections.inc(state.term - self._term)
         self._term = state.term
+
+
+class _ProposalTimer:
+    """Feeds gpu_orchestrator_raft_proposal_seconds from the log's proposals."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self._metrics = metrics
+
+    def __call__(self, raft_log: RaftLog) -> None:
+        raft_log.on_proposal_seconds = self._metrics.raft_proposal.observe
 
 
 def _json_bytes(payload: object) -> bytes:

@@ -2,6 +2,10 @@
 
 Error handling
 --------------
+Bodies are decoded once, by `coordinator.json_body.decode_json_body` (UTF-8 only,
+nesting bounded, duplicate keys refused), and Hypercorn's own protocol errors get
+the same JSON body (`agent/http_protocol_errors.py`).
+
 Errors are converted once, here: a CoordinatorError becomes its status and
 snake_case code, a StorageError becomes 503 with Retry-After, an HTTP-level
 error (404 route, 405, 413) keeps its status with a JSON body, and anything
@@ -33,7 +37,8 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from coordinator.errors import CoordinatorError, InvalidRequest, NotFound
+from coordinator.errors import CoordinatorError, InvalidRequest, NotFound, brief
+from coordinator.json_body import decode_json_body
 from coordinator.lease_table import LeaseTable
 from coordinator.model import Allocation
 from coordinator.rate_limit import RateLimit, TokenBuckets
@@ -43,6 +48,7 @@ from coordinator.request_parsing import (
     parse_drain_body,
     parse_release_body,
     parse_renew_body,
+    resolve_ttl,
     valid_id,
 )
 from coordinator.views import allocation_view, queued_view, record_view
@@ -51,6 +57,7 @@ from agent.api_keys import ApiKey, extract_presented_key
 from agent.audit import WRITE_ACTIONS, AuditTrail, ids_in
 from agent.config import is_node_name
 from agent.context import AgentContext, holders_from_allocations
+from agent import http_protocol_errors
 from agent.leader_proxy import FORWARDED_BY, LEADER_WAIT_S, ForwardFailed, LeadHere
 from agent.lease_service import LeaseReader, LeaseService, TableReader
 from agent.openapi import openapi_document
@@ -82,10 +89,12 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "body_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
+    431: "request_header_fields_too_large",
     503: "unavailable",
 }
 
@@ -93,8 +102,8 @@ _HTTP_CODES = {
 def _with_default(raw: bytes, key: str, value: str) -> bytes:
     """`raw` (a JSON object) with `key` set when absent; anything else unchanged (the leader judges it)."""
     try:
-        doc = json.loads(raw) if raw else None
-    except (UnicodeDecodeError, ValueError):
+        doc = decode_json_body(raw)
+    except InvalidRequest:
         return raw
     if isinstance(doc, dict) and doc.get(key) is None:
         doc[key] = value
@@ -121,6 +130,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 def create_app(ctx: AgentContext) -> QuartTrio:
     """Build the Quart-trio app serving `ctx`."""
+    http_protocol_errors.install()  # Hypercorn's own 400/431/501 answers get JSON bodies too
     app = QuartTrio("gpu-orchestrator")
     app.config["MAX_CONTENT_LENGTH"] = ctx.config.http.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -238,8 +248,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         message = {
-            404: f"no route {request.path}",
-            405: f"{request.method} is not allowed on {request.path}",
+            404: f"no route {brief(request.path)}",
+            405: f"{brief(request.method)} is not allowed on {brief(request.path)}",
             413: f"request body larger than {ctx.config.http.max_body_bytes} bytes",
         }.get(status, exc.description or exc.name)
         return error_response(status, _HTTP_CODES.get(status, "http_error"), message, headers)
@@ -253,9 +263,11 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         """One audit line for an answered write (agent/audit.py); a forwarded one is the leader's to record."""
 
         def json_of(data: str | bytes) -> Any:
+            # The same strict decoder as the handlers: a body nested too deep for
+            # json.loads must not turn into a 500 here, after its 400 was answered.
             try:
-                return json.loads(data) if data else None
-            except (UnicodeDecodeError, ValueError):
+                return decode_json_body(data.encode() if isinstance(data, str) else data) if data else None
+            except CoordinatorError:
                 return None
 
         # A 413's body was never read (it is over the limit): the answer alone says enough.
@@ -290,13 +302,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return data.encode() if isinstance(data, str) else data
 
     async def body_json() -> Any:
-        raw = await request_body()
-        if not raw:
-            raise InvalidRequest("a JSON request body is required", code="invalid_json")
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+        return decode_json_body(await request_body())
 
     def require_service(service_name: str) -> None:
         g.audit_service = service_name
@@ -324,7 +330,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     def live_allocation(table: LeaseTable, allocation_id: str) -> Allocation:
         alloc = table.allocation(allocation_id) if valid_id(allocation_id) else None
         if alloc is None:
-            raise NotFound(f"no live allocation {allocation_id}")
+            raise NotFound(f"no live allocation {brief(allocation_id)}")
         return alloc
 
     # ------------------------------------------------------------------ leader routing
@@ -509,6 +515,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     @app.post("/gpu/workload")
     async def workload() -> Response:
         body = parse_allocate_body(await body_json(), require_service=False)
+        # The TTL is not part of the analysis, but the same body must get the same verdict as on allocate.
+        resolve_ttl(body.ttl_seconds, default_ttl_s=ctx.config.scheduler.default_ttl_s, max_ttl_s=ctx.config.scheduler.max_ttl_s)
         analysis = await ctx.analysis.analyze(body)
         estimate = analysis.estimate
         return json_response(
@@ -555,7 +563,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         table = reader.table
         record = table.record(request_id) if valid_id(request_id) else None
         if record is None:
-            raise NotFound(f"no request {request_id}")
+            raise NotFound(f"no request {brief(request_id)}")
         alloc = table.allocation(record.allocation_id) if record.allocation_id else None
         queued = table.queued(request_id)
         position = reader.queue_position(request_id)
@@ -629,14 +637,19 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         require_admin("remove Raft servers")
         voters = ctx.voters()
         if name not in voters:
-            raise NotFound(f"{name} is not a voter (voters: {', '.join(voters)})")
+            raise NotFound(f"{brief(name)} is not a voter (voters: {', '.join(voters)})")
         if len(voters) == 1:
             raise ApiError(409, "last_voter", f"{name} is the last voter: a cluster cannot remove its only server")
         return await change_voters(remove=name)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        return json_response(openapi_document())
+        return json_response(
+            openapi_document(
+                auth_header=ctx.config.auth.header_name if ctx.keyring is not None else None,
+                max_ttl_s=ctx.config.scheduler.max_ttl_s,
+            )
+        )
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:

@@ -206,7 +206,13 @@ class LeaseService:
             q.request.request_id for q in self.table.queue() if q.request.service_name == service_name
         )
         if queued:
-            cancelled = (await self._propose_ok(Cancel(now, queued))).affected
+            # The scheduler may place some between the two entries: not an error (a Cancel
+            # with none left queued is NotFound), and what it placed is released below.
+            result = await self.log.propose(Cancel(now, queued))
+            cancelled = result.affected if result.ok else ()
+            late = tuple(a.allocation_id for a in self.table.allocations_of_service(service_name))
+            if late:
+                released += (await self._propose_ok(Release(self._clock(), late))).affected
         self.wake()
         return ReleaseOutcome(released, cancelled)
 

@@ -1,8 +1,16 @@
-"""The OpenAPI 3.1 description served at GET /openapi.json.
+"""The OpenAPI 3.1 description served at GET /openapi.json: the API's contract.
 
-Kept true by tests/integration/test_http_api.py: the routes and methods here
-must equal the app's, and every (route, method, status) documented here must be
-produced by the integration tests, and nothing else.
+Kept true by two tests. tests/integration/test_http_api.py: the routes and
+methods here equal the app's, and every (route, method, status) documented here
+is produced by its tests, and nothing else. tests/integration/test_openapi_contract.py
+runs schemathesis against a live agent (auth on and off): every request the
+schemas below allow must be accepted, every one they forbid refused with a 4xx,
+and every answer must match its response schema.
+
+So the request schemas state exactly what coordinator/request_parsing.py checks:
+the same id and URL patterns (imported, not copied), the same bounds, `null`
+allowed wherever the server reads null as "not given", and the document depends
+on the agent's configuration where the checks do (the TTL cap, the auth header).
 """
 
 from __future__ import annotations
@@ -10,7 +18,13 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from coordinator.request_parsing import MAX_GPU_COUNT, MAX_MEMORY_MB
+from coordinator.request_parsing import (
+    MAX_GPU_COUNT,
+    MAX_MEMORY_MB,
+    MAX_TEXT_LENGTH,
+    MAX_URL_LENGTH,
+    WEBHOOK_URL_PATTERN,
+)
 from coordinator.workload import WORKLOAD_TYPES
 
 JsonObject = dict[str, Any]
@@ -34,23 +48,67 @@ def _json(schema: JsonObject, description: str) -> JsonObject:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _op(summary: str, ok: dict[int, JsonObject], errors: tuple[int, ...], body: str | None = None) -> JsonObject:
+def _op(
+    summary: str,
+    ok: dict[int, JsonObject],
+    errors: tuple[int, ...],
+    body: str | None = None,
+    operation_id: str | None = None,
+) -> JsonObject:
     responses: JsonObject = {str(status): resp for status, resp in ok.items()}
     for status in errors:
         responses[str(status)] = _json(_ref("Error"), _ERROR_TEXT[status])
     op: JsonObject = {"summary": summary, "responses": responses}
+    if operation_id is not None:
+        op["operationId"] = operation_id
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
     return op
+
+
+# An id (service_name, request_id, allocation_id), as request_parsing.SERVICE_NAME_RE
+# and REQUEST_ID_RE check it; a node name as NODE_NAME_RE does.
+ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+NODE_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+# OpenAPI links: what schemathesis's stateful run follows (allocate -> get -> renew -> release).
+_ALLOCATION_LINKS = {
+    "GetAllocation": {
+        "operationId": "getAllocation",
+        "parameters": {"allocation_id": "$response.body#/allocation_id"},
+    },
+    "RenewAllocation": {
+        "operationId": "renew",
+        "requestBody": {"allocation_id": "$response.body#/allocation_id"},
+    },
+    "ReleaseAllocation": {
+        "operationId": "release",
+        "requestBody": {"allocation_id": "$response.body#/allocation_id"},
+    },
+    "GetRequest": {"operationId": "getRequest", "parameters": {"request_id": "$response.body#/request_id"}},
+}
+_QUEUED_LINKS = {
+    "GetRequest": {"operationId": "getRequest", "parameters": {"request_id": "$response.body#/request_id"}},
+    "CancelRequest": {"operationId": "release", "requestBody": {"request_id": "$response.body#/request_id"}},
+}
+
+
+def _linked(response: JsonObject, links: JsonObject) -> JsonObject:
+    return {**response, "links": links}
 
 
 _WRITE_ERRORS = (400, 401, 403, 404, 413)
 _READ_ERRORS = (401,)
 
 
-@lru_cache(maxsize=1)
-def openapi_document() -> JsonObject:
-    """The API's OpenAPI document (built once)."""
+@lru_cache(maxsize=4)
+def openapi_document(*, auth_header: str | None = None, max_ttl_s: float = 0.0) -> JsonObject:
+    """The API's OpenAPI document for an agent with this configuration (built once per configuration).
+
+    `auth_header`: the API-key header when authentication is on (None: off; then no
+    operation declares security). `max_ttl_s`: `[scheduler] max_ttl_s`, which bounds
+    `ttl_seconds` (0: no bound, and 0 itself means "never expires").
+    """
     obj = {"type": "object"}
     paths: JsonObject = {
         "/": {
@@ -67,11 +125,12 @@ def openapi_document() -> JsonObject:
             "post": _op(
                 "Allocate GPUs now, or queue the request",
                 {
-                    200: _json(_ref("Allocation"), "Allocated now"),
-                    202: _json(_ref("QueuedRequest"), "Queued; the webhook hears the outcome"),
+                    200: _linked(_json(_ref("Allocation"), "Allocated now"), _ALLOCATION_LINKS),
+                    202: _linked(_json(_ref("QueuedRequest"), "Queued; the webhook hears the outcome"), _QUEUED_LINKS),
                 },
                 (400, 401, 403, 409, 413, 503),
                 body="AllocateRequest",
+                operation_id="allocate",
             )
         },
         "/gpu/release": {
@@ -80,14 +139,21 @@ def openapi_document() -> JsonObject:
                 {200: _json(_ref("ReleaseResult"), "Released")},
                 _WRITE_ERRORS,
                 body="ReleaseRequest",
+                operation_id="release",
             )
         },
         "/gpu/renew": {
             "post": _op(
                 "Extend a lease",
-                {200: _json(_ref("Allocation"), "Renewed")},
+                {
+                    200: _linked(
+                        _json(_ref("Allocation"), "Renewed"),
+                        {"ReleaseAllocation": _ALLOCATION_LINKS["ReleaseAllocation"]},
+                    )
+                },
                 _WRITE_ERRORS,
                 body="RenewRequest",
+                operation_id="renew",
             )
         },
         "/gpu/status": {
@@ -121,7 +187,7 @@ def openapi_document() -> JsonObject:
                 "Analyse a workload without allocating",
                 {200: _json(_ref("WorkloadAnalysis"), "The requirements it would be scheduled with")},
                 (400, 401, 413),
-                body="AllocateRequest",
+                body="WorkloadRequest",
             )
         },
         "/gpu/drain": {
@@ -141,13 +207,16 @@ def openapi_document() -> JsonObject:
             )
         },
         "/gpu/allocations/{allocation_id}": {
-            "get": _op("One live allocation", {200: _json(_ref("Allocation"), "OK")}, (401, 404))
+            "get": _op(
+                "One live allocation", {200: _json(_ref("Allocation"), "OK")}, (401, 404), operation_id="getAllocation"
+            )
         },
         "/gpu/requests/{request_id}": {
             "get": _op(
                 "Where a request id stands: queued, allocated, released, expired, cancelled or lost",
-                {200: _json(_ref("RequestStatus"), "OK")},
+                {200: _json(_ref("Request"), "OK")},
                 (401, 404),
+                operation_id="getRequest",
             )
         },
         "/cluster/members": {
@@ -195,9 +264,28 @@ def openapi_document() -> JsonObject:
         ("/cluster/servers/{name}", "delete"),
     ):
         name = template.rsplit("{", 1)[1].rstrip("}")
+        # Any string reaches the handler (one that is not an id is simply unknown: 404), so the
+        # parameter is a plain string; the description says what a known one looks like.
         paths[template][method]["parameters"] = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "minLength": 1},
+                "description": "an id or node name: 1-128 letters, digits, '.', '_', ':' (ids) or '-'; "
+                "anything else is unknown (404)",
+            }
         ]
+    security_schemes: JsonObject = {}
+    if auth_header is not None:
+        security_schemes = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": auth_header},
+            "bearer": {"type": "http", "scheme": "bearer"},
+        }
+        for path, operations in paths.items():
+            if path not in ("/", "/healthz", "/metrics", "/openapi.json"):
+                for op in operations.values():
+                    op["security"] = [{"apiKey": []}, {"bearer": []}]
     return {
         "openapi": "3.1.0",
         "info": {
@@ -209,18 +297,75 @@ def openapi_document() -> JsonObject:
             "Any write may answer 503 storage_unavailable with Retry-After if the state file fails.",
         },
         "components": {
-            "securitySchemes": {
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-                "bearer": {"type": "http", "scheme": "bearer"},
-            },
-            "schemas": _schemas(),
+            "securitySchemes": security_schemes,
+            "schemas": _schemas(max_ttl_s),
         },
         "paths": paths,
     }
 
 
-def _schemas() -> JsonObject:
+def _nullable(schema: JsonObject) -> JsonObject:
+    """`schema` or null: an optional field whose null means "not given"."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _schemas(max_ttl_s: float) -> JsonObject:
     string, integer, number = {"type": "string"}, {"type": "integer"}, {"type": "number"}
+    an_id = {"type": "string", "pattern": ID_PATTERN}
+    text = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_LENGTH}
+    if max_ttl_s > 0:
+        ttl: JsonObject = {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": max_ttl_s,
+            "description": f"seconds; at most [scheduler] max_ttl_s ({max_ttl_s:g}); null: the default TTL",
+        }
+    else:
+        ttl = {"type": "number", "minimum": 0, "description": "seconds; 0 = never expires; null: the default TTL"}
+    allocate_properties: JsonObject = {
+        "service_name": an_id,
+        "workload_type": _nullable({"enum": list(WORKLOAD_TYPES), "default": "generic"}),
+        "workload_data": _nullable(
+            {
+                "type": "object",
+                "description": "the workload analyzer's fields (docs/workload-analyzer.md); other keys are "
+                "ignored. Nested at most 32 levels deep, counting the request body itself",
+            }
+        ),
+        "priority": _nullable({"type": "integer", "minimum": 1, "maximum": 10}),
+        "gpu_count": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_GPU_COUNT}),
+        "required_gpus": _nullable(
+            {"type": "integer", "minimum": 1, "maximum": MAX_GPU_COUNT, "description": "gpu_count's other name"}
+        ),
+        "min_memory_mb": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_MEMORY_MB}),
+        "max_utilization": _nullable({"type": "number", "minimum": 0, "maximum": 100}),
+        "ttl_seconds": _nullable(ttl),
+        "queue": _nullable({"type": "boolean", "default": True}),
+        "request_id": _nullable({**an_id, "description": "idempotency key"}),
+        "webhook_url": _nullable(
+            {
+                "type": "string",
+                "maxLength": MAX_URL_LENGTH,
+                "pattern": f"^(?:{WEBHOOK_URL_PATTERN})?$",
+                "description": "http:// or https:// URL; \"\" = none",
+            }
+        ),
+        "constraints": _nullable(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"gpu_model": _nullable(text), "node": _nullable(text)},
+            }
+        ),
+    }
+    # gpu_count and required_gpus name the same thing: both (not null) is a 400.
+    not_both_counts = {
+        "not": {
+            "required": ["gpu_count", "required_gpus"],
+            "properties": {"gpu_count": {"not": {"type": "null"}}, "required_gpus": {"not": {"type": "null"}}},
+        }
+    }
+    release_selectors = ("allocation_id", "service_name", "request_id")
     nullable_string = {"type": ["string", "null"]}
     time = {"type": ["string", "null"], "format": "date-time"}
     requirements = {
@@ -252,37 +397,30 @@ def _schemas() -> JsonObject:
             "type": "object",
             "required": ["service_name"],
             "additionalProperties": False,
-            "properties": {
-                "service_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
-                "workload_type": {"enum": list(WORKLOAD_TYPES), "default": "generic"},
-                "workload_data": {"type": "object"},
-                "priority": {"type": "integer", "minimum": 1, "maximum": 10},
-                "gpu_count": {"type": "integer", "minimum": 1, "maximum": MAX_GPU_COUNT},
-                "required_gpus": {"type": "integer", "minimum": 1, "maximum": MAX_GPU_COUNT},
-                "min_memory_mb": {"type": "integer", "minimum": 0, "maximum": MAX_MEMORY_MB},
-                "max_utilization": {"type": "number", "minimum": 0, "maximum": 100},
-                "ttl_seconds": {"type": "number", "minimum": 0, "description": "0 = never expires"},
-                "queue": {"type": "boolean", "default": True},
-                "request_id": {"type": "string", "description": "idempotency key"},
-                "webhook_url": {"type": "string", "format": "uri"},
-                "constraints": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {"gpu_model": string, "node": string},
-                },
-            },
+            "properties": allocate_properties,
+            **not_both_counts,
+        },
+        "WorkloadRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "an allocate body; service_name may be left out (it only labels the analysis)",
+            "properties": {**allocate_properties, "service_name": _nullable(an_id)},
+            **not_both_counts,
         },
         "ReleaseRequest": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"allocation_id": string, "service_name": string, "request_id": string},
-            "description": "exactly one of the three",
+            "properties": {name: _nullable(an_id) for name in release_selectors},
+            "description": "exactly one of the three is given (not null)",
+            "oneOf": [
+                {"required": [name], "properties": {name: an_id}} for name in release_selectors
+            ],
         },
         "RenewRequest": {
             "type": "object",
             "required": ["allocation_id"],
             "additionalProperties": False,
-            "properties": {"allocation_id": string, "ttl_seconds": {"type": "number", "minimum": 0}},
+            "properties": {"allocation_id": an_id, "ttl_seconds": _nullable(ttl)},
         },
         "DrainRequest": {
             "type": "object",
@@ -290,15 +428,20 @@ def _schemas() -> JsonObject:
             "additionalProperties": False,
             "properties": {
                 "index": {"type": "integer", "minimum": 0, "maximum": 1023},
-                "node": {"type": "string", "description": "default: the agent answering"},
-                "reason": string,
+                "node": _nullable(
+                    {"type": "string", "pattern": NODE_NAME_PATTERN, "description": "default: the agent answering"}
+                ),
+                "reason": _nullable({"type": "string", "maxLength": MAX_TEXT_LENGTH}),
             },
         },
         "UndrainRequest": {
             "type": "object",
             "required": ["index"],
             "additionalProperties": False,
-            "properties": {"index": {"type": "integer", "minimum": 0, "maximum": 1023}, "node": string},
+            "properties": {
+                "index": {"type": "integer", "minimum": 0, "maximum": 1023},
+                "node": _nullable({"type": "string", "pattern": NODE_NAME_PATTERN}),
+            },
         },
         "ReleaseResult": {
             "type": "object",
@@ -352,7 +495,7 @@ def _schemas() -> JsonObject:
                 "workflow_id": string,
             },
         },
-        "RequestStatus": {
+        "Request": {
             "type": "object",
             "properties": {
                 "request_id": string,
@@ -417,7 +560,7 @@ def _schemas() -> JsonObject:
             "type": "object",
             "required": ["name"],
             "additionalProperties": False,
-            "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}},
+            "properties": {"name": {"type": "string", "pattern": NODE_NAME_PATTERN}},
         },
         "Servers": {
             "type": "object",

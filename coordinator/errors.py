@@ -54,3 +54,13 @@ class QueueFull(CoordinatorError):
 
     code = "queue_full"
     http_status = 503
+
+
+# How much of a caller's value an error message quotes: enough to recognise it, never
+# a 5,000-character id (or a megabyte of JSON) echoed back.
+MAX_QUOTED_CHARS = 64
+
+
+def brief(text: str) -> str:
+    """`text` cut to its first 64 characters plus "…" when longer, for quoting in a message."""
+    return text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "…"

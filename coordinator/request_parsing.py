@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from coordinator.errors import InvalidRequest
+from coordinator.errors import InvalidRequest, brief
 from coordinator.model import AllocationRequest, Requirements
 from coordinator.workload import WORKLOAD_TYPES, WorkloadEstimate
 
@@ -23,6 +23,38 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 MAX_GPU_COUNT = 64
 MAX_MEMORY_MB = 2_097_152  # 2 TiB: above any GPU made; larger is a typo, not a request
 MAX_URL_LENGTH = 2048
+MAX_TEXT_LENGTH = 256  # constraints, a drain's node and reason
+# A node name, as `[agent] node_name` allows it (agent/config.py keeps the same rule).
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+
+# A webhook URL: http or https, a host that parses (a DNS name, IPv4, or a bracketed
+# IPv6 address), an optional port up to 65535, and a path, query and fragment of the
+# characters RFC 3986 allows (so no spaces, no control characters, nothing outside
+# ASCII). One pattern, shared with the OpenAPI document, so the two cannot disagree.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_IPV6 = "|".join(
+    (
+        rf"(?:{_H16}:){{7}}{_H16}",
+        rf"(?:{_H16}:){{1,7}}:",
+        rf"(?:{_H16}:){{1,6}}:{_H16}",
+        rf"(?:{_H16}:){{1,5}}(?::{_H16}){{1,2}}",
+        rf"(?:{_H16}:){{1,4}}(?::{_H16}){{1,3}}",
+        rf"(?:{_H16}:){{1,3}}(?::{_H16}){{1,4}}",
+        rf"(?:{_H16}:){{1,2}}(?::{_H16}){{1,5}}",
+        rf"{_H16}:(?::{_H16}){{1,6}}",
+        rf":(?:(?::{_H16}){{1,7}}|:)",
+    )
+)
+_PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+WEBHOOK_URL_PATTERN = (
+    r"https?://"
+    r"(?:[A-Za-z0-9._~%!$&'()*+,;=:-]+@)?"
+    rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[(?:{_IPV6})\])"
+    rf"(?::{_PORT})?"
+    r"(?:[/?#][A-Za-z0-9._~%!$&'()*+,;=:@/?#\[\]-]*)?"
+)
+_WEBHOOK_URL_RE = re.compile(rf"^(?:{WEBHOOK_URL_PATTERN})\Z")
 
 _ALLOCATE_FIELDS = (
     "service_name",
@@ -80,28 +112,28 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
             f"unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(_ALLOCATE_FIELDS)}",
             code="unknown_field",
         )
-    if "gpu_count" in obj and "required_gpus" in obj:
+    if obj.get("gpu_count") is not None and obj.get("required_gpus") is not None:
         raise InvalidRequest("give gpu_count or required_gpus, not both")
     service = obj.get("service_name")
     if service is None and not require_service:
         service = "analysis"
     service_name = _name(service, "service_name", SERVICE_NAME_RE)
-    workload_type = obj.get("workload_type", "generic")
+    workload_type = _or(obj.get("workload_type"), "generic")
     if workload_type not in WORKLOAD_TYPES:
         raise InvalidRequest(
-            f"workload_type must be one of {', '.join(WORKLOAD_TYPES)}, got {workload_type!r}",
+            f"workload_type must be one of {', '.join(WORKLOAD_TYPES)}, got {brief(repr(workload_type))}",
             code="unknown_workload_type",
         )
-    workload_data = _object(obj.get("workload_data", {}), "workload_data")
-    constraints = _object(obj.get("constraints", {}), "constraints")
+    workload_data = _object(_or(obj.get("workload_data"), {}), "workload_data")
+    constraints = _object(_or(obj.get("constraints"), {}), "constraints")
     unknown = sorted(set(constraints) - set(_CONSTRAINT_FIELDS))
     if unknown:
         raise InvalidRequest(
             f"unknown constraint(s) {', '.join(unknown)}; valid: {', '.join(_CONSTRAINT_FIELDS)}",
             code="unknown_field",
         )
-    count_field = "required_gpus" if "required_gpus" in obj else "gpu_count"
-    queue = obj.get("queue", True)
+    count_field = "gpu_count" if obj.get("required_gpus") is None else "required_gpus"
+    queue = _or(obj.get("queue"), True)
     if not isinstance(queue, bool):
         raise InvalidRequest("queue must be true or false")
     return AllocateBody(
@@ -247,9 +279,13 @@ def parse_drain_body(body: object, *, default_node: str, draining: bool) -> Drai
     index = _opt_int(obj, "index", 0, 1023)
     if index is None:
         raise InvalidRequest("index is required: the GPU's index on its node")
-    node = _opt_str(obj.get("node"), "node") or default_node
-    reason = _opt_str(obj.get("reason"), "reason") or ""
-    return DrainBody(node=node, index=index, reason=reason)
+    node = obj.get("node")
+    if node is not None and (not isinstance(node, str) or not NODE_NAME_RE.match(node)):
+        raise InvalidRequest("node must be a node name: 1-128 letters, digits, '.', '_' or '-'")
+    reason = obj.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_TEXT_LENGTH):
+        raise InvalidRequest(f"reason must be a string of at most {MAX_TEXT_LENGTH} characters")
+    return DrainBody(node=node or default_node, index=index, reason=reason or "")
 
 
 def valid_id(value: str) -> bool:
@@ -258,6 +294,11 @@ def valid_id(value: str) -> bool:
 
 
 # ---------------------------------------------------------------- field checks
+
+
+def _or(value: object, default: object) -> Any:
+    """`value`, or `default` when it is null: null means "not given" for every optional field."""
+    return default if value is None else value
 
 
 def _object(value: object, what: str) -> Mapping[str, Any]:
@@ -287,7 +328,7 @@ def _opt_int(obj: Mapping[str, Any], field: str, low: int, high: int) -> int | N
         else:
             raise InvalidRequest(f"{field} must be an integer")
     if not low <= value <= high:
-        raise InvalidRequest(f"{field} must be between {low} and {high}, got {value}")
+        raise InvalidRequest(f"{field} must be between {low} and {high}, got {brief(str(value))}")
     return int(value)
 
 
@@ -305,25 +346,24 @@ def _opt_number(obj: Mapping[str, Any], field: str, low: float, high: float) -> 
         raise InvalidRequest(f"{field} must be a finite number")
     if not low <= number <= high:
         bound = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
-        raise InvalidRequest(f"{field} must be {bound}, got {value}")
+        raise InvalidRequest(f"{field} must be {bound}, got {brief(str(value))}")
     return number
 
 
 def _opt_str(value: object, field: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > 256:
-        raise InvalidRequest(f"{field} must be a non-empty string of at most 256 characters")
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT_LENGTH:
+        raise InvalidRequest(f"{field} must be a non-empty string of at most {MAX_TEXT_LENGTH} characters")
     return value
 
 
 def _opt_url(value: object, field: str) -> str | None:
     if value is None or value == "":
         return None
-    if (
-        not isinstance(value, str)
-        or len(value) > MAX_URL_LENGTH
-        or not re.match(r"^https?://[^\s/?#]+[^\s]*\Z", value)
-    ):
-        raise InvalidRequest(f"{field} must be an http:// or https:// URL")
+    if not isinstance(value, str) or len(value) > MAX_URL_LENGTH or not _WEBHOOK_URL_RE.match(value):
+        raise InvalidRequest(
+            f"{field} must be an http:// or https:// URL of at most {MAX_URL_LENGTH} characters, with a valid "
+            "host (a name, IPv4 or [IPv6] address) and port, and no spaces or control characters"
+        )
     return value

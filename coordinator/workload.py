@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from coordinator.errors import InvalidRequest
+from coordinator.errors import InvalidRequest, Unsatisfiable, brief
 
 WORKLOAD_TYPES: tuple[str, ...] = (
     "training",
@@ -165,7 +165,7 @@ class _Fields:
             return None
         if not _is_int(value) or not low <= value <= high:
             raise InvalidRequest(
-                f"workload_data.{key} must be an integer from {low} to {high}, got {value!r}"
+                f"workload_data.{key} must be an integer from {low} to {high}, got {_quote(value)}"
             )
         return int(value)
 
@@ -182,7 +182,7 @@ class _Fields:
         if not ok:
             kind = "a positive number" if positive else "a non-negative number"
             raise InvalidRequest(
-                f"workload_data.{key} must be {kind} of at most {high:g}, got {value!r}"
+                f"workload_data.{key} must be {kind} of at most {high:g}, got {_quote(value)}"
             )
         return float(value)
 
@@ -191,7 +191,7 @@ class _Fields:
         if value is None:
             return False
         if not isinstance(value, bool):
-            raise InvalidRequest(f"workload_data.{key} must be true or false, got {value!r}")
+            raise InvalidRequest(f"workload_data.{key} must be true or false, got {_quote(value)}")
         return value
 
     def choice(self, key: str, options: tuple[str, ...]) -> str | None:
@@ -200,7 +200,7 @@ class _Fields:
             return None
         if not isinstance(value, str) or value.lower() not in options:
             raise InvalidRequest(
-                f"workload_data.{key} must be one of {', '.join(options)}, got {value!r}"
+                f"workload_data.{key} must be one of {', '.join(options)}, got {_quote(value)}"
             )
         return value.lower()
 
@@ -209,11 +209,18 @@ class _Fields:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise InvalidRequest(f"workload_data.{key} must be a string, got {value!r}")
+            raise InvalidRequest(f"workload_data.{key} must be a string, got {_quote(value)}")
         return value
 
 
+def _quote(value: object) -> str:
+    return brief(repr(value))
+
+
 def _is_int(value: object) -> bool:
+    """An integer, or a float with an integral value: the API's rule, so 128.0 counts as 128."""
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -266,8 +273,10 @@ def analyze_workload(
 
     Returns a WorkloadEstimate. Raises InvalidRequest, naming the field, for an
     unknown workload_type, for ill-typed or out-of-range fields of workload_data
-    (booleans are not numbers), and for a gpu_memory_mb that is not a positive
-    integer. Keys the analyzer does not read are ignored.
+    (booleans are not numbers; a model_name stating more than MAX_PARAMS_B billion
+    parameters is out of range like params_b), and for a gpu_memory_mb that is not a
+    positive integer. Raises Unsatisfiable when the estimate needs more than MAX_GPUS
+    GPUs, which no allocation can have. Keys the analyzer does not read are ignored.
     """
     if workload_type not in WORKLOAD_TYPES:
         raise InvalidRequest(
@@ -311,6 +320,11 @@ def analyze_workload(
     _RULES[workload_type](draft, fields, None if params is None else params[0])
     _workflow_rules(draft, fields, estimate)
 
+    if draft.gpus > MAX_GPUS:
+        raise Unsatisfiable(
+            f"by the estimate this {workload_type} workload needs {draft.gpus} GPUs on one node; "
+            f"one allocation has at most {MAX_GPUS}"
+        )
     if draft.total_mb is not None and draft.memory_override is None:
         draft.rules.append(f"min_memory_mb = ceil({_mb(draft.total_mb)} MB / {draft.gpus} GPUs)")
     estimate["rules"] = draft.rules
@@ -342,7 +356,12 @@ def _parameter_count(fields: _Fields) -> tuple[float, str] | None:
     parsed = parse_model_params_b(name)
     if parsed is None:
         return None
-    return parsed, f"model_name {name!r} -> {parsed:g}B parameters"
+    if parsed > MAX_PARAMS_B:
+        raise InvalidRequest(
+            f"workload_data.model_name {_quote(name)} states {parsed:g}B parameters, "
+            f"more than the {MAX_PARAMS_B:g}B that params_b allows"
+        )
+    return parsed, f"model_name {_quote(name)} -> {parsed:g}B parameters"
 
 
 def parse_model_params_b(model_name: str) -> float | None:

@@ -314,6 +314,9 @@ def test_metrics_use_dcgm_names_and_route_templates(api: Api) -> None:
     assert alloc["id"] not in re.findall(r'route="([^"]+)"', text)
     assert re.search(r'gpu_orchestrator_allocations\{service="metered"\} 1\.0', text)
     assert "gpu_orchestrator_queue_depth 0.0" in text
+    # A lone agent is a one-voter Raft cluster: its proposals are timed like a server's.
+    proposals = re.search(r"^gpu_orchestrator_raft_proposal_seconds_count (\S+)", text, re.M)
+    assert proposals is not None and float(proposals.group(1)) >= 1
 
 
 BAD_ALLOCATE_BODIES = [
@@ -494,3 +497,21 @@ def test_zz_openapi_document_matches_observed_behaviour(api: Api) -> None:
     missing = documented - observed
     assert not missing, f"documented but never produced: {sorted(missing)}"
     json.dumps(document)
+    # Request bodies as the server reads them: unknown fields refused, and every optional
+    # field may be null ("not given"); tests/integration/test_openapi_contract.py checks the rest.
+    schemas = document["components"]["schemas"]
+    bodies = {
+        op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        for ops in document["paths"].values()
+        for op in ops.values()
+        if "requestBody" in op
+    }
+    assert bodies == {"AllocateRequest", "WorkloadRequest", "ReleaseRequest", "RenewRequest", "DrainRequest",
+                      "UndrainRequest", "AddServerRequest"}
+    for name in bodies:
+        body = schemas[name]
+        assert body["additionalProperties"] is False, name
+        for field, schema in body["properties"].items():
+            if field not in body.get("required", ()):
+                assert {"type": "null"} in schema.get("anyOf", ()), (name, field)
+    assert "security" not in json.dumps(document["paths"])  # auth is off on this agent

@@ -14,6 +14,11 @@ blank server on 127.0.0.23 with the same configuration. In order, on one cluster
 5. remove the leader itself: the caller gets the answer, the leader steps down and
    another leads; then the old leader is added back by several callers at once —
    exactly one change happens, the others get 409.
+
+Robust on a busy machine: the servers gossip with the `lan` profile, not `local`,
+whose 0.2 s probe timeout let a loaded two-core machine mark live servers suspect
+(test 4 then saw "2 alive"). What Raft decides (the voters) is asserted at once;
+what gossip reports (alive) is waited for, since gossip may lag behind but settles.
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ def get(agent: AgentProcess, path: str) -> Any:
 class Cluster:
     def __init__(self, root: Path) -> None:
         # The same configuration for founders and the server added later.
-        self.agents = cluster_agents(root, HOSTS, NAMES, servers=len(NAMES), bootstrap_expect=FOUNDERS)
+        self.agents = cluster_agents(
+            root, HOSTS, NAMES, servers=len(NAMES), bootstrap_expect=FOUNDERS, profile=None  # lan: see above
+        )
         self.acknowledged: set[str] = set()
 
     def by_name(self, name: str) -> AgentProcess:
@@ -116,6 +123,19 @@ def ctl(capsys: pytest.CaptureFixture[str], agent: AgentProcess, *argv: str) -> 
     return code, out, err
 
 
+def settled_servers(capsys: pytest.CaptureFixture[str], via: AgentProcess, summary: str) -> str:
+    """`gpuctl servers` through `via`, once its summary line reads `summary` (gossip's alive count settles)."""
+    last = ""
+
+    def shows_it() -> bool:
+        nonlocal last
+        code, last, err = ctl(capsys, via, "servers")
+        return code == 0 and summary in last
+
+    wait_for(shows_it, timeout=FAILOVER_S, interval=0.2)
+    return last
+
+
 def servers_table(out: str) -> dict[str, dict[str, str]]:
     """`gpuctl servers` rows by name (cells are two or more spaces apart; LEADER may be empty)."""
     lines = out.strip().splitlines()
@@ -144,14 +164,12 @@ def test_1_a_blank_server_joins_as_a_non_voter_and_waits(cluster: Cluster, capsy
     # Through the non-voter: forwarded to the leader (which it had to look up), once the
     # leader's gossip has heard of it (a join reaches the others within a gossip round or two).
     wait_for(lambda: "srv-d" in {s["name"] for s in get(blank, "/cluster/servers")["servers"]}, timeout=10.0)
-    code, out, err = ctl(capsys, blank, "servers")
-    assert code == 0, err
+    out = settled_servers(capsys, blank, "3 voter(s), 3 alive; quorum 2")
     rows = servers_table(out)
     assert {n: (r["voter"], r["alive"]) for n, r in rows.items()} == {
         "srv-a": ("yes", "yes"), "srv-b": ("yes", "yes"), "srv-c": ("yes", "yes"), "srv-d": ("no", "yes"),
     }
     assert rows[leader]["leader"] == "*" and rows["srv-d"]["address"] == f"{blank.host}:{blank.raft_port}"
-    assert "3 voter(s), 3 alive; quorum 2" in out
     # Still not a voter after several election timeouts: a blank server never campaigns.
     assert get(blank, "/healthz")["raft"]["term"] == 0
     assert get(cluster.agents[0], "/healthz")["raft"]["voters"] == ["srv-a", "srv-b", "srv-c"]
@@ -199,7 +217,10 @@ def test_4_replace_a_dead_server(cluster: Cluster, capsys: pytest.CaptureFixture
     rows = servers_table(out)
     assert dead.node_name not in rows or rows[dead.node_name]["voter"] == "no"
     assert sorted(n for n, r in rows.items() if r["voter"] == "yes") == sorted(a.node_name for a in cluster.live())
-    assert "3 voter(s), 3 alive; quorum 2" in out
+    assert "3 voter(s), " in out and "quorum 2" in out
+    # Gossip's view of the live voters may trail on a loaded machine (a late ack makes a
+    # live server suspect until it refutes); it must settle on all three alive.
+    settled_servers(capsys, survivor, "3 voter(s), 3 alive; quorum 2")
     cluster.allocate(survivor, "after-replace")
     for agent in cluster.live():
         wait_for(lambda: cluster.replica_lists_everything(agent), timeout=10.0)

@@ -215,11 +215,59 @@ def test_unknown_fields_are_refused_by_name() -> None:
 
 
 def test_gpu_count_and_required_gpus_together_are_refused() -> None:
-    """Both names for the GPU count at once is ambiguous."""
+    """Both names for the GPU count at once is ambiguous; a null one is not given (OpenAPI says the same)."""
     invalid({"service_name": "s", "gpu_count": 1, "required_gpus": 1}, "gpu_count or required_gpus, not both")
+    assert parse_allocate_body({"service_name": "s", "gpu_count": 2, "required_gpus": None}).gpu_count == 2
+    assert parse_allocate_body({"service_name": "s", "gpu_count": None, "required_gpus": 3}).gpu_count == 3
 
 
-@pytest.mark.parametrize("value", ["quantum", "Training", "", None, 3])
+def test_null_object_fields_take_their_defaults() -> None:
+    """null means "not given" for workload_type, workload_data, constraints and queue too."""
+    body = parse_allocate_body(
+        {"service_name": "s", "workload_type": None, "workload_data": None, "constraints": None, "queue": None}
+    )
+    assert (body.workload_type, body.workload_data, body.gpu_model, body.queue) == ("generic", {}, None, True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://hooks.example.com",
+        "https://hooks.example.com:8443/gpu?x=1&y=%20#frag",
+        "http://10.0.0.5:80/",
+        "http://[::1]:9000/hook",
+        "http://[2001:db8::8a2e:370:7334]/",
+        "https://user:pw@example.com./a",
+    ],
+)
+def test_webhook_urls_that_are_accepted(url: str) -> None:
+    assert parse_allocate_body({"service_name": "s", "webhook_url": url}).webhook_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1",  # the sweep's unclosed IPv6 bracket
+        "http://[1:2:3]/",  # not an IPv6 address
+        "http://exa mple.com/",
+        "http://example.com/a b",
+        "http://example.com/\x00",
+        "http://example.com/\n",
+        "http://example.com/\u00e9",
+        "http://example.com:65536/",
+        "http://example.com:/",
+        "http:///path",
+        "ftp://example.com/",
+        "//example.com/",
+        "http://-bad-.com/",
+        "https://" + "a" * 2050 + ".com",
+    ],
+)
+def test_webhook_urls_that_are_refused(url: str) -> None:
+    invalid({"service_name": "s", "webhook_url": url}, "webhook_url must be an http:// or https:// URL")
+
+
+@pytest.mark.parametrize("value", ["quantum", "Training", "", 3])
 def test_an_unknown_workload_type_is_refused(value: object) -> None:
     """workload_type must be one of the analyzer's six types."""
     invalid({"service_name": "s", "workload_type": value}, "workload_type must be one of",
@@ -430,3 +478,16 @@ def test_renew_errors(body: object, message: str, code: str) -> None:
 def test_valid_id_for_path_parameters(value: str, ok: bool) -> None:
     """valid_id applies the request-id rule to ids taken from URL paths."""
     assert valid_id(value) is ok
+
+
+def test_a_drain_node_must_be_a_node_name_and_null_means_this_agent() -> None:
+    """node: "" or a non-name is a 400 (the OpenAPI pattern says so); null and absent mean this agent."""
+    from coordinator.request_parsing import parse_drain_body
+
+    assert parse_drain_body({"index": 0, "node": None}, default_node="me", draining=False).node == "me"
+    assert parse_drain_body({"index": 0, "reason": ""}, default_node="me", draining=True).reason == ""
+    for node in ("", "a/b", "x" * 129, 7):
+        with pytest.raises(InvalidRequest, match="node must be a node name"):
+            parse_drain_body({"index": 0, "node": node}, default_node="me", draining=True)
+    with pytest.raises(InvalidRequest, match="reason"):
+        parse_drain_body({"index": 0, "reason": "r" * 257}, default_node="me", draining=True)

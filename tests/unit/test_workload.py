@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.errors import InvalidRequest
+from coordinator.errors import InvalidRequest, Unsatisfiable
 from coordinator.workload import (
     WORKLOAD_TYPES,
     WorkloadEstimate,
@@ -502,6 +502,29 @@ def test_unknown_workload_type_lists_the_valid_ones() -> None:
         assert name in raised.value.message
 
 
+def test_an_integral_float_counts_as_an_integer() -> None:
+    """The API's integer rule holds inside workload_data too: 128.0 is 128 (docs/api.md, Conventions)."""
+    assert figures(analyze("training", batch_size=128.0)) == figures(analyze("training", batch_size=128))
+    assert analyze("graph_processing", node_count=2e6).min_memory_mb == 8192
+
+
+def test_a_model_name_is_capped_like_params_b() -> None:
+    """A size parsed from model_name obeys params_b's bound, so no name sizes billions of GPUs."""
+    with pytest.raises(InvalidRequest, match="model_name") as raised:
+        analyze("inference", model_name="llama-999999999999b")
+    assert "10000" in raised.value.message
+    with pytest.raises(Unsatisfiable):  # at the bound the name parses; the GPUs are what is too many
+        analyze("inference", model_name="llama-10000b")
+
+
+def test_an_estimate_above_64_gpus_is_unsatisfiable() -> None:
+    """No allocation can hold more than 64 GPUs, so a bigger estimate is a 400, never a figure."""
+    with pytest.raises(Unsatisfiable, match="2496 GPUs"):
+        analyze("training", params_b=10000)
+    with pytest.raises(Unsatisfiable):
+        analyze("inference", params_b=7, kv_cache_gb=1_000_000)
+
+
 def test_workload_data_must_be_a_mapping() -> None:
     with pytest.raises(InvalidRequest, match="workload_data"):
         analyze_workload("inference", ["model_name"])  # type: ignore[arg-type]
@@ -514,7 +537,7 @@ def test_workload_data_must_be_a_mapping() -> None:
         ("training", {"batch_size": -8}, "batch_size"),
         ("training", {"batch_size": "8"}, "batch_size"),
         ("training", {"batch_size": True}, "batch_size"),
-        ("training", {"batch_size": 8.0}, "batch_size"),
+        ("training", {"batch_size": 8.5}, "batch_size"),
         ("embedding", {"batch_size": 0}, "batch_size"),
         ("training", {"model_size": "huge"}, "model_size"),
         ("training", {"model_size": 3}, "model_size"),
