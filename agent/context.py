@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,14 +43,30 @@ class LeaseHolder:
 Holders = Mapping[tuple[str, int], LeaseHolder]
 
 
-def holders_from_table(table: LeaseTable) -> dict[tuple[str, int], LeaseHolder]:
+class TableHolders(Mapping[tuple[str, int], LeaseHolder]):
+    """Each held GPU's holder, looked up in a replica of the lease table when asked (a page of
+    rows costs its own GPUs, not every lease in the cluster)."""
+
+    def __init__(self, table: LeaseTable) -> None:
+        self._table = table
+
+    def __getitem__(self, key: tuple[str, int]) -> LeaseHolder:
+        allocation_id = self._table.holder(GpuRef(*key))
+        alloc = None if allocation_id is None else self._table.allocation(allocation_id)
+        if alloc is None:
+            raise KeyError(key)
+        return LeaseHolder(alloc.allocation_id, alloc.request.service_name, rfc3339(alloc.allocated_at))
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return ((ref.node, ref.index) for ref in self._table.held_gpus())
+
+    def __len__(self) -> int:
+        return len(self._table.held_gpus())
+
+
+def holders_from_table(table: LeaseTable) -> Holders:
     """Every held GPU's holder, from a replica of the lease table."""
-    out: dict[tuple[str, int], LeaseHolder] = {}
-    for ref, allocation_id in table.held_gpus().items():
-        alloc = table.allocation(allocation_id)
-        if alloc is not None:
-            out[(ref.node, ref.index)] = LeaseHolder(allocation_id, alloc.request.service_name, rfc3339(alloc.allocated_at))
-    return out
+    return TableHolders(table)
 
 
 def holders_from_allocations(allocations: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], LeaseHolder]:
@@ -192,8 +208,15 @@ class AgentContext:
         degraded = degraded_reason(self.sampler.degraded_reason, self.disk_stalled_seconds())
         return line + (f"; degraded: {degraded}" if degraded else "")
 
-    def gpu_rows(self, holders: Holders | None = None) -> list[dict[str, Any]]:
-        """GET /gpu/status rows: every GPU of the cluster, in (node, index) order.
+    def gpu_rows(
+        self,
+        holders: Holders | None = None,
+        *,
+        node: str | None = None,
+        after: tuple[str, int] | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """GET /gpu/status rows in (node, index) order: every GPU of the cluster, or one page of them.
 
         This agent's GPUs come from its sampler (`"source": "local"`); other
         live members' from their gossip metadata (`"source": "gossip"`, with the
@@ -201,30 +224,75 @@ class AgentContext:
         by the inventory's overlay, as the scheduler sees them. Who holds each
         GPU comes from `holders` (a client passes the leader's), else from this
         server's replica; without either, the gossiped "allocated" flags.
+        `node` keeps one node's GPUs; `after` starts past that (node, index);
+        `limit` stops there. Rows are built for the page only.
         """
         table = self.table
         if holders is None and table is not None:
             holders = holders_from_table(table)
-        rows = [self._row(snap, table, holders) for snap in self.sampler.snapshots()]
-        if self.membership.started:
-            now = time.time()
-            # Another cluster's GPUs (a lone agent sharing the gossip) keep what their own gossip says.
-            ours = set(self.inventory.inventory().nodes())
-            rows += [
-                _gossip_row(remote, now, holders if remote.node in ours else None, table)
-                for remote in self.membership.cluster_gpus()
-                if remote.node != self.node
-            ]
-        rows.sort(key=lambda row: (row["node"], row["index"]))
+        # Another cluster's GPUs (a lone agent sharing the gossip) keep what their own gossip says.
+        ours = self.inventory.inventory()
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        for name, gpus in self._gpus_by_node(node, after):
+            for gpu in gpus:
+                if limit is not None and len(rows) >= limit:
+                    return rows
+                if isinstance(gpu, GpuSnapshot):
+                    rows.append(self._row(gpu, table, holders))
+                else:
+                    rows.append(_gossip_row(gpu, now, holders if ours.node_views(name) else None, table))
         return rows
+
+    def _gpus_by_node(
+        self, node: str | None, after: tuple[str, int] | None
+    ) -> Iterator[tuple[str, Sequence[GpuSnapshot | RemoteGpu]]]:
+        """(node, its GPUs in index order) for the nodes a page covers, in name order."""
+        names = [self.node]
+        if self.membership.started:
+            names += [m.view.name for m in self.membership.members() if m.view.name != self.node]
+        for name in sorted(names):
+            if (node is not None and name != node) or (after is not None and name < after[0]):
+                continue
+            if name == self.node:
+                gpus: Sequence[GpuSnapshot | RemoteGpu] = self.sampler.snapshots()
+            else:
+                gpus = self.membership.live_gpus(name)
+            if after is not None and name == after[0]:
+                gpus = [g for g in gpus if _index(g) > after[1]]
+            if gpus:
+                yield name, gpus
+
+    def gpu_summary(self) -> dict[str, Any]:
+        """GET /gpu/status?summary=true: counts per node and for the cluster, no per-GPU rows."""
+        nodes: list[dict[str, Any]] = []
+        table = self.table
+        ours = self.inventory.inventory()
+        for name, gpus in self._gpus_by_node(None, None):
+            views = ours.node_views(name)
+            held = 0 if table is None else sum(1 for g in gpus if table.holder(GpuRef(name, _index(g))) is not None)
+            if table is None or not views:
+                held = sum(1 for g in gpus if isinstance(g, RemoteGpu) and g.gpu.allocated)
+            nodes.append(
+                {
+                    "node": name,
+                    "gpus": len(gpus),
+                    "allocated": held,
+                    "unhealthy": sum(1 for v in views if v.health == UNHEALTHY),
+                    "drained": sum(1 for v in views if v.drained),
+                    "scheduled_here": bool(views),
+                }
+            )
+        totals = {key: sum(n[key] for n in nodes) for key in ("gpus", "allocated", "unhealthy", "drained")}
+        return {"summary": {"nodes": len(nodes), **totals}, "nodes": nodes}
 
     def gpu_row(self, node: str, index: int) -> dict[str, Any]:
         """One GPU's row. Raises NotFound for a GPU this agent does not know."""
         snap = self.sampler.snapshot(index) if node == self.node else None
         if snap is None:
             if node != self.node:
-                for row in self.gpu_rows():
-                    if row["node"] == node and row["index"] == index:
+                for row in self.gpu_rows(node=node):
+                    if row["index"] == index:
                         return row
             raise NotFound(f"no GPU {node}/{index}")
         table = self.table
@@ -398,6 +466,10 @@ def _gossip_row(remote: RemoteGpu, now: float, holders: Holders | None, table: L
         # so a steady, healthy member's rows age while it stays alive and probed.
         "state_age_seconds": round(max(0.0, now - remote.received_at), 1),
     }
+
+
+def _index(gpu: GpuSnapshot | RemoteGpu) -> int:
+    return gpu.reading.index if isinstance(gpu, GpuSnapshot) else gpu.gpu.index
 
 
 def _holder_fields(holder: LeaseHolder | None) -> dict[str, Any]:

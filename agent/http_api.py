@@ -48,6 +48,7 @@ from coordinator.request_parsing import (
     parse_drain_body,
     parse_release_body,
     parse_renew_body,
+    parse_status_query,
     resolve_ttl,
     valid_id,
 )
@@ -486,8 +487,9 @@ def create_app(ctx: AgentContext) -> QuartTrio:
 
     @app.get("/gpu/status")
     async def gpu_status() -> Response:
+        query = parse_status_query(request.args)
         holders = None
-        if ctx.table is None and FORWARDED_BY not in request.headers:
+        if ctx.table is None and FORWARDED_BY not in request.headers and not query.summary:
             # No replica here (a client, or a server before its log runs): the leader says
             # who holds what (without it, the rows show only the gossiped "allocated" flags).
             allocations = None
@@ -498,7 +500,14 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                 holders = None if allocations is None else holders_from_allocations(allocations)
             except (KeyError, TypeError, ValueError):
                 log.warning("the leader's /gpu/list did not list allocations as expected; showing gossip only")
-        return json_response({"gpus": ctx.gpu_rows(holders)})
+        if query.summary:
+            return json_response(ctx.gpu_summary())
+        rows = ctx.gpu_rows(holders, node=query.node, after=query.after, limit=query.limit)
+        doc: dict[str, Any] = {"gpus": rows}
+        if query.limit is not None:
+            # Where the next page starts; null on the last one.
+            doc["next_after"] = f"{rows[-1]['node']}/{rows[-1]['index']}" if len(rows) == query.limit else None
+        return json_response(doc)
 
     @app.get("/gpu/list")
     @on_leader(read=True)

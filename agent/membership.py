@@ -263,6 +263,13 @@ class MembershipService:
             out.extend(RemoteGpu(member.view.name, gpu, member.meta_received_at) for gpu in member.meta.gpus)
         return sorted(out, key=lambda r: (r.node, r.gpu.index))
 
+    def live_gpus(self, name: str) -> list[RemoteGpu]:
+        """The GPUs a live (alive or suspect) member other than this one gossips, in index order."""
+        member = self.member(name)
+        if member is None or name == self.name or member.view.status not in _LIVE or member.meta is None:
+            return []
+        return sorted((RemoteGpu(name, gpu, member.meta_received_at) for gpu in member.meta.gpus), key=lambda r: r.gpu.index)
+
     def _decode(self, view: MemberView) -> Member:
         """The member with its metadata decoded; decoded once per distinct blob."""
         cached = self._decoded.get(view.name)

@@ -158,9 +158,25 @@ def openapi_document(*, auth_header: str | None = None, max_ttl_s: float = 0.0) 
         },
         "/gpu/status": {
             "get": _op(
-                "Every GPU in stable (node, index) order",
-                {200: _json({"type": "object", "properties": {"gpus": {"type": "array", "items": _ref("Gpu")}}}, "OK")},
-                _READ_ERRORS,
+                "Every GPU in stable (node, index) order; one node, a page, or a per-node summary",
+                {
+                    200: _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "gpus": {"type": "array", "items": _ref("Gpu")},
+                                "next_after": {
+                                    "type": ["string", "null"],
+                                    "description": "with limit: the after= of the next page; null on the last",
+                                },
+                                "summary": {"type": "object"},
+                                "nodes": {"type": "array", "items": {"type": "object"}},
+                            },
+                        },
+                        "OK (summary=true: summary and nodes instead of gpus)",
+                    )
+                },
+                (400, *_READ_ERRORS),
             )
         },
         "/gpu/list": {
@@ -258,6 +274,16 @@ def openapi_document(*, auth_header: str | None = None, max_ttl_s: float = 0.0) 
             }
         },
     }
+    paths["/gpu/status"]["get"]["parameters"] = [
+        {"name": "node", "in": "query", "required": False, "description": "only this node's GPUs",
+         "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}},
+        {"name": "after", "in": "query", "required": False, "description": "start after this GPU (next_after of the page before)",
+         "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}/[0-9]{1,6}$"}},
+        {"name": "limit", "in": "query", "required": False, "description": "at most this many GPUs (then next_after is set)",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 10000}},
+        {"name": "summary", "in": "query", "required": False, "description": "counts per node instead of GPU rows",
+         "schema": {"type": "boolean"}},
+    ]
     for template, method in (
         ("/gpu/allocations/{allocation_id}", "get"),
         ("/gpu/requests/{request_id}", "get"),

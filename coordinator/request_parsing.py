@@ -367,3 +367,45 @@ def _opt_url(value: object, field: str) -> str | None:
             "host (a name, IPv4 or [IPv6] address) and port, and no spaces or control characters"
         )
     return value
+
+
+# The most rows one page of /gpu/status may ask for (a 1,000-host cluster has 8,000 GPUs).
+MAX_PAGE_ROWS = 10_000
+_CURSOR_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})/(\d{1,6})\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusQuery:
+    """GET /gpu/status's query: one node, a page after a cursor, or the summary."""
+
+    node: str | None = None
+    after: tuple[str, int] | None = None
+    limit: int | None = None
+    summary: bool = False
+
+
+def parse_status_query(args: Mapping[str, str]) -> StatusQuery:
+    """Validate `node`, `after` ("node/index"), `limit` (1..MAX_PAGE_ROWS) and `summary` (true/false).
+
+    Unknown parameters are ignored (as the API always has). Raises InvalidRequest.
+    """
+    node = args.get("node")
+    if node is not None and not NODE_NAME_RE.match(node):
+        raise InvalidRequest("node must be a node name: 1-128 letters, digits, '.', '_' or '-'", code="invalid_request")
+    after: tuple[str, int] | None = None
+    raw_after = args.get("after")
+    if raw_after is not None:
+        match = _CURSOR_RE.match(raw_after)
+        if match is None:
+            raise InvalidRequest('after must be "<node>/<index>", as next_after gives it', code="invalid_request")
+        after = (match.group(1), int(match.group(2)))
+    limit: int | None = None
+    raw_limit = args.get("limit")
+    if raw_limit is not None:
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE_ROWS:
+            raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE_ROWS}", code="invalid_request")
+        limit = int(raw_limit)
+    raw_summary = args.get("summary", "false").lower()
+    if raw_summary not in ("true", "false", "1", "0"):
+        raise InvalidRequest("summary must be true or false", code="invalid_request")
+    return StatusQuery(node, after, limit, raw_summary in ("true", "1"))

@@ -30,6 +30,7 @@ _TEMPLATES = (
 
 
 def _template(path: str) -> str:
+    path = path.split("?", 1)[0]  # the route, not its query
     for pattern, template in _TEMPLATES:
         if pattern.match(path):
             return template
@@ -479,6 +480,26 @@ def test_auth_keys_bind_services_and_leave_probes_open(tmp_path: Path) -> None:
         agent.kill()
 
 
+def test_gpu_status_pages_filters_and_summarizes(api: Api) -> None:
+    """At a thousand hosts a caller asks for one node, a page, or counts, not every row."""
+    every = api.get("/gpu/status").json()["gpus"]
+    first = api.get("/gpu/status?limit=3").json()
+    assert [g["index"] for g in first["gpus"]] == [0, 1, 2] and first["next_after"] == "node-a/2"
+    rest = api.get(f"/gpu/status?limit=3&after={first['next_after']}").json()
+    assert [g["index"] for g in rest["gpus"]] == [3] and rest["next_after"] is None
+    assert first["gpus"] + rest["gpus"] == every
+    assert api.get("/gpu/status?node=node-a").json()["gpus"] == every
+    assert api.get("/gpu/status?node=elsewhere").json()["gpus"] == []
+    held = api.post("/gpu/allocate", {"service_name": "summed", "gpu_count": 1}).json()
+    summary = api.get("/gpu/status?summary=true").json()
+    assert summary["summary"] == {"nodes": 1, "gpus": 4, "allocated": 1, "unhealthy": 0, "drained": 0}
+    assert summary["nodes"][0] | {"node": "node-a", "scheduled_here": True} == summary["nodes"][0]
+    api.post("/gpu/release", {"allocation_id": held["allocation_id"]})
+    for bad in ("limit=0", "limit=10001", "limit=x", "after=node-a", "after=/1", "node=a%20b", "summary=maybe"):
+        response = api.get(f"/gpu/status?{bad}")
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request", bad
+
+
 def test_zz_openapi_document_matches_observed_behaviour(api: Api) -> None:
     """Every documented (route, method, status) was produced above, and nothing undocumented was."""
     document = api.get("/openapi.json").json()
@@ -515,3 +536,4 @@ def test_zz_openapi_document_matches_observed_behaviour(api: Api) -> None:
             if field not in body.get("required", ()):
                 assert {"type": "null"} in schema.get("anyOf", ()), (name, field)
     assert "security" not in json.dumps(document["paths"])  # auth is off on this agent
+
