@@ -28,6 +28,8 @@ def running_under(root: Path) -> list[int]:
     """Processes whose command line names `root` (the agents' --data-dir and --config live there)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        if cmdline.parent.name == str(os.getpid()):
+            continue
         try:
             if str(root).encode() in cmdline.read_bytes():
                 found.append(int(cmdline.parent.name))
