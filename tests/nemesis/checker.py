@@ -43,11 +43,11 @@ from typing import Any, Iterable
 from tests.nemesis.history import Call, Fault, FinalState, History
 
 # The 503 codes a Raft cluster's write may answer (docs/api.md, "Error codes").
-RAFT_503 = {"no_leader", "not_leader", "proposal_lost", "outcome_unknown"}
+RAFT_503: set[str | None] = {"no_leader", "not_leader", "proposal_lost", "outcome_unknown"}
 # Answers of a request that ran past the agent's time bound: being added to docs/api.md
 # alongside `outcome_unknown` by parallel work ("Liveness under faults"); accepted here.
-TIME_BOUND_503 = {"timeout"}
-_BAD_BODY = {"invalid_json", "invalid_request", "unknown_field"}
+TIME_BOUND_503: set[str | None] = {"timeout"}
+_BAD_BODY: set[str | None] = {"invalid_json", "invalid_request", "unknown_field"}
 
 # (op, status) -> the error codes docs/api.md lists for it; None in the set: a success body.
 ANSWERS: dict[tuple[str, int], set[str | None]] = {

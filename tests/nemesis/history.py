@@ -46,11 +46,11 @@ class Fault:
     down: tuple[str, ...]  # nodes not expected to answer meanwhile (killed or paused)
     old_leader: str | None  # the leader when the fault began
     start: float
-    note: str = ""  # for the table: who, and how hard
     heal: float = 0.0
     settled: float = 0.0
     # node -> first time after `heal` it answered a linearizable read with 200
     serving_after_heal: dict[str, float] = field(default_factory=dict)
+    note: str = ""  # for the table: who, and how hard
 
 
 @dataclass

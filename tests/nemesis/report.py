@@ -58,7 +58,10 @@ def kind_summary(verdict: Verdict) -> str:
 
 def headline(verdict: Verdict) -> str:
     """The figures the issue asks for, each median / max in seconds."""
-    by_kind = lambda kind: [f for f in verdict.figures if f.fault.kind == kind]  # noqa: E731
+
+    def by_kind(kind: str) -> list[FaultFigures]:
+        return [f for f in verdict.figures if f.fault.kind == kind]
+
     leader_hit = [f for f in verdict.figures if f.fault.old_leader in f.fault.targets and f.fault.kind != "restart_all"]
     lines = [
         f"leader kill -9 → first 200 through a survivor:        {spread(survivor_200(f) for f in by_kind('kill_leader'))}",
