@@ -4,9 +4,13 @@ Each worker runs in a thread of its own with its own HTTP client and seeded RNG.
 request: allocate (1 or 2 GPUs, `queue: false`, a long TTL so no lease expires during a
 run) with a fresh `request_id`; on no answer or a 503, retry the *same* request id
 through another random node; on 200, hold for a moment and release the allocation by
-id, retrying the same way (a 404 after an unanswered attempt means it is gone). Every
-loop is bounded: at most `max_requests` requests per worker, `ATTEMPTS` tries per call,
-and nothing new starts once `stop()` is called or the deadline passes.
+id, retrying the same way (a 404 after an unanswered attempt means it is gone). A retry
+goes to another agent than the one that just failed, after a short backoff, and goes on
+for up to `RETRY_FOR_S`: longer than any fault lasts, so a request is rarely abandoned
+with its outcome unknown (an abandoned one may hold GPUs to the end of the run, and
+enough of them would leave the workload no capacity). Every loop is bounded: at most
+`max_requests` requests per worker, `ATTEMPTS` tries and `RETRY_FOR_S` per call, and
+nothing new starts once `stop()` is called or the deadline passes.
 
 Every call is appended to the shared history (`record`), answered or not.
 """
@@ -22,7 +26,9 @@ import httpx
 
 from tests.nemesis.history import Call
 
-ATTEMPTS = 8  # tries of one allocate or release before the worker moves on
+ATTEMPTS = 100  # tries of one allocate or release before the worker moves on ...
+RETRY_FOR_S = 60.0  # ... or this long, whichever comes first
+BACKOFF_S = (0.05, 1.0)  # the first retry pause, doubling up to the second
 CALL_TIMEOUT_S = 20.0  # longer than any bound the agent puts on a request, so its answer is seen
 TTL_S = 3600.0  # no lease expires during a run: every acknowledged one must still be there
 
@@ -55,7 +61,7 @@ class Workload:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self, timeout: float = 2 * ATTEMPTS * CALL_TIMEOUT_S) -> None:
+    def stop(self, timeout: float = 2 * (RETRY_FOR_S + CALL_TIMEOUT_S)) -> None:
         """Let each worker finish the request in hand (bounded), then return."""
         self._stop.set()
         for thread in self._threads:
@@ -88,27 +94,38 @@ class Workload:
                 self._release(client, rng, i, request_id, str(allocation["allocation_id"]))
 
     def _allocate(self, client: httpx.Client, rng: random.Random, i: int, body: dict[str, Any]) -> dict[str, Any] | None:
-        for _ in range(ATTEMPTS):
-            call = self._call(client, rng, i, "allocate", "/gpu/allocate", body, str(body["request_id"]), None)
-            if call.status == 200 and isinstance(call.body, dict):
-                return call.body
-            if call.status is not None and call.status != 503:
-                return None  # a definite refusal (409 no_capacity, ...)
-            time.sleep(rng.uniform(0.05, 0.25))
-        return None
+        call = self._until_answered(client, rng, i, "allocate", "/gpu/allocate", body, str(body["request_id"]), None)
+        if call.status == 200 and isinstance(call.body, dict):
+            return call.body
+        return None  # a definite refusal (409 no_capacity, ...), or given up
 
     def _release(self, client: httpx.Client, rng: random.Random, i: int, request_id: str, allocation_id: str) -> None:
-        for _ in range(ATTEMPTS):
-            call = self._call(client, rng, i, "release", "/gpu/release", {"allocation_id": allocation_id}, request_id, allocation_id)
-            if call.status is not None and call.status != 503:
-                return  # released (200), or already gone (404 after an attempt that was applied)
-            time.sleep(rng.uniform(0.05, 0.25))
+        # Done on 200 (released) or 404 (already gone: an earlier unanswered attempt was applied).
+        self._until_answered(client, rng, i, "release", "/gpu/release", {"allocation_id": allocation_id},
+                             request_id, allocation_id)
 
-    def _call(
+    def _until_answered(
         self, client: httpx.Client, rng: random.Random, i: int, op: str, path: str, body: dict[str, Any],
         request_id: str, allocation_id: str | None,
     ) -> Call:
-        node = rng.choice(sorted(self.nodes))
+        """Send the call until it gets an answer other than 503, through another agent each time (bounded)."""
+        give_up = time.monotonic() + RETRY_FOR_S
+        pause = BACKOFF_S[0]
+        avoid = None
+        for _ in range(ATTEMPTS):
+            call = self._call(client, rng, i, op, path, body, request_id, allocation_id, avoid)
+            if (call.status is not None and call.status != 503) or time.monotonic() > give_up:
+                break
+            avoid = call.node
+            time.sleep(rng.uniform(pause / 2, pause))
+            pause = min(2 * pause, BACKOFF_S[1])
+        return call
+
+    def _call(
+        self, client: httpx.Client, rng: random.Random, i: int, op: str, path: str, body: dict[str, Any],
+        request_id: str, allocation_id: str | None, avoid: str | None = None,
+    ) -> Call:
+        node = rng.choice(sorted(n for n in self.nodes if n != avoid))
         start = time.time()
         status: int | None = None
         answer: Any = None
