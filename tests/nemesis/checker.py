@@ -18,7 +18,9 @@ Safety, each a `Violation`:
 - **acknowledged means durable, everywhere**: at the end, every acknowledged allocation
   that no call tried to release is listed by every node, identical (node, GPUs, request
   id, service, expiry); every acknowledged release is listed by none; and all nodes list
-  the same allocations.
+  the same allocations;
+- **no agent exits by itself**: an agent found not running at a heal that the fault did
+  not kill is reported (and restarted).
 
 Liveness, per fault (`FaultFigures`), reported and never asserted here:
 
@@ -118,6 +120,10 @@ def check(history: History) -> Verdict:
     verdict.violations += request_ids_with_two_allocations(history)
     verdict.violations += gpus_held_twice(history)
     verdict.violations += final_state_violations(history)
+    verdict.violations += [
+        Violation("agent_crashed", f"{name} had exited by itself when {f.kind} ({f.note}) healed")
+        for f in history.faults for name in f.crashed
+    ]
     verdict.no_leader_applied = no_leader_but_applied(history)
     down = down_windows(history.faults)
     verdict.longest_call = longest(c for c in history.calls if not overlaps_down(c, down))

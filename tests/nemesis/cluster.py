@@ -17,6 +17,7 @@ them in `finally` and from `atexit`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import signal
@@ -97,7 +98,7 @@ class NemesisCluster:
                 f'[http]\nbind = "{host}"\nport = {ports[name][0]}\n'
                 f'[cluster]\nserver = {"true" if server else "false"}\nbootstrap_expect = {3 if server else 1}\n'
                 f'bind = "{host}"\nadvertise = "{host}"\ngossip_port = {ports[name][1]}\nraft_port = {ports[name][2]}\n'
-                f"join = [{', '.join(repr(j).replace(chr(39), chr(34)) for j in join)}]\n"
+                f"join = {json.dumps(join)}\n"
                 f'key_file = "{key_file}"\nprofile = "local"\n'
                 f'[auth]\nenabled = true\nkeys_file = "{keys_file}"\n'
             )

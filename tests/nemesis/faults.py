@@ -114,6 +114,8 @@ class Nemesis:
             self.cluster.resume(name)
         fault.heal = time.time()
         dead = tuple(n for n, node in self.cluster.nodes.items() if not node.running)
+        # An agent that exited by itself is a finding (the checker fails the run); restart it all the same.
+        fault.crashed = tuple(n for n in dead if n not in fault.down)
         if dead:
             self.cluster.start(dead)
 

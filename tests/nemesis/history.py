@@ -51,6 +51,7 @@ class Fault:
     # node -> first time after `heal` it answered a linearizable read with 200
     serving_after_heal: dict[str, float] = field(default_factory=dict)
     note: str = ""  # for the table: who, and how hard
+    crashed: tuple[str, ...] = ()  # agents found exited at the heal that the fault did not kill
 
 
 @dataclass
@@ -83,7 +84,8 @@ class History:
         return History(
             seed=raw["seed"],
             calls=[Call(**c) for c in raw["calls"]],
-            faults=[Fault(**{**f, "targets": tuple(f["targets"]), "down": tuple(f["down"])}) for f in raw["faults"]],
+            faults=[Fault(**{**f, "targets": tuple(f["targets"]), "down": tuple(f["down"]), "crashed": tuple(f["crashed"])})
+                    for f in raw["faults"]],
             final=None if final is None else FinalState(
                 **{**final, "servers": tuple(final["servers"]), "clients": tuple(final["clients"])}
             ),

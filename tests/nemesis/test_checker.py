@@ -192,3 +192,9 @@ def test_a_history_survives_its_json() -> None:
 def test_a_failing_run_names_the_command_that_replays_it() -> None:
     assert RunConfig.long_run(7).replay == "python -m tests.nemesis.run --long --seed 7"
     assert RunConfig.short(3).replay == "python -m tests.nemesis.run --seed 3"
+
+
+def test_an_agent_that_exited_by_itself_is_caught() -> None:
+    h = clean()
+    h.faults.append(Fault("loss", (), (), "srv-81", 1.0, 2.0, 3.0, {n: 2.5 for n in EVERY}, "servers", crashed=("srv-83",)))
+    assert kinds(h) == ["agent_crashed"]
