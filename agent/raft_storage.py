@@ -46,6 +46,13 @@ Error handling
 Any sqlite3 or OS error is raised as `agent.storage.StorageError` after a
 rollback. A shell that gets one must stop (the core believes nothing of that
 Ready is durable, and it must not be advanced past it).
+
+Failpoint
+---------
+Every transaction here goes through `agent.storage.run_transaction`, so the
+disk-stall failpoint described there (`GPU_ORCH_FAILPOINT_DIR`/fsync_sleep_s, off
+unless that variable is set) holds a Ready's persist as a stuck fsync would, and
+`stalled_seconds()` grows meanwhile.
 """
 
 from __future__ import annotations

@@ -26,11 +26,23 @@ tables; agent/state_migration.py turns them into Raft state and drops them.
 Error handling
 --------------
 Any sqlite3 error is raised as StorageError; the caller decides.
+
+Failpoint: a disk that stalls
+-----------------------------
+For fault tests only (tests/nemesis): when the environment names a directory in
+`GPU_ORCH_FAILPOINT_DIR` and that directory holds a file `fsync_sleep_s` with a
+number in it, every transaction (this module's and agent/raft_storage.py's, both
+go through `run_transaction`) sleeps that many seconds before its COMMIT, in the
+worker thread, as an fsync on a dying disk would. Writing or removing the file
+turns the stall on or off while the agent runs. Without the variable (always, in
+production) nothing is read: the check is one comparison with None.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -99,11 +111,36 @@ def open_state_db(path: Path, schema: str) -> sqlite3.Connection:
         raise StorageError(f"cannot open state file {path}: {exc}") from exc
 
 
+FAILPOINT_DIR_ENV = "GPU_ORCH_FAILPOINT_DIR"
+FSYNC_SLEEP_FILE = "fsync_sleep_s"
+# Read once: the failpoint is set up by whoever starts the process, never in production.
+_FAILPOINT_DIR = os.environ.get(FAILPOINT_DIR_ENV) or None
+
+
+def fsync_failpoint_seconds(directory: str | None) -> float:
+    """The stall the failpoint asks for: the number in `directory`/fsync_sleep_s, else 0.0.
+
+    0.0 when `directory` is None, the file is missing or unreadable, or its content is
+    not a finite number > 0 (a half-written file never stalls for ever).
+    """
+    if directory is None:
+        return 0.0
+    try:
+        with open(os.path.join(directory, FSYNC_SLEEP_FILE)) as f:
+            seconds = float(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0.0
+    return seconds if 0.0 < seconds < float("inf") else 0.0
+
+
 def run_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
     """Run `work` in one IMMEDIATE transaction: committed (fsync'd) or rolled back whole."""
     db.execute("BEGIN IMMEDIATE")
     try:
         result = work(db)
+        stall = fsync_failpoint_seconds(_FAILPOINT_DIR)
+        if stall:
+            time.sleep(stall)  # the failpoint's stuck disk (module docstring); held like a slow fsync
     except BaseException:
         db.execute("ROLLBACK")
         raise
