@@ -29,8 +29,12 @@ Invariant: no GPU is held by two live allocations (checked on every Allocate).
 from __future__ import annotations
 
 import heapq
+import itertools
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
+
+from sortedcontainers import SortedKeyList, SortedList
 
 from coordinator.commands import (
     Allocate,
@@ -59,6 +63,7 @@ from coordinator.model import (
     LeaseEvent,
     QueuedRequest,
     RequestRecord,
+    Requirements,
     Wire,
 )
 
@@ -101,6 +106,17 @@ class LeaseTable:
         # (ended_at, request_id) of finished records, for pruning in time order.
         self._finished: list[tuple[float, str]] = []
         self._clock = 0.0
+        # Indexes kept current by `apply`, so the scheduler's questions cost a
+        # lookup, not a walk: the queue in rank order (whole, and per set of
+        # requirements), queue deadlines and lease expiries in time order, each
+        # node's live allocations, and a journal of nodes whose held GPUs changed.
+        self._ranked: SortedKeyList[QueuedRequest, tuple[int, float, str]] = SortedKeyList(key=_rank)
+        self._shapes: dict[Requirements, SortedKeyList[QueuedRequest, tuple[int, float, str]]] = {}
+        self._deadlines: SortedList[tuple[float, str]] = SortedList()
+        self._expiries: SortedList[tuple[float, str]] = SortedList()
+        self._node_allocations: dict[str, set[str]] = {}
+        self._holder_journal: OrderedDict[str, int] = OrderedDict()
+        self._holder_version = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -111,7 +127,7 @@ class LeaseTable:
 
     def allocations(self) -> list[Allocation]:
         """Live allocations, oldest first."""
-        return sorted(self._allocations.values(), key=lambda a: (a.allocated_at, a.allocation_id))
+        return sorted(self._allocations.values(), key=_age)
 
     def allocation(self, allocation_id: str) -> Allocation | None:
         return self._allocations.get(allocation_id)
@@ -148,7 +164,57 @@ class LeaseTable:
 
     def queue(self) -> list[QueuedRequest]:
         """Waiting requests in strict priority order (the order the scheduler serves)."""
-        return sorted(self._queue.values(), key=lambda q: q.request.rank_key())
+        return list(self._ranked)
+
+    def queue_position(self, request_id: str) -> int | None:
+        """1 for the next request served, 2 for the one after...; None when `request_id` does not wait."""
+        queued = self._queue.get(request_id)
+        if queued is None:
+            return None
+        return int(self._ranked.bisect_key_left(_rank(queued))) + 1
+
+    def queue_groups(self, before: tuple[int, float, str] | None = None) -> list[Iterable[QueuedRequest]]:
+        """The waiting requests grouped by equal requirements, each group in rank order.
+
+        With `before` (a rank key), only the requests ranked ahead of it. The
+        groups are live views: read them before the next `apply`.
+        """
+        if before is None:
+            return list(self._shapes.values())
+        return [g.irange_key(max_key=before, inclusive=(True, False)) for g in self._shapes.values()]
+
+    def queue_due(self, now: float) -> list[QueuedRequest]:
+        """Waiting requests whose deadline is at or before `now`, in rank order."""
+        due = [self._queue[i] for _, i in itertools.takewhile(lambda e: e[0] <= now, self._deadlines)]
+        return sorted(due, key=_rank)
+
+    def expiries_due(self, now: float) -> list[Allocation]:
+        """Live allocations whose `expires_at` is at or before `now`, oldest first."""
+        due = [self._allocations[i] for _, i in itertools.takewhile(lambda e: e[0] <= now, self._expiries)]
+        return sorted(due, key=_age)
+
+    def next_deadline(self) -> float | None:
+        """The earliest lease expiry or queue deadline, or None when nothing is timed."""
+        times = [index[0][0] for index in (self._expiries, self._deadlines) if index]
+        return min(times, default=None)
+
+    def allocations_on(self, node: str) -> list[Allocation]:
+        """Live allocations on `node`, oldest first."""
+        return sorted((self._allocations[i] for i in self._node_allocations.get(node, ())), key=_age)
+
+    @property
+    def holder_version(self) -> int:
+        """Bumped whenever a GPU is taken or freed; 0 for a table where none ever was."""
+        return self._holder_version
+
+    def holders_changed_since(self, version: int) -> list[str]:
+        """Nodes whose held GPUs changed after `holder_version` was `version`, latest first."""
+        changed: list[str] = []
+        for node in reversed(self._holder_journal):
+            if self._holder_journal[node] <= version:
+                break
+            changed.append(node)
+        return changed
 
     def queue_length(self) -> int:
         return len(self._queue)
@@ -213,10 +279,8 @@ class LeaseTable:
                     f"GPU {gpu.node}/{gpu.index} is held by {holder}", code="gpu_busy"
                 )
         if queued is not None:
-            del self._queue[request_id]
-        self._allocations[alloc.allocation_id] = alloc
-        for gpu in alloc.gpus:
-            self._holders[gpu.ref] = alloc.allocation_id
+            self._dequeue(queued)
+        self._add_allocation(alloc)
         self._records[request_id] = RequestRecord(
             request_id=request_id,
             service_name=alloc.request.service_name,
@@ -234,7 +298,7 @@ class LeaseTable:
         request_id = cmd.request.request_id
         if request_id in self._records:
             raise Conflict(f"request {request_id} was already handled", code="duplicate_request")
-        self._queue[request_id] = QueuedRequest(cmd.request, cmd.deadline)
+        self._add_queued(QueuedRequest(cmd.request, cmd.deadline))
         self._records[request_id] = RequestRecord(
             request_id=request_id,
             service_name=cmd.request.service_name,
@@ -258,10 +322,7 @@ class LeaseTable:
                 # Renewed after the expiry was proposed: the renewal was acknowledged,
                 # so the lease lives on. Skipped like an id that is already gone.
                 continue
-            del self._allocations[allocation_id]
-            for gpu in alloc.gpus:
-                del self._holders[gpu.ref]
-                self._released_at[gpu.ref] = cmd.at
+            self._remove_allocation(alloc, cmd.at)
             reason = "lease_ttl" if expired else cmd.reason
             self._finish(alloc.request.request_id, EXPIRED if expired else RELEASED, cmd.at, reason)
             events.append(
@@ -284,8 +345,8 @@ class LeaseTable:
         # the same order on every replica.
         lost = [
             a
-            for a in self.allocations()
-            if a.node == cmd.node and (cmd.allocated_before is None or a.allocated_at <= cmd.allocated_before)
+            for a in self.allocations_on(cmd.node)
+            if cmd.allocated_before is None or a.allocated_at <= cmd.allocated_before
         ]
         if not lost:
             # Nothing live there: already marked by an earlier entry, or released
@@ -294,11 +355,8 @@ class LeaseTable:
             raise NotFound(f"no live allocation on node {cmd.node}")
         events: list[LeaseEvent] = []
         for alloc in lost:
-            del self._allocations[alloc.allocation_id]
-            for gpu in alloc.gpus:
-                del self._holders[gpu.ref]
-                # As on release: telemetry from before `at` describes the old tenant.
-                self._released_at[gpu.ref] = cmd.at
+            # As on release: telemetry from before `at` describes the old tenant.
+            self._remove_allocation(alloc, cmd.at)
             self._finish(alloc.request.request_id, LOST, cmd.at, "host_lost")
             events.append(LeaseEvent("lost", cmd.at, alloc.request, allocation=alloc, reason="host_lost"))
         return ApplyResult(events=tuple(events), affected=tuple(a.allocation_id for a in lost))
@@ -317,7 +375,9 @@ class LeaseTable:
             allocated_at=alloc.allocated_at,
             expires_at=cmd.expires_at,
         )
+        self._remove_expiry(alloc)
         self._allocations[cmd.allocation_id] = renewed
+        self._add_expiry(renewed)
         event = LeaseEvent("renewed", cmd.at, alloc.request, allocation=renewed)
         return ApplyResult(events=(event,), affected=(cmd.allocation_id,))
 
@@ -326,9 +386,10 @@ class LeaseTable:
         events: list[LeaseEvent] = []
         affected: list[str] = []
         for request_id in _unique(cmd.request_ids):
-            queued = self._queue.pop(request_id, None)
+            queued = self._queue.get(request_id)
             if queued is None:
                 continue
+            self._dequeue(queued)
             self._finish(request_id, EXPIRED if timed_out else CANCELLED, cmd.at, cmd.reason)
             events.append(
                 LeaseEvent(
@@ -368,6 +429,63 @@ class LeaseTable:
         reason = f"GPU {cmd.node}/{cmd.index}: {'; '.join(cmd.reasons) or 'unhealthy'}"
         event = LeaseEvent("gpu_unhealthy", cmd.at, alloc.request, allocation=alloc, reason=reason)
         return ApplyResult(events=(event,), affected=(holder,))
+
+    # -- index upkeep: every change to allocations and the queue goes through these
+
+    def _add_allocation(self, alloc: Allocation) -> None:
+        self._allocations[alloc.allocation_id] = alloc
+        for gpu in alloc.gpus:
+            self._holders[gpu.ref] = alloc.allocation_id
+        self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
+        self._add_expiry(alloc)
+        self._holders_changed(alloc.node)
+
+    def _remove_allocation(self, alloc: Allocation, at: float) -> None:
+        del self._allocations[alloc.allocation_id]
+        for gpu in alloc.gpus:
+            del self._holders[gpu.ref]
+            self._released_at[gpu.ref] = at
+        on_node = self._node_allocations[alloc.node]
+        on_node.discard(alloc.allocation_id)
+        if not on_node:
+            del self._node_allocations[alloc.node]
+        self._remove_expiry(alloc)
+        self._holders_changed(alloc.node)
+
+    def _add_expiry(self, alloc: Allocation) -> None:
+        if alloc.expires_at is not None:
+            self._expiries.add((alloc.expires_at, alloc.allocation_id))
+
+    def _remove_expiry(self, alloc: Allocation) -> None:
+        if alloc.expires_at is not None:
+            self._expiries.remove((alloc.expires_at, alloc.allocation_id))
+
+    def _holders_changed(self, node: str) -> None:
+        self._holder_version += 1
+        self._holder_journal[node] = self._holder_version
+        self._holder_journal.move_to_end(node)
+
+    def _add_queued(self, queued: QueuedRequest) -> None:
+        self._queue[queued.request.request_id] = queued
+        self._ranked.add(queued)
+        shape = queued.request.requirements
+        group = self._shapes.get(shape)
+        if group is None:
+            group = self._shapes[shape] = SortedKeyList(key=_rank)
+        group.add(queued)
+        if queued.deadline is not None:
+            self._deadlines.add((queued.deadline, queued.request.request_id))
+
+    def _dequeue(self, queued: QueuedRequest) -> None:
+        del self._queue[queued.request.request_id]
+        self._ranked.remove(queued)
+        shape = queued.request.requirements
+        group = self._shapes[shape]
+        group.remove(queued)
+        if not group:
+            del self._shapes[shape]
+        if queued.deadline is not None:
+            self._deadlines.remove((queued.deadline, queued.request.request_id))
 
     def _finish(self, request_id: str, status: str, at: float, reason: str) -> None:
         record = self._records[request_id]
@@ -422,13 +540,9 @@ class LeaseTable:
         table = cls(retention_s=float(snap["retention_s"]))
         table._clock = float(snap["clock"])
         for w in snap["allocations"]:
-            alloc = Allocation.from_wire(w)
-            table._allocations[alloc.allocation_id] = alloc
-            for gpu in alloc.gpus:
-                table._holders[gpu.ref] = alloc.allocation_id
+            table._add_allocation(Allocation.from_wire(w))
         for w in snap["queue"]:
-            queued = QueuedRequest.from_wire(w)
-            table._queue[queued.request.request_id] = queued
+            table._add_queued(QueuedRequest.from_wire(w))
         for w in snap["records"]:
             record = RequestRecord.from_wire(w)
             table._records[record.request_id] = record
@@ -442,6 +556,14 @@ class LeaseTable:
         for node, index, state, reasons in snap.get("gpu_health", ()):
             table._gpu_health[GpuRef(str(node), int(index))] = (str(state), tuple(str(r) for r in reasons))
         return table
+
+
+def _rank(queued: QueuedRequest) -> tuple[int, float, str]:
+    return queued.request.rank_key()
+
+
+def _age(alloc: Allocation) -> tuple[float, str]:
+    return (alloc.allocated_at, alloc.allocation_id)
 
 
 def _unique(ids: Iterable[str]) -> list[str]:

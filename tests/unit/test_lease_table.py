@@ -223,6 +223,61 @@ def test_queue_is_ordered_by_priority_then_age_then_id() -> None:
         apply_ok(table, Enqueue(3.0, r, None))
     assert [q.request.request_id for q in table.queue()] == ["high", "old", "a", "b", "low"]
     assert table.queue_length() == 5
+    assert [table.queue_position(i) for i in ("high", "old", "a", "b", "low", "gone")] == [1, 2, 3, 4, 5, None]
+    apply_ok(table, Cancel(4.0, ("old",)))
+    assert [table.queue_position(i) for i in ("high", "old", "a", "b", "low")] == [1, None, 2, 3, 4]
+
+
+def test_queue_groups_hold_equal_requirements_in_rank_order() -> None:
+    """queue_groups() splits the queue by requirements; `before` keeps only those ranked ahead."""
+    table = LeaseTable()
+    for r in [
+        request("one-late", submitted_at=3.0),
+        request("two", gpus=2, submitted_at=1.0),
+        request("one-early", submitted_at=0.0),
+        request("one-urgent", priority=9, submitted_at=5.0),
+    ]:
+        apply_ok(table, Enqueue(5.0, r, None))
+    groups = sorted([q.request.request_id for q in g] for g in table.queue_groups())
+    assert groups == [["one-urgent", "one-early", "one-late"], ["two"]]
+    ahead = table.queue_groups(before=request("x", submitted_at=2.0).rank_key())
+    assert sorted([q.request.request_id for q in g] for g in ahead) == [["one-urgent", "one-early"], ["two"]]
+
+
+def test_due_expiries_and_queue_deadlines_come_in_table_order() -> None:
+    """expiries_due is oldest lease first, queue_due rank order; next_deadline is the earliest of all."""
+    table = LeaseTable()
+    assert table.next_deadline() is None
+    granted(table, "late-made", "r1", [0], at=2.0, expires_at=10.0)
+    granted(table, "early-made", "r2", [1], at=1.0, expires_at=12.0)
+    granted(table, "forever", "r3", [2], at=0.0)
+    apply_ok(table, Enqueue(3.0, request("q-low", priority=1, submitted_at=3.0), 11.0))
+    apply_ok(table, Enqueue(3.0, request("q-high", priority=9, submitted_at=3.0), 12.0))
+    assert table.next_deadline() == 10.0
+    assert [a.allocation_id for a in table.expiries_due(9.9)] == []
+    assert [a.allocation_id for a in table.expiries_due(12.0)] == ["early-made", "late-made"]
+    assert [q.request.request_id for q in table.queue_due(12.0)] == ["q-high", "q-low"]
+    apply_ok(table, Renew(4.0, "late-made", 20.0))
+    apply_ok(table, Cancel(4.0, ("q-low",)))
+    assert table.next_deadline() == 12.0
+    assert [a.allocation_id for a in table.expiries_due(12.0)] == ["early-made"]
+    assert [q.request.request_id for q in table.queue_due(12.0)] == ["q-high"]
+
+
+def test_the_holder_journal_names_nodes_whose_gpus_were_taken_or_freed() -> None:
+    """holders_changed_since lists each node whose held GPUs changed, latest first."""
+    table = LeaseTable()
+    start = table.holder_version
+    granted(table, "a1", "r1", [0], at=1.0, node="a")
+    granted(table, "b1", "r2", [0], at=1.0, node="b")
+    middle = table.holder_version
+    apply_ok(table, Enqueue(2.0, request("q", submitted_at=2.0), None))
+    assert table.holders_changed_since(middle) == []
+    apply_ok(table, Release(3.0, ("a1",)))
+    assert table.holders_changed_since(middle) == ["a"]
+    assert table.holders_changed_since(start) == ["a", "b"]
+    assert [a.allocation_id for a in table.allocations_on("b")] == ["b1"]
+    assert table.allocations_on("a") == []
 
 
 # ---------------------------------------------------------------- Release
