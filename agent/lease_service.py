@@ -33,6 +33,7 @@ from coordinator.commands import (
     SetDrain,
 )
 from coordinator.errors import Conflict, CoordinatorError, NotFound
+from coordinator.inventory import Inventory
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import ALLOCATED, QUEUED, Allocation, AllocationRequest, GpuRef, GpuView, QueuedRequest
 from coordinator.request_parsing import AllocateBody, build_request, resolve_ttl
@@ -235,7 +236,7 @@ class LeaseService:
             command = self.scheduler.admit(
                 request,
                 self.table,
-                self.gpus(),
+                Inventory.of(self.gpus()),
                 request.submitted_at,
                 pending=self._pending,
                 pending_enqueues=self._pending_enqueues,
@@ -279,10 +280,7 @@ class LeaseService:
                     del self._pending[ref]
 
     def queue_position(self, request_id: str) -> int | None:
-        for position, queued in enumerate(self.table.queue(), start=1):
-            if queued.request.request_id == request_id:
-                return position
-        return None
+        return self.table.queue_position(request_id)
 
     # ------------------------------------------------------------------ release, renew, cancel
 
@@ -384,7 +382,7 @@ class LeaseService:
         task_status.started()
         while True:
             self._wake = trio.Event()
-            commands = self.scheduler.tick(self.table, self.gpus(), self._clock(), self._pending)
+            commands = self.scheduler.tick(self.table, Inventory.of(self.gpus()), self._clock(), self._pending)
             if commands:
                 await self._propose_tick(commands)
             deadline = self.scheduler.next_deadline(self.table)
