@@ -28,11 +28,11 @@ Invariant: no GPU is held by two live allocations (checked on every Allocate).
 
 from __future__ import annotations
 
-import heapq
 import itertools
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 from sortedcontainers import SortedKeyList, SortedList
 
@@ -48,6 +48,7 @@ from coordinator.commands import (
     SetDrain,
 )
 from coordinator.errors import Conflict, CoordinatorError, InvalidRequest, NotFound
+from coordinator.finished_records import FinishedRecords, canonical_json
 from coordinator.model import (
     ALLOCATED,
     CANCELLED,
@@ -70,7 +71,7 @@ from coordinator.model import (
 # How long a finished request id is remembered. A client retrying a request
 # within a day gets the original answer; after that the id may be reused.
 DEFAULT_RETENTION_S = 86_400.0
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,7 @@ class LeaseTable:
         self._allocations: dict[str, Allocation] = {}
         self._holders: dict[GpuRef, str] = {}
         self._queue: dict[str, QueuedRequest] = {}
+        # Records of queued and allocated requests; finished ones live in _finished.
         self._records: dict[str, RequestRecord] = {}
         # When each GPU was last released: telemetry sampled before then belongs
         # to the previous tenant, so the scheduler does not read it as unleased use.
@@ -103,8 +105,12 @@ class LeaseTable:
         self._drained: dict[GpuRef, str] = {}
         # GPUs whose last reported health is not healthy: (state, reasons).
         self._gpu_health: dict[GpuRef, tuple[str, tuple[str, ...]]] = {}
-        # (ended_at, request_id) of finished records, for pruning in time order.
-        self._finished: list[tuple[float, str]] = []
+        # Finished records, kept only to answer retries (finished_records.py).
+        self._finished = FinishedRecords()
+        # Each live allocation's and waiting request's JSON text, made at most once
+        # per object (a renewal makes a new one), so a snapshot copies references.
+        self._allocation_texts: dict[str, tuple[Allocation, str]] = {}
+        self._queue_texts: dict[str, tuple[QueuedRequest, str]] = {}
         self._clock = 0.0
         # Indexes kept current by `apply`, so the scheduler's questions cost a
         # lookup, not a walk: the queue in rank order (whole, and per set of
@@ -223,7 +229,15 @@ class LeaseTable:
         return self._queue.get(request_id)
 
     def record(self, request_id: str) -> RequestRecord | None:
-        return self._records.get(request_id)
+        """Where `request_id` stands, or None when the table does not know it (any more)."""
+        record = self._records.get(request_id)
+        if record is not None:
+            return record
+        row = self._finished.get(request_id)
+        return None if row is None else RequestRecord(*row)
+
+    def _known(self, request_id: str) -> bool:
+        return request_id in self._records or request_id in self._finished
 
     # ------------------------------------------------------------------ apply
 
@@ -270,7 +284,7 @@ class LeaseTable:
                 code="invalid_allocation",
             )
         queued = self._queue.get(request_id)
-        if queued is None and request_id in self._records:
+        if queued is None and self._known(request_id):
             raise Conflict(f"request {request_id} was already handled", code="duplicate_request")
         for gpu in alloc.gpus:
             holder = self._holders.get(gpu.ref)
@@ -296,7 +310,7 @@ class LeaseTable:
 
     def _enqueue(self, cmd: Enqueue) -> ApplyResult:
         request_id = cmd.request.request_id
-        if request_id in self._records:
+        if self._known(request_id):
             raise Conflict(f"request {request_id} was already handled", code="duplicate_request")
         self._add_queued(QueuedRequest(cmd.request, cmd.deadline))
         self._records[request_id] = RequestRecord(
@@ -442,6 +456,7 @@ class LeaseTable:
 
     def _remove_allocation(self, alloc: Allocation, at: float) -> None:
         del self._allocations[alloc.allocation_id]
+        self._allocation_texts.pop(alloc.allocation_id, None)
         for gpu in alloc.gpus:
             del self._holders[gpu.ref]
             self._released_at[gpu.ref] = at
@@ -478,6 +493,7 @@ class LeaseTable:
 
     def _dequeue(self, queued: QueuedRequest) -> None:
         del self._queue[queued.request.request_id]
+        self._queue_texts.pop(queued.request.request_id, None)
         self._ranked.remove(queued)
         shape = queued.request.requirements
         group = self._shapes[shape]
@@ -488,37 +504,35 @@ class LeaseTable:
             self._deadlines.remove((queued.deadline, queued.request.request_id))
 
     def _finish(self, request_id: str, status: str, at: float, reason: str) -> None:
-        record = self._records[request_id]
-        self._records[request_id] = RequestRecord(
-            request_id=request_id,
-            service_name=record.service_name,
-            status=status,
-            submitted_at=record.submitted_at,
-            updated_at=at,
-            allocation_id=record.allocation_id,
-            reason=reason,
+        record = self._records.pop(request_id)
+        self._finished.add(
+            [request_id, record.service_name, status, record.submitted_at, at, record.allocation_id, reason]
         )
-        heapq.heappush(self._finished, (at, request_id))
 
     def _prune(self) -> None:
-        cutoff = self._clock - self.retention_s
-        while self._finished and self._finished[0][0] < cutoff:
-            _, request_id = heapq.heappop(self._finished)
-            record = self._records.get(request_id)
-            if record is not None and record.status in TERMINAL_STATUSES:
-                del self._records[request_id]
+        self._finished.prune(self._clock - self.retention_s)
 
     # ------------------------------------------------------------------ snapshots
 
     def snapshot(self) -> Wire:
-        """The whole state as a canonical plain dict (equal tables give equal dicts)."""
+        """The whole state as a canonical plain dict (equal tables give equal dicts).
+
+        Version 2: allocations oldest first and the queue in rank order, each the
+        JSON text of its wire dict; records as rows [request_id, service_name,
+        status, submitted_at, updated_at, allocation_id, reason]: live ones by id
+        under "records", finished ones under "finished" as [hour, ids, text] per
+        hour they ended in (finished_records.py). Texts are canonical JSON
+        (sorted keys, no spaces), so equal tables still give equal snapshots,
+        and msgpack copies them rather than walking thousands of small dicts.
+        """
         return {
             "version": SNAPSHOT_VERSION,
             "clock": self._clock,
             "retention_s": self.retention_s,
-            "allocations": [a.to_wire() for a in self.allocations()],
-            "queue": [q.to_wire() for q in sorted(self._queue.values(), key=lambda q: q.request.request_id)],
-            "records": [self._records[k].to_wire() for k in sorted(self._records)],
+            "allocations": [_cached_text(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
+            "queue": [_cached_text(self._queue_texts, q.request.request_id, q) for q in self._ranked],
+            "records": [_record_row(self._records[k]) for k in sorted(self._records)],
+            "finished": self._finished.to_wire(),
             "released_at": [
                 [ref.node, ref.index, at] for ref, at in sorted(self._released_at.items())
             ],
@@ -531,24 +545,37 @@ class LeaseTable:
 
     @classmethod
     def restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
-        """Rebuild a table from `snapshot()` output.
+        """Rebuild a table from `snapshot()` output of this version or version 1.
 
         Raises ValueError for a snapshot of an unknown version.
         """
-        if snap.get("version") != SNAPSHOT_VERSION:
-            raise ValueError(f"unsupported lease-table snapshot version {snap.get('version')!r}")
+        version = snap.get("version")
+        if version not in (1, SNAPSHOT_VERSION):
+            raise ValueError(f"unsupported lease-table snapshot version {version!r}")
         table = cls(retention_s=float(snap["retention_s"]))
         table._clock = float(snap["clock"])
-        for w in snap["allocations"]:
-            table._add_allocation(Allocation.from_wire(w))
-        for w in snap["queue"]:
-            table._add_queued(QueuedRequest.from_wire(w))
-        for w in snap["records"]:
-            record = RequestRecord.from_wire(w)
-            table._records[record.request_id] = record
-            if record.status in TERMINAL_STATUSES:
-                table._finished.append((record.updated_at, record.request_id))
-        heapq.heapify(table._finished)
+        if version == 1:
+            # Wire dicts; every record a dict, finished or not, by id.
+            for w in snap["allocations"]:
+                table._add_allocation(Allocation.from_wire(w))
+            for w in snap["queue"]:
+                table._add_queued(QueuedRequest.from_wire(w))
+            rows = [_record_row(RequestRecord.from_wire(w)) for w in snap["records"]]
+            live = [row for row in rows if row[2] not in TERMINAL_STATUSES]
+            table._finished = FinishedRecords.of(row for row in rows if row[2] in TERMINAL_STATUSES)
+        else:
+            for text in snap["allocations"]:
+                alloc = Allocation.from_wire(json.loads(text))
+                table._add_allocation(alloc)
+                table._allocation_texts[alloc.allocation_id] = (alloc, text)
+            for text in snap["queue"]:
+                queued = QueuedRequest.from_wire(json.loads(text))
+                table._add_queued(queued)
+                table._queue_texts[queued.request.request_id] = (queued, text)
+            live = snap["records"]
+            table._finished = FinishedRecords.from_wire(snap["finished"])
+        for row in live:
+            table._records[row[0]] = RequestRecord(*row)
         for node, index, at in snap["released_at"]:
             table._released_at[GpuRef(str(node), int(index))] = float(at)
         for node, index, why in snap.get("drained", ()):
@@ -556,6 +583,31 @@ class LeaseTable:
         for node, index, state, reasons in snap.get("gpu_health", ()):
             table._gpu_health[GpuRef(str(node), int(index))] = (str(state), tuple(str(r) for r in reasons))
         return table
+
+
+def _record_row(record: RequestRecord) -> list[Any]:
+    return [
+        record.request_id,
+        record.service_name,
+        record.status,
+        record.submitted_at,
+        record.updated_at,
+        record.allocation_id,
+        record.reason,
+    ]
+
+
+_Item = TypeVar("_Item", Allocation, QueuedRequest)
+
+
+def _cached_text(cache: dict[str, tuple[_Item, str]], key: str, item: _Item) -> str:
+    """The JSON text of `item.to_wire()`, made once per object: a renewed lease is a new object."""
+    cached = cache.get(key)
+    if cached is not None and cached[0] is item:
+        return cached[1]
+    text = canonical_json(item.to_wire())
+    cache[key] = (item, text)
+    return text
 
 
 def _rank(queued: QueuedRequest) -> tuple[int, float, str]:

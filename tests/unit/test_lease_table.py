@@ -539,7 +539,49 @@ def test_restored_table_behaves_like_the_original_on_later_commands() -> None:
     assert table.record("q3") is None and restored.record("q3") is None
     record = restored.record("r2")
     assert record is not None and record.status == QUEUED
-    assert [r["request_id"] for r in restored.snapshot()["records"]] == ["q1", "q2", "r1", "r2"]
+    snap = restored.snapshot()
+    assert sorted(row[0] for row in snap["records"] + finished_rows(snap)) == ["q1", "q2", "r1", "r2"]
+
+
+def finished_rows(snap: dict[str, Any]) -> list[list[Any]]:
+    """The finished records of a version-2 snapshot, one row each, in the order they ended."""
+    return [row for _, _, text in snap["finished"] for row in json.loads(text)]
+
+
+def version_1(snap: dict[str, Any]) -> dict[str, Any]:
+    """The same state in the version-1 format: every record a dict, sorted by id."""
+    fields = ("request_id", "service_name", "status", "submitted_at", "updated_at", "allocation_id", "reason")
+    rows = sorted(snap["records"] + finished_rows(snap))
+    old = {key: value for key, value in snap.items() if key != "finished"}
+    return old | {
+        "version": 1,
+        "allocations": [json.loads(text) for text in snap["allocations"]],
+        "queue": sorted((json.loads(text) for text in snap["queue"]), key=lambda w: w["request"]["request_id"]),
+        "records": [dict(zip(fields, row)) for row in rows],
+    }
+
+
+def test_a_version_1_snapshot_restores_to_the_same_table() -> None:
+    """Snapshots written before version 2 still restore, and the table goes on the same."""
+    table, future = busy_table()
+    old_format = version_1(table.snapshot())
+    assert "finished" not in old_format
+    restored = LeaseTable.restore(json.loads(json.dumps(old_format)))
+    assert restored.snapshot() == table.snapshot()
+    for command in future:
+        assert outcome(restored.apply(command)) == outcome(table.apply(command))
+        assert restored.snapshot() == table.snapshot()
+
+
+def test_finished_records_are_rows_in_the_order_they_ended() -> None:
+    """Finished records are compact rows by end time, as JSON texts by hour; live ones rows by id."""
+    table, _ = busy_table()
+    snap = table.snapshot()
+    assert snap["version"] == 2
+    assert [(row[0], row[2], row[4]) for row in finished_rows(snap)] == [("r2", RELEASED, 5.0), ("q3", CANCELLED, 7.0)]
+    assert [(row[0], row[2]) for row in snap["records"]] == [("q1", QUEUED), ("q2", QUEUED), ("r1", ALLOCATED)]
+    record = table.record("r2")
+    assert record is not None and (record.status, record.updated_at, record.reason) == (RELEASED, 5.0, "released")
 
 
 def test_restore_refuses_an_unknown_snapshot_version() -> None:
@@ -547,3 +589,21 @@ def test_restore_refuses_an_unknown_snapshot_version() -> None:
     snap = LeaseTable().snapshot()
     with pytest.raises(ValueError, match="version"):
         LeaseTable.restore(snap | {"version": 99})
+
+
+def test_finished_records_are_written_one_text_per_hour_and_pruned_alike_after_restore() -> None:
+    """Each hour of end times is one [hour, ids, text]; a restored table prunes like the original."""
+    table = LeaseTable(retention_s=10_000.0)
+    for i, at in enumerate([100.0, 3599.5, 3600.0, 7300.0]):
+        apply_ok(table, Enqueue(at, request(f"r{i}", submitted_at=at), None))
+        apply_ok(table, Cancel(at, (f"r{i}",)))
+    snap = table.snapshot()
+    assert [(hour, ids) for hour, ids, _ in snap["finished"]] == [(0, ["r0", "r1"]), (1, ["r2"]), (2, ["r3"])]
+    assert [[row[0] for row in json.loads(text)] for _, _, text in snap["finished"]] == [["r0", "r1"], ["r2"], ["r3"]]
+    restored = LeaseTable.restore(json.loads(json.dumps(snap)))
+    assert restored.snapshot() == snap
+    for at in (10_050.0, 13_600.0, 17_000.0):  # prunes r0; then r1 but not r2; then r2
+        later = Enqueue(at, request(f"late{at}", submitted_at=at), None)
+        assert outcome(restored.apply(later)) == outcome(table.apply(later))
+        assert restored.snapshot() == table.snapshot()
+    assert [row[0] for row in finished_rows(table.snapshot())] == ["r3"]
