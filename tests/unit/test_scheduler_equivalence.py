@@ -37,8 +37,9 @@ TTLS = (0.0, 3.0, 6.0, 30.0)
 
 
 @st.composite
-def gpu_views(draw: st.DrawFn, node: str, index: int, now: float = 0.0) -> GpuView:
-    memory = draw(st.sampled_from(sorted(MODELS)))
+def gpu_views(draw: st.DrawFn, node: str, index: int, memory: int | None = None) -> GpuView:
+    if memory is None:
+        memory = draw(st.sampled_from(sorted(MODELS)))
     reports = draw(st.booleans())
     return GpuView(
         node,
@@ -50,16 +51,18 @@ def gpu_views(draw: st.DrawFn, node: str, index: int, now: float = 0.0) -> GpuVi
         utilization_pct=draw(st.sampled_from([0.0, 40.0, 90.0, 100.0])) if reports else None,
         health=draw(st.sampled_from([HEALTHY, HEALTHY, HEALTHY, DEGRADED, UNHEALTHY])),
         drained=draw(st.sampled_from([False, False, False, False, True])),
-        sampled_at=now + draw(st.sampled_from([-3.0, -1.0, 0.0, 1.0, 2.5])),
+        sampled_at=draw(st.sampled_from([-3.0, -1.0, 0.0, 1.0, 2.5])),
     )
 
 
 @st.composite
 def clusters(draw: st.DrawFn) -> list[GpuView]:
+    """1-8 nodes of 1-8 GPUs; a node has one model or a mix (ties between nodes need the former)."""
     views: list[GpuView] = []
-    for n in range(draw(st.integers(1, 6))):
+    for n in range(draw(st.integers(1, 8))):
+        model = draw(st.none() | st.sampled_from(sorted(MODELS)))
         for i in range(draw(st.integers(1, 8))):
-            views.append(draw(gpu_views(f"n{n}", i)))
+            views.append(draw(gpu_views(f"n{n}", i, model)))
     return views
 
 
@@ -118,6 +121,14 @@ requirements = st.builds(
     node=st.sampled_from([None] * 8 + ["n0", "n1", "n9"]),
 )
 pending_counts = st.sampled_from([0, 0, 0, 1, 2, 3])
+# Requests ranked behind the whole queue, admitted after every step.
+PROBES = (
+    Requirements(1, 0),
+    Requirements(2, 0),
+    Requirements(1, 30000, gpu_model="H100"),
+    Requirements(1, 0, gpu_model="a100"),
+    Requirements(1, 0, gpu_model="L4"),
+)
 operations = st.one_of(
     st.builds(Admit, requirements, st.integers(1, 10), st.sampled_from(TTLS), st.sampled_from([True, True, False]), pending_counts),
     st.builds(Admit, requirements, st.integers(1, 10), st.sampled_from(TTLS), st.just(True), pending_counts),
@@ -143,7 +154,6 @@ class SideBySide:
         self.rng = random.Random(seed)
         self.now = 0.0
         self.issued = 0
-        self.decisions = 0
 
     def pending(self, count: int) -> Any:
         refs = sorted(self.rng.sample([v.ref for v in self.inventory], min(count, len(self.inventory))))
@@ -160,7 +170,6 @@ class SideBySide:
             old = self.old.tick(self.table, list(self.inventory), self.now, pending)
             new = self.new.tick(self.table, self.inventory, self.now, pending)
             assert new == old, (pending, old, new)
-            self.decisions += 1
             for command in new:
                 # Pending GPUs are never chosen and nothing else changed: every command applies.
                 assert self.table.apply(command).ok, command
@@ -189,23 +198,54 @@ class SideBySide:
 
     def admit(self, op: Admit) -> None:
         self.issued += 1
-        request = AllocationRequest(
-            request_id=f"r{self.issued:03d}",
-            service_name=f"svc{op.priority % 3}",
+        request = self.request(f"r{self.issued:03d}", op.requirements, op.priority, op.ttl_s, op.queue)
+        new = self.compare(request, self.pending(op.pending))
+        if isinstance(new, (Allocate, Enqueue)):
+            assert self.table.apply(new).ok
+
+    def probe(self) -> None:
+        """What a plan of the whole queue leaves free is the same; so are last-ranked admits."""
+        views = list(self.inventory)
+        taken = set(self.table.held_gpus())
+        by_node: dict[str, list[GpuView]] = {}
+        for view in views:
+            by_node.setdefault(view.node, []).append(view)
+        for queued in self.table.queue():  # the reference's _plan, keeping its taken set
+            request = queued.request
+            placement = self.old._best_fit(request, by_node, taken, self.table, set())
+            if placement is not None:
+                taken.update(g.ref for g in placement.gpus)
+            else:
+                taken.update(self.old._reservation(request, by_node, taken, self.table, set()))
+        walk = self.new._walk(self.table, self.inventory)
+        try:
+            walk.walk(self.table.queue_groups())
+            left = {v.ref for node_views in walk.open.by_node.values() for v in node_views}
+        finally:
+            walk.undo()
+        assert left == {v.ref for v in views if v.schedulable and v.ref not in taken}
+        for i, requirements in enumerate(PROBES):
+            self.compare(self.request(f"probe{i}", requirements, 1, 0.0, True), ())
+
+    def request(
+        self, request_id: str, requirements: Requirements, priority: int, ttl_s: float, queue: bool
+    ) -> AllocationRequest:
+        return AllocationRequest(
+            request_id=request_id,
+            service_name=f"svc{priority % 3}",
             workload_type="generic",
-            priority=op.priority,
-            requirements=op.requirements,
-            ttl_s=op.ttl_s,
+            priority=priority,
+            requirements=requirements,
+            ttl_s=ttl_s,
             submitted_at=self.now,
-            queue=op.queue,
+            queue=queue,
         )
-        pending = self.pending(op.pending)
+
+    def compare(self, request: AllocationRequest, pending: Any) -> Command | tuple[str, str, str]:
         old = decide(lambda: self.old.admit(request, self.table, list(self.inventory), self.now, pending))
         new = decide(lambda: self.new.admit(request, self.table, self.inventory, self.now, pending))
         assert new == old, (request, pending, old, new)
-        self.decisions += 1
-        if isinstance(new, (Allocate, Enqueue)):
-            assert self.table.apply(new).ok
+        return new
 
 
 def st_random_views(node: str, count: int, seed: int, now: float) -> list[GpuView]:
@@ -241,7 +281,7 @@ def decide(call: Any) -> Command | tuple[str, str, str]:
         return (type(exc).__name__, exc.code, exc.message)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     views=clusters(),
     ops=st.lists(operations, min_size=10, max_size=60),
@@ -255,3 +295,4 @@ def test_the_indexed_scheduler_decides_as_the_reference_walk(
     sides = SideBySide(views, seed, max_queue)
     for op in ops:
         sides.run(op)
+        sides.probe()
