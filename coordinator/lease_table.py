@@ -36,7 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, TypeVar
 
-from sortedcontainers import SortedKeyList, SortedList
+from sortedcontainers import SortedList
 
 from coordinator.commands import (
     Allocate,
@@ -66,9 +66,9 @@ from coordinator.model import (
     LeaseEvent,
     QueuedRequest,
     RequestRecord,
-    Requirements,
     Wire,
 )
+from coordinator.wait_queue import RankKey, WaitQueue
 
 # How long a finished request id is remembered. A client retrying a request
 # within a day gets the original answer; after that the id may be reused.
@@ -97,7 +97,7 @@ class LeaseTable:
         self.retention_s = retention_s
         self._allocations: dict[str, Allocation] = {}
         self._holders: dict[GpuRef, str] = {}
-        self._queue: dict[str, QueuedRequest] = {}
+        self._queue = WaitQueue()
         # Records of queued and allocated requests; finished ones live in _finished.
         self._records: dict[str, RequestRecord] = {}
         # When each GPU was last released: telemetry sampled before then belongs
@@ -115,12 +115,9 @@ class LeaseTable:
         self._queue_texts: dict[str, tuple[QueuedRequest, str]] = {}
         self._clock = 0.0
         # Indexes kept current by `apply`, so the scheduler's questions cost a
-        # lookup, not a walk: the queue in rank order (whole, and per set of
-        # requirements), queue deadlines and lease expiries in time order, each
-        # node's live allocations, and a journal of nodes whose held GPUs changed.
-        self._ranked: SortedKeyList[QueuedRequest, tuple[int, float, str]] = SortedKeyList(key=_rank)
-        self._shapes: dict[Requirements, SortedKeyList[QueuedRequest, tuple[int, float, str]]] = {}
-        self._deadlines: SortedList[tuple[float, str]] = SortedList()
+        # lookup, not a walk (the queue indexes itself, wait_queue.py): lease
+        # expiries in time order, each node's live allocations, and a journal of
+        # nodes whose held GPUs changed.
         self._expiries: SortedList[tuple[float, str]] = SortedList()
         self._node_allocations: dict[str, set[str]] = {}
         self._holder_journal: OrderedDict[str, int] = OrderedDict()
@@ -172,29 +169,23 @@ class LeaseTable:
 
     def queue(self) -> list[QueuedRequest]:
         """Waiting requests in strict priority order (the order the scheduler serves)."""
-        return list(self._ranked)
+        return list(self._queue)
 
     def queue_position(self, request_id: str) -> int | None:
         """1 for the next request served, 2 for the one after...; None when `request_id` does not wait."""
-        queued = self._queue.get(request_id)
-        if queued is None:
-            return None
-        return int(self._ranked.bisect_key_left(_rank(queued))) + 1
+        return self._queue.position(request_id)
 
-    def queue_groups(self, before: tuple[int, float, str] | None = None) -> list[Iterable[QueuedRequest]]:
+    def queue_groups(self, before: RankKey | None = None) -> list[Iterable[QueuedRequest]]:
         """The waiting requests grouped by equal requirements, each group in rank order.
 
         With `before` (a rank key), only the requests ranked ahead of it. The
         groups are live views: read them before the next `apply`.
         """
-        if before is None:
-            return list(self._shapes.values())
-        return [g.irange_key(max_key=before, inclusive=(True, False)) for g in self._shapes.values()]
+        return self._queue.groups(before)
 
     def queue_due(self, now: float) -> list[QueuedRequest]:
         """Waiting requests whose deadline is at or before `now`, in rank order."""
-        due = [self._queue[i] for _, i in itertools.takewhile(lambda e: e[0] <= now, self._deadlines)]
-        return sorted(due, key=_rank)
+        return self._queue.due(now)
 
     def expiries_due(self, now: float) -> list[Allocation]:
         """Live allocations whose `expires_at` is at or before `now`, oldest first."""
@@ -203,7 +194,8 @@ class LeaseTable:
 
     def next_deadline(self) -> float | None:
         """The earliest lease expiry or queue deadline, or None when nothing is timed."""
-        times = [index[0][0] for index in (self._expiries, self._deadlines) if index]
+        expiry = self._expiries[0][0] if self._expiries else None
+        times = [t for t in (expiry, self._queue.next_deadline()) if t is not None]
         return min(times, default=None)
 
     def allocations_on(self, node: str) -> list[Allocation]:
@@ -462,15 +454,7 @@ class LeaseTable:
         self._expiries = SortedList((a.expires_at, a.allocation_id) for a in allocs if a.expires_at is not None)
         for node in self._node_allocations:
             self._holders_changed(node)
-        self._queue = {q.request.request_id: q for q in queued}
-        self._ranked = SortedKeyList(queued, key=_rank)
-        groups: dict[Requirements, list[QueuedRequest]] = {}
-        for q in self._ranked:
-            groups.setdefault(q.request.requirements, []).append(q)
-        self._shapes = {shape: SortedKeyList(group, key=_rank) for shape, group in groups.items()}
-        self._deadlines = SortedList(
-            (q.deadline, q.request.request_id) for q in queued if q.deadline is not None
-        )
+        self._queue = WaitQueue(queued)
 
     def _add_allocation(self, alloc: Allocation) -> None:
         self._allocations[alloc.allocation_id] = alloc
@@ -507,27 +491,11 @@ class LeaseTable:
         self._holder_journal.move_to_end(node)
 
     def _add_queued(self, queued: QueuedRequest) -> None:
-        self._queue[queued.request.request_id] = queued
-        self._ranked.add(queued)
-        shape = queued.request.requirements
-        group = self._shapes.get(shape)
-        if group is None:
-            group = self._shapes[shape] = SortedKeyList(key=_rank)
-        group.add(queued)
-        if queued.deadline is not None:
-            self._deadlines.add((queued.deadline, queued.request.request_id))
+        self._queue.add(queued)
 
     def _dequeue(self, queued: QueuedRequest) -> None:
-        del self._queue[queued.request.request_id]
+        self._queue.remove(queued)
         self._queue_texts.pop(queued.request.request_id, None)
-        self._ranked.remove(queued)
-        shape = queued.request.requirements
-        group = self._shapes[shape]
-        group.remove(queued)
-        if not group:
-            del self._shapes[shape]
-        if queued.deadline is not None:
-            self._deadlines.remove((queued.deadline, queued.request.request_id))
 
     def _finish(self, request_id: str, status: str, at: float, reason: str) -> None:
         record = self._records.pop(request_id)
@@ -562,7 +530,7 @@ class LeaseTable:
             "clock": self._clock,
             "retention_s": self.retention_s,
             "allocations": [_cached_text(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
-            "queue": [_cached_text(self._queue_texts, q.request.request_id, q) for q in self._ranked],
+            "queue": [_cached_text(self._queue_texts, q.request.request_id, q) for q in self._queue],
             "records": [_record_row(self._records[k]) for k in sorted(self._records)],
             "finished": self._finished.to_wire(),
             "released_at": [
@@ -661,10 +629,6 @@ def _cached_text(cache: dict[str, tuple[_Item, str]], key: str, item: _Item) -> 
     text = canonical_json(item.to_wire())
     cache[key] = (item, text)
     return text
-
-
-def _rank(queued: QueuedRequest) -> tuple[int, float, str]:
-    return queued.request.rank_key()
 
 
 def _age(alloc: Allocation) -> tuple[float, str]:
