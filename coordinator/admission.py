@@ -250,8 +250,5 @@ class Admission:
 
 
 def queue_position(table: LeaseTable, request_id: str) -> int | None:
-    """`request_id`'s 1-based place in the wait queue, or None when it is not queued."""
-    for position, queued in enumerate(table.queue(), start=1):
-        if queued.request.request_id == request_id:
-            return position
-    return None
+    """`request_id`'s 1-based place in the wait queue, or None when it is not queued (a bisect, not a walk)."""
+    return table.queue_position(request_id)

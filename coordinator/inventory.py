@@ -1,29 +1,54 @@
 """The cluster's GPUs as the scheduler sees them, grouped by node and updated by deltas.
 
-The agent keeps one `Inventory` per node and replaces a node's views whenever
-something about them changes (a telemetry sample, a member's gossip metadata,
-a drain or a health verdict applied to the table), so nothing on a request's
-path rebuilds the whole cluster's list. Views arrive with `drained` and `health`
-already overlaid: the scheduler reads `GpuView.schedulable` as it is.
+Theory of operation
+-------------------
+The caller (the agent) owns the facts: each node's GPUs with their latest
+telemetry, health and the table's drains already laid over them. It hands them
+in one node at a time with `set_node`, as often as it likes; handing in views
+equal to the stored ones changes nothing and costs one tuple comparison.
+
+Every real change bumps `version` and moves the node to the end of a change
+journal, so a consumer that remembers the version it last saw asks
+`changed_since(version)` for the nodes to look at again, in time proportional
+to the number of changed nodes, not the cluster. The journal holds each node
+once (its latest change), so it never grows beyond the number of nodes ever seen.
+
+Beside the views, the inventory counts nodes by their *kind*: the sorted
+(name, total memory) pairs of their GPUs. Whether a request could ever fit
+(`Scheduler.check_satisfiable`) depends on nothing else, and a cluster has a
+handful of kinds however many nodes it has.
 """
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
 from typing import Iterable, Iterator, Sequence
+
+from sortedcontainers import SortedList
 
 from coordinator.model import GpuRef, GpuView
 
+# What a node could ever offer a request: its GPUs' (name, total memory), sorted.
+NodeKind = tuple[tuple[str, int], ...]
+
 
 class Inventory:
-    """GPU views by node; `set_node` replaces one node's GPUs."""
+    """Every GPU view of the cluster, by node, with a journal of the nodes that changed."""
 
     def __init__(self) -> None:
-        self._nodes: dict[str, tuple[GpuView, ...]] = {}
+        self._views: dict[str, tuple[GpuView, ...]] = {}
+        self._by_ref: dict[GpuRef, GpuView] = {}
+        self._names: SortedList[str] = SortedList()
+        self._kinds: Counter[NodeKind] = Counter()
+        self._node_kind: dict[str, NodeKind] = {}
+        self._sizes: Counter[int] = Counter()
+        self._journal: OrderedDict[str, int] = OrderedDict()
+        self._version = 0
         self._count = 0
 
     @classmethod
     def of(cls, views: Iterable[GpuView]) -> Inventory:
-        """An inventory holding `views` (any order)."""
+        """An inventory holding `views` (any order; grouped by their node)."""
         by_node: dict[str, list[GpuView]] = {}
         for view in views:
             by_node.setdefault(view.node, []).append(view)
@@ -32,35 +57,99 @@ class Inventory:
             inventory.set_node(node, node_views)
         return inventory
 
+    # ------------------------------------------------------------------ updates
+
     def set_node(self, node: str, views: Sequence[GpuView]) -> None:
-        """Replace every GPU of `node` (an empty sequence removes the node)."""
-        if not views:
-            self.remove_node(node)
-            return
+        """Replace every GPU of `node` with `views` (an empty sequence removes the node).
+
+        Raises ValueError when a view belongs to another node or two share an index.
+        """
         ordered = tuple(sorted(views, key=lambda v: v.index))
-        self._count += len(ordered) - len(self._nodes.get(node, ()))
-        self._nodes[node] = ordered
+        current = self._views.get(node)
+        if current is not None and (current is ordered or current == ordered):
+            return
+        if not ordered and current is None:
+            return
+        if any(v.node != node for v in ordered):
+            raise ValueError(f"set_node({node!r}) got a view of another node")
+        if len({v.index for v in ordered}) != len(ordered):
+            raise ValueError(f"set_node({node!r}) got two views with the same index")
+        if current is not None:
+            self._forget(node, current)
+        if ordered:
+            self._views[node] = ordered
+            self._names.add(node)
+            for view in ordered:
+                self._by_ref[view.ref] = view
+                self._sizes[view.memory_total_mb] += 1
+            kind = tuple(sorted((v.name, v.memory_total_mb) for v in ordered))
+            self._node_kind[node] = kind
+            self._kinds[kind] += 1
+            self._count += len(ordered)
+        self._version += 1
+        self._journal[node] = self._version
+        self._journal.move_to_end(node)
 
     def remove_node(self, node: str) -> None:
-        self._count -= len(self._nodes.pop(node, ()))
+        """Forget `node` and its GPUs (nothing happens for an unknown node)."""
+        self.set_node(node, ())
+
+    def _forget(self, node: str, views: tuple[GpuView, ...]) -> None:
+        del self._views[node]
+        self._names.remove(node)
+        for view in views:
+            del self._by_ref[view.ref]
+            self._sizes[view.memory_total_mb] -= 1
+            if not self._sizes[view.memory_total_mb]:
+                del self._sizes[view.memory_total_mb]
+        kind = self._node_kind.pop(node)
+        self._kinds[kind] -= 1
+        if not self._kinds[kind]:
+            del self._kinds[kind]
+        self._count -= len(views)
+
+    # ------------------------------------------------------------------ queries
 
     def nodes(self) -> list[str]:
         """Node names, sorted."""
-        return sorted(self._nodes)
+        return list(self._names)
 
     def node_views(self, node: str) -> Sequence[GpuView]:
-        """`node`'s GPUs in index order; () when the node is unknown."""
-        return self._nodes.get(node, ())
+        """The GPUs of `node` in index order; () for an unknown node."""
+        return self._views.get(node, ())
 
     def get(self, ref: GpuRef) -> GpuView | None:
-        for view in self._nodes.get(ref.node, ()):
-            if view.index == ref.index:
-                return view
-        return None
+        """The view of one GPU, or None when the inventory does not hold it."""
+        return self._by_ref.get(ref)
 
     def __iter__(self) -> Iterator[GpuView]:
-        for node in sorted(self._nodes):
-            yield from self._nodes[node]
+        """Every view, in (node, index) order."""
+        for node in self._names:
+            yield from self._views[node]
 
     def __len__(self) -> int:
+        """The number of GPUs."""
         return self._count
+
+    def kinds(self) -> list[NodeKind]:
+        """The distinct node kinds present (each node's sorted (name, total memory) pairs)."""
+        return list(self._kinds)
+
+    def smallest_memory_at_least(self, memory_mb: int) -> int | None:
+        """The smallest GPU total memory ≥ `memory_mb` in the cluster, or None when none is that big."""
+        sizes = [size for size in self._sizes if size >= memory_mb]
+        return min(sizes, default=None)
+
+    @property
+    def version(self) -> int:
+        """Bumped by every change; 0 for an inventory that never changed."""
+        return self._version
+
+    def changed_since(self, version: int) -> list[str]:
+        """Nodes set or removed after `version` (a value `version` had then), latest first."""
+        changed: list[str] = []
+        for node in reversed(self._journal):
+            if self._journal[node] <= version:
+                break
+            changed.append(node)
+        return changed

@@ -28,9 +28,15 @@ Invariant: no GPU is held by two live allocations (checked on every Allocate).
 
 from __future__ import annotations
 
-import heapq
+import contextlib
+import gc
+import itertools
+import json
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping, TypeVar
+
+from sortedcontainers import SortedList
 
 from coordinator.commands import (
     Allocate,
@@ -45,6 +51,7 @@ from coordinator.commands import (
     SetDrain,
 )
 from coordinator.errors import Conflict, CoordinatorError, InvalidRequest, NotFound
+from coordinator.finished_records import FinishedRecords, canonical_json
 from coordinator.model import (
     ALLOCATED,
     CANCELLED,
@@ -62,11 +69,12 @@ from coordinator.model import (
     RequestRecord,
     Wire,
 )
+from coordinator.wait_queue import RankKey, WaitQueue
 
 # How long a finished request id is remembered. A client retrying a request
 # within a day gets the original answer; after that the id may be reused.
 DEFAULT_RETENTION_S = 86_400.0
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +98,8 @@ class LeaseTable:
         self.retention_s = retention_s
         self._allocations: dict[str, Allocation] = {}
         self._holders: dict[GpuRef, str] = {}
-        self._queue: dict[str, QueuedRequest] = {}
+        self._queue = WaitQueue()
+        # Records of queued and allocated requests; finished ones live in _finished.
         self._records: dict[str, RequestRecord] = {}
         # When each GPU was last released: telemetry sampled before then belongs
         # to the previous tenant, so the scheduler does not read it as unleased use.
@@ -99,9 +108,21 @@ class LeaseTable:
         self._drained: dict[GpuRef, str] = {}
         # GPUs whose last reported health is not healthy: (state, reasons).
         self._gpu_health: dict[GpuRef, tuple[str, tuple[str, ...]]] = {}
-        # (ended_at, request_id) of finished records, for pruning in time order.
-        self._finished: list[tuple[float, str]] = []
+        # Finished records, kept only to answer retries (finished_records.py).
+        self._finished = FinishedRecords()
+        # Each live allocation's and waiting request's JSON text, made at most once
+        # per object (a renewal makes a new one), so a snapshot copies references.
+        self._allocation_texts: dict[str, tuple[Allocation, str]] = {}
+        self._queue_texts: dict[str, tuple[QueuedRequest, str]] = {}
         self._clock = 0.0
+        # Indexes kept current by `apply`, so the scheduler's questions cost a
+        # lookup, not a walk (the queue indexes itself, wait_queue.py): lease
+        # expiries in time order, each node's live allocations, and a journal of
+        # nodes whose held GPUs changed.
+        self._expiries: SortedList[tuple[float, str]] = SortedList()
+        self._node_allocations: dict[str, set[str]] = {}
+        self._holder_journal: OrderedDict[str, int] = OrderedDict()
+        self._holder_version = 0
         # The leader's delivery progress (OutboxDelivered): rows of entries at or below it are done.
         self._outbox_delivered_through = 0
 
@@ -114,7 +135,7 @@ class LeaseTable:
 
     def allocations(self) -> list[Allocation]:
         """Live allocations, oldest first."""
-        return sorted(self._allocations.values(), key=lambda a: (a.allocated_at, a.allocation_id))
+        return sorted(self._allocations.values(), key=_age)
 
     def allocation(self, allocation_id: str) -> Allocation | None:
         return self._allocations.get(allocation_id)
@@ -156,7 +177,52 @@ class LeaseTable:
 
     def queue(self) -> list[QueuedRequest]:
         """Waiting requests in strict priority order (the order the scheduler serves)."""
-        return sorted(self._queue.values(), key=lambda q: q.request.rank_key())
+        return list(self._queue)
+
+    def queue_position(self, request_id: str) -> int | None:
+        """1 for the next request served, 2 for the one after...; None when `request_id` does not wait."""
+        return self._queue.position(request_id)
+
+    def queue_groups(self, before: RankKey | None = None) -> list[Iterable[QueuedRequest]]:
+        """The waiting requests grouped by equal requirements, each group in rank order.
+
+        With `before` (a rank key), only the requests ranked ahead of it. The
+        groups are live views: read them before the next `apply`.
+        """
+        return self._queue.groups(before)
+
+    def queue_due(self, now: float) -> list[QueuedRequest]:
+        """Waiting requests whose deadline is at or before `now`, in rank order."""
+        return self._queue.due(now)
+
+    def expiries_due(self, now: float) -> list[Allocation]:
+        """Live allocations whose `expires_at` is at or before `now`, oldest first."""
+        due = [self._allocations[i] for _, i in itertools.takewhile(lambda e: e[0] <= now, self._expiries)]
+        return sorted(due, key=_age)
+
+    def next_deadline(self) -> float | None:
+        """The earliest lease expiry or queue deadline, or None when nothing is timed."""
+        expiry = self._expiries[0][0] if self._expiries else None
+        times = [t for t in (expiry, self._queue.next_deadline()) if t is not None]
+        return min(times, default=None)
+
+    def allocations_on(self, node: str) -> list[Allocation]:
+        """Live allocations on `node`, oldest first."""
+        return sorted((self._allocations[i] for i in self._node_allocations.get(node, ())), key=_age)
+
+    @property
+    def holder_version(self) -> int:
+        """Bumped whenever a GPU is taken or freed; 0 for a table where none ever was."""
+        return self._holder_version
+
+    def holders_changed_since(self, version: int) -> list[str]:
+        """Nodes whose held GPUs changed after `holder_version` was `version`, latest first."""
+        changed: list[str] = []
+        for node in reversed(self._holder_journal):
+            if self._holder_journal[node] <= version:
+                break
+            changed.append(node)
+        return changed
 
     def queue_length(self) -> int:
         return len(self._queue)
@@ -165,17 +231,23 @@ class LeaseTable:
         return self._queue.get(request_id)
 
     def record(self, request_id: str) -> RequestRecord | None:
-        return self._records.get(request_id)
+        """Where `request_id` stands, or None when the table does not know it (any more)."""
+        record = self._records.get(request_id)
+        if record is not None:
+            return record
+        row = self._finished.get(request_id)
+        return None if row is None else RequestRecord(*row)
+
+    def _known(self, request_id: str) -> bool:
+        return request_id in self._records or request_id in self._finished
 
     def record_of_allocation(self, allocation_id: str) -> RequestRecord | None:
-        """The record of the request granted `allocation_id`, live or ended (while kept), or None.
-
-        A scan of the records: it serves only releases of ids that are no longer live.
-        """
-        for record in self._records.values():
-            if record.allocation_id == allocation_id:
-                return record
-        return None
+        """The record of the request granted `allocation_id`, live or ended (while kept), or None."""
+        alloc = self._allocations.get(allocation_id)
+        if alloc is not None:
+            return self._records.get(alloc.request.request_id)
+        row = self._finished.by_allocation(allocation_id)
+        return None if row is None else RequestRecord(*row)
 
     # ------------------------------------------------------------------ apply
 
@@ -224,7 +296,7 @@ class LeaseTable:
                 code="invalid_allocation",
             )
         queued = self._queue.get(request_id)
-        if queued is None and request_id in self._records:
+        if queued is None and self._known(request_id):
             raise Conflict(f"request {request_id} was already handled", code="duplicate_request")
         for gpu in alloc.gpus:
             holder = self._holders.get(gpu.ref)
@@ -233,10 +305,8 @@ class LeaseTable:
                     f"GPU {gpu.node}/{gpu.index} is held by {holder}", code="gpu_busy"
                 )
         if queued is not None:
-            del self._queue[request_id]
-        self._allocations[alloc.allocation_id] = alloc
-        for gpu in alloc.gpus:
-            self._holders[gpu.ref] = alloc.allocation_id
+            self._dequeue(queued)
+        self._add_allocation(alloc)
         self._records[request_id] = RequestRecord(
             request_id=request_id,
             service_name=alloc.request.service_name,
@@ -252,9 +322,9 @@ class LeaseTable:
 
     def _enqueue(self, cmd: Enqueue) -> ApplyResult:
         request_id = cmd.request.request_id
-        if request_id in self._records:
+        if self._known(request_id):
             raise Conflict(f"request {request_id} was already handled", code="duplicate_request")
-        self._queue[request_id] = QueuedRequest(cmd.request, cmd.deadline)
+        self._add_queued(QueuedRequest(cmd.request, cmd.deadline))
         self._records[request_id] = RequestRecord(
             request_id=request_id,
             service_name=cmd.request.service_name,
@@ -278,10 +348,7 @@ class LeaseTable:
                 # Renewed after the expiry was proposed: the renewal was acknowledged,
                 # so the lease lives on. Skipped like an id that is already gone.
                 continue
-            del self._allocations[allocation_id]
-            for gpu in alloc.gpus:
-                del self._holders[gpu.ref]
-                self._released_at[gpu.ref] = cmd.at
+            self._remove_allocation(alloc, cmd.at)
             reason = "lease_ttl" if expired else cmd.reason
             self._finish(alloc.request.request_id, EXPIRED if expired else RELEASED, cmd.at, reason)
             events.append(
@@ -304,8 +371,8 @@ class LeaseTable:
         # the same order on every replica.
         lost = [
             a
-            for a in self.allocations()
-            if a.node == cmd.node and (cmd.allocated_before is None or a.allocated_at <= cmd.allocated_before)
+            for a in self.allocations_on(cmd.node)
+            if cmd.allocated_before is None or a.allocated_at <= cmd.allocated_before
         ]
         if not lost:
             # Nothing live there: already marked by an earlier entry, or released
@@ -314,11 +381,8 @@ class LeaseTable:
             raise NotFound(f"no live allocation on node {cmd.node}")
         events: list[LeaseEvent] = []
         for alloc in lost:
-            del self._allocations[alloc.allocation_id]
-            for gpu in alloc.gpus:
-                del self._holders[gpu.ref]
-                # As on release: telemetry from before `at` describes the old tenant.
-                self._released_at[gpu.ref] = cmd.at
+            # As on release: telemetry from before `at` describes the old tenant.
+            self._remove_allocation(alloc, cmd.at)
             self._finish(alloc.request.request_id, LOST, cmd.at, "host_lost")
             events.append(LeaseEvent("lost", cmd.at, alloc.request, allocation=alloc, reason="host_lost"))
         return ApplyResult(events=tuple(events), affected=tuple(a.allocation_id for a in lost))
@@ -346,7 +410,9 @@ class LeaseTable:
             allocated_at=alloc.allocated_at,
             expires_at=cmd.expires_at,
         )
+        self._remove_expiry(alloc)
         self._allocations[cmd.allocation_id] = renewed
+        self._add_expiry(renewed)
         event = LeaseEvent("renewed", cmd.at, alloc.request, allocation=renewed)
         return ApplyResult(events=(event,), affected=(cmd.allocation_id,))
 
@@ -355,9 +421,10 @@ class LeaseTable:
         events: list[LeaseEvent] = []
         affected: list[str] = []
         for request_id in _unique(cmd.request_ids):
-            queued = self._queue.pop(request_id, None)
+            queued = self._queue.get(request_id)
             if queued is None:
                 continue
+            self._dequeue(queued)
             self._finish(request_id, EXPIRED if timed_out else CANCELLED, cmd.at, cmd.reason)
             events.append(
                 LeaseEvent(
@@ -398,38 +465,101 @@ class LeaseTable:
         event = LeaseEvent("gpu_unhealthy", cmd.at, alloc.request, allocation=alloc, reason=reason)
         return ApplyResult(events=(event,), affected=(holder,))
 
+    # -- index upkeep: every change to allocations and the queue goes through these
+
+    def _load(self, allocs: list[Allocation], queued: list[QueuedRequest]) -> None:
+        """Fill an empty table's allocations, queue and their indexes at once (a restore).
+
+        Sorted containers built from whole lists cost one sort each, where adding
+        items one by one costs a bisect and an insert per item and index.
+        """
+        for alloc in allocs:
+            self._allocations[alloc.allocation_id] = alloc
+            for gpu in alloc.gpus:
+                self._holders[gpu.ref] = alloc.allocation_id
+            self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
+        self._expiries = SortedList((a.expires_at, a.allocation_id) for a in allocs if a.expires_at is not None)
+        for node in self._node_allocations:
+            self._holders_changed(node)
+        self._queue = WaitQueue(queued)
+
+    def _add_allocation(self, alloc: Allocation) -> None:
+        self._allocations[alloc.allocation_id] = alloc
+        for gpu in alloc.gpus:
+            self._holders[gpu.ref] = alloc.allocation_id
+        self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
+        self._add_expiry(alloc)
+        self._holders_changed(alloc.node)
+
+    def _remove_allocation(self, alloc: Allocation, at: float) -> None:
+        del self._allocations[alloc.allocation_id]
+        self._allocation_texts.pop(alloc.allocation_id, None)
+        for gpu in alloc.gpus:
+            del self._holders[gpu.ref]
+            self._released_at[gpu.ref] = at
+        on_node = self._node_allocations[alloc.node]
+        on_node.discard(alloc.allocation_id)
+        if not on_node:
+            del self._node_allocations[alloc.node]
+        self._remove_expiry(alloc)
+        self._holders_changed(alloc.node)
+
+    def _add_expiry(self, alloc: Allocation) -> None:
+        if alloc.expires_at is not None:
+            self._expiries.add((alloc.expires_at, alloc.allocation_id))
+
+    def _remove_expiry(self, alloc: Allocation) -> None:
+        if alloc.expires_at is not None:
+            self._expiries.remove((alloc.expires_at, alloc.allocation_id))
+
+    def _holders_changed(self, node: str) -> None:
+        self._holder_version += 1
+        self._holder_journal[node] = self._holder_version
+        self._holder_journal.move_to_end(node)
+
+    def _add_queued(self, queued: QueuedRequest) -> None:
+        self._queue.add(queued)
+
+    def _dequeue(self, queued: QueuedRequest) -> None:
+        self._queue.remove(queued)
+        self._queue_texts.pop(queued.request.request_id, None)
+
     def _finish(self, request_id: str, status: str, at: float, reason: str) -> None:
-        record = self._records[request_id]
-        self._records[request_id] = RequestRecord(
-            request_id=request_id,
-            service_name=record.service_name,
-            status=status,
-            submitted_at=record.submitted_at,
-            updated_at=at,
-            allocation_id=record.allocation_id,
-            reason=reason,
+        record = self._records.pop(request_id)
+        self._finished.add(
+            [request_id, record.service_name, status, record.submitted_at, at, record.allocation_id, reason]
         )
-        heapq.heappush(self._finished, (at, request_id))
 
     def _prune(self) -> None:
-        cutoff = self._clock - self.retention_s
-        while self._finished and self._finished[0][0] < cutoff:
-            _, request_id = heapq.heappop(self._finished)
-            record = self._records.get(request_id)
-            if record is not None and record.status in TERMINAL_STATUSES:
-                del self._records[request_id]
+        self._finished.prune(self._clock - self.retention_s)
 
     # ------------------------------------------------------------------ snapshots
 
     def snapshot(self) -> Wire:
-        """The whole state as a canonical plain dict (equal tables give equal dicts)."""
+        """The whole state as a canonical plain dict (equal tables give equal dicts).
+
+        See `restore` for why the garbage collector is paused meanwhile.
+
+        Version 2: allocations oldest first and the queue in rank order, each the
+        JSON text of its wire dict; records as rows [request_id, service_name,
+        status, submitted_at, updated_at, allocation_id, reason]: live ones by id
+        under "records", finished ones under "finished" as [hour, ids, text] per
+        hour they ended in (finished_records.py). Texts are canonical JSON
+        (sorted keys, no spaces), so equal tables still give equal snapshots,
+        and msgpack copies them rather than walking thousands of small dicts.
+        """
+        with _collector_paused():
+            return self._snapshot()
+
+    def _snapshot(self) -> Wire:
         return {
             "version": SNAPSHOT_VERSION,
             "clock": self._clock,
             "retention_s": self.retention_s,
-            "allocations": [a.to_wire() for a in self.allocations()],
-            "queue": [q.to_wire() for q in sorted(self._queue.values(), key=lambda q: q.request.request_id)],
-            "records": [self._records[k].to_wire() for k in sorted(self._records)],
+            "allocations": [_cached_text(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
+            "queue": [_cached_text(self._queue_texts, q.request.request_id, q) for q in self._queue],
+            "records": [_record_row(self._records[k]) for k in sorted(self._records)],
+            "finished": self._finished.to_wire(),
             "released_at": [
                 [ref.node, ref.index, at] for ref, at in sorted(self._released_at.items())
             ],
@@ -443,28 +573,46 @@ class LeaseTable:
 
     @classmethod
     def restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
-        """Rebuild a table from `snapshot()` output.
+        """Rebuild a table from `snapshot()` output of this version or version 1.
+
+        The cyclic garbage collector is paused meanwhile: a restore makes a few
+        hundred thousand objects, none of them garbage, and the collections they
+        would trigger walk the whole heap again and again (three times the work
+        of the restore itself at 8,000 leases and 10,000 waiters).
 
         Raises ValueError for a snapshot of an unknown version.
         """
-        if snap.get("version") != SNAPSHOT_VERSION:
-            raise ValueError(f"unsupported lease-table snapshot version {snap.get('version')!r}")
+        with _collector_paused():
+            return cls._restore(snap)
+
+    @classmethod
+    def _restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
+        version = snap.get("version")
+        if version not in (1, SNAPSHOT_VERSION):
+            raise ValueError(f"unsupported lease-table snapshot version {version!r}")
         table = cls(retention_s=float(snap["retention_s"]))
         table._clock = float(snap["clock"])
-        for w in snap["allocations"]:
-            alloc = Allocation.from_wire(w)
-            table._allocations[alloc.allocation_id] = alloc
-            for gpu in alloc.gpus:
-                table._holders[gpu.ref] = alloc.allocation_id
-        for w in snap["queue"]:
-            queued = QueuedRequest.from_wire(w)
-            table._queue[queued.request.request_id] = queued
-        for w in snap["records"]:
-            record = RequestRecord.from_wire(w)
-            table._records[record.request_id] = record
-            if record.status in TERMINAL_STATUSES:
-                table._finished.append((record.updated_at, record.request_id))
-        heapq.heapify(table._finished)
+        if version == 1:
+            # Wire dicts; every record a dict, finished or not, by id.
+            table._load(
+                [Allocation.from_wire(w) for w in snap["allocations"]],
+                [QueuedRequest.from_wire(w) for w in snap["queue"]],
+            )
+            rows = [_record_row(RequestRecord.from_wire(w)) for w in snap["records"]]
+            live = [row for row in rows if row[2] not in TERMINAL_STATUSES]
+            table._finished = FinishedRecords.of(row for row in rows if row[2] in TERMINAL_STATUSES)
+        else:
+            # One parse per list: thousands of small json.loads calls cost more.
+            alloc_texts, queue_texts = snap["allocations"], snap["queue"]
+            allocs = [Allocation.from_wire(w) for w in json.loads("[" + ",".join(alloc_texts) + "]")]
+            queued = [QueuedRequest.from_wire(w) for w in json.loads("[" + ",".join(queue_texts) + "]")]
+            table._load(allocs, queued)
+            table._allocation_texts = {a.allocation_id: (a, t) for a, t in zip(allocs, alloc_texts)}
+            table._queue_texts = {q.request.request_id: (q, t) for q, t in zip(queued, queue_texts)}
+            live = snap["records"]
+            table._finished = FinishedRecords.from_wire(snap["finished"])
+        for row in live:
+            table._records[row[0]] = RequestRecord(*row)
         for node, index, at in snap["released_at"]:
             table._released_at[GpuRef(str(node), int(index))] = float(at)
         for node, index, why in snap.get("drained", ()):
@@ -473,6 +621,47 @@ class LeaseTable:
             table._gpu_health[GpuRef(str(node), int(index))] = (str(state), tuple(str(r) for r in reasons))
         table._outbox_delivered_through = int(snap.get("outbox_delivered_through", 0))
         return table
+
+
+def _record_row(record: RequestRecord) -> list[Any]:
+    return [
+        record.request_id,
+        record.service_name,
+        record.status,
+        record.submitted_at,
+        record.updated_at,
+        record.allocation_id,
+        record.reason,
+    ]
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (if it runs) for the block; nothing else changes."""
+    running = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if running:
+            gc.enable()
+
+
+_Item = TypeVar("_Item", Allocation, QueuedRequest)
+
+
+def _cached_text(cache: dict[str, tuple[_Item, str]], key: str, item: _Item) -> str:
+    """The JSON text of `item.to_wire()`, made once per object: a renewed lease is a new object."""
+    cached = cache.get(key)
+    if cached is not None and cached[0] is item:
+        return cached[1]
+    text = canonical_json(item.to_wire())
+    cache[key] = (item, text)
+    return text
+
+
+def _age(alloc: Allocation) -> tuple[float, str]:
+    return (alloc.allocated_at, alloc.allocation_id)
 
 
 def _unique(ids: Iterable[str]) -> list[str]:

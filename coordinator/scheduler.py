@@ -32,18 +32,33 @@ Policy, in the order it is applied:
    released with reason "expired"; a queued request past its deadline is
    withdrawn with reason "queue_timeout". Both are commands with `at = now`, so
    a new leader simply continues them.
+
+Cost
+----
+The answers are those of walking every queued request over every GPU, but the
+walk is done on indexes (placement.py): the lease table keeps the queue in rank
+order (per set of requirements too), deadlines and expiries in time order; the
+scheduler keeps each node's open GPUs, bucketed by count, current from the
+table's and the inventory's change journals, and rebuilds them only when handed
+another table or inventory object (after a snapshot restore). A pass stops as
+soon as no open GPU is left, drops requirements that can no longer change
+anything, and looks only at nodes with open GPUs. `admit` first asks whether the
+request fits at all before walking the queue ahead of it, so a full cluster
+answers in a lookup.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Collection
 
 from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release
 from coordinator.errors import Conflict, QueueFull, Unsatisfiable
+from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
-from coordinator.model import HEALTHY, AllocatedGpu, Allocation, AllocationRequest, GpuRef, GpuView
+from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, GpuRef, Requirements
+from coordinator.placement import OpenGpus, Placement, PlanWalk
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +72,18 @@ class SchedulerConfig:
     max_queue: int = 1000
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where one request goes: a node and the GPUs chosen there."""
-
-    node: str
-    gpus: tuple[GpuView, ...]
-
-
 class Scheduler:
     """Proposes allocations, queueing, expiries and queue timeouts."""
 
     def __init__(self, config: SchedulerConfig, rng: random.Random) -> None:
         self.config = config
         self._rng = rng
+        # The open-GPU index and what it was last brought up to date with.
+        self._open = OpenGpus()
+        self._table: LeaseTable | None = None
+        self._inventory: Inventory | None = None
+        self._table_version = 0
+        self._inventory_version = 0
 
     # ------------------------------------------------------------------ decisions
 
@@ -78,23 +91,26 @@ class Scheduler:
         self,
         request: AllocationRequest,
         table: LeaseTable,
-        gpus: Iterable[GpuView],
+        inventory: Inventory,
         now: float,
-        pending: Iterable[GpuRef] = (),
+        pending: Collection[GpuRef] = (),
         pending_enqueues: int = 0,
     ) -> Command:
         """Decide a new request: Allocate when it fits now, else Enqueue.
 
-        `pending` are GPUs that proposals in flight are about to take, and
-        `pending_enqueues` the Enqueues in flight (they count against max_queue).
-        Raises Unsatisfiable when no node could ever hold it, Conflict when it
-        does not fit now and the caller asked not to queue, QueueFull when the
-        queue is at its bound.
+        `pending` are GPUs that proposals in flight are about to take (a set, or
+        a mapping keyed by GPU), and `pending_enqueues` the Enqueues in flight
+        (they count against max_queue). Raises Unsatisfiable when no node could
+        ever hold it, Conflict when it does not fit now and the caller asked not
+        to queue, QueueFull when the queue is at its bound.
         """
-        self.check_satisfiable(request, gpus)
-        ahead = [q.request for q in table.queue() if q.request.rank_key() < request.rank_key()]
-        placements = self._plan([*ahead, request], table, gpus, set(pending), released=set())
-        placement = placements.get(request.request_id)
+        self.check_satisfiable(request, inventory)
+        walk = self._walk(table, inventory)
+        try:
+            walk.close_pending(pending)
+            placement = self._place_behind_queue(walk, request)
+        finally:
+            walk.undo()
         if placement is not None:
             return Allocate(now, self._allocation(request, placement, now))
         if not request.queue:
@@ -104,65 +120,74 @@ class Scheduler:
         timeout = self.config.queue_timeout_s
         return Enqueue(now, request, now + timeout if timeout > 0 else None)
 
+    def _place_behind_queue(self, walk: PlanWalk, request: AllocationRequest) -> Placement | None:
+        """Where `request` goes once the queued requests ranked ahead of it are planned."""
+        # Ahead-of-it work only ever takes GPUs: a request that fits nowhere on
+        # what is open now fits nowhere after it, and no walk is needed.
+        if walk.best_fit(request) is None:
+            return None
+        walk.walk(walk.table.queue_groups(before=request.rank_key()))
+        if not walk.open.total or walk.is_dead(request.requirements):
+            return None
+        return walk.best_fit(request)
+
     def tick(
         self,
         table: LeaseTable,
-        gpus: Iterable[GpuView],
+        inventory: Inventory,
         now: float,
-        pending: Iterable[GpuRef] = (),
+        pending: Collection[GpuRef] = (),
     ) -> list[Command]:
         """Commands due at `now`: expiries, queue timeouts, then queue placements."""
         commands: list[Command] = []
-        expired = [
-            a for a in table.allocations() if a.expires_at is not None and a.expires_at <= now
-        ]
+        expired = table.expiries_due(now)
         if expired:
             commands.append(Release(now, tuple(a.allocation_id for a in expired), "expired"))
-        timed_out = [
-            q.request.request_id
-            for q in table.queue()
-            if q.deadline is not None and q.deadline <= now
-        ]
+        timed_out = [q.request.request_id for q in table.queue_due(now)]
         if timed_out:
             commands.append(Cancel(now, tuple(timed_out), "queue_timeout"))
-        gone = set(timed_out)
-        waiting = [q.request for q in table.queue() if q.request.request_id not in gone]
-        if waiting:
+        if table.queue_length() > len(timed_out):
             # GPUs of expired leases count as free: their Release is ahead in the log.
-            released = {g.ref for a in expired for g in a.gpus}
-            placements = self._plan(waiting, table, gpus, set(pending), released)
-            for request in waiting:
-                placement = placements.get(request.request_id)
-                if placement is not None:
-                    commands.append(Allocate(now, self._allocation(request, placement, now)))
+            released = frozenset(g.ref for a in expired for g in a.gpus)
+            walk = self._walk(table, inventory, released)
+            try:
+                walk.close_pending(pending)
+                walk.open_released(pending)
+                placements = walk.walk(table.queue_groups(), skip=set(timed_out))
+            finally:
+                walk.undo()
+            for request, placement in placements:
+                commands.append(Allocate(now, self._allocation(request, placement, now)))
         return commands
 
     @staticmethod
     def next_deadline(table: LeaseTable) -> float | None:
         """The earliest lease expiry or queue deadline, or None when nothing is timed."""
-        times = [a.expires_at for a in table.allocations() if a.expires_at is not None]
-        times += [q.deadline for q in table.queue() if q.deadline is not None]
-        return min(times) if times else None
+        return table.next_deadline()
 
     @staticmethod
-    def check_satisfiable(request: AllocationRequest, gpus: Iterable[GpuView]) -> None:
+    def check_satisfiable(request: AllocationRequest, inventory: Inventory) -> None:
         """Raise Unsatisfiable unless some node has enough GPUs matching the request.
 
         Health and drain are ignored here: a sick GPU may recover, a missing model never appears.
         """
         req = request.requirements
-        by_node: dict[str, int] = {}
-        for gpu in gpus:
-            if req.matches_statically(gpu):
-                by_node[gpu.node] = by_node.get(gpu.node, 0) + 1
-        if any(count >= req.gpu_count for count in by_node.values()):
+        if req.node is not None:
+            counts = [sum(1 for g in inventory.node_views(req.node) if req.matches_statically(g))]
+        else:
+            # Nodes of one kind match alike: count per kind, not per node.
+            counts = [
+                sum(1 for name, memory in kind if _matches_kind(req, name, memory))
+                for kind in inventory.kinds()
+            ]
+        if any(count >= req.gpu_count for count in counts):
             return
         wanted = f"{req.gpu_count} GPU(s) with at least {req.min_memory_mb} MB"
         if req.gpu_model:
             wanted += f" of model {req.gpu_model!r}"
         if req.node:
             wanted += f" on node {req.node!r}"
-        largest = max(by_node.values(), default=0)
+        largest = max(counts, default=0)
         raise Unsatisfiable(
             f"no node can ever hold {wanted}: the best node has {largest} matching GPU(s)",
             code="unsatisfiable",
@@ -170,78 +195,22 @@ class Scheduler:
 
     # ------------------------------------------------------------------ planning
 
-    def _plan(
-        self,
-        ranked: Sequence[AllocationRequest],
-        table: LeaseTable,
-        gpus: Iterable[GpuView],
-        pending: set[GpuRef],
-        released: set[GpuRef],
-    ) -> dict[str, Placement]:
-        """Walk requests in rank order: place each, or let it reserve GPUs below it."""
-        taken = {ref for ref in table.held_gpus() if ref not in released} | pending
-        by_node: dict[str, list[GpuView]] = {}
-        for gpu in gpus:
-            by_node.setdefault(gpu.node, []).append(gpu)
-        placements: dict[str, Placement] = {}
-        for request in ranked:
-            placement = self._best_fit(request, by_node, taken, table, released)
-            if placement is not None:
-                placements[request.request_id] = placement
-                taken.update(g.ref for g in placement.gpus)
-            else:
-                taken.update(self._reservation(request, by_node, taken, table, released))
-        return placements
-
-    def _best_fit(
-        self,
-        request: AllocationRequest,
-        by_node: dict[str, list[GpuView]],
-        taken: set[GpuRef],
-        table: LeaseTable,
-        released: set[GpuRef],
-    ) -> Placement | None:
-        need = request.requirements.gpu_count
-        best: tuple[tuple[int, int, int, str], Placement] | None = None
-        for node in sorted(by_node):
-            node_gpus = by_node[node]
-            candidates = [
-                g for g in node_gpus if g.ref not in taken and _eligible(g, request, table, released)
-            ]
-            if len(candidates) < need:
-                continue
-            candidates.sort(key=lambda g: (g.health != HEALTHY, g.memory_total_mb, g.index))
-            chosen = tuple(sorted(candidates[:need], key=lambda g: g.index))
-            degraded = sum(1 for g in chosen if g.health != HEALTHY)
-            free_left = sum(1 for g in node_gpus if g.ref not in taken and g.schedulable) - need
-            score = (degraded, free_left, sum(g.memory_total_mb for g in chosen), node)
-            if best is None or score < best[0]:
-                best = (score, Placement(node, chosen))
-        return None if best is None else best[1]
-
-    def _reservation(
-        self,
-        request: AllocationRequest,
-        by_node: dict[str, list[GpuView]],
-        taken: set[GpuRef],
-        table: LeaseTable,
-        released: set[GpuRef],
-    ) -> set[GpuRef]:
-        req = request.requirements
-        best: tuple[int, str] | None = None
-        best_refs: set[GpuRef] = set()
-        for node in sorted(by_node):
-            node_gpus = by_node[node]
-            capable = [g for g in node_gpus if g.schedulable and req.matches_statically(g)]
-            if len(capable) < req.gpu_count:
-                continue
-            free = {
-                g.ref for g in capable if g.ref not in taken and _eligible(g, request, table, released)
-            }
-            key = (-len(free), node)
-            if best is None or key < best:
-                best, best_refs = key, free
-        return best_refs
+    def _walk(
+        self, table: LeaseTable, inventory: Inventory, released: frozenset[GpuRef] = frozenset()
+    ) -> PlanWalk:
+        """A planning pass on the open-GPU index, brought up to date with `table` and `inventory`."""
+        if table is not self._table or inventory is not self._inventory:
+            self._open = OpenGpus()
+            for node in inventory.nodes():
+                self._open.refresh(node, table, inventory)
+            self._table, self._inventory = table, inventory
+        else:
+            changed = set(table.holders_changed_since(self._table_version))
+            changed.update(inventory.changed_since(self._inventory_version))
+            for node in changed:
+                self._open.refresh(node, table, inventory)
+        self._table_version, self._inventory_version = table.holder_version, inventory.version
+        return PlanWalk(self._open, table, inventory, released)
 
     def _allocation(self, request: AllocationRequest, placement: Placement, now: float) -> Allocation:
         ttl = request.ttl_s
@@ -258,27 +227,8 @@ class Scheduler:
         )
 
 
-# Seconds after a release during which a GPU's telemetry still speaks of the previous
-# tenant: the release is stamped when proposed, before the device layer hears of it,
-# and a job's memory and activity take a moment to drain. Two default sample
-# intervals cover both.
-RELEASE_GRACE_S = 2.0
-
-
-def _eligible(
-    gpu: GpuView, request: AllocationRequest, table: LeaseTable, released: set[GpuRef]
-) -> bool:
-    """Whether `gpu`, known to be free, may serve `request` now."""
-    req = request.requirements
-    if not gpu.schedulable or not req.matches_statically(gpu):
+def _matches_kind(req: Requirements, name: str, memory_mb: int) -> bool:
+    """Requirements.matches_statically for a GPU known by name and memory, on a node `req` allows."""
+    if req.gpu_model is not None and req.gpu_model.lower() not in name.lower():
         return False
-    # Telemetry from before (or just after) the last release describes the previous tenant.
-    last_release = table.released_at(gpu.ref)
-    stale = gpu.ref in released or (last_release > 0 and gpu.sampled_at <= last_release + RELEASE_GRACE_S)
-    if stale:
-        return True
-    if gpu.memory_free_mb is not None and gpu.memory_free_mb < req.min_memory_mb:
-        return False
-    if gpu.utilization_pct is not None and gpu.utilization_pct > req.max_utilization:
-        return False
-    return True
+    return memory_mb >= req.min_memory_mb

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from coordinator.commands import Allocate, Cancel, Command, Enqueue, MarkHostLost, Release, Renew, command_from_wire
 from coordinator.errors import CoordinatorError
+from coordinator.inventory import Inventory
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import (
     ALLOCATED,
@@ -177,6 +178,7 @@ class Harness:
 
     def __init__(self, gpus: list[GpuView], seed: int) -> None:
         self.gpus = gpus
+        self.inventory = Inventory.of(gpus)
         self.table = LeaseTable(retention_s=RETENTION_S)
         self.scheduler = Scheduler(SchedulerConfig(QUEUE_TIMEOUT_S, MAX_QUEUE), random.Random(seed))
         self.now = 0.0
@@ -205,13 +207,13 @@ class Harness:
             self.apply(Cancel(self.now, (target,)), allowed=() if queue else ("not_found",))
         elif isinstance(op, Tick):
             self.now += op.step
-            for command in self.scheduler.tick(self.table, self.gpus, self.now):
+            for command in self.scheduler.tick(self.table, self.inventory, self.now):
                 self.apply(command)
             self.check_tick_done()
         elif isinstance(op, RenewRacingTick):
             stamped = self.now
             self.now += op.step
-            commands = self.scheduler.tick(self.table, self.gpus, self.now)
+            commands = self.scheduler.tick(self.table, self.inventory, self.now)
             due = {i for c in commands if isinstance(c, Release) for i in c.allocation_ids}
             renewed = self.renew(op.pick, op.ttl_s, stamped)
             raced = renewed is not None and renewed in due
@@ -246,6 +248,7 @@ class Harness:
                 else g
                 for g in self.gpus
             ]
+            self.inventory.set_node(gpu.node, [g for g in self.gpus if g.node == gpu.node])
 
     def request(self, op: Admit) -> AllocationRequest:
         if op.reuse is not None and self.ids_seen:
@@ -267,7 +270,7 @@ class Harness:
     def decide(self, op: Admit, pending: Sequence[Any] = ()) -> tuple[AllocationRequest, Command | None]:
         request = self.request(op)
         try:
-            command = self.scheduler.admit(request, self.table, self.gpus, self.now, pending)
+            command = self.scheduler.admit(request, self.table, self.inventory, self.now, pending)
         except CoordinatorError as exc:
             self.check_refusal(request, exc)
             return request, None

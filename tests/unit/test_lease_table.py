@@ -223,6 +223,61 @@ def test_queue_is_ordered_by_priority_then_age_then_id() -> None:
         apply_ok(table, Enqueue(3.0, r, None))
     assert [q.request.request_id for q in table.queue()] == ["high", "old", "a", "b", "low"]
     assert table.queue_length() == 5
+    assert [table.queue_position(i) for i in ("high", "old", "a", "b", "low", "gone")] == [1, 2, 3, 4, 5, None]
+    apply_ok(table, Cancel(4.0, ("old",)))
+    assert [table.queue_position(i) for i in ("high", "old", "a", "b", "low")] == [1, None, 2, 3, 4]
+
+
+def test_queue_groups_hold_equal_requirements_in_rank_order() -> None:
+    """queue_groups() splits the queue by requirements; `before` keeps only those ranked ahead."""
+    table = LeaseTable()
+    for r in [
+        request("one-late", submitted_at=3.0),
+        request("two", gpus=2, submitted_at=1.0),
+        request("one-early", submitted_at=0.0),
+        request("one-urgent", priority=9, submitted_at=5.0),
+    ]:
+        apply_ok(table, Enqueue(5.0, r, None))
+    groups = sorted([q.request.request_id for q in g] for g in table.queue_groups())
+    assert groups == [["one-urgent", "one-early", "one-late"], ["two"]]
+    ahead = table.queue_groups(before=request("x", submitted_at=2.0).rank_key())
+    assert sorted([q.request.request_id for q in g] for g in ahead) == [["one-urgent", "one-early"], ["two"]]
+
+
+def test_due_expiries_and_queue_deadlines_come_in_table_order() -> None:
+    """expiries_due is oldest lease first, queue_due rank order; next_deadline is the earliest of all."""
+    table = LeaseTable()
+    assert table.next_deadline() is None
+    granted(table, "late-made", "r1", [0], at=2.0, expires_at=10.0)
+    granted(table, "early-made", "r2", [1], at=1.0, expires_at=12.0)
+    granted(table, "forever", "r3", [2], at=0.0)
+    apply_ok(table, Enqueue(3.0, request("q-low", priority=1, submitted_at=3.0), 11.0))
+    apply_ok(table, Enqueue(3.0, request("q-high", priority=9, submitted_at=3.0), 12.0))
+    assert table.next_deadline() == 10.0
+    assert [a.allocation_id for a in table.expiries_due(9.9)] == []
+    assert [a.allocation_id for a in table.expiries_due(12.0)] == ["early-made", "late-made"]
+    assert [q.request.request_id for q in table.queue_due(12.0)] == ["q-high", "q-low"]
+    apply_ok(table, Renew(4.0, "late-made", 20.0))
+    apply_ok(table, Cancel(4.0, ("q-low",)))
+    assert table.next_deadline() == 12.0
+    assert [a.allocation_id for a in table.expiries_due(12.0)] == ["early-made"]
+    assert [q.request.request_id for q in table.queue_due(12.0)] == ["q-high"]
+
+
+def test_the_holder_journal_names_nodes_whose_gpus_were_taken_or_freed() -> None:
+    """holders_changed_since lists each node whose held GPUs changed, latest first."""
+    table = LeaseTable()
+    start = table.holder_version
+    granted(table, "a1", "r1", [0], at=1.0, node="a")
+    granted(table, "b1", "r2", [0], at=1.0, node="b")
+    middle = table.holder_version
+    apply_ok(table, Enqueue(2.0, request("q", submitted_at=2.0), None))
+    assert table.holders_changed_since(middle) == []
+    apply_ok(table, Release(3.0, ("a1",)))
+    assert table.holders_changed_since(middle) == ["a"]
+    assert table.holders_changed_since(start) == ["a", "b"]
+    assert [a.allocation_id for a in table.allocations_on("b")] == ["b1"]
+    assert table.allocations_on("a") == []
 
 
 # ---------------------------------------------------------------- Release
@@ -496,7 +551,49 @@ def test_restored_table_behaves_like_the_original_on_later_commands() -> None:
     assert table.record("q3") is None and restored.record("q3") is None
     record = restored.record("r2")
     assert record is not None and record.status == QUEUED
-    assert [r["request_id"] for r in restored.snapshot()["records"]] == ["q1", "q2", "r1", "r2"]
+    snap = restored.snapshot()
+    assert sorted(row[0] for row in snap["records"] + finished_rows(snap)) == ["q1", "q2", "r1", "r2"]
+
+
+def finished_rows(snap: dict[str, Any]) -> list[list[Any]]:
+    """The finished records of a version-2 snapshot, one row each, in the order they ended."""
+    return [row for _, _, text in snap["finished"] for row in json.loads(text)]
+
+
+def version_1(snap: dict[str, Any]) -> dict[str, Any]:
+    """The same state in the version-1 format: every record a dict, sorted by id."""
+    fields = ("request_id", "service_name", "status", "submitted_at", "updated_at", "allocation_id", "reason")
+    rows = sorted(snap["records"] + finished_rows(snap))
+    old = {key: value for key, value in snap.items() if key != "finished"}
+    return old | {
+        "version": 1,
+        "allocations": [json.loads(text) for text in snap["allocations"]],
+        "queue": sorted((json.loads(text) for text in snap["queue"]), key=lambda w: w["request"]["request_id"]),
+        "records": [dict(zip(fields, row)) for row in rows],
+    }
+
+
+def test_a_version_1_snapshot_restores_to_the_same_table() -> None:
+    """Snapshots written before version 2 still restore, and the table goes on the same."""
+    table, future = busy_table()
+    old_format = version_1(table.snapshot())
+    assert "finished" not in old_format
+    restored = LeaseTable.restore(json.loads(json.dumps(old_format)))
+    assert restored.snapshot() == table.snapshot()
+    for command in future:
+        assert outcome(restored.apply(command)) == outcome(table.apply(command))
+        assert restored.snapshot() == table.snapshot()
+
+
+def test_finished_records_are_rows_in_the_order_they_ended() -> None:
+    """Finished records are compact rows by end time, as JSON texts by hour; live ones rows by id."""
+    table, _ = busy_table()
+    snap = table.snapshot()
+    assert snap["version"] == 2
+    assert [(row[0], row[2], row[4]) for row in finished_rows(snap)] == [("r2", RELEASED, 5.0), ("q3", CANCELLED, 7.0)]
+    assert [(row[0], row[2]) for row in snap["records"]] == [("q1", QUEUED), ("q2", QUEUED), ("r1", ALLOCATED)]
+    record = table.record("r2")
+    assert record is not None and (record.status, record.updated_at, record.reason) == (RELEASED, 5.0, "released")
 
 
 def test_restore_refuses_an_unknown_snapshot_version() -> None:
@@ -518,3 +615,37 @@ def test_outbox_progress_only_moves_forward_and_survives_a_snapshot() -> None:
     assert table.apply(command_from_wire(OutboxDelivered(12.0, 55).to_wire())).ok
     restored = LeaseTable.restore(table.snapshot())
     assert restored.outbox_delivered_through == 55 and restored.snapshot() == table.snapshot()
+def test_finished_records_are_written_one_text_per_hour_and_pruned_alike_after_restore() -> None:
+    """Each hour of end times is one [hour, ids, text]; a restored table prunes like the original."""
+    table = LeaseTable(retention_s=10_000.0)
+    for i, at in enumerate([100.0, 3599.5, 3600.0, 7300.0]):
+        apply_ok(table, Enqueue(at, request(f"r{i}", submitted_at=at), None))
+        apply_ok(table, Cancel(at, (f"r{i}",)))
+    snap = table.snapshot()
+    assert [(hour, ids) for hour, ids, _ in snap["finished"]] == [(0, ["r0", "r1"]), (1, ["r2"]), (2, ["r3"])]
+    assert [[row[0] for row in json.loads(text)] for _, _, text in snap["finished"]] == [["r0", "r1"], ["r2"], ["r3"]]
+    restored = LeaseTable.restore(json.loads(json.dumps(snap)))
+    assert restored.snapshot() == snap
+    for at in (10_050.0, 13_600.0, 17_000.0):  # prunes r0; then r1 but not r2; then r2
+        later = Enqueue(at, request(f"late{at}", submitted_at=at), None)
+        assert outcome(restored.apply(later)) == outcome(table.apply(later))
+        assert restored.snapshot() == table.snapshot()
+    assert [row[0] for row in finished_rows(table.snapshot())] == ["r3"]
+
+
+def test_a_finished_allocation_is_found_by_its_id_after_a_snapshot_too() -> None:
+    """A release retried after its lease ended is answered from the finished records, by index, restored or not."""
+    from coordinator.commands import Allocate, Release
+
+    table = LeaseTable()
+    ids = []
+    for n in range(3):
+        alloc = allocation(f"svc-{n}-000{n}", request(f"r{n}", service=f"svc-{n}"), [n], at=10.0 + n)
+        table.apply(Allocate(10.0 + n, alloc))
+        table.apply(Release(20.0 + n, (alloc.allocation_id,)))
+        ids.append(alloc.allocation_id)
+    for restored in (table, LeaseTable.restore(table.snapshot())):
+        for n, allocation_id in enumerate(ids):
+            record = restored.record_of_allocation(allocation_id)
+            assert record is not None and (record.request_id, record.status) == (f"r{n}", "released")
+        assert restored.record_of_allocation("nobody-0000") is None

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 import pytest
 
 from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release
 from coordinator.errors import Conflict, QueueFull, Unsatisfiable
+from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
 from coordinator.model import (
     DEGRADED,
@@ -98,22 +99,22 @@ class Cluster:
         queue_timeout_s: float = 3600.0,
         max_queue: int = 1000,
     ) -> None:
-        self.gpus = list(gpus)
+        self.inventory = Inventory.of(gpus)
         self.table = LeaseTable()
         self.scheduler = Scheduler(SchedulerConfig(queue_timeout_s, max_queue), random.Random(seed))
 
     def decide(self, request: AllocationRequest, now: float | None = None,
-               pending: Iterable[GpuRef] = ()) -> Command:
+               pending: Collection[GpuRef] = ()) -> Command:
         at = request.submitted_at if now is None else now
-        return self.scheduler.admit(request, self.table, self.gpus, at, pending)
+        return self.scheduler.admit(request, self.table, self.inventory, at, pending)
 
     def admit(self, request: AllocationRequest, now: float | None = None) -> Command:
         command = self.decide(request, now)
         self.apply(command)
         return command
 
-    def tick(self, now: float, pending: Iterable[GpuRef] = ()) -> list[Command]:
-        commands = self.scheduler.tick(self.table, self.gpus, now, pending)
+    def tick(self, now: float, pending: Collection[GpuRef] = ()) -> list[Command]:
+        commands = self.scheduler.tick(self.table, self.inventory, now, pending)
         for command in commands:
             self.apply(command)
         return commands
@@ -125,8 +126,7 @@ class Cluster:
     def hold(self, allocation_id: str, node_name: str, indices: Sequence[int], at: float = 0.0,
              *, expires_at: float | None = None, priority: int = 5) -> Allocation:
         """Grant a lease by hand, to set the scene."""
-        by_ref = {g.ref: g for g in self.gpus}
-        views = [by_ref[GpuRef(node_name, i)] for i in indices]
+        views = [self.view(node_name, i) for i in indices]
         alloc = Allocation(
             allocation_id=allocation_id,
             request=req(f"req-{allocation_id}", gpus=len(indices), priority=priority, at=at),
@@ -138,11 +138,17 @@ class Cluster:
         self.apply(Allocate(at, alloc))
         return alloc
 
+    def view(self, node_name: str, index: int) -> GpuView:
+        found = self.inventory.get(GpuRef(node_name, index))
+        assert found is not None, (node_name, index)
+        return found
+
     def release(self, allocation_id: str, now: float) -> None:
         self.apply(Release(now, (allocation_id,)))
 
     def set_gpu(self, view: GpuView) -> None:
-        self.gpus = [view if g.ref == view.ref else g for g in self.gpus]
+        others = [g for g in self.inventory.node_views(view.node) if g.index != view.index]
+        self.inventory.set_node(view.node, [*others, view])
 
 
 def placed(command: Command) -> tuple[str, list[int]]:
@@ -540,3 +546,14 @@ def test_a_reservation_does_not_block_other_nodes() -> None:
     cluster.release("b1", 3.0)
     # ...until b frees a GPU that the pair (closer to fitting on a) did not reserve.
     assert [(placed_request(c), placed(c)) for c in cluster.tick(3.0)] == [("single", ("b", [1]))]
+
+
+def test_a_reservation_ties_on_eligible_gpus_go_to_the_node_name() -> None:
+    """The waiter reserves where it has the most eligible free GPUs, not the most free GPUs."""
+    l4 = gpu("b", 3, name="NVIDIA L4", memory_mb=23034)
+    cluster = Cluster(node("a", 3) + node("b", 3) + [l4])
+    cluster.hold("a0", "a", [0])
+    cluster.hold("b0", "b", [0])
+    # a and b both have two free H100s (b also a free L4): the tie goes to a.
+    assert isinstance(cluster.admit(req("three", gpus=3, model="H100", at=1.0)), Enqueue)
+    assert placed(cluster.admit(req("one", model="H100", priority=4, at=2.0))) == ("b", [1])

@@ -1,0 +1,313 @@
+"""One planning pass of the scheduler, on indexes instead of the whole cluster.
+
+Theory of operation
+-------------------
+The policy is scheduler.py's: walk requests in rank order; each is placed by
+best fit or reserves GPUs against lower-ranked work. What this module changes
+is only how much of the cluster each step looks at.
+
+`OpenGpus` keeps, for every node, its *open* GPUs (in the inventory,
+schedulable, held by no lease), and buckets the nodes by how many they have.
+Only open GPUs can be candidates, reserved, or counted as "free left", so a
+node with none is never looked at, and best fit reads nodes in increasing
+order of open GPUs, which is its second sort key. The scheduler keeps one
+`OpenGpus` current from the table's and the inventory's change journals.
+
+A `PlanWalk` borrows it for one pass: pending GPUs are closed, GPUs of leases
+expiring in this tick are opened, every placement or reservation closes more,
+and `undo()` puts back the nodes it touched. Answers stay exact because of
+three facts about a pass:
+
+- The set of open GPUs only shrinks while requests are walked, and which GPU
+  is eligible for which requirements does not change. So requirements that
+  failed best fit once fail it for the rest of the pass, and requirements
+  that failed and reserved nothing will do exactly that again: such
+  requirements are *dead*, and the walk drops every later request with them.
+- Once no GPU is open, every later request fails and reserves nothing, so
+  the walk stops.
+- Best fit's score starts with (degraded GPUs chosen, free GPUs left), and
+  "free GPUs left" is the node's open count minus the need: a node with a
+  healthy fit in a lower bucket beats every node in higher buckets, and
+  inside a bucket nodes come in name order, so the first one reaching the
+  lowest possible memory sum wins.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Collection, Iterable, Iterator
+
+from sortedcontainers import SortedList
+
+from coordinator.inventory import Inventory
+from coordinator.lease_table import LeaseTable
+from coordinator.model import HEALTHY, AllocationRequest, GpuRef, GpuView, QueuedRequest, Requirements
+
+# Seconds after a release during which a GPU's telemetry still speaks of the previous
+# tenant: the release is stamped when proposed, before the device layer hears of it,
+# and a job's memory and activity take a moment to drain. Two default sample
+# intervals cover both.
+RELEASE_GRACE_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where one request goes: a node and the GPUs chosen there."""
+
+    node: str
+    gpus: tuple[GpuView, ...]
+
+
+class OpenGpus:
+    """Each node's open GPUs (index order), and the nodes bucketed by how many they have."""
+
+    def __init__(self) -> None:
+        self.by_node: dict[str, tuple[GpuView, ...]] = {}
+        # count -> node names with exactly that many open GPUs (never 0), sorted.
+        self.buckets: dict[int, SortedList[str]] = {}
+        self.total = 0
+
+    def set(self, node: str, views: tuple[GpuView, ...]) -> None:
+        """Make `views` the open GPUs of `node` (empty: none)."""
+        old = self.by_node.get(node, ())
+        if len(old) != len(views):
+            if old:
+                bucket = self.buckets[len(old)]
+                bucket.remove(node)
+                if not bucket:
+                    del self.buckets[len(old)]
+            if views:
+                self.buckets.setdefault(len(views), SortedList()).add(node)
+            self.total += len(views) - len(old)
+        if views:
+            self.by_node[node] = views
+        else:
+            self.by_node.pop(node, None)
+
+    def refresh(self, node: str, table: LeaseTable, inventory: Inventory) -> None:
+        """Recompute `node`'s open GPUs from the inventory and the table's holders."""
+        self.set(
+            node,
+            tuple(v for v in inventory.node_views(node) if v.schedulable and table.holder(v.ref) is None),
+        )
+
+
+@dataclass(slots=True)
+class _Shape:
+    """What one pass has learnt about a set of requirements."""
+
+    failed_fit: bool = False
+    dead: bool = False
+    # Lowest possible memory sum of a placement (best fit's third key), or None: not worked out yet.
+    memory_bound: int | None = None
+
+
+@dataclass(slots=True)
+class PlanWalk:
+    """One planning pass over `open`, undone by `undo()`."""
+
+    open: OpenGpus
+    table: LeaseTable
+    inventory: Inventory
+    released: frozenset[GpuRef] = frozenset()
+    _saved: dict[str, tuple[GpuView, ...]] = field(default_factory=dict)
+    _shapes: dict[Requirements, _Shape] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ setup and undo
+
+    def close_pending(self, pending: Collection[GpuRef]) -> None:
+        """Treat `pending` GPUs as taken (their proposals are in flight)."""
+        for ref in pending:
+            views = self.open.by_node.get(ref.node, ())
+            if any(v.ref == ref for v in views):
+                self._set(ref.node, tuple(v for v in views if v.ref != ref))
+
+    def open_released(self, pending: Collection[GpuRef]) -> None:
+        """Treat `released` GPUs (expiring in this tick) as free, unless pending."""
+        for ref in sorted(self.released):
+            view = self.inventory.get(ref)
+            if view is None or not view.schedulable or ref in pending:
+                continue
+            views = self.open.by_node.get(ref.node, ())
+            if view not in views:
+                self._set(ref.node, tuple(sorted((*views, view), key=lambda v: v.index)))
+
+    def undo(self) -> None:
+        """Give `open` back as it was before this pass."""
+        for node, views in self._saved.items():
+            self.open.set(node, views)
+        self._saved.clear()
+
+    def _set(self, node: str, views: tuple[GpuView, ...]) -> None:
+        if node not in self._saved:
+            self._saved[node] = self.open.by_node.get(node, ())
+        self.open.set(node, views)
+
+    def _take(self, node: str, refs: Collection[GpuRef]) -> None:
+        self._set(node, tuple(v for v in self.open.by_node[node] if v.ref not in refs))
+
+    # ------------------------------------------------------------------ walking
+
+    def walk(
+        self, groups: Iterable[Iterable[QueuedRequest]], skip: Collection[str] = ()
+    ) -> list[tuple[AllocationRequest, Placement]]:
+        """Place or reserve for each request of `groups`, merged in rank order.
+
+        Each group holds requests with equal requirements, in rank order, so a
+        group whose requirements die is dropped whole. Requests in `skip` are
+        passed over. Returns the placements, in rank order.
+        """
+        heap: list[tuple[tuple[int, float, str], int, QueuedRequest, Iterator[QueuedRequest]]] = []
+        for seq, group in enumerate(groups):
+            members = iter(group)
+            head = next(members, None)
+            if head is not None:
+                heap.append((head.request.rank_key(), seq, head, members))
+        heapq.heapify(heap)
+        placements: list[tuple[AllocationRequest, Placement]] = []
+        while heap and self.open.total:
+            _, seq, queued, members = heap[0]
+            request = queued.request
+            shape = self._shape(request.requirements)
+            if shape.dead:
+                heapq.heappop(heap)
+                continue
+            if request.request_id not in skip:
+                placement = self.step(request)
+                if placement is not None:
+                    placements.append((request, placement))
+            following = next(members, None)
+            if following is None:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, (following.request.rank_key(), seq, following, members))
+        return placements
+
+    def step(self, request: AllocationRequest) -> Placement | None:
+        """Place `request` (taking its GPUs) or let it reserve; returns the placement or None."""
+        req = request.requirements
+        shape = self._shape(req)
+        if shape.dead:
+            return None
+        placement = None if shape.failed_fit else self.best_fit(request)
+        if placement is not None:
+            self._take(placement.node, {g.ref for g in placement.gpus})
+            return placement
+        shape.failed_fit = True
+        node, refs = self._reservation(request)
+        if node is None:
+            shape.dead = True
+        else:
+            self._take(node, refs)
+        return None
+
+    def is_dead(self, req: Requirements) -> bool:
+        """Whether `req` has failed and reserved nothing in this pass (so it always will)."""
+        return self._shape(req).dead
+
+    def _shape(self, req: Requirements) -> _Shape:
+        shape = self._shapes.get(req)
+        if shape is None:
+            shape = self._shapes[req] = _Shape()
+        return shape
+
+    # ------------------------------------------------------------------ one request
+
+    def best_fit(self, request: AllocationRequest) -> Placement | None:
+        """The best-fit placement of `request` on the open GPUs, or None when it fits nowhere."""
+        req = request.requirements
+        need = req.gpu_count
+        best: tuple[tuple[int, int, int, str], Placement] | None = None
+        if req.node is not None:
+            views = self.open.by_node.get(req.node, ())
+            if len(views) >= need:
+                best = self._fit(request, req.node, views)
+            return None if best is None else best[1]
+        shape = self._shape(req)
+        if shape.memory_bound is None:
+            smallest = self.inventory.smallest_memory_at_least(req.min_memory_mb)
+            shape.memory_bound = need * (smallest or 0)
+        for count in sorted(c for c in self.open.buckets if c >= need):
+            for node in self.open.buckets[count]:
+                fit = self._fit(request, node, self.open.by_node[node])
+                if fit is not None and (best is None or fit[0] < best[0]):
+                    best = fit
+                    if fit[0][0] == 0 and fit[0][2] <= shape.memory_bound:
+                        # Nothing later in this bucket can beat it: same first two keys at
+                        # best, the least memory possible, and later names.
+                        break
+            if best is not None and best[0][0] == 0:
+                # No degraded GPU: every node in a later bucket leaves more GPUs free.
+                break
+        return None if best is None else best[1]
+
+    def _fit(
+        self, request: AllocationRequest, node: str, views: tuple[GpuView, ...]
+    ) -> tuple[tuple[int, int, int, str], Placement] | None:
+        need = request.requirements.gpu_count
+        candidates = [g for g in views if self._eligible(g, request)]
+        if len(candidates) < need:
+            return None
+        candidates.sort(key=lambda g: (g.health != HEALTHY, g.memory_total_mb, g.index))
+        chosen = tuple(sorted(candidates[:need], key=lambda g: g.index))
+        degraded = sum(1 for g in chosen if g.health != HEALTHY)
+        free_left = len(views) - need
+        score = (degraded, free_left, sum(g.memory_total_mb for g in chosen), node)
+        return score, Placement(node, chosen)
+
+    def _reservation(self, request: AllocationRequest) -> tuple[str | None, set[GpuRef]]:
+        """The node where `request` is closest to fitting and its eligible open GPUs there.
+
+        Closest: the most eligible open GPUs, then the node name, among the nodes
+        with enough schedulable GPUs matching it (taken or not). (None, empty set)
+        when no such node has an eligible open GPU.
+        """
+        req = request.requirements
+        if req.node is not None:
+            refs = self._eligible_refs(request, req.node)
+            return (req.node, refs) if refs and self._capable(req, req.node) else (None, set())
+        best_node: str | None = None
+        best_refs: set[GpuRef] = set()
+        for count in sorted(self.open.buckets, reverse=True):
+            if count < len(best_refs):
+                break
+            for node in self.open.buckets[count]:
+                refs = self._eligible_refs(request, node)
+                if not refs or len(refs) < len(best_refs):
+                    continue
+                if best_node is not None and len(refs) == len(best_refs) and node > best_node:
+                    continue
+                if self._capable(req, node):
+                    best_node, best_refs = node, refs
+                    if len(refs) == count:
+                        break  # later names in this bucket can at most tie
+        return best_node, best_refs
+
+    def _capable(self, req: Requirements, node: str) -> bool:
+        """Whether `node` has enough schedulable GPUs matching `req`, free or not."""
+        capable = sum(
+            1 for g in self.inventory.node_views(node) if g.schedulable and req.matches_statically(g)
+        )
+        return capable >= req.gpu_count
+
+    def _eligible_refs(self, request: AllocationRequest, node: str) -> set[GpuRef]:
+        return {g.ref for g in self.open.by_node.get(node, ()) if self._eligible(g, request)}
+
+    def _eligible(self, gpu: GpuView, request: AllocationRequest) -> bool:
+        """Whether `gpu`, known to be open, may serve `request` now."""
+        req = request.requirements
+        if not gpu.schedulable or not req.matches_statically(gpu):
+            return False
+        # Telemetry from before (or just after) the last release describes the previous tenant.
+        last_release = self.table.released_at(gpu.ref)
+        stale = gpu.ref in self.released or (
+            last_release > 0 and gpu.sampled_at <= last_release + RELEASE_GRACE_S
+        )
+        if stale:
+            return True
+        if gpu.memory_free_mb is not None and gpu.memory_free_mb < req.min_memory_mb:
+            return False
+        if gpu.utilization_pct is not None and gpu.utilization_pct > req.max_utilization:
+            return False
+        return True
