@@ -246,7 +246,9 @@ class SchedulerSection:
     queue_timeout_s: float = 3600.0
     # Most requests waiting at once; beyond it allocate answers 503 queue_full.
     # Bounds the memory and replicated state that a burst of requests can take.
-    max_queue: int = 1000
+    # 10,000: a decision costs about the same at any depth (the queue is indexed;
+    # docs/benchmarks.md "Scale"), so the bound is memory: ~1 KB per request.
+    max_queue: int = 10_000
     # Seconds between scheduler ticks (expire leases, time out queued requests,
     # retry placement). Half a second keeps expiry well within a second of its
     # deadline while the tick itself costs next to nothing.

@@ -69,7 +69,7 @@ class SchedulerConfig:
     queue_timeout_s: float = 3600.0
     # Bound on waiting requests: past it new requests get 503 queue_full rather
     # than an ever-growing queue that no one will serve.
-    max_queue: int = 1000
+    max_queue: int = 10_000
 
 
 class Scheduler:
