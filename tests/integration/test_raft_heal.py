@@ -23,11 +23,8 @@ a table of this test's own, always deleted.
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,25 +36,14 @@ import trio
 from coordinator.raft_messages import Message, MessageKind
 from agent.raft_transport import SILENCE_TIMEOUT_S, RaftTransport
 from tests.agent_process import AgentProcess, cluster_agents, start_together
+from tests.nftables import Firewall, nft_unavailable
 from tests.waiting import wait_for
 
-TABLE = f"gpuorch_heal_{os.getpid()}"
-
-
-def _nft_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to load nftables rules"
-    if shutil.which("nft") is None:
-        return "needs the nft tool (apt-get install nftables)"
-    probe = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        return f"nft cannot read the ruleset here: {probe.stderr.strip()}"
-    return None
 
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(_nft_unavailable() is not None, reason=str(_nft_unavailable())),
+    pytest.mark.skipif(nft_unavailable() is not None, reason=str(nft_unavailable())),
 ]
 
 
@@ -66,20 +52,15 @@ class Cut:
 
     def __init__(self, isolated: str, others: list[str]) -> None:
         self.isolated, self.others = isolated, others
+        self.firewall = Firewall("gpuorch_heal")
 
     def __enter__(self) -> Cut:
-        others = ", ".join(self.others)
-        script = (
-            f"add table inet {TABLE}\n"
-            f"add chain inet {TABLE} input {{ type filter hook input priority -10; policy accept; }}\n"
-            f"add rule inet {TABLE} input ip saddr {self.isolated} ip daddr {{ {others} }} drop\n"
-            f"add rule inet {TABLE} input ip daddr {self.isolated} ip saddr {{ {others} }} drop\n"
-        )
-        subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True, capture_output=True)
+        self.firewall.create()
+        self.firewall.cut(self.isolated, self.others)
         return self
 
     def heal(self) -> None:
-        subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True, check=False)
+        self.firewall.delete()
 
     def __exit__(self, *exc: object) -> None:
         self.heal()

@@ -19,8 +19,6 @@ Needs root and the `nft` tool; skipped otherwise. The table is always deleted.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -30,32 +28,18 @@ import httpx
 import pytest
 
 from tests.agent_process import AgentProcess, cluster_agents, start_together
+from tests.nftables import Firewall, nft_unavailable
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 HOSTS = ["127.0.0.7", "127.0.0.8", "127.0.0.9"]
 NAMES = ["part-s0", "part-s1", "part-s2"]
-TABLE = f"gpuorch_test_{os.getpid()}"
+TABLE_PREFIX = "gpuorch_test"
 SETTLE_S = 15.0
 
 
-def _nft_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to load nftables rules"
-    if shutil.which("nft") is None:
-        return "needs the nft tool (apt-get install nftables)"
-    probe = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        return f"nft cannot read the ruleset here: {probe.stderr.strip()}"
-    return None
-
-
-pytestmark = [pytestmark, pytest.mark.skipif(_nft_unavailable() is not None, reason=str(_nft_unavailable()))]
-
-
-def nft(script: str) -> None:
-    subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True, capture_output=True)
+pytestmark = [pytestmark, pytest.mark.skipif(nft_unavailable() is not None, reason=str(nft_unavailable()))]
 
 
 def leader_of(agent: AgentProcess) -> str | None:
@@ -96,17 +80,10 @@ def test_isolated_leader_steps_down_and_rejoins(servers: list[AgentProcess]) -> 
     first = wait_for(lambda: (r := allocate(majority[0], "before")).status_code == 200 and r, timeout=SETTLE_S)
     acknowledged.add(first.json()["allocation_id"])
 
-    others = ", ".join(a.host for a in majority)
-    ports = ", ".join(str(p) for a in servers for p in sorted({a.port, a.gossip_port, a.raft_port}))
+    firewall = Firewall(TABLE_PREFIX)
     try:
-        nft(
-            f"add table inet {TABLE}\n"
-            f"add chain inet {TABLE} input {{ type filter hook input priority -10; policy accept; }}\n"
-            f"add rule inet {TABLE} input ip saddr {old.host} ip daddr {{ {others} }} "
-            f"meta l4proto {{ tcp, udp }} th dport {{ {ports} }} drop\n"
-            f"add rule inet {TABLE} input ip daddr {old.host} ip saddr {{ {others} }} "
-            f"meta l4proto {{ tcp, udp }} th dport {{ {ports} }} drop\n"
-        )
+        firewall.create()
+        firewall.cut(old.host, [a.host for a in majority])
 
         # The majority elects a new leader among themselves and takes writes.
         def majority_leader() -> str | None:
@@ -137,7 +114,7 @@ def test_isolated_leader_steps_down_and_rejoins(servers: list[AgentProcess]) -> 
         assert refusal.status_code == 503, refusal.text
         assert refusal.json()["error"]["code"] == "no_leader", refusal.text
     finally:
-        subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True, check=False)
+        firewall.delete()
 
     # Healed: the old leader follows the new one, and every acknowledged write is everywhere.
     wait_for(lambda: leader_of(old) == new_leader, timeout=SETTLE_S, interval=0.1)
@@ -159,4 +136,4 @@ def test_isolated_leader_steps_down_and_rejoins(servers: list[AgentProcess]) -> 
 
 def test_nft_table_is_gone() -> None:
     listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
-    assert TABLE not in listed
+    assert Firewall(TABLE_PREFIX).table not in listed

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable
 
-from tests.nemesis.history import Call, Fault, FinalState, History
+from tests.nemesis.history import Call, Fault, History
 
 # The 503 codes a Raft cluster's write may answer (docs/api.md, "Error codes").
 RAFT_503: set[str | None] = {"no_leader", "not_leader", "proposal_lost", "outcome_unknown"}

@@ -10,7 +10,7 @@ Every agent also gets `GPU_ORCH_FAILPOINT_DIR` (agent/storage.py): writing
 `fsync_sleep_s` there stalls its disk while it runs.
 
 Resource handling: `NemesisCluster.close()` continues paused agents and kills every
-agent; `Firewall.delete()` deletes the table. Both are idempotent, and the runner calls
+agent; `Firewall.delete()` (tests/nftables.py) deletes the table. Both are idempotent, and the runner calls
 them in `finally` and from `atexit`.
 """
 
@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,61 +205,3 @@ class NemesisCluster:
 
     def logs(self, tail: int = 2000) -> str:
         return "\n".join(f"--- {n}/agent.log\n{node.agent.log()[-tail:]}" for n, node in self.nodes.items())
-
-
-class Firewall:
-    """One nftables table of our own (`inet nemesis_<pid>`), input hook only; always deleted.
-
-    On loopback every packet passes the input hook once, at its receiver, so a rule
-    there cuts one direction of one pair; the agents bind their outbound sockets to
-    their own address, so `ip saddr` names the sender. The harness talks from
-    127.0.0.1, which no rule names.
-    """
-
-    def __init__(self) -> None:
-        self.table = f"nemesis_{os.getpid()}"
-        self.created = False
-
-    def _nft(self, script: str) -> None:
-        subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True, capture_output=True)
-
-    def create(self) -> None:
-        self._nft(
-            f"add table inet {self.table}\n"
-            f"add chain inet {self.table} input {{ type filter hook input priority -10; policy accept; }}\n"
-        )
-        self.created = True
-
-    def drop(self, sources: list[str], destinations: list[str], *, percent: int | None = None) -> None:
-        """Drop packets from any of `sources` arriving at any of `destinations` (all, or `percent`% at random)."""
-        chance = "" if percent is None else f"numgen random mod 100 < {percent} "
-        self._nft(
-            f"add rule inet {self.table} input ip saddr {{ {', '.join(sources)} }} "
-            f"ip daddr {{ {', '.join(destinations)} }} {chance}drop\n"
-        )
-
-    def heal(self) -> None:
-        if self.created:
-            self._nft(f"flush chain inet {self.table} input\n")
-
-    def delete(self) -> None:
-        """Delete the table (and every rule in it). Safe to call more than once."""
-        subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True, check=False)
-        self.created = False
-
-    def rules(self) -> str:
-        listed = subprocess.run(["nft", "list", "table", "inet", self.table], capture_output=True, text=True, check=False)
-        return listed.stdout
-
-
-def nft_unavailable() -> str | None:
-    """Why nftables rules cannot be loaded here, or None when they can."""
-    if os.geteuid() != 0:
-        return "needs root to load nftables rules"
-    try:
-        probe = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        return "needs the nft tool (apt-get install nftables)"
-    if probe.returncode != 0:
-        return f"nft cannot read the ruleset here: {probe.stderr.strip()}"
-    return None

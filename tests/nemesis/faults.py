@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from tests.nemesis.cluster import CLIENTS, SERVERS, Firewall, NemesisCluster, NotRecovered
+from tests.nemesis.cluster import CLIENTS, SERVERS, NemesisCluster, NotRecovered
+from tests.nftables import Firewall
 from tests.nemesis.history import Fault
 
 KINDS = (

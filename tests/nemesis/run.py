@@ -32,7 +32,8 @@ from typing import Any, Callable
 import httpx
 
 from tests.nemesis.checker import Verdict, check
-from tests.nemesis.cluster import CLIENTS, SERVERS, Firewall, NemesisCluster, NotRecovered, nft_unavailable
+from tests.nemesis.cluster import CLIENTS, SERVERS, NemesisCluster, NotRecovered
+from tests.nftables import Firewall, nft_unavailable
 from tests.nemesis.faults import Nemesis, schedule
 from tests.nemesis.history import Call, FinalState, History
 from tests.nemesis.report import report

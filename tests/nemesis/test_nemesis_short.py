@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nemesis.cluster import nft_unavailable
+from tests.nftables import nft_unavailable
 from tests.nemesis.run import RunConfig, run
 
 pytestmark = [
