@@ -55,6 +55,7 @@ from agent.gpuctl_render import (
     render_request,
     render_servers,
     render_status,
+    render_status_summary,
 )
 
 EXIT_OK = 0
@@ -269,6 +270,24 @@ def _getter(path: Callable[[argparse.Namespace], str], render: Renderer) -> Comm
         return Result(payload, render)
 
     return command
+
+
+# Past this many nodes `gpuctl status` shows counts per node first (8 GPUs a node: 400 rows).
+STATUS_DETAIL_MAX_NODES = 50
+
+
+def cmd_status(client: AgentClient, args: argparse.Namespace) -> Result:
+    """GPUs by node; on a big cluster counts per node first, and one node's GPUs with --node."""
+    if args.node is not None:
+        _, payload = client.get(f"/gpu/status?node={quote(args.node, safe='')}")
+        return Result(payload, render_status)
+    if args.summary or not args.all:
+        _, summary = client.get("/gpu/status?summary=true")
+        nodes = summary.get("summary", {}).get("nodes", 0) if isinstance(summary, dict) else 0
+        if args.summary or nodes > STATUS_DETAIL_MAX_NODES:
+            return Result(summary, render_status_summary)
+    _, payload = client.get("/gpu/status")
+    return Result(payload, render_status)
 
 
 def allocate_body(args: argparse.Namespace) -> JsonObject:
@@ -521,11 +540,16 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, handler: Command, summary: str) -> argparse.ArgumentParser:
         return _add_command(commands, name, handler, summary)
 
-    add(
+    status = add(
         "status",
-        _getter(lambda a: "/gpu/status", render_status),
-        "GPUs by node: memory, utilisation, temperature, health, drains, lease holder",
+        cmd_status,
+        "GPUs by node: memory, utilisation, temperature, health, drains, lease holder "
+        f"(counts per node first past {STATUS_DETAIL_MAX_NODES} nodes)",
     )
+    status.add_argument("--node", help="only this node's GPUs")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--summary", action="store_true", help="counts per node, whatever the cluster's size")
+    shown.add_argument("--all", action="store_true", help="every GPU, whatever the cluster's size")
     add("list", _getter(lambda a: "/gpu/list", render_list), "live allocations and the wait queue")
     _request_options(
         add("allocate", cmd_allocate, "allocate GPUs (exit 4 when the request was queued instead)"),

@@ -181,6 +181,32 @@ def render_status(payload: JsonObject, now: float) -> str:
     return table(headers, rows, right=frozenset({1, 3, 4, 5})) + "\n\n" + summary + notes
 
 
+def render_status_summary(payload: JsonObject, now: float) -> str:
+    """GET /gpu/status?summary=true as one line per node and a cluster total."""
+    nodes = payload.get("nodes") or []
+    total = payload.get("summary") or {}
+    if not nodes:
+        return "no GPUs"
+    rows = [
+        [
+            _text(n.get("node")),
+            _text(n.get("gpus")),
+            _text(n.get("allocated")),
+            _text(n.get("unhealthy")),
+            _text(n.get("drained")),
+            "" if n.get("scheduled_here", True) else "another cluster's",
+        ]
+        for n in nodes
+    ]
+    headers = ["NODE", "GPUS", "LEASED", "UNHEALTHY", "DRAINED", ""]
+    line = (
+        f"{total.get('gpus', 0)} GPU(s) on {total.get('nodes', 0)} node(s), {total.get('allocated', 0)} leased, "
+        f"{total.get('unhealthy', 0)} unhealthy, {total.get('drained', 0)} drained"
+    )
+    hint = "gpuctl status --node NODE for one node's GPUs, --all for every GPU"
+    return table(headers, rows, right=frozenset({1, 2, 3, 4})) + "\n\n" + line + "\n" + hint
+
+
 def render_gpu(gpu: JsonObject, now: float) -> str:
     """One /gpu/status row (the answer to drain and undrain) as a key/value block."""
     drained = "no"

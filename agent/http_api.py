@@ -512,14 +512,27 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     @app.get("/gpu/list")
     @on_leader(read=True)
     async def gpu_list(reader: LeaseReader) -> Response:
+        query = parse_status_query(request.args)
         table = reader.table
-        return json_response(
-            {
-                "gpus": ctx.gpu_rows(),
-                "allocations": [allocation_view(a) for a in table.allocations()],
-                "queue": [queued_view(q, i) for i, q in enumerate(table.queue(), start=1)],
-            }
-        )
+        if query.summary:
+            return json_response(
+                {"summary": {"allocations": len(table.allocations()), "queue": table.queue_length(), **_gpu_totals()}}
+            )
+        allocations = table.allocations() if query.node is None else table.allocations_on(query.node)
+        queue = table.queue()
+        doc: dict[str, Any] = {
+            "gpus": ctx.gpu_rows(node=query.node, after=query.after, limit=query.limit),
+            "allocations": [allocation_view(a) for a in allocations[: query.limit]],
+            "queue": [queued_view(q, i) for i, q in enumerate(queue[: query.limit], start=1)],
+        }
+        if query.limit is not None:
+            # A cap on each list, for a glance at a big cluster: the totals say what was left out.
+            doc["totals"] = {"allocations": len(allocations), "queue": len(queue)}
+        return json_response(doc)
+
+    def _gpu_totals() -> dict[str, int]:
+        summary = ctx.gpu_summary()["summary"]
+        return {"gpus": summary["gpus"], "nodes": summary["nodes"]}
 
     @app.post("/gpu/workload")
     async def workload() -> Response:

@@ -190,12 +190,14 @@ def openapi_document(*, auth_header: str | None = None, max_ttl_s: float = 0.0) 
                                 "gpus": {"type": "array", "items": _ref("Gpu")},
                                 "allocations": {"type": "array", "items": _ref("Allocation")},
                                 "queue": {"type": "array", "items": _ref("QueuedRequest")},
+                                "totals": {"type": "object", "description": "with limit: the lists' full lengths"},
+                                "summary": {"type": "object", "description": "summary=true: counts only"},
                             },
                         },
                         "OK",
                     )
                 },
-                _READ_ERRORS,
+                (400, *_READ_ERRORS),
             )
         },
         "/gpu/workload": {
@@ -274,7 +276,7 @@ def openapi_document(*, auth_header: str | None = None, max_ttl_s: float = 0.0) 
             }
         },
     }
-    paths["/gpu/status"]["get"]["parameters"] = [
+    paths["/gpu/status"]["get"]["parameters"] = paths["/gpu/list"]["get"]["parameters"] = [
         {"name": "node", "in": "query", "required": False, "description": "only this node's GPUs",
          "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}},
         {"name": "after", "in": "query", "required": False, "description": "start after this GPU (next_after of the page before)",

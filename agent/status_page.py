@@ -107,9 +107,9 @@ function memory(g) {
   if (g.memory_used === null || g.memory_used === undefined) return "? / " + g.memory_total + " MiB";
   return g.memory_used + " / " + g.memory_total + " MiB";
 }
-function renderGpus(gpus) {
+function renderGpus(gpus, below) {
   const out = $("gpus");
-  out.replaceChildren();
+  if (!below) out.replaceChildren();
   const byNode = new Map();
   for (const g of gpus) {
     if (!byNode.has(g.node)) byNode.set(g.node, []);
@@ -151,11 +151,36 @@ function renderWarnings(health) {
   out.replaceChildren();
   for (const w of health.warnings || []) out.appendChild(el("p", "Warning: " + w, "warning"));
 }
+// Past this many nodes the page shows counts per node, and one node's GPUs when its row is clicked.
+const DETAIL_MAX_NODES = 50;
+let focus = null;
+function renderNodes(summary) {
+  const out = $("gpus");
+  out.replaceChildren();
+  const t = summary.summary;
+  out.appendChild(el("p", t.gpus + " GPUs on " + t.nodes + " nodes, " + t.allocated + " leased, " + t.unhealthy +
+    " unhealthy, " + t.drained + " drained. Click a node for its GPUs."));
+  const rows = summary.nodes.map((n) => {
+    const r = row([[n.node], [n.gpus], [n.allocated], [n.unhealthy], [n.drained]], {"data-node": n.node});
+    r.addEventListener("click", () => { focus = n.node; refresh(); });
+    return r;
+  });
+  out.appendChild(table(["Node", "GPUs", "Leased", "Unhealthy", "Drained"], rows, []));
+}
 async function refresh() {
   try {
-    const [list, members, health] = await Promise.all([get("/gpu/list"), get("/cluster/members"), get("/healthz")]);
+    const summary = await get("/gpu/status?summary=true");
+    const big = summary.summary.nodes > DETAIL_MAX_NODES;
+    const [list, members, health] = await Promise.all([
+      get(big ? "/gpu/list?limit=200" + (focus ? "&node=" + encodeURIComponent(focus) : "") : "/gpu/list"),
+      get("/cluster/members"), get("/healthz")]);
     renderWarnings(health);
-    renderGpus(list.gpus);
+    if (big) {
+      renderNodes(summary);
+      if (focus) renderGpus(list.gpus, true);
+    } else {
+      renderGpus(list.gpus);
+    }
     renderList("allocations", list.allocations, ["Allocation", "Service", "Node", "GPUs", "Since", "Expires"],
       (a) => row([[a.allocation_id], [a.service_name], [a.node], [a.gpu_ids.join(", ")], [when(a.allocated_at)],
                   [when(a.expires_at)]], {"data-allocation": a.allocation_id}), [4], "No allocations on this agent.");

@@ -104,6 +104,17 @@ def test_allocate_shows_in_status_list_show_and_goes_on_release(
         assert row["ALLOCATION"] == (alloc_id if leased else "-"), out
     assert "2 leased" in out
 
+    # The forms a 1,000-host cluster needs: counts per node, and one node's GPUs.
+    code, out, _ = run(capsys, "status", "--summary")
+    assert code == 0
+    [node_row] = table_rows(out)
+    assert (node_row["NODE"], node_row["GPUS"], node_row["LEASED"]) == ("node-a", "4", "2")
+    assert "4 GPU(s) on 1 node(s), 2 leased" in out
+    code, out, _ = run(capsys, "status", "--node", "node-a")
+    assert code == 0 and len(table_rows(out)) == 4
+    code, out, _ = run(capsys, "status", "--node", "elsewhere")
+    assert code == 0 and out.strip() == "no GPUs"
+
     code, out, _ = run(capsys, "list")
     assert code == 0
     assert out.startswith("ALLOCATIONS (1)\n")

@@ -496,8 +496,24 @@ def test_gpu_status_pages_filters_and_summarizes(api: Api) -> None:
     assert summary["nodes"][0] | {"node": "node-a", "scheduled_here": True} == summary["nodes"][0]
     api.post("/gpu/release", {"allocation_id": held["allocation_id"]})
     for bad in ("limit=0", "limit=10001", "limit=x", "after=node-a", "after=/1", "node=a%20b", "summary=maybe"):
-        response = api.get(f"/gpu/status?{bad}")
-        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request", bad
+        for path in ("/gpu/status", "/gpu/list"):
+            response = api.get(f"{path}?{bad}")
+            assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request", (path, bad)
+
+
+def test_gpu_list_caps_filters_and_counts(api: Api) -> None:
+    held = [api.post("/gpu/allocate", {"service_name": "capped", "gpu_count": 1}).json() for _ in range(2)]
+    everything = api.get("/gpu/list").json()
+    capped = api.get("/gpu/list?limit=1").json()
+    assert len(capped["gpus"]) == 1 and len(capped["allocations"]) == 1
+    assert capped["totals"]["allocations"] == len(everything["allocations"]) >= 2
+    assert api.get("/gpu/list?node=elsewhere").json()["allocations"] == []
+    mine = api.get("/gpu/list?node=node-a").json()
+    assert [a["allocation_id"] for a in mine["allocations"]] == [a["allocation_id"] for a in everything["allocations"]]
+    summary = api.get("/gpu/list?summary=true").json()["summary"]
+    assert summary | {"nodes": 1, "gpus": 4} == summary and summary["allocations"] == len(everything["allocations"])
+    for alloc in held:
+        api.post("/gpu/release", {"allocation_id": alloc["allocation_id"]})
 
 
 def test_zz_openapi_document_matches_observed_behaviour(api: Api) -> None:
