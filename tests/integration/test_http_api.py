@@ -286,16 +286,21 @@ def test_cluster_servers_add_and_remove_on_a_raft_cluster(tmp_path: Path) -> Non
             agent.start(wait=False)
         for agent in agents[:3]:
             agent.wait_ready()
+        # Servers answer while they wait for their bootstrap peers: start the fourth only
+        # once the three founders have a leader, or it could be counted as a founder.
+        wait_for(lambda: httpx.get(f"{agents[0].url}/healthz", timeout=5).json()["leader"] is not None, timeout=30)
         agents[3].start()
         api = Api(agents[3].url)  # a non-voter: everything forwarded to the leader
-        wait_for(lambda: "api-s3" in [s["name"] for s in api.get("/cluster/servers").json()["servers"]])
-        added = api.post("/cluster/servers", {"name": "api-s3"})
-        assert added.status_code == 200, added.text
-        assert [(s["name"], s["voter"]) for s in added.json()["servers"]] == [(f"api-s{i}", True) for i in range(4)]
-        removed = api.request("DELETE", "/cluster/servers/api-s3")
-        assert removed.status_code == 200, removed.text
-        assert [s["name"] for s in removed.json()["servers"] if s["voter"]] == ["api-s0", "api-s1", "api-s2"]
-        api.client.close()
+        try:
+            wait_for(lambda: "api-s3" in [s["name"] for s in api.get("/cluster/servers").json()["servers"]])
+            added = api.post("/cluster/servers", {"name": "api-s3"})
+            assert added.status_code == 200, added.text
+            assert [(s["name"], s["voter"]) for s in added.json()["servers"]] == [(f"api-s{i}", True) for i in range(4)]
+            removed = api.request("DELETE", "/cluster/servers/api-s3")
+            assert removed.status_code == 200, removed.text
+            assert [s["name"] for s in removed.json()["servers"] if s["voter"]] == ["api-s0", "api-s1", "api-s2"]
+        finally:
+            api.client.close()
     finally:
         for agent in agents:
             agent.kill()
