@@ -220,7 +220,7 @@ def test_restarted_follower_catches_up_by_snapshot() -> None:
     before = cluster.stats["snapshots_installed"]
     cluster.settle()
     assert cluster.stats["snapshots_installed"] > before
-    assert cluster.nodes[follower].machine.kv == leader.machine.kv
+    assert cluster.nodes[follower].machine.state() == leader.machine.state()
 
 
 def test_leadership_transfer_hands_over_without_losing_writes() -> None:
