@@ -585,3 +585,29 @@ class RaftCluster:
 
     def _log(self, text: str) -> None:
         self.trace.append(f"t={self.now:.2f} {text}")
+
+
+def random_fault(cluster: RaftCluster, rng: random.Random) -> None:
+    """One step of a random fault schedule: isolate the leader, split the cluster, cut one
+    direction of a link, heal, crash a server (it restarts 1-30 ticks later), crash the
+    leader, or ask the leader to hand over."""
+    names = [v for v, node in cluster.nodes.items() if node.state != GONE]
+    leader = cluster.leader()
+    kind = rng.choice(["isolate_leader", "split", "cut", "heal", "heal", "crash", "crash_leader", "transfer"])
+    if kind == "isolate_leader" and leader is not None:
+        cluster.partition({leader.id}, set(names) - {leader.id})
+    elif kind == "split":
+        shuffled = rng.sample(names, len(names))
+        k = rng.randrange(1, len(names))
+        cluster.partition(set(shuffled[:k]), set(shuffled[k:]))
+    elif kind == "cut":
+        a, b = rng.sample(names, 2)
+        cluster.cut(a, b)
+    elif kind == "heal":
+        cluster.heal()
+    elif kind in ("crash", "crash_leader"):
+        victim = leader.id if kind == "crash_leader" and leader is not None else rng.choice(names)
+        cluster.crash(victim)
+        cluster.at(cluster.now + rng.uniform(1.0, 30.0), lambda: cluster.restart(victim))
+    elif kind == "transfer":
+        cluster.change(lambda core, _: core.transfer_leadership())
