@@ -38,13 +38,20 @@ def seeds(offset: int) -> list[int]:
 
 
 def run_seeds(test: str, offset: int, body: Callable[[int], LeaseCluster], only: list[int] | None = None) -> None:
-    for seed in seeds(offset) if only is None else only:
+    """Run every seed; report the first failure in full, with how many failed of how many."""
+    failed: list[tuple[int, AssertionError]] = []
+    ran = seeds(offset) if only is None else only
+    for seed in ran:
         try:
             body(seed)
         except AssertionError as exc:
-            raise AssertionError(
-                f"seed {seed} failed: {exc}\nreproduce: LEASE_SIM_SEED={seed} python -m pytest -q {HERE} -k {test}"
-            ) from exc
+            failed.append((seed, exc))
+    if failed:
+        seed, exc = failed[0]
+        raise AssertionError(
+            f"seed {seed} failed: {exc}\nreproduce: LEASE_SIM_SEED={seed} python -m pytest -q {HERE} -k {test}\n"
+            f"{len(failed)} of {len(ran)} seeds failed: {[s for s, _ in failed][:50]}"
+        ) from exc
 
 
 def chaos(seed: int, n: int, *, horizon: float = 120.0, ready_gate: bool = True) -> LeaseCluster:
