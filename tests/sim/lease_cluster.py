@@ -737,9 +737,10 @@ class LeaseCluster:
         self._seq += 1
         return f"r{self._seq}"
 
-    def call(self, call: Call, first: str | None = None) -> Call:
-        """Start a client call (its first attempt goes to `first`, or a random server)."""
-        self._attempt(self._track(call), first=first)
+    def call(self, call: Call, first: str | None = None, *, at_once: bool = False) -> Call:
+        """Start a client call: its first attempt goes to `first` (default: a random server),
+        arriving there within this event when `at_once`."""
+        self._attempt(self._track(call), first=first, at_once=at_once)
         return call
 
     def call_later(self, delay: float, call: Call) -> None:
@@ -749,7 +750,7 @@ class LeaseCluster:
         self.calls.append(call)
         return call
 
-    def _attempt(self, call: Call, *, first: str | None = None, avoid: str | None = None) -> None:
+    def _attempt(self, call: Call, *, first: str | None = None, avoid: str | None = None, at_once: bool = False) -> None:
         call.attempts += 1
         if call.attempts > MAX_ATTEMPTS:
             call.finished = True
@@ -762,7 +763,10 @@ class LeaseCluster:
         def reply(answer: Answer) -> None:
             self.later(self.rng.uniform(*self.raft.delay), lambda: self._receive(call, attempt, target, answer))
 
-        self.later(self.rng.uniform(*self.raft.delay), lambda: self._arrive(target, call, once(reply), forwarded=False))
+        if at_once:
+            self._arrive(target, call, once(reply), forwarded=False)
+        else:
+            self.later(self.rng.uniform(*self.raft.delay), lambda: self._arrive(target, call, once(reply), forwarded=False))
         self.later(CLIENT_TIMEOUT, lambda: self._timed_out(call, attempt, target))
 
     def _arrive(self, node_id: str, call: Call, reply: Reply, *, forwarded: bool) -> None:

@@ -99,3 +99,112 @@ def test_lease_chaos_three_servers() -> None:
 def test_lease_chaos_five_servers() -> None:
     """The same properties with 5 voters (two can fail at once)."""
     run_seeds("lease_chaos_five", 100_000, lambda seed: chaos(seed, 5))
+
+
+# --- scenarios -------------------------------------------------------------------------------
+
+
+def _stable(seed: int = 1, *, ready_gate: bool = True) -> tuple[LeaseCluster, str]:
+    """A healthy 3-server cluster with a ready leader (returned with it)."""
+    cluster = LeaseCluster(seed, 3, CONFIG, ready_gate=ready_gate)
+    cluster.run_until(40.0)
+    leader = cluster.raft.leader()
+    assert leader is not None and leader.core is not None and leader.core.leader_ready
+    return cluster, leader.id
+
+
+def _step_until(cluster: LeaseCluster, done: Callable[[], bool], ticks: float = 100.0) -> None:
+    """Advance in steps shorter than any message delay until `done()`."""
+    deadline = cluster.now + ticks
+    while not done():
+        assert cluster.now < deadline, "the awaited moment never came"
+        cluster.run_until(cluster.now + 0.01)
+
+
+def test_leader_isolated_mid_allocate_client_gets_exactly_one_allocation() -> None:
+    """The leader proposes an Allocate and is cut off before it commits. Its client hears a
+    503 (never a made-up answer), retries the same request id through the majority, and gets
+    one allocation; once healed, the old leader's entry is overwritten, not applied."""
+    cluster, old = _stable()
+    call = cluster.call(Call("allocate", "train", request_id="iso-1", gpus=2), first=old)
+
+    def proposed() -> bool:
+        return any(
+            p.node == old and isinstance(p.command, Allocate) and p.command.allocation.request.request_id == "iso-1"
+            for p in cluster.inflight.values()
+        )
+
+    _step_until(cluster, proposed)
+    lost = next(p.command for p in cluster.inflight.values() if p.node == old)
+    assert isinstance(lost, Allocate)
+    cluster.raft.partition({old}, set(cluster.raft.nodes) - {old})
+    _step_until(cluster, lambda: call.finished, ticks=200.0)
+
+    assert [(a.server == old, a.status) for a in call.answers][0] == (True, 503)
+    assert call.answers[-1].status == 200 and call.answers[-1].server != old
+    granted = call.answers[-1].allocation
+    assert granted is not None and granted.allocation_id != lost.allocation.allocation_id
+    cluster.settle()
+    assert cluster.allocated["iso-1"] == granted.allocation_id  # the only allocation ever applied
+    for node_id in cluster.raft.nodes:
+        record = cluster.table(node_id).record("iso-1")
+        assert record is not None and record.allocation_id == granted.allocation_id
+
+
+@pytest.mark.parametrize("ready_gate", [True, False])
+def test_new_leader_does_not_answer_from_a_table_missing_committed_entries(ready_gate: bool) -> None:
+    """An allocation is committed and acknowledged, then its leader is cut off before the
+    followers learn the commit index: their tables lack it. The client's retry reaches the
+    new leader before its NOOP commits. It waits for leader_ready (thesis §6.4) and answers the
+    same allocation. Deciding before ready (ready_gate=False, the mutation) allocates the id
+    again, and the table refuses it: the client would hear 409 duplicate_request, which the
+    checker flags - the contrast shows the test can fail."""
+    cluster, old = _stable(seed=2, ready_gate=ready_gate)
+    first = cluster.call(Call("allocate", "train", request_id="pre-1"), first=old)
+    _step_until(cluster, lambda: cluster.table(old).record("pre-1") is not None)
+    cluster.raft.partition({old}, set(cluster.raft.nodes) - {old})
+    followers = [v for v in cluster.raft.nodes if v != old]
+    assert all(cluster.table(v).record("pre-1") is None for v in followers)  # committed, not yet known
+
+    def new_leader() -> str | None:
+        return next((v for v in followers if (c := cluster.raft.nodes[v].core) and c.role is Role.LEADER), None)
+
+    _step_until(cluster, lambda: new_leader() is not None)
+    new = new_leader()
+    assert new is not None and cluster.table(new).record("pre-1") is None
+    retry = Call("allocate", "train", request_id="pre-1")
+
+    def retry_and_settle() -> None:
+        cluster.call(retry, first=new, at_once=True)
+        _step_until(cluster, lambda: retry.finished and first.finished)
+        cluster.settle()
+
+    if not ready_gate:
+        with pytest.raises(LeaseViolation, match="duplicate_request"):
+            retry_and_settle()
+        return
+    retry_and_settle()
+    assert cluster.stats["waited_for_ready"] >= 1
+    acked = first.answers[0].allocation
+    assert first.answers[0].status == 200 and acked is not None
+    assert [(a.status, a.server, a.allocation) for a in retry.answers] == [(200, new, acked)]
+
+
+def test_a_failing_run_is_reported_with_its_seed() -> None:
+    """The harness itself: a violation names the seed and the one command that reruns it."""
+
+    def broken(seed: int) -> LeaseCluster:
+        raise SafetyViolation("injected")
+
+    with pytest.raises(
+        AssertionError,
+        match=r"seed 7 failed: injected\nreproduce: LEASE_SIM_SEED=7 python -m pytest -q \S+ -k demo\n1 of 2 seeds failed: \[7\]",
+    ):
+        run_seeds("demo", 0, lambda seed: broken(seed) if seed == 7 else LeaseCluster(seed, 1, CONFIG), only=[6, 7])
+
+
+def test_a_seed_reproduces_its_run() -> None:
+    """Determinism: the same seed gives the same run (answers, acknowledgements, tables)."""
+    a, b = chaos(5, 3), chaos(5, 3)
+    assert (a.stats, a.acks, a.allocated, list(a.raft.trace)) == (b.stats, b.acks, b.allocated, list(b.raft.trace))
+    assert [c.answers for c in a.calls] == [c.answers for c in b.calls]
