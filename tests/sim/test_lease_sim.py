@@ -47,11 +47,11 @@ def run_seeds(test: str, offset: int, body: Callable[[int], LeaseCluster], only:
         except AssertionError as exc:
             failed.append((seed, exc))
     if failed:
-        seed, exc = failed[0]
+        seed, first = failed[0]
         raise AssertionError(
-            f"seed {seed} failed: {exc}\nreproduce: LEASE_SIM_SEED={seed} python -m pytest -q {HERE} -k {test}\n"
+            f"seed {seed} failed: {first}\nreproduce: LEASE_SIM_SEED={seed} python -m pytest -q {HERE} -k {test}\n"
             f"{len(failed)} of {len(ran)} seeds failed: {[s for s, _ in failed][:50]}"
-        ) from exc
+        ) from first
 
 
 def chaos(seed: int, n: int, *, horizon: float = 120.0, ready_gate: bool = True) -> LeaseCluster:
