@@ -850,6 +850,8 @@ class LeaseCluster:
             alloc = answer.allocation
             assert alloc is not None and alloc.allocation_id == call.allocation_id
             expiry = alloc.expires_at if alloc.expires_at is not None else float("inf")
+            # The latest expiry acknowledged: the workload renews a lease with one TTL, so
+            # retries (later `at`) only move it later.
             before = self.renewals.get(alloc.allocation_id)
             if before is None or before[1] < expiry:
                 self.renewals[alloc.allocation_id] = (alloc.request.request_id, expiry, answer.index)
@@ -927,67 +929,3 @@ class LeaseCluster:
         if not probe.answers or probe.answers[-1].status not in (200, 202):
             raise self.violation(f"a healed cluster did not serve an allocate: {probe.answers}")
 
-
-def workload(cluster: LeaseCluster, rng: random.Random, horizon: float) -> None:
-    """Random clients until `horizon`: allocates (some queue=false, some too big to ever fit),
-    and follow-ups: renew and release what was granted, poll or cancel what was queued,
-    retry with a used id. Plus operators draining GPUs and marking hosts lost."""
-    services = ["train", "infer", "batch"]
-    per_host = max(sum(1 for v in cluster.views if v.node == cluster.views[0].node), 1)
-
-    def allocate() -> None:
-        if cluster.now >= horizon:
-            return
-        gpus = min(rng.choice([1, 1, 1, 2, 2, 3]), per_host) if rng.random() > 0.03 else per_host + 1
-        cluster.call(
-            Call(
-                "allocate",
-                rng.choice(services),
-                request_id=cluster.new_request_id(),
-                gpus=gpus,
-                queue=rng.random() < 0.7,
-                ttl_s=rng.uniform(1.0, 4.0),
-                priority=rng.randrange(1, 11),
-            )
-        )
-        cluster.later(rng.uniform(0.5, 3.0), allocate)
-
-    def follow_up(call: Call, answer: Answer) -> None:
-        if cluster.now >= horizon:
-            return
-        if call.op == "allocate" and answer.status == 200:
-            assert answer.allocation is not None
-            aid = answer.allocation.allocation_id
-            roll = rng.random()
-            if roll < 0.35:
-                renew = Call("renew", call.service, request_id=call.request_id, allocation_id=aid, ttl_s=rng.uniform(1.0, 5.0))
-                cluster.call_later(rng.uniform(2.0, 30.0), renew)
-            if roll < 0.6:
-                by_request = rng.random() < 0.3
-                release = Call(
-                    "release",
-                    call.service,
-                    request_id=call.request_id if by_request else "",
-                    allocation_id="" if by_request else aid,
-                )
-                cluster.call_later(rng.uniform(5.0, 50.0), release)
-            elif roll < 0.7:
-                again = replace(call, attempts=0, finished=False, answers=[])
-                cluster.call_later(rng.uniform(1.0, 60.0), again)
-        elif call.op == "allocate" and answer.status == 202:
-            if rng.random() < 0.3:
-                cancel = Call("release", call.service, request_id=call.request_id)
-                cluster.call_later(rng.uniform(2.0, 20.0), cancel)
-            else:
-                poll = replace(call, attempts=0, finished=False, answers=[])
-                cluster.call_later(rng.uniform(5.0, 30.0), poll)
-
-    def operator() -> None:
-        if cluster.now >= horizon:
-            return
-        cluster.operator("drain" if rng.random() < 0.8 else "host_lost")
-        cluster.later(rng.uniform(5.0, 30.0), operator)
-
-    cluster.on_finished = follow_up
-    cluster.later(1.0, allocate)
-    cluster.later(rng.uniform(5.0, 20.0), operator)
