@@ -50,7 +50,8 @@ Checked after every event (`LeaseViolation`, a SafetyViolation):
   released, expired or marked lost; a 202 leaves a record the same way; an
   acknowledged renewal is not expired before its new expiry;
 - tables captured at the same index are identical on every server;
-- every answer a client gets is one docs/api.md lists for that call (never
+- every answer a server gives a client (checked as given, so one lost on its way
+  back counts) is one docs/api.md lists for that call (never
   `gpu_busy`, `duplicate_request`, ...: those mean a leader decided from a table
   missing committed entries), and repeats of a request id name one allocation.
 `settle()` heals the world (RaftCluster.settle: no acknowledged entry lost, logs
@@ -773,6 +774,7 @@ class LeaseCluster:
         node = self.raft.nodes[node_id]
         if node.state != UP or node.core is None:
             return  # nobody listens: the client times out
+        reply = self._audited(call, reply)
         core = node.core
         shell = self.shells.get(node_id)
         if core.role is Role.LEADER and shell is not None:
@@ -827,6 +829,15 @@ class LeaseCluster:
         self.on_finished(call, answer)
 
     # --- the checker --------------------------------------------------------------------------
+
+    def _audited(self, call: Call, reply: Reply) -> Reply:
+        """Check each answer as a server gives it, so one lost on its way back counts too."""
+
+        def audited(answer: Answer) -> None:
+            self._check_answer(call, answer)
+            reply(answer)
+
+        return audited
 
     def _check_answer(self, call: Call, answer: Answer) -> None:
         if (answer.status, answer.code) not in DOCUMENTED[call.op]:

@@ -91,9 +91,10 @@ def chaos(seed: int, n: int, *, horizon: float = 120.0, ready_gate: bool = True)
 
 
 def workload(cluster: LeaseCluster, rng: random.Random, horizon: float) -> None:
-    """Random clients until `horizon`: allocates (some queue=false, some too big to ever fit),
-    and follow-ups: renew and release what was granted, poll or cancel what was queued,
-    retry with a used id. Plus operators draining GPUs and marking hosts lost."""
+    """Random clients until `horizon`: allocates (some queue=false, some too big to ever fit,
+    a few reusing another service's request id), and follow-ups: renew and release what was
+    granted, poll or cancel what was queued, retry with a used id. Plus operators draining
+    GPUs and marking hosts lost."""
     services = ["train", "infer", "batch"]
     per_host = max(sum(1 for v in cluster.views if v.node == cluster.views[0].node), 1)
 
@@ -101,11 +102,18 @@ def workload(cluster: LeaseCluster, rng: random.Random, horizon: float) -> None:
         if cluster.now >= horizon:
             return
         gpus = min(rng.choice([1, 1, 1, 2, 2, 3]), per_host) if rng.random() > 0.03 else per_host + 1
+        service = rng.choice(services)
+        request_id = cluster.new_request_id()
+        if cluster.calls and rng.random() < 0.03:
+            # Another service's id: 409 request_id_conflict once any server recorded it.
+            earlier = rng.choice(cluster.calls)
+            if earlier.op == "allocate" and earlier.service != service:
+                request_id = earlier.request_id
         cluster.call(
             Call(
                 "allocate",
-                rng.choice(services),
-                request_id=cluster.new_request_id(),
+                service,
+                request_id=request_id,
                 gpus=gpus,
                 queue=rng.random() < 0.7,
                 ttl_s=rng.uniform(1.0, 4.0),
