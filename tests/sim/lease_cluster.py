@@ -555,6 +555,7 @@ class LeaseCluster:
             reply(self._error(shell, exc))
             return
         if step is WAIT:
+            self.stats["waited_for_id"] += 1
             shell.waiters.setdefault(rid, []).append((call, reply))
             return
         if isinstance(step, Repeat):

@@ -23,6 +23,7 @@ import pytest
 from coordinator.commands import Allocate
 from coordinator.raft import Role
 from coordinator.raft_config import local
+from tests.sim import lease_cluster
 from tests.sim.lease_cluster import Answer, Call, LeaseCluster, LeaseViolation
 from tests.sim.raft_cluster import SafetyViolation, random_fault
 
@@ -262,6 +263,36 @@ def test_new_leader_does_not_answer_from_a_table_missing_committed_entries(ready
     acked = first.answers[0].allocation
     assert first.answers[0].status == 200 and acked is not None
     assert [(a.status, a.server, a.allocation) for a in retry.answers] == [(200, new, acked)]
+
+
+def test_outcome_unknown_keeps_the_request_id_and_gpus_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The followers' answers to the leader are cut for a few ticks after it proposes an
+    Allocate: the proposal times out and the client hears 503 outcome_unknown while the leader
+    still leads. A retry with the same request id must not be decided again: the id is still
+    in flight, so it waits for the entry and gets that one allocation. (A shell
+    that let the id and GPUs go at the timeout would decide it twice: 409 duplicate_request.)"""
+    monkeypatch.setattr(lease_cluster, "PROPOSE_TIMEOUT", 2.0)
+    cluster, leader = _stable(seed=3)
+    core = cluster.raft.nodes[leader].core
+    assert core is not None
+    term = core.term
+    call = cluster.call(Call("allocate", "train", request_id="slow-1", gpus=2), first=leader)
+    _step_until(cluster, lambda: any(p.node == leader for p in cluster.inflight.values()))
+    for v in cluster.raft.nodes:
+        if v != leader:
+            cluster.raft.cut(v, leader)
+    _step_until(cluster, lambda: bool(call.answers), ticks=8.0)
+    assert [(a.status, a.code) for a in call.answers] == [(503, "outcome_unknown")]
+    retry = cluster.call(Call("allocate", "train", request_id="slow-1", gpus=2), first=leader, at_once=True)
+    assert cluster.stats["waited_for_id"] == 1 and not retry.answers  # the id is still in flight
+    cluster.raft.heal()
+    _step_until(cluster, lambda: retry.finished)
+
+    assert [(a.status, a.server) for a in retry.answers] == [(200, leader)]
+    granted = retry.answers[0].allocation
+    assert granted is not None and cluster.allocated["slow-1"] == granted.allocation_id
+    assert core.role is Role.LEADER and core.term == term  # one leader decided, once
+    cluster.settle()
 
 
 def test_a_failing_run_is_reported_with_its_seed() -> None:
