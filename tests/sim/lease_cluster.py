@@ -7,9 +7,8 @@ as their state machine (`LeaseMachine`): committed NORMAL entries are decoded
 with `decode_command` and applied in log order; snapshots are
 `msgpack(table.snapshot())`, restored with `LeaseTable.restore`.
 
-On top of each server runs a `Shell`, the lease service as the agent runs it
-(agent/lease_service.py with coordinator/admission.py), one per life of the
-server. While its core leads *and* is `leader_ready` (an entry of its own term
+On top of each server runs a `Shell`: agent/lease_service.py's logic on the
+pure Admission core (coordinator/admission.py), one per life of the server. While its core leads *and* is `leader_ready` (an entry of its own term
 is applied, so its table holds every committed write) the shell owns a fresh
 `Admission` for that term; it drops it when that stops. Only then does it decide:
 
@@ -27,7 +26,8 @@ covers the index is `outcome_unknown`; so is no answer within PROPOSE_TIMEOUT
 (the client hears it, but the shell keeps the GPUs and the request id held
 until the entry's fate is known, so a retry waits instead of deciding again).
 A proposal refused by the core, or queued behind a slow disk and reaching the
-core in another term, is `not_leader`. A crash voids everything of that life:
+core in another term (what was decided for one term is never proposed in
+another), is `not_leader`. A crash voids everything of that life:
 its clients time out. A request reaching a leader that is not ready yet waits
 for readiness (READY_WAIT, then `no_leader`; `not_leader` when it stops leading).
 
@@ -45,7 +45,7 @@ requests time out during a run.
 Checked after every event (`LeaseViolation`, a SafetyViolation):
 - no GPU is held by two live leases in any server's table;
 - one request id → at most one allocation ever, over every server's applies;
-- every acknowledged allocation (a client got 200 with it) is in the table of
+- every acknowledged allocation (a server answered 200 with it) is in the table of
   every server whose applied index covers the acknowledgement, until it was
   released, expired or marked lost; a 202 leaves a record the same way; an
   acknowledged renewal is not expired before its new expiry;
@@ -62,9 +62,9 @@ leader's table, that all voters' tables are equal, and that a new allocate is se
 from __future__ import annotations
 
 import random
-from functools import partial
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable, Union
 
 import msgpack
