@@ -849,8 +849,10 @@ class LeaseCluster:
             alloc = answer.allocation
             assert alloc is not None
             rid = call.request_id
-            if alloc.request.request_id != rid or len(alloc.gpus) != call.gpus:
-                raise self.violation(f"{call} answered with {alloc.allocation_id} of another request")
+            # Only the id (and its service) must match: a repeat answers the first request
+            # with this id, whatever the retry's body says (docs/api.md, Idempotency).
+            if alloc.request.request_id != rid or alloc.request.service_name != call.service:
+                raise self.violation(f"{call} of {call.service} answered with {alloc.allocation_id} of another request")
             if self.allocated.get(rid) != alloc.allocation_id:
                 raise self.violation(f"{call} answered {alloc.allocation_id}, but {self.allocated.get(rid)} was applied")
             acked = self.acks.setdefault(rid, (alloc.allocation_id, answer.index))
