@@ -171,7 +171,9 @@ class StepTimer(trio.abc.Instrument):
 
 
 def short_name(name: str) -> str:
-    """`agent.raft_log.RaftLog._loop` → `RaftLog._loop`; bench tasks keep their last part."""
+    """`agent.raft_log.RaftLog._loop` → `RaftLog._loop`; names given by the bench stay as they are."""
+    if "(bench)" in name:
+        return name
     parts = name.split(".")
     return ".".join(parts[-2:]) if len(parts) > 1 else name
 
@@ -252,13 +254,13 @@ async def bounded(items: Sequence[Any], in_flight: int, call: Callable[[Any], Aw
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(in_flight, len(items))):
-            nursery.start_soon(worker)
+            nursery.start_soon(worker, name="request worker (bench)")
 
 
 async def run_size(hosts: int, args: argparse.Namespace, timer: StepTimer, tmp: Path) -> Run:
     run = Run(hosts, args.requests, args.releases)
     run.load_before = os.getloadavg()[0]
-    config = lan()
+    config = lan().replace(snapshot_every=args.snapshot_every)
     wire = Wire()
     storages: dict[str, RaftStorage] = {}
     timed: dict[str, TimedStorage] = {}
@@ -506,14 +508,19 @@ def main(argv: list[str] | None = None) -> int:
         "--max-queue", type=int, default=10_000,
         help="[scheduler] max_queue (default 10,000; the agent's default of 1,000 would answer 503 queue_full)",
     )
+    parser.add_argument(
+        "--snapshot-every", type=int, default=lan().snapshot_every,
+        help=f"the log's snapshot_every (default lan()'s {lan().snapshot_every:,}; a larger one takes no snapshot in the run)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     nominal_ms = lan().tick_interval_s * lan().heartbeat_ticks * 1000
     print(machine())
     print(
         f"3 RaftLogs, lan() timing: heartbeat every {nominal_ms:g} ms, election timeout "
-        f"{lan().tick_interval_s * lan().election_ticks:g} s; SQLite WAL + fsync; burst of {args.requests:,} "
-        f"allocates then {args.releases:,} releases, {args.in_flight} in flight",
+        f"{lan().tick_interval_s * lan().election_ticks:g} s; snapshot every {args.snapshot_every:,} entries; "
+        f"SQLite WAL + fsync; burst of {args.requests:,} allocates then {args.releases:,} releases, "
+        f"{args.in_flight} in flight",
         flush=True,
     )
     timer = StepTimer()
