@@ -222,6 +222,15 @@ class Run:
         self.first_error = self.first_error or f"{what}: {type(error).__name__}: {error}"
 
 
+def role_listener(roles: list[tuple[float, str, RoleState]], name: str) -> Callable[[RoleState], None]:
+    """An `on_role` listener noting (time, server, state)."""
+
+    def listen(state: RoleState) -> None:
+        roles.append((trio.current_time(), name, state))
+
+    return listen
+
+
 def build_inventory(hosts: int) -> Inventory:
     return Inventory.of(
         GpuView(f"host-{h:04d}", i, f"GPU-{h:04d}-{i}", H100, H100_MB, H100_MB - 500, 0.0)
@@ -276,7 +285,7 @@ async def run_size(hosts: int, args: argparse.Namespace, timer: StepTimer, tmp: 
             timed[name], wire.sink(name), node_id=name, on_applied=on_applied, config=config,
             rng=random.Random(f"{args.seed}-{name}"), bootstrap_voters=NAMES,
         )
-        raft.on_role(lambda state, name=name: roles.append((trio.current_time(), name, state)))
+        raft.on_role(role_listener(roles, name))
         wire.logs[name] = raft
         await raft.recover()
 
@@ -433,7 +442,9 @@ def summary(runs: list[Run], nominal_ms: float) -> list[tuple[str, list[str]]]:
     row("burst: allocates", lambda r: f"{sum(len(v) for v in r.allocate_ms.values()):,} ({len(r.allocate_ms[200]):,} x 200, {len(r.allocate_ms[202]):,} x 202)")
     row("burst: duration (s)", lambda r: f"{r.burst_window[1] - r.burst_window[0]:.1f}")
     row("burst: allocates/s", lambda r: f"{sum(len(v) for v in r.allocate_ms.values()) / (r.burst_window[1] - r.burst_window[0]):,.0f}")
-    all_alloc = lambda r: r.allocate_ms[200] + r.allocate_ms[202]  # noqa: E731
+    def all_alloc(r: Run) -> list[float]:
+        return r.allocate_ms[200] + r.allocate_ms[202]
+
     row("allocate p50 / p99 (ms)", lambda r: f"{percentile(all_alloc(r), 50):.1f} / {percentile(all_alloc(r), 99):.1f}")
     row("  granted (200) p50 / p99 (ms)", lambda r: f"{percentile(r.allocate_ms[200], 50):.1f} / {percentile(r.allocate_ms[200], 99):.1f}")
     row("  queued (202) p50 / p99 (ms)", lambda r: f"{percentile(r.allocate_ms[202], 50):.1f} / {percentile(r.allocate_ms[202], 99):.1f}")
