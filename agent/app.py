@@ -192,7 +192,7 @@ async def run_agent(
             cluster = ClusterRuntime(config, membership, lambda: replication.log if replication else None, peer_client)
             leadership = Leadership(
                 node,
-                lambda raft_log: _build_lease_service(config, raft_log, feed, analysis, metrics, rng),
+                lambda raft_log, term: _build_lease_service(config, raft_log, term, feed, analysis, metrics, rng),
                 _leader_tasks(config, sampler, membership, feed, deliverer, astore, lambda: replication.log if replication else None),
             )
             replication.on_log(leadership.follow)
@@ -292,12 +292,13 @@ def _build_advisor(config: AgentConfig, client: httpx.AsyncClient) -> DeepAgents
 def _build_lease_service(
     config: AgentConfig,
     raft_log: RaftLog,
+    term: int,
     feed: InventoryFeed,
     analysis: WorkloadAnalysis,
     metrics: AgentMetrics,
     rng: random.Random,
 ) -> LeaseService:
-    """One ready leadership's lease service, with a fresh admission core."""
+    """The lease service of the leadership of `term`, with a fresh admission core."""
     scheduler = Scheduler(
         SchedulerConfig(queue_timeout_s=config.scheduler.queue_timeout_s, max_queue=config.scheduler.max_queue), rng
     )
@@ -306,6 +307,7 @@ def _build_lease_service(
         Admission(scheduler),
         feed.inventory,
         analysis,
+        term=term,
         default_ttl_s=config.scheduler.default_ttl_s,
         max_ttl_s=config.scheduler.max_ttl_s,
         tick_interval_s=config.scheduler.tick_interval_s,

@@ -44,7 +44,7 @@ class Leadership:
     def __init__(
         self,
         node: str,
-        build_service: Callable[[RaftLog], LeaseService],
+        build_service: Callable[[RaftLog, int], LeaseService],
         tasks: Sequence[LeaderTask],
     ) -> None:
         self.node = node
@@ -116,7 +116,7 @@ class Leadership:
         with trio.CancelScope() as scope:
             self._scope = scope
             self._service_term = term
-            service = self._build_service(raft_log)
+            service = self._build_service(raft_log, term)
             self.service = service
             self._changed.set()
             self._changed = trio.Event()

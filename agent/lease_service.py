@@ -55,8 +55,8 @@ class CommandLog(Protocol):
     def table(self) -> LeaseTable: ...
 
     async def read_barrier(self) -> None: ...
-    async def propose(self, command: Command) -> ApplyResult: ...
-    async def propose_many(self, commands: Sequence[Command]) -> list[ApplyResult]: ...
+    async def propose(self, command: Command, *, term: int | None = None) -> ApplyResult: ...
+    async def propose_many(self, commands: Sequence[Command], *, term: int | None = None) -> list[ApplyResult]: ...
 
 
 class LeaseReader(Protocol):
@@ -96,6 +96,7 @@ class LeaseService:
         inventory: Callable[[], Inventory],
         analysis: WorkloadAnalysis,
         *,
+        term: int | None = None,
         default_ttl_s: float,
         max_ttl_s: float,
         tick_interval_s: float = 0.5,
@@ -103,6 +104,8 @@ class LeaseService:
         on_decision: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self.log = log_
+        # The leadership term this service decides for: its proposals are refused in any other.
+        self.term = term
         self.admission = admission
         self.inventory = inventory
         self.analysis = analysis
@@ -154,7 +157,7 @@ class LeaseService:
                 self._on_decision(f"rejected_{exc.code}")
                 raise
             try:
-                result = await self.log.propose(command)
+                result = await self.log.propose(command, term=self.term)
             except (NotLeader, ProposalLost):
                 self.admission.settle(command)  # surely not applied: its GPUs are free again
                 raise
@@ -208,7 +211,7 @@ class LeaseService:
         if queued:
             # The scheduler may place some between the two entries: not an error (a Cancel
             # with none left queued is NotFound), and what it placed is released below.
-            result = await self.log.propose(Cancel(now, queued))
+            result = await self.log.propose(Cancel(now, queued), term=self.term)
             cancelled = result.affected if result.ok else ()
             late = tuple(a.allocation_id for a in self.table.allocations_of_service(service_name))
             if late:
@@ -220,7 +223,7 @@ class LeaseService:
         """Cancel a queued request, or release what it was granted. Raises NotFound."""
         record = self.table.record(request_id)
         if record is not None and record.status == QUEUED:
-            result = await self.log.propose(Cancel(self._clock(), (request_id,)))
+            result = await self.log.propose(Cancel(self._clock(), (request_id,)), term=self.term)
             if result.ok:
                 self.wake()
                 return ReleaseOutcome((), result.affected)
@@ -268,7 +271,7 @@ class LeaseService:
         Returns the applied result: its `affected` ids, or a NotFound error when
         nothing was live there any more. Raises RaftError when leadership moved.
         """
-        result = await self.log.propose(MarkHostLost(self._clock(), node, allocated_before))
+        result = await self.log.propose(MarkHostLost(self._clock(), node, allocated_before), term=self.term)
         if result.ok:
             self.wake()  # GPUs were freed; the queue may be served once the host returns
         return result
@@ -279,7 +282,7 @@ class LeaseService:
             await self._propose_ok(OutboxDelivered(self._clock(), through))
 
     async def _propose_ok(self, command: Command) -> ApplyResult:
-        result = await self.log.propose(command)
+        result = await self.log.propose(command, term=self.term)
         if result.error is not None:
             raise result.error
         return result
@@ -307,7 +310,7 @@ class LeaseService:
 
     async def _propose_tick(self, commands: list[Command]) -> None:
         try:
-            results = await self.log.propose_many(commands)
+            results = await self.log.propose_many(commands, term=self.term)
         except (NotLeader, ProposalLost) as error:
             for command in commands:
                 self.admission.settle(command)

@@ -243,6 +243,8 @@ class _Waiter:
 class _Batch(_Waiter):
     commands: Sequence[Command]
     results: list[ApplyResult | None]
+    # The term whose leadership decided these commands (None: any term will do).
+    term: int | None = None
     # (index, term) given to each command by the core once proposed.
     positions: list[tuple[int, int]] = field(default_factory=list)
     settled: int = 0
@@ -458,16 +460,19 @@ class RaftLog:
         self._inputs.append(message)
         self._wakeup.set()
 
-    async def propose(self, command: Command) -> ApplyResult:
+    async def propose(self, command: Command, *, term: int | None = None) -> ApplyResult:
         """Replicate `command`, wait until committed and applied here, return its result.
 
+        With `term`, the command is proposed only in that term: it was decided by
+        that term's leadership, and a later one (this server lost leadership and won
+        it again meanwhile) must not append a decision made from older state.
         Raises NotLeader (leader_hint: forward there), ProposalLost (not applied: retry),
         ProposalUnknown (may or may not be applied: retry idempotently).
         """
-        return (await self.propose_many([command]))[0]
+        return (await self.propose_many([command], term=term))[0]
 
-    async def propose_many(self, commands: Sequence[Command]) -> list[ApplyResult]:
-        """Propose several commands, consecutive in the log in this order (see "Proposals")."""
+    async def propose_many(self, commands: Sequence[Command], *, term: int | None = None) -> list[ApplyResult]:
+        """Propose several commands, consecutive in the log in this order (see "Proposals" and `propose`)."""
         if not commands:
             return []
         core = self._require_core()
@@ -475,7 +480,9 @@ class RaftLog:
             raise NotLeader(core.lead)
         if core.lead_transferee is not None:
             raise NotLeader(core.lead_transferee, "leadership is being transferred")
-        batch = _Batch(commands, [None] * len(commands))
+        if term is not None and core.term != term:
+            raise NotLeader(core.lead, f"decided in term {term}; this server now leads term {core.term}")
+        batch = _Batch(commands, [None] * len(commands), term=term)
         started = trio.current_time()
         self._inputs.append(batch)
         self._wakeup.set()
@@ -672,6 +679,11 @@ class RaftLog:
 
     def _propose_batch(self, core: RaftCore, batch: _Batch) -> None:
         if batch.done.is_set():
+            return
+        if batch.term is not None and core.term != batch.term:
+            # Leadership was lost and won again while the batch waited in the queue:
+            # nothing was appended, and the new term decides afresh.
+            batch.finish(NotLeader(core.lead, f"decided in term {batch.term}; the log is in term {core.term}"))
             return
         try:
             for n, command in enumerate(batch.commands):

@@ -18,7 +18,7 @@ import trio
 from coordinator.raft_config import local
 from coordinator.raft_messages import Message
 from agent.context import DISK_STALL_DEGRADED_S, degraded_reason
-from agent.raft_log import Applied, RaftLog
+from agent.raft_log import Applied, NotLeader, RaftLog
 from agent.raft_storage import AsyncRaftStorage, RaftStorage
 
 
@@ -98,3 +98,32 @@ def test_a_stuck_persist_shows_as_a_growing_stall_and_clears_when_the_disk_moves
 )
 def test_healthz_names_every_reason_it_is_degraded(devices: str | None, stalled: float, expected: str | None) -> None:
     assert degraded_reason(devices, stalled) == expected
+
+
+def test_a_proposal_decided_in_another_term_is_refused_before_it_is_appended(tmp_path: Path) -> None:
+    """A lease service decides for one leadership term; if this server lost and regained
+    leadership meanwhile, its decision must not be appended in the new term."""
+    from coordinator.commands import SetDrain
+
+    storage = RaftStorage(tmp_path / "state.db")
+    log = RaftLog(
+        AsyncRaftStorage(storage), Outbox(), node_id="n1", on_applied=no_hook, config=local(),
+        bootstrap_voters=("n1",),
+    )
+
+    async def main() -> None:
+        await log.recover()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(log.run)
+            with trio.fail_after(10):
+                while not log.leader_ready:
+                    await trio.sleep(0.01)
+            term, before = log.term, log.last_index
+            with pytest.raises(NotLeader):
+                await log.propose(SetDrain(1.0, "n1", 0, True, "stale"), term=term - 1)
+            assert log.last_index == before  # nothing appended
+            assert (await log.propose(SetDrain(2.0, "n1", 0, True, "current"), term=term)).ok
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    storage.close()

@@ -17,8 +17,9 @@ The world is hostile and seeded (one `random.Random` decides everything):
   takes no input (messages and ticks queue, as behind a shell's fsync);
 - nodes compact their logs, so restarted and lagging followers need snapshots.
 
-The replicated state machine records every applied entry (its history is
-also its snapshot). The checker runs after every event and raises
+The replicated state machine is pluggable (`StateMachine`; the lease layer in
+tests/sim/lease_cluster.py runs a real LeaseTable): by default a key-value map
+that records every applied entry (its history is also its snapshot). The checker runs after every event and raises
 `SafetyViolation` when any of these break:
 - election safety: at most one leader per term (§5.2);
 - leader append-only: a leader never overwrites or deletes its entries (§5.3);
@@ -93,15 +94,53 @@ class Disk:
             raise SafetyViolation(f"persisted commit {self.hard_state.commit} beyond the persisted log {self.last_index}")
 
 
-class Machine:
-    """The replicated state machine: a key-value map plus the full history that built it."""
+class StateMachine:
+    """What the cluster needs of a server's replicated state machine.
+
+    `history` holds the entries the machine knows one by one, (index, term, type,
+    data): every applied one, and those its snapshot carries individually (the
+    checker records them as committed).
+    """
+
+    history: list[tuple[int, int, int, bytes]]
+
+    @property
+    def applied(self) -> int:
+        raise NotImplementedError
+
+    def apply(self, e: Entry) -> None:
+        """Apply the next committed entry (raise SafetyViolation when it is not the next)."""
+        raise NotImplementedError
+
+    def snapshot_at(self, index: int) -> tuple[int, bytes] | None:
+        """A snapshot (its index and data) at or below `index` to compact to, or None."""
+        raise NotImplementedError
+
+    def holds(self, index: int, term: int, data: bytes) -> bool:
+        """Whether entry (index, term, data) is reflected in this machine."""
+        raise NotImplementedError
+
+    def state(self) -> object:
+        """The machine's state, comparable with ==."""
+        raise NotImplementedError
+
+
+MachineFactory = Callable[["SimNode", Snapshot | None], StateMachine]
+
+
+class Machine(StateMachine):
+    """The default state machine: a key-value map plus the full history that built it."""
 
     def __init__(self, snapshot: Snapshot | None = None) -> None:
-        self.history: list[tuple[int, int, int, bytes]] = []  # (index, term, type, data)
+        self.history = []
         self.kv: dict[bytes, bytes] = {}
         if snapshot is not None and snapshot.data:
             for index, term, etype, data in msgpack.unpackb(snapshot.data):
                 self._apply(index, term, etype, data)
+
+    @classmethod
+    def factory(cls, node: SimNode, snapshot: Snapshot | None) -> StateMachine:
+        return cls(snapshot)
 
     @property
     def applied(self) -> int:
@@ -111,6 +150,15 @@ class Machine:
         if e.index != self.applied + 1:
             raise SafetyViolation(f"applied entry {e.index} after {self.applied}")
         self._apply(e.index, e.term, int(e.type), e.data)
+
+    def snapshot_at(self, index: int) -> tuple[int, bytes] | None:
+        return index, self.snapshot_data(index)
+
+    def holds(self, index: int, term: int, data: bytes) -> bool:
+        return (index, term, int(EntryType.NORMAL), data) in self.history
+
+    def state(self) -> object:
+        return self.kv
 
     def _apply(self, index: int, term: int, etype: int, data: bytes) -> None:
         self.history.append((index, term, etype, data))
@@ -131,7 +179,7 @@ class SimNode:
     disk: Disk
     rng: random.Random
     core: RaftCore | None = None
-    machine: Machine = field(default_factory=Machine)
+    machine: StateMachine = field(default_factory=Machine)
     state: str = DOWN
     life: int = 0  # bumped on every crash: events of an earlier life are void
     busy: bool = False
@@ -162,8 +210,10 @@ class RaftCluster:
         delay: tuple[float, float] = (0.05, 0.5),
         snapshot_every: int = 20,
         snapshot_catchup: int = 5,
+        machine: MachineFactory = Machine.factory,
     ) -> None:
         self.seed = seed
+        self.machine = machine
         self.rng = random.Random(seed)
         self.config = config
         self.loss = loss
@@ -181,10 +231,12 @@ class RaftCluster:
         self.leaders: dict[int, str] = {}
         self._leader_tail: dict[str, tuple[int, int, int]] = {}  # node → (term, last index, its term)
         self.proposals: dict[tuple[str, int, int], Proposal] = {}
-        self.acked: list[bytes] = []
+        self.acked: list[Proposal] = []
         self.reads: dict[bytes, int] = {}  # read context → commit floor when it started
         self.reads_confirmed = 0
         self.trace: deque[str] = deque(maxlen=60)
+        # Run after every event, once the Raft checks passed (layers above Raft hook in here).
+        self.after_event: list[Callable[[], None]] = []
         self.stats = {"delivered": 0, "dropped": 0, "snapshots_installed": 0, "crashes": 0, "elections": 0}
         voters = [f"n{i}" for i in range(n)]
         for v in voters:
@@ -204,7 +256,7 @@ class RaftCluster:
 
     def _start(self, node: SimNode) -> None:
         node.core = RaftCore(self.config, node.id, node.rng, node.disk.state())
-        node.machine = Machine(node.disk.snapshot)
+        node.machine = self.machine(node, node.disk.snapshot)
         # The state machine is rebuilt from the snapshot; the core re-delivers the rest.
         if node.machine.applied != node.core.log.applied:
             raise SafetyViolation(f"{node.id}: snapshot machine at {node.machine.applied}, core at {node.core.log.applied}")
@@ -291,6 +343,18 @@ class RaftCluster:
 
         return self.change(submit)
 
+    def submit(self, node_id: str, action: Callable[[RaftCore, SimNode], object]) -> None:
+        """Run `action` on `node_id`'s core when it next takes input (behind its disk, like
+        a shell's channel); nothing when the node is down or crashes first."""
+        node = self.nodes[node_id]
+        life = node.life
+
+        def run() -> None:
+            if node.core is not None and node.life == life:
+                action(node.core, node)
+
+        self._input(node, run)
+
     def change(self, action: Callable[[RaftCore, SimNode], object]) -> bool:
         """Run a leader-only request on the leader when it next takes input; refusals
         (NotLeader, ProposalRejected) are the client's to retry. False when no node leads."""
@@ -321,6 +385,8 @@ class RaftCluster:
             self.now = t
             action()
             self.check()
+            for hook in self.after_event:
+                hook()
         self.now = time
 
     def _schedule_tick(self, node: SimNode, life: int, delay: float) -> None:
@@ -380,7 +446,7 @@ class RaftCluster:
             for m in rd.messages:  # 2. send, now that the promises in them are durable
                 self._send(m)
         if rd.snapshot is not None:  # 3. apply
-            node.machine = Machine(rd.snapshot)
+            node.machine = self.machine(node, rd.snapshot)
             self.stats["snapshots_installed"] += 1
             self._check_history(node)
         for e in rd.committed_entries:
@@ -388,7 +454,7 @@ class RaftCluster:
             node.machine.apply(e)
             p = self.proposals.pop((node.id, node.life, e.index), None)
             if p is not None and p.term == e.term and p.data == e.data:
-                self.acked.append(p.data)
+                self.acked.append(p)
         for rs in rd.read_states:
             floor = self.reads.pop(rs.context, None)
             if floor is not None:
@@ -398,10 +464,11 @@ class RaftCluster:
         core.advance(rd)  # 4. advance
         applied = core.log.applied
         if applied - core.log.snapshot.index >= self.snapshot_every:
-            index = applied - self.snapshot_catchup
-            snap = core.compact(index, node.machine.snapshot_data(index))
-            node.disk.snapshot = snap
-            node.disk.entries = [e for e in node.disk.entries if e.index > index]
+            point = node.machine.snapshot_at(applied - self.snapshot_catchup)
+            if point is not None and point[0] > core.log.snapshot.index:
+                index, data = point
+                node.disk.snapshot = core.compact(index, data)
+                node.disk.entries = [e for e in node.disk.entries if e.index > index]
 
     def _send(self, m: Message) -> None:
         if (m.sender, m.to) in self.blocked or self.rng.random() < self.loss:
@@ -475,33 +542,37 @@ class RaftCluster:
                         if i <= top and la[i] != lb[i]:
                             raise SafetyViolation(f"logs of {a} and {b} agree at {top} but differ at {i}")
 
-    def settle(self, ticks: float = 80.0) -> None:
+    def settle(self, ticks: float = 80.0, marker: bytes | None = None) -> None:
         """Heal everything, restart the crashed voters, and check that the cluster recovers
-        with every acknowledged proposal applied everywhere."""
+        with every acknowledged proposal applied everywhere. `marker` is the entry
+        proposed to prove progress (default: a key-value write naming the seed)."""
         self.heal()
         self.loss = self.duplicate = 0.0
         for node in self.nodes.values():
             if node.state == DOWN:
                 self.restart(node.id)
         self.run_until(self.now + ticks)
-        marker = b"settle=%d" % self.seed
+        if marker is None:
+            marker = b"settle=%d" % self.seed
         deadline = self.now + 200.0
         while self.now < deadline:
-            if marker not in self.acked:
+            if not self._acked(marker):
                 self.propose(marker)
             self.run_until(self.now + 5.0)
-            if marker in self.acked and self._converged():
+            if self._acked(marker) and self._converged():
                 break
         else:
-            raise SafetyViolation(f"no progress after healing: leader={self.leader() and self.leader().id}; acked marker={marker in self.acked}")  # type: ignore[union-attr]
+            raise SafetyViolation(f"no progress after healing: leader={self.leader() and self.leader().id}; acked marker={self._acked(marker)}")  # type: ignore[union-attr]
         self.check_logs_match()
         voters = self.committed_voters()
         for v in voters:
             node = self.nodes[v]
-            kept = {h[3] for h in node.machine.history}
-            lost = [d for d in self.acked if d not in kept]
+            lost = [p.data for p in self.acked if not node.machine.holds(p.index, p.term, p.data)]
             if lost:
                 raise SafetyViolation(f"{v} lost acknowledged proposals {lost[:3]}")
+
+    def _acked(self, data: bytes) -> bool:
+        return any(p.data == data for p in self.acked)
 
     def _converged(self) -> bool:
         leader = self.leader()
@@ -514,3 +585,29 @@ class RaftCluster:
 
     def _log(self, text: str) -> None:
         self.trace.append(f"t={self.now:.2f} {text}")
+
+
+def random_fault(cluster: RaftCluster, rng: random.Random) -> None:
+    """One step of a random fault schedule: isolate the leader, split the cluster, cut one
+    direction of a link, heal, crash a server (it restarts 1-30 ticks later), crash the
+    leader, or ask the leader to hand over."""
+    names = [v for v, node in cluster.nodes.items() if node.state != GONE]
+    leader = cluster.leader()
+    kind = rng.choice(["isolate_leader", "split", "cut", "heal", "heal", "crash", "crash_leader", "transfer"])
+    if kind == "isolate_leader" and leader is not None:
+        cluster.partition({leader.id}, set(names) - {leader.id})
+    elif kind == "split":
+        shuffled = rng.sample(names, len(names))
+        k = rng.randrange(1, len(names))
+        cluster.partition(set(shuffled[:k]), set(shuffled[k:]))
+    elif kind == "cut":
+        a, b = rng.sample(names, 2)
+        cluster.cut(a, b)
+    elif kind == "heal":
+        cluster.heal()
+    elif kind in ("crash", "crash_leader"):
+        victim = leader.id if kind == "crash_leader" and leader is not None else rng.choice(names)
+        cluster.crash(victim)
+        cluster.at(cluster.now + rng.uniform(1.0, 30.0), lambda: cluster.restart(victim))
+    elif kind == "transfer":
+        cluster.change(lambda core, _: core.transfer_leadership())

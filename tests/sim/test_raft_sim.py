@@ -21,7 +21,7 @@ import pytest
 
 from coordinator.raft import RaftCore, Role
 from coordinator.raft_config import RaftConfig, local
-from tests.sim.raft_cluster import RaftCluster, SafetyViolation
+from tests.sim.raft_cluster import RaftCluster, SafetyViolation, random_fault
 
 HERE = "tests/sim/test_raft_sim.py"
 SEEDS = int(os.environ.get("RAFT_SIM_SEEDS", "100"))
@@ -71,26 +71,7 @@ def chaos(seed: int, n: int, *, membership: bool = False, horizon: float = 120.0
     def fault() -> None:
         if cluster.now >= horizon:
             return
-        names = [v for v, node in cluster.nodes.items() if node.state != "gone"]
-        leader = cluster.leader()
-        kind = rng.choice(["isolate_leader", "split", "cut", "heal", "heal", "crash", "crash_leader", "transfer"])
-        if kind == "isolate_leader" and leader is not None:
-            cluster.partition({leader.id}, set(names) - {leader.id})
-        elif kind == "split":
-            shuffled = rng.sample(names, len(names))
-            k = rng.randrange(1, len(names))
-            cluster.partition(set(shuffled[:k]), set(shuffled[k:]))
-        elif kind == "cut":
-            a, b = rng.sample(names, 2)
-            cluster.cut(a, b)
-        elif kind == "heal":
-            cluster.heal()
-        elif kind in ("crash", "crash_leader"):
-            victim = leader.id if kind == "crash_leader" and leader is not None else rng.choice(names)
-            cluster.crash(victim)
-            cluster.at(cluster.now + rng.uniform(1.0, 30.0), lambda: cluster.restart(victim))
-        elif kind == "transfer":
-            cluster.change(lambda core, _: core.transfer_leadership())
+        random_fault(cluster, rng)
         if cluster.now < horizon:
             cluster.at(cluster.now + rng.uniform(3.0, 25.0), fault)
 
@@ -220,7 +201,7 @@ def test_restarted_follower_catches_up_by_snapshot() -> None:
     before = cluster.stats["snapshots_installed"]
     cluster.settle()
     assert cluster.stats["snapshots_installed"] > before
-    assert cluster.nodes[follower].machine.kv == leader.machine.kv
+    assert cluster.nodes[follower].machine.state() == leader.machine.state()
 
 
 def test_leadership_transfer_hands_over_without_losing_writes() -> None:
