@@ -130,6 +130,9 @@ class LeaseService:
         Raises InvalidRequest/Unsatisfiable (400), Conflict (409: no capacity with
         queue=false, or a request_id already used), QueueFull (503), RaftError.
         """
+        # A body the server would refuse is refused whether or not its request_id was seen
+        # before: a retry with a bad TTL gets 400, not the earlier answer.
+        resolve_ttl(body.ttl_seconds, default_ttl_s=self.default_ttl_s, max_ttl_s=self.max_ttl_s)
         request_id = body.request_id or uuid.uuid4().hex
         while True:
             step = self.admission.begin(request_id, body.service_name, self.table)

@@ -155,6 +155,9 @@ def test_idempotent_request_id(api: Api) -> None:
     body = {"service_name": "idem", "gpu_count": 1, "request_id": "idem-1"}
     first, again = api.post("/gpu/allocate", body).json(), api.post("/gpu/allocate", body).json()
     assert first["id"] == again["id"] and len(api.state()["allocations"]) == 1
+    # A retry is still a request: one the server would refuse gets its 400, not the earlier answer.
+    too_long = api.post("/gpu/allocate", body | {"ttl_seconds": 2592001})
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "invalid_request", too_long.text
     other = api.post("/gpu/allocate", body | {"service_name": "thief"})
     assert other.status_code == 409 and other.json()["error"]["code"] == "request_id_conflict"
     api.post("/gpu/release", {"request_id": "idem-1"})
