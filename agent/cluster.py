@@ -10,7 +10,6 @@ its `proxy` (agent/leader_proxy.py), over a shared keep-alive httpx client.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import httpx
@@ -33,15 +32,12 @@ class ClusterRuntime:
         membership: MembershipService,
         replica: Callable[[], RaftLog | None],
         client: httpx.AsyncClient,
-        *,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         """`replica` gives this server's Raft log once it has recovered (always None on a client)."""
         self.config = config
         self.node = config.agent.node_name
         self.membership = membership
         self._replica = replica
-        self._clock = clock
         self.proxy = LeaderProxy(self, client)
 
     @property
@@ -65,9 +61,3 @@ class ClusterRuntime:
     def learnt_leader(self) -> LeaderInfo | None:
         """The leader a client or non-voter learnt by asking the servers (None: none yet)."""
         return self.proxy.cached_leader
-
-    def known_term(self) -> int:
-        """The Raft term: the core's on a server, the last one a client learnt from the servers (0: none yet)."""
-        if self.raft is not None:
-            return self.raft.term
-        return self.proxy.term_seen

@@ -254,15 +254,6 @@ class MembershipService:
             counts[view.status] = counts.get(view.status, 0) + 1
         return counts
 
-    def cluster_gpus(self) -> list[RemoteGpu]:
-        """The GPUs other live (alive or suspect) members gossip, in (node, index) order."""
-        out: list[RemoteGpu] = []
-        for member in self.members():
-            if member.view.name == self.name or member.view.status not in _LIVE or member.meta is None:
-                continue
-            out.extend(RemoteGpu(member.view.name, gpu, member.meta_received_at) for gpu in member.meta.gpus)
-        return sorted(out, key=lambda r: (r.node, r.gpu.index))
-
     def live_gpus(self, name: str) -> list[RemoteGpu]:
         """The GPUs a live (alive or suspect) member other than this one gossips, in index order."""
         member = self.member(name)
