@@ -13,6 +13,7 @@ from coordinator.model import UNHEALTHY, GpuRef, GpuView
 from coordinator.views import rfc3339
 
 from agent.api_keys import ApiKeyring
+from agent.audit import AuditTrail
 from agent.cluster import ClusterRuntime
 from agent.config import AgentConfig, exposure_warnings
 from agent.device_sampler import DeviceSampler, GpuSnapshot
@@ -116,6 +117,8 @@ class AgentContext:
     last_applied_at: float = 0.0
     # The API's TLS contexts, reloaded on SIGHUP; None in set-ups without a listener.
     tls: ApiTls | None = None
+    # The write audit trail (agent/audit.py), flushed by the housekeeping task.
+    audit: AuditTrail | None = None
 
     @property
     def node(self) -> str:

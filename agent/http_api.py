@@ -33,7 +33,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import trio
-from quart import Response, g, request
+from quart import Response, g, has_request_context, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -122,6 +122,8 @@ class ApiError(Exception):
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     body = json.dumps(payload, separators=(",", ":"))
+    if has_request_context():
+        g.answer_doc = payload  # the audit line reads it here instead of parsing the body back
     return Response(body, status=status, headers=headers, content_type="application/json")
 
 
@@ -136,7 +138,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = ctx.config.http.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     metrics = ctx.metrics
-    audit = AuditTrail(metrics.audit_writes)
+    audit = ctx.audit = ctx.audit or AuditTrail(metrics.audit_writes)
     rate = ctx.config.auth
     limiter = TokenBuckets(RateLimit(rate.rate_per_s, rate.burst)) if rate.rate_limit else None
 
@@ -271,9 +273,15 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             except CoordinatorError:
                 return None
 
-        # A 413's body was never read (it is over the limit): the answer alone says enough.
-        asked = json_of(await request.get_data(as_text=False)) if response.status_code != 413 else None
-        answered = json_of(await response.get_data(as_text=False))
+        # The documents the handler already decoded and encoded, when it did; parsing a body
+        # again costs as much as the write itself. A 413's body was never read (it is over
+        # the limit): the answer alone says enough.
+        asked = getattr(g, "body_doc", None)
+        if asked is None and response.status_code != 413:
+            asked = json_of(await request.get_data(as_text=False))
+        answered = getattr(g, "answer_doc", None)
+        if answered is None:
+            answered = json_of(await response.get_data(as_text=False))
         principal: ApiKey | None = getattr(g, "principal", None)
         service = getattr(g, "audit_service", None)
         if service is None:
@@ -303,7 +311,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return data.encode() if isinstance(data, str) else data
 
     async def body_json() -> Any:
-        return decode_json_body(await request_body())
+        doc = g.body_doc = decode_json_body(await request_body())
+        return doc
 
     def require_service(service_name: str) -> None:
         g.audit_service = service_name

@@ -33,6 +33,9 @@ class EntryLog:
         self.snapshot = snapshot or Snapshot(0, 0, ())
         self._entries: list[Entry] = []
         self._conf_indexes: list[int] = []
+        # The decoded latest configuration, keyed by its entry's (index, term): the core asks
+        # for the voters several times per message, and an entry's bytes never change.
+        self._voters_cache: tuple[tuple[int, int], tuple[NodeId, ...]] | None = None
         expected = self.snapshot.index + 1
         for e in entries:
             if e.index < expected:
@@ -116,7 +119,11 @@ class EntryLog:
     def voters(self) -> tuple[NodeId, ...]:
         """The latest configuration in the log (thesis §4.1), committed or not."""
         if self._conf_indexes:
-            return decode_voters(self.entry(self._conf_indexes[-1]).data)
+            entry = self.entry(self._conf_indexes[-1])
+            key = (entry.index, entry.term)
+            if self._voters_cache is None or self._voters_cache[0] != key:
+                self._voters_cache = (key, decode_voters(entry.data))
+            return self._voters_cache[1]
         return self.snapshot.voters
 
     def voters_at(self, index: int) -> tuple[NodeId, ...]:
