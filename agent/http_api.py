@@ -25,6 +25,7 @@ does not withdraw the proposal, which is why such a write's outcome is unknown.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -195,12 +196,11 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             # the wire; hypercorn would then misread it as the next request on this
             # keep-alive connection. Drain it (it is within the size limit) or close.
             drained = False
-            with trio.move_on_after(DRAIN_TIMEOUT_S):  # a client that stalls mid-body is not waited for
-                try:
-                    await request.get_data()
-                    drained = True
-                except Exception:
-                    pass
+            # A client that stalls mid-body is not waited for; one whose body cannot be read
+            # (a broken connection) is not drained either: both get Connection: close.
+            with trio.move_on_after(DRAIN_TIMEOUT_S), contextlib.suppress(Exception):
+                await request.get_data()
+                drained = True
             if not drained:
                 response.headers["Connection"] = "close"
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"

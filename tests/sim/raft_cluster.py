@@ -37,6 +37,7 @@ surviving voter's state machine, and that the logs match pairwise (§5.3).
 
 from __future__ import annotations
 
+import abc
 import heapq
 import random
 from collections import deque
@@ -94,7 +95,7 @@ class Disk:
             raise SafetyViolation(f"persisted commit {self.hard_state.commit} beyond the persisted log {self.last_index}")
 
 
-class StateMachine:
+class StateMachine(abc.ABC):
     """What the cluster needs of a server's replicated state machine.
 
     `history` holds the entries the machine knows one by one, (index, term, type,
@@ -105,24 +106,29 @@ class StateMachine:
     history: list[tuple[int, int, int, bytes]]
 
     @property
+    @abc.abstractmethod
     def applied(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def apply(self, e: Entry) -> None:
         """Apply the next committed entry (raise SafetyViolation when it is not the next)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def snapshot_at(self, index: int) -> tuple[int, bytes] | None:
         """A snapshot (its index and data) at or below `index` to compact to, or None."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def holds(self, index: int, term: int, data: bytes) -> bool:
         """Whether entry (index, term, data) is reflected in this machine."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def state(self) -> object:
         """The machine's state, comparable with ==."""
-        raise NotImplementedError
+        ...
 
 
 MachineFactory = Callable[["SimNode", Snapshot | None], StateMachine]
