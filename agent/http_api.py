@@ -373,11 +373,56 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                 raw,
                 stamp,
                 deadline=g.deadline - ANSWER_MARGIN_S,
+                look_until=g.started + LEADER_WAIT_S,
             )
         except ForwardFailed as error:
             return error_response(503, error.code, str(error), {"Retry-After": "1"})
         g.forwarded = True  # the leader answered it, and audits it
         return Response(answer.content, status=answer.status, headers=answer.headers)
+
+    async def served_while_leading(service: LeaseService, handler: Handler, kwargs: dict[str, Any]) -> Response:
+        """`handler(service)`, given up on once this agent has stopped leading and LEADER_WAIT_S has passed.
+
+        A leader that is cut off keeps its proposals waiting: nothing answers them
+        until it hears from a new leader, which may be after the partition heals.
+        Once it has stepped down and a call has waited as long as one finding no
+        leader may, it answers 503 (`outcome_unknown` for a write: the entry may
+        still be committed) instead of holding the caller to the request bound.
+        """
+        answer: Response | None = None
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                nonlocal answer, failure
+                try:
+                    answer = await handler(service, **kwargs)
+                except Exception as error:  # noqa: BLE001 - re-raised below, outside the nursery's group
+                    failure = error
+                nursery.cancel_scope.cancel()
+
+            async def give_up_when_deposed() -> None:
+                await ctx.leadership.wait_deposed(service)
+                await trio.sleep_until(g.started + LEADER_WAIT_S + ANSWER_MARGIN_S)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(serve)
+            nursery.start_soon(give_up_when_deposed)
+        if failure is not None:
+            raise failure
+        if answer is not None:
+            return answer
+        if g.write_started:
+            return error_response(
+                503,
+                "outcome_unknown",
+                f"this agent ({ctx.node}) stopped leading while the write was proposed, and no leader has "
+                "answered for it since: it may still be applied; retry with the same request_id (or allocation_id)",
+                {"Retry-After": "1"},
+            )
+        return error_response(
+            503, "not_leader", f"this agent ({ctx.node}) stopped leading while serving the read; retry", {"Retry-After": "1"}
+        )
 
     def on_leader(*, read: bool = False) -> Callable[[Handler], Handler]:
         """Answer with the ready leader's lease service here, else forward to the leader.
@@ -405,7 +450,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                     service = ctx.leadership.service
                     if service is None and ctx.leadership.election_pending:
                         # This voter's election (or its first entry) is under way: wait for it, bounded.
-                        service = await ctx.leadership.wait_for_service(LEADER_WAIT_S)
+                        patience = g.started + LEADER_WAIT_S - trio.current_time()
+                        service = await ctx.leadership.wait_for_service(max(0.0, patience))
                         if service is None and ctx.leadership.election_pending:
                             return error_response(
                                 503,
@@ -423,7 +469,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
                                 if waited.cancelled_caught:
                                     raise ReadUnconfirmed("no majority confirmed this leader within the request bound")
                             g.write_started = not read
-                            return await handler(service, **kwargs)
+                            return await served_while_leading(service, handler, kwargs)
                         except (NotLeader, ProposalLost):
                             pass  # nothing of it was applied here: the new leader takes it
                     try:
@@ -699,7 +745,8 @@ def _bounded(view: Callable[..., Any], bound_s: float) -> Callable[..., Awaitabl
 
     @functools.wraps(view)
     async def bounded(**kwargs: Any) -> Any:
-        g.deadline = trio.current_time() + bound_s
+        g.started = trio.current_time()
+        g.deadline = g.started + bound_s
         with trio.move_on_at(g.deadline):
             return await view(**kwargs)
         if getattr(g, "write_started", False):

@@ -12,23 +12,30 @@ A forwarded request is answered within a bound, and a failure says what is
 known about the write:
 
 - **Finding a leader** — known, and accepting a connection within
-  `CONNECT_TIMEOUT_S` — may take `LEADER_WAIT_S` (an election in progress).
-  If none is found by then, nothing was sent anywhere: `ForwardFailed` with
-  code `no_leader`, at most LEADER_WAIT_S + CONNECT_TIMEOUT_S (2.5 s) after
-  the call. A 503 `no_leader` / `not_leader` / `proposal_lost` from the target
+  `CONNECT_TIMEOUT_S` — may take until `LEADER_WAIT_S` after the call
+  reached this agent (`look_until`: an election in progress). If none is
+  found by then, nothing was sent anywhere: `ForwardFailed` with code
+  `no_leader`, at most LEADER_WAIT_S + CONNECT_TIMEOUT_S (2.5 s) after the
+  call. A 503 `no_leader` / `not_leader` / `proposal_lost` from the target
   says it applied nothing, so it counts as not sent: look again.
 - **Once sent**, the answer is awaited until the caller's deadline (the
   request bound), but only while the target still leads as far as this agent
-  can tell: this agent's core, or on a client the servers asked every
-  `CLIENT_WATCH_INTERVAL_S`. When another leader is known, waiting is pointless.
+  can tell: on a voter, its core names the target and has heard from it within
+  an election timeout; on a client, a majority of the servers, asked every
+  `CLIENT_WATCH_INTERVAL_S`, do not name another leader. When another leader
+  is known, or the target has gone silent, waiting is pointless.
 - A request sent and not conclusively answered (no answer, the connection
   reset mid-request, leadership moved on) **may have been applied**. If
   sending it again gives the original answer (`_resendable`: reads, allocate
   with its request_id, release of an allocation id, renew, drain, undrain) it
   goes to the new leader — or, when that is this agent, `LeadHere` tells the
-  caller to handle it locally. Otherwise, or once the deadline has passed:
-  `ForwardFailed` with code `outcome_unknown`; the caller retries with the
-  same request_id and gets the original answer.
+  caller to handle it locally — if one is known by `look_until` (or within
+  `REROUTE_GRACE_S` of the switch, when that is later). Otherwise, or once
+  the deadline has passed: `ForwardFailed` with code `outcome_unknown`; the
+  caller retries with the same request_id and gets the original answer.
+  So a call that can reach no leader answers within about 2.5 s of reaching
+  this agent, whatever it went through before; only a leader that is still
+  heard from and answering slowly (a stalled disk) holds it to the deadline.
 - Any other answer is the leader's, relayed unchanged (its own
   `outcome_unknown` included).
 """
@@ -66,14 +73,19 @@ LEADER_WAIT_S = 2.0
 CONNECT_TIMEOUT_S = 0.5
 # Between two sends, so a leader that refuses at once is not hammered.
 RETRY_PAUSE_S = 0.1
-# One round of asking the servers who leads (a client or non-voter asks them all at once).
+# One round of asking the servers who leads (a client or non-voter asks them all at once;
+# a round ends early once a majority of them name the same leader in the same term).
 LOOKUP_TIMEOUT_S = 0.5
+# After a sent request was given up on (leadership moved, the leader went silent), how long
+# a new leader may still be looked for even when `look_until` has passed: the switch itself
+# usually names the new leader, so this covers only its connect.
+REROUTE_GRACE_S = 0.25
 # The deadline of a forward whose caller names none.
 FORWARD_TIMEOUT_S = 5.0
 # While a sent request waits for its answer, how often leadership is checked: the
 # core's view on a voter (free), the servers' on a client (one look-up each time).
 WATCH_INTERVAL_S = 0.05
-CLIENT_WATCH_INTERVAL_S = 0.5
+CLIENT_WATCH_INTERVAL_S = 0.25
 # How long a client trusts the leader it learnt before asking the servers again.
 CLIENT_LEADER_TTL_S = 2.0
 
@@ -185,15 +197,24 @@ class LeaderProxy:
         # Marks a look-up, so a non-voter asked answers from its own core (no relay).
         lookup_headers[FORWARDED_BY] = self.node
         answers: list[LeaderInfo] = []
+        asked = [s for s in self.alive_servers() if s != self.node and self.http_address(s) is not None]
+        majority = len(asked) // 2 + 1
 
-        async def ask_one(server: str, url: str) -> None:
+        async def ask_one(server: str, url: str, done: trio.CancelScope) -> None:
             try:
                 resp = await self._client.get(
                     f"{url}/cluster/leader", headers=lookup_headers, timeout=LOOKUP_TIMEOUT_S
                 )
                 doc = resp.json()
                 if resp.status_code == 200 and isinstance(doc, dict) and doc.get("leader"):
-                    answers.append(LeaderInfo(str(doc["leader"]), int(doc.get("term") or 0), None))
+                    info = LeaderInfo(str(doc["leader"]), int(doc.get("term") or 0), None)
+                    answers.append(info)
+                    # A majority naming one leader in one term settles it: a leader of a later
+                    # term was elected by a majority that overlaps this one, and the server in
+                    # both would not name this leader. Waiting for a cut-off server's timeout
+                    # would only delay every caller behind this look-up.
+                    if answers.count(info) >= majority:
+                        done.cancel()
             except Exception as error:  # noqa: BLE001 - a best-effort probe: the others may answer
                 log.debug("leader lookup at %s failed: %r", server, error)
 
@@ -201,10 +222,10 @@ class LeaderProxy:
         # timeout, not one per server before it; the highest term wins.
         with trio.move_on_after(LOOKUP_TIMEOUT_S + 0.1):
             async with trio.open_nursery() as nursery:
-                for server in self.alive_servers():
+                for server in asked:
                     url = self.http_address(server)
-                    if url is not None and server != self.node:
-                        nursery.start_soon(ask_one, server, url)
+                    assert url is not None
+                    nursery.start_soon(ask_one, server, url, nursery.cancel_scope)
         best = max(answers, key=lambda info: info.term, default=LeaderInfo(None, 0, None))
         if best.node is not None:
             best = LeaderInfo(best.node, best.term, self.http_address(best.node))
@@ -242,7 +263,10 @@ class LeaderProxy:
                 info = await self.leader(headers, force=force)
             if self._leads():
                 return None
-            if info.node is not None and info.node != self.node and info.address is not None:
+            # A voter's core may still name a leader it has not heard from for an election
+            # timeout (until its own timeout fires): sending there would only wait again.
+            silent = self.raft is not None and self.raft.is_voter and not self.raft.hears_leader
+            if info.node is not None and info.node != self.node and info.address is not None and not silent:
                 return info
             if trio.current_time() >= until:
                 return None
@@ -250,17 +274,23 @@ class LeaderProxy:
             await trio.sleep_until(min(until, trio.current_time() + 0.1))
 
     async def _moved_on(self, target: LeaderInfo, headers: Mapping[str, str]) -> str:
-        """Return, with its name, once a leader other than `target` is known (this agent included)."""
+        """Return, saying why, once `target` no longer leads as far as this agent can tell.
+
+        That is: another leader is known (this agent included), or - on a voter -
+        the core has not heard from `target` for an election timeout.
+        """
         while True:
             if self.raft is not None and self.raft.is_voter:
                 await trio.sleep(WATCH_INTERVAL_S)
                 lead = self.node if self.raft.is_leader else self.raft.leader_id
+                if lead == target.node and not self.raft.hears_leader:
+                    return f"leader {target.node} has not been heard from for an election timeout"
             else:
                 await trio.sleep(CLIENT_WATCH_INTERVAL_S)
                 info = await self.leader(headers, force=True)
                 lead = info.node if info.term >= target.term else None
             if lead is not None and lead != target.node:
-                return lead
+                return f"leadership moved from {target.node} to {lead} meanwhile"
 
     async def _request(
         self, target: LeaderInfo, method: str, url: str, headers: Mapping[str, str], body: bytes
@@ -300,8 +330,7 @@ class LeaderProxy:
 
                 async def watch() -> None:
                     nonlocal outcome
-                    lead = await self._moved_on(target, caller_headers)
-                    outcome = _Attempt("unknown", f"leadership moved from {target.node} to {lead} meanwhile")
+                    outcome = _Attempt("unknown", await self._moved_on(target, caller_headers))
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(answer)
@@ -318,17 +347,20 @@ class LeaderProxy:
         stamp_request_id: bool,
         *,
         deadline: float | None = None,
+        look_until: float | None = None,
     ) -> Forwarded:
         """Send the request to the leader and return its answer (see "Deadlines and honesty").
 
         `deadline` (trio time; default FORWARD_TIMEOUT_S from now) bounds the
-        whole call. Raises ForwardFailed (code no_leader or outcome_unknown), or
+        whole call; `look_until` (default LEADER_WAIT_S from now; the HTTP layer
+        passes LEADER_WAIT_S after the request arrived) bounds the search for a
+        leader. Raises ForwardFailed (code no_leader or outcome_unknown), or
         LeadHere when this agent leads now and should handle the request itself.
         """
         body = _stamp(body) if stamp_request_id else body
         started = trio.current_time()
         deadline = started + FORWARD_TIMEOUT_S if deadline is None else deadline
-        find_by = min(deadline, started + LEADER_WAIT_S)
+        find_by = min(deadline, started + LEADER_WAIT_S if look_until is None else look_until)
         resend = _resendable(method, path, body)
         wanted = {k.lower() for k in (*_PASS_HEADERS, self.config.auth.header_name)}
         out_headers = {k: v for k, v in headers.items() if k.lower() in wanted}
@@ -336,8 +368,10 @@ class LeaderProxy:
         problem = "no leader is known"
         sent_to: str | None = None  # a leader that may have applied it
         force = False
+        window = find_by
+        reroute_by: float | None = None  # set at the first switch, never pushed back
         while True:
-            target = await self._find(headers, force, find_by if sent_to is None else deadline)
+            target = await self._find(headers, force, window)
             if self._leads():
                 if sent_to is not None and not resend:
                     raise _failed(method, sent_to, f"{problem}; this agent leads now")
@@ -354,16 +388,26 @@ class LeaderProxy:
                 answer["X-Forwarded-To"] = target.node or ""
                 return Forwarded(resp.status_code, answer, resp.content)
             problem = attempt.detail
-            self._client_leader = None
-            force = True
+            # Forget the leader only if it is still the one that failed: watching may
+            # already have learnt its successor, which the next look then uses at once.
+            cached = self._client_leader
+            force = cached is None or cached.node == target.node
+            if force:
+                self._client_leader = None
+            now = trio.current_time()
             if attempt.kind == "unknown":
                 sent_to = target.node
                 if not resend:
                     raise _failed(method, sent_to, problem)
-            window = find_by if sent_to is None else deadline
-            if trio.current_time() >= window:
+                # A successor usually is known by now; give its look-up a moment even past find_by.
+                reroute_by = now + REROUTE_GRACE_S if reroute_by is None else reroute_by
+                window = min(deadline, max(find_by, reroute_by))
+                if now >= window:
+                    raise _failed(method, sent_to, problem)
+                continue
+            if now >= window:
                 raise _failed(method, sent_to, problem)
-            await trio.sleep_until(min(window, trio.current_time() + RETRY_PAUSE_S))
+            await trio.sleep_until(min(window, now + RETRY_PAUSE_S))
 
     async def leader_allocations(self, headers: Mapping[str, str]) -> list[dict[str, Any]] | None:
         """The live allocations as the leader lists them (GET /gpu/list), or None when it cannot be asked.

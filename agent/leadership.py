@@ -88,6 +88,12 @@ class Leadership:
                 await changed.wait()
         return self.service
 
+    async def wait_deposed(self, service: LeaseService) -> None:
+        """Return once `service` is no longer this server's ready leadership (at once if it is not)."""
+        while self.service is service:
+            changed = self._changed
+            await changed.wait()
+
     def _on_role(self, state: RoleState) -> None:
         previous, self._state = self._state, state
         lead = state.ready and state.running
@@ -128,3 +134,5 @@ class Leadership:
         self._scope = None
         if self.service is service:
             self.service = None
+            self._changed.set()
+            self._changed = trio.Event()

@@ -386,6 +386,11 @@ class RaftLog:
         return self._require_core().term
 
     @property
+    def hears_leader(self) -> bool:
+        """A leader is known and was heard from within the election timeout, or this server leads."""
+        return self._require_core().hears_leader
+
+    @property
     def voters(self) -> tuple[NodeId, ...]:
         return self._require_core().voters
 

@@ -234,6 +234,18 @@ class RaftCore:
         return self.log.voters()
 
     @property
+    def hears_leader(self) -> bool:
+        """Whether a leader is known and was heard from within the election timeout (or this server leads).
+
+        A forwarder waiting on the leader's answer stops waiting once this is
+        False: that leader is cut off, paused or gone, whatever the core still
+        names as `lead` until its randomized timeout fires.
+        """
+        if self.role is Role.LEADER:
+            return True
+        return self.lead is not None and self._election_elapsed < self._config.election_ticks
+
+    @property
     def promotable(self) -> bool:
         """Whether this server may campaign: it is a voter in its latest configuration."""
         return self.id in self.log.voters()

@@ -39,9 +39,9 @@ LOSS_PERCENT = 30
 DISK_STALL_S = 1.0  # per transaction while the failpoint is on
 
 
-def schedule(rng: random.Random, rounds: int) -> list[str]:
-    """`rounds` of every kind, shuffled by the seeded `rng`."""
-    kinds = [k for _ in range(rounds) for k in KINDS]
+def schedule(rng: random.Random, rounds: int, only: tuple[str, ...] = KINDS) -> list[str]:
+    """`rounds` of every kind in `only` (default: all), shuffled by the seeded `rng`."""
+    kinds = [k for _ in range(rounds) for k in only]
     rng.shuffle(kinds)
     return kinds
 

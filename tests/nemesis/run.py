@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,7 @@ import httpx
 from tests.nemesis.checker import Verdict, check
 from tests.nemesis.cluster import CLIENTS, SERVERS, NemesisCluster, NotRecovered
 from tests.nftables import Firewall, nft_unavailable
-from tests.nemesis.faults import Nemesis, schedule
+from tests.nemesis.faults import KINDS, Nemesis, schedule
 from tests.nemesis.history import Call, FinalState, History
 from tests.nemesis.report import report
 from tests.nemesis.workload import Workload
@@ -50,6 +50,7 @@ class RunConfig:
     workers: int = 4
     settle_timeout_s: float = 90.0  # the only liveness assertion: recovery at all
     long: bool = False
+    kinds: tuple[str, ...] = KINDS  # the fault kinds to inject (--kinds)
 
     @staticmethod
     def short(seed: int) -> RunConfig:
@@ -61,7 +62,8 @@ class RunConfig:
 
     @property
     def replay(self) -> str:
-        return f"python -m tests.nemesis.run {'--long ' if self.long else ''}--seed {self.seed}"
+        only = "" if self.kinds == KINDS else f"--kinds {','.join(self.kinds)} "
+        return f"python -m tests.nemesis.run {'--long ' if self.long else ''}{only}--seed {self.seed}"
 
 
 @dataclass
@@ -106,7 +108,7 @@ def run(config: RunConfig, root: Path, say: Callable[[str], None] = print) -> Ou
         say(f"nemesis seed {config.seed}: cluster up in {time.monotonic() - started:.1f}s, leader {cluster.leader()}")
         workload.start()
         time.sleep(2.0)
-        for i, kind in enumerate(schedule(rng, config.rounds), 1):
+        for i, kind in enumerate(schedule(rng, config.rounds, config.kinds), 1):
             fault = nemesis.run(kind)
             say(f"  [{time.monotonic() - started:6.1f}s] {i:>3} {kind:<15} {fault.note:<28} "
                 f"settled {fault.settled - fault.heal:5.2f}s after heal")
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", action="store_true", help="ten faults of each kind instead of one")
     parser.add_argument("--seed", type=int, default=None, help="the schedule's seed (default: a random one, printed)")
     parser.add_argument("--dir", type=Path, default=None, help="where the agents' data and logs go (default: a temp dir)")
+    parser.add_argument("--kinds", default=None,
+                        help=f"comma-separated fault kinds to inject (default: all of {', '.join(KINDS)})")
     parser.add_argument("--keep", action="store_true", help="keep the directory even when the run passes")
     args = parser.parse_args(argv)
     why = nft_unavailable()
@@ -175,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
     config = RunConfig.long_run(seed) if args.long else RunConfig.short(seed)
+    if args.kinds:
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown or not kinds:
+            parser.error(f"unknown fault kind(s) {unknown}; known: {', '.join(KINDS)}")
+        config = replace(config, kinds=kinds)
     root = args.dir or Path(tempfile.mkdtemp(prefix=f"nemesis-{seed}-"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` cleans up
     started = time.monotonic()

@@ -47,9 +47,16 @@ class FakeRaft:
     term: int = 1
     is_voter: bool = True
 
+    # Whether the core has heard from its leader within an election timeout.
+    silent: bool = False
+
     @property
     def is_leader(self) -> bool:
         return self.leader_id == self.node
+
+    @property
+    def hears_leader(self) -> bool:
+        return self.is_leader or (self.leader_id is not None and not self.silent)
 
 
 @dataclass
@@ -265,6 +272,79 @@ def test_a_client_asks_every_server_at_once_and_one_cut_off_costs_one_timeout() 
         assert answer.status == 200 and answer.headers["X-Forwarded-To"] == "s3"
         assert trio.current_time() - started < 1.0
         assert proxy.term_seen == 4
+        await client.aclose()
+
+    run(scenario)
+
+
+def test_a_client_look_up_ends_once_a_majority_names_the_leader() -> None:
+    """One server cut off (its look-up hangs) must not delay every look-up by its timeout."""
+
+    async def servers(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "s1":
+            return await never_answers(request)
+        return httpx.Response(200, json={"leader": "s3", "term": 4})
+
+    async def scenario() -> None:
+        proxy, client = proxy_for(FakeCluster("c1", None), servers)
+        started = trio.current_time()
+        info = await proxy.leader(force=True)
+        assert info.node == "s3" and info.term == 4
+        assert trio.current_time() - started < 0.01  # two of three agreed: no wait for s1
+        await client.aclose()
+
+    run(scenario)
+
+
+def test_a_write_sent_to_a_leader_that_goes_silent_follows_the_successor_at_once() -> None:
+    """Isolated leader: the core stops hearing it; once a successor is known the write goes there."""
+    raft = FakeRaft("s1", leader_id="s2")
+    hosts: list[str] = []
+
+    async def leaders(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        if request.url.host == "s2":
+            return await never_answers(request)
+        return httpx.Response(200, json={"allocation_id": "svc-1"})
+
+    async def scenario() -> None:
+        proxy, client = proxy_for(FakeCluster("s1", raft), leaders)
+
+        async def isolated_then_replaced() -> None:
+            await trio.sleep(1.0)
+            raft.silent = True  # an election timeout without a heartbeat
+            await trio.sleep(0.6)
+            raft.leader_id, raft.term, raft.silent = "s3", 2, False
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(isolated_then_replaced)
+            answer = await forward(proxy)
+            assert answer.status == 200 and answer.headers["X-Forwarded-To"] == "s3"
+            assert trio.current_time() == pytest.approx(1.6, abs=0.1)
+        assert hosts == ["s2", "s3"]
+        await client.aclose()
+
+    run(scenario)
+
+
+def test_a_write_sent_to_a_leader_that_goes_silent_with_no_successor_answers_within_the_no_leader_bound() -> None:
+    """Not at the request deadline (5 s): an isolated leader's callers hear within about 2.5 s."""
+
+    async def scenario() -> None:
+        raft = FakeRaft("s1", leader_id="s2")
+        proxy, client = proxy_for(FakeCluster("s1", raft), never_answers)
+
+        async def isolated() -> None:
+            await trio.sleep(1.0)
+            raft.silent = True
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(isolated)
+            with pytest.raises(ForwardFailed) as failed:
+                await forward(proxy, deadline=5.0)
+        assert failed.value.code == "outcome_unknown"
+        assert trio.current_time() - started <= LEADER_WAIT_S + CONNECT_TIMEOUT_S
         await client.aclose()
 
     run(scenario)
