@@ -57,6 +57,20 @@ others moves on. `storage.stalled_seconds()` exposes the stall for health.
 Ticks missed because the whole process was descheduled (not the disk) are
 not made up: the ticker resynchronises, as Go's time.Ticker (and etcd) do.
 
+Heartbeats while the loop is busy
+---------------------------------
+Under load one Ready cycle can take a few hundred milliseconds (a group
+commit's fsync behind others, applying hundreds of entries), and a leader's
+heartbeats would wait for it: the followers' election timers see a leader
+that goes quiet for a third of its election timeout. So while the loop
+handles a Ready, the ticker sends the leader's heartbeats itself
+(`RaftCore.heartbeat_now`, which may be called between `ready()` and
+`advance()`: heartbeats carry nothing that must be durable first), and the
+loop applies committed entries in slices of `APPLY_SLICE_S`, letting the
+ticker (and everything else) run between them. During an fsync it does so
+only for the first `BEAT_THROUGH_PERSIST_S`: a disk that stalls for longer
+must still cost this server its leadership, as above.
+
 Proposals
 ---------
 `propose_many` checks leadership at once (`NotLeader(leader_hint)` on a
@@ -132,6 +146,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol, Sequence
@@ -140,7 +155,8 @@ import msgpack
 import trio
 
 from coordinator.commands import Command, decode_command, encode_command
-from coordinator.lease_table import ApplyResult, LeaseTable
+from coordinator.lease_table import ApplyResult, LeaseTable, SnapshotCapture
+from coordinator.model import Wire
 from coordinator.raft import NotLeader, ProposalRejected, RaftCore, RaftError, Ready, Role, initial_state
 from coordinator.raft_config import RaftConfig, lan
 from coordinator.raft_messages import Entry, EntryType, HardState, Message, NodeId, Snapshot, decode_voters
@@ -149,6 +165,14 @@ from agent.raft_storage import AsyncRaftStorage
 from agent.storage import StorageError
 
 log = logging.getLogger(__name__)
+
+# Committed entries are applied in slices of this much CPU time, the loop yielding between
+# them, so applying a large batch holds up heartbeats and HTTP by at most this (plus one entry).
+APPLY_SLICE_S = 0.005
+# How long into an fsync the ticker still sends the leader's heartbeats. A healthy disk
+# under load stays well below (the heartbeat bench's p99 persist was ~200 ms); a disk that
+# stalls past it is left to cost the leadership, a quarter of the 1 s election timeout in.
+BEAT_THROUGH_PERSIST_S = 0.25
 
 __all__ = [
     "Applied",
@@ -322,6 +346,9 @@ class RaftLog:
         self._core: RaftCore | None = None
         self._inputs: deque[_Input] = deque()
         self._queued_messages = 0
+        # While a Ready is handled: since when, and since when its fsync runs (None: none).
+        self._busy_since: float | None = None
+        self._persist_since: float | None = None
         self._wakeup = trio.Event()
         # index → (batch, position in it, term the entry was proposed in)
         self._pending: dict[int, tuple[_Batch, int, int]] = {}
@@ -603,10 +630,20 @@ class RaftLog:
             await trio.sleep_until(next_at)
             self._inputs.append(_TICK)
             self._wakeup.set()
+            if self._busy_since is not None:
+                self._beat_while_busy()
             next_at += interval
             now = trio.current_time()
             if next_at < now:
                 next_at = now + interval  # descheduled: skip missed ticks rather than burst them
+
+    def _beat_while_busy(self) -> None:
+        """Send the leader's heartbeats now: the loop is in a Ready and will tick only after it."""
+        persist_since = self._persist_since
+        if persist_since is not None and trio.current_time() - persist_since >= BEAT_THROUGH_PERSIST_S:
+            return  # a stalled disk: let the followers notice (see "Ticks versus fsync")
+        for m in self._require_core().heartbeat_now():
+            self._transport.send(m)
 
     async def _loop(self, core: RaftCore) -> None:
         while True:
@@ -614,7 +651,11 @@ class RaftLog:
             self._drain_inputs(core)
             self._drop_unconfirmed_reads(core)
             if core.has_ready():
-                await self._handle_ready(core, core.ready())
+                self._busy_since = trio.current_time()
+                try:
+                    await self._handle_ready(core, core.ready())
+                finally:
+                    self._busy_since = None
                 self._publish(self.role_state)
                 continue
             self._publish(self.role_state)
@@ -715,8 +756,11 @@ class RaftLog:
             # then the one of the last durable write, and a restarted server learns
             # the rest again from the leader (Raft never needs it persisted). Not
             # waiting for it takes a thread round trip off every proposal's path.
-            started = trio.current_time()
-            await self._storage.persist_ready(rd)
+            started = self._persist_since = trio.current_time()
+            try:
+                await self._storage.persist_ready(rd)
+            finally:
+                self._persist_since = None
             self.last_append_seconds = trio.current_time() - started
             self.last_batch_size = len(rd.entries)
         if not rd.send_before_persist:
@@ -725,7 +769,13 @@ class RaftLog:
             await self._install(rd.snapshot)
         applied: list[Applied] = []
         settled: list[_Batch | _ConfChange] = []
+        slice_ends = time.perf_counter() + APPLY_SLICE_S
         for e in rd.committed_entries:
+            if time.perf_counter() > slice_ends:
+                # Let the ticker (heartbeats) and the rest of the agent run; readers of the
+                # table meanwhile see a prefix of this Ready applied, as between two Readys.
+                await trio.sleep(0)
+                slice_ends = time.perf_counter() + APPLY_SLICE_S
             result = None
             if e.type is EntryType.NORMAL:
                 command = decode_command(e.data)
@@ -838,11 +888,15 @@ class RaftLog:
         applied = core.log.applied
         if not self._hooks_complete or applied - self._capture_index < self._config.snapshot_every:
             return
-        # The plain-dict copy is taken here, consistent with `applied`; encoding it (the
-        # bulk of the cost on a big table) runs in a worker thread, off the event loop,
-        # so HTTP and gossip are not held up. Only this task waits for it.
-        state = self.table.snapshot()
-        data: bytes = await trio.to_thread.run_sync(_pack, state)
+        # The capture is taken here, consistent with `applied` (references and texts made
+        # before); making the missing texts and encoding (the bulk of the cost on a big
+        # table, most of all after a burst) run in a worker thread, off the event loop,
+        # so HTTP, gossip and heartbeats are not held up. Only this task waits for it.
+        table = self.table
+        capture = table.snapshot_capture()
+        state, data = await trio.to_thread.run_sync(_encode_capture, capture)
+        if self.table is table:
+            table.keep_texts(capture, state)
         previous = self._capture
         self._capture, self._capture_index = (applied, data), applied
         if previous is None or previous[0] <= core.log.snapshot.index:
@@ -878,6 +932,12 @@ class RaftLog:
         self._confirmed.clear()
         self._inputs.clear()
         self._queued_messages = 0
+
+
+def _encode_capture(capture: SnapshotCapture) -> tuple[Wire, bytes]:
+    """The snapshot dict of `capture` and its msgpack bytes (in a worker thread)."""
+    state = capture.to_wire()
+    return state, _pack(state)
 
 
 def _pack(state: object) -> bytes:

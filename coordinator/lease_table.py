@@ -549,15 +549,38 @@ class LeaseTable:
         and msgpack copies them rather than walking thousands of small dicts.
         """
         with _collector_paused():
-            return self._snapshot()
+            capture = self.snapshot_capture()
+            wire = capture.to_wire()
+            self.keep_texts(capture, wire)
+            return wire
+
+    def snapshot_capture(self) -> SnapshotCapture:
+        """The state for `snapshot()`, consistent now, with the JSON texts not made yet left to make.
+
+        Cheap where `snapshot()` is not: after a burst, thousands of leases and
+        waiters have no text yet, and making them is most of a snapshot's cost.
+        `SnapshotCapture.to_wire()` makes them and reads nothing of the table, so
+        a shell can run it in a worker thread while the table goes on changing
+        (the items are immutable), then hand the texts back with `keep_texts`.
+        """
+        return SnapshotCapture(self._snapshot())
+
+    def keep_texts(self, capture: SnapshotCapture, wire: Wire) -> None:
+        """Cache the texts `capture.to_wire()` made (as `wire`), for items that are still live and unchanged."""
+        for item, text in zip(capture.wire["allocations"], wire["allocations"]):
+            if isinstance(item, Allocation) and self._allocations.get(item.allocation_id) is item:
+                self._allocation_texts[item.allocation_id] = (item, text)
+        for item, text in zip(capture.wire["queue"], wire["queue"]):
+            if isinstance(item, QueuedRequest) and self._queue.get(item.request.request_id) is item:
+                self._queue_texts[item.request.request_id] = (item, text)
 
     def _snapshot(self) -> Wire:
         return {
             "version": SNAPSHOT_VERSION,
             "clock": self._clock,
             "retention_s": self.retention_s,
-            "allocations": [_cached_text(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
-            "queue": [_cached_text(self._queue_texts, q.request.request_id, q) for q in self._queue],
+            "allocations": [_text_or_item(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
+            "queue": [_text_or_item(self._queue_texts, q.request.request_id, q) for q in self._queue],
             "records": [_record_row(self._records[k]) for k in sorted(self._records)],
             "finished": self._finished.to_wire(),
             "released_at": [
@@ -650,14 +673,26 @@ def _collector_paused() -> Iterator[None]:
 _Item = TypeVar("_Item", Allocation, QueuedRequest)
 
 
-def _cached_text(cache: dict[str, tuple[_Item, str]], key: str, item: _Item) -> str:
-    """The JSON text of `item.to_wire()`, made once per object: a renewed lease is a new object."""
+def _text_or_item(cache: dict[str, tuple[_Item, str]], key: str, item: _Item) -> str | _Item:
+    """The JSON text of `item.to_wire()` if made already (per object: a renewed lease is a new one), else `item`."""
     cached = cache.get(key)
     if cached is not None and cached[0] is item:
         return cached[1]
-    text = canonical_json(item.to_wire())
-    cache[key] = (item, text)
-    return text
+    return item
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotCapture:
+    """`LeaseTable.snapshot_capture()`: the snapshot dict, its leases and waiters texts or items still to encode."""
+
+    wire: Wire
+
+    def to_wire(self) -> Wire:
+        """The snapshot dict, every item as its canonical JSON text. Reads no table: safe in a worker thread."""
+        wire = dict(self.wire)
+        for key in ("allocations", "queue"):
+            wire[key] = [x if isinstance(x, str) else canonical_json(x.to_wire()) for x in self.wire[key]]
+        return wire
 
 
 def _age(alloc: Allocation) -> tuple[float, str]:

@@ -213,6 +213,7 @@ class RaftCore:
         self.lead: NodeId | None = None
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
+        self._early_beats = 0
         self._randomized_timeout = 0
         self._ticks = 0
         self._votes: dict[NodeId, bool] = {}
@@ -370,6 +371,24 @@ class RaftCore:
         else:
             self._tick_election()
 
+    def heartbeat_now(self) -> tuple[Message, ...]:
+        """A leader's heartbeats, to send at once, outside the Ready cycle (empty on a non-leader).
+
+        For a shell whose loop is busy (a long fsync, applying a large batch):
+        the tick it queues meanwhile would reach `tick` only afterwards, and the
+        followers' election timers would see the leader go quiet. Heartbeats may
+        leave at any moment: the term they carry was made durable before this
+        server asked anyone to vote for it, and the commit index they carry for
+        a follower never exceeds what that follower holds. The broadcast of the
+        next tick is skipped for each one sent here, so the followers do not hear
+        every beat twice. Changes nothing else: may be called between `ready()`
+        and `advance()`.
+        """
+        if self.role is not Role.LEADER:
+            return ()
+        self._early_beats += 1
+        return self._heartbeats()
+
     def step(self, m: Message) -> None:
         """Process one message from a peer (already decoded and validated)."""
         if m.to != self.id or m.sender == self.id:
@@ -507,7 +526,10 @@ class RaftCore:
             self.lead_transferee = None  # a transfer that did not finish in time is abandoned
         if self._heartbeat_elapsed >= self._config.heartbeat_ticks:
             self._heartbeat_elapsed = 0
-            self._bcast_heartbeat()
+            if self._early_beats:
+                self._early_beats -= 1  # heartbeat_now sent this one already
+            else:
+                self._bcast_heartbeat()
 
     def _campaign(self, kind: str, force: bool = False) -> None:
         if kind == _CAMPAIGN_PRE:
@@ -756,11 +778,15 @@ class RaftCore:
         return True
 
     def _bcast_heartbeat(self) -> None:
+        self._msgs.extend(self._heartbeats())
+
+    def _heartbeats(self) -> tuple[Message, ...]:
         context = self._reads[-1].context if self._reads else b""
-        for node, pr in self._progress.items():
-            # Never tell a follower to commit past what it is known to hold.
-            commit = min(pr.match, self.log.committed)
-            self._send(Message(MessageKind.HEARTBEAT, self.id, node, self.term, commit=commit, context=context))
+        # Never tell a follower to commit past what it is known to hold.
+        return tuple(
+            Message(MessageKind.HEARTBEAT, self.id, node, self.term, commit=min(pr.match, self.log.committed), context=context)
+            for node, pr in self._progress.items()
+        )
 
     def _send_timeout_now(self, to: NodeId) -> None:
         self._send(Message(MessageKind.TIMEOUT_NOW, self.id, to, self.term))

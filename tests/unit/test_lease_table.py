@@ -649,3 +649,20 @@ def test_a_finished_allocation_is_found_by_its_id_after_a_snapshot_too() -> None
             record = restored.record_of_allocation(allocation_id)
             assert record is not None and (record.request_id, record.status) == (f"r{n}", "released")
         assert restored.record_of_allocation("nobody-0000") is None
+
+
+def test_a_snapshot_capture_encodes_later_to_the_same_snapshot_and_its_texts_are_kept() -> None:
+    """snapshot_capture() leaves the new items' texts to to_wire() (a worker thread, in the agent);
+    changes after the capture are not in it, and keep_texts caches only items still unchanged."""
+    expected = busy_table()[0].snapshot()  # the same state, in another table
+    fresh, future = busy_table()
+    capture = fresh.snapshot_capture()
+    cold = [x for x in capture.wire["allocations"] + capture.wire["queue"] if not isinstance(x, str)]
+    assert cold  # a restored table has made no texts yet: they are left to the capture
+    for command in future:
+        fresh.apply(command)  # the table moves on while the capture is encoded
+    wire = capture.to_wire()
+    assert wire == expected
+    fresh.keep_texts(capture, wire)
+    assert fresh.snapshot() == LeaseTable.restore(fresh.snapshot()).snapshot()
+    assert not [x for x in fresh.snapshot_capture().wire["allocations"] if not isinstance(x, str)]

@@ -538,3 +538,40 @@ def test_campaign_does_nothing_on_a_leader_or_a_non_voter() -> None:
     blank = net.add("blank")
     blank.campaign()
     assert blank.role is Role.FOLLOWER and blank.term == 0
+
+
+# --- heartbeats outside the Ready cycle (agent/raft_log.py, "Heartbeats while the loop is busy") --
+
+
+def test_heartbeat_now_is_a_leaders_broadcast_between_ready_and_advance_that_the_next_tick_skips() -> None:
+    net = Net(ids(3))
+    leader = net.elect("n1")
+    net.deliver()
+    rd = leader.ready() if leader.has_ready() else None  # a Ready in flight: the shell is busy
+    beats = leader.heartbeat_now()
+    assert sorted(m.to for m in beats) == ["n2", "n3"]
+    assert all(m.kind is MessageKind.HEARTBEAT and m.term == leader.term for m in beats)
+    assert all(m.commit <= leader.log.committed for m in beats)
+    if rd is not None:
+        leader.advance(rd)
+    leader.tick()  # the tick queued meanwhile: its broadcast was already sent
+    assert [m for m in leader.ready().messages if m.kind is MessageKind.HEARTBEAT] == []
+    leader.tick()  # the one after beats as usual
+    assert len([m for m in leader.ready().messages if m.kind is MessageKind.HEARTBEAT]) == 2
+    assert net.cores["n2"].heartbeat_now() == ()  # only a leader beats
+
+
+def test_heartbeat_now_keeps_a_follower_from_campaigning() -> None:
+    net = Net(ids(3))
+    leader = net.elect("n1")
+    net.deliver()
+    follower = net.cores["n2"]
+    for _ in range(3 * E):
+        leader.tick()  # the shell's queued ticks...
+        beats = leader.heartbeat_now()  # ...while it sends the beats itself
+        for m in beats:
+            net.cores[m.to].step(m)
+        follower.tick()
+        net.drain("n1")
+        net.deliver()
+    assert follower.role is Role.FOLLOWER and follower.lead == "n1" and leader.role is Role.LEADER
