@@ -13,6 +13,7 @@ import sys
 
 import trio
 
+from agent import gc_policy
 from agent.api_keys import ApiKeyError
 from agent.cluster_keyring import KeyringError
 from agent.app import run_agent
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The whole process is this agent: keep full collections short (agent/gc_policy.py).
+    gc_policy.install()
     try:
         trio.run(
             lambda: run_agent(

@@ -44,6 +44,7 @@ and records how late it wakes).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import platform
@@ -67,6 +68,7 @@ from coordinator.raft_config import lan
 from coordinator.raft_messages import Message, MessageKind
 from coordinator.request_parsing import parse_allocate_body
 from coordinator.scheduler import Scheduler, SchedulerConfig
+from agent import gc_policy
 from agent.config import SchedulerSection
 from agent.lease_service import LeaseService
 from agent.raft_log import Applied, RaftLog, RoleState
@@ -525,7 +527,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the log's snapshot_every (default lan()'s {lan().snapshot_every:,}; a larger one takes no snapshot in the run)",
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--default-gc", action="store_true",
+        help="leave CPython's collector as it is (the agent's process installs agent/gc_policy.py; this bench does too unless told)",
+    )
     args = parser.parse_args(argv)
+    if not args.default_gc:
+        gc_policy.install()  # as agent/cli.py does for the agent's process
     nominal_ms = lan().tick_interval_s * lan().heartbeat_ticks * 1000
     print(machine())
     print(
@@ -535,15 +543,41 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.in_flight} in flight",
         flush=True,
     )
+    pauses = GcPauses()
+    gc.callbacks.insert(0, pauses)  # first: it times the collection, the policy's callback included
     timer = StepTimer()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="gpu-bench-heartbeat-") as tmp:
         for hosts in args.hosts:
             print(f"... N={hosts} hosts", file=sys.stderr, flush=True)
             runs.append(trio.run(run_size, hosts, args, timer, Path(tmp), instruments=[timer]))
+    gc.callbacks.remove(pauses)
     print()
     print(render(runs, nominal_ms))
+    print()
+    print(f"garbage collector ({'CPython defaults' if args.default_gc else 'agent/gc_policy.py'}), whole run:")
+    print(pauses.render())
     return 0
+
+
+class GcPauses:
+    """A gc callback timing every collection, per generation (the pauses the loop cannot avoid)."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.ms: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.ms[int(info["generation"])].append((time.perf_counter() - self._started) * 1000)
+
+    def render(self) -> str:
+        return "\n".join(
+            f"  generation {g}: {len(ms):,} collections, {sum(ms):,.0f} ms in all, longest {max(ms, default=0):.1f} ms"
+            for g, ms in self.ms.items()
+        )
 
 
 if __name__ == "__main__":
