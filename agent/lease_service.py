@@ -45,6 +45,10 @@ from agent.workload_analysis import WorkloadAnalysis
 
 log = logging.getLogger(__name__)
 
+# How many allocates may decide and wait for their entry at once (see LeaseService._deciding).
+# Enough to fill a group commit (entries proposed while an fsync runs share the next one).
+ADMISSION_CONCURRENCY = 32
+
 __all__ = ["AllocateOutcome", "CommandLog", "LeaseReader", "LeaseService", "ReleaseOutcome", "TableReader"]
 
 
@@ -117,6 +121,12 @@ class LeaseService:
         # request id -> set when the call that owns it finishes (see Admission.begin).
         self._finished: dict[str, trio.Event] = {}
         self._wake = trio.Event()
+        # Allocates past their idempotency check, deciding or waiting for their entry. A
+        # burst of hundreds in flight would otherwise all become runnable together each
+        # time a Ready applies their entries, and trio runs a whole batch of runnable tasks
+        # before it looks at its timers again: the Raft ticker (heartbeats) waited behind
+        # 200 of them. Past the limit, callers wait their turn (FIFO), not the loop.
+        self._deciding = trio.CapacityLimiter(ADMISSION_CONCURRENCY)
 
     @property
     def table(self) -> LeaseTable:
@@ -143,42 +153,47 @@ class LeaseService:
             await self._finished[request_id].wait()
         finished = self._finished[request_id] = trio.Event()
         try:
-            analysis = await self.analysis.analyze(body)
-            now = self._clock()
-            request = build_request(
-                body,
-                analysis.estimate,
-                decided_by=analysis.decided_by,
-                request_id=request_id,
-                now=now,
-                default_ttl_s=self.default_ttl_s,
-                max_ttl_s=self.max_ttl_s,
-            )
-            try:
-                command = self.admission.decide(request, self.table, self.inventory(), now)
-            except CoordinatorError as exc:
-                self._on_decision(f"rejected_{exc.code}")
-                raise
-            try:
-                result = await self.log.propose(command, term=self.term)
-            except (NotLeader, ProposalLost):
-                self.admission.settle(command)  # surely not applied: its GPUs are free again
-                raise
-            except BaseException:
-                # Outcome unknown (cut short by the request bound, or the log could not tell):
-                # the entry may still apply, so its GPUs stay held until the table says.
-                self.admission.unsure(command)
-                raise
-            self.admission.settle(command)
-            outcome = self.admission.answer(command, result, self.table)
-            self._on_decision("allocated" if isinstance(command, Allocate) else "queued")
-            if not isinstance(command, Allocate):
-                self.wake()
-            return outcome
+            async with self._deciding:
+                return await self._decide(body, request_id)
         finally:
             self.admission.finish(request_id)
             del self._finished[request_id]
             finished.set()
+
+    async def _decide(self, body: AllocateBody, request_id: str) -> AllocateOutcome:
+        """Analyse, decide and propose one new request (its id is this call's: Admission.begin said PROCEED)."""
+        analysis = await self.analysis.analyze(body)
+        now = self._clock()
+        request = build_request(
+            body,
+            analysis.estimate,
+            decided_by=analysis.decided_by,
+            request_id=request_id,
+            now=now,
+            default_ttl_s=self.default_ttl_s,
+            max_ttl_s=self.max_ttl_s,
+        )
+        try:
+            command = self.admission.decide(request, self.table, self.inventory(), now)
+        except CoordinatorError as exc:
+            self._on_decision(f"rejected_{exc.code}")
+            raise
+        try:
+            result = await self.log.propose(command, term=self.term)
+        except (NotLeader, ProposalLost):
+            self.admission.settle(command)  # surely not applied: its GPUs are free again
+            raise
+        except BaseException:
+            # Outcome unknown (cut short by the request bound, or the log could not tell):
+            # the entry may still apply, so its GPUs stay held until the table says.
+            self.admission.unsure(command)
+            raise
+        self.admission.settle(command)
+        outcome = self.admission.answer(command, result, self.table)
+        self._on_decision("allocated" if isinstance(command, Allocate) else "queued")
+        if not isinstance(command, Allocate):
+            self.wake()
+        return outcome
 
     def queue_position(self, request_id: str) -> int | None:
         return queue_position(self.table, request_id)
