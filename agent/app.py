@@ -394,6 +394,9 @@ class _AppliedEffects:
         self._replication: Replication | None = None
         self._feed: InventoryFeed | None = None
         self.ctx: AgentContext | None = None
+        # The table and holder version the device layer's lease map was last made from.
+        self._shared_table: LeaseTable | None = None
+        self._shared_version = -1
 
     def attach(self, replication: Replication, feed: InventoryFeed) -> None:
         self._replication, self._feed = replication, feed
@@ -427,15 +430,23 @@ class _AppliedEffects:
                 _count_events(self._metrics, entry)
 
     async def on_restored(self) -> None:
-        self._share_leases()
+        self._share_leases(force=True)
 
-    def _share_leases(self) -> None:
-        """Tell the device layer which of this host's GPUs are leased (the simulated fleet loads them)."""
+    def _share_leases(self, *, force: bool = False) -> None:
+        """Tell the device layer which of this host's GPUs are leased (the simulated fleet loads them).
+
+        Only when this host's holders changed (the table's holder journal): the
+        leader applies every lease of the cluster, and walking them all per entry
+        would make each write cost as much as the cluster is big.
+        """
         raft_log = self._replication.log if self._replication is not None else None
         if raft_log is None:
             return
-        held = raft_log.table.held_gpus()
-        self._backend.set_leases({ref.index: aid for ref, aid in held.items() if ref.node == self.node})
+        table = raft_log.table
+        changed = table is not self._shared_table or self.node in table.holders_changed_since(self._shared_version)
+        self._shared_table, self._shared_version = table, table.holder_version
+        if changed or force:
+            self._backend.set_leases({g.index: a.allocation_id for a in table.allocations_on(self.node) for g in a.gpus})
 
 
 class _ElectionCounter:
