@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Mapping
 
 from coordinator.errors import InvalidRequest, brief
@@ -409,3 +410,62 @@ def parse_status_query(args: Mapping[str, str]) -> StatusQuery:
     if raw_summary not in ("true", "false", "1", "0"):
         raise InvalidRequest("summary must be true or false", code="invalid_request")
     return StatusQuery(node, after, limit, raw_summary in ("true", "1"))
+
+
+# GET /usage: times as RFC 3339, Unix seconds, or a duration back from now ("90m", "24h", "7d").
+USAGE_GROUPINGS = ("queue", "service")
+DEFAULT_USAGE_SPAN_S = 86_400.0
+# Year 1970 to about 5138: anything outside is a typo, and hour arithmetic stays exact.
+_MAX_USAGE_TIME = 1e11
+_DURATION_RE = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)([smhd])\Z")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    """GET /usage's query: the range [since, until) in Unix seconds and the grouping."""
+
+    since: float
+    until: float
+    by: str
+
+
+def parse_usage_query(args: Mapping[str, str], now: float) -> UsageQuery:
+    """Validate `since` and `until` (default: the last 24 h up to `now`) and `by` (queue or service, default service).
+
+    Each time is RFC 3339 (with an offset or Z), Unix seconds, or a duration
+    back from `now` such as "7d". Unknown parameters are ignored (as the API
+    always has). Raises InvalidRequest.
+    """
+    until = _usage_time(args.get("until"), "until", now, default=now)
+    since = _usage_time(args.get("since"), "since", now, default=until - DEFAULT_USAGE_SPAN_S)
+    if since > until:
+        raise InvalidRequest("since must not be after until", code="invalid_request")
+    by = args.get("by", "service")
+    if by not in USAGE_GROUPINGS:
+        raise InvalidRequest(f"by must be one of {', '.join(USAGE_GROUPINGS)}, got {brief(by)}", code="invalid_request")
+    return UsageQuery(since, until, by)
+
+
+def _usage_time(raw: str | None, name: str, now: float, *, default: float) -> float:
+    if raw is None:
+        return default
+    text = raw.strip()
+    duration = _DURATION_RE.match(text)
+    value: float | None = None
+    if duration is not None:
+        value = now - float(duration.group(1)) * _DURATION_UNITS[duration.group(2)]
+    elif re.fullmatch(r"\d{1,12}(?:\.\d{1,9})?", text):
+        value = float(text)
+    elif re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:[Zz]|[+-]\d{2}:\d{2})", text):
+        try:
+            value = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1] in "Zz" else text).timestamp()
+        except ValueError:
+            value = None  # a date that does not exist, such as February 30
+    if value is None or not 0 <= value <= _MAX_USAGE_TIME:
+        raise InvalidRequest(
+            f"{name} must be RFC 3339 (2026-12-01T00:00:00Z), Unix seconds or a duration back from now "
+            f"(90m, 24h, 7d), got {brief(raw)}",
+            code="invalid_request",
+        )
+    return value
