@@ -285,12 +285,15 @@ class LeaseTable:
         first, last = usage_window(since, until)
         sums: dict[str, list[float]] = {}
         for _, rows in self._usage.hours(first, last):
-            for key, (allocated, utilized) in rows.items():
+            for key in sorted(rows):  # as for live leases below: one order on every replica
+                allocated, utilized = rows[key]
                 row = sums.setdefault(key[part], [0.0, 0.0])
                 row[0] += allocated
                 row[1] += utilized
         start, stop = first * HOUR_S, min(last * HOUR_S, now)
-        for alloc in self._allocations.values():
+        # Oldest first, not dict order: float sums in one order give equal answers on
+        # every replica, restored or replayed (whose dicts were filled in other orders).
+        for alloc in self.allocations():
             held = stop - max(start, alloc.allocated_at)
             if held > 0:
                 sums.setdefault(_usage_key(alloc)[part], [0.0, 0.0])[0] += len(alloc.gpus) * held
@@ -304,7 +307,7 @@ class LeaseTable:
         amount credited. A key disappears only after a retention period without use.
         """
         totals = {key: (t[0], t[1]) for key, t in self._usage.totals().items()}
-        for alloc in self._allocations.values():
+        for alloc in self.allocations():  # oldest first, as in `usage`
             held = now - alloc.allocated_at
             if held > 0:
                 key = _usage_key(alloc)

@@ -270,3 +270,22 @@ def test_a_snapshot_reencodes_only_the_hours_that_changed() -> None:
     after = {hour: text for hour, text in table.snapshot()["usage"]["hours"]}
     assert after.keys() == before.keys()
     assert [h for h in after if after[h] is not before[h]] == [last_hour]
+
+
+def test_a_restored_table_answers_usage_to_the_last_bit() -> None:
+    """Float sums depend on their order: reads add in one order (by key, oldest lease first), not dict order.
+
+    The original table's hour holds its keys in the order they were credited and
+    its leases in the order granted; the restored one in sorted order. 0.1 + 0.2 + 0.3
+    differs from 0.3 + 0.2 + 0.1 in the last bit, so any dict-order sum shows here.
+    """
+    table = LeaseTable()
+    for queue, amount in (("q3", 0.3), ("q2", 0.2), ("q1", 0.1)):
+        apply_ok(table, RecordUsage(10.0, ((queue, "svc", amount),), DEFAULT_USAGE_RETENTION_S))
+    # Three live leases of one key, granted out of age order: held 0.3, 0.2 and 0.9 s at `now`.
+    for i, (aid, at) in enumerate((("z", 0.7), ("m", 0.8), ("a", 0.1))):
+        grant(table, lease(aid, [i], at, queue="q1"))
+    restored = LeaseTable.restore(json.loads(json.dumps(table.snapshot())))
+    for key in ("service", "queue"):
+        assert restored.usage(0, H, key, now=1.0) == table.usage(0, H, key, now=1.0)
+    assert restored.usage_totals(1.0) == table.usage_totals(1.0)
