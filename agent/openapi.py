@@ -23,6 +23,9 @@ from coordinator.request_parsing import (
     MAX_MEMORY_MB,
     MAX_TEXT_LENGTH,
     MAX_URL_LENGTH,
+    DURATION_PATTERN,
+    RFC3339_PATTERN,
+    UNIX_SECONDS_PATTERN,
     WEBHOOK_URL_PATTERN,
 )
 from coordinator.workload import WORKLOAD_TYPES
@@ -293,12 +296,16 @@ def openapi_document(*, auth_header: str | None = None, max_ttl_s: float = 0.0) 
         {"name": "summary", "in": "query", "required": False, "description": "counts per node instead of GPU rows",
          "schema": {"type": "boolean"}},
     ]
-    time_text = "RFC 3339 (2026-12-01T00:00:00Z), Unix seconds, or a duration back from now (90m, 24h, 7d)"
+    time_text = (
+        "RFC 3339 with an offset (2026-12-01T00:00:00Z), Unix seconds, or a duration back from now (90m, 24h, 7d), "
+        "clamped to 1970 … 1e11; a date that does not exist (February 30) or since after until is 400"
+    )
+    a_time = {"anyOf": [{"type": "string", "pattern": p} for p in (RFC3339_PATTERN, UNIX_SECONDS_PATTERN, DURATION_PATTERN)]}
     paths["/usage"]["get"]["parameters"] = [
         {"name": "since", "in": "query", "required": False, "description": f"{time_text}; default: until − 24 h",
-         "schema": {"type": "string"}},
+         "schema": a_time},
         {"name": "until", "in": "query", "required": False, "description": f"{time_text}; default: now",
-         "schema": {"type": "string"}},
+         "schema": a_time},
         {"name": "by", "in": "query", "required": False, "description": "group by queue or service (default)",
          "schema": {"type": "string", "enum": ["queue", "service"]}},
     ]

@@ -413,12 +413,23 @@ def parse_status_query(args: Mapping[str, str]) -> StatusQuery:
 
 
 # GET /usage: times as RFC 3339, Unix seconds, or a duration back from now ("90m", "24h", "7d").
+# The patterns are shared with the OpenAPI document, so the two cannot disagree.
 USAGE_GROUPINGS = ("queue", "service")
 DEFAULT_USAGE_SPAN_S = 86_400.0
-# Year 1970 to about 5138: anything outside is a typo, and hour arithmetic stays exact.
+UNIX_SECONDS_PATTERN = r"^[0-9]{1,11}(\.[0-9]{1,9})?$"
+DURATION_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,6})?[smhd]$"
+RFC3339_PATTERN = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]"
+    r"(:[0-5][0-9](\.[0-9]{1,9})?)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+# Times are clamped to 1970 … about 5138: a duration reaching before 1970 means "from
+# the start", and hour arithmetic stays exact.
 _MAX_USAGE_TIME = 1e11
-_DURATION_RE = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)([smhd])\Z")
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+# Python's `$` also matches before a trailing newline: fullmatch instead.
+_UNIX_SECONDS_RE = re.compile(UNIX_SECONDS_PATTERN.strip("^$"))
+_DURATION_RE = re.compile(DURATION_PATTERN.strip("^$"))
+_RFC3339_RE = re.compile(RFC3339_PATTERN.strip("^$"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,12 +444,13 @@ class UsageQuery:
 def parse_usage_query(args: Mapping[str, str], now: float) -> UsageQuery:
     """Validate `since` and `until` (default: the last 24 h up to `now`) and `by` (queue or service, default service).
 
-    Each time is RFC 3339 (with an offset or Z), Unix seconds, or a duration
-    back from `now` such as "7d". Unknown parameters are ignored (as the API
-    always has). Raises InvalidRequest.
+    Each time is RFC 3339 with an offset, Unix seconds, or a duration back from
+    `now` such as "7d" (the patterns above), clamped to 1970 … 1e11. Unknown
+    parameters are ignored (as the API always has). Raises InvalidRequest for
+    another form, a date that does not exist (February 30), or `since` after `until`.
     """
     until = _usage_time(args.get("until"), "until", now, default=now)
-    since = _usage_time(args.get("since"), "since", now, default=until - DEFAULT_USAGE_SPAN_S)
+    since = _usage_time(args.get("since"), "since", now, default=max(0.0, until - DEFAULT_USAGE_SPAN_S))
     if since > until:
         raise InvalidRequest("since must not be after until", code="invalid_request")
     by = args.get("by", "service")
@@ -450,22 +462,19 @@ def parse_usage_query(args: Mapping[str, str], now: float) -> UsageQuery:
 def _usage_time(raw: str | None, name: str, now: float, *, default: float) -> float:
     if raw is None:
         return default
-    text = raw.strip()
-    duration = _DURATION_RE.match(text)
-    value: float | None = None
-    if duration is not None:
-        value = now - float(duration.group(1)) * _DURATION_UNITS[duration.group(2)]
-    elif re.fullmatch(r"\d{1,12}(?:\.\d{1,9})?", text):
-        value = float(text)
-    elif re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:[Zz]|[+-]\d{2}:\d{2})", text):
+    if duration := _DURATION_RE.fullmatch(raw):
+        value = now - float(duration.group(0)[:-1]) * _DURATION_UNITS[raw[-1]]
+    elif _UNIX_SECONDS_RE.fullmatch(raw):
+        value = float(raw)
+    elif _RFC3339_RE.fullmatch(raw):
         try:
-            value = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1] in "Zz" else text).timestamp()
+            value = datetime.fromisoformat(raw[:-1] + "+00:00" if raw[-1] in "Zz" else raw).timestamp()
         except ValueError:
-            value = None  # a date that does not exist, such as February 30
-    if value is None or not 0 <= value <= _MAX_USAGE_TIME:
+            raise InvalidRequest(f"{name} names a date that does not exist: {brief(raw)}", code="invalid_request") from None
+    else:
         raise InvalidRequest(
-            f"{name} must be RFC 3339 (2026-12-01T00:00:00Z), Unix seconds or a duration back from now "
-            f"(90m, 24h, 7d), got {brief(raw)}",
+            f"{name} must be RFC 3339 with an offset (2026-12-01T00:00:00Z), Unix seconds or a duration "
+            f"back from now (90m, 24h, 7d), got {brief(raw)}",
             code="invalid_request",
         )
-    return value
+    return min(max(value, 0.0), _MAX_USAGE_TIME)

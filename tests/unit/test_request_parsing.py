@@ -508,6 +508,9 @@ NOW = 1_800_000_000.0
         ({"since": "90m", "until": "30m"}, NOW - 5400, NOW - 1800, "service"),
         ({"since": "2026-12-01T00:00:00Z", "until": "2026-12-01T01:00:00+01:00"}, 1_796_083_200.0, 1_796_083_200.0, "service"),
         ({"since": "1796083200.5", "until": "1796083260"}, 1_796_083_200.5, 1_796_083_260.0, "service"),
+        # Clamped to 1970 ... 1e11: a duration reaching before 1970 means from the start.
+        ({"since": "999999999d", "until": "0001-01-01T00:00:00Z"}, 0.0, 0.0, "service"),
+        ({"until": "9999-12-31T23:59:59Z"}, 1e11 - 86_400, 1e11, "service"),
     ],
 )
 def test_usage_query_takes_rfc3339_unix_seconds_or_durations(args: dict[str, str], since: float, until: float, by: str) -> None:
@@ -525,6 +528,8 @@ def test_usage_query_takes_rfc3339_unix_seconds_or_durations(args: dict[str, str
         {"since": "1h", "until": "2h"},
         {"by": "node"},
         {"since": "99999999999999"},
+        {"since": "1796083200\n"},
+        {"since": "2026-12-01T00:00:00+24:00"},
     ],
 )
 def test_usage_query_refuses_what_it_cannot_read(args: dict[str, str]) -> None:
