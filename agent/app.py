@@ -99,7 +99,7 @@ from agent.systemd_notify import (
     run_watchdog,
     watchdog_interval,
 )
-from agent.usage_recorder import UsageRecorder
+from agent.usage_recorder import POLL_S, UsageRecorder
 from agent.workload_analysis import WorkloadAnalysis
 
 log = logging.getLogger(__name__)
@@ -368,6 +368,8 @@ def _leader_tasks(
             record_interval_s=accounting.record_interval_s,
             retention_s=accounting.retention_days * 86_400.0,
             clock=time.time,
+            # A record needs two looks at a GPU; a short interval (tests, trying it out) looks as often.
+            poll_s=min(POLL_S, accounting.record_interval_s),
         ).run()
 
     tasks: list[LeaderTask] = [scheduler, outbox, local_health, remote_health, usage]
