@@ -35,9 +35,6 @@ from sortedcontainers import SortedList
 
 from coordinator.model import Allocation, GpuRef
 
-IDLE_REASON = "idle"
-
-
 @dataclass(frozen=True, slots=True)
 class IdlePolicy:
     """A queue's `idle_reclaim`: under `utilization_pct` on every GPU for `minutes` makes a lease idle."""
@@ -75,11 +72,6 @@ class IdleReclaimDetector:
         self._leases: dict[str, _Lease] = {}
         self._holder: dict[GpuRef, str] = {}
         self._due: SortedList[tuple[float, str]] = SortedList()
-
-    @property
-    def policies(self) -> Mapping[str, IdlePolicy]:
-        """The opted-in queues' policies, by queue name."""
-        return self._policies
 
     def set_policies(self, policies: Mapping[str, IdlePolicy]) -> None:
         """Replace the policies (a configuration reload). Idle periods start afresh under the new rules."""

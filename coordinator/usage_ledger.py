@@ -45,8 +45,9 @@ from coordinator.finished_records import canonical_json
 HOUR_S = 3600.0
 # (queue, service)
 UsageKey = tuple[str, str]
-ALLOCATED = 0
-UTILIZED = 1
+# Indexes of the two figures in a row [allocated, utilized].
+_ALLOCATED = 0
+_UTILIZED = 1
 
 
 @dataclass(slots=True)
@@ -95,8 +96,8 @@ class UsageLedger:
             overlap = min(end, (hour + 1) * HOUR_S) - max(start, hour * HOUR_S)
             if overlap > 0:
                 bucket = self._bucket(hour)
-                bucket[key] = _plus(bucket.get(key), ALLOCATED, gpus * overlap)
-        self._credit_total(key, ALLOCATED, amount, last)
+                bucket[key] = _plus(bucket.get(key), _ALLOCATED, gpus * overlap)
+        self._credit_total(key, _ALLOCATED, amount, last)
         return amount
 
     def add_utilized(self, key: UsageKey, at: float, gpu_seconds: float, *, floor_hour: int) -> None:
@@ -106,8 +107,8 @@ class UsageLedger:
         hour = hour_of(at)
         if hour >= floor_hour:
             bucket = self._bucket(hour)
-            bucket[key] = _plus(bucket.get(key), UTILIZED, gpu_seconds)
-        self._credit_total(key, UTILIZED, gpu_seconds, hour)
+            bucket[key] = _plus(bucket.get(key), _UTILIZED, gpu_seconds)
+        self._credit_total(key, _UTILIZED, gpu_seconds, hour)
 
     def _bucket(self, hour: int) -> dict[UsageKey, list[float]]:
         entry = self._hours.get(hour)
@@ -150,10 +151,6 @@ class UsageLedger:
     def totals(self) -> Mapping[UsageKey, list[float]]:
         """Lifetime [allocated, utilized, last hour credited] per key (live leases' running share not included)."""
         return self._totals
-
-    def first_hour(self) -> int | None:
-        """The oldest hour held, or None when the ledger is empty."""
-        return self._order[0] if self._order else None
 
     # ------------------------------------------------------------------ snapshots
 

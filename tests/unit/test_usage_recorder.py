@@ -6,7 +6,7 @@ built by the test. `trio.testing.MockClock` runs the loop without waiting.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import trio
 import trio.testing
@@ -22,7 +22,7 @@ RETENTION_S = 30 * 86_400.0
 
 
 class FakeService:
-    def __init__(self, clock: list[float]) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
         self.table = LeaseTable()
         self.clock = clock
         self.records: list[list[tuple[str, str, float]]] = []
@@ -31,7 +31,7 @@ class FakeService:
         if not rows and retention_s == self.table.usage_retention_s:
             return
         self.records.append(list(rows))
-        result = self.table.apply(RecordUsage(self.clock[0], tuple(rows), retention_s))
+        result = self.table.apply(RecordUsage(self.clock(), tuple(rows), retention_s))
         assert result.ok, result.error
 
 
@@ -42,17 +42,15 @@ def views(utilization: dict[int, float | None], node: str = "n1") -> Inventory:
     )
 
 
-def recorder(service: FakeService, inventory: list[Inventory], **kwargs: Any) -> UsageRecorder:
+def recorder(service: FakeService, inventory: list[Inventory]) -> UsageRecorder:
     fake: Any = service
-    return UsageRecorder(
-        fake, lambda: inventory[0], record_interval_s=60.0, retention_s=RETENTION_S, clock=lambda: service.clock[0], **kwargs
-    )
+    return UsageRecorder(fake, lambda: inventory[0], record_interval_s=60.0, retention_s=RETENTION_S, clock=service.clock)
 
 
 def test_leased_gpus_are_measured_and_recorded_per_queue_and_service() -> None:
     """Two leased GPUs at 50 % and 100 % for 10 s: 15 utilized GPU-seconds; the unleased GPU counts for nobody."""
     clock = [0.0]
-    service = FakeService(clock)
+    service = FakeService(lambda: clock[0])
     grant(service.table, lease("a", [0, 1], 0.0, service="train", queue="batch"))
     inventory = [views({0: 50.0, 1: 100.0, 2: 100.0})]
     r = recorder(service, inventory)
@@ -65,8 +63,7 @@ def test_leased_gpus_are_measured_and_recorded_per_queue_and_service() -> None:
 
 
 def test_a_gpu_missing_from_the_inventory_counts_as_unknown() -> None:
-    clock = [0.0]
-    service = FakeService(clock)
+    service = FakeService(lambda: 0.0)
     grant(service.table, lease("a", [0, 1], 0.0))
     inventory = [views({0: 100.0})]  # GPU 1's host is not alive in gossip
     r = recorder(service, inventory)
@@ -81,8 +78,7 @@ def test_the_loop_records_each_interval_and_only_when_there_is_something_to_say(
     The second between the last poll and the release is not counted: the meter
     counts an interval only when it sees its end under the same lease (errs low).
     """
-    clock = [0.0]
-    service = FakeService(clock)
+    service = FakeService(trio.current_time)
     grant(service.table, lease("a", [0], 0.0))
     inventory = [views({0: 100.0})]
     # The retention is the table's already: an empty record would say nothing.
@@ -91,20 +87,13 @@ def test_the_loop_records_each_interval_and_only_when_there_is_something_to_say(
     async def main() -> None:
         r = recorder(service, inventory)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_follow_trio_clock, clock)
             await nursery.start(r.run)
             await trio.sleep(61.0)
             assert service.records == [[("default", "svc", 60.0)]]
-            assert service.table.apply(Release(clock[0], ("a",))).ok
+            assert service.table.apply(Release(trio.current_time(), ("a",))).ok
             await trio.sleep(300.0)
             assert service.records == [[("default", "svc", 60.0)]]
             nursery.cancel_scope.cancel()
 
+    # The mocked clock starts at 0, where the lease was granted.
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
-async def _follow_trio_clock(clock: list[float]) -> None:
-    """Keep the recorder's wall clock equal to trio's (mocked) clock."""
-    while True:
-        clock[0] = trio.current_time()
-        await trio.sleep(0.5)
