@@ -99,6 +99,7 @@ from agent.systemd_notify import (
     run_watchdog,
     watchdog_interval,
 )
+from agent.usage_recorder import POLL_S, UsageRecorder
 from agent.workload_analysis import WorkloadAnalysis
 
 log = logging.getLogger(__name__)
@@ -325,7 +326,7 @@ def _leader_tasks(
     astore: AsyncStateStore,
     replication_log: Callable[[], RaftLog | None],
 ) -> list[LeaderTask]:
-    """What a ready leader runs: the scheduler, the outbox, the health reporters, the host-loss watcher."""
+    """What a ready leader runs: the scheduler, the outbox, the health reporters, the usage recorder, the host-loss watcher."""
 
     async def scheduler(service: LeaseService) -> None:
         # A sample may make a GPU eligible: wake the scheduler (the subscription ends with the term).
@@ -359,7 +360,19 @@ def _leader_tasks(
             config.devices.health_quiet_period_s,
         )
 
-    tasks: list[LeaderTask] = [scheduler, outbox, local_health, remote_health]
+    async def usage(service: LeaseService) -> None:
+        accounting = config.accounting
+        await UsageRecorder(
+            service,
+            feed.inventory,
+            record_interval_s=accounting.record_interval_s,
+            retention_s=accounting.retention_days * 86_400.0,
+            clock=time.time,
+            # A record needs two looks at a GPU; a short interval (tests, trying it out) looks as often.
+            poll_s=min(POLL_S, accounting.record_interval_s),
+        ).run()
+
+    tasks: list[LeaderTask] = [scheduler, outbox, local_health, remote_health, usage]
     grace_s = config.cluster.host_lost_grace_s
     if grace_s > 0:
 

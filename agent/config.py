@@ -305,6 +305,22 @@ class IntegrationsSection:
 
 
 @dataclass(frozen=True)
+class AccountingSection:
+    """``[accounting]``: GPU-seconds per queue and service (GET /usage, gpuctl usage)."""
+
+    # Days of hourly usage the replicated state keeps. 90 covers a quarter's
+    # chargeback; each day adds 24 hours × (queue, service) pairs in use to the
+    # snapshot (docs/configuration.md gives the size). The leader's value is the
+    # one that counts: it travels in the log, so every server prunes alike.
+    retention_days: float = 90.0
+    # Seconds between the leader's records of utilized GPU-seconds (one small log
+    # entry each, none while nothing is leased). A minute is far finer than any
+    # bill and costs one entry a minute; at most this much is lost when the
+    # leader changes.
+    record_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """The whole configuration; each field is one section of the TOML file."""
 
@@ -315,6 +331,7 @@ class AgentConfig:
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     auth: AuthSection = field(default_factory=AuthSection)
     integrations: IntegrationsSection = field(default_factory=IntegrationsSection)
+    accounting: AccountingSection = field(default_factory=AccountingSection)
 
     def validate(self) -> None:
         """Return None if the configuration makes sense; raise ConfigError naming the first bad key."""
@@ -326,6 +343,7 @@ class AgentConfig:
         _validate_scheduler(self.scheduler)
         _validate_auth(self.auth)
         _validate_integrations(self.integrations)
+        _validate_accounting(self.accounting)
 
 
 # --- validation ------------------------------------------------------------------
@@ -578,6 +596,16 @@ def _validate_integrations(section: IntegrationsSection) -> None:
     if section.webhook_max_attempts < 1:
         raise _fail(
             "integrations.webhook_max_attempts", f"must be at least 1, got {section.webhook_max_attempts}"
+        )
+
+
+def _validate_accounting(section: AccountingSection) -> None:
+    # At least a day: the table refuses a retention under an hour, and a day keeps /usage useful.
+    if not (math.isfinite(section.retention_days) and section.retention_days >= 1):
+        raise _fail("accounting.retention_days", f"must be at least 1 (day), got {section.retention_days}")
+    if not (math.isfinite(section.record_interval_s) and 1 <= section.record_interval_s <= 3600):
+        raise _fail(
+            "accounting.record_interval_s", f"must be between 1 and 3600 seconds, got {section.record_interval_s}"
         )
 
 

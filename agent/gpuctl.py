@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -56,6 +56,7 @@ from agent.gpuctl_render import (
     render_servers,
     render_status,
     render_status_summary,
+    render_usage,
 )
 
 EXIT_OK = 0
@@ -350,6 +351,12 @@ def cmd_renew(client: AgentClient, args: argparse.Namespace) -> Result:
     return Result(payload, render_allocation)
 
 
+def usage_path(args: argparse.Namespace) -> str:
+    """GET /usage with the flags given (the agent parses and checks the times)."""
+    query = {name: getattr(args, name) for name in ("since", "until", "by") if getattr(args, name)}
+    return "/usage?" + urlencode(query)
+
+
 def _gpu_body(target: tuple[str | None, int]) -> JsonObject:
     node, index = target
     # No node: the agent answering drains its own GPU.
@@ -603,6 +610,14 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = _add_command(server_actions, action, handler, summary)
         sub.add_argument("name", help="the server's node name ([agent] node_name)")
+    usage = add(
+        "usage",
+        _getter(usage_path, render_usage),
+        "GPU-hours allocated and utilized per service or queue (GET /usage)",
+    )
+    usage.add_argument("--since", help="RFC 3339, Unix seconds or a duration back from now (7d); default 24h before --until")
+    usage.add_argument("--until", help="same forms; default now")
+    usage.add_argument("--by", choices=["service", "queue"], default="service", help="group by (default service)")
     add("leader", _getter(lambda a: "/cluster/leader", render_leader), "the current leader")
     add("health", _getter(lambda a: "/healthz", render_health), "this agent's health (GET /healthz)")
     # Listed for --help; main() hands everything after "keyring" to the key-file tool,

@@ -490,3 +490,31 @@ def render_health(payload: JsonObject, now: float) -> str:
         pending, gave_up = _text(outbox.get("pending")), _text(outbox.get("gave_up"))
         pairs.append(("outbox", f"{pending} pending, {gave_up} gave up"))
     return key_values(pairs)
+
+
+def gpu_hours(seconds: Any) -> str:
+    """GPU-seconds as GPU-hours with one decimal: `12.5`."""
+    return f"{seconds / 3600:.1f}" if isinstance(seconds, (int, float)) else "-"
+
+
+def render_usage(payload: JsonObject, now: float) -> str:
+    """GET /usage as a table of GPU-hours per queue or service, busiest first, with the totals."""
+    by = _text(payload.get("by"))
+    rows = [r for r in payload.get("usage") or [] if isinstance(r, dict)]
+    window = f"{_text(payload.get('since'))} .. {_text(payload.get('until'))}"
+    if not rows:
+        return f"no GPU usage in {window}"
+    ordered = sorted(rows, key=lambda r: -r["allocated_gpu_seconds"] if isinstance(r.get("allocated_gpu_seconds"), (int, float)) else 0)
+    cells = [
+        [
+            _text(r.get(by)),
+            gpu_hours(r.get("allocated_gpu_seconds")),
+            gpu_hours(r.get("utilized_gpu_seconds")),
+            _num(r["utilization"] * 100, "%") if isinstance(r.get("utilization"), (int, float)) else "-",
+        ]
+        for r in ordered
+    ]
+    totals = _obj(payload.get("totals"))
+    cells.append(["TOTAL", gpu_hours(totals.get("allocated_gpu_seconds")), gpu_hours(totals.get("utilized_gpu_seconds")), ""])
+    text = table([by.upper(), "ALLOCATED GPU-H", "UTILIZED GPU-H", "UTIL"], cells, right=frozenset({1, 2, 3}))
+    return f"{text}\n\n{window} (whole hours; kept {_text(payload.get('retention_days'))} days)"

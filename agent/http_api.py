@@ -40,7 +40,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from coordinator.errors import CoordinatorError, InvalidRequest, NotFound, brief
 from coordinator.json_body import decode_json_body
-from coordinator.lease_table import LeaseTable
+from coordinator.lease_table import LeaseTable, usage_window
 from coordinator.model import Allocation
 from coordinator.rate_limit import RateLimit, TokenBuckets
 from coordinator.raft import NotLeader, ProposalRejected, RaftError
@@ -50,10 +50,11 @@ from coordinator.request_parsing import (
     parse_release_body,
     parse_renew_body,
     parse_status_query,
+    parse_usage_query,
     resolve_ttl,
     valid_id,
 )
-from coordinator.views import allocation_view, queued_view, record_view
+from coordinator.views import allocation_view, queued_view, record_view, usage_view
 
 from agent.api_keys import ApiKey, extract_presented_key
 from agent.audit import WRITE_ACTIONS, AuditTrail, ids_in
@@ -646,6 +647,18 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         position = reader.queue_position(request_id)
         queued_json = queued_view(queued, position) if queued is not None and position else None
         return json_response(record_view(record, alloc, queued_json))
+
+    @app.get("/usage")
+    @on_leader(read=True)
+    async def usage(reader: LeaseReader) -> Response:
+        # Hourly buckets from the replicated table, plus live leases up to now: reads
+        # only the hours asked for (LeaseTable.usage), like /gpu/list reads the table.
+        now = time.time()
+        query = parse_usage_query(request.args, now)
+        table = reader.table
+        first, last = usage_window(query.since, query.until)
+        rows = table.usage(query.since, query.until, query.by, now)
+        return json_response(usage_view(query.by, first, last, rows, table.usage_retention_s))
 
     @app.get("/cluster/members")
     async def members() -> Response:

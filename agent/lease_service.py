@@ -23,11 +23,13 @@ import trio
 
 from coordinator.admission import PROCEED, Admission, AllocateOutcome, Repeat, queue_position
 from coordinator.commands import (
+    MAX_USAGE_ROWS,
     Allocate,
     Cancel,
     Command,
     MarkHostLost,
     OutboxDelivered,
+    RecordUsage,
     Release,
     Renew,
     ReportGpuHealth,
@@ -298,6 +300,20 @@ class LeaseService:
         """Replicate that every outbox row of entries at or below `through` is done (OutboxDelivered)."""
         if through > self.table.outbox_delivered_through:
             await self._propose_ok(OutboxDelivered(self._clock(), through))
+
+    async def record_usage(self, rows: Sequence[tuple[str, str, float]], retention_s: float) -> None:
+        """Replicate utilized GPU-seconds per (queue, service) (RecordUsage), MAX_USAGE_ROWS a command.
+
+        Nothing is proposed for no rows unless the retention changed. Raises the
+        table's refusal or RaftError.
+        """
+        if not rows and retention_s == self.table.usage_retention_s:
+            return
+        now = self._clock()
+        chunks = [tuple(rows[i : i + MAX_USAGE_ROWS]) for i in range(0, len(rows), MAX_USAGE_ROWS)] or [()]
+        for result in await self.log.propose_many([RecordUsage(now, c, retention_s) for c in chunks], term=self.term):
+            if result.error is not None:
+                raise result.error
 
     async def _propose_ok(self, command: Command) -> ApplyResult:
         result = await self.log.propose(command, term=self.term)

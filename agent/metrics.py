@@ -375,6 +375,19 @@ class StateCollector(Collector):
             "Live allocations holding at least one GPU last reported unhealthy (leader only).",
             value=float(len(table.unhealthy_allocations())),
         )
+        # Lifetime totals up to the table's own clock (the last applied command), not the
+        # wall clock: a lease's running share then becomes exactly what its end credits,
+        # so the counter never steps back when the lease ends (LeaseTable.usage_totals).
+        usage = CounterMetricFamily(
+            "gpu_orchestrator_usage_gpu_seconds",
+            "GPU-seconds by queue and service: allocated (GPUs held × seconds) and utilized (the same "
+            "weighted by measured utilization), since the series began (leader only).",
+            labels=["queue", "service", "kind"],
+        )
+        for (queue, service), (allocated, utilized) in sorted(table.usage_totals(table.clock).items()):
+            usage.add_metric([queue, service, "allocated"], allocated)
+            usage.add_metric([queue, service, "utilized"], utilized)
+        yield usage
         # The Go service's gauges, under its names (its `_total` on a gauge included).
         yield GaugeMetricFamily(
             "gpu_allocator_allocations_active",

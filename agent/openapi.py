@@ -23,6 +23,9 @@ from coordinator.request_parsing import (
     MAX_MEMORY_MB,
     MAX_TEXT_LENGTH,
     MAX_URL_LENGTH,
+    DURATION_PATTERN,
+    RFC3339_PATTERN,
+    UNIX_SECONDS_PATTERN,
     WEBHOOK_URL_PATTERN,
 )
 from coordinator.workload import WORKLOAD_TYPES
@@ -237,6 +240,13 @@ def openapi_document(*, auth_header: str | None = None, max_ttl_s: float = 0.0) 
                 operation_id="getRequest",
             )
         },
+        "/usage": {
+            "get": _op(
+                "GPU-seconds allocated and utilized per queue or service over the whole hours covering [since, until)",
+                {200: _json(_ref("Usage"), "OK")},
+                (400, *_READ_ERRORS),
+            )
+        },
         "/cluster/members": {
             "get": _op("Cluster members", {200: _json(obj, "OK")}, _READ_ERRORS)
         },
@@ -285,6 +295,19 @@ def openapi_document(*, auth_header: str | None = None, max_ttl_s: float = 0.0) 
          "schema": {"type": "integer", "minimum": 1, "maximum": 10000}},
         {"name": "summary", "in": "query", "required": False, "description": "counts per node instead of GPU rows",
          "schema": {"type": "boolean"}},
+    ]
+    time_text = (
+        "RFC 3339 with an offset (2026-12-01T00:00:00Z), Unix seconds, or a duration back from now (90m, 24h, 7d), "
+        "clamped to 1970 … 1e11; a date that does not exist (February 30) or since after until is 400"
+    )
+    a_time = {"anyOf": [{"type": "string", "pattern": p} for p in (RFC3339_PATTERN, UNIX_SECONDS_PATTERN, DURATION_PATTERN)]}
+    paths["/usage"]["get"]["parameters"] = [
+        {"name": "since", "in": "query", "required": False, "description": f"{time_text}; default: until − 24 h",
+         "schema": a_time},
+        {"name": "until", "in": "query", "required": False, "description": f"{time_text}; default: now",
+         "schema": a_time},
+        {"name": "by", "in": "query", "required": False, "description": "group by queue or service (default)",
+         "schema": {"type": "string", "enum": ["queue", "service"]}},
     ]
     for template, method in (
         ("/gpu/allocations/{allocation_id}", "get"),
@@ -589,6 +612,34 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "required": ["name"],
             "additionalProperties": False,
             "properties": {"name": {"type": "string", "pattern": NODE_NAME_PATTERN}},
+        },
+        "Usage": {
+            "type": "object",
+            "required": ["by", "since", "until", "retention_days", "usage", "totals"],
+            "properties": {
+                "by": {"type": "string", "enum": ["queue", "service"]},
+                "since": {"type": "string", "description": "start of the first whole hour read (RFC 3339)"},
+                "until": {"type": "string", "description": "end of the last whole hour read (RFC 3339)"},
+                "retention_days": number,
+                "usage": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["allocated_gpu_seconds", "utilized_gpu_seconds", "utilization"],
+                        "properties": {
+                            "queue": string,
+                            "service": string,
+                            "allocated_gpu_seconds": number,
+                            "utilized_gpu_seconds": number,
+                            "utilization": {"type": ["number", "null"]},
+                        },
+                    },
+                },
+                "totals": {
+                    "type": "object",
+                    "properties": {"allocated_gpu_seconds": number, "utilized_gpu_seconds": number},
+                },
+            },
         },
         "Servers": {
             "type": "object",

@@ -187,7 +187,38 @@ class OutboxDelivered:
         return {"op": "outbox_delivered", "at": self.at, "through": self.through}
 
 
-Command = Union[Allocate, Enqueue, Release, Renew, Cancel, SetDrain, ReportGpuHealth, MarkHostLost, OutboxDelivered]
+# The most rows one RecordUsage carries: a log entry stays small (about 60 bytes
+# a row) however many services run; the leader splits a longer report.
+MAX_USAGE_ROWS = 512
+
+
+@dataclass(frozen=True, slots=True)
+class RecordUsage:
+    """Utilized GPU-seconds the leader measured since its previous record, per (queue, service).
+
+    Utilization is telemetry, which is not replicated: the leader integrates it
+    (coordinator/usage_meter.py) and proposes the sums, coalesced, about once a
+    minute. Each row is (queue, service, gpu_seconds), credited to the hour of
+    `at`. `retention_s` is the leader's `[accounting] retention_days`: carried
+    here so every replica prunes usage by the same rule whatever its own file says.
+    """
+
+    at: float
+    rows: tuple[tuple[str, str, float], ...]
+    retention_s: float
+
+    def to_wire(self) -> Wire:
+        return {
+            "op": "record_usage",
+            "at": self.at,
+            "rows": [list(row) for row in self.rows],
+            "retention_s": self.retention_s,
+        }
+
+
+Command = Union[
+    Allocate, Enqueue, Release, Renew, Cancel, SetDrain, ReportGpuHealth, MarkHostLost, OutboxDelivered, RecordUsage
+]
 
 
 def command_from_wire(w: Mapping[str, Any]) -> Command:
@@ -229,6 +260,9 @@ def command_from_wire(w: Mapping[str, Any]) -> Command:
         return MarkHostLost(at, node, None if before is None else float(before))
     if op == "outbox_delivered":
         return OutboxDelivered(at, int(w["through"]))
+    if op == "record_usage":
+        rows = tuple((str(q), str(svc), float(secs)) for q, svc, secs in w["rows"])
+        return RecordUsage(at, rows, float(w["retention_s"]))
     raise InvalidRequest(f"unknown command op {op!r}", code="unknown_command")
 
 

@@ -22,6 +22,11 @@ Rules that keep every replica identical:
 - Finished request records are kept for `retention_s` after they end and then
   pruned, by a rule that depends only on the set of records, so a table
   restored from a snapshot prunes exactly as one that replayed the whole log.
+- Usage (coordinator/usage_ledger.py): a lease's allocated GPU-seconds,
+  gpus × (end − allocated_at), are credited when it ends, whatever ends it
+  (`_remove_allocation`); utilized GPU-seconds arrive in RecordUsage commands.
+  Hours older than the usage retention (the latest RecordUsage's, 90 days
+  until one says otherwise) are pruned by the table's clock, like records.
 
 Invariant: no GPU is held by two live allocations (checked on every Allocate).
 """
@@ -32,19 +37,22 @@ import contextlib
 import gc
 import itertools
 import json
-from collections import OrderedDict
+import math
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, TypeVar
 
 from sortedcontainers import SortedList
 
 from coordinator.commands import (
+    MAX_USAGE_ROWS,
     Allocate,
     Cancel,
     Command,
     Enqueue,
     MarkHostLost,
     OutboxDelivered,
+    RecordUsage,
     Release,
     Renew,
     ReportGpuHealth,
@@ -52,6 +60,7 @@ from coordinator.commands import (
 )
 from coordinator.errors import Conflict, CoordinatorError, InvalidRequest, NotFound
 from coordinator.finished_records import FinishedRecords, canonical_json
+from coordinator.usage_ledger import HOUR_S, UsageKey, UsageLedger, hour_of
 from coordinator.model import (
     ALLOCATED,
     CANCELLED,
@@ -74,7 +83,11 @@ from coordinator.wait_queue import RankKey, WaitQueue
 # How long a finished request id is remembered. A client retrying a request
 # within a day gets the original answer; after that the id may be reused.
 DEFAULT_RETENTION_S = 86_400.0
-SNAPSHOT_VERSION = 2
+# How long hourly usage is kept until a RecordUsage names the leader's
+# `[accounting] retention_days`: 90 days, a quarter of chargeback.
+DEFAULT_USAGE_RETENTION_S = 90 * 86_400.0
+SNAPSHOT_VERSION = 3
+USAGE_BY = ("queue", "service")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +138,11 @@ class LeaseTable:
         self._holder_version = 0
         # The leader's delivery progress (OutboxDelivered): rows of entries at or below it are done.
         self._outbox_delivered_through = 0
+        # GPU-seconds by hour and (queue, service); live leases' share is added on read.
+        self._usage = UsageLedger()
+        self._usage_retention_s = DEFAULT_USAGE_RETENTION_S
+        # Live leases per (queue, service): their lifetime totals are never pruned.
+        self._live_keys: Counter[UsageKey] = Counter()
 
     # ------------------------------------------------------------------ queries
 
@@ -249,6 +267,54 @@ class LeaseTable:
         row = self._finished.by_allocation(allocation_id)
         return None if row is None else RequestRecord(*row)
 
+    @property
+    def usage_retention_s(self) -> float:
+        """How long hourly usage is kept (the latest RecordUsage's retention)."""
+        return self._usage_retention_s
+
+    def usage(self, since: float, until: float, by: str, now: float) -> list[tuple[str, float, float]]:
+        """GPU-seconds (name, allocated, utilized) per queue or service, in the whole hours covering [since, until).
+
+        The range is widened to whole hours (`usage_window`); live leases add
+        their share held up to `now`. Sorted by name. Reads only the hours in
+        the range and the live leases. Raises ValueError for `by` not in USAGE_BY.
+        """
+        if by not in USAGE_BY:
+            raise ValueError(f"by must be one of {', '.join(USAGE_BY)}, got {by!r}")
+        part = 0 if by == "queue" else 1
+        first, last = usage_window(since, until)
+        sums: dict[str, list[float]] = {}
+        for _, rows in self._usage.hours(first, last):
+            for key in sorted(rows):  # as for live leases below: one order on every replica
+                allocated, utilized = rows[key]
+                row = sums.setdefault(key[part], [0.0, 0.0])
+                row[0] += allocated
+                row[1] += utilized
+        start, stop = first * HOUR_S, min(last * HOUR_S, now)
+        # Oldest first, not dict order: float sums in one order give equal answers on
+        # every replica, restored or replayed (whose dicts were filled in other orders).
+        for alloc in self.allocations():
+            held = stop - max(start, alloc.allocated_at)
+            if held > 0:
+                sums.setdefault(_usage_key(alloc)[part], [0.0, 0.0])[0] += len(alloc.gpus) * held
+        return [(name, sums[name][0], sums[name][1]) for name in sorted(sums)]
+
+    def usage_totals(self, now: float) -> dict[UsageKey, tuple[float, float]]:
+        """Lifetime (allocated, utilized) GPU-seconds per (queue, service), live leases counted up to `now`.
+
+        Monotonic in `now` and across applies while `now` is the table's clock:
+        a lease's running share becomes, when it ends at `at`, exactly the
+        amount credited. A key disappears only after a retention period without use.
+        """
+        totals = {key: (t[0], t[1]) for key, t in self._usage.totals().items()}
+        for alloc in self.allocations():  # oldest first, as in `usage`
+            held = now - alloc.allocated_at
+            if held > 0:
+                key = _usage_key(alloc)
+                allocated, utilized = totals.get(key, (0.0, 0.0))
+                totals[key] = (allocated + len(alloc.gpus) * held, utilized)
+        return totals
+
     # ------------------------------------------------------------------ apply
 
     def apply(self, command: Command) -> ApplyResult:
@@ -273,6 +339,8 @@ class LeaseTable:
                 result = self._mark_host_lost(command)
             elif isinstance(command, OutboxDelivered):
                 result = self._outbox_delivered(command)
+            elif isinstance(command, RecordUsage):
+                result = self._record_usage(command)
             else:
                 result = self._report_health(command)
         except CoordinatorError as exc:
@@ -396,6 +464,25 @@ class LeaseTable:
         self._outbox_delivered_through = cmd.through
         return ApplyResult()
 
+    def _record_usage(self, cmd: RecordUsage) -> ApplyResult:
+        # Checked whole before anything is credited: a refusal changes nothing.
+        if not (math.isfinite(cmd.retention_s) and cmd.retention_s >= HOUR_S):
+            raise InvalidRequest(f"usage retention must be at least an hour, got {cmd.retention_s}", code="invalid_command")
+        if len(cmd.rows) > MAX_USAGE_ROWS:
+            raise InvalidRequest(f"{len(cmd.rows)} usage rows, at most {MAX_USAGE_ROWS}", code="invalid_command")
+        for queue, service, seconds in cmd.rows:
+            if not (queue and service and math.isfinite(seconds) and seconds >= 0):
+                raise InvalidRequest(f"bad usage row {queue!r}, {service!r}, {seconds!r}", code="invalid_command")
+        self._usage_retention_s = cmd.retention_s
+        floor = self._usage_floor(cmd.at)
+        for queue, service, seconds in cmd.rows:
+            self._usage.add_utilized((queue, service), cmd.at, seconds, floor_hour=floor)
+        return ApplyResult()
+
+    def _usage_floor(self, at: float) -> int:
+        """The oldest hour usage is kept for once the clock reaches `at`."""
+        return hour_of(max(self._clock, at) - self._usage_retention_s)
+
     def _renew(self, cmd: Renew) -> ApplyResult:
         alloc = self._allocations.get(cmd.allocation_id)
         if alloc is None:
@@ -475,6 +562,7 @@ class LeaseTable:
         """
         for alloc in allocs:
             self._allocations[alloc.allocation_id] = alloc
+            self._live_keys[_usage_key(alloc)] += 1
             for gpu in alloc.gpus:
                 self._holders[gpu.ref] = alloc.allocation_id
             self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
@@ -485,6 +573,7 @@ class LeaseTable:
 
     def _add_allocation(self, alloc: Allocation) -> None:
         self._allocations[alloc.allocation_id] = alloc
+        self._live_keys[_usage_key(alloc)] += 1
         for gpu in alloc.gpus:
             self._holders[gpu.ref] = alloc.allocation_id
         self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
@@ -492,7 +581,13 @@ class LeaseTable:
         self._holders_changed(alloc.node)
 
     def _remove_allocation(self, alloc: Allocation, at: float) -> None:
+        """End a lease at `at`, whatever the reason: its GPUs are freed and its GPU-seconds credited."""
         del self._allocations[alloc.allocation_id]
+        key = _usage_key(alloc)
+        self._usage.add_allocated(key, len(alloc.gpus), alloc.allocated_at, at, floor_hour=self._usage_floor(at))
+        self._live_keys[key] -= 1
+        if not self._live_keys[key]:
+            del self._live_keys[key]
         self._allocation_texts.pop(alloc.allocation_id, None)
         for gpu in alloc.gpus:
             del self._holders[gpu.ref]
@@ -532,6 +627,7 @@ class LeaseTable:
 
     def _prune(self) -> None:
         self._finished.prune(self._clock - self.retention_s)
+        self._usage.prune(self._usage_floor(self._clock), self._live_keys)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -540,7 +636,8 @@ class LeaseTable:
 
         See `restore` for why the garbage collector is paused meanwhile.
 
-        Version 2: allocations oldest first and the queue in rank order, each the
+        Version 3 is version 2 plus "usage" (usage_ledger.py's snapshot form) and
+        "usage_retention_s". Version 2: allocations oldest first and the queue in rank order, each the
         JSON text of its wire dict; records as rows [request_id, service_name,
         status, submitted_at, updated_at, allocation_id, reason]: live ones by id
         under "records", finished ones under "finished" as [hour, ids, text] per
@@ -592,11 +689,13 @@ class LeaseTable:
                 for ref, (state, reasons) in sorted(self._gpu_health.items())
             ],
             "outbox_delivered_through": self._outbox_delivered_through,
+            "usage": self._usage.to_wire(),
+            "usage_retention_s": self._usage_retention_s,
         }
 
     @classmethod
     def restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
-        """Rebuild a table from `snapshot()` output of this version or version 1.
+        """Rebuild a table from `snapshot()` output of this version, or of version 2 or 1 (no usage).
 
         The cyclic garbage collector is paused meanwhile: a restore makes a few
         hundred thousand objects, none of them garbage, and the collections they
@@ -611,7 +710,7 @@ class LeaseTable:
     @classmethod
     def _restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
         version = snap.get("version")
-        if version not in (1, SNAPSHOT_VERSION):
+        if version not in (1, 2, SNAPSHOT_VERSION):
             raise ValueError(f"unsupported lease-table snapshot version {version!r}")
         table = cls(retention_s=float(snap["retention_s"]))
         table._clock = float(snap["clock"])
@@ -643,6 +742,9 @@ class LeaseTable:
         for node, index, state, reasons in snap.get("gpu_health", ()):
             table._gpu_health[GpuRef(str(node), int(index))] = (str(state), tuple(str(r) for r in reasons))
         table._outbox_delivered_through = int(snap.get("outbox_delivered_through", 0))
+        # Versions 1 and 2 kept no usage: it starts empty, with the default retention.
+        table._usage = UsageLedger.from_wire(snap.get("usage", {}))
+        table._usage_retention_s = float(snap.get("usage_retention_s", DEFAULT_USAGE_RETENTION_S))
         return table
 
 
@@ -693,6 +795,19 @@ class SnapshotCapture:
         for key in ("allocations", "queue"):
             wire[key] = [x if isinstance(x, str) else canonical_json(x.to_wire()) for x in self.wire[key]]
         return wire
+
+
+def usage_window(since: float, until: float) -> tuple[int, int]:
+    """The hours [first, last) that a usage query for [since, until) reads: the whole hours covering it."""
+    first = hour_of(since)
+    last = hour_of(until)
+    if until > last * HOUR_S:
+        last += 1
+    return first, max(first, last)
+
+
+def _usage_key(alloc: Allocation) -> UsageKey:
+    return (alloc.request.queue_name, alloc.request.service_name)
 
 
 def _age(alloc: Allocation) -> tuple[float, str]:

@@ -122,6 +122,9 @@ class AllocationRequest:
     workflow_id: str | None = None
     decided_by: str = "analyzer"
     estimate: Mapping[str, Any] = field(default_factory=dict)
+    # The queue whose share the lease counts against (SPEC "Sharing the fleet").
+    # Usage accounting groups GPU-seconds by it; absent on the wire = "default".
+    queue_name: str = "default"
 
     def rank_key(self) -> tuple[int, float, str]:
         """Strict priority order: higher priority first, then oldest, then id (a total order)."""
@@ -142,6 +145,7 @@ class AllocationRequest:
             "workflow_id": self.workflow_id,
             "decided_by": self.decided_by,
             "estimate": dict(self.estimate),
+            "queue_name": self.queue_name,
         }
 
     @classmethod
@@ -160,6 +164,7 @@ class AllocationRequest:
             workflow_id=w.get("workflow_id"),
             decided_by=str(w["decided_by"]),
             estimate=dict(w["estimate"]),
+            queue_name=str(w.get("queue_name", "default")),
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Mapping
 
 from coordinator.errors import InvalidRequest, brief
@@ -409,3 +410,71 @@ def parse_status_query(args: Mapping[str, str]) -> StatusQuery:
     if raw_summary not in ("true", "false", "1", "0"):
         raise InvalidRequest("summary must be true or false", code="invalid_request")
     return StatusQuery(node, after, limit, raw_summary in ("true", "1"))
+
+
+# GET /usage: times as RFC 3339, Unix seconds, or a duration back from now ("90m", "24h", "7d").
+# The patterns are shared with the OpenAPI document, so the two cannot disagree.
+USAGE_GROUPINGS = ("queue", "service")
+DEFAULT_USAGE_SPAN_S = 86_400.0
+UNIX_SECONDS_PATTERN = r"^[0-9]{1,11}(\.[0-9]{1,9})?$"
+DURATION_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,6})?[smhd]$"
+RFC3339_PATTERN = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]"
+    r"(:[0-5][0-9](\.[0-9]{1,9})?)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+# Times are clamped to 1970 … about 5138: a duration reaching before 1970 means "from
+# the start", and hour arithmetic stays exact.
+_MAX_USAGE_TIME = 1e11
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+# Python's `$` also matches before a trailing newline: fullmatch instead.
+_UNIX_SECONDS_RE = re.compile(UNIX_SECONDS_PATTERN.strip("^$"))
+_DURATION_RE = re.compile(DURATION_PATTERN.strip("^$"))
+_RFC3339_RE = re.compile(RFC3339_PATTERN.strip("^$"))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    """GET /usage's query: the range [since, until) in Unix seconds and the grouping."""
+
+    since: float
+    until: float
+    by: str
+
+
+def parse_usage_query(args: Mapping[str, str], now: float) -> UsageQuery:
+    """Validate `since` and `until` (default: the last 24 h up to `now`) and `by` (queue or service, default service).
+
+    Each time is RFC 3339 with an offset, Unix seconds, or a duration back from
+    `now` such as "7d" (the patterns above), clamped to 1970 … 1e11. Unknown
+    parameters are ignored (as the API always has). Raises InvalidRequest for
+    another form, a date that does not exist (February 30), or `since` after `until`.
+    """
+    until = _usage_time(args.get("until"), "until", now, default=now)
+    since = _usage_time(args.get("since"), "since", now, default=max(0.0, until - DEFAULT_USAGE_SPAN_S))
+    if since > until:
+        raise InvalidRequest("since must not be after until", code="invalid_request")
+    by = args.get("by", "service")
+    if by not in USAGE_GROUPINGS:
+        raise InvalidRequest(f"by must be one of {', '.join(USAGE_GROUPINGS)}, got {brief(by)}", code="invalid_request")
+    return UsageQuery(since, until, by)
+
+
+def _usage_time(raw: str | None, name: str, now: float, *, default: float) -> float:
+    if raw is None:
+        return default
+    if duration := _DURATION_RE.fullmatch(raw):
+        value = now - float(duration.group(0)[:-1]) * _DURATION_UNITS[raw[-1]]
+    elif _UNIX_SECONDS_RE.fullmatch(raw):
+        value = float(raw)
+    elif _RFC3339_RE.fullmatch(raw):
+        try:
+            value = datetime.fromisoformat(raw[:-1] + "+00:00" if raw[-1] in "Zz" else raw).timestamp()
+        except ValueError:
+            raise InvalidRequest(f"{name} names a date that does not exist: {brief(raw)}", code="invalid_request") from None
+    else:
+        raise InvalidRequest(
+            f"{name} must be RFC 3339 with an offset (2026-12-01T00:00:00Z), Unix seconds or a duration "
+            f"back from now (90m, 24h, 7d), got {brief(raw)}",
+            code="invalid_request",
+        )
+    return min(max(value, 0.0), _MAX_USAGE_TIME)

@@ -158,3 +158,33 @@ def graph_event(event: LeaseEvent, node: str) -> JsonObject:
         "allocation_id": None if event.allocation is None else event.allocation.allocation_id,
         "allocation": None if event.allocation is None else allocation_view(event.allocation),
     }
+
+
+def usage_view(
+    by: str, first_hour: int, last_hour: int, rows: list[tuple[str, float, float]], retention_s: float
+) -> JsonObject:
+    """GET /usage: GPU-seconds per queue or service over the whole hours [first_hour, last_hour).
+
+    `rows` are (name, allocated, utilized) as LeaseTable.usage gives them.
+    `utilization` is utilized ÷ allocated (null when nothing was allocated).
+    """
+    usage = [
+        {
+            by: name,
+            "allocated_gpu_seconds": allocated,
+            "utilized_gpu_seconds": utilized,
+            "utilization": utilized / allocated if allocated > 0 else None,
+        }
+        for name, allocated, utilized in rows
+    ]
+    return {
+        "by": by,
+        "since": rfc3339(first_hour * 3600.0),
+        "until": rfc3339(last_hour * 3600.0),
+        "retention_days": retention_s / 86_400.0,
+        "usage": usage,
+        "totals": {
+            "allocated_gpu_seconds": sum(row[1] for row in rows),
+            "utilized_gpu_seconds": sum(row[2] for row in rows),
+        },
+    }

@@ -508,3 +508,22 @@ def test_keyring_generates_and_rotates_a_cluster_key_file(tmp_path: Path, capsys
     assert main(["keyring", "remove", str(path), new]) == 1  # the primary cannot go
     assert "primary" in capsys.readouterr().err
     assert main(["keyring", "rotate"]) == 2
+
+
+def test_usage_shows_gpu_hours_per_service_and_queue(start_agent: StartAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gpuctl usage` prints what GET /usage says, as GPU-hours, with a total; bad times exit 1 with the API's 400."""
+    agent = start_agent(host="127.0.0.120")
+    address = ["--address", agent.url]
+    alloc = httpx.post(agent.url + "/gpu/allocate", json={"service_name": "billing", "gpu_count": 2}).json()
+    httpx.post(agent.url + "/gpu/release", json={"allocation_id": alloc["id"]}).raise_for_status()
+    code, out, _ = run(capsys, *address, "usage", "--since", "1h")
+    assert code == 0
+    rows = table_rows(out)
+    assert [r["SERVICE"] for r in rows] == ["billing", "TOTAL"]
+    expected = api_get(agent, "/usage", params={"since": "1h"})
+    assert rows[0]["ALLOCATED GPU-H"] == f"{expected['usage'][0]['allocated_gpu_seconds'] / 3600:.1f}"
+    assert f"{expected['since']} .. {expected['until']}" in out
+    code, out, _ = run(capsys, *address, "usage", "--by", "queue", "--since", "1h")
+    assert code == 0 and [r["QUEUE"] for r in table_rows(out)] == ["default", "TOTAL"]
+    code, out, err = run(capsys, *address, "usage", "--since", "last tuesday")
+    assert (code, out) == (1, "") and err.startswith("error: invalid_request: ")

@@ -328,6 +328,37 @@ def test_metrics_use_dcgm_names_and_route_templates(api: Api) -> None:
     assert proposals is not None and float(proposals.group(1)) >= 1
 
 
+def test_usage_counts_gpu_seconds_per_service_and_queue(api: Api) -> None:
+    """/usage: a released lease's GPU-seconds by service and by queue, live ones up to now; the leader's counter."""
+    alloc = api.post("/gpu/allocate", {"service_name": "accounted", "gpu_count": 2}).json()
+    live = api.post("/gpu/allocate", {"service_name": "still-running", "gpu_count": 1}).json()
+    wait_for(lambda: api.get("/usage?since=1h").json()["totals"]["allocated_gpu_seconds"] > 0, timeout=10.0)
+    assert api.post("/gpu/release", {"allocation_id": alloc["id"]}).status_code == 200
+    by_service = api.get("/usage", params={"since": "2h", "by": "service"}).json()
+    assert by_service["by"] == "service" and by_service["since"].endswith(":00:00.000Z")
+    rows = {row["service"]: row for row in by_service["usage"]}
+    assert rows["accounted"]["allocated_gpu_seconds"] > 0 and rows["still-running"]["allocated_gpu_seconds"] > 0
+    assert rows["accounted"]["utilized_gpu_seconds"] >= 0
+    by_queue = api.get("/usage", params={"since": "2h", "by": "queue"}).json()
+    assert [row["queue"] for row in by_queue["usage"]] == ["default"]
+    # Nothing before the agent started: a window in the past is empty.
+    assert api.get("/usage", params={"since": "1000000000", "until": "1000003600"}).json()["usage"] == []
+    api.post("/gpu/release", {"allocation_id": live["id"]})
+    text = api.get("/metrics").text
+    counted = re.search(
+        r'^gpu_orchestrator_usage_gpu_seconds_total\{queue="default",service="accounted",kind="allocated"\} (\S+)', text, re.M
+    )
+    assert counted is not None and float(counted.group(1)) > 0
+
+
+@pytest.mark.parametrize(
+    "query", ["since=yesterday", "until=-5", "since=2026-02-30T00:00:00Z", "since=2h&until=3h", "by=node", "since=1e400"]
+)
+def test_usage_refuses_bad_input_with_a_json_400(api: Api, query: str) -> None:
+    response = api.get(f"/usage?{query}")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
+
+
 BAD_ALLOCATE_BODIES = [
     pytest.param(b"{not json", "invalid_json", id="malformed-json"),
     pytest.param(b"", "invalid_json", id="empty-body"),
@@ -456,7 +487,7 @@ def test_auth_keys_bind_services_and_leave_probes_open(tmp_path: Path) -> None:
         for path in ("/", "/healthz", "/metrics", "/openapi.json"):
             assert anonymous.get(path).status_code == 200
         gets = ["/gpu/status", "/gpu/list", "/cluster/members", "/cluster/leader", "/cluster/servers",
-                "/gpu/allocations/x", "/gpu/requests/x"]
+                "/gpu/allocations/x", "/gpu/requests/x", "/usage"]
         posts = ["/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload", "/gpu/drain", "/gpu/undrain",
                  "/cluster/servers"]
         for client in (anonymous, wrong):

@@ -38,6 +38,10 @@ server; a follower forwards to the leader it knows over the simulated network
 On a 503 or a timeout the client retries through another server with the same
 request id, at most MAX_ATTEMPTS times.
 
+Each ready leader also proposes a RecordUsage every USAGE_EVERY ticks (half the
+GPU-seconds its live leases held since, per queue and service), as the agent's
+usage recorder does.
+
 Commands carry `at` = the simulation's clock in seconds (SECONDS_PER_TICK per
 tick); TTLs and queue timeouts are a few seconds, so leases expire and queued
 requests time out during a run.
@@ -49,7 +53,14 @@ Checked after every event (`LeaseViolation`, a SafetyViolation):
   every server whose applied index covers the acknowledgement, until it was
   released, expired or marked lost; a 202 leaves a record the same way; an
   acknowledged renewal is not expired before its new expiry;
-- tables captured at the same index are identical on every server;
+- tables captured at the same index are identical on every server, and so is
+  the usage they answer (per-service GPU-seconds and lifetime totals, read as
+  /usage and the metrics read them);
+- on every server after every entry: the allocated GPU-seconds in its ledger,
+  plus its live leases' running share, equal the sum over the leases that ended
+  of gpus × (end − allocated_at), plus the same share (the table accounts every
+  end, whatever its reason); its utilized GPU-seconds equal the sum of the
+  RecordUsage rows it applied;
 - every answer a server gives a client (checked as given, so one lost on its way
   back counts) is one docs/api.md lists for that call (never
   `gpu_busy`, `duplicate_request`, ...: those mean a leader decided from a table
@@ -61,6 +72,7 @@ leader's table, that all voters' tables are equal, and that a new allocate is se
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
@@ -75,6 +87,7 @@ from coordinator.commands import (
     Cancel,
     Command,
     MarkHostLost,
+    RecordUsage,
     Release,
     Renew,
     SetDrain,
@@ -83,7 +96,7 @@ from coordinator.commands import (
 )
 from coordinator.errors import Conflict, CoordinatorError
 from coordinator.inventory import Inventory
-from coordinator.lease_table import ApplyResult, LeaseTable
+from coordinator.lease_table import DEFAULT_USAGE_RETENTION_S, ApplyResult, LeaseTable
 from coordinator.model import (
     ALLOCATED,
     EXPIRED,
@@ -114,6 +127,10 @@ MAX_ATTEMPTS = 8
 READY_WAIT = 8.0
 # Tables are captured every CAPTURE_EVERY applied entries (snapshots compact to a capture).
 CAPTURE_EVERY = 5
+# Ticks between a ready leader's RecordUsage proposals.
+USAGE_EVERY = 10.0
+# The lease kinds that end a lease (LeaseEvent.kind).
+_ENDS = frozenset({"released", "expired", "lost"})
 
 RAFT_503 = frozenset({(503, "no_leader"), (503, "not_leader"), (503, "proposal_lost"), (503, "outcome_unknown")})
 # docs/api.md: the answers each call may give (status, code); None for a success.
@@ -198,8 +215,10 @@ class LeaseMachine(StateMachine):
         snapshot: Snapshot | None,
         on_apply: Callable[[LeaseMachine, Entry, Command | None, ApplyResult | None], None],
         on_capture: Callable[[int, bytes], None],
+        on_usage: Callable[[LeaseMachine], None],
     ) -> None:
         self.node_id = node_id
+        self._on_usage = on_usage
         self.history = []
         self._on_apply = on_apply
         self._on_capture = on_capture
@@ -209,6 +228,11 @@ class LeaseMachine(StateMachine):
         else:
             self.table = LeaseTable()
             self._applied = snapshot.index if snapshot is not None else 0
+        # The checker's own account of usage, from the entries this machine applied (a
+        # restored one starts from what its snapshot holds: the entries before are gone).
+        totals = self.table.usage_totals(float("-inf"))
+        self.ended_gpu_seconds = sum(allocated for allocated, _ in totals.values())
+        self.recorded_gpu_seconds = sum(utilized for _, utilized in totals.values())
         self._first = self._applied + 1  # entries from here on are known one by one
         self._captures: deque[tuple[int, bytes]] = deque(maxlen=6)
 
@@ -226,6 +250,13 @@ class LeaseMachine(StateMachine):
         if e.type == EntryType.NORMAL:
             command = decode_command(e.data)
             result = self.table.apply(command)
+            for event in result.events:
+                if event.kind in _ENDS and event.allocation is not None:
+                    held = event.at - event.allocation.allocated_at
+                    self.ended_gpu_seconds += len(event.allocation.gpus) * max(0.0, held)
+            if isinstance(command, RecordUsage) and result.ok:
+                self.recorded_gpu_seconds += sum(row[2] for row in command.rows)
+            self._on_usage(self)
         if e.index % CAPTURE_EVERY == 0:
             data: bytes = msgpack.packb(self.table.snapshot(), use_bin_type=True)
             self._captures.append((e.index, data))
@@ -314,12 +345,14 @@ class LeaseCluster:
         self.queued_acks: dict[str, int] = {}  # request id → index of its first 202
         self.renewals: dict[str, tuple[str, float, int]] = {}  # allocation id → (request id, acked expiry, index)
         self.captures: dict[int, bytes] = {}
+        self.usage_captures: dict[int, object] = {}
         self._checked: dict[str, tuple[int, int, int]] = {}
         self._seq = 0
         # What a client does once a call ends (the workload sets it).
         self.on_finished: Callable[[Call, Answer], None] = lambda call, answer: None
         self.raft.after_event.append(self._after_event)
         self.raft.at(0.5, self._scheduler_tick)
+        self.raft.at(USAGE_EVERY, self._usage_tick)
 
     # --- time and state ----------------------------------------------------------------------
 
@@ -364,11 +397,34 @@ class LeaseCluster:
                 if p.node == node.id and p.index <= snapshot.index:
                     del self.inflight[key]
                     self.later(0.0, partial(self._resolve, p, "outcome_unknown"))
-        return LeaseMachine(node.id, snapshot, self._applied, self._captured)
+        return LeaseMachine(node.id, snapshot, self._applied, self._captured, self._check_usage)
 
     def _captured(self, index: int, data: bytes) -> None:
         if self.captures.setdefault(index, data) != data:
             raise self.violation(f"two servers' tables differ at index {index}")
+
+    def _check_usage(self, machine: LeaseMachine) -> None:
+        """The usage invariants of the module docstring, on one server after one entry."""
+        table = machine.table
+        clock = table.clock
+        totals = table.usage_totals(clock)
+        running = sum(len(a.gpus) * (clock - a.allocated_at) for a in table.allocations() if clock > a.allocated_at)
+        allocated = sum(a for a, _ in totals.values())
+        utilized = sum(u for _, u in totals.values())
+        if not math.isclose(allocated, machine.ended_gpu_seconds + running, rel_tol=1e-9, abs_tol=1e-6):
+            raise self.violation(
+                f"{machine.node_id} (applied {machine.applied}): {allocated} GPU-seconds allocated, "
+                f"but the ended leases held {machine.ended_gpu_seconds} and the live ones {running}"
+            )
+        if not math.isclose(utilized, machine.recorded_gpu_seconds, rel_tol=1e-9, abs_tol=1e-6):
+            raise self.violation(
+                f"{machine.node_id} (applied {machine.applied}): {utilized} GPU-seconds utilized, "
+                f"{machine.recorded_gpu_seconds} recorded"
+            )
+        if machine.applied % CAPTURE_EVERY == 0:
+            seen = (table.usage(0.0, clock + 3600.0, "service", now=clock), sorted(totals.items()))
+            if self.usage_captures.setdefault(machine.applied, seen) != seen:
+                raise self.violation(f"two servers' usage differs at index {machine.applied}")
 
     def _applied(self, machine: LeaseMachine, e: Entry, command: Command | None, result: ApplyResult | None) -> None:
         if isinstance(command, Allocate) and result is not None and result.ok:
@@ -713,6 +769,25 @@ class LeaseCluster:
             self.stats["tick_batches"] += 1
             self._propose(shell, commands, [done] * len(commands), admission)
         self.later(1.0, self._scheduler_tick)
+
+    def _usage_tick(self) -> None:
+        """Every USAGE_EVERY ticks, each ready leader records utilized GPU-seconds (half of what
+        its live leases held since the last record), as agent/usage_recorder.py does."""
+        for shell in list(self.shells.values()):
+            if self._serving(shell) is None:
+                continue
+            now = self.clock()
+            sums: dict[tuple[str, str], float] = {}
+            for alloc in self.table(shell.node_id).allocations():
+                key = (alloc.request.queue_name, alloc.request.service_name)
+                held = now - max(alloc.allocated_at, now - USAGE_EVERY * SECONDS_PER_TICK)
+                sums[key] = sums.get(key, 0.0) + 0.5 * len(alloc.gpus) * max(0.0, held)
+            rows = tuple((q, s, sums[(q, s)]) for q, s in sorted(sums))
+            if rows:
+                self.stats["usage_records"] += 1
+                command = RecordUsage(now, rows, DEFAULT_USAGE_RETENTION_S)
+                self._propose(shell, [command], [lambda outcome: None], None)
+        self.later(USAGE_EVERY, self._usage_tick)
 
     def operator(self, kind: str) -> None:
         """An operator's (or the host-loss watcher's) change through the ready leader, if any:

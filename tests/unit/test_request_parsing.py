@@ -20,10 +20,12 @@ from coordinator.request_parsing import (
     AllocateBody,
     ReleaseBody,
     RenewBody,
+    UsageQuery,
     build_request,
     parse_allocate_body,
     parse_release_body,
     parse_renew_body,
+    parse_usage_query,
     valid_id,
 )
 from coordinator.workload import WorkloadEstimate, analyze_workload
@@ -491,3 +493,46 @@ def test_a_drain_node_must_be_a_node_name_and_null_means_this_agent() -> None:
             parse_drain_body({"index": 0, "node": node}, default_node="me", draining=True)
     with pytest.raises(InvalidRequest, match="reason"):
         parse_drain_body({"index": 0, "reason": "r" * 257}, default_node="me", draining=True)
+
+
+# ---------------------------------------------------------------- GET /usage
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    "args, since, until, by",
+    [
+        ({}, NOW - 86_400, NOW, "service"),
+        ({"since": "7d", "by": "queue"}, NOW - 7 * 86_400, NOW, "queue"),
+        ({"since": "90m", "until": "30m"}, NOW - 5400, NOW - 1800, "service"),
+        ({"since": "2026-12-01T00:00:00Z", "until": "2026-12-01T01:00:00+01:00"}, 1_796_083_200.0, 1_796_083_200.0, "service"),
+        ({"since": "1796083200.5", "until": "1796083260"}, 1_796_083_200.5, 1_796_083_260.0, "service"),
+        # Clamped to 1970 ... 1e11: a duration reaching before 1970 means from the start.
+        ({"since": "999999999d", "until": "0001-01-01T00:00:00Z"}, 0.0, 0.0, "service"),
+        ({"until": "9999-12-31T23:59:59Z"}, 1e11 - 86_400, 1e11, "service"),
+    ],
+)
+def test_usage_query_takes_rfc3339_unix_seconds_or_durations(args: dict[str, str], since: float, until: float, by: str) -> None:
+    assert parse_usage_query(args, NOW) == UsageQuery(since, until, by)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"since": "yesterday"},
+        {"since": "-5"},
+        {"since": "1e400"},
+        {"since": "2026-02-30T00:00:00Z"},
+        {"since": "2026-12-01T00:00:00"},  # no offset: which zone is meant?
+        {"since": "1h", "until": "2h"},
+        {"by": "node"},
+        {"since": "99999999999999"},
+        {"since": "1796083200\n"},
+        {"since": "2026-12-01T00:00:00+24:00"},
+    ],
+)
+def test_usage_query_refuses_what_it_cannot_read(args: dict[str, str]) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        parse_usage_query(args, NOW)
+    assert refused.value.code == "invalid_request"
