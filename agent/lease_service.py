@@ -21,7 +21,7 @@ from typing import Callable, Protocol, Sequence
 
 import trio
 
-from coordinator.admission import PROCEED, Admission, AllocateOutcome, Repeat, queue_position
+from coordinator.admission import PROCEED, UNSURE, Admission, AllocateOutcome, Repeat, queue_position
 from coordinator.commands import (
     MAX_USAGE_ROWS,
     Allocate,
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # How many allocates may decide and wait for their entry at once (see LeaseService._deciding).
 # Enough to fill a group commit (entries proposed while an fsync runs share the next one).
 ADMISSION_CONCURRENCY = 32
+# How often a retry of a request whose earlier proposal's outcome is unknown looks at the table again.
+UNSURE_RECHECK_S = 0.02
 
 __all__ = ["AllocateOutcome", "CommandLog", "LeaseReader", "LeaseService", "ReleaseOutcome", "TableReader"]
 
@@ -152,6 +154,12 @@ class LeaseService:
                 return step.outcome
             if step is PROCEED:
                 break
+            if step is UNSURE:
+                # An earlier call's entry for this id may still apply: let the table catch
+                # up rather than propose a second one (the request bound ends the wait).
+                await self.log.read_barrier()
+                await trio.sleep(UNSURE_RECHECK_S)
+                continue
             await self._finished[request_id].wait()
         finished = self._finished[request_id] = trio.Event()
         try:

@@ -84,6 +84,11 @@ class _Step:
 PROCEED = _Step("PROCEED")
 # `begin`: another caller is handling the id; wait for its `finish`, then begin again.
 WAIT = _Step("WAIT")
+# `begin`: an earlier call's proposal for the id ended without an answer and the table
+# has not recorded it yet; it may still apply. Deciding again would propose a second
+# command for one id (which the table refuses as a duplicate): wait for the table to
+# apply more, then begin again.
+UNSURE = _Step("UNSURE")
 
 Begin = Union[_Step, Repeat]
 
@@ -98,6 +103,7 @@ class Admission:
         self._inflight: set[str] = set()
         # Commands whose proposal's outcome is unknown, held until the table records their request.
         self._unsure: list[Allocate | Enqueue] = []
+        self._unsure_ids: set[str] = set()
 
     # ------------------------------------------------------------------ observers
 
@@ -119,12 +125,16 @@ class Admission:
         """Claim `request_id` for a new decision, or say why not.
 
         Returns PROCEED (the caller owns the id until `finish`), WAIT (another
-        caller owns it), or Repeat (the answer already given). Raises Conflict
+        caller owns it), UNSURE (an unanswered proposal for it may still apply),
+        or Repeat (the answer already given). Raises Conflict
         `request_id_conflict` (another service's id) or `request_id_used` (the
         id's request ended; a new id is needed).
         """
         if request_id in self._inflight:
             return WAIT
+        self._resolve_unsure(table)
+        if request_id in self._unsure_ids:
+            return UNSURE
         earlier = self.earlier_answer(request_id, service_name, table)
         if earlier is not None:
             return Repeat(earlier)
@@ -225,6 +235,7 @@ class Admission:
         """
         if isinstance(command, (Allocate, Enqueue)):
             self._unsure.append(command)
+            self._unsure_ids.add(_request_of(command).request_id)
         else:
             self.settle(command)
 
@@ -234,11 +245,12 @@ class Admission:
             return
         still: list[Allocate | Enqueue] = []
         for command in self._unsure:
-            request = command.allocation.request if isinstance(command, Allocate) else command.request
+            request = _request_of(command)
             if table.record(request.request_id) is None:
                 still.append(command)
             else:
                 self.settle(command)
+                self._unsure_ids.discard(request.request_id)
         self._unsure = still
 
     def _hold(self, command: Command) -> None:
@@ -247,6 +259,10 @@ class Admission:
                 self._pending[gpu.ref] = self._pending.get(gpu.ref, 0) + 1
         elif isinstance(command, Enqueue):
             self._pending_enqueues += 1
+
+
+def _request_of(command: Allocate | Enqueue) -> AllocationRequest:
+    return command.allocation.request if isinstance(command, Allocate) else command.request
 
 
 def queue_position(table: LeaseTable, request_id: str) -> int | None:

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from coordinator.admission import PROCEED, WAIT, Admission, Repeat
+from coordinator.admission import PROCEED, UNSURE, WAIT, Admission, Repeat
 from coordinator.commands import Allocate, Cancel, Enqueue, Release
 from coordinator.errors import Conflict, QueueFull
 from coordinator.inventory import Inventory
@@ -185,3 +185,18 @@ def test_an_unsure_proposal_that_never_applies_is_held_only_while_its_request_is
     table.apply(Cancel(11.5, ("r1",)))
     again = core.decide(request("r3"), table, inv, 12.0)
     assert isinstance(again, Allocate) and again.allocation.gpus == command.allocation.gpus
+
+
+def test_a_retry_of_an_unsure_request_waits_for_the_table_and_then_gets_the_original_answer() -> None:
+    """Found by the nemesis: a forward given up on was sent again to the same leader, whose first
+    call had ended without an answer; deciding again proposed a second Allocate for the id, and
+    the caller got the table's refusal (409 duplicate_request) instead of its allocation."""
+    core, table, inv = admission(), LeaseTable(), inventory(per_node=2)
+    assert core.begin("r1", "svc", table) is PROCEED
+    first = core.decide(request("r1"), table, inv, 10.0)
+    core.unsure(first)  # the call was cut short: its entry may still apply
+    core.finish("r1")
+    assert core.begin("r1", "svc", table) is UNSURE  # not PROCEED: no second command for r1
+    table.apply(first)  # the first entry applies after all
+    again = core.begin("r1", "svc", table)
+    assert isinstance(again, Repeat) and again.outcome.allocation == first.allocation
