@@ -86,6 +86,9 @@ FORWARD_TIMEOUT_S = 5.0
 # core's view on a voter (free), the servers' on a client (one look-up each time).
 WATCH_INTERVAL_S = 0.05
 CLIENT_WATCH_INTERVAL_S = 0.25
+# A resendable request still unanswered by a leader that is heard from this long is sent
+# once more (a hedge, see `_send`). A healthy leader answers in milliseconds.
+HEDGE_AFTER_S = 1.0
 # How long a client trusts the leader it learnt before asking the servers again.
 CLIENT_LEADER_TTL_S = 2.0
 
@@ -149,6 +152,7 @@ class LeaderProxy:
         self._client_leader_at = 0.0
         self._term_seen = 0  # the highest term a client learnt (kept when the cached leader is dropped)
         self.forwarded = 0
+        self.hedged = 0  # copies sent by _send's hedge
 
     @property
     def raft(self) -> RaftLog | None:
@@ -317,8 +321,17 @@ class LeaderProxy:
         body: bytes,
         deadline: float,
         caller_headers: Mapping[str, str],
+        resend: bool,
     ) -> _Attempt:
-        """One send to `target`, awaited until `deadline` or until another leader is known."""
+        """One send to `target`, awaited until `deadline` or until another leader is known.
+
+        A request that may be sent again (`resend`) and is still unanswered after
+        HEDGE_AFTER_S is sent once more, on another connection, and the first
+        answer wins: on a lossy link an answer lost in TCP's retransmission backoff
+        (0.2, 0.4, 0.8, 1.6 s...) would otherwise hold the caller for seconds
+        while the leader is alive and has long decided. The copy gets the same
+        answer (an allocate waits for the first and repeats it).
+        """
         outcome = _Attempt("unknown", f"no answer from leader {target.node} in time")
         with trio.move_on_at(deadline):
             async with trio.open_nursery() as nursery:
@@ -328,6 +341,15 @@ class LeaderProxy:
                     outcome = await self._request(target, method, url, headers, body)
                     nursery.cancel_scope.cancel()
 
+                async def hedge() -> None:
+                    nonlocal outcome
+                    await trio.sleep(HEDGE_AFTER_S)
+                    self.hedged += 1
+                    copy = await self._request(target, method, url, headers, body)
+                    if copy.kind == "answered":  # else the first send may still be answered
+                        outcome = copy
+                        nursery.cancel_scope.cancel()
+
                 async def watch() -> None:
                     nonlocal outcome
                     outcome = _Attempt("unknown", await self._moved_on(target, caller_headers))
@@ -335,6 +357,8 @@ class LeaderProxy:
 
                 nursery.start_soon(answer)
                 nursery.start_soon(watch)
+                if resend:
+                    nursery.start_soon(hedge)
         return outcome
 
     async def forward(
@@ -379,7 +403,7 @@ class LeaderProxy:
             if target is None:
                 raise _failed(method, sent_to, problem)
             url = f"{target.address}{path}" + (f"?{query.decode('latin-1')}" if query else "")
-            attempt = await self._send(target, method, url, out_headers, body, deadline, headers)
+            attempt = await self._send(target, method, url, out_headers, body, deadline, headers, resend)
             if attempt.kind == "answered":
                 assert attempt.response is not None
                 self.forwarded += 1

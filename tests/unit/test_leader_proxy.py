@@ -29,6 +29,7 @@ import trio.testing
 from agent.leader_proxy import (
     CONNECT_TIMEOUT_S,
     FORWARDED_BY,
+    HEDGE_AFTER_S,
     LEADER_WAIT_S,
     ForwardFailed,
     LeaderProxy,
@@ -321,7 +322,7 @@ def test_a_write_sent_to_a_leader_that_goes_silent_follows_the_successor_at_once
             answer = await forward(proxy)
             assert answer.status == 200 and answer.headers["X-Forwarded-To"] == "s3"
             assert trio.current_time() == pytest.approx(1.6, abs=0.1)
-        assert hosts == ["s2", "s3"]
+        assert hosts[0] == "s2" and hosts[-1] == "s3" and set(hosts) == {"s2", "s3"}
         await client.aclose()
 
     run(scenario)
@@ -345,6 +346,32 @@ def test_a_write_sent_to_a_leader_that_goes_silent_with_no_successor_answers_wit
                 await forward(proxy, deadline=5.0)
         assert failed.value.code == "outcome_unknown"
         assert trio.current_time() - started <= LEADER_WAIT_S + CONNECT_TIMEOUT_S
+        await client.aclose()
+
+    run(scenario)
+
+
+def test_an_answer_lost_on_the_way_back_is_hedged_by_a_second_send_after_a_second() -> None:
+    """30 % loss: the leader decided at once, but its answer sits in TCP's retransmission backoff."""
+    sent: list[bytes] = []
+
+    async def first_answer_lost(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content)
+        if len(sent) == 1:
+            return await never_answers(request)
+        return httpx.Response(200, json={"allocation_id": "svc-1", "repeated": True})
+
+    async def scenario() -> None:
+        proxy, client = proxy_for(FakeCluster("s1", FakeRaft("s1", leader_id="s2")), first_answer_lost)
+        started = trio.current_time()
+        answer = await forward(proxy)
+        assert answer.status == 200 and trio.current_time() - started == pytest.approx(HEDGE_AFTER_S)
+        assert len(sent) == 2 and json.loads(sent[0])["request_id"] == json.loads(sent[1])["request_id"]
+        # Not every request may be sent twice: a release by service is not.
+        sent.clear()
+        with pytest.raises(ForwardFailed):
+            await forward(proxy, "POST", "/gpu/release", b'{"service_name":"svc"}', deadline=3.0)
+        assert len(sent) == 1
         await client.aclose()
 
     run(scenario)
