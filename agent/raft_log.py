@@ -57,6 +57,16 @@ others moves on. `storage.stalled_seconds()` exposes the stall for health.
 Ticks missed because the whole process was descheduled (not the disk) are
 not made up: the ticker resynchronises, as Go's time.Ticker (and etcd) do.
 
+A leader whose disk stalls
+--------------------------
+Every write waits for the leader's fsync (its loop handles one Ready at a
+time), so a leader on a stalling disk makes the whole cluster as slow as its
+disk, and the followers, still hearing heartbeats between the writes, see no
+reason to elect another. After two consecutive writes of `SLOW_PERSIST_S` or
+more, the leader hands leadership to its most up-to-date follower
+(`transfer_leadership`: the target campaigns at once), at most once per
+`HANDOVER_COOLDOWN_S`.
+
 Heartbeats while the loop is busy
 ---------------------------------
 Under load one Ready cycle can take a few hundred milliseconds (a group
@@ -68,8 +78,8 @@ handles a Ready, the ticker sends the leader's heartbeats itself
 `advance()`: heartbeats carry nothing that must be durable first), and the
 loop applies committed entries in slices of `APPLY_SLICE_S`, letting the
 ticker (and everything else) run between them. During an fsync it does so
-only for the first `BEAT_THROUGH_PERSIST_S`: a disk that stalls for longer
-must still cost this server its leadership, as above.
+only for the first `BEAT_THROUGH_PERSIST_S` (one heartbeat period): a disk that
+stalls for longer must still cost this server its leadership, as above.
 
 Proposals
 ---------
@@ -145,6 +155,7 @@ and retried at the next round (the log on disk only keeps more entries).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -169,10 +180,17 @@ log = logging.getLogger(__name__)
 # Committed entries are applied in slices of this much CPU time, the loop yielding between
 # them, so applying a large batch holds up heartbeats and HTTP by at most this (plus one entry).
 APPLY_SLICE_S = 0.005
-# How long into an fsync the ticker still sends the leader's heartbeats. A healthy disk
-# under load stays well below (the heartbeat bench's p99 persist was ~200 ms); a disk that
-# stalls past it is left to cost the leadership, a quarter of the 1 s election timeout in.
-BEAT_THROUGH_PERSIST_S = 0.25
+# How long into an fsync the ticker still sends the leader's heartbeats: one heartbeat
+# period. A healthy disk's group commit stays below it even under load (the heartbeat
+# bench's p50 persist is 3-7 ms); a disk that stalls longer is left to cost the leadership
+# (at 250 ms, the nemesis's 1 s-per-transaction disk kept its leader, and its callers
+# waiting, for seconds longer).
+BEAT_THROUGH_PERSIST_S = 0.1
+# A leader whose state-file writes take this long twice in a row hands leadership to the
+# most up-to-date follower (at most once per HANDOVER_COOLDOWN_S, so a cluster whose disks
+# are all slow does not bounce leadership on every write).
+SLOW_PERSIST_S = 0.5
+HANDOVER_COOLDOWN_S = 30.0
 
 __all__ = [
     "Applied",
@@ -349,6 +367,9 @@ class RaftLog:
         # While a Ready is handled: since when, and since when its fsync runs (None: none).
         self._busy_since: float | None = None
         self._persist_since: float | None = None
+        # Consecutive persists slower than SLOW_PERSIST_S, and when leadership was last handed over for it.
+        self._slow_persists = 0
+        self._handed_over_at = -math.inf
         self._wakeup = trio.Event()
         # index → (batch, position in it, term the entry was proposed in)
         self._pending: dict[int, tuple[_Batch, int, int]] = {}
@@ -645,6 +666,22 @@ class RaftLog:
         for m in self._require_core().heartbeat_now():
             self._transport.send(m)
 
+    def _note_persist_time(self, core: RaftCore, seconds: float) -> None:
+        """Hand leadership over after two consecutive slow writes (see "A leader whose disk stalls")."""
+        self._slow_persists = self._slow_persists + 1 if seconds >= SLOW_PERSIST_S else 0
+        if self._slow_persists < 2 or core.role is not Role.LEADER or core.lead_transferee is not None:
+            return
+        now = trio.current_time()
+        if len(core.voters) < 2 or now - self._handed_over_at < HANDOVER_COOLDOWN_S:
+            return
+        self._handed_over_at = now
+        self._slow_persists = 0
+        log.warning(
+            "raft: the state file's last two writes took %.2f s and more; handing leadership to a server whose disk keeps up",
+            seconds,
+        )
+        self.transfer_leadership(None)
+
     async def _loop(self, core: RaftCore) -> None:
         while True:
             self._wakeup = trio.Event()
@@ -763,6 +800,7 @@ class RaftLog:
                 self._persist_since = None
             self.last_append_seconds = trio.current_time() - started
             self.last_batch_size = len(rd.entries)
+            self._note_persist_time(core, self.last_append_seconds)
         if not rd.send_before_persist:
             self._send_all(rd)  # 2. only now may promises leave this server
         if rd.snapshot is not None:  # 3. apply

@@ -27,6 +27,7 @@ from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, Requi
 from coordinator.raft_config import local
 from coordinator.raft_messages import Message, MessageKind, encode_message
 from agent.cluster_keyring import KeyringFile, generate_key, install_key
+from agent import raft_log as raft_log_module
 from agent.raft_log import Applied, NotLeader, ProposalRejected, RaftLog, ReadUnconfirmed
 from agent.raft_storage import AsyncRaftStorage, RaftStorage
 from agent.raft_transport import RaftTransport
@@ -406,5 +407,37 @@ def test_the_raft_port_drops_and_counts_bad_frames_and_closes_their_connections(
         await until(lambda: len(got) == 3)
         await good.aclose()
         await transport.aclose()
+
+    run(test)
+
+
+def test_a_leader_whose_writes_stall_twice_hands_leadership_to_a_follower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its heartbeats still flow between writes, so no follower would elect another on its own:
+    the slow leader steps aside itself (RaftLog, "A leader whose disk stalls")."""
+    monkeypatch.setattr(raft_log_module, "SLOW_PERSIST_S", 0.03)  # scaled to local()'s 100 ms election timeout
+    key = generate_key()
+    cluster = Cluster(tmp_path, [key, key, key])
+
+    async def test(nursery: trio.Nursery) -> None:
+        await cluster.open_ports()
+        for s in cluster.servers.values():
+            await cluster.start(nursery, s)
+        slow = await cluster.wait_leader()
+        storage = slow.raft._storage
+        persist = storage.persist_ready
+
+        async def stalling(rd: object) -> None:
+            await trio.sleep(0.05)  # slower than SLOW_PERSIST_S, shorter than the heartbeats' gap
+            await persist(rd)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(storage, "persist_ready", stalling)
+        for n in range(3):
+            try:
+                await slow.raft.propose(allocate(n))
+            except (NotLeader, ProposalRejected):
+                break  # the transfer has begun: proposals are refused meanwhile
+        await until(lambda: cluster.leader() not in (None, slow))
 
     run(test)
