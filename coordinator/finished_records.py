@@ -76,7 +76,7 @@ class FinishedRecords:
 
     def add(self, row: FinishedRow) -> None:
         """Keep one more finished record (its id must not be kept already)."""
-        hour = _hour(row[4])
+        hour = hour_of(row[4])
         bucket = self._hours.get(hour)
         if bucket is None:
             bucket = self._hours[hour] = _Hour([], [], None)
@@ -150,8 +150,12 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _hour(at: float) -> int:
-    """The hour `at` falls in: hour·3600 ≤ at < (hour+1)·3600, exactly as prune compares."""
+def hour_of(at: float) -> int:
+    """The hour `at` falls in: hour·3600 ≤ at < (hour+1)·3600, exactly as prune compares.
+
+    The float division can land one hour off at a boundary; the two loops put it right.
+    Shared with the usage ledger's hourly buckets.
+    """
     hour = math.floor(at / _HOUR_S)
     while at < hour * _HOUR_S:
         hour -= 1

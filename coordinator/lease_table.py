@@ -59,8 +59,8 @@ from coordinator.commands import (
     SetDrain,
 )
 from coordinator.errors import Conflict, CoordinatorError, InvalidRequest, NotFound
-from coordinator.finished_records import FinishedRecords, canonical_json
-from coordinator.usage_ledger import HOUR_S, UsageKey, UsageLedger, hour_of
+from coordinator.finished_records import FinishedRecords, canonical_json, hour_of
+from coordinator.usage_ledger import HOUR_S, UsageKey, UsageLedger
 from coordinator.model import (
     ALLOCATED,
     CANCELLED,

@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Container, Iterable, Mapping
 
-from coordinator.finished_records import canonical_json
+from coordinator.finished_records import canonical_json, hour_of
 
 HOUR_S = 3600.0
 # (queue, service)
@@ -174,14 +174,6 @@ class UsageLedger:
         return ledger
 
 
-def hour_of(at: float) -> int:
-    """The hour `at` falls in: hour·3600 ≤ at < (hour+1)·3600."""
-    hour = math.floor(at / HOUR_S)
-    while at < hour * HOUR_S:
-        hour -= 1
-    while at >= (hour + 1) * HOUR_S:
-        hour += 1
-    return hour
 
 
 def _plus(row: list[float] | None, kind: int, amount: float) -> list[float]:
