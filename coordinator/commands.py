@@ -19,6 +19,7 @@ import msgpack
 
 from coordinator.errors import InvalidRequest
 from coordinator.model import Allocation, AllocationRequest, Wire
+from coordinator.queues import QueuePolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +217,63 @@ class RecordUsage:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class SetQueuePolicy:
+    """Make `policy` the queues and sharing rules every replica schedules by.
+
+    Proposed by the leader when its configuration (loaded at start, reloaded on
+    SIGHUP) differs from the table's, so a failover never changes the rules.
+    """
+
+    at: float
+    policy: QueuePolicy
+
+    def to_wire(self) -> Wire:
+        return {"op": "set_queue_policy", "at": self.at, "policy": self.policy.to_wire()}
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt:
+    """Start the grace period of leases the scheduler takes back.
+
+    Each victim is (allocation_id, deadline): its holder hears `lease_preempting`
+    and may release early; at the deadline the scheduler ends it (Release with
+    reason "preempted", or "idle" for idle reclaim). `request_id` is the queued
+    request the GPUs are taken for (None for idle reclaim); it claims `node`, so
+    the GPUs freed there go to it and not to backfill. reason: "reclaim" (a
+    guarantee or fair share taken back), "priority" (by the priority gap) or "idle".
+    """
+
+    at: float
+    victims: tuple[tuple[str, float], ...]
+    reason: str
+    request_id: str | None = None
+    node: str | None = None
+
+    def to_wire(self) -> Wire:
+        return {
+            "op": "preempt",
+            "at": self.at,
+            "victims": [list(v) for v in self.victims],
+            "reason": self.reason,
+            "request_id": self.request_id,
+            "node": self.node,
+        }
+
+
 Command = Union[
-    Allocate, Enqueue, Release, Renew, Cancel, SetDrain, ReportGpuHealth, MarkHostLost, OutboxDelivered, RecordUsage
+    Allocate,
+    Enqueue,
+    Release,
+    Renew,
+    Cancel,
+    SetDrain,
+    ReportGpuHealth,
+    MarkHostLost,
+    OutboxDelivered,
+    RecordUsage,
+    SetQueuePolicy,
+    Preempt,
 ]
 
 
@@ -263,6 +319,21 @@ def command_from_wire(w: Mapping[str, Any]) -> Command:
     if op == "record_usage":
         rows = tuple((str(q), str(svc), float(secs)) for q, svc, secs in w["rows"])
         return RecordUsage(at, rows, float(w["retention_s"]))
+    if op == "set_queue_policy":
+        try:
+            return SetQueuePolicy(at, QueuePolicy.from_wire(w["policy"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidRequest(f"set_queue_policy carries an invalid policy: {exc}", code="invalid_command") from exc
+    if op == "preempt":
+        victims = tuple((str(i), float(d)) for i, d in w["victims"])
+        request_id, node = w.get("request_id"), w.get("node")
+        return Preempt(
+            at,
+            victims,
+            str(w["reason"]),
+            None if request_id is None else str(request_id),
+            None if node is None else str(node),
+        )
     raise InvalidRequest(f"unknown command op {op!r}", code="unknown_command")
 
 

@@ -125,6 +125,9 @@ class AllocationRequest:
     # The queue whose share the lease counts against (SPEC "Sharing the fleet").
     # Usage accounting groups GPU-seconds by it; absent on the wire = "default".
     queue_name: str = "default"
+    # False: never preempted. Allowed only for a request within its queue's
+    # guarantee (one that is not waits with reason queue_quota).
+    preemptible: bool = True
 
     def rank_key(self) -> tuple[int, float, str]:
         """Strict priority order: higher priority first, then oldest, then id (a total order)."""
@@ -146,6 +149,7 @@ class AllocationRequest:
             "decided_by": self.decided_by,
             "estimate": dict(self.estimate),
             "queue_name": self.queue_name,
+            "preemptible": self.preemptible,
         }
 
     @classmethod
@@ -165,6 +169,7 @@ class AllocationRequest:
             decided_by=str(w["decided_by"]),
             estimate=dict(w["estimate"]),
             queue_name=str(w.get("queue_name", "default")),
+            preemptible=bool(w.get("preemptible", True)),
         )
 
 
@@ -306,7 +311,8 @@ class QueuedRequest:
 class LeaseEvent:
     """A lifecycle change that the outside world hears about (webhooks, graph service).
 
-    kind: queued | allocated | renewed | released | expired | cancelled | gpu_unhealthy | lost.
+    kind: queued | allocated | renewed | released | expired | cancelled | gpu_unhealthy | lost
+    | preempting (grace period started, `deadline` set) | preempted (ended by preemption).
     `reason` narrows it: "lease_ttl" or "queue_timeout" for expired, "host_lost"
     for lost, the release reason otherwise. `allocation` is set for every kind but queued/cancelled and
     a queue timeout. `was_queued` tells webhook delivery that the caller was told
@@ -319,3 +325,5 @@ class LeaseEvent:
     allocation: Allocation | None = None
     reason: str | None = None
     was_queued: bool = False
+    # For preempting: when the lease ends unless released earlier.
+    deadline: float | None = None
