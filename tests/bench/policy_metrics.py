@@ -127,7 +127,11 @@ class ReplayLog:
     jobs_finished: int = 0
     ticks: int = 0
     admits: int = 0
+    # Wall seconds of the whole replay, and inside policy.tick, policy.admit and LeaseTable.apply.
     wall_s: float = 0.0
+    tick_s: float = 0.0
+    admit_s: float = 0.0
+    apply_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +168,9 @@ class Figures:
     ticks: int
     admits: int
     wall_s: float
+    tick_s: float
+    admit_s: float
+    apply_s: float
 
     def to_json(self) -> dict[str, Any]:
         def waits(w: WaitFigures | None) -> dict[str, float] | None:
@@ -187,6 +194,9 @@ class Figures:
             "ticks": self.ticks,
             "admits": self.admits,
             "wall_s": self.wall_s,
+            "tick_s": self.tick_s,
+            "admit_s": self.admit_s,
+            "apply_s": self.apply_s,
         }
 
 
@@ -233,4 +243,7 @@ def summarize(policy: str, log: ReplayLog) -> Figures:
         ticks=log.ticks,
         admits=log.admits,
         wall_s=log.wall_s,
+        tick_s=log.tick_s,
+        admit_s=log.admit_s,
+        apply_s=log.apply_s,
     )
