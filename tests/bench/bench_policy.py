@@ -16,16 +16,17 @@ All events at one instant form a batch, applied in this order:
    is applied at once, as the agent applies its decision before answering.
 
 Then one scheduling pass, `policy.tick(table, inventory, now)`, every command
-of which is applied, when the batch freed GPUs, when a policy that preempts
-queued a request (a waiter may be owed GPUs that others borrow), or when the
-table's next deadline (`policy.next_deadline`: a preempted lease's end) is
-due; the loop also stops at that deadline when no event comes first. A pass
-that released leases is followed by another at the same instant. Otherwise
-`tick` is not called: with no GPU freed and nobody new waiting, a pass could
-only repeat the last one. The agent ticks at least every `SCHEDULING_PASS_S`
-(its `[scheduler] tick_interval_s`, 0.5 s) and is woken at once by a release,
-so a pass at the instant of the event is what it does, give or take one pass:
-the targets allow that much.
+of which is applied, when the batch freed GPUs while requests wait, when a
+policy that preempts queued a request (the waiter may be owed GPUs others
+borrow), or when the table's next deadline (`policy.next_deadline`: a
+preempted lease's end) is due; the loop also stops at that deadline when no
+event comes first. A pass that released leases is followed by another at the
+same instant. Otherwise `tick` is not called: with no GPU freed, nobody new
+waiting and nothing due, a pass could only repeat the last one's answer (the
+agent's idle passes, every `SCHEDULING_PASS_S`, its `[scheduler]
+tick_interval_s` of 0.5 s, return nothing for the same reason). The agent is
+woken at once by a release, so a pass at the instant of the event is what it
+does, give or take one pass: the targets allow that much.
 
 A job starts when its Allocate is applied and completes `duration` later. No
 lease expires (`ttl_s` 0) and nobody stops waiting (queue timeout 0). Under
@@ -385,7 +386,8 @@ class Replay:
                 else:
                     self._arrive(key, t)
             due = deadline is not None and deadline <= t
-            if again or self._freed or (self._queued and self.policy.preempts) or due:
+            waiters = self.table.queue_length() > 0
+            if again or (self._freed and waiters) or (self._queued and self.policy.preempts) or due:
                 self._freed = False
                 self.log.ticks += 1
                 clock = time.perf_counter()
@@ -535,16 +537,14 @@ def _wait_cell(w: Any) -> str:
 def print_trace(trace: Trace, results: Sequence[Figures]) -> None:
     load = trace.offered_load()
     days = (trace.jobs[-1].submit - trace.jobs[0].submit) / 86_400
-    hot = max((f.contended_fraction for f in results), default=0.0)
     print()
     print(
         f"trace {trace.profile.name}: {trace.hosts} hosts x {GPUS_PER_HOST} GPUs, {len(trace.jobs):,} jobs "
-        f"submitted over {days:.1f} days, offered load {load:.2f}, demand > capacity in "
-        f"{hot:.0%} of samples (most of any policy), seed {trace.seed}"
+        f"submitted over {days:.1f} days, offered load {load:.2f}, seed {trace.seed}"
     )
     classes = [name for name, _, _ in PRIORITY_CLASSES]
     header = ["policy", "util", "wait mean / p99", *(f"{c} mean / p99" for c in classes)]
-    header += ["Jain", "preempted", "GPU-h lost", "passes", "run s (tick / admit / apply)"]
+    header += ["demand > cap", "Jain", "preempted", "GPU-h lost", "passes", "run s (tick / admit / apply)"]
     rows = []
     for f in results:
         rows.append(
@@ -553,6 +553,7 @@ def print_trace(trace: Trace, results: Sequence[Figures]) -> None:
                 f"{f.utilization:.3f}",
                 _wait_cell(f.wait),
                 *(_wait_cell(f.by_class[c]) for c in classes),
+                f"{f.contended_fraction:.0%}",
                 "-" if f.jain is None else f"{f.jain:.3f}",
                 f"{f.preempted:,}",
                 f"{f.lost_gpu_hours:,.0f}",
