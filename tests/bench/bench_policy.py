@@ -91,6 +91,10 @@ SAMPLE_S = 60.0
 # Passes at one instant before the replay calls the policy stuck.
 MAX_PASSES_PER_INSTANT = 50
 POLICIES = ("fifo", "greedy", "strict", "fair")
+# Wall seconds one replay may take before it is stopped and reported as such: the
+# default run (eight replays) must stay within 90 s on a shared 2-core machine,
+# and a policy that has not finished by then is not going to be quick.
+BUDGET_S = 45.0
 # Targets, from the issue.
 TARGET_JAIN = 0.95
 
@@ -324,8 +328,11 @@ _COMPLETION, _ARRIVAL = 0, 1
 class Replay:
     """One policy over one trace; `run()` returns the log the metrics are computed from."""
 
-    def __init__(self, trace: Trace, policy_name: str, *, sample_s: float = SAMPLE_S) -> None:
+    def __init__(
+        self, trace: Trace, policy_name: str, *, sample_s: float = SAMPLE_S, budget_s: float = math.inf
+    ) -> None:
         self.trace = trace
+        self.budget_s = budget_s
         self.table = LeaseTable()
         self.inventory = fleet(trace.hosts)
         self.policy = make_policy(policy_name, trace, self.inventory)
@@ -359,12 +366,16 @@ class Replay:
             self._jobs[job.job_id] = job
             self._push(job.submit, _ARRIVAL, job.job_id)
         self._now = self._next_sample = self.trace.jobs[0].submit
-        self.log.window_end = self.trace.jobs[-1].submit
+        self.log.first_submit, self.log.window_end = self._now, self.trace.jobs[-1].submit
         for command in self.policy.setup(self._now):
             self._apply(command)
         passes_here = 0
         again = False
         while True:
+            if time.perf_counter() - started > self.budget_s:
+                # Stopped, not failed: the figures say how far it got (ReplayLog.stopped_at).
+                self.log.stopped_at = self._now
+                break
             deadline = self.policy.next_deadline(self.table)
             next_event = self._events[0][0] if self._events else math.inf
             t = max(self._now, min(next_event, math.inf if deadline is None else deadline))
@@ -394,12 +405,12 @@ class Replay:
                 commands = self.policy.tick(self.table, self.inventory, t)
                 self.log.tick_s += time.perf_counter() - clock
                 for command in commands:
-                    self._apply(command)
+                    self._apply(command, from_pass=True)
                 # A pass that ended leases (preemptions) is followed by another at this instant.
                 again = self._freed
             else:
                 again = False
-        if self.table.queue_length() or self._live:
+        if self.log.stopped_at is None and (self.table.queue_length() or self._live):
             raise ReplayError(f"replay ended with {self.table.queue_length()} waiting and {len(self._live)} running")
         self.log.wall_s = time.perf_counter() - started
         return self.log
@@ -442,7 +453,6 @@ class Replay:
         self.log.submissions[request_id] = Submission(
             request_id, job_id, job.team, job.priority, job.gpus, now, within
         )
-        self.log.first_submit = min(self.log.first_submit, now)
         self.log.admits += 1
         clock = time.perf_counter()
         command = self.policy.admit(request, self.table, self.inventory, now)
@@ -455,12 +465,23 @@ class Replay:
 
     # ------------------------------------------------------------------ commands
 
-    def _apply(self, command: Command) -> None:
+    def _apply(self, command: Command, from_pass: bool = False) -> None:
+        """Apply `command`; a refused one stops the replay, unless a pass returned it.
+
+        The agent applies a pass's commands one by one and logs a refused one
+        ("scheduler command refused"); the replay does the same, counting them
+        by command and error code, so a policy that proposes what the table
+        refuses shows in the figures instead of ending the run.
+        """
         clock = time.perf_counter()
         result = self.table.apply(command)
         self.log.apply_s += time.perf_counter() - clock
         if not result.ok:
-            raise ReplayError(f"{type(command).__name__} at t={command.at} refused: {result.error}")
+            if not from_pass or result.error is None:
+                raise ReplayError(f"{type(command).__name__} at t={command.at} refused: {result.error}")
+            key = f"{type(command).__name__}: {result.error.code}"
+            self.log.refused[key] = self.log.refused.get(key, 0) + 1
+            return
         if isinstance(command, Allocate):
             self._started(command.allocation, command.at)
         elif isinstance(command, Enqueue):
@@ -512,9 +533,15 @@ class Replay:
         self._push(now, _ARRIVAL, f"{run.job.job_id}-r{attempt}")
 
 
-def replay(trace: Trace, policy_name: str, *, sample_s: float = SAMPLE_S) -> tuple[Figures, ReplayLog]:
-    """Replay `trace` under the policy called `policy_name`: its figures and the raw log."""
-    log = Replay(trace, policy_name, sample_s=sample_s).run()
+def replay(
+    trace: Trace, policy_name: str, *, sample_s: float = SAMPLE_S, budget_s: float = math.inf
+) -> tuple[Figures, ReplayLog]:
+    """Replay `trace` under the policy called `policy_name`: its figures and the raw log.
+
+    A replay still running after `budget_s` wall seconds stops where it is; its
+    figures then carry `stopped_at` and cover only what had started.
+    """
+    log = Replay(trace, policy_name, sample_s=sample_s, budget_s=budget_s).run()
     return summarize(policy_name, log), log
 
 
@@ -547,14 +574,20 @@ def print_trace(trace: Trace, results: Sequence[Figures]) -> None:
     header += ["demand > cap", "Jain", "preempted", "GPU-h lost", "passes", "run s (tick / admit / apply)"]
     rows = []
     for f in results:
-        rows.append(
-            [
-                f.policy,
+        if f.stopped_after_s is None:
+            figures = [
                 f"{f.utilization:.3f}",
                 _wait_cell(f.wait),
                 *(_wait_cell(f.by_class[c]) for c in classes),
                 f"{f.contended_fraction:.0%}",
                 "-" if f.jain is None else f"{f.jain:.3f}",
+            ]
+        else:
+            figures = ["stopped", "-", *("-" for _ in classes), "-", "-"]
+        rows.append(
+            [
+                f.policy,
+                *figures,
                 f"{f.preempted:,}",
                 f"{f.lost_gpu_hours:,.0f}",
                 f"{f.ticks:,}",
@@ -562,12 +595,26 @@ def print_trace(trace: Trace, results: Sequence[Figures]) -> None:
             ]
         )
     _table(header, rows)
+    span = trace.jobs[-1].submit - trace.jobs[0].submit
+    for f in results:
+        if f.stopped_after_s is not None:
+            print(
+                f"{f.policy}: STOPPED after {f.wall_s:.0f} s of wall time, at simulated hour "
+                f"{f.stopped_after_s / 3600:.1f} of the trace's {span / 3600:.1f}: {f.jobs_finished:,} of "
+                f"{len(trace.jobs):,} jobs finished, {f.submissions - f.resubmissions:,} submitted, "
+                f"{f.resubmissions:,} resubmissions after preemption, {f.preempt_notices:,} leases told to yield"
+            )
+        if f.refused:
+            counts = ", ".join(f"{n:,} {key}" for key, n in sorted(f.refused.items()))
+            print(f"{f.policy}: the table refused commands a pass returned: {counts}")
     teams = [t.name for t in trace.teams]
     guarantees = guarantees_of(trace.teams, trace.capacity)
     print()
     header = ["policy", *(f"{t} mean / p99" for t in teams), *(f"{t} ≤{guarantees[t]} p99" for t in teams)]
     rows = []
     for f in results:
+        if f.stopped_after_s is not None:
+            continue
         within = [f.within_guarantee[t] for t in teams]
         rows.append(
             [
@@ -591,10 +638,15 @@ def targets(trace: Trace, results: Sequence[Figures]) -> list[tuple[str, bool | 
     """(target, met or None when it cannot be judged, the figures) for this trace."""
     by_name = {f.policy: f for f in results}
     fair, strict = by_name.get("fair"), by_name.get("strict")
+    partial = ""
+    if fair is not None and fair.stopped_after_s is not None:
+        partial = f"; partial: fair stopped at hour {fair.stopped_after_s / 3600:.1f}, waits are lower bounds"
     out: list[tuple[str, bool | None, str]] = []
     name = "fair utilization >= strict priority's"
     if fair is None or strict is None:
         out.append((name, None, "needs both policies"))
+    elif fair.stopped_after_s is not None:
+        out.append((name, None, "fair did not finish" + partial))
     else:
         out.append((name, fair.utilization >= strict.utilization, f"{fair.utilization:.3f} vs {strict.utilization:.3f}"))
     bound = PREEMPTION_GRACE_S + SCHEDULING_PASS_S
@@ -604,13 +656,17 @@ def targets(trace: Trace, results: Sequence[Figures]) -> list[tuple[str, bool | 
         if fair is None:
             out.append((name, None, "fair not run"))
         elif w is None:
-            out.append((name, None, "no submission within guarantee"))
+            out.append((name, None, "no submission within guarantee" + partial))
+        elif fair.stopped_after_s is not None and w.p99_s <= bound:
+            out.append((name, None, f"{w.p99_s:.1f}s over {w.count:,}" + partial))
         else:
-            out.append((name, w.p99_s <= bound, f"{w.p99_s:.1f}s over {w.count:,}"))
+            out.append((name, w.p99_s <= bound, f"{w.p99_s:.1f}s over {w.count:,}" + partial))
     if trace.profile.name == "contended":
         name = f"fair: Jain >= {TARGET_JAIN} over contended samples"
         if fair is None or fair.jain is None:
-            out.append((name, None, "fair not run" if fair is None else "no contended sample"))
+            out.append((name, None, "fair not run" if fair is None else "no contended sample" + partial))
+        elif fair.stopped_after_s is not None:
+            out.append((name, None, f"{fair.jain:.3f}" + partial))
         else:
             out.append((name, fair.jain >= TARGET_JAIN, f"{fair.jain:.3f}"))
     return out
@@ -661,6 +717,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--plot", type=Path, help="PNG of each team's share over time under fair share (needs matplotlib)")
     parser.add_argument("--profile", action="store_true", help="cProfile each replay and print what dominates")
+    parser.add_argument(
+        "--budget-s", type=float, default=BUDGET_S, help="wall seconds one replay may run before it is stopped (0: no limit)"
+    )
     args = parser.parse_args(argv)
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
@@ -680,9 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         trace = generate(PROFILES[name], jobs=args.jobs, hosts=args.hosts, seed=args.seed)
         results: list[Figures] = []
         for policy in policies:
-            figures, log = _run(trace, policy, args.sample_s, args.profile)
+            budget = args.budget_s if args.budget_s > 0 else math.inf
+            figures, log = _run(trace, policy, args.sample_s, budget, args.profile)
             results.append(figures)
-            if policy == "fair" and args.plot is not None and name == names[0]:
+            if policy == "fair" and args.plot is not None and name == names[0] and log.samples:
                 plot_shares(trace, log, args.plot)
         print_trace(trace, results)
         checks = targets(trace, results)
@@ -699,15 +759,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run(trace: Trace, policy: str, sample_s: float, profile: bool) -> tuple[Figures, ReplayLog]:
+def _run(trace: Trace, policy: str, sample_s: float, budget_s: float, profile: bool) -> tuple[Figures, ReplayLog]:
     if not profile:
-        return replay(trace, policy, sample_s=sample_s)
+        return replay(trace, policy, sample_s=sample_s, budget_s=budget_s)
     profiler = cProfile.Profile()
     result: list[tuple[Figures, ReplayLog]] = []
-    profiler.runcall(lambda: result.append(replay(trace, policy, sample_s=sample_s)))
+    profiler.runcall(lambda: result.append(replay(trace, policy, sample_s=sample_s, budget_s=budget_s)))
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)
-    print(f"\n--- profile: {policy} on {trace.profile.name} (by own time) ---")
+    pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("cumulative").print_stats(25)
+    print(f"\n--- profile: {policy} on {trace.profile.name} (by cumulative time) ---")
     print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:4000])
     return result[0]
 

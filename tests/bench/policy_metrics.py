@@ -116,7 +116,8 @@ class ReplayLog:
     # GPU-seconds allocated between the first and the last submission (window_end).
     window_gpu_seconds: float = 0.0
     window_end: float = 0.0
-    first_submit: float = math.inf
+    # The trace's first submission (set by the replay when it starts).
+    first_submit: float = 0.0
     last_end: float = 0.0
     # Most GPUs allocated at once (an invariant: never above capacity).
     peak_allocated: int = 0
@@ -125,8 +126,12 @@ class ReplayLog:
     preempted: int = 0
     lost_gpu_seconds: float = 0.0
     jobs_finished: int = 0
+    # Commands a pass returned that the table refused, by "Command: error code".
+    refused: dict[str, int] = field(default_factory=dict)
     ticks: int = 0
     admits: int = 0
+    # Simulated time at which the replay ran out of its wall-clock budget (None: it finished).
+    stopped_at: float | None = None
     # Wall seconds of the whole replay, and inside policy.tick, policy.admit and LeaseTable.apply.
     wall_s: float = 0.0
     tick_s: float = 0.0
@@ -152,6 +157,9 @@ class Figures:
     """A policy's figures on one trace."""
 
     policy: str
+    # Simulated seconds into the trace at which the replay was stopped (None: it ran to the end);
+    # a stopped replay's other figures cover only what happened until then.
+    stopped_after_s: float | None
     utilization: float
     drained_utilization: float
     wait: WaitFigures | None
@@ -164,6 +172,10 @@ class Figures:
     preempted: int
     lost_gpu_hours: float
     jobs_finished: int
+    # Requests submitted: the trace's jobs that arrived, plus every resubmission after a preemption.
+    submissions: int
+    resubmissions: int
+    refused: dict[str, int]
     peak_allocated: int
     ticks: int
     admits: int
@@ -178,6 +190,7 @@ class Figures:
 
         return {
             "policy": self.policy,
+            "stopped_after_s": self.stopped_after_s,
             "utilization": self.utilization,
             "drained_utilization": self.drained_utilization,
             "wait": waits(self.wait),
@@ -190,6 +203,9 @@ class Figures:
             "preempted": self.preempted,
             "lost_gpu_hours": self.lost_gpu_hours,
             "jobs_finished": self.jobs_finished,
+            "submissions": self.submissions,
+            "resubmissions": self.resubmissions,
+            "refused": dict(self.refused),
             "peak_allocated": self.peak_allocated,
             "ticks": self.ticks,
             "admits": self.admits,
@@ -212,19 +228,27 @@ def sample_jain(sample: Sample, weights: Sequence[float], capacity: int) -> floa
 
 
 def summarize(policy: str, log: ReplayLog) -> Figures:
-    """The figures of a finished replay."""
-    started = [s for s in log.submissions.values() if s.started is not None]
-    if len(started) != len(log.submissions):
-        raise ValueError(f"{len(log.submissions) - len(started)} submissions never started")
+    """The figures of a replay.
+
+    Of a stopped one (`log.stopped_at` set), over what happened until the stop;
+    a submission still waiting then counts as having waited until the stop, so
+    its waits are lower bounds.
+    """
+    stop = log.stopped_at
+    if stop is None and any(s.started is None for s in log.submissions.values()):
+        raise ValueError("a finished replay left submissions that never started")
+    started = list(log.submissions.values())
 
     def waits(subs: Iterable[Submission]) -> WaitFigures | None:
-        return WaitFigures.of([s.started - s.submitted for s in subs if s.started is not None])
+        return WaitFigures.of([(stop if s.started is None else s.started) - s.submitted for s in subs])  # type: ignore[operator]
 
     span = log.last_end - log.first_submit
-    window = log.window_end - log.first_submit
+    end = log.window_end if log.stopped_at is None else min(log.window_end, log.stopped_at)
+    window = end - log.first_submit
     hot = [s for s in log.samples if contended(s, log.capacity)]
     return Figures(
         policy=policy,
+        stopped_after_s=None if log.stopped_at is None else log.stopped_at - log.first_submit,
         utilization=log.window_gpu_seconds / (log.capacity * window) if window > 0 else 0.0,
         drained_utilization=log.gpu_seconds / (log.capacity * span) if span > 0 else 0.0,
         wait=waits(started),
@@ -239,6 +263,9 @@ def summarize(policy: str, log: ReplayLog) -> Figures:
         preempted=log.preempted,
         lost_gpu_hours=log.lost_gpu_seconds / 3600.0,
         jobs_finished=log.jobs_finished,
+        submissions=len(log.submissions),
+        resubmissions=sum(1 for s in log.submissions.values() if s.request_id != s.job_id),
+        refused=dict(log.refused),
         peak_allocated=log.peak_allocated,
         ticks=log.ticks,
         admits=log.admits,

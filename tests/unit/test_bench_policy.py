@@ -14,7 +14,7 @@ import pytest
 
 from tests.bench import bench_policy
 from tests.bench.bench_policy import POLICIES, ReplayError, replay
-from tests.bench.policy_metrics import Sample, fair_shares, jain, percentile, sample_jain
+from tests.bench.policy_metrics import ReplayLog, Sample, Submission, fair_shares, jain, percentile, sample_jain, summarize
 from tests.bench.policy_trace import MAX_DURATION_S, PROFILES, TEAMS, Job, Trace, generate, guarantees_of
 
 
@@ -134,6 +134,7 @@ def test_a_small_replay_keeps_the_invariants(policy: str) -> None:
     assert figures.jobs_finished == len(trace.jobs)
     assert all(s.started is not None and s.started >= s.submitted for s in log.submissions.values())
     assert figures.preempted == 0 and figures.lost_gpu_hours == 0
+    assert figures.refused == {}
     assert 0 < figures.utilization <= 1
     # Passes come only after a batch that freed GPUs: at most one per completion.
     assert figures.ticks <= len(trace.jobs)
@@ -194,13 +195,53 @@ def test_within_guarantee_is_judged_at_submission() -> None:
     assert [log.submissions[f"j{i:06d}"].within_guarantee for i in range(4)] == [True, True, False, False]
 
 
-def test_a_refused_command_stops_the_replay() -> None:
-    class Broken(bench_policy.FifoPolicy):
-        def tick(self, table, inventory, now):  # type: ignore[no-untyped-def]
-            return [c for c in super().tick(table, inventory, now) for _ in range(2)]
+class Twice(bench_policy.FifoPolicy):
+    """FIFO that returns each command twice: the second is refused."""
 
+    def admit(self, request, table, inventory, now):  # type: ignore[no-untyped-def]
+        command = super().admit(request, table, inventory, now)
+        if request.request_id == "j000002":
+            table.apply(command)
+        return command
+
+    def tick(self, table, inventory, now):  # type: ignore[no-untyped-def]
+        return [c for c in super().tick(table, inventory, now) for _ in range(2)]
+
+
+def test_a_pass_command_the_table_refuses_is_counted_as_the_agent_logs_it() -> None:
     trace = hand_trace(1, [("research", 0.0, 8, 10.0, 5), ("research", 1.0, 8, 10.0, 5)])
     run = bench_policy.Replay(trace, "fifo")
-    run.policy = Broken(run.inventory)
-    with pytest.raises(ReplayError, match="refused"):
+    run.policy = Twice(run.inventory)
+    log = run.run()
+    assert log.refused == {"Allocate: duplicate_allocation": 1}
+    assert log.jobs_finished == 2
+
+
+def test_a_refused_admission_stops_the_replay() -> None:
+    trace = hand_trace(1, [("research", 0.0, 8, 10.0, 5), ("research", 1.0, 8, 10.0, 5), ("research", 2.0, 1, 1.0, 5)])
+    run = bench_policy.Replay(trace, "fifo")
+    run.policy = Twice(run.inventory)
+    with pytest.raises(ReplayError, match="Enqueue at t=2.0 refused"):
         run.run()
+
+
+def test_a_replay_out_of_budget_stops_and_says_where() -> None:
+    trace = small_trace()
+    figures, log = replay(trace, "strict", budget_s=0.0)
+    assert figures.stopped_after_s == 0.0 and log.stopped_at == trace.jobs[0].submit
+    assert figures.jobs_finished == 0
+    finished, _ = replay(trace, "strict")
+    assert finished.stopped_after_s is None
+
+
+def test_a_stopped_replay_counts_a_waiter_as_waiting_until_the_stop() -> None:
+    log = ReplayLog(capacity=8, teams=("research",), weights=(1.0,), guarantees={"research": 8})
+    log.submissions["a"] = Submission("a", "a", "research", 5, 1, 10.0, True, started=12.0)
+    log.submissions["b"] = Submission("b", "b", "research", 5, 1, 20.0, True)
+    log.first_submit, log.window_end = 10.0, 20.0
+    with pytest.raises(ValueError):
+        summarize("strict", log)
+    log.stopped_at = 100.0
+    figures = summarize("strict", log)
+    assert figures.wait is not None and (figures.wait.mean_s, figures.wait.p99_s) == (41.0, 80.0)
+    assert figures.stopped_after_s == 90.0
