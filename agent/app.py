@@ -49,7 +49,6 @@ import signal
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -72,7 +71,7 @@ from coordinator.swim_config import profile as swim_profile
 from agent.advisor import DeepAgentsAdvisor
 from agent.api_keys import ApiKeyError, ApiKeyring
 from agent.cluster import ClusterRuntime
-from agent.config import AgentConfig, ConfigError, graph_events_url, restart_needed_keys
+from agent.config import AgentConfig, ConfigError, graph_events_url, reloaded, restart_needed_keys
 from agent.context import AgentContext
 from agent.device_sampler import DeviceSampler
 from agent.devices import backend_from_config
@@ -626,15 +625,20 @@ def _reload(ctx: AgentContext, reload_config: Callable[[], AgentConfig] | None) 
         try:
             fresh = reload_config()
         except ConfigError as error:
-            done.append(f"config NOT reloaded, keeping log level {ctx.config.agent.log_level} ({error})")
+            done.append(
+                f"config NOT reloaded, keeping log level {ctx.config.agent.log_level} and "
+                f"{_queues_text(ctx.config)} ({error})"
+            )
         else:
             root = logging.getLogger()
             old_level = logging.getLevelName(root.level).lower()
             root.setLevel(fresh.agent.log_level.upper())
             done.append(f"log level {old_level} -> {fresh.agent.log_level}")
             ignored = restart_needed_keys(ctx.config, fresh)
+            if fresh.queue_policy != ctx.config.queue_policy:
+                done.append(f"queues: {_queues_text(fresh)} (the leader proposes them as the cluster's)")
             # The configuration in force: what started, with the reloadable keys applied.
-            ctx.config = replace(ctx.config, agent=replace(ctx.config.agent, log_level=fresh.agent.log_level))
+            ctx.config = reloaded(ctx.config, fresh)
             if ignored:
                 done.append("changed but need a restart: " + ", ".join(ignored))
     if ctx.keyring is None:
@@ -656,6 +660,11 @@ def _reload(ctx: AgentContext, reload_config: Callable[[], AgentConfig] | None) 
         changed = keyring_file.reload_if_changed()
         done.append(f"cluster key file {keyring_file.path}: {'reloaded' if changed else 'unchanged'}")
     return done
+
+
+def _queues_text(config: AgentConfig) -> str:
+    names = [spec.name for spec in config.queues]
+    return f"{len(names)} queue(s) ({', '.join(names)})" if names else "no queues (strict priority)"
 
 
 async def _housekeeping(
