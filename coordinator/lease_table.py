@@ -28,6 +28,13 @@ Rules that keep every replica identical:
   Hours older than the usage retention (the latest RecordUsage's, 90 days
   until one says otherwise) are pruned by the table's clock, like records.
 
+- Queues (coordinator/queues.py): the policy is state like any other, set by
+  SetQueuePolicy. A Preempt starts victims' grace periods and records the
+  claim of the request they are taken for; a Release with reason "preempted"
+  or "idle" ends only leases whose grace deadline has passed at its `at`
+  (like an expiry), so a lease preempted once ends once, never early, whoever
+  leads when the deadline comes.
+
 Invariant: no GPU is held by two live allocations (checked on every Allocate).
 """
 
@@ -52,11 +59,13 @@ from coordinator.commands import (
     Enqueue,
     MarkHostLost,
     OutboxDelivered,
+    Preempt,
     RecordUsage,
     Release,
     Renew,
     ReportGpuHealth,
     SetDrain,
+    SetQueuePolicy,
 )
 from coordinator.errors import Conflict, CoordinatorError, InvalidRequest, NotFound
 from coordinator.finished_records import FinishedRecords, canonical_json, hour_of
@@ -72,12 +81,15 @@ from coordinator.model import (
     RELEASED,
     TERMINAL_STATUSES,
     Allocation,
+    AllocationRequest,
     GpuRef,
     LeaseEvent,
     QueuedRequest,
     RequestRecord,
     Wire,
 )
+from coordinator.queue_ledger import QueueLedger
+from coordinator.queues import UNCONFIGURED, QueuePolicy
 from coordinator.wait_queue import RankKey, WaitQueue
 
 # How long a finished request id is remembered. A client retrying a request
@@ -86,8 +98,11 @@ DEFAULT_RETENTION_S = 86_400.0
 # How long hourly usage is kept until a RecordUsage names the leader's
 # `[accounting] retention_days`: 90 days, a quarter of chargeback.
 DEFAULT_USAGE_RETENTION_S = 90 * 86_400.0
-SNAPSHOT_VERSION = 3
+SNAPSHOT_VERSION = 4
 USAGE_BY = ("queue", "service")
+# Why a preemption started (Preempt.reason), and the release reasons that end one.
+PREEMPTION_REASONS = frozenset({"reclaim", "priority", "idle"})
+PREEMPTION_END_REASONS = frozenset({"preempted", "idle"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +158,14 @@ class LeaseTable:
         self._usage_retention_s = DEFAULT_USAGE_RETENTION_S
         # Live leases per (queue, service): their lifetime totals are never pruned.
         self._live_keys: Counter[UsageKey] = Counter()
+        # The queues and sharing rules (SetQueuePolicy), and per-queue indexes.
+        self._policy: QueuePolicy = UNCONFIGURED
+        self._queues = QueueLedger()
+        # Leases in their preemption grace period: id -> (deadline, reason), and by deadline.
+        self._preempting: dict[str, tuple[float, str]] = {}
+        self._preempt_deadlines: SortedList[tuple[float, str]] = SortedList()
+        # Waiting requests victims were taken for: request id -> (node, victim ids).
+        self._claims: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     # ------------------------------------------------------------------ queries
 
@@ -219,9 +242,10 @@ class LeaseTable:
         return sorted(due, key=_age)
 
     def next_deadline(self) -> float | None:
-        """The earliest lease expiry or queue deadline, or None when nothing is timed."""
+        """The earliest lease expiry, queue deadline or preemption deadline, or None when nothing is timed."""
         expiry = self._expiries[0][0] if self._expiries else None
-        times = [t for t in (expiry, self._queue.next_deadline()) if t is not None]
+        preempt = self._preempt_deadlines[0][0] if self._preempt_deadlines else None
+        times = [t for t in (expiry, self._queue.next_deadline(), preempt) if t is not None]
         return min(times, default=None)
 
     def allocations_on(self, node: str) -> list[Allocation]:
@@ -244,6 +268,45 @@ class LeaseTable:
 
     def queue_length(self) -> int:
         return len(self._queue)
+
+    @property
+    def queue_policy(self) -> QueuePolicy:
+        """The queues and sharing rules in force (UNCONFIGURED until a SetQueuePolicy)."""
+        return self._policy
+
+    @property
+    def queue_ledger(self) -> QueueLedger:
+        """Per-queue GPUs, leases and waiters (read-only for callers)."""
+        return self._queues
+
+    def rank_key(self, request: AllocationRequest) -> RankKey:
+        """`request`'s place in the serving order, with the policy's aging."""
+        return request.rank_key(self._policy.age_weight_per_hour)
+
+    def preempting(self, allocation_id: str) -> float | None:
+        """The grace deadline of a lease being preempted, or None when it is not."""
+        entry = self._preempting.get(allocation_id)
+        return None if entry is None else entry[0]
+
+    def preempting_reason(self, allocation_id: str) -> str | None:
+        entry = self._preempting.get(allocation_id)
+        return None if entry is None else entry[1]
+
+    def preemptions_due(self, now: float) -> list[tuple[str, str]]:
+        """(allocation id, reason) of leases whose grace deadline is at or before `now`, by deadline."""
+        return [
+            (i, self._preempting[i][1]) for _, i in itertools.takewhile(lambda e: e[0] <= now, self._preempt_deadlines)
+        ]
+
+    def preempting_count(self) -> int:
+        return len(self._preempting)
+
+    def claims(self) -> Mapping[str, tuple[str, tuple[str, ...]]]:
+        """Waiting requests that victims are being preempted for: request id -> (node, victim ids)."""
+        return self._claims
+
+    def claim(self, request_id: str) -> tuple[str, tuple[str, ...]] | None:
+        return self._claims.get(request_id)
 
     def queued(self, request_id: str) -> QueuedRequest | None:
         return self._queue.get(request_id)
@@ -341,6 +404,10 @@ class LeaseTable:
                 result = self._outbox_delivered(command)
             elif isinstance(command, RecordUsage):
                 result = self._record_usage(command)
+            elif isinstance(command, SetQueuePolicy):
+                result = self._set_queue_policy(command)
+            elif isinstance(command, Preempt):
+                result = self._preempt(command)
             else:
                 result = self._report_health(command)
         except CoordinatorError as exc:
@@ -404,6 +471,7 @@ class LeaseTable:
 
     def _release(self, cmd: Release) -> ApplyResult:
         expired = cmd.reason == "expired"
+        preempted = cmd.reason in PREEMPTION_END_REASONS
         events: list[LeaseEvent] = []
         affected: list[str] = []
         for allocation_id in _unique(cmd.allocation_ids):
@@ -416,12 +484,19 @@ class LeaseTable:
                 # Renewed after the expiry was proposed: the renewal was acknowledged,
                 # so the lease lives on. Skipped like an id that is already gone.
                 continue
+            if preempted:
+                deadline = self.preempting(allocation_id)
+                if deadline is None or deadline > cmd.at:
+                    # Not being preempted, or its grace period runs on: a preemption
+                    # ends a lease at its deadline, never before (an early end is the
+                    # holder's own release).
+                    continue
             self._remove_allocation(alloc, cmd.at)
             reason = "lease_ttl" if expired else cmd.reason
             self._finish(alloc.request.request_id, EXPIRED if expired else RELEASED, cmd.at, reason)
             events.append(
                 LeaseEvent(
-                    "expired" if expired else "released",
+                    "expired" if expired else "preempted" if preempted else "released",
                     cmd.at,
                     alloc.request,
                     allocation=alloc,
@@ -430,7 +505,7 @@ class LeaseTable:
             )
             affected.append(allocation_id)
         if not affected:
-            what = "expired allocation" if expired else "live allocation"
+            what = "expired allocation" if expired else "preempted allocation" if preempted else "live allocation"
             raise NotFound(f"no {what} among {', '.join(cmd.allocation_ids) or 'none'}")
         return ApplyResult(events=tuple(events), affected=tuple(affected))
 
@@ -482,6 +557,59 @@ class LeaseTable:
     def _usage_floor(self, at: float) -> int:
         """The oldest hour usage is kept for once the clock reaches `at`."""
         return hour_of(max(self._clock, at) - self._usage_retention_s)
+
+    def _set_queue_policy(self, cmd: SetQueuePolicy) -> ApplyResult:
+        if cmd.policy == self._policy:
+            # A repeat (a new leader proposing what is already in force): refused,
+            # so it changes nothing, not even the clock.
+            raise Conflict("that queue policy is already in force", code="policy_unchanged")
+        aging_changed = cmd.policy.age_weight_per_hour != self._policy.age_weight_per_hour
+        self._policy = cmd.policy
+        if aging_changed:
+            # The serving order depends on the aging weight: re-rank every waiter.
+            queued = list(self._queue)
+            self._queue = WaitQueue(queued, age_weight_per_hour=cmd.policy.age_weight_per_hour)
+            self._queues = QueueLedger(cmd.policy.age_weight_per_hour)
+            self._queues.load(self._allocations.values(), queued)
+        return ApplyResult()
+
+    def _preempt(self, cmd: Preempt) -> ApplyResult:
+        # Checked whole first: a refusal changes nothing.
+        if cmd.reason not in PREEMPTION_REASONS:
+            raise InvalidRequest(f"unknown preemption reason {cmd.reason!r}", code="invalid_command")
+        if not cmd.victims:
+            raise InvalidRequest("a preemption needs at least one victim", code="invalid_command")
+        ids = [i for i, _ in cmd.victims]
+        if len(set(ids)) != len(ids):
+            raise InvalidRequest("a preemption names a victim twice", code="invalid_command")
+        for allocation_id, deadline in cmd.victims:
+            alloc = self._allocations.get(allocation_id)
+            if alloc is None:
+                raise NotFound(f"no live allocation {allocation_id} to preempt")
+            if allocation_id in self._preempting:
+                raise Conflict(f"allocation {allocation_id} is already being preempted", code="already_preempting")
+            if not alloc.request.preemptible:
+                raise Conflict(f"allocation {allocation_id} is not preemptible", code="not_preemptible")
+            if not (math.isfinite(deadline) and deadline >= cmd.at):
+                raise InvalidRequest(f"preemption deadline {deadline} is before {cmd.at}", code="invalid_command")
+        if cmd.request_id is not None:
+            if self._queue.get(cmd.request_id) is None:
+                raise NotFound(f"request {cmd.request_id} no longer waits")
+            if cmd.request_id in self._claims:
+                raise Conflict(f"request {cmd.request_id} already has victims", code="already_claimed")
+            if cmd.node is None:
+                raise InvalidRequest("a preemption for a request names its node", code="invalid_command")
+        events: list[LeaseEvent] = []
+        for allocation_id, deadline in cmd.victims:
+            alloc = self._allocations[allocation_id]
+            self._preempting[allocation_id] = (deadline, cmd.reason)
+            self._preempt_deadlines.add((deadline, allocation_id))
+            events.append(
+                LeaseEvent("preempting", cmd.at, alloc.request, allocation=alloc, reason=cmd.reason, deadline=deadline)
+            )
+        if cmd.request_id is not None and cmd.node is not None:
+            self._claims[cmd.request_id] = (cmd.node, tuple(ids))
+        return ApplyResult(events=tuple(events), affected=tuple(ids))
 
     def _renew(self, cmd: Renew) -> ApplyResult:
         alloc = self._allocations.get(cmd.allocation_id)
@@ -569,7 +697,9 @@ class LeaseTable:
         self._expiries = SortedList((a.expires_at, a.allocation_id) for a in allocs if a.expires_at is not None)
         for node in self._node_allocations:
             self._holders_changed(node)
-        self._queue = WaitQueue(queued)
+        self._queue = WaitQueue(queued, age_weight_per_hour=self._policy.age_weight_per_hour)
+        self._queues = QueueLedger(self._policy.age_weight_per_hour)
+        self._queues.load(allocs, queued)
 
     def _add_allocation(self, alloc: Allocation) -> None:
         self._allocations[alloc.allocation_id] = alloc
@@ -579,6 +709,7 @@ class LeaseTable:
         self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
         self._add_expiry(alloc)
         self._holders_changed(alloc.node)
+        self._queues.add_lease(alloc)
 
     def _remove_allocation(self, alloc: Allocation, at: float) -> None:
         """End a lease at `at`, whatever the reason: its GPUs are freed and its GPU-seconds credited."""
@@ -598,6 +729,10 @@ class LeaseTable:
             del self._node_allocations[alloc.node]
         self._remove_expiry(alloc)
         self._holders_changed(alloc.node)
+        self._queues.remove_lease(alloc)
+        preempting = self._preempting.pop(alloc.allocation_id, None)
+        if preempting is not None:
+            self._preempt_deadlines.remove((preempting[0], alloc.allocation_id))
 
     def _add_expiry(self, alloc: Allocation) -> None:
         if alloc.expires_at is not None:
@@ -614,10 +749,15 @@ class LeaseTable:
 
     def _add_queued(self, queued: QueuedRequest) -> None:
         self._queue.add(queued)
+        self._queues.add_waiting(queued)
 
     def _dequeue(self, queued: QueuedRequest) -> None:
         self._queue.remove(queued)
+        self._queues.remove_waiting(queued)
         self._queue_texts.pop(queued.request.request_id, None)
+        # Allocated, cancelled or timed out: its victims' grace periods run on
+        # (they were promised a deadline), but the GPUs are no longer held for it.
+        self._claims.pop(queued.request.request_id, None)
 
     def _finish(self, request_id: str, status: str, at: float, reason: str) -> None:
         record = self._records.pop(request_id)
@@ -636,7 +776,9 @@ class LeaseTable:
 
         See `restore` for why the garbage collector is paused meanwhile.
 
-        Version 3 is version 2 plus "usage" (usage_ledger.py's snapshot form) and
+        Version 4 is version 3 plus "queue_policy" (queues.py's wire form),
+        "preempting" rows [allocation_id, deadline, reason] and "claims" rows
+        [request_id, node, victim ids]. Version 3 is version 2 plus "usage" (usage_ledger.py's snapshot form) and
         "usage_retention_s". Version 2: allocations oldest first and the queue in rank order, each the
         JSON text of its wire dict; records as rows [request_id, service_name,
         status, submitted_at, updated_at, allocation_id, reason]: live ones by id
@@ -691,11 +833,14 @@ class LeaseTable:
             "outbox_delivered_through": self._outbox_delivered_through,
             "usage": self._usage.to_wire(),
             "usage_retention_s": self._usage_retention_s,
+            "queue_policy": self._policy.to_wire(),
+            "preempting": [[i, d, r] for i, (d, r) in sorted(self._preempting.items())],
+            "claims": [[req, node, list(victims)] for req, (node, victims) in sorted(self._claims.items())],
         }
 
     @classmethod
     def restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
-        """Rebuild a table from `snapshot()` output of this version, or of version 2 or 1 (no usage).
+        """Rebuild a table from `snapshot()` output of this version, or of versions 3 (no queues), 2 or 1 (no usage).
 
         The cyclic garbage collector is paused meanwhile: a restore makes a few
         hundred thousand objects, none of them garbage, and the collections they
@@ -710,10 +855,17 @@ class LeaseTable:
     @classmethod
     def _restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
         version = snap.get("version")
-        if version not in (1, 2, SNAPSHOT_VERSION):
+        if version not in (1, 2, 3, SNAPSHOT_VERSION):
             raise ValueError(f"unsupported lease-table snapshot version {version!r}")
         table = cls(retention_s=float(snap["retention_s"]))
         table._clock = float(snap["clock"])
+        # Versions before 4 had no queues: the unconfigured policy, nothing preempting.
+        table._policy = QueuePolicy.from_wire(snap.get("queue_policy", {}))
+        for allocation_id, deadline, reason in snap.get("preempting", ()):
+            table._preempting[str(allocation_id)] = (float(deadline), str(reason))
+        table._preempt_deadlines = SortedList((d, i) for i, (d, _) in table._preempting.items())
+        for request_id, node, victims in snap.get("claims", ()):
+            table._claims[str(request_id)] = (str(node), tuple(str(v) for v in victims))
         if version == 1:
             # Wire dicts; every record a dict, finished or not, by id.
             table._load(

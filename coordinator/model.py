@@ -129,9 +129,21 @@ class AllocationRequest:
     # guarantee (one that is not waits with reason queue_quota).
     preemptible: bool = True
 
-    def rank_key(self) -> tuple[int, float, str]:
-        """Strict priority order: higher priority first, then oldest, then id (a total order)."""
-        return (-self.priority, self.submitted_at, self.request_id)
+    def rank_key(self, age_weight_per_hour: float = 0.0) -> tuple[float, float, str]:
+        """Serving order: higher priority first, then oldest, then id (a total order).
+
+        With aging, a request waiting since `submitted_at` has at time t the
+        effective priority `priority + w * (t - submitted_at) / 3600`. The term in
+        t is the same for every waiter, so ordering by `priority - w *
+        submitted_at / 3600` is that order at every t: the key never changes
+        while a request waits, and the queue's sorted index stays valid.
+        """
+        lifted = self.priority - age_weight_per_hour * self.submitted_at / 3600.0 if age_weight_per_hour else self.priority
+        return (-lifted, self.submitted_at, self.request_id)
+
+    def effective_priority(self, now: float, age_weight_per_hour: float) -> float:
+        """The priority with aging at `now` (priority itself without aging)."""
+        return self.priority + age_weight_per_hour * max(0.0, now - self.submitted_at) / 3600.0
 
     def to_wire(self) -> Wire:
         return {

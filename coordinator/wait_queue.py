@@ -15,15 +15,22 @@ from sortedcontainers import SortedKeyList, SortedList
 
 from coordinator.model import QueuedRequest, Requirements
 
-RankKey = tuple[int, float, str]
+RankKey = tuple[float, float, str]
 
 
 class WaitQueue:
     """Waiting requests, changed by `add` and `remove` only."""
 
-    def __init__(self, queued: Iterable[QueuedRequest] = ()) -> None:
-        """A queue holding `queued`; built from whole lists, one sort per index."""
+    def __init__(self, queued: Iterable[QueuedRequest] = (), age_weight_per_hour: float = 0.0) -> None:
+        """A queue holding `queued`, ranked with aging `age_weight_per_hour`; one sort per index."""
         items = list(queued)
+        self.age_weight_per_hour = age_weight_per_hour
+        w = age_weight_per_hour
+
+        def _rank(queued: QueuedRequest) -> RankKey:
+            return queued.request.rank_key(w)
+
+        self._rank = _rank
         self._by_id = {q.request.request_id: q for q in items}
         self._ranked: SortedKeyList[QueuedRequest, RankKey] = SortedKeyList(items, key=_rank)
         groups: dict[Requirements, list[QueuedRequest]] = {}
@@ -53,7 +60,7 @@ class WaitQueue:
         shape = queued.request.requirements
         group = self._groups.get(shape)
         if group is None:
-            group = self._groups[shape] = SortedKeyList(key=_rank)
+            group = self._groups[shape] = SortedKeyList(key=self._rank)
         group.add(queued)
         if queued.deadline is not None:
             self._deadlines.add((queued.deadline, queued.request.request_id))
@@ -75,7 +82,7 @@ class WaitQueue:
         queued = self._by_id.get(request_id)
         if queued is None:
             return None
-        return int(self._ranked.bisect_key_left(_rank(queued))) + 1
+        return int(self._ranked.bisect_key_left(self._rank(queued))) + 1
 
     def groups(self, before: RankKey | None = None) -> list[Iterable[QueuedRequest]]:
         """The requests grouped by equal requirements, each group in rank order.
@@ -90,12 +97,9 @@ class WaitQueue:
     def due(self, now: float) -> list[QueuedRequest]:
         """Requests whose deadline is at or before `now`, in rank order."""
         due = [self._by_id[i] for _, i in itertools.takewhile(lambda e: e[0] <= now, self._deadlines)]
-        return sorted(due, key=_rank)
+        return sorted(due, key=self._rank)
 
     def next_deadline(self) -> float | None:
         """The earliest deadline, or None when no request has one."""
         return self._deadlines[0][0] if self._deadlines else None
 
-
-def _rank(queued: QueuedRequest) -> RankKey:
-    return queued.request.rank_key()

@@ -589,7 +589,7 @@ def test_finished_records_are_rows_in_the_order_they_ended() -> None:
     """Finished records are compact rows by end time, as JSON texts by hour; live ones rows by id."""
     table, _ = busy_table()
     snap = table.snapshot()
-    assert snap["version"] == 3
+    assert snap["version"] == 4
     assert [(row[0], row[2], row[4]) for row in finished_rows(snap)] == [("r2", RELEASED, 5.0), ("q3", CANCELLED, 7.0)]
     assert [(row[0], row[2]) for row in snap["records"]] == [("q1", QUEUED), ("q2", QUEUED), ("r1", ALLOCATED)]
     record = table.record("r2")

@@ -226,7 +226,7 @@ def test_a_restored_table_accounts_and_prunes_exactly_like_one_that_replayed() -
     for command in first:
         apply_ok(table, command)
     snap = table.snapshot()
-    assert snap["version"] == 3
+    assert snap["version"] == 4
     restored = LeaseTable.restore(json.loads(json.dumps(snap)))
     assert restored.snapshot() == snap
     for command in later:
@@ -255,7 +255,7 @@ def test_a_version_2_snapshot_restores_with_no_usage() -> None:
         if a.allocated_at < restored.clock
     }
     assert restored.usage_retention_s == DEFAULT_USAGE_RETENTION_S
-    assert restored.snapshot()["version"] == 3
+    assert restored.snapshot()["version"] == 4
 
 
 def test_a_snapshot_reencodes_only_the_hours_that_changed() -> None:

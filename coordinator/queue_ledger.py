@@ -1,0 +1,88 @@
+"""Per-queue indexes of the lease table: what each queue holds and what it waits for.
+
+The queue rules (coordinator/queue_rules.py) ask, per decision, how many GPUs a
+queue holds (of each model), which of its leases could be taken back, and which
+of its requests wait, in serving order and grouped by requirements. The table
+keeps the answers here, changed with every lease and every waiter, so none of
+those questions walks the whole table: each change costs O(log n).
+
+Queues are keyed by the name a request carries (`AllocationRequest.queue_name`),
+declared or not: the table does not interpret the policy, it only counts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+from coordinator.model import Allocation, QueuedRequest
+from coordinator.wait_queue import WaitQueue
+
+
+class QueueLedger:
+    """Live GPUs, leases and waiting requests per queue name."""
+
+    def __init__(self, age_weight_per_hour: float = 0.0) -> None:
+        self.age_weight_per_hour = age_weight_per_hour
+        self.waiting: dict[str, WaitQueue] = {}
+        self.gpus: Counter[str] = Counter()
+        # (queue, GPU name) -> GPUs held: per-model guarantees sum the names matching their model.
+        self.gpus_by_name: Counter[tuple[str, str]] = Counter()
+        self.leases: dict[str, set[str]] = {}
+        self.pending_gpus: Counter[str] = Counter()
+
+    def add_lease(self, alloc: Allocation) -> None:
+        queue = alloc.request.queue_name
+        self.gpus[queue] += len(alloc.gpus)
+        for gpu in alloc.gpus:
+            self.gpus_by_name[(queue, gpu.name)] += 1
+        self.leases.setdefault(queue, set()).add(alloc.allocation_id)
+
+    def remove_lease(self, alloc: Allocation) -> None:
+        queue = alloc.request.queue_name
+        _decrement(self.gpus, queue, len(alloc.gpus))
+        for gpu in alloc.gpus:
+            _decrement(self.gpus_by_name, (queue, gpu.name), 1)
+        ids = self.leases[queue]
+        ids.discard(alloc.allocation_id)
+        if not ids:
+            del self.leases[queue]
+
+    def add_waiting(self, queued: QueuedRequest) -> None:
+        queue = queued.request.queue_name
+        waiting = self.waiting.get(queue)
+        if waiting is None:
+            waiting = self.waiting[queue] = WaitQueue(age_weight_per_hour=self.age_weight_per_hour)
+        waiting.add(queued)
+        self.pending_gpus[queue] += queued.request.requirements.gpu_count
+
+    def remove_waiting(self, queued: QueuedRequest) -> None:
+        queue = queued.request.queue_name
+        waiting = self.waiting[queue]
+        waiting.remove(queued)
+        if not len(waiting):
+            del self.waiting[queue]
+        _decrement(self.pending_gpus, queue, queued.request.requirements.gpu_count)
+
+    def load(self, allocs: Iterable[Allocation], queued: Iterable[QueuedRequest]) -> None:
+        """Fill an empty ledger at once (a restore or a change of aging): one sort per queue."""
+        for alloc in allocs:
+            self.add_lease(alloc)
+        by_queue: dict[str, list[QueuedRequest]] = {}
+        for q in queued:
+            by_queue.setdefault(q.request.queue_name, []).append(q)
+            self.pending_gpus[q.request.queue_name] += q.request.requirements.gpu_count
+        self.waiting = {
+            name: WaitQueue(items, age_weight_per_hour=self.age_weight_per_hour) for name, items in by_queue.items()
+        }
+
+    def model_gpus(self, queue: str, model: str) -> int:
+        """GPUs `queue` holds whose name contains `model` (case-insensitive)."""
+        wanted = model.lower()
+        return sum(n for (q, name), n in self.gpus_by_name.items() if q == queue and wanted in name.lower())
+
+
+def _decrement(counter: Counter[str] | Counter[tuple[str, str]], key: object, by: int) -> None:
+    counter[key] -= by  # type: ignore[index]
+    if counter[key] <= 0:  # type: ignore[index]
+        del counter[key]  # type: ignore[arg-type]
