@@ -27,10 +27,11 @@ gossip port already is), STATUS= whenever the one-line summary changes,
 WATCHDOG=1 while the device sampler is not stuck, STOPPING=1 on SIGTERM. All of
 it is a no-op without $NOTIFY_SOCKET.
 
-Reload (SIGHUP): the config file is read again and its log level applied, the
-API keys file and the cluster key file are re-read. A file that no longer
-loads is logged and the settings in force are kept; changed keys that need a
-restart are named in the log.
+Reload (SIGHUP): the config file is read again and its log level, queues and
+sharing knobs applied (a leader then proposes the new queue policy), the API
+keys file and the cluster key file are re-read. A file that no longer loads is
+logged and the settings in force are kept; changed keys that need a restart
+are named in the log.
 
 Shutdown (SIGTERM or SIGINT): hypercorn stops accepting and lets in-flight
 requests finish (their proposals complete, since the log still runs); a leader
@@ -86,6 +87,7 @@ from agent.lease_service import LeaseService
 from agent.membership import MembershipService
 from agent.metrics import AgentMetrics, GossipCollector, RaftCollector, StateCollector
 from agent.outbox import OutboxDeliverer
+from agent.queue_policy_sync import ConfiguredPolicy, sync_queue_policy
 from agent.raft_log import Applied, RaftLog, RoleState
 from agent.raft_transport import local_address_for
 from agent.replication import STATE_FILE, Replication
@@ -190,10 +192,13 @@ async def run_agent(
                 on_advice=lambda decided_by, reason: metrics.advisor.labels(decided_by, reason).inc(),
             )
             cluster = ClusterRuntime(config, membership, lambda: replication.log if replication else None, peer_client)
+            configured = ConfiguredPolicy(config.queue_policy)
             leadership = Leadership(
                 node,
                 lambda raft_log, term: _build_lease_service(config, raft_log, term, feed, analysis, metrics, rng),
-                _leader_tasks(config, sampler, membership, feed, deliverer, astore, lambda: replication.log if replication else None),
+                _leader_tasks(
+                    config, sampler, membership, feed, deliverer, astore, lambda: replication.log if replication else None, configured
+                ),
             )
             replication.on_log(leadership.follow)
             replication.on_log(lambda raft_log: raft_log.on_role(_ElectionCounter(metrics)))
@@ -237,6 +242,7 @@ async def run_agent(
                 inventory=feed,
                 analysis=analysis,
                 tls=tls,
+                configured_policy=configured,
             )
             effects.ctx = ctx
             _attach_metrics(metrics, ctx, replication)
@@ -324,8 +330,10 @@ def _leader_tasks(
     deliverer: OutboxDeliverer,
     astore: AsyncStateStore,
     replication_log: Callable[[], RaftLog | None],
+    configured: ConfiguredPolicy,
 ) -> list[LeaderTask]:
-    """What a ready leader runs: the scheduler, the outbox, the health reporters, the usage recorder, the host-loss watcher."""
+    """What a ready leader runs: the scheduler, the outbox, the health reporters, the usage recorder,
+    the queue policy's sync, the host-loss watcher."""
 
     async def scheduler(service: LeaseService) -> None:
         # A sample may make a GPU eligible: wake the scheduler (the subscription ends with the term).
@@ -371,7 +379,10 @@ def _leader_tasks(
             poll_s=min(POLL_S, accounting.record_interval_s),
         ).run()
 
-    tasks: list[LeaderTask] = [scheduler, outbox, local_health, remote_health, usage]
+    async def queue_policy(service: LeaseService) -> None:
+        await sync_queue_policy(service, configured)
+
+    tasks: list[LeaderTask] = [scheduler, outbox, local_health, remote_health, usage, queue_policy]
     grace_s = config.cluster.host_lost_grace_s
     if grace_s > 0:
 
@@ -609,6 +620,9 @@ async def _reload_on_sighup(
             # File reads in a worker thread: no task on the trio thread waits on the disk.
             done = await trio.to_thread.run_sync(_reload, ctx, reload_config)
             log.info("SIGHUP: %s", "; ".join(done))
+            # On the trio thread: wakes the leader's sync (agent/queue_policy_sync.py) if the queues changed.
+            if ctx.configured_policy is not None:
+                ctx.configured_policy.update(ctx.config.queue_policy)
             notifier.notify("READY=1", "STATUS=" + ctx.status_line())
 
 

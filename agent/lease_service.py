@@ -29,16 +29,19 @@ from coordinator.commands import (
     Command,
     MarkHostLost,
     OutboxDelivered,
+    Preempt,
     RecordUsage,
     Release,
     Renew,
     ReportGpuHealth,
     SetDrain,
+    SetQueuePolicy,
 )
 from coordinator.errors import Conflict, CoordinatorError, NotFound
 from coordinator.inventory import Inventory
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import ALLOCATED, QUEUED, RELEASED, Allocation, GpuRef
+from coordinator.queues import QueuePolicy
 from coordinator.raft import NotLeader, RaftError
 from coordinator.request_parsing import AllocateBody, build_request, resolve_ttl
 
@@ -322,6 +325,26 @@ class LeaseService:
         for result in await self.log.propose_many([RecordUsage(now, c, retention_s) for c in chunks], term=self.term):
             if result.error is not None:
                 raise result.error
+
+    async def set_queue_policy(self, policy: QueuePolicy) -> None:
+        """Make `policy` the cluster's queues and sharing rules (SetQueuePolicy).
+
+        Raises the table's refusal (Conflict `policy_unchanged` when it is in force already) or RaftError.
+        """
+        await self._propose_ok(SetQueuePolicy(self._clock(), policy))
+        self.wake()  # the queue is served by the new rules from the next tick
+
+    async def preempt(self, victims: Sequence[tuple[str, float]], reason: str) -> ApplyResult:
+        """Start the grace periods of `victims` ((allocation id, deadline) pairs) for `reason` (Preempt).
+
+        For preemptions no waiting request claims (idle reclaim): the scheduler's
+        own preemptions are part of its tick. Returns the applied result; a refusal
+        (a victim already gone or already preempting) is in its `error`. Raises RaftError.
+        """
+        result = await self.log.propose(Preempt(self._clock(), tuple(victims), reason), term=self.term)
+        if result.ok:
+            self.wake()  # the scheduler ends them at their deadlines
+        return result
 
     async def _propose_ok(self, command: Command) -> ApplyResult:
         result = await self.log.propose(command, term=self.term)
