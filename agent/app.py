@@ -65,6 +65,7 @@ from coordinator.gpu_health import HealthPolicy
 from coordinator.lease_table import LeaseTable
 from coordinator.model import UNHEALTHY, GpuRef
 from coordinator.notifications import deliveries
+from coordinator.queues import DEFAULT_QUEUE
 from coordinator.raft_config import lan
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from coordinator.swim_config import profile as swim_profile
@@ -228,6 +229,8 @@ async def run_agent(
                     replication.replayed,
                 )
             keyring = ApiKeyring.load(Path(config.auth.keys_file)) if config.auth.enabled else None
+            if keyring is not None and (unknown := _undeclared_key_queues(keyring, config)):
+                log.warning("%s", unknown)
             ctx = AgentContext(
                 config=config,
                 sampler=sampler,
@@ -664,6 +667,8 @@ def _reload(ctx: AgentContext, reload_config: Callable[[], AgentConfig] | None) 
             done.append(f"API keys NOT reloaded, keeping {len(ctx.keyring)} key(s) ({error})")
         else:
             done.append(f"API keys: {count} key(s) from {ctx.config.auth.keys_file}")
+        if ctx.keyring is not None and (unknown := _undeclared_key_queues(ctx.keyring, ctx.config)):
+            done.append(unknown)
     if ctx.tls is not None:
         done.append(ctx.tls.reload())
     keyring_file = ctx.membership.keyring if ctx.membership is not None else None
@@ -674,6 +679,15 @@ def _reload(ctx: AgentContext, reload_config: Callable[[], AgentConfig] | None) 
         changed = keyring_file.reload_if_changed()
         done.append(f"cluster key file {keyring_file.path}: {'reloaded' if changed else 'unchanged'}")
     return done
+
+
+def _undeclared_key_queues(keyring: ApiKeyring, config: AgentConfig) -> str | None:
+    """A warning when keys name queues the configuration does not declare (their requests get 403), else None."""
+    policy = config.queue_policy
+    missing = sorted(q for q in keyring.queues() if q != DEFAULT_QUEUE and not policy.declared(q))
+    if not policy.configured or not missing:
+        return None
+    return f"API keys name queue(s) not declared in [queues]: {', '.join(missing)} (their requests get 403 unknown_queue)"
 
 
 def _queues_text(config: AgentConfig) -> str:

@@ -502,7 +502,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     async def allocate(service: LeaseService) -> Response:
         body = parse_allocate_body(await body_json())
         require_service(body.service_name)
-        outcome = await service.allocate(body)
+        principal: ApiKey | None = g.principal
+        outcome = await service.allocate(body, key_queue=None if principal is None else principal.queue)
         if outcome.allocation is not None:
             return json_response(allocation_view(outcome.allocation))
         assert outcome.queued is not None and outcome.position is not None
