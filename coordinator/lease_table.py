@@ -301,6 +301,10 @@ class LeaseTable:
     def preempting_count(self) -> int:
         return len(self._preempting)
 
+    def preempting_ids(self) -> list[str]:
+        """Leases in their preemption grace period, by id."""
+        return sorted(self._preempting)
+
     def claims(self) -> Mapping[str, tuple[str, tuple[str, ...]]]:
         """Waiting requests that victims are being preempted for: request id -> (node, victim ids)."""
         return self._claims

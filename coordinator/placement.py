@@ -158,12 +158,12 @@ class PlanWalk:
         group whose requirements die is dropped whole. Requests in `skip` are
         passed over. Returns the placements, in rank order.
         """
-        heap: list[tuple[tuple[int, float, str], int, QueuedRequest, Iterator[QueuedRequest]]] = []
+        heap: list[tuple[tuple[float, float, str], int, QueuedRequest, Iterator[QueuedRequest]]] = []
         for seq, group in enumerate(groups):
             members = iter(group)
             head = next(members, None)
             if head is not None:
-                heap.append((head.request.rank_key(), seq, head, members))
+                heap.append((self.table.rank_key(head.request), seq, head, members))
         heapq.heapify(heap)
         placements: list[tuple[AllocationRequest, Placement]] = []
         while heap and self.open.total:
@@ -181,7 +181,7 @@ class PlanWalk:
             if following is None:
                 heapq.heappop(heap)
             else:
-                heapq.heapreplace(heap, (following.request.rank_key(), seq, following, members))
+                heapq.heapreplace(heap, (self.table.rank_key(following.request), seq, following, members))
         return placements
 
     def step(self, request: AllocationRequest) -> Placement | None:
@@ -293,6 +293,16 @@ class PlanWalk:
 
     def _eligible_refs(self, request: AllocationRequest, node: str) -> set[GpuRef]:
         return {g.ref for g in self.open.by_node.get(node, ()) if self._eligible(g, request)}
+
+    def eligible(self, gpu: GpuView, request: AllocationRequest) -> bool:
+        """Whether open `gpu` may serve `request` now."""
+        return self._eligible(gpu, request)
+
+    def close_open(self, node: str, request: AllocationRequest) -> None:
+        """Close `node`'s open GPUs eligible for `request`: held for it until its victims leave."""
+        refs = self._eligible_refs(request, node)
+        if refs:
+            self._take(node, refs)
 
     def _eligible(self, gpu: GpuView, request: AllocationRequest) -> bool:
         """Whether `gpu`, known to be open, may serve `request` now."""

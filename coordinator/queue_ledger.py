@@ -13,7 +13,11 @@ declared or not: the table does not interpret the policy, it only counts.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from typing import Hashable, Iterable, TypeVar
+
+from sortedcontainers import SortedList
+
+_K = TypeVar("_K", bound=Hashable)
 
 from coordinator.model import Allocation, QueuedRequest
 from coordinator.wait_queue import WaitQueue
@@ -29,6 +33,8 @@ class QueueLedger:
         # (queue, GPU name) -> GPUs held: per-model guarantees sum the names matching their model.
         self.gpus_by_name: Counter[tuple[str, str]] = Counter()
         self.leases: dict[str, set[str]] = {}
+        # Each queue's leases by (priority, allocation id): lowest first, for priority preemption.
+        self.by_priority: dict[str, SortedList[tuple[int, str]]] = {}
         self.pending_gpus: Counter[str] = Counter()
 
     def add_lease(self, alloc: Allocation) -> None:
@@ -37,6 +43,7 @@ class QueueLedger:
         for gpu in alloc.gpus:
             self.gpus_by_name[(queue, gpu.name)] += 1
         self.leases.setdefault(queue, set()).add(alloc.allocation_id)
+        self.by_priority.setdefault(queue, SortedList()).add((alloc.request.priority, alloc.allocation_id))
 
     def remove_lease(self, alloc: Allocation) -> None:
         queue = alloc.request.queue_name
@@ -47,6 +54,10 @@ class QueueLedger:
         ids.discard(alloc.allocation_id)
         if not ids:
             del self.leases[queue]
+        ranked = self.by_priority[queue]
+        ranked.remove((alloc.request.priority, alloc.allocation_id))
+        if not ranked:
+            del self.by_priority[queue]
 
     def add_waiting(self, queued: QueuedRequest) -> None:
         queue = queued.request.queue_name
@@ -76,13 +87,18 @@ class QueueLedger:
             name: WaitQueue(items, age_weight_per_hour=self.age_weight_per_hour) for name, items in by_queue.items()
         }
 
+    def lowest_priority(self, queue: str) -> int | None:
+        """The lowest priority among `queue`'s leases, or None when it holds none."""
+        ranked = self.by_priority.get(queue)
+        return ranked[0][0] if ranked else None
+
     def model_gpus(self, queue: str, model: str) -> int:
         """GPUs `queue` holds whose name contains `model` (case-insensitive)."""
         wanted = model.lower()
         return sum(n for (q, name), n in self.gpus_by_name.items() if q == queue and wanted in name.lower())
 
 
-def _decrement(counter: Counter[str] | Counter[tuple[str, str]], key: object, by: int) -> None:
-    counter[key] -= by  # type: ignore[index]
-    if counter[key] <= 0:  # type: ignore[index]
-        del counter[key]  # type: ignore[arg-type]
+def _decrement(counter: Counter[_K], key: _K, by: int) -> None:
+    counter[key] -= by
+    if counter[key] <= 0:
+        del counter[key]

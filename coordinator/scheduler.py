@@ -53,12 +53,15 @@ import random
 from dataclasses import dataclass
 from typing import Collection
 
-from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release
+from coordinator import queue_pass
+from coordinator.commands import Allocate, Cancel, Command, Enqueue, Preempt, Release
 from coordinator.errors import Conflict, QueueFull, Unsatisfiable
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
-from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, GpuRef, Requirements
+from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, GpuRef, QueuedRequest, Requirements
 from coordinator.placement import OpenGpus, Placement, PlanWalk
+from coordinator.preemption import choose_victims
+from coordinator.queue_rules import QueueBook, Standing
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +109,20 @@ class Scheduler:
         """
         self.check_satisfiable(request, inventory)
         walk = self._walk(table, inventory)
+        quota = ""
         try:
             walk.close_pending(pending)
-            placement = self._place_behind_queue(walk, request)
+            if table.queue_policy.configured:
+                placement, quota = self._place_with_queues(walk, request, pending, now)
+            else:
+                placement = self._place_behind_queue(walk, request)
         finally:
             walk.undo()
         if placement is not None:
             return Allocate(now, self._allocation(request, placement, now))
         if not request.queue:
+            if quota:
+                raise Conflict(f"the request's queue allows no more now: {quota} (queue=false)", code="queue_quota")
             raise Conflict("no GPUs free that fit the request now (queue=false)", code="no_capacity")
         if table.queue_length() + pending_enqueues >= self.config.max_queue:
             raise QueueFull(f"the wait queue is full ({self.config.max_queue} requests)")
@@ -126,10 +135,35 @@ class Scheduler:
         # what is open now fits nowhere after it, and no walk is needed.
         if walk.best_fit(request) is None:
             return None
-        walk.walk(walk.table.queue_groups(before=request.rank_key()))
+        walk.walk(walk.table.queue_groups(before=walk.table.rank_key(request)))
         if not walk.open.total or walk.is_dead(request.requirements):
             return None
         return walk.best_fit(request)
+
+    def _place_with_queues(
+        self, walk: PlanWalk, request: AllocationRequest, pending: Collection[GpuRef], now: float
+    ) -> tuple[Placement | None, str]:
+        """Where the queue pass would place `request` now, or (None, why when its queue forbids it)."""
+        book = self._book(walk, pending)
+        verdict = book.classify(request)
+        if verdict.standing is Standing.QUOTA:
+            return None, verdict.detail
+        if walk.best_fit(request) is None:
+            return None, ""
+        result = queue_pass.plan(walk, book, now, extra=QueuedRequest(request, None), find_candidates=False)
+        for placed, placement in result.placements:
+            if placed.request_id == request.request_id:
+                return placement, ""
+        return None, ""
+
+    def _book(self, walk: PlanWalk, pending: Collection[GpuRef]) -> QueueBook:
+        """The queue counts of a pass: the table's, with in-flight placements' GPUs counted too."""
+        table = walk.table
+        book = QueueBook(table.queue_policy, table.queue_ledger, len(walk.inventory))
+        # Pending GPUs are not in the table yet, nor in any queue's count: count them
+        # against no queue but in the total, so borrowing room is not overstated.
+        book.total_used += len(pending)
+        return book
 
     def tick(
         self,
@@ -146,18 +180,53 @@ class Scheduler:
         timed_out = [q.request.request_id for q in table.queue_due(now)]
         if timed_out:
             commands.append(Cancel(now, tuple(timed_out), "queue_timeout"))
+        ending = [table.allocation(i) for i, _ in table.preemptions_due(now)]
+        preempted = [a for a in ending if a is not None and a not in expired]
+        for reason in ("preempted", "idle"):
+            ids = tuple(
+                a.allocation_id
+                for a in preempted
+                if ("idle" if table.preempting_reason(a.allocation_id) == "idle" else "preempted") == reason
+            )
+            if ids:
+                commands.append(Release(now, ids, reason))
         if table.queue_length() > len(timed_out):
-            # GPUs of expired leases count as free: their Release is ahead in the log.
-            released = frozenset(g.ref for a in expired for g in a.gpus)
+            # GPUs of expired and preempted leases count as free: their Release is ahead in the log.
+            released = frozenset(g.ref for a in (*expired, *preempted) for g in a.gpus)
             walk = self._walk(table, inventory, released)
             try:
                 walk.close_pending(pending)
                 walk.open_released(pending)
-                placements = walk.walk(table.queue_groups(), skip=set(timed_out))
+                if table.queue_policy.configured:
+                    commands.extend(self._queue_pass(walk, pending, set(timed_out), now))
+                else:
+                    placements = walk.walk(table.queue_groups(), skip=set(timed_out))
+                    for request, placement in placements:
+                        commands.append(Allocate(now, self._allocation(request, placement, now)))
             finally:
                 walk.undo()
-            for request, placement in placements:
-                commands.append(Allocate(now, self._allocation(request, placement, now)))
+        return commands
+
+    def _queue_pass(self, walk: PlanWalk, pending: Collection[GpuRef], skip: set[str], now: float) -> list[Command]:
+        """Placements of a pass under the queue policy, then preemptions for entitled requests left waiting."""
+        table = walk.table
+        book = self._book(walk, pending)
+        for allocation_id, _ in table.preemptions_due(now):
+            alloc = table.allocation(allocation_id)
+            if alloc is not None:
+                book.give_back(alloc.request.queue_name, tuple(g.name for g in alloc.gpus))
+        result = queue_pass.plan(walk, book, now, skip)
+        commands: list[Command] = [
+            Allocate(now, self._allocation(request, placement, now)) for request, placement in result.placements
+        ]
+        taken: set[str] = set()
+        for request, standing in result.candidates:
+            claim = table.claim(request.request_id)
+            if claim is not None and any(table.allocation(v) is not None for v in claim[1]):
+                continue  # its victims are in their grace period already
+            preempt = choose_victims(request, standing, table, walk.inventory, walk, book, now, taken)
+            if preempt is not None:
+                commands.append(preempt)
         return commands
 
     @staticmethod

@@ -1,0 +1,179 @@
+"""Victim choice: the smallest set of leases whose GPUs make a waiting request fit.
+
+Theory of operation
+-------------------
+A candidate from the queue pass (queue_pass.py) is entitled to GPUs it cannot
+get from what is free: it is within its queue's guarantee, or borrowing below
+its queue's fair share. A running lease may be taken for it when the lease is
+preemptible, not already in its grace period, and either
+
+- **borrowed**: its queue holds more than its guarantee even without it (and
+  so does its parent, when the parent has a guarantee), and the candidate is
+  within guarantee, or the lease's queue stays at or above its own fair share
+  without it (reclaim toward fair share) - so work within a guarantee is
+  never taken by borrowed work; or
+- **lower priority** by at least `preemption_priority_gap`, when it is
+  borrowed, or when it is of the candidate's own queue and the candidate is
+  within guarantee (priority order inside a queue).
+
+On each node with such leases, they are added in order - borrowed first, then
+lower priority, then youngest (least work lost) - until the node's open
+eligible GPUs plus theirs make the request fit; then any lease whose removal
+keeps the fit is dropped again, so the set is minimal. The node with the
+fewest victims (then fewest GPUs taken, then name) wins. No set, no
+preemption: nothing is ever taken that would not make the request fit.
+
+Each victim gets its own queue's `preemption_grace_s`. The chosen GPUs still
+open on that node are closed in the walk, and the victims counted as gone from
+their queues (`QueueBook.give_back`), so a later candidate of the same pass
+neither counts them again nor takes a queue below its guarantee.
+
+Cost: the leases of queues holding more than their guarantee (plus the
+candidate's own queue for priority), not the whole table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coordinator.commands import Preempt
+from coordinator.inventory import Inventory
+from coordinator.lease_table import LeaseTable
+from coordinator.model import Allocation, AllocationRequest, GpuRef
+from coordinator.placement import PlanWalk
+from coordinator.queue_rules import QueueBook, Standing
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    alloc: Allocation
+    reclaim: bool
+    # GPUs of the lease that could serve the request.
+    useful: int
+
+    def order(self) -> tuple[int, int, float, str]:
+        return (0 if self.reclaim else 1, self.alloc.request.priority, -self.alloc.allocated_at, self.alloc.allocation_id)
+
+
+def choose_victims(
+    request: AllocationRequest,
+    standing: Standing,
+    table: LeaseTable,
+    inventory: Inventory,
+    walk: PlanWalk,
+    book: QueueBook,
+    now: float,
+    taken: set[str],
+) -> Preempt | None:
+    """A Preempt that makes `request` fit, or None when no allowed set of victims does."""
+    policy = book.policy
+    gap = policy.preemption_priority_gap
+    effective = request.effective_priority(now, policy.age_weight_per_hour)
+    own = request.queue_name
+    need = request.requirements.gpu_count
+    below_fair = book.used[own] + need <= book.fair_share(own) + 1e-9
+    by_node: dict[str, list[_Candidate]] = {}
+    for queue in _victim_queues(book, own, standing, gap):
+        for allocation_id in sorted(table.queue_ledger.leases.get(queue, ())):
+            alloc = table.allocation(allocation_id)
+            if alloc is None or allocation_id in taken or not alloc.request.preemptible:
+                continue
+            if table.preempting(allocation_id) is not None:
+                continue
+            if request.requirements.node is not None and alloc.node != request.requirements.node:
+                continue
+            reclaim, allowed = _allowed(alloc, request, standing, book, effective, gap, below_fair)
+            if not allowed:
+                continue
+            useful = sum(1 for g in alloc.gpus if _serves(inventory, g.node, g.index, request))
+            if useful:
+                by_node.setdefault(alloc.node, []).append(_Candidate(alloc, reclaim, useful))
+    best: tuple[tuple[int, int, str], list[_Candidate]] | None = None
+    for node in sorted(by_node):
+        have = sum(1 for g in walk.open.by_node.get(node, ()) if walk.eligible(g, request))
+        chosen = _minimal_set(sorted(by_node[node], key=_Candidate.order), need - have)
+        if chosen is None:
+            continue
+        score = (len(chosen), sum(len(c.alloc.gpus) for c in chosen), node)
+        if best is None or score < best[0]:
+            best = (score, chosen)
+    if best is None:
+        return None
+    chosen = best[1]
+    node = chosen[0].alloc.node
+    for c in chosen:
+        taken.add(c.alloc.allocation_id)
+        book.give_back(c.alloc.request.queue_name, tuple(g.name for g in c.alloc.gpus))
+    walk.close_open(node, request)
+    victims = tuple(
+        sorted(
+            (c.alloc.allocation_id, now + policy.spec(c.alloc.request.queue_name).preemption_grace_s) for c in chosen
+        )
+    )
+    reason = "reclaim" if any(c.reclaim for c in chosen) else "priority"
+    return Preempt(now, victims, reason, request.request_id, node)
+
+
+def _victim_queues(book: QueueBook, own: str, standing: Standing, gap: int) -> list[str]:
+    """Queues a lease may be taken from: those beyond their guarantee, and the own queue for priority."""
+    queues = {q for q in book.ledger.leases if book.used[q] > book.policy.spec(q).guarantee}
+    if gap > 0 and standing in (Standing.GUARANTEED, Standing.PRIORITY):
+        queues.add(own)
+    return sorted(queues)
+
+
+def _allowed(
+    alloc: Allocation,
+    request: AllocationRequest,
+    standing: Standing,
+    book: QueueBook,
+    effective: float,
+    gap: int,
+    below_fair: bool,
+) -> tuple[bool, bool]:
+    """(is it a reclaim, may it be taken) for lease `alloc` and the candidate `request`."""
+    queue = alloc.request.queue_name
+    gpus = len(alloc.gpus)
+    spec = book.policy.spec(queue)
+    borrowed = book.used[queue] - gpus >= spec.guarantee
+    if borrowed and spec.parent is not None:
+        parent = book.policy.spec(spec.parent)
+        borrowed = parent.guarantee == 0 or book.parent_used(parent.name) - gpus >= parent.guarantee
+    lower = gap > 0 and alloc.request.priority <= effective - gap
+    if queue == request.queue_name:
+        return False, standing in (Standing.GUARANTEED, Standing.PRIORITY) and lower
+    if not borrowed:
+        return False, False
+    if standing is Standing.PRIORITY:
+        return False, lower
+    if standing is Standing.GUARANTEED:
+        return True, True
+    if below_fair and book.used[queue] - gpus >= book.fair_share(queue) - 1e-9:
+        return True, True
+    return False, lower
+
+
+def _minimal_set(ordered: list[_Candidate], short: int) -> list[_Candidate] | None:
+    """The first leases of `ordered` that give `short` useful GPUs, with any that is not needed dropped."""
+    if short <= 0:
+        return None  # it fits without preemption: the pass will place it
+    chosen: list[_Candidate] = []
+    got = 0
+    for candidate in ordered:
+        chosen.append(candidate)
+        got += candidate.useful
+        if got >= short:
+            break
+    else:
+        return None
+    for candidate in reversed(list(chosen)):
+        if got - candidate.useful >= short:
+            chosen.remove(candidate)
+            got -= candidate.useful
+    return chosen
+
+
+def _serves(inventory: Inventory, node: str, index: int, request: AllocationRequest) -> bool:
+    """Whether the GPU could serve `request` once freed: schedulable and matching it."""
+    view = inventory.get(GpuRef(node, index))
+    return view is not None and view.schedulable and request.requirements.matches_statically(view)

@@ -1,0 +1,314 @@
+"""The scheduler under a queue policy, scenario by scenario (coordinator/queue_pass.py, preemption.py).
+
+Each test builds a small cluster, applies a SetQueuePolicy, drives `admit` and
+`tick` with explicit times and applies what they return, as the agent does.
+The rules are those of the fair-share issue: guarantees first, borrowing by
+weight, caps, preemption with a grace period (borrowed first, then lower
+priority, then youngest; the smallest set that makes the request fit), and
+the deadline kept in the replicated table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from coordinator.commands import Allocate, Command, Enqueue, Preempt, Release, SetQueuePolicy
+from coordinator.errors import Conflict
+from coordinator.inventory import Inventory
+from coordinator.lease_table import LeaseTable
+from coordinator.model import AllocationRequest, Requirements
+from coordinator.queue_rules import fair_shares
+from coordinator.queues import QueuePolicy, QueueSpec
+from coordinator.scheduler import Scheduler, SchedulerConfig
+from tests.unit.test_scheduler import node
+
+GRACE = 30.0
+
+
+def request(
+    request_id: str,
+    queue: str,
+    *,
+    gpus: int = 1,
+    priority: int = 5,
+    at: float = 0.0,
+    preemptible: bool = True,
+    model: str | None = None,
+) -> AllocationRequest:
+    return AllocationRequest(
+        request_id=request_id,
+        service_name=f"svc-{queue}",
+        workload_type="training",
+        priority=priority,
+        requirements=Requirements(gpu_count=gpus, min_memory_mb=1024, gpu_model=model),
+        ttl_s=0.0,
+        submitted_at=at,
+        queue_name=queue,
+        preemptible=preemptible,
+    )
+
+
+class Cluster:
+    """A table, an inventory and a scheduler, driven like the agent drives them."""
+
+    def __init__(self, nodes: int, gpus_per_node: int, *queues: QueueSpec, gap: int = 3, aging: float = 0.0) -> None:
+        self.table = LeaseTable()
+        self.inventory = Inventory.of(g for n in range(nodes) for g in node(f"n{n}", gpus_per_node))
+        self.scheduler = Scheduler(SchedulerConfig(queue_timeout_s=0), random.Random(7))
+        policy = QueuePolicy.of(queues, preemption_priority_gap=gap, age_weight_per_hour=aging)
+        assert self.table.apply(SetQueuePolicy(0.0, policy)).ok
+
+    def apply(self, command: Command) -> None:
+        result = self.table.apply(command)
+        assert result.ok, result.error
+
+    def submit(self, req: AllocationRequest, now: float) -> Command:
+        command = self.scheduler.admit(req, self.table, self.inventory, now)
+        self.apply(command)
+        return command
+
+    def tick(self, now: float) -> list[Command]:
+        commands = self.scheduler.tick(self.table, self.inventory, now)
+        for command in commands:
+            self.apply(command)
+        return commands
+
+    def used(self, queue: str) -> int:
+        return self.table.queue_ledger.gpus[queue]
+
+    def lease_of(self, request_id: str) -> str:
+        record = self.table.record(request_id)
+        assert record is not None and record.allocation_id is not None
+        return record.allocation_id
+
+
+def team_a_borrows_everything() -> Cluster:
+    """Two 4-GPU nodes; team a (guarantee 2) fills all 8 by borrowing; team b has a guarantee of 4."""
+    cluster = Cluster(
+        2, 4, QueueSpec("a", guaranteed_gpus=2, preemption_grace_s=GRACE), QueueSpec("b", guaranteed_gpus=4)
+    )
+    for i in range(8):
+        assert isinstance(cluster.submit(request(f"a{i}", "a", at=float(i)), float(i)), Allocate)
+    assert cluster.used("a") == 8
+    return cluster
+
+
+def test_a_guaranteed_request_reclaims_borrowed_gpus_after_the_grace_period() -> None:
+    cluster = team_a_borrows_everything()
+    assert isinstance(cluster.submit(request("b0", "b", gpus=2, at=10.0), 10.0), Enqueue)
+    preempts = [c for c in cluster.tick(10.0) if isinstance(c, Preempt)]
+    assert len(preempts) == 1
+    preempt = preempts[0]
+    # The smallest set: two 1-GPU leases of the youngest, on one node, each with a's grace.
+    assert len(preempt.victims) == 2
+    assert all(deadline == 10.0 + GRACE for _, deadline in preempt.victims)
+    assert preempt.request_id == "b0" and preempt.reason == "reclaim"
+    victims = {i for i, _ in preempt.victims}
+    assert all(cluster.table.allocation(v).node == preempt.node for v in victims)  # type: ignore[union-attr]
+    # Youngest first: a7 (and its node-mate a6 or a5), never a0.
+    assert cluster.lease_of("a7") in victims or cluster.lease_of("a3") in victims
+    # A second pass does not preempt again, and nothing ends before the deadline.
+    assert not [c for c in cluster.tick(20.0) if isinstance(c, (Preempt, Release))]
+    # A release before the deadline is refused as a preemption.
+    assert not cluster.table.apply(Release(25.0, tuple(victims), "preempted")).ok
+    ended = cluster.tick(10.0 + GRACE)
+    releases = [c for c in ended if isinstance(c, Release)]
+    assert releases and set(releases[0].allocation_ids) == victims and releases[0].reason == "preempted"
+    # The claim holds the node for b0: it is placed there in the same pass.
+    allocs = [c for c in ended if isinstance(c, Allocate)]
+    assert [a.allocation.request.request_id for a in allocs] == ["b0"]
+    assert allocs[0].allocation.node == preempt.node
+    assert cluster.used("a") == 6 and cluster.used("b") == 2
+
+
+def test_an_early_release_by_the_victim_lets_the_request_in_before_the_deadline() -> None:
+    cluster = team_a_borrows_everything()
+    cluster.submit(request("b0", "b", gpus=2, at=10.0), 10.0)
+    preempt = next(c for c in cluster.tick(10.0) if isinstance(c, Preempt))
+    cluster.apply(Release(12.0, tuple(i for i, _ in preempt.victims), "released"))
+    allocs = [c for c in cluster.tick(12.0) if isinstance(c, Allocate)]
+    assert [a.allocation.request.request_id for a in allocs] == ["b0"]
+
+
+def test_work_within_its_guarantee_is_never_taken() -> None:
+    cluster = team_a_borrows_everything()
+    # b asks for all 4 it is guaranteed: a keeps its own 2 guaranteed GPUs whatever happens.
+    cluster.submit(request("b0", "b", gpus=4, at=10.0), 10.0)
+    preempts = [c for c in cluster.tick(10.0) if isinstance(c, Preempt)]
+    assert preempts and sum(len(p.victims) for p in preempts) == 4
+    cluster.tick(10.0 + GRACE)
+    assert cluster.used("a") == 4 and cluster.used("b") == 4
+    # c (no guarantee, borrowing) may not take a's guaranteed GPUs back.
+    cluster.submit(request("b1", "b", gpus=2, at=50.0), 50.0)
+    cluster.tick(50.0)
+    assert cluster.used("a") >= 2
+
+
+def test_a_queue_never_passes_its_cap_even_with_idle_gpus() -> None:
+    cluster = Cluster(1, 8, QueueSpec("a", max_gpus=3))
+    for i in range(3):
+        assert isinstance(cluster.submit(request(f"a{i}", "a"), 1.0), Allocate)
+    assert isinstance(cluster.submit(request("a3", "a"), 2.0), Enqueue)
+    assert not [c for c in cluster.tick(3.0) if isinstance(c, Allocate)]
+    with pytest.raises(Conflict) as info:
+        cluster.scheduler.admit(
+            dataclasses.replace(request("a4", "a"), queue=False), cluster.table, cluster.inventory, 4.0
+        )
+    assert info.value.code == "queue_quota"
+
+
+def test_a_queue_that_may_not_borrow_stays_at_its_guarantee() -> None:
+    cluster = Cluster(1, 8, QueueSpec("a", guaranteed_gpus=2, borrow=False))
+    for i in range(2):
+        assert isinstance(cluster.submit(request(f"a{i}", "a"), 1.0), Allocate)
+    assert isinstance(cluster.submit(request("a2", "a"), 2.0), Enqueue)
+
+
+def test_not_preemptible_is_allowed_only_within_the_guarantee() -> None:
+    cluster = Cluster(1, 8, QueueSpec("a", guaranteed_gpus=2))
+    assert isinstance(cluster.submit(request("a0", "a", gpus=2, preemptible=False), 1.0), Allocate)
+    assert isinstance(cluster.submit(request("a1", "a", preemptible=False), 2.0), Enqueue)
+    assert isinstance(cluster.submit(request("a2", "a"), 3.0), Allocate)
+
+
+def test_idle_gpus_are_shared_by_weight_among_borrowers() -> None:
+    cluster = Cluster(1, 8, QueueSpec("a", weight=1.0), QueueSpec("b", weight=3.0))
+    # Both queue 8 one-GPU requests before any pass: the pass shares by weight.
+    for i in range(8):
+        cluster.apply(Enqueue(0.0, request(f"a{i}", "a", at=float(i)), None))
+        cluster.apply(Enqueue(0.0, request(f"b{i}", "b", at=float(i)), None))
+    cluster.tick(1.0)
+    assert (cluster.used("a"), cluster.used("b")) == (2, 6)
+
+
+def test_fair_share_water_fills_by_weight_and_demand() -> None:
+    policy = QueuePolicy.of([QueueSpec("a", guaranteed_gpus=4), QueueSpec("b", weight=2.0), QueueSpec("c")])
+    shares = fair_shares(policy, 16, {"a": 10, "b": 3, "c": 20})
+    # a gets its 4, b wants only 3; the remaining 9 go to a and c by weight 1:1.
+    assert shares["b"] == pytest.approx(3.0)
+    assert shares["a"] == pytest.approx(4.0 + 4.5)
+    assert shares["c"] == pytest.approx(4.5)
+    assert sum(shares.values()) == pytest.approx(16.0)
+
+
+def test_a_borrower_below_its_fair_share_reclaims_from_one_above() -> None:
+    cluster = Cluster(1, 8, QueueSpec("a", preemption_grace_s=5.0), QueueSpec("b", preemption_grace_s=5.0))
+    for i in range(8):
+        assert isinstance(cluster.submit(request(f"a{i}", "a", at=float(i)), float(i)), Allocate)
+    for i in range(4):
+        cluster.submit(request(f"b{i}", "b", at=10.0 + i), 10.0 + i)
+    preempted = sum(len(c.victims) for c in cluster.tick(20.0) if isinstance(c, Preempt))
+    assert preempted == 4  # b's fair share of 8 contended GPUs is 4
+    cluster.tick(25.0)
+    assert (cluster.used("a"), cluster.used("b")) == (4, 4)
+    # At their fair shares, nobody preempts anybody.
+    cluster.submit(request("b9", "b", at=30.0), 30.0)
+    assert not [c for c in cluster.tick(31.0) if isinstance(c, Preempt)]
+
+
+def test_a_higher_priority_request_preempts_lower_priority_work_of_its_own_queue_by_the_gap() -> None:
+    cluster = Cluster(1, 4, QueueSpec("a", guaranteed_gpus=4), gap=3)
+    for i in range(4):
+        cluster.submit(request(f"low{i}", "a", priority=2, at=float(i)), float(i))
+    cluster.submit(request("mid", "a", priority=4, at=10.0), 10.0)
+    assert not [c for c in cluster.tick(10.0) if isinstance(c, Preempt)]  # gap 2 < 3
+    cluster.submit(request("high", "a", priority=5, at=11.0), 11.0)
+    preempts = [c for c in cluster.tick(11.0) if isinstance(c, Preempt)]
+    assert len(preempts) == 1 and preempts[0].reason == "priority"
+    assert [i for i, _ in preempts[0].victims] == [cluster.lease_of("low3")]  # the youngest
+
+
+def test_no_preemption_without_queues() -> None:
+    table = LeaseTable()
+    inventory = Inventory.of(node("n0", 2))
+    scheduler = Scheduler(SchedulerConfig(queue_timeout_s=0), random.Random(1))
+    for i in range(2):
+        assert table.apply(scheduler.admit(request(f"x{i}", "default", priority=1), table, inventory, 0.0)).ok
+    assert table.apply(scheduler.admit(request("y", "default", priority=10), table, inventory, 1.0)).ok
+    assert not [c for c in scheduler.tick(table, inventory, 2.0) if isinstance(c, Preempt)]
+
+
+def test_preemption_state_survives_a_snapshot() -> None:
+    cluster = team_a_borrows_everything()
+    cluster.submit(request("b0", "b", gpus=2, at=10.0), 10.0)
+    cluster.tick(10.0)
+    restored = LeaseTable.restore(cluster.table.snapshot())
+    assert restored.snapshot() == cluster.table.snapshot()
+    assert restored.claims() == cluster.table.claims()
+    assert restored.queue_policy == cluster.table.queue_policy
+    # A new leader with the restored table ends the same leases at the same deadline, once.
+    cluster.table = restored
+    cluster.scheduler = Scheduler(SchedulerConfig(queue_timeout_s=0), random.Random(99))
+    assert not [c for c in cluster.tick(11.0) if isinstance(c, Preempt)]
+    ended = cluster.tick(10.0 + GRACE)
+    assert sum(len(c.allocation_ids) for c in ended if isinstance(c, Release)) == 2
+    assert not [c for c in cluster.tick(10.0 + GRACE + 1) if isinstance(c, Release)]
+
+
+def test_aging_lifts_a_long_waiter_over_newer_higher_priority_work() -> None:
+    cluster = Cluster(1, 1, QueueSpec("a"), aging=1.0)
+    cluster.submit(request("busy", "a", at=0.0), 0.0)
+    cluster.submit(request("old-low", "a", priority=2, at=0.0), 0.0)
+    # Five hours later a priority-6 request arrives: old-low is at 2 + 5 = 7 by then.
+    cluster.submit(request("new-high", "a", priority=6, at=5 * 3600.0), 5 * 3600.0)
+    cluster.apply(Release(5 * 3600.0 + 1, (cluster.lease_of("busy"),), "released"))
+    allocs = [c for c in cluster.tick(5 * 3600.0 + 1) if isinstance(c, Allocate)]
+    assert [a.allocation.request.request_id for a in allocs] == ["old-low"]
+
+
+# ---------------------------------------------------------------- why-pending and views
+
+
+def test_each_waiting_request_says_why_it_waits() -> None:
+    from coordinator.pending_reasons import PendingExplainer
+
+    cluster = team_a_borrows_everything()
+    cluster.submit(request("b0", "b", gpus=2, at=10.0), 10.0)
+    cluster.submit(request("a8", "a", at=10.5), 10.5)
+    cluster.tick(11.0)
+    explainer = PendingExplainer(cluster.table, cluster.inventory)
+    b0 = explainer.explain("b0")
+    assert b0 is not None and b0.reason == "preempting" and b0.deadline == 11.0 + GRACE
+    a8 = explainer.explain("a8")
+    # a borrows 6 of its fair share... a8 waits behind b0 for GPUs.
+    assert a8 is not None and a8.reason in ("priority", "resources"), a8
+    assert explainer.explain("a0") is None  # allocated, not waiting
+
+
+def test_the_cap_is_the_reason_when_the_queue_is_full() -> None:
+    from coordinator.pending_reasons import why_pending
+
+    cluster = Cluster(1, 8, QueueSpec("a", max_gpus=1))
+    cluster.submit(request("a0", "a"), 1.0)
+    cluster.submit(request("a1", "a"), 2.0)
+    reason = why_pending(cluster.table, cluster.inventory, "a1")
+    assert reason is not None and reason.reason == "queue_quota" and "max_gpus 1" in reason.detail
+
+
+def test_drained_gpus_are_named_as_the_reason() -> None:
+    from coordinator.model import GpuView
+    from coordinator.pending_reasons import why_pending
+
+    cluster = Cluster(1, 2, QueueSpec("a"))
+    views = [GpuView("n0", i, f"G{i}", "NVIDIA H100 80GB HBM3", 81559, drained=(i == 1)) for i in range(2)]
+    cluster.inventory.set_node("n0", views)
+    cluster.submit(request("a0", "a", gpus=2), 1.0)
+    reason = why_pending(cluster.table, cluster.inventory, "a0")
+    assert reason is not None and reason.reason == "drained_or_unhealthy"
+
+
+def test_queue_views_show_terms_use_and_fair_share() -> None:
+    from coordinator.queue_views import queue_views
+
+    cluster = team_a_borrows_everything()
+    cluster.submit(request("b0", "b", gpus=2, at=10.0), 10.0)
+    cluster.tick(10.0)
+    views = {v["name"]: v for v in queue_views(cluster.table, cluster.inventory)}
+    assert set(views) == {"a", "b", "default"}
+    assert views["a"]["in_use_gpus"] == 8 and views["a"]["borrowed_gpus"] == 6
+    assert views["a"]["preempting_leases"] == 2
+    assert views["b"]["pending_requests"] == 1 and views["b"]["pending_gpus"] == 2
+    assert views["a"]["fair_share_gpus"] + views["b"]["fair_share_gpus"] == pytest.approx(8.0)
