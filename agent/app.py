@@ -65,6 +65,7 @@ from coordinator.gpu_health import HealthPolicy
 from coordinator.lease_table import LeaseTable
 from coordinator.model import UNHEALTHY, GpuRef
 from coordinator.notifications import deliveries
+from coordinator.queue_views import queue_views
 from coordinator.queues import DEFAULT_QUEUE
 from coordinator.raft_config import lan
 from coordinator.scheduler import Scheduler, SchedulerConfig
@@ -452,8 +453,10 @@ class _AppliedEffects:
             if raft_log is not None:
                 self._metrics.log_append.observe(raft_log.last_append_seconds)
             self._metrics.log_batch.observe(len(entries))
+            # Preemptions are a cluster-wide figure: counted by the leader only, so sums never double count.
+            leading = self.ctx is not None and self.ctx.leadership.service is not None
             for entry in entries:
-                _count_events(self._metrics, entry)
+                _count_events(self._metrics, entry, leading=leading)
 
     async def on_restored(self) -> None:
         self._share_leases(force=True)
@@ -516,6 +519,7 @@ def _attach_metrics(metrics: AgentMetrics, ctx: AgentContext, replication: Repli
             members=ctx.membership.member_counts,
             outbox_pending=lambda: ctx.outbox_pending,
             disk_stalled=ctx.disk_stalled_seconds,
+            queues=lambda: [] if ctx.table is None else queue_views(ctx.table, ctx.inventory.inventory()),
         )
     )
     metrics.attach_gossip(GossipCollector(ctx.membership))
@@ -714,8 +718,10 @@ async def _housekeeping(
         await trio.sleep(2.0)
 
 
-def _count_events(metrics: AgentMetrics, entry: Applied) -> None:
+def _count_events(metrics: AgentMetrics, entry: Applied, *, leading: bool) -> None:
     for event in entry.result.events:
+        if event.kind == "preempting" and leading:
+            metrics.preemptions.labels(event.request.queue_name, event.reason or "").inc()
         if event.kind == "allocated" and event.was_queued and event.allocation is not None:
             metrics.observe_queue_wait(max(0.0, event.allocation.allocated_at - event.request.submitted_at))
         elif event.kind == "expired" and event.reason == "lease_ttl":

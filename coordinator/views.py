@@ -16,6 +16,7 @@ from coordinator.model import (
     QueuedRequest,
     RequestRecord,
 )
+from coordinator.pending_reasons import PendingReason
 
 JsonObject = dict[str, Any]
 
@@ -70,6 +71,8 @@ def allocation_view(alloc: Allocation) -> JsonObject:
         "cuda_visible_devices": ",".join(g.uuid for g in alloc.gpus),
         "allocated_at": rfc3339(alloc.allocated_at),
         "expires_at": rfc3339(alloc.expires_at),
+        "queue_name": request.queue_name,
+        "preemptible": request.preemptible,
         "requirements": requirements_view(request),
     }
     if request.workflow_id is not None:
@@ -77,8 +80,10 @@ def allocation_view(alloc: Allocation) -> JsonObject:
     return view
 
 
-def queued_view(queued: QueuedRequest, position: int) -> JsonObject:
-    """A waiting request; `position` is 1 for the next one served."""
+def queued_view(queued: QueuedRequest, position: int, pending: PendingReason | None = None) -> JsonObject:
+    """A waiting request; `position` is 1 for the next one served; `pending` why it waits
+    (coordinator/pending_reasons.py): `reason`, `reason_detail` and, while leases are
+    being preempted for it, `preempting_deadline` (all null when not known)."""
     request = queued.request
     view: JsonObject = {
         "status": "queued",
@@ -89,6 +94,11 @@ def queued_view(queued: QueuedRequest, position: int) -> JsonObject:
         "position": position,
         "submitted_at": rfc3339(request.submitted_at),
         "queue_deadline": rfc3339(queued.deadline),
+        "queue_name": request.queue_name,
+        "preemptible": request.preemptible,
+        "reason": None if pending is None else pending.reason,
+        "reason_detail": None if pending is None else pending.detail,
+        "preempting_deadline": None if pending is None else rfc3339(pending.deadline),
         "requirements": requirements_view(request),
     }
     if request.workflow_id is not None:
