@@ -130,6 +130,7 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
             code="unknown_workload_type",
         )
     workload_data = _object(_or(obj.get("workload_data"), {}), "workload_data")
+    _check_log_safe(workload_data, "workload_data")
     constraints = _object(_or(obj.get("constraints"), {}), "constraints")
     unknown = sorted(set(constraints) - set(_CONSTRAINT_FIELDS))
     if unknown:
@@ -417,6 +418,23 @@ def _opt_number(obj: Mapping[str, Any], field: str, low: float, high: float) -> 
         bound = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
         raise InvalidRequest(f"{field} must be {bound}, got {brief(str(value))}")
     return number
+
+
+# The integers a log entry can carry (msgpack's range): workload_data travels in the
+# request's Enqueue or Allocate entry, so a larger one could never be proposed.
+_LOG_INT_MIN, _LOG_INT_MAX = -(2**63), 2**64 - 1
+
+
+def _check_log_safe(value: object, field: str) -> None:
+    """Refuse an integer outside msgpack's 64-bit range anywhere in `value` (nesting is bounded by the decoder)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_log_safe(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            _check_log_safe(item, field)
+    elif isinstance(value, int) and not isinstance(value, bool) and not _LOG_INT_MIN <= value <= _LOG_INT_MAX:
+        raise InvalidRequest(f"{field} holds an integer outside -2**63 .. 2**64-1: {brief(str(value))}")
 
 
 def _opt_str(value: object, field: str) -> str | None:
