@@ -389,7 +389,8 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             {
                 "type": "object",
                 "description": "the workload analyzer's fields (docs/workload-analyzer.md); other keys are "
-                "ignored. Nested at most 32 levels deep, counting the request body itself",
+                "ignored. Nested at most 32 levels deep, counting the request body itself; every integer in it "
+                "within -2**63 .. 2**64-1 (it travels in a log entry)",
             }
         ),
         "priority": _nullable({"type": "integer", "minimum": 1, "maximum": 10}),

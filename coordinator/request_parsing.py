@@ -434,7 +434,9 @@ def _check_log_safe(value: object, field: str) -> None:
         for item in value:
             _check_log_safe(item, field)
     elif isinstance(value, int) and not isinstance(value, bool) and not _LOG_INT_MIN <= value <= _LOG_INT_MAX:
-        raise InvalidRequest(f"{field} holds an integer outside -2**63 .. 2**64-1: {brief(str(value))}")
+        raise InvalidRequest(
+            f"{field} holds an integer outside -2**63 .. 2**64-1: {brief(str(value))}", code="integer_out_of_range"
+        )
 
 
 def _opt_str(value: object, field: str) -> str | None:

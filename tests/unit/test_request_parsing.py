@@ -543,4 +543,5 @@ def test_an_integer_a_log_entry_cannot_carry_is_refused_in_workload_data() -> No
     not an entry that cannot be encoded (which stopped the agent's log)."""
     assert parse_allocate_body({"service_name": "svc", "workload_data": {"n": 2**64 - 1, "m": -(2**63)}})
     for big in (2**64, -(2**63) - 1):
-        invalid({"service_name": "svc", "workload_data": {"deep": [{"n": big}]}}, "workload_data holds an integer outside")
+        invalid({"service_name": "svc", "workload_data": {"deep": [{"n": big}]}}, "workload_data holds an integer outside",
+                code="integer_out_of_range")
