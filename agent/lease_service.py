@@ -417,7 +417,10 @@ def _tick_outcome(command: Command) -> str:
     if isinstance(command, Allocate):
         return "allocated_from_queue"
     if isinstance(command, Release):
-        return "lease_expired"
+        # The tick ends leases at their expiry, or at their preemption deadline.
+        return "lease_preempted" if command.reason in ("preempted", "idle") else "lease_expired"
+    if isinstance(command, Preempt):
+        return "preemption_started"
     if isinstance(command, Cancel):
         return "queue_timeout"
     return type(command).__name__

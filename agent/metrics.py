@@ -88,7 +88,7 @@ class AgentMetrics:
         self.scheduling = Counter(
             "gpu_orchestrator_scheduling_outcomes",
             "Scheduling decisions: allocated, queued, allocated_from_queue, lease_expired, "
-            "queue_timeout, rejected_<code>.",
+            "queue_timeout, preemption_started, lease_preempted, rejected_<code>.",
             ["outcome"],
             registry=r,
         )
