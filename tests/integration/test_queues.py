@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from agent import gpuctl
 from tests.agent_process import AgentProcess
 from tests.waiting import wait_for
 
@@ -117,7 +118,9 @@ def test_queues_ceiling_reasons_and_a_guarantee_taken_back(agent: AgentProcess) 
     assert re.search(r'^gpu_orchestrator_queue_gpus_in_use\{queue="research"\} 2\.0$', metrics, re.M)
 
 
-def test_a_reload_changes_the_queues_and_a_broken_file_changes_nothing(agent: AgentProcess, tmp_path: Path) -> None:
+def test_a_reload_changes_the_queues_and_a_broken_file_changes_nothing(
+    agent: AgentProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     wait_for(lambda: declared(agent, "research", "batch"), timeout=20.0)
     config = tmp_path / "agent.toml"
     config.write_text(QUEUES + '\n[queues.vision]\nweight = 2\nservices = ["detector"]\n')
@@ -131,3 +134,7 @@ def test_a_reload_changes_the_queues_and_a_broken_file_changes_nothing(agent: Ag
     agent.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "config NOT reloaded" in agent.log() and "weight must be a positive number" in agent.log())
     assert queues_of(agent)["vision"]["weight"] == 2.0
+    # gpuctl queues shows the policy in force, the reloaded queue among them.
+    assert gpuctl.main(["--address", agent.url, "queues"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert names == ["batch", "default", "research", "vision"]
