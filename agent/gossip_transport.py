@@ -78,6 +78,9 @@ class GossipStats:
         self.dropped["malformed"] += 1
 
 
+# Tries at a kernel-picked port whose TCP twin turns out to be taken.
+PICK_PORT_ATTEMPTS = 8
+
 class PushPullError(Exception):
     """A push-pull exchange failed: no connection, timeout, or the peer's answer was refused."""
 
@@ -114,18 +117,27 @@ class GossipTransport:
     async def open(self) -> int:
         """Bind the UDP socket and the TCP listener on the same port; return that port.
 
+        With port 0 the kernel picks a free UDP port, which another program may
+        hold for TCP: then another UDP port is tried, a few times.
         Raises OSError when either cannot be bound (port taken, address not local).
         """
-        udp = trio.socket.socket(self.family, socket.SOCK_DGRAM)
-        try:
-            await udp.bind((self.bind, self.port))
-            port = int(udp.getsockname()[1])
-            self._listeners = await trio.open_tcp_listeners(port, host=self.bind)
-        except BaseException:
-            udp.close()
-            raise
-        self._udp, self.port = udp, port
-        return port
+        for attempt in range(1 if self.port else PICK_PORT_ATTEMPTS):
+            udp = trio.socket.socket(self.family, socket.SOCK_DGRAM)
+            try:
+                await udp.bind((self.bind, self.port))
+                port = int(udp.getsockname()[1])
+                self._listeners = await trio.open_tcp_listeners(port, host=self.bind)
+            except OSError as exc:
+                udp.close()
+                if self.port or exc.errno != errno.EADDRINUSE or attempt == PICK_PORT_ATTEMPTS - 1:
+                    raise
+                continue
+            except BaseException:
+                udp.close()
+                raise
+            self._udp, self.port = udp, port
+            return port
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def close(self) -> None:
         if self._udp is not None:

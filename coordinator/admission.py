@@ -40,6 +40,7 @@ around it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Union
 
@@ -100,6 +101,8 @@ class Admission:
         self.scheduler = scheduler
         self._pending: dict[GpuRef, int] = {}
         self._pending_enqueues = 0
+        # GPUs of pending Allocates per queue: a queue's cap counts them before they apply.
+        self._pending_queues: Counter[str] = Counter()
         self._inflight: set[str] = set()
         # Commands whose proposal's outcome is unknown, held until the table records their request.
         self._unsure: list[Allocate | Enqueue] = []
@@ -173,7 +176,13 @@ class Admission:
         """
         self._resolve_unsure(table)
         command = self.scheduler.admit(
-            request, table, inventory, now, pending=self._pending, pending_enqueues=self._pending_enqueues
+            request,
+            table,
+            inventory,
+            now,
+            pending=self._pending,
+            pending_enqueues=self._pending_enqueues,
+            pending_queues=self._pending_queues,
         )
         self._hold(command)
         return command
@@ -205,7 +214,7 @@ class Admission:
     def tick(self, table: LeaseTable, inventory: Inventory, now: float) -> list[Command]:
         """Commands due at `now` (expiries, queue timeouts, placements); each is registered as pending."""
         self._resolve_unsure(table)
-        commands = self.scheduler.tick(table, inventory, now, self._pending)
+        commands = self.scheduler.tick(table, inventory, now, self._pending, self._pending_queues)
         for command in commands:
             self._hold(command)
         return commands
@@ -225,6 +234,10 @@ class Admission:
                     self._pending[gpu.ref] = count
                 else:
                     del self._pending[gpu.ref]
+            queue = command.allocation.request.queue_name
+            self._pending_queues[queue] -= len(command.allocation.gpus)
+            if self._pending_queues[queue] <= 0:
+                del self._pending_queues[queue]
         elif isinstance(command, Enqueue):
             self._pending_enqueues -= 1
 
@@ -257,6 +270,7 @@ class Admission:
         if isinstance(command, Allocate):
             for gpu in command.allocation.gpus:
                 self._pending[gpu.ref] = self._pending.get(gpu.ref, 0) + 1
+            self._pending_queues[command.allocation.request.queue_name] += len(command.allocation.gpus)
         elif isinstance(command, Enqueue):
             self._pending_enqueues += 1
 

@@ -301,6 +301,10 @@ class LeaseTable:
     def preempting_count(self) -> int:
         return len(self._preempting)
 
+    def preempting_ids(self) -> list[str]:
+        """Leases in their preemption grace period, by id."""
+        return sorted(self._preempting)
+
     def claims(self) -> Mapping[str, tuple[str, tuple[str, ...]]]:
         """Waiting requests that victims are being preempted for: request id -> (node, victim ids)."""
         return self._claims
@@ -439,6 +443,7 @@ class LeaseTable:
                 raise Conflict(
                     f"GPU {gpu.node}/{gpu.index} is held by {holder}", code="gpu_busy"
                 )
+        self._check_caps(alloc)
         if queued is not None:
             self._dequeue(queued)
         self._add_allocation(alloc)
@@ -593,12 +598,15 @@ class LeaseTable:
             if not (math.isfinite(deadline) and deadline >= cmd.at):
                 raise InvalidRequest(f"preemption deadline {deadline} is before {cmd.at}", code="invalid_command")
         if cmd.request_id is not None:
-            if self._queue.get(cmd.request_id) is None:
+            claimant = self._queue.get(cmd.request_id)
+            if claimant is None:
                 raise NotFound(f"request {cmd.request_id} no longer waits")
-            if cmd.request_id in self._claims:
+            old = self._claims.get(cmd.request_id)
+            if old is not None and any(v in self._allocations for v in old[1]):
                 raise Conflict(f"request {cmd.request_id} already has victims", code="already_claimed")
             if cmd.node is None:
                 raise InvalidRequest("a preemption for a request names its node", code="invalid_command")
+            self._check_guarantees_kept(cmd, claimant.request.queue_name)
         events: list[LeaseEvent] = []
         for allocation_id, deadline in cmd.victims:
             alloc = self._allocations[allocation_id]
@@ -610,6 +618,47 @@ class LeaseTable:
         if cmd.request_id is not None and cmd.node is not None:
             self._claims[cmd.request_id] = (cmd.node, tuple(ids))
         return ApplyResult(events=tuple(events), affected=tuple(ids))
+
+    def _check_caps(self, alloc: Allocation) -> None:
+        """Refuse an allocation that would take its queue (or the queue's parent) past `max_gpus`.
+
+        The scheduler never proposes one; checked here too so that no race between
+        decisions (a deposed leader's entry, a decision on a table one entry old)
+        can ever pass a cap.
+        """
+        if not self._policy.configured:
+            return
+        name = alloc.request.queue_name
+        spec = self._policy.spec(name)
+        gpus = len(alloc.gpus)
+        if spec.max_gpus is not None and self._queues.gpus[name] + gpus > spec.max_gpus:
+            raise Conflict(f"queue {name} would pass its max_gpus {spec.max_gpus}", code="queue_quota")
+        if spec.parent is not None:
+            parent = self._policy.spec(spec.parent)
+            held = sum(self._queues.gpus[c] for c in self._policy.children(parent.name))
+            if parent.max_gpus is not None and held + gpus > parent.max_gpus:
+                raise Conflict(f"queue {parent.name} would pass its max_gpus {parent.max_gpus}", code="queue_quota")
+
+    def _check_guarantees_kept(self, cmd: Preempt, claimant_queue: str) -> None:
+        """Refuse a preemption that would take another queue below its guarantee.
+
+        Checked here, on the state it applies to, not only where it was decided:
+        leases may have ended between the two, and work within a guarantee is
+        never taken for another queue's request. (Lower-priority work of the
+        claimant's own queue may be, by the priority gap.)
+        """
+        taken: Counter[str] = Counter()
+        for allocation_id, _ in cmd.victims:
+            queue = self._allocations[allocation_id].request.queue_name
+            if queue != claimant_queue:
+                taken[queue] += len(self._allocations[allocation_id].gpus)
+        for queue, gpus in taken.items():
+            guarantee = self._policy.spec(queue).guarantee
+            if self._queues.gpus[queue] - gpus < guarantee:
+                raise Conflict(
+                    f"preempting {gpus} GPU(s) of queue {queue} would take it below its guarantee of {guarantee}",
+                    code="guarantee_kept",
+                )
 
     def _renew(self, cmd: Renew) -> ApplyResult:
         alloc = self._allocations.get(cmd.allocation_id)

@@ -116,7 +116,7 @@ def choose_victims(
 
 def _victim_queues(book: QueueBook, own: str, standing: Standing, gap: int) -> list[str]:
     """Queues a lease may be taken from: those beyond their guarantee, and the own queue for priority."""
-    queues = {q for q in book.ledger.leases if book.used[q] > book.policy.spec(q).guarantee}
+    queues = {q for q in book.ledger.leases if book.held[q] > book.policy.spec(q).guarantee}
     if gap > 0 and standing in (Standing.GUARANTEED, Standing.PRIORITY):
         queues.add(own)
     return sorted(queues)
@@ -135,10 +135,10 @@ def _allowed(
     queue = alloc.request.queue_name
     gpus = len(alloc.gpus)
     spec = book.policy.spec(queue)
-    borrowed = book.used[queue] - gpus >= spec.guarantee
+    borrowed = book.held[queue] - gpus >= spec.guarantee
     if borrowed and spec.parent is not None:
         parent = book.policy.spec(spec.parent)
-        borrowed = parent.guarantee == 0 or book.parent_used(parent.name) - gpus >= parent.guarantee
+        borrowed = parent.guarantee == 0 or book.parent_held(parent.name) - gpus >= parent.guarantee
     lower = gap > 0 and alloc.request.priority <= effective - gap
     if queue == request.queue_name:
         return False, standing in (Standing.GUARANTEED, Standing.PRIORITY) and lower
@@ -148,7 +148,7 @@ def _allowed(
         return False, lower
     if standing is Standing.GUARANTEED:
         return True, True
-    if below_fair and book.used[queue] - gpus >= book.fair_share(queue) - 1e-9:
+    if below_fair and book.held[queue] - gpus >= book.fair_share(queue) - 1e-9:
         return True, True
     return False, lower
 

@@ -130,6 +130,8 @@ def plan(
         node, victims = table.claims()[request.request_id]
         if not any(table.allocation(v) is not None for v in victims) and not _fits_on(walk, request, node):
             continue  # every victim is gone and it still does not fit there: an ordinary waiter again
+        if book.classify(request).standing is Standing.QUOTA:
+            continue  # its queue filled up meanwhile (the cap): it waits like any other
         pinned = dataclasses.replace(request, requirements=dataclasses.replace(request.requirements, node=node))
         place(request, pinned)
 

@@ -71,6 +71,10 @@ class QueueBook:
         self.capacity = capacity
         # GPUs per queue as the pass goes: held, plus planned, minus picked to preempt.
         self.used: Counter[str] = Counter(ledger.gpus)
+        # GPUs per queue that leases certainly hold (the table's), minus those picked
+        # to preempt: what protects a victim queue's guarantee. Placements planned or
+        # in flight are left out, as they may yet be refused.
+        self.held: Counter[str] = Counter(ledger.gpus)
         # Model-keyed use for per-model guarantees: (queue, model key) -> GPUs.
         self._model_used: dict[tuple[str, str], int] = {}
         for spec in policy.queues:
@@ -83,6 +87,9 @@ class QueueBook:
 
     def parent_used(self, parent: str) -> int:
         return sum(self.used[c] for c in self.policy.children(parent))
+
+    def parent_held(self, parent: str) -> int:
+        return sum(self.held[c] for c in self.policy.children(parent))
 
     def group_used(self, name: str) -> int:
         """GPUs `name` holds, with its children's for a parent."""
@@ -155,6 +162,7 @@ class QueueBook:
     def give_back(self, queue: str, gpu_names: tuple[str, ...]) -> None:
         """Count a lease the pass picked to preempt as gone from `queue`."""
         self.used[queue] -= len(gpu_names)
+        self.held[queue] -= len(gpu_names)
         self.total_used -= len(gpu_names)
         for spec_model in self._models_of(queue):
             self._model_used[(queue, spec_model)] -= sum(1 for g in gpu_names if spec_model.lower() in g.lower())

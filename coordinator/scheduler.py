@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Collection
+from typing import Collection, Mapping
 
 from coordinator import queue_pass
 from coordinator.commands import Allocate, Cancel, Command, Enqueue, Preempt, Release
@@ -98,12 +98,14 @@ class Scheduler:
         now: float,
         pending: Collection[GpuRef] = (),
         pending_enqueues: int = 0,
+        pending_queues: Mapping[str, int] | None = None,
     ) -> Command:
         """Decide a new request: Allocate when it fits now, else Enqueue.
 
         `pending` are GPUs that proposals in flight are about to take (a set, or
         a mapping keyed by GPU), and `pending_enqueues` the Enqueues in flight
-        (they count against max_queue). Raises Unsatisfiable when no node could
+        (they count against max_queue), `pending_queues` the GPUs of in-flight
+        Allocates per queue (they count against caps and guarantees). Raises Unsatisfiable when no node could
         ever hold it, Conflict when it does not fit now and the caller asked not
         to queue, QueueFull when the queue is at its bound.
         """
@@ -113,7 +115,7 @@ class Scheduler:
         try:
             walk.close_pending(pending)
             if table.queue_policy.configured:
-                placement, quota = self._place_with_queues(walk, request, pending, now)
+                placement, quota = self._place_with_queues(walk, request, pending, pending_queues, now)
             else:
                 placement = self._place_behind_queue(walk, request)
         finally:
@@ -141,10 +143,15 @@ class Scheduler:
         return walk.best_fit(request)
 
     def _place_with_queues(
-        self, walk: PlanWalk, request: AllocationRequest, pending: Collection[GpuRef], now: float
+        self,
+        walk: PlanWalk,
+        request: AllocationRequest,
+        pending: Collection[GpuRef],
+        pending_queues: Mapping[str, int] | None,
+        now: float,
     ) -> tuple[Placement | None, str]:
         """Where the queue pass would place `request` now, or (None, why when its queue forbids it)."""
-        book = self._book(walk, pending)
+        book = self._book(walk, pending, pending_queues)
         verdict = book.classify(request)
         if verdict.standing is Standing.QUOTA:
             return None, verdict.detail
@@ -156,12 +163,20 @@ class Scheduler:
                 return placement, ""
         return None, ""
 
-    def _book(self, walk: PlanWalk, pending: Collection[GpuRef]) -> QueueBook:
-        """The queue counts of a pass: the table's, with in-flight placements' GPUs counted too."""
+    def _book(
+        self, walk: PlanWalk, pending: Collection[GpuRef], pending_queues: Mapping[str, int] | None
+    ) -> QueueBook:
+        """The queue counts of a pass: the table's, with in-flight placements' GPUs counted too.
+
+        An Allocate in flight is in neither the table nor its queue's count yet;
+        counting it here keeps two quick decisions from passing a cap together.
+        (Between its apply and its settle it is counted twice: a moment of
+        caution, never an excess.)
+        """
         table = walk.table
         book = QueueBook(table.queue_policy, table.queue_ledger, len(walk.inventory))
-        # Pending GPUs are not in the table yet, nor in any queue's count: count them
-        # against no queue but in the total, so borrowing room is not overstated.
+        for queue, gpus in (pending_queues or {}).items():
+            book.used[queue] += gpus
         book.total_used += len(pending)
         return book
 
@@ -171,8 +186,9 @@ class Scheduler:
         inventory: Inventory,
         now: float,
         pending: Collection[GpuRef] = (),
+        pending_queues: Mapping[str, int] | None = None,
     ) -> list[Command]:
-        """Commands due at `now`: expiries, queue timeouts, then queue placements."""
+        """Commands due at `now`: expiries, queue timeouts, preemption deadlines, then placements and preemptions."""
         commands: list[Command] = []
         expired = table.expiries_due(now)
         if expired:
@@ -198,7 +214,7 @@ class Scheduler:
                 walk.close_pending(pending)
                 walk.open_released(pending)
                 if table.queue_policy.configured:
-                    commands.extend(self._queue_pass(walk, pending, set(timed_out), now))
+                    commands.extend(self._queue_pass(walk, pending, pending_queues, set(timed_out), now))
                 else:
                     placements = walk.walk(table.queue_groups(), skip=set(timed_out))
                     for request, placement in placements:
@@ -207,10 +223,17 @@ class Scheduler:
                 walk.undo()
         return commands
 
-    def _queue_pass(self, walk: PlanWalk, pending: Collection[GpuRef], skip: set[str], now: float) -> list[Command]:
+    def _queue_pass(
+        self,
+        walk: PlanWalk,
+        pending: Collection[GpuRef],
+        pending_queues: Mapping[str, int] | None,
+        skip: set[str],
+        now: float,
+    ) -> list[Command]:
         """Placements of a pass under the queue policy, then preemptions for entitled requests left waiting."""
         table = walk.table
-        book = self._book(walk, pending)
+        book = self._book(walk, pending, pending_queues)
         for allocation_id, _ in table.preemptions_due(now):
             alloc = table.allocation(allocation_id)
             if alloc is not None:

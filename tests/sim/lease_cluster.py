@@ -65,6 +65,11 @@ Checked after every event (`LeaseViolation`, a SafetyViolation):
   back counts) is one docs/api.md lists for that call (never
   `gpu_busy`, `duplicate_request`, ...: those mean a leader decided from a table
   missing committed entries), and repeats of a request id name one allocation.
+- with a queue policy (each ready leader proposes it first, as the agent does):
+  no Allocate takes a queue or its parent past `max_gpus`; no Preempt takes
+  another queue's work below that queue's guarantee, or names a lease that is
+  not preemptible; a lease preempted once has one deadline on every server and
+  ends as preempted only at or after it.
 `settle()` heals the world (RaftCluster.settle: no acknowledged entry lost, logs
 match), lets the clients finish, checks every acknowledgement against the final
 leader's table, that all voters' tables are equal, and that a new allocate is served.
@@ -83,6 +88,8 @@ import msgpack
 
 from coordinator.admission import WAIT, Admission, AllocateOutcome, Repeat
 from coordinator.commands import (
+    Preempt,
+    SetQueuePolicy,
     Allocate,
     Cancel,
     Command,
@@ -112,6 +119,7 @@ from coordinator.model import (
 from coordinator.raft import NotLeader, RaftCore, Role
 from coordinator.raft_config import RaftConfig
 from coordinator.raft_messages import Entry, EntryType, Snapshot
+from coordinator.queues import QueuePolicy
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from tests.sim.raft_cluster import GONE, UP, Proposal, RaftCluster, SafetyViolation, SimNode, StateMachine
 
@@ -130,7 +138,7 @@ CAPTURE_EVERY = 5
 # Ticks between a ready leader's RecordUsage proposals.
 USAGE_EVERY = 10.0
 # The lease kinds that end a lease (LeaseEvent.kind).
-_ENDS = frozenset({"released", "expired", "lost"})
+_ENDS = frozenset({"released", "expired", "lost", "preempted"})
 
 RAFT_503 = frozenset({(503, "no_leader"), (503, "not_leader"), (503, "proposal_lost"), (503, "outcome_unknown")})
 # docs/api.md: the answers each call may give (status, code); None for a success.
@@ -143,6 +151,7 @@ DOCUMENTED: dict[str, frozenset[tuple[int, str | None]]] = {
         (409, "no_capacity"),
         (409, "request_id_used"),
         (409, "request_id_conflict"),
+        (409, "queue_quota"),
         (503, "queue_full"),
     },
     "release": RAFT_503 | {(200, None), (404, "not_found")},
@@ -183,6 +192,7 @@ class Call:
     queue: bool = True
     ttl_s: float = 5.0
     priority: int = 5
+    preemptible: bool = True
     attempts: int = 0
     finished: bool = False
     answers: list[Answer] = field(default_factory=list)
@@ -323,6 +333,7 @@ class LeaseCluster:
         delay: tuple[float, float] = (0.05, 0.5),
         scheduler: SchedulerConfig = SchedulerConfig(queue_timeout_s=3.0, max_queue=40),
         ready_gate: bool = True,
+        queue_policy: QueuePolicy | None = None,
     ) -> None:
         self.raft = RaftCluster(seed, n, config, loss=loss, duplicate=duplicate, delay=delay, machine=self._machine)
         self.seed = seed
@@ -330,6 +341,10 @@ class LeaseCluster:
         self.scheduler_config = scheduler
         # False only to prove the checker: leaders decide before leader_ready.
         self.ready_gate = ready_gate
+        # With a policy, each ready leader proposes it (as the agent does from its config).
+        self.queue_policy = queue_policy
+        # Preemption deadlines as applied: allocation id -> deadline (equal on every server).
+        self.preempt_deadlines: dict[str, float] = {}
         self.views = [
             GpuView(f"gpu-{h}", i, f"GPU-{h}-{i}", "NVIDIA H100 80GB HBM3", 81559)
             for h in range(hosts)
@@ -427,6 +442,8 @@ class LeaseCluster:
                 raise self.violation(f"two servers' usage differs at index {machine.applied}")
 
     def _applied(self, machine: LeaseMachine, e: Entry, command: Command | None, result: ApplyResult | None) -> None:
+        if result is not None and result.ok and self.queue_policy is not None:
+            self._check_queue_rules(machine, command, result)
         if isinstance(command, Allocate) and result is not None and result.ok:
             alloc = command.allocation
             rid = alloc.request.request_id
@@ -446,6 +463,55 @@ class LeaseCluster:
             outcome = "proposal_lost"
         # Answered after this Ready (the shell never calls the core between ready and advance).
         self.later(0.0, lambda: self._resolve(p, outcome))
+
+    def _check_queue_rules(self, machine: LeaseMachine, command: Command | None, result: ApplyResult) -> None:
+        """The queue invariants, on one server after one applied entry (module docstring)."""
+        table = machine.table
+        policy = table.queue_policy
+        ledger = table.queue_ledger
+        if isinstance(command, Allocate):
+            # No allocation ever takes a queue past its cap (leases granted before a
+            # policy lowered it may stay above until they end).
+            name = command.allocation.request.queue_name
+            for queue in (name, policy.parent_of(name)):
+                if queue is None or policy.spec(queue).max_gpus is None:
+                    continue
+                held = sum(ledger.gpus[m] for m in (policy.children(queue) or (queue,)))
+                if held > (policy.spec(queue).max_gpus or 0):
+                    raise self.violation(
+                        f"{machine.node_id}: an allocation takes queue {queue} to {held} > max_gpus "
+                        f"{policy.spec(queue).max_gpus}"
+                    )
+        if isinstance(command, Preempt):
+            claimant = None if command.request_id is None else table.queued(command.request_id)
+            own = None if claimant is None else claimant.request.queue_name
+            taken: Counter[str] = Counter()
+            for allocation_id, deadline in command.victims:
+                alloc = table.allocation(allocation_id)
+                assert alloc is not None
+                if not alloc.request.preemptible:
+                    raise self.violation(f"{machine.node_id}: non-preemptible {allocation_id} preempted")
+                if alloc.request.queue_name != own:
+                    taken[alloc.request.queue_name] += len(alloc.gpus)
+                known = self.preempt_deadlines.setdefault(allocation_id, deadline)
+                if known != deadline:
+                    raise self.violation(f"{allocation_id} preempted twice: deadlines {known} and {deadline}")
+            if command.reason != "idle":
+                # Work within its queue's guarantee is never taken for another queue.
+                for queue, gpus in taken.items():
+                    if ledger.gpus[queue] - gpus < policy.spec(queue).guarantee:
+                        raise self.violation(
+                            f"{machine.node_id}: a preemption takes queue {queue} from {ledger.gpus[queue]} "
+                            f"to {ledger.gpus[queue] - gpus}, below its guarantee {policy.spec(queue).guarantee}"
+                        )
+        for event in result.events:
+            if event.kind == "preempted" and event.allocation is not None:
+                ended_by = self.preempt_deadlines.get(event.allocation.allocation_id)
+                if ended_by is None or event.at < ended_by:
+                    raise self.violation(
+                        f"{machine.node_id}: {event.allocation.allocation_id} ended as preempted at {event.at}, "
+                        f"before its deadline {ended_by}"
+                    )
 
     def _resolve(self, p: InFlight, outcome: Outcome) -> None:
         if p.resolved or self.raft.nodes[p.node].life != p.life:
@@ -627,6 +693,8 @@ class LeaseCluster:
             ttl_s=call.ttl_s,
             submitted_at=now,
             queue=call.queue,
+            queue_name=self.queue_policy.queue_of_service(call.service) if self.queue_policy else "default",
+            preemptible=call.preemptible,
         )
         try:
             command = admission.decide(request, table, self.inventory(table), now)
@@ -753,7 +821,10 @@ class LeaseCluster:
             if admission is None or shell.tick_in_flight:
                 continue
             table = self.table(shell.node_id)
-            commands = admission.tick(table, self.inventory(table), self.clock())
+            commands: list[Command] = []
+            if self.queue_policy is not None and table.queue_policy != self.queue_policy:
+                commands.append(SetQueuePolicy(self.clock(), self.queue_policy))
+            commands += admission.tick(table, self.inventory(table), self.clock())
             if not commands:
                 continue
             shell.tick_in_flight = True

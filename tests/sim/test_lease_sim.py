@@ -21,6 +21,7 @@ from typing import Callable
 import pytest
 
 from coordinator.commands import Allocate
+from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.raft import Role
 from coordinator.raft_config import local
 from tests.sim import lease_cluster
@@ -56,7 +57,9 @@ def run_seeds(test: str, offset: int, body: Callable[[int], LeaseCluster], only:
         ) from first
 
 
-def chaos(seed: int, n: int, *, horizon: float = 120.0, ready_gate: bool = True) -> LeaseCluster:
+def chaos(
+    seed: int, n: int, *, horizon: float = 120.0, ready_gate: bool = True, queues: QueuePolicy | None = None
+) -> LeaseCluster:
     """One random run: the lease workload plus a random fault schedule, then settle()."""
     rng = random.Random(seed)
     cluster = LeaseCluster(
@@ -69,6 +72,7 @@ def chaos(seed: int, n: int, *, horizon: float = 120.0, ready_gate: bool = True)
         duplicate=rng.choice([0.0, 0.05, 0.2]),
         delay=(0.02, rng.choice([0.3, 1.0, 3.0])),
         ready_gate=ready_gate,
+        queue_policy=queues,
     )
     for node in cluster.raft.nodes.values():
         if rng.random() < 0.3:
@@ -169,6 +173,30 @@ def test_lease_chaos_three_servers() -> None:
     (3 voters): no GPU under two leases, one allocation per request id, no acknowledged lease
     lost, only documented answers; the healed cluster serves again."""
     run_seeds("lease_chaos_three", 0, lambda seed: chaos(seed, 3))
+
+
+# Two teams with guarantees and caps, a third service in the default queue, short
+# grace periods: borrowing, reclaim and priority preemption happen in every run.
+SHARED = QueuePolicy.of(
+    [
+        QueueSpec("research", guaranteed_gpus=2, max_gpus=6, weight=1.0, preemption_grace_s=1.5, services=("train",)),
+        QueueSpec("prod", guaranteed_gpus=2, weight=2.0, preemption_grace_s=0.5, services=("infer",)),
+    ],
+    preemption_priority_gap=4,
+)
+
+
+def test_lease_chaos_with_queues() -> None:
+    """With queues, under the same faults: besides every lease invariant, no queue above its cap,
+    no reclaim below a queue's guarantee, no non-preemptible lease preempted, and every preempted
+    lease ends once, at or after the one deadline every server agrees on."""
+
+    def body(seed: int) -> LeaseCluster:
+        cluster = chaos(seed, 3, queues=SHARED)
+        assert cluster.table(cluster.raft.up()[0].id).queue_policy == SHARED
+        return cluster
+
+    run_seeds("lease_chaos_with_queues", 200_000, body)
 
 
 def test_lease_chaos_five_servers() -> None:

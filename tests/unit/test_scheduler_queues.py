@@ -257,3 +257,58 @@ def test_aging_lifts_a_long_waiter_over_newer_higher_priority_work() -> None:
     cluster.apply(Release(5 * 3600.0 + 1, (cluster.lease_of("busy"),), "released"))
     allocs = [c for c in cluster.tick(5 * 3600.0 + 1) if isinstance(c, Allocate)]
     assert [a.allocation.request.request_id for a in allocs] == ["old-low"]
+
+
+# ---------------------------------------------------------------- why-pending and views
+
+
+def test_each_waiting_request_says_why_it_waits() -> None:
+    from coordinator.pending_reasons import PendingExplainer
+
+    cluster = team_a_borrows_everything()
+    cluster.submit(request("b0", "b", gpus=2, at=10.0), 10.0)
+    cluster.submit(request("a8", "a", at=10.5), 10.5)
+    cluster.tick(11.0)
+    explainer = PendingExplainer(cluster.table, cluster.inventory)
+    b0 = explainer.explain("b0")
+    assert b0 is not None and b0.reason == "preempting" and b0.deadline == 11.0 + GRACE
+    a8 = explainer.explain("a8")
+    # a borrows 6 of its fair share... a8 waits behind b0 for GPUs.
+    assert a8 is not None and a8.reason in ("priority", "resources"), a8
+    assert explainer.explain("a0") is None  # allocated, not waiting
+
+
+def test_the_cap_is_the_reason_when_the_queue_is_full() -> None:
+    from coordinator.pending_reasons import why_pending
+
+    cluster = Cluster(1, 8, QueueSpec("a", max_gpus=1))
+    cluster.submit(request("a0", "a"), 1.0)
+    cluster.submit(request("a1", "a"), 2.0)
+    reason = why_pending(cluster.table, cluster.inventory, "a1")
+    assert reason is not None and reason.reason == "queue_quota" and "max_gpus 1" in reason.detail
+
+
+def test_drained_gpus_are_named_as_the_reason() -> None:
+    from coordinator.model import GpuView
+    from coordinator.pending_reasons import why_pending
+
+    cluster = Cluster(1, 2, QueueSpec("a"))
+    views = [GpuView("n0", i, f"G{i}", "NVIDIA H100 80GB HBM3", 81559, drained=(i == 1)) for i in range(2)]
+    cluster.inventory.set_node("n0", views)
+    cluster.submit(request("a0", "a", gpus=2), 1.0)
+    reason = why_pending(cluster.table, cluster.inventory, "a0")
+    assert reason is not None and reason.reason == "drained_or_unhealthy"
+
+
+def test_queue_views_show_terms_use_and_fair_share() -> None:
+    from coordinator.queue_views import queue_views
+
+    cluster = team_a_borrows_everything()
+    cluster.submit(request("b0", "b", gpus=2, at=10.0), 10.0)
+    cluster.tick(10.0)
+    views = {v["name"]: v for v in queue_views(cluster.table, cluster.inventory)}
+    assert set(views) == {"a", "b", "default"}
+    assert views["a"]["in_use_gpus"] == 8 and views["a"]["borrowed_gpus"] == 6
+    assert views["a"]["preempting_leases"] == 2
+    assert views["b"]["pending_requests"] == 1 and views["b"]["pending_gpus"] == 2
+    assert views["a"]["fair_share_gpus"] + views["b"]["fair_share_gpus"] == pytest.approx(8.0)
