@@ -571,7 +571,7 @@ def print_trace(trace: Trace, results: Sequence[Figures]) -> None:
     )
     classes = [name for name, _, _ in PRIORITY_CLASSES]
     header = ["policy", "util", "wait mean / p99", *(f"{c} mean / p99" for c in classes)]
-    header += ["demand > cap", "Jain", "preempted", "GPU-h lost", "passes", "run s (tick / admit / apply)"]
+    header += ["demand > cap", "Jain", "preempted", "GPU-h lost (share)", "passes", "run s (tick / admit / apply)"]
     rows = []
     for f in results:
         if f.stopped_after_s is None:
@@ -589,7 +589,7 @@ def print_trace(trace: Trace, results: Sequence[Figures]) -> None:
                 f.policy,
                 *figures,
                 f"{f.preempted:,}",
-                f"{f.lost_gpu_hours:,.0f}",
+                f"{f.lost_gpu_hours:,.0f} ({f.lost_fraction:.0%})",
                 f"{f.ticks:,}",
                 f"{f.wall_s:.1f} ({f.tick_s:.1f} / {f.admit_s:.1f} / {f.apply_s:.1f})",
             ]

@@ -15,6 +15,9 @@ turns it into `Figures`. Definitions, as docs/benchmarks.md states them:
   long jobs still running (up to three days of them), the same work under
   every policy; counting that tail would pull every policy towards the same
   low figure. `drained_utilization` is the same ratio up to the last lease's end.
+- **Lost**: GPU-seconds of leases ended by preemption (the job restarts from
+  scratch), in GPU-hours and as a share of every GPU-second allocated: the
+  part of the utilization that did no lasting work.
 - **Jain's index**, over the *contended* samples only. Every `sample_s` of
   simulated time the replay records, per team i, its allocated GPUs a_i and its
   demand d_i (allocated + waiting GPUs). A sample is contended when Σ d_i >
@@ -171,6 +174,8 @@ class Figures:
     preempt_notices: int
     preempted: int
     lost_gpu_hours: float
+    # Share of all allocated GPU-seconds that preemption threw away (work redone after resubmission).
+    lost_fraction: float
     jobs_finished: int
     # Requests submitted: the trace's jobs that arrived, plus every resubmission after a preemption.
     submissions: int
@@ -202,6 +207,7 @@ class Figures:
             "preempt_notices": self.preempt_notices,
             "preempted": self.preempted,
             "lost_gpu_hours": self.lost_gpu_hours,
+            "lost_fraction": self.lost_fraction,
             "jobs_finished": self.jobs_finished,
             "submissions": self.submissions,
             "resubmissions": self.resubmissions,
@@ -262,6 +268,7 @@ def summarize(policy: str, log: ReplayLog) -> Figures:
         preempt_notices=log.preempt_notices,
         preempted=log.preempted,
         lost_gpu_hours=log.lost_gpu_seconds / 3600.0,
+        lost_fraction=log.lost_gpu_seconds / log.gpu_seconds if log.gpu_seconds > 0 else 0.0,
         jobs_finished=log.jobs_finished,
         submissions=len(log.submissions),
         resubmissions=sum(1 for s in log.submissions.values() if s.request_id != s.job_id),
