@@ -69,7 +69,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from coordinator.commands import Allocate, Command, Enqueue, Preempt, Release, SetQueuePolicy
 from coordinator.inventory import Inventory
@@ -317,7 +317,6 @@ def fleet(hosts: int) -> Inventory:
 @dataclass(slots=True)
 class _Run:
     job: Job
-    request_id: str
     start: float
 
 
@@ -511,7 +510,7 @@ class Replay:
         if self.log.peak_allocated > self.trace.capacity:
             raise ReplayError(f"{self.log.peak_allocated} GPUs allocated on a fleet of {self.trace.capacity}")
         job = self._jobs[submission.job_id]
-        self._live[allocation.allocation_id] = _Run(job, request.request_id, now)
+        self._live[allocation.allocation_id] = _Run(job, now)
         self._push(now + job.duration, _COMPLETION, allocation.allocation_id)
 
     def _ended(self, allocation_id: str, now: float, reason: str) -> None:

@@ -245,3 +245,31 @@ def test_a_stopped_replay_counts_a_waiter_as_waiting_until_the_stop() -> None:
     figures = summarize("strict", log)
     assert figures.wait is not None and (figures.wait.mean_s, figures.wait.p99_s) == (41.0, 80.0)
     assert figures.stopped_after_s == 90.0
+
+
+def test_fair_share_takes_a_guarantee_back_after_the_grace_period() -> None:
+    # 2 hosts: research (guarantee 8) holds all 16 GPUs with two long 8-GPU jobs;
+    # product (guarantee 4) then asks for 4, within its guarantee.
+    assert guarantees_of(TEAMS, 16)["product"] == 4
+    jobs = [("research", 0.0, 8, 10_000.0, 5), ("research", 1.0, 8, 10_000.0, 5), ("product", 10.0, 4, 100.0, 5)]
+    figures, log = replay(hand_trace(2, jobs), "fair")
+    product = log.submissions["j000002"]
+    assert product.within_guarantee
+    # The borrowed lease keeps its GPUs for the 30 s grace, then the claimant gets them in the same pass.
+    assert product.started == 10.0 + bench_policy.PREEMPTION_GRACE_S
+    assert figures.preempted == 1 and figures.resubmissions == 1
+    # Either research lease would do; the tie goes to the first node, host-0000's j000000:
+    # 8 GPUs x 40 s lost, and the job resubmitted when it ended.
+    assert log.submissions["j000000-r1"].submitted == 40.0
+    assert figures.lost_gpu_hours == pytest.approx(8 * 40.0 / 3600)
+    assert figures.jobs_finished == 3 and figures.refused == {}
+
+
+def test_a_small_fair_share_replay_keeps_the_invariants() -> None:
+    trace = small_trace()
+    figures, log = replay(trace, "fair")
+    assert log.peak_allocated <= trace.capacity
+    assert figures.jobs_finished == len(trace.jobs)
+    assert all(s.started is not None and s.started >= s.submitted for s in log.submissions.values())
+    # Every preempted lease came back as exactly one resubmission.
+    assert figures.resubmissions == figures.preempted
