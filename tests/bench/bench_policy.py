@@ -448,7 +448,8 @@ class Replay:
             submitted_at=now,
             queue_name=job.team,
         )
-        within = self._allocated[team] + job.gpus <= self.log.guarantees[job.team]
+        # Held and already waiting count: earlier waiters draw on the guarantee first (policy_metrics.py).
+        within = self._allocated[team] + self._waiting[team] + job.gpus <= self.log.guarantees[job.team]
         self.log.submissions[request_id] = Submission(
             request_id, job_id, job.team, job.priority, job.gpus, now, within
         )
@@ -623,6 +624,16 @@ def print_trace(trace: Trace, results: Sequence[Figures]) -> None:
             ]
         )
     _table(header, rows)
+    finished = [f for f in results if f.stopped_after_s is None]
+    sizes = sorted({g for f in finished for g in f.within_guarantee_by_gpus})
+    if finished and sizes:
+        print()
+        header = ["policy", *(f"≤G p99, {g} GPU{'s' if g > 1 else ''} (n)" for g in sizes)]
+        rows = []
+        for f in finished:
+            cells = [f.within_guarantee_by_gpus.get(g) for g in sizes]
+            rows.append([f.policy, *("-" if w is None else f"{fmt_s(w.p99_s)} ({w.count:,})" for w in cells)])
+        _table(header, rows)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:

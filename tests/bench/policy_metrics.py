@@ -7,8 +7,12 @@ turns it into `Figures`. Definitions, as docs/benchmarks.md states them:
   preempted and resubmitted counts as a new submission (its own wait from the
   moment it was resubmitted); the work it lost is counted apart.
 - **p99**: nearest rank, the value at rank ⌈0.99·n⌉ of the sorted sample.
-- **Within guarantee**: a submission whose team held, at that moment,
-  allocated GPUs + the job's GPUs ≤ the team's guarantee.
+- **Within guarantee**: a submission whose team, at that moment, held and
+  waited for no more than its guarantee with the job counted: allocated GPUs +
+  GPUs of its requests already waiting + the job's GPUs ≤ the team's
+  guarantee. A guarantee is a promise on the team's total, as a Kueue
+  ClusterQueue's nominal quota is: the team's earlier waiters draw on it first,
+  so a job behind them that would take the team past it is borrowing demand.
 - **Utilization**: GPU-seconds allocated (preempted work included: the GPUs
   were held) / (capacity · span), over the *submission window*, from the first
   submission to the last. After the last submission the fleet only drains the
@@ -169,6 +173,9 @@ class Figures:
     by_class: dict[str, WaitFigures | None]
     by_team: dict[str, WaitFigures | None]
     within_guarantee: dict[str, WaitFigures | None]
+    # The same waits, every team together, by the job's GPU count: whole-host jobs
+    # need a whole host's worth of reclaimable GPUs on one host, smaller ones do not.
+    within_guarantee_by_gpus: dict[int, WaitFigures | None]
     jain: float | None
     contended_fraction: float
     preempt_notices: int
@@ -202,6 +209,7 @@ class Figures:
             "by_class": {k: waits(v) for k, v in self.by_class.items()},
             "by_team": {k: waits(v) for k, v in self.by_team.items()},
             "within_guarantee": {k: waits(v) for k, v in self.within_guarantee.items()},
+            "within_guarantee_by_gpus": {str(k): waits(v) for k, v in self.within_guarantee_by_gpus.items()},
             "jain": self.jain,
             "contended_fraction": self.contended_fraction,
             "preempt_notices": self.preempt_notices,
@@ -262,6 +270,10 @@ def summarize(policy: str, log: ReplayLog) -> Figures:
         by_team={team: waits(s for s in started if s.team == team) for team in log.teams},
         within_guarantee={
             team: waits(s for s in started if s.team == team and s.within_guarantee) for team in log.teams
+        },
+        within_guarantee_by_gpus={
+            gpus: waits(s for s in started if s.gpus == gpus and s.within_guarantee)
+            for gpus in sorted({s.gpus for s in started})
         },
         jain=sum(sample_jain(s, log.weights, log.capacity) for s in hot) / len(hot) if hot else None,
         contended_fraction=len(hot) / len(log.samples) if log.samples else 0.0,

@@ -195,6 +195,18 @@ def test_within_guarantee_is_judged_at_submission() -> None:
     assert [log.submissions[f"j{i:06d}"].within_guarantee for i in range(4)] == [True, True, False, False]
 
 
+def test_within_guarantee_counts_the_teams_waiting_requests() -> None:
+    # One host of 8 GPUs; research (guarantee 5) holds 4 from t=0 and interns the other 4.
+    jobs = [
+        ("research", 0.0, 4, 100.0, 5),
+        ("interns", 0.0, 4, 100.0, 5),
+        ("research", 1.0, 1, 10.0, 5),  # 4 held + 0 waiting + 1 <= 5: within, waits (nothing free)
+        ("research", 2.0, 1, 10.0, 5),  # 4 held + 1 waiting + 1 > 5: borrowing demand
+    ]
+    _, log = replay(hand_trace(1, jobs), "greedy")
+    assert [log.submissions[f"j{i:06d}"].within_guarantee for i in range(4)] == [True, False, True, False]
+
+
 class Twice(bench_policy.FifoPolicy):
     """FIFO that returns each command twice: the second is refused."""
 
