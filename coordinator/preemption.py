@@ -34,6 +34,7 @@ candidate's own queue for priority), not the whole table.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -76,9 +77,13 @@ def choose_victims(
     own = request.queue_name
     need = request.requirements.gpu_count
     below_fair = book.used[own] + need <= book.fair_share(own) + 1e-9
+    queues = _victim_queues(book, own, standing, gap)
+    threshold = effective - gap if gap > 0 else None
+    if _too_few(book, queues, own, standing, below_fair, threshold, walk, need):
+        return None
     by_node: dict[str, list[_Candidate]] = {}
-    for queue in _victim_queues(book, own, standing, gap):
-        for allocation_id in sorted(table.queue_ledger.leases.get(queue, ())):
+    for queue in queues:
+        for allocation_id in _leases_to_look_at(book, queue, own, standing, below_fair, threshold):
             alloc = table.allocation(allocation_id)
             if alloc is None or allocation_id in taken or not alloc.request.preemptible:
                 continue
@@ -116,6 +121,63 @@ def choose_victims(
     )
     reason = "reclaim" if any(c.reclaim for c in chosen) else "priority"
     return Preempt(now, victims, reason, request.request_id, node)
+
+
+def _may_reclaim(book: QueueBook, queue: str, own: str, standing: Standing, below_fair: bool) -> bool:
+    """Whether any lease of `queue` may be taken whatever its priority (a reclaim), not only lower ones."""
+    if queue == own or standing is Standing.PRIORITY:
+        return False
+    return standing is Standing.GUARANTEED or (below_fair and book.held[queue] - book.fair_share(queue) >= 1 - 1e-9)
+
+
+def _leases_to_look_at(
+    book: QueueBook, queue: str, own: str, standing: Standing, below_fair: bool, threshold: float | None
+) -> list[str]:
+    """`queue`'s leases that `_allowed` could pass: all of them for a reclaim, else the lower-priority ones.
+
+    The lower-priority ones come from the ledger's per-queue priority index, so
+    a candidate that may take only lower work looks at just that work.
+    """
+    if _may_reclaim(book, queue, own, standing, below_fair):
+        return sorted(book.ledger.leases.get(queue, ()))
+    ranked = book.ledger.by_priority.get(queue)
+    if ranked is None or threshold is None:
+        return []
+    return [i for _, i in ranked.irange(maximum=(math.floor(threshold), "\uffff"))]
+
+
+def _too_few(
+    book: QueueBook,
+    queues: list[str],
+    own: str,
+    standing: Standing,
+    below_fair: bool,
+    threshold: float | None,
+    walk: PlanWalk,
+    need: int,
+) -> bool:
+    """Whether no node can possibly reach `need` GPUs: a bound read from counts, before any lease is looked at.
+
+    Every other queue can give at most what it holds beyond its guarantee; the
+    claimant's own queue (priority order) can give only when it has lower work.
+    The most open GPUs on any node is added as if they all could serve.
+    """
+    most_open = max(walk.open.buckets, default=0)
+    if most_open >= need:
+        return False
+    givable = 0
+    for queue in queues:
+        if queue == own:
+            ranked = book.ledger.by_priority.get(queue)
+            if ranked and threshold is not None and ranked[0][0] <= threshold:
+                return False  # its lower work is not counted here: look
+            continue
+        if not _may_reclaim(book, queue, own, standing, below_fair) and threshold is None:
+            continue
+        givable += max(0, book.held[queue] - book.policy.spec(queue).guarantee)
+        if most_open + givable >= need:
+            return False
+    return True
 
 
 def _victim_queues(book: QueueBook, own: str, standing: Standing, gap: int) -> list[str]:

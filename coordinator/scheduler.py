@@ -243,6 +243,10 @@ class Scheduler:
             Allocate(now, self._allocation(request, placement, now)) for request, placement in result.placements
         ]
         taken: set[str] = set()
+        # Candidates alike in everything victim choice reads, one of which found no
+        # victims: the others find none either, as a pass only ever takes victims
+        # away (taken, closed GPUs, claims raising the claimant queue's use).
+        hopeless: set[tuple[object, ...]] = set()
         for request, planned in result.candidates:
             claim = table.claim(request.request_id)
             if claim is not None and any(table.allocation(v) is not None for v in claim[1]):
@@ -251,8 +255,18 @@ class Scheduler:
             standing = _still_entitled(book, request, planned)
             if standing is None:
                 continue
+            alike = (
+                request.queue_name,
+                request.requirements,
+                standing,
+                request.effective_priority(now, table.queue_policy.age_weight_per_hour),
+            )
+            if alike in hopeless:
+                continue
             preempt = choose_victims(request, standing, table, walk.inventory, walk, book, now, taken)
-            if preempt is not None:
+            if preempt is None:
+                hopeless.add(alike)
+            else:
                 commands.append(preempt)
                 book.claim(request)
         return commands
