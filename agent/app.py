@@ -503,6 +503,7 @@ def _attach_metrics(metrics: AgentMetrics, ctx: AgentContext, replication: Repli
             members=ctx.membership.member_counts,
             outbox_pending=lambda: ctx.outbox_pending,
             disk_stalled=ctx.disk_stalled_seconds,
+            inventory=ctx.inventory.inventory,
         )
     )
     metrics.attach_gossip(GossipCollector(ctx.membership))

@@ -71,6 +71,8 @@ def allocation_view(alloc: Allocation) -> JsonObject:
         "allocated_at": rfc3339(alloc.allocated_at),
         "expires_at": rfc3339(alloc.expires_at),
         "requirements": requirements_view(request),
+        # How the GPUs are wired (coordinator/topology.py); null where the node did not say.
+        "topology": None if alloc.topology is None else alloc.topology.to_wire(),
     }
     if request.workflow_id is not None:
         view["workflow_id"] = request.workflow_id

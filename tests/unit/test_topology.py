@@ -15,9 +15,12 @@ and parsed by `NodeTopology.from_nvidia_smi`:
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
-from coordinator.model import AllocationTopology
+from coordinator.fragmentation import LargestRequest, cluster_largest_request, largest_requests
+from coordinator.inventory import Inventory
+from coordinator.model import UNHEALTHY, AllocationTopology, GpuRef, GpuView
 from coordinator.topology import (
     NVLINK_BASE,
     PHB,
@@ -221,8 +224,6 @@ def test_largest_nvlink_set_on_each_box() -> None:
 
 
 def test_wire_round_trip_and_size() -> None:
-    import msgpack
-
     for topology in (HGX_H100, PCIE_NVLINK_PAIRS, PCIE_2SOCKET):
         wire = topology.to_wire()
         assert NodeTopology.from_wire(msgpack.unpackb(msgpack.packb(wire))) == topology
@@ -251,3 +252,30 @@ def test_equal_by_value() -> None:
     assert again == PCIE_NVLINK_PAIRS and hash(again) == hash(PCIE_NVLINK_PAIRS)
     assert again != HGX_H100
     assert NVLINK_BASE + 12 == PCIE_NVLINK_PAIRS.code(0, 1)
+
+
+# ---- fragmentation, as the metrics and gpuctl status show it
+
+
+def test_largest_requests_per_node_and_for_the_cluster() -> None:
+    def views(node: str, count: int, unhealthy: int | None = None) -> list[GpuView]:
+        return [
+            GpuView(node, i, f"GPU-{node}-{i}", "H100", 81559, health=UNHEALTHY if i == unhealthy else "healthy")
+            for i in range(count)
+        ]
+
+    inventory = Inventory.of([*views("hgx", 8), *views("pairs", 4, unhealthy=3), *views("plain", 2)])
+    inventory.set_topology("hgx", HGX_H100)
+    inventory.set_topology("pairs", PCIE_NVLINK_PAIRS)
+    held = {GpuRef("hgx", i) for i in (0, 1, 2)} | {GpuRef("pairs", 0)}
+
+    per_node = largest_requests(inventory, lambda ref: ref in held)
+
+    assert per_node == {
+        "hgx": LargestRequest(gpus=5, nvlink=5),
+        "pairs": LargestRequest(gpus=2, nvlink=1),  # 1 and 2 are free, but only PHB apart; 3 is unhealthy
+        "plain": LargestRequest(gpus=2, nvlink=None),
+    }
+    assert cluster_largest_request(per_node.values()) == LargestRequest(gpus=5, nvlink=5)
+    assert cluster_largest_request([LargestRequest(1, None)]) == LargestRequest(1, None)
+    assert cluster_largest_request([]) == LargestRequest(0, None)
