@@ -158,8 +158,8 @@ def largest_request_text(largest: Any) -> str | None:
 def render_status(payload: JsonObject, now: float, largest: JsonObject | None = None) -> str:
     """GET /gpu/status as a table of GPUs by node, a summary line, and why GPUs are out of service.
 
-    `largest` (the cluster's `largest_request` from the summary) adds the
-    largest request that fits now to the summary line.
+    `largest` (the cluster's `largest_request` from the summary) adds a last
+    line: the largest request that fits now.
     """
     gpus = payload.get("gpus") or []
     if not gpus:
@@ -191,10 +191,10 @@ def render_status(payload: JsonObject, now: float, largest: JsonObject | None = 
     summary = f"{len(gpus)} GPU(s) on {nodes} node(s), " + ", ".join(
         f"{n} {what}" for what, n in counts if n or what == "leased"
     )
+    notes = "".join(f"\n  {line}" for line in _status_notes(gpus, now))
     fits = largest_request_text(largest)
     if fits is not None:
-        summary += f"; largest request now: {fits}"
-    notes = "".join(f"\n  {line}" for line in _status_notes(gpus, now))
+        notes += f"\nlargest request now: {fits}"
     return table(headers, rows, right=frozenset({1, 3, 4, 5})) + "\n\n" + summary + notes
 
 
@@ -224,7 +224,7 @@ def render_status_summary(payload: JsonObject, now: float) -> str:
     )
     fits = largest_request_text(total.get("largest_request"))
     if fits is not None:
-        line += f"; largest request now: {fits}"
+        line += f"\nlargest request now: {fits}"
     hint = "gpuctl status --node NODE for one node's GPUs, --all for every GPU"
     return table(headers, rows, right=frozenset({1, 2, 3, 4, 5, 6})) + "\n\n" + line + "\n" + hint
 
