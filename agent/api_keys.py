@@ -10,6 +10,11 @@ The keys file ([auth] keys_file) is TOML, one table per key::
     sha256 = "..."
     admin = true                          # may act for every service
 
+    [keys.nightly]
+    sha256 = "..."
+    service = "etl"
+    queue = "batch"                       # its requests count against this queue
+
 The table name (``trainer``, ``ops``) names the key in logs, so the key itself
 never has to be logged. Storing only the digest means a leaked keys file does not
 leak the keys; `hash_key` (or ``printf %s "$KEY" | sha256sum``) makes the digest.
@@ -35,7 +40,9 @@ from agent.config import ConfigError, did_you_mean
 
 _log = logging.getLogger(__name__)
 
-ENTRY_KEYS: Final = ("sha256", "key", "service", "admin")
+ENTRY_KEYS: Final = ("sha256", "key", "service", "admin", "queue")
+# A queue name, as coordinator/queues.py QueueSpec accepts it.
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -54,6 +61,9 @@ class ApiKey:
     service: str | None
     # An admin key may act for every service.
     admin: bool
+    # The queue this key's requests count against (SPEC "Sharing the fleet"); None:
+    # the queue its request's service is mapped to ([queues.<name>] services), else default.
+    queue: str | None = None
 
     def may_act_for(self, service_name: str) -> bool:
         """Return True if this key may act on behalf of `service_name`."""
@@ -134,6 +144,10 @@ class ApiKeyring:
         self._by_digest = ApiKeyring.load(path)._by_digest
         return len(self._by_digest)
 
+    def queues(self) -> set[str]:
+        """The queues the keys name (to warn of one the configuration does not declare)."""
+        return {key.queue for _, key in self._by_digest.values() if key.queue is not None}
+
     def authenticate(self, presented: str) -> ApiKey | None:
         """Return the ApiKey that `presented` is, or None if it is no known key."""
         if not presented:
@@ -203,4 +217,7 @@ def _parse_entry(name: str, entry: Mapping[str, Any], where: str) -> tuple[str, 
         raise ApiKeyError(f"{where}: admin must be true or false")
     if service is None and not admin:
         raise ApiKeyError(f'{where} may act for nothing: set service = "<service_name>" or admin = true')
-    return digest, ApiKey(name=name, service=service, admin=admin)
+    queue = entry.get("queue")
+    if queue is not None and (not isinstance(queue, str) or not _QUEUE_NAME.fullmatch(queue)):
+        raise ApiKeyError(f"{where}: queue must be a queue name ([queues.<name>]): letters, digits, '-', '_' or '.'")
+    return digest, ApiKey(name=name, service=service, admin=admin, queue=queue)

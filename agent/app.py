@@ -27,10 +27,11 @@ gossip port already is), STATUS= whenever the one-line summary changes,
 WATCHDOG=1 while the device sampler is not stuck, STOPPING=1 on SIGTERM. All of
 it is a no-op without $NOTIFY_SOCKET.
 
-Reload (SIGHUP): the config file is read again and its log level applied, the
-API keys file and the cluster key file are re-read. A file that no longer
-loads is logged and the settings in force are kept; changed keys that need a
-restart are named in the log.
+Reload (SIGHUP): the config file is read again and its log level, queues and
+sharing knobs applied (a leader then proposes the new queue policy), the API
+keys file and the cluster key file are re-read. A file that no longer loads is
+logged and the settings in force are kept; changed keys that need a restart
+are named in the log.
 
 Shutdown (SIGTERM or SIGINT): hypercorn stops accepting and lets in-flight
 requests finish (their proposals complete, since the log still runs); a leader
@@ -49,7 +50,6 @@ import signal
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -65,6 +65,8 @@ from coordinator.gpu_health import HealthPolicy
 from coordinator.lease_table import LeaseTable
 from coordinator.model import UNHEALTHY, GpuRef
 from coordinator.notifications import deliveries
+from coordinator.queue_views import queue_views
+from coordinator.queues import DEFAULT_QUEUE
 from coordinator.raft_config import lan
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from coordinator.swim_config import profile as swim_profile
@@ -72,7 +74,7 @@ from coordinator.swim_config import profile as swim_profile
 from agent.advisor import DeepAgentsAdvisor
 from agent.api_keys import ApiKeyError, ApiKeyring
 from agent.cluster import ClusterRuntime
-from agent.config import AgentConfig, ConfigError, graph_events_url, restart_needed_keys
+from agent.config import AgentConfig, ConfigError, graph_events_url, reloaded, restart_needed_keys
 from agent.context import AgentContext
 from agent.device_sampler import DeviceSampler
 from agent.devices import backend_from_config
@@ -87,6 +89,7 @@ from agent.lease_service import LeaseService
 from agent.membership import MembershipService
 from agent.metrics import AgentMetrics, GossipCollector, RaftCollector, StateCollector
 from agent.outbox import OutboxDeliverer
+from agent.queue_policy_sync import ConfiguredPolicy, sync_queue_policy
 from agent.raft_log import Applied, RaftLog, RoleState
 from agent.raft_transport import local_address_for
 from agent.replication import STATE_FILE, Replication
@@ -191,10 +194,13 @@ async def run_agent(
                 on_advice=lambda decided_by, reason: metrics.advisor.labels(decided_by, reason).inc(),
             )
             cluster = ClusterRuntime(config, membership, lambda: replication.log if replication else None, peer_client)
+            configured = ConfiguredPolicy(config.queue_policy)
             leadership = Leadership(
                 node,
                 lambda raft_log, term: _build_lease_service(config, raft_log, term, feed, analysis, metrics, rng),
-                _leader_tasks(config, sampler, membership, feed, deliverer, astore, lambda: replication.log if replication else None),
+                _leader_tasks(
+                    config, sampler, membership, feed, deliverer, astore, lambda: replication.log if replication else None, configured
+                ),
             )
             replication.on_log(leadership.follow)
             replication.on_log(lambda raft_log: raft_log.on_role(_ElectionCounter(metrics)))
@@ -224,6 +230,8 @@ async def run_agent(
                     replication.replayed,
                 )
             keyring = ApiKeyring.load(Path(config.auth.keys_file)) if config.auth.enabled else None
+            if keyring is not None and (unknown := _undeclared_key_queues(keyring, config)):
+                log.warning("%s", unknown)
             ctx = AgentContext(
                 config=config,
                 sampler=sampler,
@@ -238,6 +246,7 @@ async def run_agent(
                 inventory=feed,
                 analysis=analysis,
                 tls=tls,
+                configured_policy=configured,
             )
             effects.ctx = ctx
             _attach_metrics(metrics, ctx, replication)
@@ -325,8 +334,10 @@ def _leader_tasks(
     deliverer: OutboxDeliverer,
     astore: AsyncStateStore,
     replication_log: Callable[[], RaftLog | None],
+    configured: ConfiguredPolicy,
 ) -> list[LeaderTask]:
-    """What a ready leader runs: the scheduler, the outbox, the health reporters, the usage recorder, the host-loss watcher."""
+    """What a ready leader runs: the scheduler, the outbox, the health reporters, the usage recorder,
+    the queue policy's sync, the host-loss watcher."""
 
     async def scheduler(service: LeaseService) -> None:
         # A sample may make a GPU eligible: wake the scheduler (the subscription ends with the term).
@@ -372,7 +383,10 @@ def _leader_tasks(
             poll_s=min(POLL_S, accounting.record_interval_s),
         ).run()
 
-    tasks: list[LeaderTask] = [scheduler, outbox, local_health, remote_health, usage]
+    async def queue_policy(service: LeaseService) -> None:
+        await sync_queue_policy(service, configured)
+
+    tasks: list[LeaderTask] = [scheduler, outbox, local_health, remote_health, usage, queue_policy]
     grace_s = config.cluster.host_lost_grace_s
     if grace_s > 0:
 
@@ -439,8 +453,10 @@ class _AppliedEffects:
             if raft_log is not None:
                 self._metrics.log_append.observe(raft_log.last_append_seconds)
             self._metrics.log_batch.observe(len(entries))
+            # Preemptions are a cluster-wide figure: counted by the leader only, so sums never double count.
+            leading = self.ctx is not None and self.ctx.leadership.service is not None
             for entry in entries:
-                _count_events(self._metrics, entry)
+                _count_events(self._metrics, entry, leading=leading)
 
     async def on_restored(self) -> None:
         self._share_leases(force=True)
@@ -503,6 +519,7 @@ def _attach_metrics(metrics: AgentMetrics, ctx: AgentContext, replication: Repli
             members=ctx.membership.member_counts,
             outbox_pending=lambda: ctx.outbox_pending,
             disk_stalled=ctx.disk_stalled_seconds,
+            queues=lambda: [] if ctx.table is None else queue_views(ctx.table, ctx.inventory.inventory()),
             inventory=ctx.inventory.inventory,
         )
     )
@@ -611,6 +628,9 @@ async def _reload_on_sighup(
             # File reads in a worker thread: no task on the trio thread waits on the disk.
             done = await trio.to_thread.run_sync(_reload, ctx, reload_config)
             log.info("SIGHUP: %s", "; ".join(done))
+            # On the trio thread: wakes the leader's sync (agent/queue_policy_sync.py) if the queues changed.
+            if ctx.configured_policy is not None:
+                ctx.configured_policy.update(ctx.config.queue_policy)
             notifier.notify("READY=1", "STATUS=" + ctx.status_line())
 
 
@@ -627,15 +647,20 @@ def _reload(ctx: AgentContext, reload_config: Callable[[], AgentConfig] | None) 
         try:
             fresh = reload_config()
         except ConfigError as error:
-            done.append(f"config NOT reloaded, keeping log level {ctx.config.agent.log_level} ({error})")
+            done.append(
+                f"config NOT reloaded, keeping log level {ctx.config.agent.log_level} and "
+                f"{_queues_text(ctx.config)} ({error})"
+            )
         else:
             root = logging.getLogger()
             old_level = logging.getLevelName(root.level).lower()
             root.setLevel(fresh.agent.log_level.upper())
             done.append(f"log level {old_level} -> {fresh.agent.log_level}")
             ignored = restart_needed_keys(ctx.config, fresh)
+            if fresh.queue_policy != ctx.config.queue_policy:
+                done.append(f"queues: {_queues_text(fresh)} (the leader proposes them as the cluster's)")
             # The configuration in force: what started, with the reloadable keys applied.
-            ctx.config = replace(ctx.config, agent=replace(ctx.config.agent, log_level=fresh.agent.log_level))
+            ctx.config = reloaded(ctx.config, fresh)
             if ignored:
                 done.append("changed but need a restart: " + ", ".join(ignored))
     if ctx.keyring is None:
@@ -647,6 +672,8 @@ def _reload(ctx: AgentContext, reload_config: Callable[[], AgentConfig] | None) 
             done.append(f"API keys NOT reloaded, keeping {len(ctx.keyring)} key(s) ({error})")
         else:
             done.append(f"API keys: {count} key(s) from {ctx.config.auth.keys_file}")
+        if ctx.keyring is not None and (unknown := _undeclared_key_queues(ctx.keyring, ctx.config)):
+            done.append(unknown)
     if ctx.tls is not None:
         done.append(ctx.tls.reload())
     keyring_file = ctx.membership.keyring if ctx.membership is not None else None
@@ -657,6 +684,20 @@ def _reload(ctx: AgentContext, reload_config: Callable[[], AgentConfig] | None) 
         changed = keyring_file.reload_if_changed()
         done.append(f"cluster key file {keyring_file.path}: {'reloaded' if changed else 'unchanged'}")
     return done
+
+
+def _undeclared_key_queues(keyring: ApiKeyring, config: AgentConfig) -> str | None:
+    """A warning when keys name queues the configuration does not declare (their requests get 403), else None."""
+    policy = config.queue_policy
+    missing = sorted(q for q in keyring.queues() if q != DEFAULT_QUEUE and not policy.declared(q))
+    if not policy.configured or not missing:
+        return None
+    return f"API keys name queue(s) not declared in [queues]: {', '.join(missing)} (their requests get 403 unknown_queue)"
+
+
+def _queues_text(config: AgentConfig) -> str:
+    names = [spec.name for spec in config.queues]
+    return f"{len(names)} queue(s) ({', '.join(names)})" if names else "no queues (strict priority)"
 
 
 async def _housekeeping(
@@ -678,8 +719,10 @@ async def _housekeeping(
         await trio.sleep(2.0)
 
 
-def _count_events(metrics: AgentMetrics, entry: Applied) -> None:
+def _count_events(metrics: AgentMetrics, entry: Applied, *, leading: bool) -> None:
     for event in entry.result.events:
+        if event.kind == "preempting" and leading:
+            metrics.preemptions.labels(event.request.queue_name, event.reason or "").inc()
         if event.kind == "allocated" and event.was_queued and event.allocation is not None:
             metrics.observe_queue_wait(max(0.0, event.allocation.allocated_at - event.request.submitted_at))
         elif event.kind == "expired" and event.reason == "lease_ttl":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import importlib.metadata
 import ipaddress
 import itertools
@@ -39,6 +40,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, get_type_hints
 from urllib.parse import urlsplit
+
+from coordinator.idle_reclaim import IdlePolicy
+from coordinator.queues import QueuePolicy, QueueSpec
+from coordinator.request_parsing import SERVICE_NAME_RE
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/gpu-orchestrator/agent.toml")
 STATE_SUBDIR: Final = "gpu-orchestrator"
@@ -253,6 +258,16 @@ class SchedulerSection:
     # retry placement). Half a second keeps expiry well within a second of its
     # deadline while the tick itself costs next to nothing.
     tick_interval_s: float = 0.5
+    # With [queues] declared: how many priority levels a waiting request must be
+    # above a running one to preempt it (0: priority alone never preempts;
+    # guarantees and fair share still do). 3 keeps routine differences (5 vs 6)
+    # from churning leases while an urgent 9 still displaces a batch 5.
+    # Reloaded on SIGHUP; the leader's value is the cluster's.
+    preemption_priority_gap: int = 3
+    # With [queues] declared: priority points a waiting request gains per hour
+    # waited, so a stream of higher work cannot starve it (0: no aging).
+    # Reloaded on SIGHUP; the leader's value is the cluster's.
+    age_weight_per_hour: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -320,9 +335,29 @@ class AccountingSection:
     record_interval_s: float = 60.0
 
 
+# The one table of tables: `[queues.<name>]`, a queue per name (SPEC "Sharing the
+# fleet"). Not a section of fixed keys like the others, so it is parsed on its own
+# (`_queue_specs`) into AgentConfig.queues.
+QUEUES: Final = "queues"
+# The keys of one `[queues.<name>]`, as coordinator/queues.py QueueSpec names them.
+QUEUE_KEYS: Final = (
+    "parent",
+    "guaranteed_gpus",
+    "weight",
+    "max_gpus",
+    "max_priority",
+    "borrow",
+    "lend",
+    "preemption_grace_s",
+    "idle_reclaim",
+    "services",
+)
+IDLE_RECLAIM_KEYS: Final = ("utilization_pct", "minutes")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
-    """The whole configuration; each field is one section of the TOML file."""
+    """The whole configuration; each field but `queues` is one section of the TOML file."""
 
     agent: AgentSection
     http: HttpSection = field(default_factory=HttpSection)
@@ -332,6 +367,19 @@ class AgentConfig:
     auth: AuthSection = field(default_factory=AuthSection)
     integrations: IntegrationsSection = field(default_factory=IntegrationsSection)
     accounting: AccountingSection = field(default_factory=AccountingSection)
+    # `[queues.<name>]`, by name. None declared: one implicit `default` queue and
+    # strict priority, as before queues existed. Reloaded on SIGHUP; the leader
+    # proposes its own as the cluster's (agent/queue_policy_sync.py).
+    queues: tuple[QueueSpec, ...] = ()
+
+    @functools.cached_property
+    def queue_policy(self) -> QueuePolicy:
+        """The queues and the scheduler's sharing knobs as one policy (valid once `validate` passed)."""
+        return QueuePolicy.of(
+            self.queues,
+            preemption_priority_gap=self.scheduler.preemption_priority_gap,
+            age_weight_per_hour=self.scheduler.age_weight_per_hour,
+        )
 
     def validate(self) -> None:
         """Return None if the configuration makes sense; raise ConfigError naming the first bad key."""
@@ -344,6 +392,7 @@ class AgentConfig:
         _validate_auth(self.auth)
         _validate_integrations(self.integrations)
         _validate_accounting(self.accounting)
+        _validate_queues(self)
 
 
 # --- validation ------------------------------------------------------------------
@@ -558,6 +607,25 @@ def _validate_scheduler(section: SchedulerSection) -> None:
     if section.max_queue < 1:
         raise _fail("scheduler.max_queue", f"must be at least 1, got {section.max_queue}")
     _check_positive("scheduler.tick_interval_s", section.tick_interval_s)
+    if section.preemption_priority_gap < 0:
+        raise _fail(
+            "scheduler.preemption_priority_gap",
+            f"must be an integer >= 0 (0 = priority alone never preempts), got {section.preemption_priority_gap}",
+        )
+    if not (math.isfinite(section.age_weight_per_hour) and section.age_weight_per_hour >= 0):
+        raise _fail(
+            "scheduler.age_weight_per_hour",
+            f"must be a number >= 0 (0 = no aging), got {section.age_weight_per_hour}",
+        )
+
+
+def _validate_queues(config: AgentConfig) -> None:
+    # Each spec checked its own keys when it was built (`_queue_specs`); what is
+    # left is how they fit together: parents declared, one level, services mapped once.
+    try:
+        config.queue_policy
+    except ValueError as error:
+        raise ConfigError(f"[{QUEUES}] {error}", key=QUEUES) from None
 
 
 def _check_readable_pair(cert_key: str, key_key: str, cert: Path | None, key: Path | None) -> None:
@@ -702,15 +770,33 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
 
 # --- reloading (SIGHUP) -------------------------------------------------------------
 
-# Keys a running agent applies when it re-reads its configuration on SIGHUP.
-# Everything else is bound into sockets, files or tasks at start-up.
-RELOADABLE_KEYS: Final = frozenset({"agent.log_level"})
+# Keys a running agent applies when it re-reads its configuration on SIGHUP
+# (`reloaded`), and every [queues.<name>]. Everything else is bound into
+# sockets, files or tasks at start-up.
+RELOADABLE_KEYS: Final = frozenset(
+    {"agent.log_level", "scheduler.preemption_priority_gap", "scheduler.age_weight_per_hour"}
+)
+
+
+def reloaded(running: AgentConfig, fresh: AgentConfig) -> AgentConfig:
+    """`running` with the reloadable keys (and the queues) of `fresh`: the configuration in force after a SIGHUP."""
+    scheduler = replace(
+        running.scheduler,
+        preemption_priority_gap=fresh.scheduler.preemption_priority_gap,
+        age_weight_per_hour=fresh.scheduler.age_weight_per_hour,
+    )
+    return replace(
+        running,
+        agent=replace(running.agent, log_level=fresh.agent.log_level),
+        scheduler=scheduler,
+        queues=fresh.queues,
+    )
 
 
 def restart_needed_keys(running: AgentConfig, fresh: AgentConfig) -> list[str]:
     """Return the dotted keys whose value differs between `running` and `fresh` and need a restart."""
     changed: list[str] = []
-    for section in fields(AgentConfig):
+    for section in _section_fields():
         old, new = getattr(running, section.name), getattr(fresh, section.name)
         for key in fields(old):
             dotted = f"{section.name}.{key.name}"
@@ -802,9 +888,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _section_fields() -> list[Any]:
+    """AgentConfig's fields that are sections of fixed keys (all but `queues`)."""
+    return [f for f in fields(AgentConfig) if f.name != QUEUES]
+
+
 def _section_types() -> dict[str, type[Any]]:
     hints = get_type_hints(AgentConfig)
-    return {f.name: hints[f.name] for f in fields(AgentConfig)}
+    return {f.name: hints[f.name] for f in _section_fields()}
 
 
 def _key_types(section_type: type[Any]) -> dict[str, Any]:
@@ -893,11 +984,13 @@ def _file_overrides(document: Mapping[str, Any], path: Path) -> dict[str, dict[s
     sections = _section_types()
     overrides: dict[str, dict[str, object]] = {}
     for section_name, table in document.items():
+        if section_name == QUEUES:
+            continue  # a table of tables: `_queue_specs`
         if section_name not in sections:
             if isinstance(table, dict):
                 raise ConfigError(
-                    f"{path}: unknown section [{section_name}]{did_you_mean(section_name, sections)} "
-                    f"(sections: {', '.join(f'[{name}]' for name in sections)})"
+                    f"{path}: unknown section [{section_name}]{did_you_mean(section_name, [*sections, QUEUES])} "
+                    f"(sections: {', '.join(f'[{name}]' for name in sections)}, [{QUEUES}.<name>])"
                 )
             homes = [name for name, kind in sections.items() if section_name in _key_types(kind)]
             places = " or ".join(f"[{home}] {section_name}" for home in homes)
@@ -922,6 +1015,110 @@ def _file_overrides(document: Mapping[str, Any], path: Path) -> dict[str, dict[s
     if devices.get("simulate") is not None and "backend" not in devices:
         devices["backend"] = "simulated"
     return overrides
+
+
+def _queue_specs(document: Mapping[str, Any], path: Path) -> tuple[QueueSpec, ...]:
+    """The `[queues.<name>]` tables of `document`, each checked key by key.
+
+    Raises ConfigError naming `[queues.<name>] key` for an unknown key (with the
+    nearest valid one), a value of the wrong type, or one QueueSpec refuses.
+    How the queues fit together (parents, services) is `_validate_queues`'s.
+    """
+    queues = document.get(QUEUES)
+    if queues is None:
+        return ()
+    if not isinstance(queues, dict):
+        raise ConfigError(f"{path}: [{QUEUES}] must hold [{QUEUES}.<name>] tables, got {_describe(queues)}", key=QUEUES)
+    specs = []
+    for name, table in queues.items():
+        where = f"{path}: [{QUEUES}.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{where} must be a table of the queue's keys ({', '.join(QUEUE_KEYS)}), got {_describe(table)}",
+                key=f"{QUEUES}.{name}",
+            )
+        specs.append(_queue_spec(name, table, where))
+    return tuple(specs)
+
+
+def _queue_spec(name: str, table: Mapping[str, Any], where: str) -> QueueSpec:
+    dotted = f"{QUEUES}.{name}"
+    for key in table:
+        if key not in QUEUE_KEYS:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{did_you_mean(key, QUEUE_KEYS)} (keys: {', '.join(QUEUE_KEYS)})",
+                key=dotted,
+            )
+    here = Path(".")  # no queue key is a path
+
+    def value(key: str, hint: Any) -> Any:
+        return _file_value(table[key], hint, f"{where} {key}", here)
+
+    values: dict[str, Any] = {}
+    for key, hint in (
+        ("parent", str),
+        ("weight", float),
+        ("max_gpus", int),
+        ("max_priority", int),
+        ("borrow", bool),
+        ("lend", bool),
+        ("preemption_grace_s", float),
+        ("services", tuple[str, ...]),
+    ):
+        if key in table:
+            values[key] = value(key, hint)
+    if values.get("parent") == "":
+        del values["parent"]  # TOML has no null: "" is a top-level queue, as for other unset keys
+    for service in values.get("services", ()):
+        if not SERVICE_NAME_RE.match(service):
+            raise ConfigError(
+                f"{where} services: {service!r} can never be a service_name (1-128 letters, digits, "
+                "'.', '_', ':' or '-', starting with a letter or digit)",
+                key=dotted,
+            )
+    if "guaranteed_gpus" in table:
+        raw = table["guaranteed_gpus"]
+        if isinstance(raw, dict):
+            by_model = {model: _file_value(n, int, f"{where} guaranteed_gpus.{model}", here) for model, n in raw.items()}
+            values["guaranteed_by_model"] = tuple(sorted(by_model.items()))
+        elif isinstance(raw, int) and not isinstance(raw, bool):
+            values["guaranteed_gpus"] = raw
+        else:
+            raise ConfigError(
+                f"{where} guaranteed_gpus: expected an integer or a table of GPU model = integer "
+                f'(e.g. {{ H100 = 8 }}), got {_describe(raw)}',
+                key=dotted,
+            )
+    if "idle_reclaim" in table:
+        values["idle_reclaim"] = _idle_reclaim(table["idle_reclaim"], f"{where} idle_reclaim", dotted)
+    try:
+        return QueueSpec(name, **values)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}", key=dotted) from None
+
+
+def _idle_reclaim(raw: object, where: str, dotted: str) -> IdlePolicy:
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{where}: expected a table {{ utilization_pct = N, minutes = T }}, got {_describe(raw)}", key=dotted
+        )
+    for key in raw:
+        if key not in IDLE_RECLAIM_KEYS:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{did_you_mean(key, IDLE_RECLAIM_KEYS)} "
+                f"(keys: {', '.join(IDLE_RECLAIM_KEYS)})",
+                key=dotted,
+            )
+    missing = [key for key in IDLE_RECLAIM_KEYS if key not in raw]
+    if missing:
+        raise ConfigError(f"{where}: needs {' and '.join(missing)} as well (both, or no idle_reclaim at all)", key=dotted)
+    utilization = _file_value(raw["utilization_pct"], float, f"{where}.utilization_pct", Path("."))
+    minutes = _file_value(raw["minutes"], float, f"{where}.minutes", Path("."))
+    assert isinstance(utilization, float) and isinstance(minutes, float)
+    try:
+        return IdlePolicy(utilization, minutes)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}", key=dotted) from None
 
 
 def load_config(
@@ -958,10 +1155,14 @@ def load_config(
         origin, explicit = "the default location", False
     config_path = config_path.absolute()
     document = _read_config_file(config_path, origin, explicit)
+    queues: tuple[QueueSpec, ...] = ()
     if document is not None:
         for section, values in _file_overrides(document, config_path).items():
             for key, value in values.items():
                 put(f"{section}.{key}", value, str(config_path))
+        queues = _queue_specs(document, config_path)
+        if queues:
+            sources[QUEUES] = str(config_path)
 
     for variable, dotted in ENV_KEYS.items():
         text = environ.get(variable, "")
@@ -984,7 +1185,9 @@ def load_config(
         agent=AgentSection(node_name=default_node_name(), data_dir=default_data_dir(environ))
     )
     config = replace(
-        defaults, **{name: replace(getattr(defaults, name), **values) for name, values in overrides.items()}
+        defaults,
+        **{name: replace(getattr(defaults, name), **values) for name, values in overrides.items()},
+        queues=queues,
     )
     try:
         config.validate()

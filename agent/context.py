@@ -24,6 +24,7 @@ from agent.inventory_feed import InventoryFeed, overlay
 from agent.leadership import Leadership
 from agent.membership import MembershipService, RemoteGpu
 from agent.metrics import AgentMetrics
+from agent.queue_policy_sync import ConfiguredPolicy
 from agent.replication import Replication, server_problem
 from agent.workload_analysis import WorkloadAnalysis
 
@@ -120,6 +121,9 @@ class AgentContext:
     tls: ApiTls | None = None
     # The write audit trail (agent/audit.py), flushed by the housekeeping task.
     audit: AuditTrail | None = None
+    # The queue policy of the configuration in force, which the leader makes the
+    # cluster's (agent/queue_policy_sync.py); updated on SIGHUP.
+    configured_policy: ConfiguredPolicy | None = None
 
     @property
     def node(self) -> str:

@@ -51,6 +51,7 @@ from agent.gpuctl_render import (
     render_list,
     render_members,
     render_queued,
+    render_queues,
     render_release,
     render_request,
     render_servers,
@@ -316,6 +317,8 @@ def allocate_body(args: argparse.Namespace) -> JsonObject:
     body.update({k: v for k, v in optional.items() if v is not None})
     if args.no_queue:
         body["queue"] = False
+    if args.not_preemptible:
+        body["preemptible"] = False
     constraints = {k: v for k, v in (("gpu_model", args.gpu_model), ("node", args.node)) if v is not None}
     if constraints:
         body["constraints"] = constraints
@@ -518,6 +521,11 @@ def _request_options(parser: argparse.ArgumentParser, *, service_required: bool)
     parser.add_argument("--max-utilization", type=float, help="only GPUs at or below this utilisation, %%")
     parser.add_argument("--ttl", type=duration, help="lease: seconds or 30m, 12h, 7d; 0 = never expires")
     parser.add_argument("--no-queue", action="store_true", help="fail (exit 1) instead of queueing")
+    parser.add_argument(
+        "--not-preemptible",
+        action="store_true",
+        help="never preempt the lease (only within the queue's guarantee)",
+    )
     parser.add_argument("--request-id", help="idempotency key; also names the request while it is queued")
     parser.add_argument("--webhook-url", help="URL told what becomes of a queued request")
     parser.add_argument("--gpu-model", help="constraint: GPU model name")
@@ -559,7 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     shown = status.add_mutually_exclusive_group()
     shown.add_argument("--summary", action="store_true", help="counts per node, whatever the cluster's size")
     shown.add_argument("--all", action="store_true", help="every GPU, whatever the cluster's size")
-    add("list", _getter(lambda a: "/gpu/list", render_list), "live allocations and the wait queue")
+    add("list", _getter(lambda a: "/gpu/list", render_list), "live allocations and the wait queue, with why each request waits")
+    add(
+        "queues",
+        _getter(lambda a: "/queues", render_queues),
+        "each queue's guarantee, weight and cap, and its GPUs in use, fair share, waiting requests and preemptions",
+    )
     _request_options(
         add("allocate", cmd_allocate, "allocate GPUs (exit 4 when the request was queued instead)"),
         service_required=True,

@@ -279,25 +279,45 @@ def render_list(payload: JsonObject, now: float) -> str:
     if queue:
         parts.append(
             table(
-                ["POS", "REQUEST", "SERVICE", "TYPE", "PRIO", "GPUS", "MEM/GPU", "SUBMITTED", "DEADLINE"],
+                ["POS", "REQUEST", "SERVICE", "QUEUE", "PRIO", "GPUS", "MEM/GPU", "SUBMITTED", "DEADLINE", "REASON"],
                 [
                     [
                         _text(q.get("position")),
                         _text(q.get("request_id")),
                         _text(q.get("service_name")),
-                        _text(q.get("workload_type")),
+                        _text(q.get("queue_name")),
                         _text(q.get("priority")),
                         _text(_obj(q.get("requirements")).get("gpu_count")),
                         f"{gib(_obj(q.get('requirements')).get('min_memory_mb'))} GiB",
                         relative(q.get("submitted_at"), now),
                         relative(q.get("queue_deadline"), now, missing="never"),
+                        _reason_cell(q, now),
                     ]
                     for q in queue
                 ],
                 right=frozenset({0, 4, 5, 6}),
             )
         )
+        details = [f"  {_text(q.get('request_id'))}: {q['reason_detail']}" for q in queue if q.get("reason_detail")]
+        if details:
+            parts.append("\nwhy:\n" + "\n".join(details))
     return "\n".join(parts)
+
+
+def _reason_cell(queued: JsonObject, now: float) -> str:
+    """Why a request waits, in a word: `priority`, `preempting (in 25s)`."""
+    reason = _text(queued.get("reason"))
+    if queued.get("preempting_deadline"):
+        reason += f" ({relative(queued.get('preempting_deadline'), now)})"
+    return reason
+
+
+def _reason_text(queued: JsonObject, now: float) -> str:
+    """Why a request waits, in words: `resources: no node has 4 free H100s`."""
+    text = _reason_cell(queued, now)
+    if queued.get("reason_detail"):
+        text += f": {queued['reason_detail']}"
+    return text
 
 
 def _requirements(req: Any) -> str:
@@ -362,10 +382,12 @@ def _queued_pairs(queued: JsonObject, now: float) -> list[tuple[str, str]]:
         ("request", _text(queued.get("request_id"))),
         ("service", _text(queued.get("service_name"))),
         ("position", _text(queued.get("position"))),
+        ("queue", _text(queued.get("queue_name"))),
         ("priority", _text(queued.get("priority"))),
         ("requirements", _requirements(queued.get("requirements"))),
         ("submitted_at", absolute(queued.get("submitted_at"), now)),
         ("queue_deadline", absolute(queued.get("queue_deadline"), now, missing="never")),
+        ("waiting_for", _reason_text(queued, now)),
     ]
 
 
@@ -398,8 +420,10 @@ def render_request(record: JsonObject, now: float) -> str:
         text += "\n\n" + key_values(
             [
                 ("position", _text(queued.get("position"))),
+                ("queue", _text(queued.get("queue_name"))),
                 ("requirements", _requirements(queued.get("requirements"))),
                 ("queue_deadline", absolute(queued.get("queue_deadline"), now, missing="never")),
+                ("waiting_for", _reason_text(queued, now)),
             ]
         )
     return text
@@ -554,3 +578,66 @@ def render_usage(payload: JsonObject, now: float) -> str:
     cells.append(["TOTAL", gpu_hours(totals.get("allocated_gpu_seconds")), gpu_hours(totals.get("utilized_gpu_seconds")), ""])
     text = table([by.upper(), "ALLOCATED GPU-H", "UTILIZED GPU-H", "UTIL"], cells, right=frozenset({1, 2, 3}))
     return f"{text}\n\n{window} (whole hours; kept {_text(payload.get('retention_days'))} days)"
+
+
+def _number(value: Any) -> str:
+    """A count or share: `3`, `2.5`; `-` when absent."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:g}"
+
+
+def _guarantee_cell(queue: JsonObject) -> str:
+    by_model = _obj(queue.get("guaranteed_by_model"))
+    if by_model:
+        return ",".join(f"{model}:{n}" for model, n in sorted(by_model.items()))
+    return _number(queue.get("guaranteed_gpus"))
+
+
+def _terms_cell(queue: JsonObject) -> str:
+    """What sets the queue apart from the defaults, in short: `no-borrow,no-lend,idle<5%/30m`."""
+    terms = []
+    if queue.get("borrow") is False:
+        terms.append("no-borrow")
+    if queue.get("lend") is False:
+        terms.append("no-lend")
+    if isinstance(queue.get("max_priority"), int) and queue["max_priority"] < 10:
+        terms.append(f"prio<={queue['max_priority']}")
+    idle = _obj(queue.get("idle_reclaim"))
+    if idle:
+        terms.append(f"idle<{_number(idle.get('utilization_pct'))}%/{_number(idle.get('minutes'))}m")
+    return ",".join(terms) or "-"
+
+
+def render_queues(payload: JsonObject, now: float) -> str:
+    """GET /queues as a table: each queue's terms and where it stands, children under their parent."""
+    queues = [q for q in payload.get("queues") or [] if isinstance(q, dict)]
+    if not queues:
+        return "no queues"
+    by_name = {str(q.get("name")): q for q in queues}
+    ordered: list[tuple[str, JsonObject]] = []
+    for q in queues:
+        if q.get("parent") in by_name:
+            continue  # shown under its parent
+        ordered.append((str(q.get("name")), q))
+        ordered += [(f"  {c}", by_name[c]) for c in q.get("children") or [] if c in by_name]
+    rows = [
+        [
+            name,
+            _guarantee_cell(q),
+            _number(q.get("weight")),
+            _number(q.get("max_gpus")) if q.get("max_gpus") is not None else "-",
+            _number(q.get("in_use_gpus")),
+            _number(q.get("borrowed_gpus")),
+            _number(q.get("fair_share_gpus")),
+            f"{_number(q.get('pending_requests'))} ({_number(q.get('pending_gpus'))} GPUs)",
+            _number(q.get("preempting_leases")),
+            _terms_cell(q),
+        ]
+        for name, q in ordered
+    ]
+    headers = ["QUEUE", "GUARANTEED", "WEIGHT", "MAX", "IN USE", "BORROWED", "FAIR SHARE", "PENDING", "PREEMPTING", "TERMS"]
+    text = table(headers, rows, right=frozenset({2, 3, 4, 5, 6, 8}))
+    if not any(q.get("declared") for q in queues):
+        text += "\n\nno queue is configured: one default queue, strict priority ([queues.<name>] in the config)"
+    return text

@@ -42,6 +42,8 @@ from coordinator.errors import CoordinatorError, InvalidRequest, NotFound, brief
 from coordinator.json_body import decode_json_body
 from coordinator.lease_table import LeaseTable, usage_window
 from coordinator.model import Allocation
+from coordinator.pending_reasons import PendingExplainer, why_pending
+from coordinator.queue_views import queue_views
 from coordinator.rate_limit import RateLimit, TokenBuckets
 from coordinator.raft import NotLeader, ProposalRejected, RaftError
 from coordinator.request_parsing import (
@@ -502,11 +504,13 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     async def allocate(service: LeaseService) -> Response:
         body = parse_allocate_body(await body_json())
         require_service(body.service_name)
-        outcome = await service.allocate(body)
+        principal: ApiKey | None = g.principal
+        outcome = await service.allocate(body, key_queue=None if principal is None else principal.queue)
         if outcome.allocation is not None:
             return json_response(allocation_view(outcome.allocation))
         assert outcome.queued is not None and outcome.position is not None
-        return json_response(queued_view(outcome.queued, outcome.position), 202)
+        pending = why_pending(service.table, ctx.inventory.inventory(), outcome.queued.request.request_id)
+        return json_response(queued_view(outcome.queued, outcome.position, pending), 202)
 
     @app.post("/gpu/release")
     @on_leader(read=False)
@@ -576,10 +580,15 @@ def create_app(ctx: AgentContext) -> QuartTrio:
             )
         allocations = table.allocations() if query.node is None else table.allocations_on(query.node)
         queue = table.queue()
+        # One explainer for the listing: it works out each shape of request once, not each request.
+        explainer = PendingExplainer(table, ctx.inventory.inventory())
         doc: dict[str, Any] = {
             "gpus": ctx.gpu_rows(node=query.node, after=query.after, limit=query.limit),
             "allocations": [allocation_view(a) for a in allocations[: query.limit]],
-            "queue": [queued_view(q, i) for i, q in enumerate(queue[: query.limit], start=1)],
+            "queue": [
+                queued_view(q, i, explainer.explain(q.request.request_id))
+                for i, q in enumerate(queue[: query.limit], start=1)
+            ],
         }
         if query.limit is not None:
             # A cap on each list, for a glance at a big cluster: the totals say what was left out.
@@ -645,7 +654,9 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         alloc = table.allocation(record.allocation_id) if record.allocation_id else None
         queued = table.queued(request_id)
         position = reader.queue_position(request_id)
-        queued_json = queued_view(queued, position) if queued is not None and position else None
+        queued_json = None
+        if queued is not None and position:
+            queued_json = queued_view(queued, position, why_pending(table, ctx.inventory.inventory(), request_id))
         return json_response(record_view(record, alloc, queued_json))
 
     @app.get("/usage")
@@ -659,6 +670,12 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         first, last = usage_window(query.since, query.until)
         rows = table.usage(query.since, query.until, query.by, now)
         return json_response(usage_view(query.by, first, last, rows, table.usage_retention_s))
+
+    @app.get("/queues")
+    @on_leader(read=True)
+    async def queues(reader: LeaseReader) -> Response:
+        # The leader's table: the policy in force (its configuration's, agent/queue_policy_sync.py).
+        return json_response({"queues": queue_views(reader.table, ctx.inventory.inventory())})
 
     @app.get("/cluster/members")
     async def members() -> Response:

@@ -29,18 +29,21 @@ from coordinator.commands import (
     Command,
     MarkHostLost,
     OutboxDelivered,
+    Preempt,
     RecordUsage,
     Release,
     Renew,
     ReportGpuHealth,
     SetDrain,
+    SetQueuePolicy,
 )
 from coordinator.errors import Conflict, CoordinatorError, NotFound
 from coordinator.inventory import Inventory
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import ALLOCATED, QUEUED, RELEASED, Allocation, GpuRef
+from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.raft import NotLeader, RaftError
-from coordinator.request_parsing import AllocateBody, build_request, resolve_ttl
+from coordinator.request_parsing import AllocateBody, build_request, queue_for, resolve_ttl
 
 from agent.raft_log import ProposalLost
 from agent.workload_analysis import WorkloadAnalysis
@@ -138,15 +141,17 @@ class LeaseService:
 
     # ------------------------------------------------------------------ allocate
 
-    async def allocate(self, body: AllocateBody) -> AllocateOutcome:
-        """Place the request now, or queue it.
+    async def allocate(self, body: AllocateBody, *, key_queue: str | None = None) -> AllocateOutcome:
+        """Place the request now, or queue it, in its queue (`queue_for`: `key_queue`, the API key's, first).
 
-        Raises InvalidRequest/Unsatisfiable (400), Conflict (409: no capacity with
-        queue=false, or a request_id already used), QueueFull (503), RaftError.
+        Raises InvalidRequest/Unsatisfiable (400), Forbidden (403: above the queue's
+        priority ceiling, or a key naming no usable queue), Conflict (409: no capacity
+        with queue=false, or a request_id already used), QueueFull (503), RaftError.
         """
         # A body the server would refuse is refused whether or not its request_id was seen
         # before: a retry with a bad TTL gets 400, not the earlier answer.
         resolve_ttl(body.ttl_seconds, default_ttl_s=self.default_ttl_s, max_ttl_s=self.max_ttl_s)
+        queue = queue_for(body, self.table.queue_policy, key_queue)
         request_id = body.request_id or uuid.uuid4().hex
         while True:
             step = self.admission.begin(request_id, body.service_name, self.table)
@@ -164,13 +169,13 @@ class LeaseService:
         finished = self._finished[request_id] = trio.Event()
         try:
             async with self._deciding:
-                return await self._decide(body, request_id)
+                return await self._decide(body, request_id, queue)
         finally:
             self.admission.finish(request_id)
             del self._finished[request_id]
             finished.set()
 
-    async def _decide(self, body: AllocateBody, request_id: str) -> AllocateOutcome:
+    async def _decide(self, body: AllocateBody, request_id: str, queue: QueueSpec) -> AllocateOutcome:
         """Analyse, decide and propose one new request (its id is this call's: Admission.begin said PROCEED)."""
         analysis = await self.analysis.analyze(body)
         now = self._clock()
@@ -182,6 +187,7 @@ class LeaseService:
             now=now,
             default_ttl_s=self.default_ttl_s,
             max_ttl_s=self.max_ttl_s,
+            queue=queue,
         )
         try:
             command = self.admission.decide(request, self.table, self.inventory(), now)
@@ -323,6 +329,26 @@ class LeaseService:
             if result.error is not None:
                 raise result.error
 
+    async def set_queue_policy(self, policy: QueuePolicy) -> None:
+        """Make `policy` the cluster's queues and sharing rules (SetQueuePolicy).
+
+        Raises the table's refusal (Conflict `policy_unchanged` when it is in force already) or RaftError.
+        """
+        await self._propose_ok(SetQueuePolicy(self._clock(), policy))
+        self.wake()  # the queue is served by the new rules from the next tick
+
+    async def preempt(self, victims: Sequence[tuple[str, float]], reason: str) -> ApplyResult:
+        """Start the grace periods of `victims` ((allocation id, deadline) pairs) for `reason` (Preempt).
+
+        For preemptions no waiting request claims (idle reclaim): the scheduler's
+        own preemptions are part of its tick. Returns the applied result; a refusal
+        (a victim already gone or already preempting) is in its `error`. Raises RaftError.
+        """
+        result = await self.log.propose(Preempt(self._clock(), tuple(victims), reason), term=self.term)
+        if result.ok:
+            self.wake()  # the scheduler ends them at their deadlines
+        return result
+
     async def _propose_ok(self, command: Command) -> ApplyResult:
         result = await self.log.propose(command, term=self.term)
         if result.error is not None:
@@ -391,7 +417,10 @@ def _tick_outcome(command: Command) -> str:
     if isinstance(command, Allocate):
         return "allocated_from_queue"
     if isinstance(command, Release):
-        return "lease_expired"
+        # The tick ends leases at their expiry, or at their preemption deadline.
+        return "lease_preempted" if command.reason in ("preempted", "idle") else "lease_expired"
+    if isinstance(command, Preempt):
+        return "preemption_started"
     if isinstance(command, Cancel):
         return "queue_timeout"
     return type(command).__name__

@@ -21,7 +21,7 @@ every lease holds, a client's not even its own.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
@@ -93,7 +93,7 @@ class AgentMetrics:
         self.scheduling = Counter(
             "gpu_orchestrator_scheduling_outcomes",
             "Scheduling decisions: allocated, queued, allocated_from_queue, lease_expired, "
-            "queue_timeout, rejected_<code>.",
+            "queue_timeout, preemption_started, lease_preempted, rejected_<code>.",
             ["outcome"],
             registry=r,
         )
@@ -139,6 +139,14 @@ class AgentMetrics:
             "gpu_orchestrator_allocations_lost",
             "Leases ended because their host stayed dead or left in gossip for [cluster] "
             "host_lost_grace_s (each is a lost event; counted when applied, not on replay).",
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "gpu_orchestrator_preemptions",
+            "Leases whose preemption started (lease_preempting), by the victim's queue and why: reclaim "
+            "(a guarantee or fair share taken back), priority (by the priority gap) or idle (idle reclaim). "
+            "Counted by the leader as it applies them (leader only).",
+            ["queue", "reason"],
             registry=r,
         )
         self.device_sample_failures = Counter(
@@ -277,6 +285,7 @@ class StateCollector(Collector):
         members: Callable[[], dict[str, int]],
         outbox_pending: Callable[[], int],
         disk_stalled: Callable[[], float] = lambda: 0.0,
+        queues: Callable[[], list[dict[str, Any]]] = lambda: [],
         inventory: Callable[[], Inventory] = Inventory,
     ) -> None:
         self.node_name = node_name
@@ -289,6 +298,7 @@ class StateCollector(Collector):
         self._members = members
         self._outbox_pending = outbox_pending
         self._disk_stalled = disk_stalled
+        self._queues = queues
 
     def collect(self) -> Iterable[Metric]:
         snapshots = self._sampler.snapshots()
@@ -402,6 +412,7 @@ class StateCollector(Collector):
             usage.add_metric([queue, service, "allocated"], allocated)
             usage.add_metric([queue, service, "utilized"], utilized)
         yield usage
+        yield from self._queue_gauges(self._queues())
         # The Go service's gauges, under its names (its `_total` on a gauge included).
         yield GaugeMetricFamily(
             "gpu_allocator_allocations_active",
@@ -440,6 +451,30 @@ class StateCollector(Collector):
         for shape, value in _shape_values(cluster_largest_request(per_node.values())):
             cluster.add_metric([shape], float(value))
         yield cluster
+
+    def _queue_gauges(self, queues: list[dict[str, Any]]) -> Iterable[Metric]:
+        """Each queue's figures (coordinator/queue_views.py; a parent's include its children's; leader only)."""
+        families = [
+            (key, GaugeMetricFamily(f"gpu_orchestrator_queue_{key}", text, labels=["queue"]))
+            for key, text in (
+                ("gpus_in_use", "GPUs the queue's leases hold (leader only)."),
+                ("guaranteed_gpus", "GPUs guaranteed to the queue, all models together (leader only)."),
+                ("fair_share_gpus", "The queue's fair share of the fleet: its guarantee and its weight's part "
+                 "of what is beyond guarantees (leader only)."),
+                ("pending_requests", "Requests of the queue waiting for GPUs (leader only)."),
+            )
+        ]
+        source = {
+            "gpus_in_use": "in_use_gpus",
+            "guaranteed_gpus": "guaranteed_gpus",
+            "fair_share_gpus": "fair_share_gpus",
+            "pending_requests": "pending_requests",
+        }
+        for view in queues:
+            for key, family in families:
+                family.add_metric([str(view["name"])], float(view[source[key]]))
+        for _, family in families:
+            yield family
 
     def _dcgm(self, readings: list[GpuReading]) -> Iterable[Metric]:
         for name, help_text, attr in _DCGM_FIELDS:

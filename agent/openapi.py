@@ -28,6 +28,7 @@ from coordinator.request_parsing import (
     UNIX_SECONDS_PATTERN,
     WEBHOOK_URL_PATTERN,
 )
+from coordinator.pending_reasons import REASONS
 from coordinator.workload import WORKLOAD_TYPES
 
 JsonObject = dict[str, Any]
@@ -35,7 +36,8 @@ JsonObject = dict[str, Any]
 _ERROR_TEXT = {
     400: "Invalid request (bad JSON, wrong types, out of bounds, can never fit)",
     401: "Missing or invalid API key (auth enabled)",
-    403: "The API key may not act for this service",
+    403: "The API key may not act for this service (allocate: or the priority is above its queue's "
+    "max_priority, code priority_ceiling)",
     404: "Unknown id",
     409: "Conflict (no capacity with queue=false, or the request_id was already used)",
     413: "Request body too large",
@@ -256,6 +258,13 @@ def openapi_document(*, auth_header: str | None = None, max_ttl_s: float = 0.0) 
                 (400, *_READ_ERRORS),
             )
         },
+        "/queues": {
+            "get": _op(
+                "Every queue: its terms (the leader's queue policy) and where it stands now",
+                {200: _json({"type": "object", "required": ["queues"], "properties": {"queues": {"type": "array", "items": _ref("Queue")}}}, "OK")},
+                _READ_ERRORS,
+            )
+        },
         "/cluster/members": {
             "get": _op("Cluster members", {200: _json(obj, "OK")}, _READ_ERRORS)
         },
@@ -389,7 +398,8 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             {
                 "type": "object",
                 "description": "the workload analyzer's fields (docs/workload-analyzer.md); other keys are "
-                "ignored. Nested at most 32 levels deep, counting the request body itself",
+                "ignored. Nested at most 32 levels deep, counting the request body itself; every integer in it "
+                "within -2**63 .. 2**64-1 (it travels in a log entry)",
             }
         ),
         "priority": _nullable({"type": "integer", "minimum": 1, "maximum": 10}),
@@ -401,6 +411,14 @@ def _schemas(max_ttl_s: float) -> JsonObject:
         "max_utilization": _nullable({"type": "number", "minimum": 0, "maximum": 100}),
         "ttl_seconds": _nullable(ttl),
         "queue": _nullable({"type": "boolean", "default": True}),
+        "preemptible": _nullable(
+            {
+                "type": "boolean",
+                "default": True,
+                "description": "false: never preempted; only within the queue's guarantee (400 "
+                "preemptible_without_guarantee in a queue without one)",
+            }
+        ),
         "request_id": _nullable({**an_id, "description": "idempotency key"}),
         "webhook_url": _nullable(
             {
@@ -536,6 +554,8 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                 "cuda_visible_devices": string,
                 "allocated_at": time,
                 "expires_at": time,
+                "queue_name": {"type": "string", "description": "the queue the lease counts against"},
+                "preemptible": {"type": "boolean"},
                 "requirements": requirements,
                 "workflow_id": string,
                 "topology": _nullable(_ref("AllocationTopology")),
@@ -575,8 +595,55 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                 "position": integer,
                 "submitted_at": time,
                 "queue_deadline": time,
+                "queue_name": {"type": "string", "description": "the queue the request counts against"},
+                "preemptible": {"type": "boolean"},
+                "reason": {
+                    "enum": [*REASONS, None],
+                    "description": "why it waits: queue_quota, priority, resources, reservation, "
+                    "drained_or_unhealthy or preempting",
+                },
+                "reason_detail": {"type": ["string", "null"], "description": "the reason in words"},
+                "preempting_deadline": {
+                    **time,
+                    "description": "with reason preempting: when the leases preempted for it end at the latest",
+                },
                 "requirements": requirements,
                 "workflow_id": string,
+            },
+        },
+        "Queue": {
+            "type": "object",
+            "required": ["name", "in_use_gpus", "fair_share_gpus", "pending_requests"],
+            "properties": {
+                "name": string,
+                "declared": {
+                    "type": "boolean",
+                    "description": "false for default when [queues] does not declare it, and for a queue no longer "
+                    "declared that still holds or awaits GPUs",
+                },
+                "parent": nullable_string,
+                "children": {"type": "array", "items": string},
+                "guaranteed_gpus": {"type": "integer", "description": "all models together"},
+                "guaranteed_by_model": {"type": "object", "additionalProperties": integer},
+                "weight": number,
+                "max_gpus": {"type": ["integer", "null"]},
+                "max_priority": integer,
+                "borrow": {"type": "boolean"},
+                "lend": {"type": "boolean"},
+                "preemption_grace_s": number,
+                "idle_reclaim": {
+                    "anyOf": [
+                        {"type": "null"},
+                        {"type": "object", "properties": {"utilization_pct": number, "minutes": number}},
+                    ]
+                },
+                "services": {"type": "array", "items": string},
+                "in_use_gpus": integer,
+                "borrowed_gpus": integer,
+                "fair_share_gpus": number,
+                "pending_requests": integer,
+                "pending_gpus": integer,
+                "preempting_leases": integer,
             },
         },
         "Request": {

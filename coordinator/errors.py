@@ -35,6 +35,13 @@ class Unsatisfiable(CoordinatorError):
     http_status = 400
 
 
+class Forbidden(CoordinatorError):
+    """The request is well formed but its caller may not ask for it, e.g. above its queue's priority ceiling (HTTP 403)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class NotFound(CoordinatorError):
     """An allocation or request id that the lease table does not know (HTTP 404)."""
 

@@ -7,8 +7,10 @@ rows and a new leader finds them). The rule:
 - The **webhook** of a request hears what its caller cannot see from its own
   answer: the outcome of a queued request (the caller was told 202 and waits:
   allocated or cancelled), a lease's expiry, a GPU under the lease turning
-  unhealthy, and a lease lost with its host (the holder may not even know its
-  host is gone). An allocation answered 200 is not repeated to the webhook.
+  unhealthy, a lease lost with its host (the holder may not even know its
+  host is gone), and a preemption: `lease_preempting` when the grace period
+  starts (release early, or lose the GPUs at `deadline`) and `preempted` when
+  it ends the lease. An allocation answered 200 is not repeated to the webhook.
 - The **graph service**, when configured, hears every event, with the node
   that decided it.
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from coordinator.model import LeaseEvent
 from coordinator.views import JsonObject, graph_event, webhook_payload
 
-WEBHOOK_KINDS = frozenset({"allocated", "expired", "cancelled", "gpu_unhealthy", "lost"})
+WEBHOOK_KINDS = frozenset({"allocated", "expired", "cancelled", "gpu_unhealthy", "lost", "preempting", "preempted"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
 
-from coordinator.errors import InvalidRequest, brief
+from coordinator.errors import Forbidden, InvalidRequest, brief
 from coordinator.model import AllocationRequest, Requirements
+from coordinator.queues import DEFAULT_QUEUE, QueuePolicy, QueueSpec
 from coordinator.workload import WORKLOAD_TYPES, WorkloadEstimate
 
 # `\Z`, not `$`: `$` also matches before a trailing newline, which would let "svc\n" through.
@@ -71,6 +72,7 @@ _ALLOCATE_FIELDS = (
     "request_id",
     "webhook_url",
     "constraints",
+    "preemptible",
 )
 _CONSTRAINT_FIELDS = ("gpu_model", "node")
 
@@ -92,6 +94,8 @@ class AllocateBody:
     webhook_url: str | None
     gpu_model: str | None
     node: str | None
+    # False: never preempted; allowed only in a queue with a guarantee (see queue_for).
+    preemptible: bool = True
 
     @property
     def workflow_id(self) -> str | None:
@@ -126,6 +130,7 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
             code="unknown_workload_type",
         )
     workload_data = _object(_or(obj.get("workload_data"), {}), "workload_data")
+    _check_log_safe(workload_data, "workload_data")
     constraints = _object(_or(obj.get("constraints"), {}), "constraints")
     unknown = sorted(set(constraints) - set(_CONSTRAINT_FIELDS))
     if unknown:
@@ -137,6 +142,9 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
     queue = _or(obj.get("queue"), True)
     if not isinstance(queue, bool):
         raise InvalidRequest("queue must be true or false")
+    preemptible = _or(obj.get("preemptible"), True)
+    if not isinstance(preemptible, bool):
+        raise InvalidRequest("preemptible must be true or false")
     return AllocateBody(
         service_name=service_name,
         workload_type=str(workload_type),
@@ -151,7 +159,61 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
         webhook_url=_opt_url(obj.get("webhook_url"), "webhook_url"),
         gpu_model=_opt_str(constraints.get("gpu_model"), "constraints.gpu_model"),
         node=_opt_str(constraints.get("node"), "constraints.node"),
+        preemptible=preemptible,
     )
+
+
+def queue_for(body: AllocateBody, policy: QueuePolicy, key_queue: str | None = None) -> QueueSpec:
+    """The queue `body` goes to, once checked against that queue's terms.
+
+    The queue is `key_queue` (the API key's, when it names one), else the one
+    `policy` maps the service to, else `default`. With no queue configured every
+    request goes to `default` on today's terms: nothing is refused here.
+
+    Raises Forbidden `unknown_queue` for a key naming a queue the policy does
+    not declare, `parent_queue` for one naming a queue with child queues (work
+    runs in the children), and `priority_ceiling` for a `priority` above the
+    queue's `max_priority`; InvalidRequest `preemptible_without_guarantee` for
+    `preemptible: false` where the queue guarantees no GPU such a request could
+    use (it could never be within its guarantee, so it could never be placed).
+    """
+    if not policy.configured:
+        return policy.spec(DEFAULT_QUEUE)
+    if key_queue is not None:
+        if key_queue != DEFAULT_QUEUE and not policy.declared(key_queue):
+            raise Forbidden(
+                f"the API key names queue {key_queue!r}, which the cluster's queue policy does not declare "
+                f"(queues: {', '.join(policy.names())}); an operator must fix the key or the queues",
+                code="unknown_queue",
+            )
+        name = key_queue
+    else:
+        name = policy.queue_of_service(body.service_name)
+    if not policy.is_leaf(name):
+        raise Forbidden(
+            f"queue {name!r} has child queues ({', '.join(policy.children(name))}); requests go to one of them",
+            code="parent_queue",
+        )
+    spec = policy.spec(name)
+    if body.priority is not None and body.priority > spec.max_priority:
+        raise Forbidden(
+            f"priority {body.priority} is above the ceiling of queue {name!r}: max_priority {spec.max_priority}",
+            code="priority_ceiling",
+        )
+    if not body.preemptible:
+        _, guaranteed = spec.model_guarantee(body.gpu_model)
+        if guaranteed == 0:
+            within = (
+                "it names no GPU model its per-model guarantees cover"
+                if spec.guaranteed_by_model
+                else "it guarantees no GPUs"
+            )
+            raise InvalidRequest(
+                f"preemptible: false needs a guarantee to stay within, and queue {name!r} has none for this "
+                f"request: {within}",
+                code="preemptible_without_guarantee",
+            )
+    return spec
 
 
 def build_request(
@@ -163,12 +225,17 @@ def build_request(
     now: float,
     default_ttl_s: float,
     max_ttl_s: float,
+    queue: QueueSpec | None = None,
 ) -> AllocationRequest:
     """Merge the caller's explicit fields over an estimate into an AllocationRequest.
 
     Explicit fields win; `decided_by` becomes "request" when the caller fixed
-    every figure. Raises InvalidRequest for a TTL that `resolve_ttl` refuses.
+    every figure. The request counts against `queue` (as `queue_for` chose it;
+    None: `default`), and an estimated priority is capped at its `max_priority`
+    (an explicit one above it was refused by `queue_for`). Raises
+    InvalidRequest for a TTL that `resolve_ttl` refuses.
     """
+    queue = QueueSpec(DEFAULT_QUEUE) if queue is None else queue
     ttl = resolve_ttl(body.ttl_seconds, default_ttl_s=default_ttl_s, max_ttl_s=max_ttl_s)
     requirements = Requirements(
         gpu_count=body.gpu_count if body.gpu_count is not None else estimate.required_gpus,
@@ -183,7 +250,7 @@ def build_request(
         request_id=request_id,
         service_name=body.service_name,
         workload_type=body.workload_type,
-        priority=body.priority if body.priority is not None else estimate.priority,
+        priority=body.priority if body.priority is not None else min(estimate.priority, queue.max_priority),
         requirements=requirements,
         ttl_s=ttl,
         submitted_at=now,
@@ -193,6 +260,8 @@ def build_request(
         workflow_id=body.workflow_id,
         decided_by="request" if body.fully_specified else decided_by,
         estimate=estimate.estimate,
+        queue_name=queue.name,
+        preemptible=body.preemptible,
     )
 
 
@@ -349,6 +418,25 @@ def _opt_number(obj: Mapping[str, Any], field: str, low: float, high: float) -> 
         bound = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
         raise InvalidRequest(f"{field} must be {bound}, got {brief(str(value))}")
     return number
+
+
+# The integers a log entry can carry (msgpack's range): workload_data travels in the
+# request's Enqueue or Allocate entry, so a larger one could never be proposed.
+_LOG_INT_MIN, _LOG_INT_MAX = -(2**63), 2**64 - 1
+
+
+def _check_log_safe(value: object, field: str) -> None:
+    """Refuse an integer outside msgpack's 64-bit range anywhere in `value` (nesting is bounded by the decoder)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_log_safe(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            _check_log_safe(item, field)
+    elif isinstance(value, int) and not isinstance(value, bool) and not _LOG_INT_MIN <= value <= _LOG_INT_MAX:
+        raise InvalidRequest(
+            f"{field} holds an integer outside -2**63 .. 2**64-1: {brief(str(value))}", code="integer_out_of_range"
+        )
 
 
 def _opt_str(value: object, field: str) -> str | None:

@@ -16,6 +16,7 @@ from coordinator.model import (
     QueuedRequest,
     RequestRecord,
 )
+from coordinator.pending_reasons import PendingReason
 
 JsonObject = dict[str, Any]
 
@@ -70,6 +71,8 @@ def allocation_view(alloc: Allocation) -> JsonObject:
         "cuda_visible_devices": ",".join(g.uuid for g in alloc.gpus),
         "allocated_at": rfc3339(alloc.allocated_at),
         "expires_at": rfc3339(alloc.expires_at),
+        "queue_name": request.queue_name,
+        "preemptible": request.preemptible,
         "requirements": requirements_view(request),
         # How the GPUs are wired (coordinator/topology.py); null where the node did not say.
         "topology": None if alloc.topology is None else alloc.topology.to_wire(),
@@ -79,8 +82,10 @@ def allocation_view(alloc: Allocation) -> JsonObject:
     return view
 
 
-def queued_view(queued: QueuedRequest, position: int) -> JsonObject:
-    """A waiting request; `position` is 1 for the next one served."""
+def queued_view(queued: QueuedRequest, position: int, pending: PendingReason | None = None) -> JsonObject:
+    """A waiting request; `position` is 1 for the next one served; `pending` why it waits
+    (coordinator/pending_reasons.py): `reason`, `reason_detail` and, while leases are
+    being preempted for it, `preempting_deadline` (all null when not known)."""
     request = queued.request
     view: JsonObject = {
         "status": "queued",
@@ -91,6 +96,11 @@ def queued_view(queued: QueuedRequest, position: int) -> JsonObject:
         "position": position,
         "submitted_at": rfc3339(request.submitted_at),
         "queue_deadline": rfc3339(queued.deadline),
+        "queue_name": request.queue_name,
+        "preemptible": request.preemptible,
+        "reason": None if pending is None else pending.reason,
+        "reason_detail": None if pending is None else pending.detail,
+        "preempting_deadline": None if pending is None else rfc3339(pending.deadline),
         "requirements": requirements_view(request),
     }
     if request.workflow_id is not None:
@@ -118,12 +128,28 @@ def record_view(
     return view
 
 
+# A LeaseEvent kind whose outside name differs (SPEC "Lease end reasons": the
+# webhook and graph event before `preempted` is `lease_preempting`).
+_EVENT_NAMES = {"preempting": "lease_preempting"}
+
+
+def event_name(kind: str) -> str:
+    """The name webhooks and graph events give a LeaseEvent kind."""
+    return _EVENT_NAMES.get(kind, kind)
+
+
 def webhook_payload(event: LeaseEvent) -> JsonObject:
-    """The body POSTed to a request's `webhook_url` (the seed's fields, plus event and reason)."""
+    """The body POSTed to a request's `webhook_url` (the seed's fields, plus event and reason).
+
+    `lease_preempting` adds `deadline` (RFC 3339): when the lease ends unless
+    released first; `reason` says why (reclaim, priority or idle). The end is
+    `preempted` with reason `preempted` or `idle`.
+    """
     request = event.request
+    name = event_name(event.kind)
     payload: JsonObject = {
-        "status": event.kind,
-        "event": event.kind,
+        "status": name,
+        "event": name,
         "reason": event.reason,
         "request_id": request.request_id,
         "service_name": request.service_name,
@@ -135,6 +161,8 @@ def webhook_payload(event: LeaseEvent) -> JsonObject:
         # The host the lease was lost with, at the top level: what a receiver
         # needs to decide where to reschedule, without reading the allocation.
         payload["node"] = event.allocation.node
+    if event.deadline is not None:
+        payload["deadline"] = rfc3339(event.deadline)
     if event.kind == "allocated" and event.allocation is not None:
         payload["allocated_at"] = rfc3339(event.allocation.allocated_at)
         payload["wait_time_seconds"] = round(event.allocation.allocated_at - request.submitted_at, 3)
@@ -144,11 +172,12 @@ def webhook_payload(event: LeaseEvent) -> JsonObject:
 
 
 def graph_event(event: LeaseEvent, node: str) -> JsonObject:
-    """The workflow event POSTed to the graph service for every lifecycle change."""
+    """The workflow event POSTed to the graph service for every lifecycle change (`deadline` as in webhooks)."""
     request = event.request
-    return {
-        "type": f"gpu.allocation.{event.kind}",
-        "event": event.kind,
+    name = event_name(event.kind)
+    doc: JsonObject = {
+        "type": f"gpu.allocation.{name}",
+        "event": name,
         "reason": event.reason,
         "at": rfc3339(event.at),
         "source": {"service": "gpu-orchestrator", "node": node},
@@ -160,6 +189,9 @@ def graph_event(event: LeaseEvent, node: str) -> JsonObject:
         "allocation_id": None if event.allocation is None else event.allocation.allocation_id,
         "allocation": None if event.allocation is None else allocation_view(event.allocation),
     }
+    if event.deadline is not None:
+        doc["deadline"] = rfc3339(event.deadline)
+    return doc
 
 
 def usage_view(

@@ -30,6 +30,12 @@ remembered for idempotency. Measured, each as µs per call (p50 and p99):
 
 The previous scheduler (tests/unit/reference_scheduler.py) runs the same admit
 and tick at the sizes where it finishes in reasonable time, as a baseline.
+
+`--queues K` runs the same under a queue policy (coordinator/queue_pass.py): K
+queues of equal weight, no guarantees, priority preemption off, leases and
+waiters spread round-robin over them, so every queue sits at its fair share and
+each decision takes the queue pass (claims, guarantees, borrowing by weight)
+instead of the strict-priority walk.
 """
 
 from __future__ import annotations
@@ -45,10 +51,11 @@ from typing import Any, Callable
 
 import msgpack
 
-from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release
+from coordinator.commands import Allocate, Cancel, Command, Enqueue, Release, SetQueuePolicy
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
 from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, GpuView, Requirements
+from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from tests.unit import reference_scheduler as reference
 
@@ -73,6 +80,7 @@ class State:
     now: float
     rng: random.Random
     issued: int = 0
+    queues: int = 0
 
     def request(self, gpus: int = 1, priority: int | None = None) -> AllocationRequest:
         self.issued += 1
@@ -84,6 +92,7 @@ class State:
             requirements=Requirements(gpus, 4096),
             ttl_s=DAY_S,
             submitted_at=self.now,
+            queue_name=f"team-{self.issued % self.queues}" if self.queues else "default",
         )
 
     def apply(self, command: Command) -> None:
@@ -91,8 +100,8 @@ class State:
         assert result.ok, result.error
 
 
-def build(hosts: int, seed: int, finished_per_gpu_day: int = FINISHED_PER_GPU_DAY) -> State:
-    """The busy cluster described in the module docstring."""
+def build(hosts: int, seed: int, finished_per_gpu_day: int = FINISHED_PER_GPU_DAY, queues: int = 0) -> State:
+    """The busy cluster described in the module docstring (under K queues with `queues`)."""
     rng = random.Random(seed)
     views = [
         GpuView(f"host-{h:04d}", i, f"GPU-{h}-{i}", H100, H100_MB, H100_MB - 500, 0.0)
@@ -100,6 +109,10 @@ def build(hosts: int, seed: int, finished_per_gpu_day: int = FINISHED_PER_GPU_DA
         for i in range(GPUS_PER_HOST)
     ]
     state = State(LeaseTable(), Inventory.of(views), Scheduler(SchedulerConfig(3600.0, 10**9), rng), START, rng)
+    if queues:
+        state.queues = queues
+        policy = QueuePolicy.of((QueueSpec(f"team-{k}") for k in range(queues)), preemption_priority_gap=0)
+        state.apply(SetQueuePolicy(START - DAY_S - 1, policy))
     # A day of finished requests, spread evenly over the day before now.
     finished = hosts * GPUS_PER_HOST * finished_per_gpu_day
     for k in range(finished):
@@ -225,6 +238,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--finished-per-gpu-day", type=int, default=FINISHED_PER_GPU_DAY)
     parser.add_argument("--wall", action="store_true", help="time by the wall clock, not thread CPU time")
+    parser.add_argument("--queues", type=int, default=0, help="run under K queues of equal weight (0: no queues)")
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.perf_counter if args.wall else time.thread_time
@@ -235,10 +249,10 @@ def main() -> None:
     baseline: dict[int, dict[str, list[float]]] = {}
     for hosts in args.hosts:
         started = time.perf_counter()
-        state = build(hosts, args.seed, args.finished_per_gpu_day)
+        state = build(hosts, args.seed, args.finished_per_gpu_day, args.queues)
         built = time.perf_counter() - started
         results[hosts] = measure(state, args.repeats) | measure_snapshot(state, args.snapshot_repeats)
-        if hosts <= args.reference_max_hosts:
+        if hosts <= args.reference_max_hosts and not args.queues:
             baseline[hosts] = measure_reference(state, max(3, args.repeats // (hosts // 10 or 1) // 10))
         print(
             f"N={hosts} hosts ({hosts * GPUS_PER_HOST} GPUs), L={hosts * GPUS_PER_HOST} leases, "

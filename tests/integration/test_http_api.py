@@ -135,6 +135,9 @@ def test_queue_then_allocate_on_release_and_request_status(api: Api) -> None:
     assert api.get("/gpu/requests/wait-1").json()["status"] == "queued"
     listing = api.get("/gpu/list").json()
     assert [q["request_id"] for q in listing["queue"]] == ["wait-1"]
+    # Why it waits: first in line, and no node has two GPUs free.
+    assert listing["queue"][0]["reason"] == "resources" and listing["queue"][0]["reason_detail"]
+    assert api.get("/gpu/requests/wait-1").json()["queue"]["reason"] == "resources"
     api.post("/gpu/release", {"allocation_id": first["id"]})
     record = wait_for(lambda: (r := api.get("/gpu/requests/wait-1").json())["status"] == "allocated" and r)
     assert record["allocation"]["gpu_ids"] and len(record["allocation"]["gpu_ids"]) == 2
@@ -487,7 +490,7 @@ def test_auth_keys_bind_services_and_leave_probes_open(tmp_path: Path) -> None:
         for path in ("/", "/healthz", "/metrics", "/openapi.json"):
             assert anonymous.get(path).status_code == 200
         gets = ["/gpu/status", "/gpu/list", "/cluster/members", "/cluster/leader", "/cluster/servers",
-                "/gpu/allocations/x", "/gpu/requests/x", "/usage"]
+                "/gpu/allocations/x", "/gpu/requests/x", "/usage", "/queues"]
         posts = ["/gpu/allocate", "/gpu/release", "/gpu/renew", "/gpu/workload", "/gpu/drain", "/gpu/undrain",
                  "/cluster/servers"]
         for client in (anonymous, wrong):
@@ -517,6 +520,15 @@ def test_auth_keys_bind_services_and_leave_probes_open(tmp_path: Path) -> None:
         for client in (anonymous, trainer, ops, wrong):
             client.client.close()
         agent.kill()
+
+
+def test_queues_without_configuration_is_one_default_queue(api: Api) -> None:
+    """No [queues]: GET /queues shows the implicit default queue, holding what is leased."""
+    held = api.post("/gpu/allocate", {"service_name": "queued-svc", "gpu_count": 1}).json()
+    assert held["queue_name"] == "default" and held["preemptible"] is True
+    [default] = api.get("/queues").json()["queues"]
+    assert default | {"name": "default", "declared": False, "in_use_gpus": 1, "guaranteed_gpus": 0} == default
+    api.post("/gpu/release", {"allocation_id": held["allocation_id"]})
 
 
 def test_gpu_status_pages_filters_and_summarizes(api: Api) -> None:

@@ -172,3 +172,17 @@ def test_api_key_errors_are_config_errors() -> None:
 def test_bad_keys_file(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ApiKeyError, match=message):
         ApiKeyring.load(write(tmp_path, text))
+
+
+def test_a_key_may_name_the_queue_its_requests_count_against(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[keys.nightly]\nsha256 = "{hash_key("n")}"\nservice = "etl"\nqueue = "batch"\n')
+    keyring = ApiKeyring.load(path)
+    assert keyring.authenticate("n") == ApiKey(name="nightly", service="etl", admin=False, queue="batch")
+    assert keyring.queues() == {"batch"}
+
+
+@pytest.mark.parametrize("queue", ['""', "3", '"two words"'])
+def test_a_queue_that_is_no_queue_name_is_refused(tmp_path: Path, queue: str) -> None:
+    path = write(tmp_path, f'[keys.nightly]\nsha256 = "{hash_key("n")}"\nservice = "etl"\nqueue = {queue}\n')
+    with pytest.raises(ApiKeyError, match=r"\[keys\.nightly\]: queue must be a queue name"):
+        ApiKeyring.load(path)

@@ -536,3 +536,12 @@ def test_usage_query_refuses_what_it_cannot_read(args: dict[str, str]) -> None:
     with pytest.raises(InvalidRequest) as refused:
         parse_usage_query(args, NOW)
     assert refused.value.code == "invalid_request"
+
+
+def test_an_integer_a_log_entry_cannot_carry_is_refused_in_workload_data() -> None:
+    """workload_data travels in the request's log entry (msgpack: 64-bit integers); a larger one is a 400,
+    not an entry that cannot be encoded (which stopped the agent's log)."""
+    assert parse_allocate_body({"service_name": "svc", "workload_data": {"n": 2**64 - 1, "m": -(2**63)}})
+    for big in (2**64, -(2**63) - 1):
+        invalid({"service_name": "svc", "workload_data": {"deep": [{"n": big}]}}, "workload_data holds an integer outside",
+                code="integer_out_of_range")
