@@ -6,6 +6,10 @@ H100 behind NVSwitches, two sockets). Each reads its topology through the
 device layer at start, the inventory hands it to placement, and the
 allocation says how its GPUs are wired. The leader's metrics and `gpuctl
 status` show the largest request each node can still take.
+
+Then a cluster of one server and a client on `--simulate pcie-2socket`: the
+client's topology reaches the leader by gossip, a pair takes one PCIe switch,
+and a 4-GPU request after it takes the other socket whole.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import gpuctl
-from tests.agent_process import AgentProcess
+from tests.agent_process import AgentProcess, cluster_agents, start_together
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +98,31 @@ def test_four_gpus_on_hgx_get_an_nvlink_set_on_one_socket(hgx: AgentProcess, cap
     assert "largest request now: 4 GPU(s), 4 all-NVLink" in out
     status = httpx.get(f"{hgx.url}/gpu/status?summary=true", timeout=10).json()
     assert status["nodes"][0]["largest_request"] == {"gpus": 4, "nvlink": 4}
+
+
+def test_a_client_s_topology_reaches_the_leader_by_gossip(tmp_path: Path) -> None:
+    server, client = cluster_agents(
+        tmp_path, ["127.0.0.127", "127.0.0.128"], ["topo-server", "topo-client"], servers=1,
+        simulate=["1xL4-24GB", "pcie-2socket"],
+    )
+    try:
+        start_together([server, client])
+
+        def client_known() -> dict[str, Any] | None:
+            nodes = httpx.get(f"{server.url}/gpu/status?summary=true", timeout=10).json()["nodes"]
+            return next((n for n in nodes if n["node"] == "topo-client" and n["largest_request"]["nvlink"]), None)
+
+        # No NVLink on L40S: the largest all-NVLink set is one GPU, and only a known topology says so.
+        assert wait_for(client_known, timeout=20)["largest_request"] == {"gpus": 8, "nvlink": 1}
+        on_client = {"service_name": "trainer", "constraints": {"node": "topo-client"}}
+        pair = httpx.post(f"{server.url}/gpu/allocate", json={**on_client, "gpu_count": 2}, timeout=20).json()
+        quad = httpx.post(f"{server.url}/gpu/allocate", json={**on_client, "gpu_count": 4}, timeout=20).json()
+    finally:
+        server.kill()
+        client.kill()
+
+    assert pair["gpu_ids"] == [0, 1]
+    assert pair["topology"] == {"score": 16, "links": "PIX", "numa_node": 0, "cpu_list": "0-31,64-95"}
+    # By index the quad would be 2-5, across the sockets; it takes the other socket whole.
+    assert quad["gpu_ids"] == [4, 5, 6, 7]
+    assert quad["topology"] == {"score": 64, "links": "PHB", "numa_node": 1, "cpu_list": "32-63,96-127"}
