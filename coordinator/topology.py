@@ -344,17 +344,20 @@ class NodeTopology:
     def best_set(self, forced: Sequence[int], ties: Sequence[int], need: int, free: Sequence[int]) -> tuple[int, ...]:
         """The `need` GPUs to take, in index order: all of `forced`, and the best of `ties` for the rest.
 
-        `free` are all of the node's free GPUs (forced and ties among them),
-        for the fragmentation measure. Raises ValueError when `forced` and
-        `ties` together hold fewer than `need` GPUs, or `forced` more.
+        `free` are all of the node's free GPUs, forced and ties among them, for
+        the fragmentation measure. Raises ValueError when `forced` and `ties`
+        together hold fewer than `need` GPUs, `forced` more, or when `free`
+        lacks one of them.
         """
         rest = need - len(forced)
         if rest < 0 or rest > len(ties):
             raise ValueError(f"cannot take {need} GPUs from {len(forced)} forced and {len(ties)} interchangeable")
         ordered_ties = tuple(sorted(ties))
+        key = (tuple(sorted(forced)), ordered_ties, need, tuple(sorted(set(free))))
+        if not set(forced).union(ordered_ties) <= set(key[3]):
+            raise ValueError("the GPUs to choose from must be among the free ones")
         if rest == 0 or rest == len(ordered_ties):
             return tuple(sorted((*forced, *ordered_ties[:rest])))
-        key = (tuple(sorted(forced)), ordered_ties, need, tuple(sorted(free)))
         known = self._memo.get(key)
         if known is not None:
             return known
@@ -363,11 +366,16 @@ class NodeTopology:
         else:
             candidates = self._greedy(key[0], ordered_ties, rest)
         base = key[0]
-        free_set = set(free)
+        # Each free GPU's links to the other free GPUs, summed: what taking it removes
+        # from the pairs left (pairs inside the set are removed twice, so added back once).
+        rows = {a: sum(self.weight(a, b) for b in key[3] if b != a) for a in key[3]}
+        left_total = sum(rows.values()) // 2
         best: tuple[_Rank, tuple[int, ...]] | None = None
         for extra in candidates:
             chosen = tuple(sorted((*base, *extra)))
-            rank = self._rank(chosen, free_set)
+            weights = [self.weight(a, b) for i, a in enumerate(chosen) for b in chosen[i + 1 :]]
+            inside = sum(weights)
+            rank = (min(weights, default=0), inside, left_total - sum(rows[c] for c in chosen) + inside)
             # Strictly better only: candidates come lowest indices first, so ties keep those.
             if best is None or rank > best[0]:
                 best = (rank, chosen)
@@ -376,12 +384,6 @@ class NodeTopology:
             self._memo.clear()
         self._memo[key] = best[1]
         return best[1]
-
-    def _rank(self, chosen: Sequence[int], free: set[int]) -> _Rank:
-        weights = [self.weight(a, b) for i, a in enumerate(chosen) for b in chosen[i + 1 :]]
-        left = sorted(free.difference(chosen))
-        fragmentation = sum(self.weight(a, b) for i, a in enumerate(left) for b in left[i + 1 :])
-        return (min(weights, default=0), sum(weights), fragmentation)
 
     def _greedy(self, forced: tuple[int, ...], ties: tuple[int, ...], rest: int) -> list[tuple[int, ...]]:
         """One set per tie GPU, grown from it (and `forced`) a GPU at a time, each step the best for

@@ -181,6 +181,8 @@ def test_forced_gpus_are_always_in_the_set() -> None:
     assert PCIE_2SOCKET.best_set((4,), (0, 1, 2, 3, 5, 6, 7), 4, range(8)) == (4, 5, 6, 7)
     with pytest.raises(ValueError):
         PCIE_2SOCKET.best_set((4,), (5,), 3, range(8))
+    with pytest.raises(ValueError, match="among the free"):
+        PCIE_2SOCKET.best_set((4,), (5, 6), 2, (5, 6))
 
 
 def test_unknown_links_rank_below_every_known_one() -> None:
