@@ -231,15 +231,19 @@ class NodeTopology:
 
     @classmethod
     def from_nvidia_smi(cls, text: str) -> NodeTopology:
-        """The topology `nvidia-smi topo -m` printed as `text` (its GPU rows; NIC rows and the legend are skipped).
+        """The topology `nvidia-smi topo -m` printed as `text`: its GPU rows and columns.
 
-        Each GPU row is `GPU<i>`, one cell per GPU column (X on the diagonal,
-        NV<n>, PIX, PXB, PHB, NODE or SYS), then optionally the CPU affinity and
-        the NUMA affinity (N/A for unknown). Raises ValueError for a row it cannot read.
+        The header names the devices (GPU<i>, and NICs, whose columns and rows
+        are skipped), then "CPU Affinity", "NUMA Affinity" and, on newer
+        drivers, "GPU NUMA ID". Each GPU row is `GPU<i>`, one cell per device
+        (X on its own column; NV<n>, PIX, PXB, PHB, NODE or SYS towards a GPU),
+        then its CPU and NUMA affinity (N/A: unknown). The legend is skipped.
+        Raises ValueError for a GPU row it cannot read.
         """
         lines = [line.split() for line in text.strip().splitlines() if line.strip()]
-        header = [word for word in lines[0] if re.fullmatch(r"GPU\d+", word)]
-        columns = [int(word[3:]) for word in header]
+        header = lines[0]
+        devices = header[: header.index("CPU")] if "CPU" in header else header
+        columns = [int(word[3:]) if re.fullmatch(r"GPU\d+", word) else None for word in devices]
         links: dict[tuple[int, int], int] = {}
         numa: dict[int, int | None] = {}
         cpus: dict[int, str | None] = {}
@@ -249,8 +253,10 @@ class NodeTopology:
             row = int(words[0][3:])
             cells, rest = words[1 : 1 + len(columns)], words[1 + len(columns) :]
             if len(cells) != len(columns):
-                raise ValueError(f"row {words[0]} has {len(cells)} cells for {len(columns)} GPUs")
+                raise ValueError(f"row {words[0]} has {len(cells)} cells for {len(columns)} devices")
             for column, cell in zip(columns, cells):
+                if column is None:
+                    continue  # towards a NIC
                 if column == row:
                     if cell != "X":
                         raise ValueError(f"row {words[0]}: expected X on the diagonal, got {cell}")

@@ -281,3 +281,26 @@ def test_largest_requests_per_node_and_for_the_cluster() -> None:
     assert cluster_largest_request(per_node.values()) == LargestRequest(gpus=5, nvlink=5)
     assert cluster_largest_request([LargestRequest(1, None)]) == LargestRequest(1, None)
     assert cluster_largest_request([]) == LargestRequest(0, None)
+
+
+def test_nic_columns_and_the_gpu_numa_id_column_of_newer_drivers_are_skipped() -> None:
+    # The shape of a DGX H100's output (NICs trimmed to two) on driver 550+, and a lone H200.
+    dgx = NodeTopology.from_nvidia_smi(
+        """
+        GPU0    GPU1    NIC0    NIC1    CPU Affinity    NUMA Affinity   GPU NUMA ID
+GPU0     X      NV18    PXB     SYS     0-55,112-167    0               N/A
+GPU1    NV18     X      SYS     PXB     56-111,168-223  1               N/A
+NIC0    PXB     SYS      X      SYS
+NIC1    SYS     PXB     SYS      X
+
+Legend:
+
+  X    = Self
+NIC Legend:
+
+  NIC0: mlx5_0
+"""
+    )
+    assert dgx == NodeTopology({(0, 1): nvlink(18)}, {0: 0, 1: 1}, {0: "0-55,112-167", 1: "56-111,168-223"})
+    lone = NodeTopology.from_nvidia_smi("\tGPU0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\nGPU0\t X \t0-15\t0\t\tN/A\n")
+    assert lone.indices == (0,) and lone.cpu_list(0) == "0-15" and lone.numa_node(0) == 0
