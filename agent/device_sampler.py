@@ -53,6 +53,12 @@ HealthCallback = Callable[[int, GpuHealth], None]
 _LINK_CODES = {"same_board": PIX, "pcie_switch": PIX, "host_bridge": PHB, "cross_cpu": SYS, "unknown": UNKNOWN}
 
 
+def _link_code(link: GpuLink) -> int:
+    if link.relation == "nvlink" and link.nvlinks:
+        return nvlink(link.nvlinks)
+    return _LINK_CODES.get(link.relation, UNKNOWN)
+
+
 def node_topology(links: Sequence[GpuLink], affinity: Sequence[GpuAffinity]) -> NodeTopology | None:
     """What the backend's links and affinities say as a NodeTopology; None when they say nothing.
 
@@ -60,11 +66,7 @@ def node_topology(links: Sequence[GpuLink], affinity: Sequence[GpuAffinity]) -> 
     """
     if not links and not affinity:
         return None
-    codes = {
-        (link.a, link.b): nvlink(link.nvlinks) if link.relation == "nvlink" and link.nvlinks else
-        _LINK_CODES.get(link.relation, UNKNOWN)
-        for link in links
-    }
+    codes = {(link.a, link.b): _link_code(link) for link in links}
     cpus: dict[int, str | None] = {}
     for gpu in affinity:
         cpus[gpu.index] = gpu.cpu_list

@@ -887,11 +887,12 @@ class NvmlDevices(DeviceBackend):
             except _GpuLost as exc:
                 log.info("GPU %d left out of the CPU affinities: %s", gpu.index, exc)
                 continue
+            node = self._sysfs_numa(gpu) if numa is None else int(numa)
             cpus = [64 * w + bit for w, word in enumerate(mask or ()) for bit in range(64) if int(word) >> bit & 1]
             result.append(
                 GpuAffinity(
                     index=gpu.index,
-                    numa_node=(int(numa) if int(numa) >= 0 else None) if numa is not None else self._sysfs_numa(gpu),
+                    numa_node=node if node is not None and node >= 0 else None,
                     cpu_list=format_cpulist(cpus) if cpus else self._sysfs_text(gpu, "local_cpulist"),
                 )
             )
@@ -926,12 +927,12 @@ class NvmlDevices(DeviceBackend):
             return None
 
     def _sysfs_numa(self, gpu: _Gpu) -> int | None:
+        """The GPU's NUMA node as sysfs says it (-1: none), or None when it cannot be read."""
         text = self._sysfs_text(gpu, "numa_node")
         try:
-            node = None if text is None else int(text)
+            return None if text is None else int(text)
         except ValueError:
             return None
-        return node if node is not None and node >= 0 else None
 
     def _remote_kind(self, gpu: _Gpu, link: int) -> int | None:
         """What is at the far end of a link; None where the driver predates the query."""
