@@ -575,7 +575,7 @@ class LeaseTable:
             queued = list(self._queue)
             self._queue = WaitQueue(queued, age_weight_per_hour=cmd.policy.age_weight_per_hour)
             self._queues = QueueLedger(cmd.policy.age_weight_per_hour)
-            self._queues.load(self._allocations.values(), queued)
+            self._queues.load(self._allocations.values(), queued, self._preempting)
         return ApplyResult()
 
     def _preempt(self, cmd: Preempt) -> ApplyResult:
@@ -612,6 +612,7 @@ class LeaseTable:
             alloc = self._allocations[allocation_id]
             self._preempting[allocation_id] = (deadline, cmd.reason)
             self._preempt_deadlines.add((deadline, allocation_id))
+            self._queues.mark_preempting(alloc)
             events.append(
                 LeaseEvent("preempting", cmd.at, alloc.request, allocation=alloc, reason=cmd.reason, deadline=deadline)
             )
@@ -654,7 +655,9 @@ class LeaseTable:
                 taken[queue] += len(self._allocations[allocation_id].gpus)
         for queue, gpus in taken.items():
             guarantee = self._policy.spec(queue).guarantee
-            if self._queues.gpus[queue] - gpus < guarantee:
+            # Leases already in their grace period are gone from the queue as far as
+            # its guarantee goes: two preemptions may not each take what only one could.
+            if self._queues.kept(queue) - gpus < guarantee:
                 raise Conflict(
                     f"preempting {gpus} GPU(s) of queue {queue} would take it below its guarantee of {guarantee}",
                     code="guarantee_kept",
@@ -749,7 +752,7 @@ class LeaseTable:
             self._holders_changed(node)
         self._queue = WaitQueue(queued, age_weight_per_hour=self._policy.age_weight_per_hour)
         self._queues = QueueLedger(self._policy.age_weight_per_hour)
-        self._queues.load(allocs, queued)
+        self._queues.load(allocs, queued, self._preempting)
 
     def _add_allocation(self, alloc: Allocation) -> None:
         self._allocations[alloc.allocation_id] = alloc
@@ -779,8 +782,8 @@ class LeaseTable:
             del self._node_allocations[alloc.node]
         self._remove_expiry(alloc)
         self._holders_changed(alloc.node)
-        self._queues.remove_lease(alloc)
         preempting = self._preempting.pop(alloc.allocation_id, None)
+        self._queues.remove_lease(alloc, preempting=preempting is not None)
         if preempting is not None:
             self._preempt_deadlines.remove((preempting[0], alloc.allocation_id))
 

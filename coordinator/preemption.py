@@ -34,6 +34,7 @@ candidate's own queue for priority), not the whole table.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from coordinator.commands import Preempt
@@ -50,6 +51,9 @@ class _Candidate:
     reclaim: bool
     # GPUs of the lease that could serve the request.
     useful: int
+    # GPUs its queue must keep after the set is taken (its guarantee, or its fair
+    # share for a reclaim toward fair share); None for the claimant's own queue.
+    floor: float | None
 
     def order(self) -> tuple[int, int, float, str]:
         return (0 if self.reclaim else 1, self.alloc.request.priority, -self.alloc.allocated_at, self.alloc.allocation_id)
@@ -82,16 +86,16 @@ def choose_victims(
                 continue
             if request.requirements.node is not None and alloc.node != request.requirements.node:
                 continue
-            reclaim, allowed = _allowed(alloc, request, standing, book, effective, gap, below_fair)
+            reclaim, allowed, floor = _allowed(alloc, request, standing, book, effective, gap, below_fair)
             if not allowed:
                 continue
             useful = sum(1 for g in alloc.gpus if _serves(inventory, g.node, g.index, request))
             if useful:
-                by_node.setdefault(alloc.node, []).append(_Candidate(alloc, reclaim, useful))
+                by_node.setdefault(alloc.node, []).append(_Candidate(alloc, reclaim, useful, floor))
     best: tuple[tuple[int, int, str], list[_Candidate]] | None = None
     for node in sorted(by_node):
         have = sum(1 for g in walk.open.by_node.get(node, ()) if walk.eligible(g, request))
-        chosen = _minimal_set(sorted(by_node[node], key=_Candidate.order), need - have)
+        chosen = _minimal_set(sorted(by_node[node], key=_Candidate.order), need - have, book)
         if chosen is None:
             continue
         score = (len(chosen), sum(len(c.alloc.gpus) for c in chosen), node)
@@ -130,37 +134,48 @@ def _allowed(
     effective: float,
     gap: int,
     below_fair: bool,
-) -> tuple[bool, bool]:
-    """(is it a reclaim, may it be taken) for lease `alloc` and the candidate `request`."""
+) -> tuple[bool, bool, float | None]:
+    """(is it a reclaim, may it be taken, what its queue must keep) for lease `alloc` and the candidate `request`."""
     queue = alloc.request.queue_name
     gpus = len(alloc.gpus)
     spec = book.policy.spec(queue)
+    guarantee = float(spec.guarantee)
     borrowed = book.held[queue] - gpus >= spec.guarantee
     if borrowed and spec.parent is not None:
         parent = book.policy.spec(spec.parent)
         borrowed = parent.guarantee == 0 or book.parent_held(parent.name) - gpus >= parent.guarantee
     lower = gap > 0 and alloc.request.priority <= effective - gap
     if queue == request.queue_name:
-        return False, standing in (Standing.GUARANTEED, Standing.PRIORITY) and lower
+        return False, standing in (Standing.GUARANTEED, Standing.PRIORITY) and lower, None
     if not borrowed:
-        return False, False
+        return False, False, guarantee
     if standing is Standing.PRIORITY:
-        return False, lower
+        return False, lower, guarantee
     if standing is Standing.GUARANTEED:
-        return True, True
-    if below_fair and book.held[queue] - gpus >= book.fair_share(queue) - 1e-9:
-        return True, True
-    return False, lower
+        return True, True, guarantee
+    fair = book.fair_share(queue)
+    if below_fair and book.held[queue] - gpus >= fair - 1e-9:
+        return True, True, max(guarantee, fair)
+    return False, lower, guarantee
 
 
-def _minimal_set(ordered: list[_Candidate], short: int) -> list[_Candidate] | None:
-    """The first leases of `ordered` that give `short` useful GPUs, with any that is not needed dropped."""
+def _minimal_set(ordered: list[_Candidate], short: int, book: QueueBook) -> list[_Candidate] | None:
+    """The first leases of `ordered` that give `short` useful GPUs, with any that is not needed dropped.
+
+    A lease is passed over when, with the ones already in the set, it would take
+    its queue below its floor (or its parent below the parent's guarantee): each
+    lease alone may be borrowed while two of them together are not.
+    """
     if short <= 0:
         return None  # it fits without preemption: the pass will place it
     chosen: list[_Candidate] = []
+    taken: Counter[str] = Counter()
     got = 0
     for candidate in ordered:
+        if not _keeps_floor(candidate, taken, book):
+            continue
         chosen.append(candidate)
+        taken[candidate.alloc.request.queue_name] += len(candidate.alloc.gpus)
         got += candidate.useful
         if got >= short:
             break
@@ -171,6 +186,22 @@ def _minimal_set(ordered: list[_Candidate], short: int) -> list[_Candidate] | No
             chosen.remove(candidate)
             got -= candidate.useful
     return chosen
+
+
+def _keeps_floor(candidate: _Candidate, taken: Counter[str], book: QueueBook) -> bool:
+    """Whether taking `candidate` as well as `taken` (GPUs per queue) leaves its queue at its floor."""
+    if candidate.floor is None:
+        return True
+    queue = candidate.alloc.request.queue_name
+    gpus = len(candidate.alloc.gpus)
+    if book.held[queue] - taken[queue] - gpus < candidate.floor - 1e-9:
+        return False
+    parent_name = book.policy.spec(queue).parent
+    if parent_name is None:
+        return True
+    parent = book.policy.spec(parent_name)
+    siblings = sum(taken[c] for c in book.policy.children(parent_name))
+    return parent.guarantee == 0 or book.parent_held(parent_name) - siblings - gpus >= parent.guarantee
 
 
 def _serves(inventory: Inventory, node: str, index: int, request: AllocationRequest) -> bool:

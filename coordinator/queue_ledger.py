@@ -13,7 +13,7 @@ declared or not: the table does not interpret the policy, it only counts.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Hashable, Iterable, TypeVar
+from typing import Container, Hashable, Iterable, TypeVar
 
 from sortedcontainers import SortedList
 
@@ -36,6 +36,9 @@ class QueueLedger:
         # Each queue's leases by (priority, allocation id): lowest first, for priority preemption.
         self.by_priority: dict[str, SortedList[tuple[int, str]]] = {}
         self.pending_gpus: Counter[str] = Counter()
+        # GPUs of leases in their grace period, per queue: already promised away,
+        # so neither a guarantee they protect nor a borrow they make.
+        self.preempting_gpus: Counter[str] = Counter()
 
     def add_lease(self, alloc: Allocation) -> None:
         queue = alloc.request.queue_name
@@ -45,9 +48,11 @@ class QueueLedger:
         self.leases.setdefault(queue, set()).add(alloc.allocation_id)
         self.by_priority.setdefault(queue, SortedList()).add((alloc.request.priority, alloc.allocation_id))
 
-    def remove_lease(self, alloc: Allocation) -> None:
+    def remove_lease(self, alloc: Allocation, preempting: bool = False) -> None:
         queue = alloc.request.queue_name
         _decrement(self.gpus, queue, len(alloc.gpus))
+        if preempting:
+            _decrement(self.preempting_gpus, queue, len(alloc.gpus))
         for gpu in alloc.gpus:
             _decrement(self.gpus_by_name, (queue, gpu.name), 1)
         ids = self.leases[queue]
@@ -58,6 +63,14 @@ class QueueLedger:
         ranked.remove((alloc.request.priority, alloc.allocation_id))
         if not ranked:
             del self.by_priority[queue]
+
+    def mark_preempting(self, alloc: Allocation) -> None:
+        """Count a lease that entered its grace period."""
+        self.preempting_gpus[alloc.request.queue_name] += len(alloc.gpus)
+
+    def kept(self, queue: str) -> int:
+        """GPUs `queue` holds and keeps: its leases' less those in their grace period."""
+        return self.gpus[queue] - self.preempting_gpus[queue]
 
     def add_waiting(self, queued: QueuedRequest) -> None:
         queue = queued.request.queue_name
@@ -75,10 +88,14 @@ class QueueLedger:
             del self.waiting[queue]
         _decrement(self.pending_gpus, queue, queued.request.requirements.gpu_count)
 
-    def load(self, allocs: Iterable[Allocation], queued: Iterable[QueuedRequest]) -> None:
+    def load(
+        self, allocs: Iterable[Allocation], queued: Iterable[QueuedRequest], preempting: Container[str] = ()
+    ) -> None:
         """Fill an empty ledger at once (a restore or a change of aging): one sort per queue."""
         for alloc in allocs:
             self.add_lease(alloc)
+            if alloc.allocation_id in preempting:
+                self.mark_preempting(alloc)
         by_queue: dict[str, list[QueuedRequest]] = {}
         for q in queued:
             by_queue.setdefault(q.request.queue_name, []).append(q)

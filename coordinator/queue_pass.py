@@ -120,20 +120,33 @@ def plan(
     def done() -> bool:
         return extra_id is not None and extra_id in handled
 
-    # Round 0: claims, in rank order.
+    # Round 0: claims, in rank order. The book counts each claimant as holding its
+    # GPUs already (queue_rules.py); it is uncounted here and counted again by
+    # `take` when placed, or by `claim` while it still waits for its victims.
+    # Claimants whose victims are all gone come first: the GPUs those victims freed
+    # are theirs, not a higher-ranked claimant's on the same node that still waits
+    # for its own victims (it would leave the first to preempt all over again).
+    def waits_for_victims(request_id: str) -> bool:
+        return any(_still_held(walk, v) for v in table.claims()[request_id][1])
+
     claimed = sorted(
-        (w for w in (table.queued(i) for i in table.claims()) if w is not None and w.request.request_id not in handled),
-        key=lambda q: table.rank_key(q.request),
+        (w for w in (table.queued(i) for i in table.claims()) if w is not None),
+        key=lambda q: (waits_for_victims(q.request.request_id), table.rank_key(q.request)),
     )
     for claimant in claimed:
         request = claimant.request
-        node, victims = table.claims()[request.request_id]
-        if not any(table.allocation(v) is not None for v in victims) and not _fits_on(walk, request, node):
+        book.unclaim(request.request_id)
+        if request.request_id in handled:
+            continue
+        node, _ = table.claims()[request.request_id]
+        waiting_for_victims = waits_for_victims(request.request_id)
+        if not waiting_for_victims and not _fits_on(walk, request, node):
             continue  # every victim is gone and it still does not fit there: an ordinary waiter again
         if book.classify(request).standing is Standing.QUOTA:
             continue  # its queue filled up meanwhile (the cap): it waits like any other
         pinned = dataclasses.replace(request, requirements=dataclasses.replace(request.requirements, node=node))
-        place(request, pinned)
+        if not place(request, pinned) and waiting_for_victims:
+            book.claim(request)
 
     queues = sorted({*table.queue_ledger.waiting, *([extra.request.queue_name] if extra else [])})
 
@@ -250,6 +263,12 @@ def _below_fair_share(book: QueueBook, request: AllocationRequest) -> bool:
 def _add_candidate(result: QueuePlan, request: AllocationRequest, find_candidates: bool) -> None:
     if find_candidates and len(result.candidates) < MAX_CANDIDATES:
         result.candidates.append((request, Standing.BORROW))
+
+
+def _still_held(walk: PlanWalk, allocation_id: str) -> bool:
+    """Whether a victim still holds its GPUs in this pass (not ended, not ending in this tick)."""
+    alloc = walk.table.allocation(allocation_id)
+    return alloc is not None and not all(g.ref in walk.released for g in alloc.gpus)
 
 
 def _fits_on(walk: PlanWalk, request: AllocationRequest, node: str) -> bool:

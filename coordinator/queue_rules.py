@@ -65,22 +65,35 @@ class Verdict:
 class QueueBook:
     """Per-queue GPU counts for one pass, and the rules read against them."""
 
-    def __init__(self, policy: QueuePolicy, ledger: QueueLedger, capacity: int) -> None:
+    def __init__(
+        self,
+        policy: QueuePolicy,
+        ledger: QueueLedger,
+        capacity: int,
+        claims: Mapping[str, AllocationRequest] | None = None,
+    ) -> None:
         self.policy = policy
         self.ledger = ledger
         self.capacity = capacity
-        # GPUs per queue as the pass goes: held, plus planned, minus picked to preempt.
-        self.used: Counter[str] = Counter(ledger.gpus)
-        # GPUs per queue that leases certainly hold (the table's), minus those picked
-        # to preempt: what protects a victim queue's guarantee. Placements planned or
-        # in flight are left out, as they may yet be refused.
-        self.held: Counter[str] = Counter(ledger.gpus)
+        # GPUs per queue that leases hold and keep (the table's, less leases in their
+        # grace period), minus those this pass picks to preempt: what protects a
+        # victim queue's guarantee. Placements planned or in flight are left out,
+        # as they may yet be refused.
+        self.held: Counter[str] = Counter({q: ledger.kept(q) for q in ledger.gpus})
+        # GPUs per queue as the pass goes: what it keeps, plus what its claimants
+        # (requests victims are being preempted for) will get, plus placements
+        # planned. Counting a claim from the moment its Preempt is decided is what
+        # keeps the next pass from preempting again for the same entitlement.
+        self.used: Counter[str] = Counter(self.held)
         # Model-keyed use for per-model guarantees: (queue, model key) -> GPUs.
         self._model_used: dict[tuple[str, str], int] = {}
         for spec in policy.queues:
             for model, _ in spec.guaranteed_by_model:
                 self._model_used[(spec.name, model)] = ledger.model_gpus(spec.name, model)
         self.total_used = sum(self.used.values())
+        self._claims: dict[str, AllocationRequest] = {}
+        for request in (claims or {}).values():
+            self.claim(request)
         self._shares: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ counts
@@ -158,6 +171,27 @@ class QueueBook:
         self.total_used += len(gpu_names)
         for spec_model in self._models_of(name):
             self._model_used[(name, spec_model)] += sum(1 for g in gpu_names if spec_model.lower() in g.lower())
+
+    def claim(self, request: AllocationRequest) -> None:
+        """Count `request` as holding its GPUs: victims are being preempted for it."""
+        if request.request_id in self._claims:
+            return
+        self._claims[request.request_id] = request
+        self._count_claim(request, 1)
+
+    def unclaim(self, request_id: str) -> None:
+        """Stop counting a claim: its request is placed (`take` counts it then) or waits like any other."""
+        request = self._claims.pop(request_id, None)
+        if request is not None:
+            self._count_claim(request, -1)
+
+    def _count_claim(self, request: AllocationRequest, sign: int) -> None:
+        name, need = request.queue_name, request.requirements.gpu_count
+        self.used[name] += sign * need
+        self.total_used += sign * need
+        model, _ = self.policy.spec(name).model_guarantee(request.requirements.gpu_model)
+        if model is not None:
+            self._model_used[(name, model)] = self._model_used.get((name, model), 0) + sign * need
 
     def give_back(self, queue: str, gpu_names: tuple[str, ...]) -> None:
         """Count a lease the pass picked to preempt as gone from `queue`."""

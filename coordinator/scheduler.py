@@ -176,7 +176,9 @@ class Scheduler:
         caution, never an excess.)
         """
         table = walk.table
-        book = QueueBook(table.queue_policy, table.queue_ledger, len(walk.inventory))
+        claimants = (table.queued(i) for i in table.claims())
+        claims = {q.request.request_id: q.request for q in claimants if q is not None}
+        book = QueueBook(table.queue_policy, table.queue_ledger, len(walk.inventory), claims)
         for queue, gpus in (pending_queues or {}).items():
             book.used[queue] += gpus
         book.total_used += len(pending)
@@ -236,22 +238,25 @@ class Scheduler:
         """Placements of a pass under the queue policy, then preemptions for entitled requests left waiting."""
         table = walk.table
         book = self._book(walk, pending, pending_queues)
-        for allocation_id, _ in table.preemptions_due(now):
-            alloc = table.allocation(allocation_id)
-            if alloc is not None:
-                book.give_back(alloc.request.queue_name, tuple(g.name for g in alloc.gpus))
+        # Leases whose grace ends now are already out of their queues' counts (the
+        # book counts leases in their grace period as gone), and their GPUs open.
         result = queue_pass.plan(walk, book, now, skip)
         commands: list[Command] = [
             Allocate(now, self._allocation(request, placement, now)) for request, placement in result.placements
         ]
         taken: set[str] = set()
-        for request, standing in result.candidates:
+        for request, planned in result.candidates:
             claim = table.claim(request.request_id)
             if claim is not None and any(table.allocation(v) is not None for v in claim[1]):
                 continue  # its victims are in their grace period already
+            # Judged again: earlier candidates of this pass may have claimed what it was owed.
+            standing = _still_entitled(book, request, planned)
+            if standing is None:
+                continue
             preempt = choose_victims(request, standing, table, walk.inventory, walk, book, now, taken)
             if preempt is not None:
                 commands.append(preempt)
+                book.claim(request)
         return commands
 
     @staticmethod
@@ -320,6 +325,20 @@ class Scheduler:
             expires_at=now + ttl if ttl > 0 else None,
             topology=placement.topology,
         )
+
+
+def _still_entitled(book: QueueBook, request: AllocationRequest, planned: Standing) -> Standing | None:
+    """The standing a preemption candidate has now, or None when it no longer may preempt."""
+    standing = book.classify(request).standing
+    if standing is Standing.QUOTA:
+        return None
+    if standing is Standing.GUARANTEED:
+        return standing
+    if planned is Standing.PRIORITY:
+        return planned
+    if book.used[request.queue_name] + request.requirements.gpu_count <= book.fair_share(request.queue_name) + 1e-9:
+        return Standing.BORROW
+    return None
 
 
 def _matches_kind(req: Requirements, name: str, memory_mb: int) -> bool:
