@@ -520,6 +520,7 @@ def _attach_metrics(metrics: AgentMetrics, ctx: AgentContext, replication: Repli
             outbox_pending=lambda: ctx.outbox_pending,
             disk_stalled=ctx.disk_stalled_seconds,
             queues=lambda: [] if ctx.table is None else queue_views(ctx.table, ctx.inventory.inventory()),
+            inventory=ctx.inventory.inventory,
         )
     )
     metrics.attach_gossip(GossipCollector(ctx.membership))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import NotFound
+from coordinator.fragmentation import LargestRequest, cluster_largest_request, node_largest_request
 from coordinator.lease_table import LeaseTable
 from coordinator.model import UNHEALTHY, GpuRef, GpuView
 from coordinator.views import rfc3339
@@ -275,23 +276,30 @@ class AgentContext:
         nodes: list[dict[str, Any]] = []
         table = self.table
         ours = self.inventory.inventory()
+        largest: list[LargestRequest] = []
         for name, gpus in self._gpus_by_node(None, None):
             views = ours.node_views(name)
-            held = 0 if table is None else sum(1 for g in gpus if table.holder(GpuRef(name, _index(g))) is not None)
-            if table is None or not views:
-                held = sum(1 for g in gpus if isinstance(g, RemoteGpu) and g.gpu.allocated)
+            refs = [GpuRef(name, _index(g)) for g in gpus]
+            if table is not None and views:
+                held_refs = {ref for ref in refs if table.holder(ref) is not None}
+            else:
+                held_refs = {ref for ref, g in zip(refs, gpus) if isinstance(g, RemoteGpu) and g.gpu.allocated}
+            largest.append(node_largest_request(views, held_refs.__contains__, ours.topology(name)))
             nodes.append(
                 {
                     "node": name,
                     "gpus": len(gpus),
-                    "allocated": held,
+                    "allocated": len(held_refs),
                     "unhealthy": sum(1 for v in views if v.health == UNHEALTHY),
                     "drained": sum(1 for v in views if v.drained),
                     "scheduled_here": bool(views),
+                    # The largest request this node could take now (coordinator/fragmentation.py).
+                    "largest_request": largest[-1].to_wire(),
                 }
             )
         totals = {key: sum(n[key] for n in nodes) for key in ("gpus", "allocated", "unhealthy", "drained")}
-        return {"summary": {"nodes": len(nodes), **totals}, "nodes": nodes}
+        cluster = cluster_largest_request(largest).to_wire()
+        return {"summary": {"nodes": len(nodes), **totals, "largest_request": cluster}, "nodes": nodes}
 
     def gpu_row(self, node: str, index: int) -> dict[str, Any]:
         """One GPU's row. Raises NotFound for a GPU this agent does not know."""

@@ -10,6 +10,13 @@ errors, GPUs lost or back), and the usage tracker (coordinator/gpu_usage.py)
 with who holds each GPU. A GPU that disappears stays listed, unhealthy, with
 its last reading, so nobody mistakes a lost GPU for one that never existed.
 
+How the GPUs are wired (`topology`: NVLink and PCIe links, NUMA nodes, CPUs)
+is read in the same worker-thread call as a sample, but only when the set of
+answering GPUs differs from the one it was last read for: at the first sample
+and after a GPU is lost or comes back. It is gossiped and placement uses it
+(coordinator/topology.py). Failing to read it costs the sample nothing: the
+previous topology stays and the next sample tries again.
+
 Error handling
 --------------
 Each sample runs in a worker thread under a deadline (`timeout_s`). A sample
@@ -34,12 +41,42 @@ from coordinator.backoff import retry_delay
 from coordinator.gpu_health import HEALTHY_GPU, GpuHealth, HealthPolicy, HealthTracker
 from coordinator.gpu_usage import UsageTracker
 from coordinator.model import UNHEALTHY, GpuView
+from coordinator.topology import PHB, PIX, SYS, UNKNOWN, NodeTopology, nvlink, parse_cpulist
 
-from agent.devices.base import DeviceBackend, DeviceError, DeviceEvent, GpuReading
+from agent.devices.base import DeviceBackend, DeviceError, DeviceEvent, GpuAffinity, GpuLink, GpuReading
 
 log = logging.getLogger(__name__)
 
 HealthCallback = Callable[[int, GpuHealth], None]
+
+# GpuLink's PCIe relations as link codes (coordinator/topology.py); NVLink pairs count their links.
+_LINK_CODES = {"same_board": PIX, "pcie_switch": PIX, "host_bridge": PHB, "cross_cpu": SYS, "unknown": UNKNOWN}
+
+
+def _link_code(link: GpuLink) -> int:
+    if link.relation == "nvlink" and link.nvlinks:
+        return nvlink(link.nvlinks)
+    return _LINK_CODES.get(link.relation, UNKNOWN)
+
+
+def node_topology(links: Sequence[GpuLink], affinity: Sequence[GpuAffinity]) -> NodeTopology | None:
+    """What the backend's links and affinities say as a NodeTopology; None when they say nothing.
+
+    A CPU list that is not a Linux cpulist is logged and taken as unknown.
+    """
+    if not links and not affinity:
+        return None
+    codes = {(link.a, link.b): _link_code(link) for link in links}
+    cpus: dict[int, str | None] = {}
+    for gpu in affinity:
+        cpus[gpu.index] = gpu.cpu_list
+        if gpu.cpu_list is not None:
+            try:
+                parse_cpulist(gpu.cpu_list)
+            except ValueError as exc:
+                log.warning("GPU %d: CPU affinity left unknown: %s", gpu.index, exc)
+                cpus[gpu.index] = None
+    return NodeTopology(codes, {gpu.index: gpu.numa_node for gpu in affinity}, cpus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +86,10 @@ class GpuSnapshot:
     reading: GpuReading
     present: bool
     health: GpuHealth
+
+
+# The answering GPUs a topology was read for, and what was read.
+_Wiring = tuple[frozenset[int], NodeTopology | None]
 
 
 class DeviceSampler:
@@ -86,6 +127,9 @@ class DeviceSampler:
         self._views: list[GpuView] = []
         self._on_sample: list[Callable[[], None]] = []
         self._on_health: list[HealthCallback] = []
+        # How this host's GPUs are wired, and the answering GPUs it was read for (None: not read yet).
+        self.topology: NodeTopology | None = None
+        self._wired_for: frozenset[int] | None = None
 
     @property
     def degraded_reason(self) -> str | None:
@@ -139,18 +183,21 @@ class DeviceSampler:
             return False
         now = self._clock()
         started = trio.current_time()
-        readings: list[GpuReading] | None = None
+        result: tuple[list[GpuReading], _Wiring | None] | None = None
         try:
             with trio.move_on_after(self.timeout_s):
-                readings = await trio.to_thread.run_sync(
-                    self._sample_in_thread, now, abandon_on_cancel=True
+                result = await trio.to_thread.run_sync(
+                    self._sample_in_thread, now, self._wired_for, abandon_on_cancel=True
                 )
         except DeviceError as exc:
             self._fail(str(exc))
             return False
-        if readings is None:
+        if result is None:
             self._fail(f"device sample took longer than {self.timeout_s:g}s")
             return False
+        readings, wiring = result
+        if wiring is not None:
+            self._wired_for, self.topology = wiring
         self.last_sample_seconds = trio.current_time() - started
         self.last_sample_at = now
         self._absorb(readings, self.backend.drain_events(), now)
@@ -162,10 +209,24 @@ class DeviceSampler:
             callback()
         return True
 
-    def _sample_in_thread(self, now: float) -> list[GpuReading]:
+    def _sample_in_thread(
+        self, now: float, wired_for: frozenset[int] | None
+    ) -> tuple[list[GpuReading], _Wiring | None]:
+        """A sample, and the topology when the answering GPUs are not those it was read for."""
         self._busy.set()
         try:
-            return self.backend.sample(now)
+            readings = self.backend.sample(now)
+            present = frozenset(r.index for r in readings)
+            if present == wired_for:
+                return readings, None
+            try:
+                topology = node_topology(self.backend.topology(), self.backend.affinity())
+            except DeviceError as exc:
+                log.warning("could not read how the GPUs are wired (%s); trying again at the next sample", exc)
+                return readings, None
+            if topology is not None:
+                log.info("GPU topology of %d GPU(s):\n%s", len(topology.indices), topology.matrix())
+            return readings, (present, topology)
         finally:
             self._busy.clear()
 

@@ -283,13 +283,15 @@ def cmd_status(client: AgentClient, args: argparse.Namespace) -> Result:
     if args.node is not None:
         _, payload = client.get(f"/gpu/status?node={quote(args.node, safe='')}")
         return Result(payload, render_status)
+    largest: JsonObject | None = None
     if args.summary or not args.all:
         _, summary = client.get("/gpu/status?summary=true")
-        nodes = summary.get("summary", {}).get("nodes", 0) if isinstance(summary, dict) else 0
-        if args.summary or nodes > STATUS_DETAIL_MAX_NODES:
+        totals = summary.get("summary", {}) if isinstance(summary, dict) else {}
+        if args.summary or totals.get("nodes", 0) > STATUS_DETAIL_MAX_NODES:
             return Result(summary, render_status_summary)
+        largest = totals.get("largest_request")
     _, payload = client.get("/gpu/status")
-    return Result(payload, render_status)
+    return Result(payload, lambda doc, now: render_status(doc, now, largest))
 
 
 def allocate_body(args: argparse.Namespace) -> JsonObject:

@@ -145,8 +145,22 @@ def _status_notes(gpus: Sequence[JsonObject], now: float) -> list[str]:
     return notes
 
 
-def render_status(payload: JsonObject, now: float) -> str:
-    """GET /gpu/status as a table of GPUs by node, a summary line, and why GPUs are out of service."""
+def largest_request_text(largest: Any) -> str | None:
+    """A `largest_request` object as "5 GPU(s), 4 all-NVLink"; None when there is none to show."""
+    if not isinstance(largest, dict) or largest.get("gpus") is None:
+        return None
+    text = f"{largest['gpus']} GPU(s)"
+    if largest.get("nvlink") is not None:
+        text += f", {largest['nvlink']} all-NVLink"
+    return text
+
+
+def render_status(payload: JsonObject, now: float, largest: JsonObject | None = None) -> str:
+    """GET /gpu/status as a table of GPUs by node, a summary line, and why GPUs are out of service.
+
+    `largest` (the cluster's `largest_request` from the summary) adds a last
+    line: the largest request that fits now.
+    """
     gpus = payload.get("gpus") or []
     if not gpus:
         return "no GPUs"
@@ -178,6 +192,9 @@ def render_status(payload: JsonObject, now: float) -> str:
         f"{n} {what}" for what, n in counts if n or what == "leased"
     )
     notes = "".join(f"\n  {line}" for line in _status_notes(gpus, now))
+    fits = largest_request_text(largest)
+    if fits is not None:
+        notes += f"\nlargest request now: {fits}"
     return table(headers, rows, right=frozenset({1, 3, 4, 5})) + "\n\n" + summary + notes
 
 
@@ -194,17 +211,22 @@ def render_status_summary(payload: JsonObject, now: float) -> str:
             _text(n.get("allocated")),
             _text(n.get("unhealthy")),
             _text(n.get("drained")),
+            _text((n.get("largest_request") or {}).get("gpus")),
+            _text((n.get("largest_request") or {}).get("nvlink")),
             "" if n.get("scheduled_here", True) else "another cluster's",
         ]
         for n in nodes
     ]
-    headers = ["NODE", "GPUS", "LEASED", "UNHEALTHY", "DRAINED", ""]
+    headers = ["NODE", "GPUS", "LEASED", "UNHEALTHY", "DRAINED", "FITS", "NVLINK", ""]
     line = (
         f"{total.get('gpus', 0)} GPU(s) on {total.get('nodes', 0)} node(s), {total.get('allocated', 0)} leased, "
         f"{total.get('unhealthy', 0)} unhealthy, {total.get('drained', 0)} drained"
     )
+    fits = largest_request_text(total.get("largest_request"))
+    if fits is not None:
+        line += f"\nlargest request now: {fits}"
     hint = "gpuctl status --node NODE for one node's GPUs, --all for every GPU"
-    return table(headers, rows, right=frozenset({1, 2, 3, 4})) + "\n\n" + line + "\n" + hint
+    return table(headers, rows, right=frozenset({1, 2, 3, 4, 5, 6})) + "\n\n" + line + "\n" + hint
 
 
 def render_gpu(gpu: JsonObject, now: float) -> str:
@@ -333,7 +355,21 @@ def _allocation_pairs(alloc: JsonObject, now: float) -> list[tuple[str, str]]:
     ]
     if alloc.get("workflow_id"):
         pairs.append(("workflow", str(alloc["workflow_id"])))
+    wiring = _topology(alloc.get("topology"))
+    if wiring is not None:
+        pairs.append(("topology", wiring))
     return pairs
+
+
+def _topology(topology: Any) -> str | None:
+    """An allocation's `topology` as "NV12 (score 300), NUMA 0, CPUs 0-31"; None when unknown."""
+    if not isinstance(topology, dict):
+        return None
+    links = topology.get("links")
+    parts = [f"{links} (score {_text(topology.get('score'))})" if links else "one GPU"]
+    parts.append(f"NUMA {_text(topology.get('numa_node'))}")
+    parts.append(f"CPUs {_text(topology.get('cpu_list'))}")
+    return ", ".join(parts)
 
 
 def render_allocation(alloc: JsonObject, now: float) -> str:

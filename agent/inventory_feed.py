@@ -24,6 +24,9 @@ member that is a server outside it (a blank server not yet added, or another
 cluster's lone agent that shares the gossip) keeps its own GPUs. Where no
 configuration is known (a client), every alive member counts.
 
+With its views, each node's topology (how its GPUs are wired): this node's
+from the sampler, a member's from its gossip metadata (None when it sends none).
+
 The overlay, in one place (`overlay`): a GPU the table drains is drained; a
 remote GPU the table holds unhealthy is unhealthy whatever its host gossips (the
 leader keeps a verdict for its quiet period even when the host forgot it,
@@ -136,12 +139,15 @@ class InventoryFeed:
         table = self._table()
         if name == self.node:
             views = [overlay(v, table, local=True) for v in self._sampler.gpu_views()]
+            topology = self._sampler.topology
         else:
             member = self._membership.member(name)
-            views = [] if member is None or not self._scheduled_here(member) else [
-                overlay(v, table, local=False) for v in member_views(member)
-            ]
+            views, topology = [], None
+            if member is not None and member.meta is not None and self._scheduled_here(member):
+                views = [overlay(v, table, local=False) for v in member_views(member)]
+                topology = member.meta.topology
         self._inventory.set_node(name, views)
+        self._inventory.set_topology(name, topology)
 
     def _scheduled_here(self, member: Member) -> bool:
         if member.view.status != "alive" or member.meta is None:

@@ -289,7 +289,7 @@ class MembershipService:
         """
         port = await self.transport.open()
         now = trio.current_time()
-        blob = self._builder.update(self._local_gpus(), now) or self._builder.blob
+        blob = self._builder.update(self._local_gpus(), now, self._sampler.topology) or self._builder.blob
         if self._builder.truncated:
             log.warning(
                 "this node's %d GPUs do not all fit in gossip metadata (%d bytes); "
@@ -419,7 +419,7 @@ class MembershipService:
             self._min_meta_interval_s,
             self._swim.meta_update_interval(max(alive, 1), len(self._builder.blob)),
         )
-        blob = self._builder.update(self._local_gpus(), now)
+        blob = self._builder.update(self._local_gpus(), now, self._sampler.topology)
         if blob is None:
             return
         try:

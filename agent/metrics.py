@@ -12,7 +12,10 @@ on counters, so they are exported untyped under dcgm's exact names - PromQL's
 rate() and increase() work on them the same way.
 
 Each agent exports its own GPUs. Cluster-wide figures (allocations, queue) come
-from the leader only, so a sum over agents never double counts.
+from the leader only, so a sum over agents never double counts. So do the
+largest requests each node can take now (coordinator/fragmentation.py), node
+by node as well as for the cluster: only the leader's table knows which GPUs
+every lease holds, a client's not even its own.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
 from prometheus_client.registry import Collector
 
+from coordinator.fragmentation import SHAPES, LargestRequest, cluster_largest_request, largest_requests
+from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
 from coordinator.model import DEGRADED, HEALTHY, UNHEALTHY, GpuRef
 
@@ -259,6 +264,12 @@ def render_text(registry: CollectorRegistry) -> bytes:
     return "".join(out).encode()
 
 
+def _shape_values(largest: LargestRequest) -> list[tuple[str, int]]:
+    """(shape, value) for each shape known: nvlink is left out where the topology is unknown."""
+    values = dict(largest.to_wire())
+    return [(shape, value) for shape in SHAPES if (value := values[shape]) is not None]
+
+
 class StateCollector(Collector):
     """Gauges computed at scrape time from the sampler snapshot and the lease table."""
 
@@ -275,8 +286,10 @@ class StateCollector(Collector):
         outbox_pending: Callable[[], int],
         disk_stalled: Callable[[], float] = lambda: 0.0,
         queues: Callable[[], list[dict[str, Any]]] = lambda: [],
+        inventory: Callable[[], Inventory] = Inventory,
     ) -> None:
         self.node_name = node_name
+        self._inventory = inventory
         self._sampler = sampler
         self._table = table
         self._clock = clock
@@ -320,6 +333,7 @@ class StateCollector(Collector):
         )
         if leader:
             yield from self._cluster(self._table())
+            yield from self._largest_requests(self._table(), self._inventory())
 
     def _per_gpu(self, snapshots: list[GpuSnapshot]) -> Iterable[Metric]:
         table = self._table()
@@ -415,6 +429,28 @@ class StateCollector(Collector):
             "Go-service compatible: requests waiting in the queue (leader only).",
             value=float(table.queue_length()),
         )
+
+    def _largest_requests(self, table: LeaseTable, inventory: Inventory) -> Iterable[Metric]:
+        """The largest request each node, and the cluster, can take now, by shape (leader only)."""
+        per_node = largest_requests(inventory, lambda ref: table.holder(ref) is not None)
+        nodes = GaugeMetricFamily(
+            "gpu_orchestrator_node_largest_request_gpus",
+            "The most GPUs one request could get on the node now: any free ones (shape=gpus), or free ones "
+            "all joined by NVLink (shape=nvlink; absent where the topology is unknown) (leader only).",
+            labels=["node", "shape"],
+        )
+        for node, largest in per_node.items():
+            for shape, value in _shape_values(largest):
+                nodes.add_metric([node, shape], float(value))
+        yield nodes
+        cluster = GaugeMetricFamily(
+            "gpu_orchestrator_cluster_largest_request_gpus",
+            "The most GPUs one request could get now anywhere in the cluster, by shape (leader only).",
+            labels=["shape"],
+        )
+        for shape, value in _shape_values(cluster_largest_request(per_node.values())):
+            cluster.add_metric([shape], float(value))
+        yield cluster
 
     def _queue_gauges(self, queues: list[dict[str, Any]]) -> Iterable[Metric]:
         """Each queue's figures (coordinator/queue_views.py; a parent's include its children's; leader only)."""

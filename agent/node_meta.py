@@ -26,6 +26,9 @@ b    1 when this server holds Raft state (it belongs to a bootstrapped
      running cluster instead of bootstrapping another (docs/raft.md)
 s    1 when the HTTP API is served over TLS (https), omitted otherwise:
      peers forward to https://<hip or ip>:<hp> then
+t    how the GPUs are wired, omitted when unknown: NodeTopology.to_wire()
+     (coordinator/topology.py), one small int per GPU pair plus NUMA nodes
+     and CPU lists; about 80 bytes for eight GPUs
 ===  ====================================================================
 
 Decoders ignore keys they do not know, so a key added later (as ``b`` and ``s`` were)
@@ -38,16 +41,19 @@ telemetry jitter does not change the blob; ``None`` stays None. Health is
 0 healthy, 1 degraded, 2 unhealthy; flags bit 0 = drained, bit 1 = allocated.
 A GPU that is not healthy appends why (at most 2 reasons of 64 characters): the
 leader records it in the lease table and tells the lease holder, so the reason
-must travel; a healthy GPU sends none, so the common case costs nothing. When
-the blob would exceed the cap, reasons are dropped before any GPU is.
+must travel; a healthy GPU sends none, so the common case costs nothing.
 With those, eight GPUs take about 32 bytes each and a whole 8-GPU node about
-350 bytes. A node whose blob would exceed the core's cap (about 25 GPUs at
-1 KiB) gossips the first GPUs that fit, by index, and its total in ``gt``.
+350 bytes (430 with its topology). When the blob would exceed the cap, reasons
+are dropped first, then the topology (placement then takes the lowest
+indices), and only then GPUs: a node whose blob would still exceed the core's
+cap (about 25 GPUs at 1 KiB) gossips the first GPUs that fit, by index, and
+its total in ``gt``.
 
 `NodeMetaBuilder` decides *when* to re-announce: immediately when something
 a scheduler must know changes (a GPU's health, drain or lease, a GPU appearing
-or vanishing, addresses, labels), at most every `min_interval_s` for telemetry
-(free memory, utilization), and never when the encoded blob is unchanged.
+or vanishing, the topology, addresses, labels), at most every `min_interval_s`
+for telemetry (free memory, utilization), and never when the encoded blob is
+unchanged.
 
 Error handling
 --------------
@@ -68,6 +74,7 @@ from typing import Any, Final
 import msgpack
 
 from coordinator.model import DEGRADED, HEALTHY, UNHEALTHY
+from coordinator.topology import NodeTopology
 
 FORMAT_VERSION: Final = 1
 MEMORY_QUANTUM_MB: Final = 256
@@ -124,6 +131,8 @@ class NodeMeta:
     bootstrapped: bool = False
     # The HTTP API is served over TLS: reach it at https://.
     tls: bool = False
+    # How the GPUs are wired; None when unknown or left out to fit the cap.
+    topology: NodeTopology | None = None
 
     @property
     def gpu_count(self) -> int:
@@ -217,6 +226,8 @@ def encode_node_meta(meta: NodeMeta) -> bytes:
         doc["b"] = 1
     if meta.tls:
         doc["s"] = 1
+    if meta.topology is not None:
+        doc["t"] = meta.topology.to_wire()
     packed: bytes = msgpack.packb(doc, use_bin_type=True)
     return packed
 
@@ -276,6 +287,15 @@ def _decode_gpu(raw: object, models: Sequence[str]) -> GpuMeta:
     )
 
 
+def _topology(value: object) -> NodeTopology | None:
+    if value is None:
+        return None
+    try:
+        return NodeTopology.from_wire(value)
+    except ValueError as error:
+        raise NodeMetaError(f"topology: {error}") from None
+
+
 def decode_node_meta(data: bytes) -> NodeMeta:
     """Return the NodeMeta in a gossiped blob. Raises NodeMetaError when it is not a valid one."""
     try:
@@ -313,6 +333,7 @@ def decode_node_meta(data: bytes) -> NodeMeta:
             gpu_total=_optional_int(doc.get("gt"), "GPU total"),
             bootstrapped=_optional_int(doc.get("b"), "bootstrapped") == 1,
             tls=_optional_int(doc.get("s"), "tls") == 1,
+            topology=_topology(doc.get("t")),
         )
     except KeyError as missing:
         raise NodeMetaError(f"metadata lacks {missing.args[0]!r}") from None
@@ -368,6 +389,7 @@ class NodeMetaBuilder:
         self.min_interval_s = min_interval_s
         self.truncated = False
         self._gpus: dict[int, GpuMeta] = {}
+        self._topology: NodeTopology | None = None
         self._blob = encode_node_meta(identity)
         self._announced_at = float("-inf")
 
@@ -378,7 +400,7 @@ class NodeMetaBuilder:
 
     def set_identity(self, identity: NodeMeta, now: float) -> bytes | None:
         """Replace everything but the GPUs; return the new blob if it changed (announce it now), else None."""
-        self.identity = replace(identity, gpus=(), gpu_total=None)
+        self.identity = replace(identity, gpus=(), gpu_total=None, topology=None)
         blob = self._fit([self._gpus[i] for i in sorted(self._gpus)])
         if blob == self._blob:
             return None
@@ -386,14 +408,14 @@ class NodeMetaBuilder:
         self._announced_at = now
         return blob
 
-    def update(self, gpus: Sequence[GpuState], now: float) -> bytes | None:
+    def update(self, gpus: Sequence[GpuState], now: float, topology: NodeTopology | None = None) -> bytes | None:
         """Return the new blob if it should be announced now, else None.
 
-        Urgent changes (GPU set, health, drain, lease) are returned at once;
-        telemetry-only changes wait until `min_interval_s` after the last
-        announcement (the next call after that returns them).
+        Urgent changes (GPU set, health, drain, lease, topology) are returned
+        at once; telemetry-only changes wait until `min_interval_s` after the
+        last announcement (the next call after that returns them).
         """
-        urgent = {g.index for g in gpus} != set(self._gpus)
+        urgent = {g.index for g in gpus} != set(self._gpus) or topology != self._topology
         fresh: dict[int, GpuMeta] = {}
         for state in gpus:
             before = self._gpus.get(state.index)
@@ -419,23 +441,29 @@ class NodeMetaBuilder:
             ):
                 urgent = True
             fresh[state.index] = gpu
-        if fresh == self._gpus:
+        if fresh == self._gpus and topology == self._topology:
             return None
         if not urgent and now - self._announced_at < self.min_interval_s:
             return None
         self._gpus = fresh
+        self._topology = topology
         self._blob = self._fit([fresh[i] for i in sorted(fresh)])
         self._announced_at = now
         return self._blob
 
     def _fit(self, gpus: list[GpuMeta]) -> bytes:
         """The blob with as many GPUs (lowest indices first) as fit in max_bytes."""
-        blob = encode_node_meta(replace(self.identity, gpus=tuple(gpus)))
+        blob = encode_node_meta(replace(self.identity, gpus=tuple(gpus), topology=self._topology))
         if len(blob) <= self.max_bytes:
             self.truncated = False
             return blob
-        # Every GPU matters more to the scheduler than why some are failing: drop reasons first.
+        # Every GPU matters more to the scheduler than why some are failing, or how they
+        # are wired (without the topology it takes the lowest indices): drop those first.
         gpus = [replace(g, reasons=()) for g in gpus]
+        blob = encode_node_meta(replace(self.identity, gpus=tuple(gpus), topology=self._topology))
+        if len(blob) <= self.max_bytes:
+            self.truncated = False
+            return blob
         blob = encode_node_meta(replace(self.identity, gpus=tuple(gpus)))
         if len(blob) <= self.max_bytes:
             self.truncated = False

@@ -174,8 +174,17 @@ def openapi_document(*, auth_header: str | None = None, max_ttl_s: float = 0.0) 
                                     "type": ["string", "null"],
                                     "description": "with limit: the after= of the next page; null on the last",
                                 },
-                                "summary": {"type": "object"},
-                                "nodes": {"type": "array", "items": {"type": "object"}},
+                                "summary": {
+                                    "type": "object",
+                                    "properties": {"largest_request": _ref("LargestRequest")},
+                                },
+                                "nodes": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {"largest_request": _ref("LargestRequest")},
+                                    },
+                                },
                             },
                         },
                         "OK (summary=true: summary and nodes instead of gpus)",
@@ -549,6 +558,30 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                 "preemptible": {"type": "boolean"},
                 "requirements": requirements,
                 "workflow_id": string,
+                "topology": _nullable(_ref("AllocationTopology")),
+            },
+        },
+        "AllocationTopology": {
+            "type": "object",
+            "description": "how the allocation's GPUs are wired, as placement chose them (docs/shapes.md)",
+            "required": ["score", "links", "numa_node", "cpu_list"],
+            "properties": {
+                "score": {"type": "integer", "minimum": 0, "description": "sum of the link weights of every GPU pair"},
+                "links": {
+                    "type": ["string", "null"],
+                    "description": "the weakest pair, as nvidia-smi topo -m: NV<n>, PIX, PHB, SYS, ?; null for one GPU",
+                },
+                "numa_node": {"type": ["integer", "null"], "description": "the NUMA node of every GPU, else null"},
+                "cpu_list": {"type": ["string", "null"], "description": "nearby CPUs, Linux cpulist form"},
+            },
+        },
+        "LargestRequest": {
+            "type": "object",
+            "description": "the largest request that fits now: any free GPUs, and free GPUs all joined by NVLink",
+            "required": ["gpus", "nvlink"],
+            "properties": {
+                "gpus": {"type": "integer", "minimum": 0},
+                "nvlink": {"type": ["integer", "null"], "minimum": 0, "description": "null where the topology is unknown"},
             },
         },
         "QueuedRequest": {

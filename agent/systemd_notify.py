@@ -53,7 +53,7 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from agent.devices.base import DeviceBackend, DeviceError, DeviceEvent, GpuLink, GpuReading
+from agent.devices.base import DeviceBackend, DeviceError, DeviceEvent, GpuAffinity, GpuLink, GpuReading
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,9 @@ class SampleWatch(DeviceBackend):
 
     def topology(self) -> list[GpuLink]:
         return self.inner.topology()
+
+    def affinity(self) -> list[GpuAffinity]:
+        return self.inner.affinity()
 
     def close(self) -> None:
         self._closed.set()

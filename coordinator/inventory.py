@@ -17,6 +17,12 @@ Beside the views, the inventory counts nodes by their *kind*: the sorted
 (name, total memory) pairs of their GPUs. Whether a request could ever fit
 (`Scheduler.check_satisfiable`) depends on nothing else, and a cluster has a
 handful of kinds however many nodes it has.
+
+A node may also have a `NodeTopology` (coordinator/topology.py): how its GPUs
+are wired, which decides which of them placement takes together. It is set
+apart from the views (`set_topology`), changes rarely, and does not bump
+`version`: which GPUs are open does not depend on it, and placement reads it
+afresh for each decision.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Iterable, Iterator, Sequence
 from sortedcontainers import SortedList
 
 from coordinator.model import GpuRef, GpuView
+from coordinator.topology import NodeTopology
 
 # What a node could ever offer a request: its GPUs' (name, total memory), sorted.
 NodeKind = tuple[tuple[str, int], ...]
@@ -43,6 +50,7 @@ class Inventory:
         self._node_kind: dict[str, NodeKind] = {}
         self._sizes: Counter[int] = Counter()
         self._journal: OrderedDict[str, int] = OrderedDict()
+        self._topologies: dict[str, NodeTopology] = {}
         self._version = 0
         self._count = 0
 
@@ -76,6 +84,8 @@ class Inventory:
             raise ValueError(f"set_node({node!r}) got two views with the same index")
         if current is not None:
             self._forget(node, current)
+        if not ordered:
+            self._topologies.pop(node, None)
         if ordered:
             self._views[node] = ordered
             self._names.add(node)
@@ -89,6 +99,13 @@ class Inventory:
         self._version += 1
         self._journal[node] = self._version
         self._journal.move_to_end(node)
+
+    def set_topology(self, node: str, topology: NodeTopology | None) -> None:
+        """Make `topology` how `node`'s GPUs are wired (None: unknown). Ignored for a node without GPUs."""
+        if topology is None or node not in self._views:
+            self._topologies.pop(node, None)
+        else:
+            self._topologies[node] = topology
 
     def remove_node(self, node: str) -> None:
         """Forget `node` and its GPUs (nothing happens for an unknown node)."""
@@ -117,6 +134,10 @@ class Inventory:
     def node_views(self, node: str) -> Sequence[GpuView]:
         """The GPUs of `node` in index order; () for an unknown node."""
         return self._views.get(node, ())
+
+    def topology(self, node: str) -> NodeTopology | None:
+        """How `node`'s GPUs are wired, or None when it has not said."""
+        return self._topologies.get(node)
 
     def get(self, ref: GpuRef) -> GpuView | None:
         """The view of one GPU, or None when the inventory does not hold it."""

@@ -676,6 +676,7 @@ class LeaseTable:
             gpus=alloc.gpus,
             allocated_at=alloc.allocated_at,
             expires_at=cmd.expires_at,
+            topology=alloc.topology,
         )
         self._remove_expiry(alloc)
         self._allocations[cmd.allocation_id] = renewed

@@ -220,6 +220,36 @@ class AllocatedGpu:
 
 
 @dataclass(frozen=True, slots=True)
+class AllocationTopology:
+    """How an allocation's GPUs are wired together, as placement chose them (coordinator/topology.py).
+
+    `score` sums the link weights of every pair of the GPUs (0 for one GPU);
+    `links` names the weakest pair in `nvidia-smi topo -m`'s words ("NV18",
+    "PIX", "PHB", "SYS"; None for one GPU); `numa_node` is the NUMA node all of
+    them sit on (None when they span several or it is unknown); `cpu_list` the
+    CPUs close to them, in Linux cpulist form ("0-31,64-95"; None when unknown).
+    """
+
+    score: int
+    links: str | None
+    numa_node: int | None
+    cpu_list: str | None
+
+    def to_wire(self) -> Wire:
+        return {"score": self.score, "links": self.links, "numa_node": self.numa_node, "cpu_list": self.cpu_list}
+
+    @classmethod
+    def from_wire(cls, w: Mapping[str, Any]) -> AllocationTopology:
+        numa = w.get("numa_node")
+        return cls(
+            score=int(w["score"]),
+            links=w.get("links"),
+            numa_node=None if numa is None else int(numa),
+            cpu_list=w.get("cpu_list"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Allocation:
     """A lease: GPUs on one node held for one request until released or expired."""
 
@@ -229,9 +259,11 @@ class Allocation:
     gpus: tuple[AllocatedGpu, ...]
     allocated_at: float
     expires_at: float | None
+    # None where the node reported no topology (and in records written before it existed).
+    topology: AllocationTopology | None = None
 
     def to_wire(self) -> Wire:
-        return {
+        wire: Wire = {
             "allocation_id": self.allocation_id,
             "request": self.request.to_wire(),
             "node": self.node,
@@ -239,10 +271,15 @@ class Allocation:
             "allocated_at": self.allocated_at,
             "expires_at": self.expires_at,
         }
+        if self.topology is not None:
+            # Left out when unknown, so records without it encode as they always did.
+            wire["topology"] = self.topology.to_wire()
+        return wire
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Allocation:
         expires = w.get("expires_at")
+        topology = w.get("topology")
         return cls(
             allocation_id=str(w["allocation_id"]),
             request=AllocationRequest.from_wire(w["request"]),
@@ -250,6 +287,7 @@ class Allocation:
             gpus=tuple(AllocatedGpu.from_wire(g) for g in w["gpus"]),
             allocated_at=float(w["allocated_at"]),
             expires_at=None if expires is None else float(expires),
+            topology=None if topology is None else AllocationTopology.from_wire(topology),
         )
 
 

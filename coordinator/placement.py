@@ -30,6 +30,12 @@ three facts about a pass:
   healthy fit in a lower bucket beats every node in higher buckets, and
   inside a bucket nodes come in name order, so the first one reaching the
   lowest possible memory sum wins.
+
+Which GPUs on the chosen node: best fit's rules say which are interchangeable
+(equal health and memory, at the edge of the smallest adequate ones); where
+the node has reported its topology, coordinator/topology.py picks among those
+the best-connected set, leaving the rest best connected. That only happens
+for the winning node, so the node choice and its cost are best fit's alone.
 """
 
 from __future__ import annotations
@@ -42,7 +48,15 @@ from sortedcontainers import SortedList
 
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
-from coordinator.model import HEALTHY, AllocationRequest, GpuRef, GpuView, QueuedRequest, Requirements
+from coordinator.model import (
+    HEALTHY,
+    AllocationRequest,
+    AllocationTopology,
+    GpuRef,
+    GpuView,
+    QueuedRequest,
+    Requirements,
+)
 
 # Seconds after a release during which a GPU's telemetry still speaks of the previous
 # tenant: the release is stamped when proposed, before the device layer hears of it,
@@ -53,10 +67,11 @@ RELEASE_GRACE_S = 2.0
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """Where one request goes: a node and the GPUs chosen there."""
+    """Where one request goes: a node and the GPUs chosen there (with how they are wired, when known)."""
 
     node: str
     gpus: tuple[GpuView, ...]
+    topology: AllocationTopology | None = None
 
 
 class OpenGpus:
@@ -223,7 +238,7 @@ class PlanWalk:
             views = self.open.by_node.get(req.node, ())
             if len(views) >= need:
                 best = self._fit(request, req.node, views)
-            return None if best is None else best[1]
+            return None if best is None else self._wired(request, best[1])
         shape = self._shape(req)
         if shape.memory_bound is None:
             smallest = self.inventory.smallest_memory_at_least(req.min_memory_mb)
@@ -240,7 +255,7 @@ class PlanWalk:
             if best is not None and best[0][0] == 0:
                 # No degraded GPU: every node in a later bucket leaves more GPUs free.
                 break
-        return None if best is None else best[1]
+        return None if best is None else self._wired(request, best[1])
 
     def _fit(
         self, request: AllocationRequest, node: str, views: tuple[GpuView, ...]
@@ -249,12 +264,32 @@ class PlanWalk:
         candidates = [g for g in views if self._eligible(g, request)]
         if len(candidates) < need:
             return None
-        candidates.sort(key=lambda g: (g.health != HEALTHY, g.memory_total_mb, g.index))
+        candidates.sort(key=lambda g: (_fit_key(g), g.index))
         chosen = tuple(sorted(candidates[:need], key=lambda g: g.index))
         degraded = sum(1 for g in chosen if g.health != HEALTHY)
         free_left = len(views) - need
         score = (degraded, free_left, sum(g.memory_total_mb for g in chosen), node)
         return score, Placement(node, chosen)
+
+    def _wired(self, request: AllocationRequest, placement: Placement) -> Placement:
+        """`placement` with its GPUs chosen by the node's topology, where the node reported one.
+
+        Best fit's GPUs are the smallest adequate ones: those strictly below the
+        edge (the largest fit key chosen) must be taken, and any GPUs at the edge
+        may serve for the rest. The topology picks among those, so the degraded
+        count and the memory sum, and with them the node's score, stay the same.
+        """
+        topology = self.inventory.topology(placement.node)
+        if topology is None:
+            return placement
+        views = self.open.by_node[placement.node]
+        edge = max(_fit_key(g) for g in placement.gpus)
+        candidates = [g for g in views if self._eligible(g, request)]
+        forced = [g.index for g in candidates if _fit_key(g) < edge]
+        ties = [g.index for g in candidates if _fit_key(g) == edge]
+        chosen = topology.best_set(forced, ties, len(placement.gpus), [g.index for g in views])
+        by_index = {g.index: g for g in candidates}
+        return Placement(placement.node, tuple(by_index[i] for i in chosen), topology.describe(chosen))
 
     def _reservation(self, request: AllocationRequest) -> tuple[str | None, set[GpuRef]]:
         """The node where `request` is closest to fitting and its eligible open GPUs there.
@@ -321,3 +356,8 @@ class PlanWalk:
         if gpu.utilization_pct is not None and gpu.utilization_pct > req.max_utilization:
             return False
         return True
+
+
+def _fit_key(gpu: GpuView) -> tuple[bool, int]:
+    """Best fit's order of GPUs within a node: healthy first, then the least memory."""
+    return (gpu.health != HEALTHY, gpu.memory_total_mb)

@@ -15,7 +15,9 @@ Policy, in the order it is applied:
    prefer placements on healthy GPUs over degraded ones (unhealthy and drained
    GPUs are never chosen); then the node that leaves the fewest free GPUs stranded; then the one whose
    chosen GPUs have the least total memory (keep big GPUs for big jobs); then the
-   node name. Within a node, the smallest adequate GPUs, lowest index first.
+   node name. Within a node, the smallest adequate GPUs; among equally
+   adequate ones, the best-connected set where the node reported its
+   topology (coordinator/topology.py), else the lowest indices.
    A GPU is eligible when it is not unhealthy, not drained, free, matches the model and
    node constraints, has `min_memory_mb` of total memory, and - when its telemetry
    was sampled more than RELEASE_GRACE_S after its last release - has that much free
@@ -335,6 +337,7 @@ class Scheduler:
             ),
             allocated_at=now,
             expires_at=now + ttl if ttl > 0 else None,
+            topology=placement.topology,
         )
 
 

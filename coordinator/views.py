@@ -74,6 +74,8 @@ def allocation_view(alloc: Allocation) -> JsonObject:
         "queue_name": request.queue_name,
         "preemptible": request.preemptible,
         "requirements": requirements_view(request),
+        # How the GPUs are wired (coordinator/topology.py); null where the node did not say.
+        "topology": None if alloc.topology is None else alloc.topology.to_wire(),
     }
     if request.workflow_id is not None:
         view["workflow_id"] = request.workflow_id

@@ -6,7 +6,7 @@ always the configuration's: NVML is never replaced by the simulation silently.
 
 from __future__ import annotations
 
-from agent.devices.base import DeviceBackend, DeviceError, DeviceEvent, GpuLink, GpuProcess, GpuReading
+from agent.devices.base import DeviceBackend, DeviceError, DeviceEvent, GpuAffinity, GpuLink, GpuProcess, GpuReading
 from agent.devices.nvml import NvmlDevices
 from agent.devices.simulated import (
     SimulatedDevices,
@@ -14,12 +14,14 @@ from agent.devices.simulated import (
     SimulatedGpuSpec,
     parse_fault_schedule,
     parse_simulate_spec,
+    simulated_host,
 )
 
 __all__ = [
     "DeviceBackend",
     "DeviceError",
     "DeviceEvent",
+    "GpuAffinity",
     "GpuLink",
     "GpuProcess",
     "GpuReading",
@@ -30,6 +32,7 @@ __all__ = [
     "backend_from_config",
     "parse_fault_schedule",
     "parse_simulate_spec",
+    "simulated_host",
 ]
 
 
@@ -38,6 +41,7 @@ def backend_from_config(kind: str, simulate: str | None, *, seed: int | None = N
 
     "nvml" reads the real GPUs (`simulate` is ignored: it only describes the fleet
     for the simulated backend). "simulated" builds the fleet `simulate` describes,
+    or the simulated host it names (e.g. "hgx-h100", wired as that host is),
     with the faults it schedules (e.g. "4xH100-80GB;xid=2:79@30"), seeded with
     `seed`. Raises ValueError for any other kind, for "simulated" without a
     fleet, or for a spec parse_simulate_spec rejects.
@@ -50,5 +54,11 @@ def backend_from_config(kind: str, simulate: str | None, *, seed: int | None = N
                 "devices backend 'simulated' needs a fleet: set [devices] simulate "
                 "or pass --simulate, e.g. 4xH100-80GB"
             )
-        return SimulatedDevices(parse_simulate_spec(simulate), seed=seed, faults=parse_fault_schedule(simulate))
+        host = simulated_host(simulate)
+        return SimulatedDevices(
+            parse_simulate_spec(simulate),
+            seed=seed,
+            faults=parse_fault_schedule(simulate),
+            topology=None if host is None else host.topology,
+        )
     raise ValueError(f"unknown devices backend {kind!r}: expected 'nvml' or 'simulated'")

@@ -177,6 +177,15 @@ class GpuLink:
     nvlinks: int | None  # active NVLink links between the pair, None if unknown
 
 
+@dataclass(frozen=True, slots=True)
+class GpuAffinity:
+    """Where GPU `index` sits in the host: its NUMA node and the CPUs closest to it."""
+
+    index: int
+    numa_node: int | None  # None where neither NVML nor sysfs says
+    cpu_list: str | None  # Linux cpulist form, e.g. "0-31,64-95"; None where unknown
+
+
 class DeviceBackend(ABC):
     """A host's GPUs. Every method but `set_leases` and `drain_events` may block: run them in a worker thread."""
 
@@ -201,6 +210,13 @@ class DeviceBackend(ABC):
 
         Raises DeviceError like sample().
         """
+
+    def affinity(self) -> list[GpuAffinity]:
+        """Each answering GPU's NUMA node and nearby CPUs, by index; [] where the backend cannot tell.
+
+        Raises DeviceError like sample().
+        """
+        return []
 
     @abstractmethod
     def close(self) -> None:

@@ -29,6 +29,12 @@ Rules of this file
   one NVML call per field (two for retired pages, one per ECC counter, two for
   processes: compute and graphics).
 
+* Where each GPU sits (`affinity()`): its NUMA node from nvmlDeviceGetNumaNodeId
+  and its nearby CPUs from nvmlDeviceGetCpuAffinity (a bitmask, 64 CPUs a word);
+  where NVML cannot say (an older driver or binding, NotSupported, an empty
+  mask), from the PCI device's sysfs files `numa_node` and `local_cpulist`,
+  which the kernel fills from the firmware's tables. -1 there means no NUMA.
+
 * Memory comes from nvmlDeviceGetMemoryInfo with `version=nvmlMemory_v2`, whose
   `used` leaves out what the driver reserves for itself, as nvidia-smi shows it;
   where the binding or driver lacks v2 (FunctionNotFound), from v1, whose `used`
@@ -61,19 +67,24 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
+
+from coordinator.topology import format_cpulist
 
 from agent.devices.base import (
     DeviceBackend,
     DeviceError,
     DeviceEvent,
     EventQueue,
+    GpuAffinity,
     GpuLink,
     GpuProcess,
     GpuReading,
@@ -186,8 +197,10 @@ class NvmlDevices(DeviceBackend):
         event_wait_ms: int = EVENT_WAIT_MS,
         event_retry_s: tuple[float, float] = EVENT_RETRY_S,
         clock: Callable[[], float] = time.time,
+        sysfs: Path = Path("/sys"),
     ) -> None:
-        """`clock` stamps the events the watcher sees; the other two tune the watcher (see Events)."""
+        """`clock` stamps the events the watcher sees; the event arguments tune the watcher (see
+        Events); `sysfs` is where the kernel's PCI devices are (see where each GPU sits)."""
         if nvml is None:
             import pynvml
 
@@ -252,6 +265,7 @@ class NvmlDevices(DeviceBackend):
         self._event_wait_ms = event_wait_ms
         self._event_retry_s = event_retry_s
         self._clock = clock
+        self._sysfs = sysfs
         self._events = EventQueue()
         self._generation = 0
         self._watcher: threading.Thread | None = None
@@ -292,6 +306,15 @@ class NvmlDevices(DeviceBackend):
             self._ensure_ready()
             try:
                 return self._topology_locked()
+            except DeviceError as exc:
+                self._fail(exc)
+                raise
+
+    def affinity(self) -> list[GpuAffinity]:
+        with self._lock:
+            self._ensure_ready()
+            try:
+                return self._affinity_locked()
             except DeviceError as exc:
                 self._fail(exc)
                 raise
@@ -849,6 +872,67 @@ class NvmlDevices(DeviceBackend):
             if peer is not None:
                 found.to_peer[peer] += 1
         return found
+
+    # ---- where each GPU sits
+
+    def _affinity_locked(self) -> list[GpuAffinity]:
+        self._device_count_now()  # fails as a whole when NVML does
+        result: list[GpuAffinity] = []
+        for gpu in self._present:
+            try:
+                numa = self._ask(gpu, "nvmlDeviceGetNumaNodeId", "NUMA node", gpu.handle)
+                # Room for this host's CPUs, and never less than 1024: a mask too short is cut short.
+                words = max(16, -(-(os.cpu_count() or 1) // 64))
+                mask = self._ask(gpu, "nvmlDeviceGetCpuAffinity", "CPU affinity", gpu.handle, words)
+            except _GpuLost as exc:
+                log.info("GPU %d left out of the CPU affinities: %s", gpu.index, exc)
+                continue
+            node = self._sysfs_numa(gpu) if numa is None else int(numa)
+            cpus = [64 * w + bit for w, word in enumerate(mask or ()) for bit in range(64) if int(word) >> bit & 1]
+            result.append(
+                GpuAffinity(
+                    index=gpu.index,
+                    numa_node=node if node is not None and node >= 0 else None,
+                    cpu_list=format_cpulist(cpus) if cpus else self._sysfs_text(gpu, "local_cpulist"),
+                )
+            )
+        return result
+
+    def _ask(self, gpu: _Gpu, function: str, what: str, *args: Any) -> Any:
+        """NVML's answer, or None where this binding, driver or GPU cannot give it (then sysfs is asked)."""
+        call = getattr(self._nvml, function, None)
+        if call is None:
+            return None
+        try:
+            return call(*args)
+        except self._error as exc:
+            if isinstance(exc, self._fatal):
+                raise DeviceError(f"NVML failed: GPU {gpu.index} {what}: {exc}") from exc
+            if isinstance(exc, self._lost):
+                raise _GpuLost(f"{what}: {exc}") from exc
+            self._log_once(gpu, what, exc, logging.INFO, "reading it from sysfs")
+            return None
+
+    def _sysfs_text(self, gpu: _Gpu, name: str) -> str | None:
+        """A file of the GPU's PCI device in sysfs, stripped; None when it cannot be read."""
+        if gpu.pci_bus_id is None:
+            return None
+        domain, _, rest = gpu.pci_bus_id.strip().partition(":")
+        try:
+            # NVML writes an 8-digit domain ("00000000:18:00.0"); the kernel, 4 ("0000:18:00.0").
+            path = self._sysfs / "bus" / "pci" / "devices" / f"{int(domain, 16):04x}:{rest.lower()}" / name
+            return path.read_text().strip() or None
+        except (OSError, ValueError) as exc:
+            log.debug("GPU %d: cannot read %s from sysfs: %s", gpu.index, name, exc)
+            return None
+
+    def _sysfs_numa(self, gpu: _Gpu) -> int | None:
+        """The GPU's NUMA node as sysfs says it (-1: none), or None when it cannot be read."""
+        text = self._sysfs_text(gpu, "numa_node")
+        try:
+            return None if text is None else int(text)
+        except ValueError:
+            return None
 
     def _remote_kind(self, gpu: _Gpu, link: int) -> int | None:
         """What is at the far end of a link; None where the driver predates the query."""

@@ -3,6 +3,24 @@
 `gpu-agent --simulate 4xH100-80GB,2xA100-40GB` runs the agent on GPUs described
 by `parse_simulate_spec`. They are never chosen in place of NVML silently.
 
+Hosts with a real topology
+--------------------------
+A spec may instead name a whole host whose wiring is modelled on a real one
+(`SIMULATED_HOSTS`), written as `nvidia-smi topo -m` prints it:
+
+    hgx-h100            8 H100 80GB behind NVSwitches: every pair NV18; GPUs 0-3
+                        on NUMA node 0, 4-7 on node 1 (a DGX H100)
+    pcie-nvlink-pairs   4 H100 NVL on one socket, NVLink bridges (NV12) joining
+                        0-1 and 2-3; 0-2 and 1-3 share a PCIe switch (PIX),
+                        0-3 and 1-2 meet at the host bridge (PHB)
+    pcie-2socket        8 L40S on two sockets: pairs on one switch (PIX), two
+                        switches a socket (NODE), SYS across
+
+Faults follow as for any fleet (`pcie-nvlink-pairs;lost=1@30`). A fleet of
+counted models has no such detail: one model with NVLink is wired all-to-all
+(as behind NVSwitches), anything else through the host bridge, and its NUMA
+nodes and CPUs are unknown.
+
 Faults
 ------
 A spec may go on with faults, each after a semicolon, so a demo shows them
@@ -58,7 +76,17 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.devices.base import DeviceBackend, DeviceEvent, EventQueue, GpuLink, GpuProcess, GpuReading
+from coordinator.topology import NVLINK_BASE, PHB, PIX, SYS, NodeTopology
+
+from agent.devices.base import (
+    DeviceBackend,
+    DeviceEvent,
+    EventQueue,
+    GpuAffinity,
+    GpuLink,
+    GpuProcess,
+    GpuReading,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +123,8 @@ _CATALOG: dict[str, SimulatedGpuSpec] = {
         # Memory totals as NVML reports them (nvidia-smi's MiB), board power limits from the data sheets.
         SimulatedGpuSpec("H100-80GB", "NVIDIA H100 80GB HBM3", 81559, 700.0, 70.0, 68.0, 1980, 2619, 18),
         SimulatedGpuSpec("H200-141GB", "NVIDIA H200", 143771, 700.0, 75.0, 68.0, 1980, 3201, 18),
+        # PCIe boards: their NVLink bridges join pairs, which only a host layout (below) says.
+        SimulatedGpuSpec("H100NVL-94GB", "NVIDIA H100 NVL", 95830, 400.0, 60.0, 65.0, 1785, 2619, 0),
         SimulatedGpuSpec("A100-80GB", "NVIDIA A100-SXM4-80GB", 81920, 400.0, 60.0, 65.0, 1410, 1593, 12),
         SimulatedGpuSpec("A100-40GB", "NVIDIA A100-SXM4-40GB", 40960, 400.0, 55.0, 65.0, 1410, 1215, 12),
         SimulatedGpuSpec("L40S-48GB", "NVIDIA L40S", 46068, 350.0, 35.0, 70.0, 2520, 9001, 0),
@@ -119,6 +149,72 @@ _FIRST_X = re.compile(r"(?P<count>.*?)\s*[xX]\s*(?P<model>.+)")
 
 # PCI buses of the eight GPUs on an HGX H100 board; further boards take the next PCI domain.
 _HGX_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedHost:
+    """A whole simulated host: its GPU model and how `nvidia-smi topo -m` shows its wiring."""
+
+    model: str  # a catalog model
+    topo_m: str  # the GPU rows of `nvidia-smi topo -m`, with CPU and NUMA affinity
+
+    @property
+    def topology(self) -> NodeTopology:
+        return NodeTopology.from_nvidia_smi(self.topo_m)
+
+
+SIMULATED_HOSTS: dict[str, SimulatedHost] = {
+    # A DGX H100 (HGX H100 board): four NVSwitches, 18 links from every GPU; two 56-core sockets.
+    "hgx-h100": SimulatedHost(
+        "H100-80GB",
+        """
+        GPU0    GPU1    GPU2    GPU3    GPU4    GPU5    GPU6    GPU7    CPU Affinity    NUMA Affinity
+GPU0     X      NV18    NV18    NV18    NV18    NV18    NV18    NV18    0-55,112-167    0
+GPU1    NV18     X      NV18    NV18    NV18    NV18    NV18    NV18    0-55,112-167    0
+GPU2    NV18    NV18     X      NV18    NV18    NV18    NV18    NV18    0-55,112-167    0
+GPU3    NV18    NV18    NV18     X      NV18    NV18    NV18    NV18    0-55,112-167    0
+GPU4    NV18    NV18    NV18    NV18     X      NV18    NV18    NV18    56-111,168-223  1
+GPU5    NV18    NV18    NV18    NV18    NV18     X      NV18    NV18    56-111,168-223  1
+GPU6    NV18    NV18    NV18    NV18    NV18    NV18     X      NV18    56-111,168-223  1
+GPU7    NV18    NV18    NV18    NV18    NV18    NV18    NV18     X      56-111,168-223  1
+""",
+    ),
+    # Four H100 NVL PCIe cards in bridged pairs (three bridges each: NV12), one 32-core socket.
+    "pcie-nvlink-pairs": SimulatedHost(
+        "H100NVL-94GB",
+        """
+        GPU0    GPU1    GPU2    GPU3    CPU Affinity    NUMA Affinity
+GPU0     X      NV12    PIX     PHB     0-31            0
+GPU1    NV12     X      PHB     PIX     0-31            0
+GPU2    PIX     PHB      X      NV12    0-31            0
+GPU3    PHB     PIX     NV12     X      0-31            0
+""",
+    ),
+    # Eight L40S (no NVLink) on two 32-core sockets with hyperthreads: a switch per pair, two per socket.
+    "pcie-2socket": SimulatedHost(
+        "L40S-48GB",
+        """
+        GPU0    GPU1    GPU2    GPU3    GPU4    GPU5    GPU6    GPU7    CPU Affinity    NUMA Affinity
+GPU0     X      PIX     NODE    NODE    SYS     SYS     SYS     SYS     0-31,64-95      0
+GPU1    PIX      X      NODE    NODE    SYS     SYS     SYS     SYS     0-31,64-95      0
+GPU2    NODE    NODE     X      PIX     SYS     SYS     SYS     SYS     0-31,64-95      0
+GPU3    NODE    NODE    PIX      X      SYS     SYS     SYS     SYS     0-31,64-95      0
+GPU4    SYS     SYS     SYS     SYS      X      PIX     NODE    NODE    32-63,96-127    1
+GPU5    SYS     SYS     SYS     SYS     PIX      X      NODE    NODE    32-63,96-127    1
+GPU6    SYS     SYS     SYS     SYS     NODE    NODE     X      PIX     32-63,96-127    1
+GPU7    SYS     SYS     SYS     SYS     NODE    NODE    PIX      X      32-63,96-127    1
+""",
+    ),
+}
+
+# A link code's GpuLink relation (the inverse of what the sampler reads).
+_RELATIONS = {PIX: "pcie_switch", PHB: "host_bridge", SYS: "cross_cpu"}
+
+
+def simulated_host(spec: str) -> SimulatedHost | None:
+    """The simulated host a `--simulate` spec names (its fleet before any ';'), or None for a fleet of models."""
+    fleet, _ = _split_spec(spec)
+    return SIMULATED_HOSTS.get(fleet.strip().lower())
 
 
 def known_models() -> list[str]:
@@ -176,7 +272,7 @@ def parse_simulate_spec(spec: str) -> list[SimulatedGpuSpec]:
     """Parse a fleet such as "4xH100-80GB,2xA100-40GB" into one spec per GPU, in index order.
 
     Each comma-separated item is [COUNTx]MODEL: a catalog model (case-insensitive)
-    or any NAME-<N>GB. Faults after the fleet (";xid=2:79@30", see Faults) are
+    or any NAME-<N>GB; or the whole fleet is one of SIMULATED_HOSTS (e.g. "hgx-h100"). Faults after the fleet (";xid=2:79@30", see Faults) are
     checked but not returned: parse_fault_schedule returns them. Raises
     ValueError saying what is wrong: an empty spec or item, a count that is not a
     whole number or is zero, an unknown format, more than MAX_SIMULATED_GPUS in
@@ -250,6 +346,12 @@ def _parse_fault(text: str, gpu_count: int) -> SimulatedFault:
 def _parse_fleet(spec: str) -> list[SimulatedGpuSpec]:
     if not spec.strip():
         raise ValueError("empty simulated fleet: expected e.g. 4xH100-80GB,2xA100-40GB")
+    host = SIMULATED_HOSTS.get(spec.strip().lower())
+    if host is not None:
+        return [_CATALOG[host.model.upper()]] * len(host.topology.indices)
+    for item in spec.split(","):
+        if item.strip().lower() in SIMULATED_HOSTS:
+            raise ValueError(f"{item.strip()!r} is a whole simulated host: it cannot be combined with other GPUs in {spec!r}")
     fleet: list[SimulatedGpuSpec] = []
     for raw in spec.split(","):
         item = raw.strip()
@@ -364,6 +466,8 @@ class SimulatedDevices(DeviceBackend):
     `seed` makes UUIDs and every draw reproducible; None draws one, so two
     simulated agents never share GPU UUIDs by accident. `faults` fire from
     sample() (see Faults); `clock` stamps the events of the fault-injection calls.
+    `topology` wires the GPUs as a simulated host does (see Hosts with a real
+    topology); None wires a fleet of models as that section says.
     """
 
     kind = "simulated"
@@ -375,6 +479,7 @@ class SimulatedDevices(DeviceBackend):
         *,
         faults: Sequence[SimulatedFault] = (),
         clock: Callable[[], float] = time.time,
+        topology: NodeTopology | None = None,
     ) -> None:
         if not specs:
             raise ValueError("a simulated fleet needs at least one GPU")
@@ -397,6 +502,9 @@ class SimulatedDevices(DeviceBackend):
         self._faults = sorted(faults, key=lambda fault: fault.at_s)
         self._faults_fired = 0
         self._first_now: float | None = None  # the scheduled faults' time zero
+        if topology is not None and topology.indices != tuple(range(len(specs))):
+            raise ValueError(f"a topology of GPUs {list(topology.indices)} does not fit a fleet of {len(specs)}")
+        self._topology = topology
 
     @property
     def seed(self) -> int:
@@ -424,13 +532,33 @@ class SimulatedDevices(DeviceBackend):
         with self._lock:
             if not self._open:
                 raise RuntimeError("SimulatedDevices is not open")
+            present = [gpu.index for gpu in self._gpus if not gpu.removed]
+            pairs = [(a, b) for i, a in enumerate(present) for b in present[i + 1 :]]
+            if self._topology is not None:
+                return [self._link(a, b, self._topology.code(a, b)) for a, b in pairs]
             models = {gpu.spec for gpu in self._gpus}
             nvlinks = self._gpus[0].spec.nvlinks if len(models) == 1 else 0
-            present = [gpu.index for gpu in self._gpus if not gpu.removed]
             return [
-                GpuLink(a=a, b=b, relation="nvlink" if nvlinks else "host_bridge", nvlinks=nvlinks)
-                for i, a in enumerate(present)
-                for b in present[i + 1 :]
+                GpuLink(a=a, b=b, relation="nvlink" if nvlinks else "host_bridge", nvlinks=nvlinks) for a, b in pairs
+            ]
+
+    @staticmethod
+    def _link(a: int, b: int, code: int) -> GpuLink:
+        if code > NVLINK_BASE:
+            return GpuLink(a=a, b=b, relation="nvlink", nvlinks=code - NVLINK_BASE)
+        return GpuLink(a=a, b=b, relation=_RELATIONS[code], nvlinks=0)
+
+    def affinity(self) -> list[GpuAffinity]:
+        with self._lock:
+            if not self._open:
+                raise RuntimeError("SimulatedDevices is not open")
+            topology = self._topology
+            if topology is None:
+                return []
+            return [
+                GpuAffinity(index=gpu.index, numa_node=topology.numa_node(gpu.index), cpu_list=topology.cpu_list(gpu.index))
+                for gpu in self._gpus
+                if not gpu.removed
             ]
 
     def close(self) -> None:

@@ -18,7 +18,8 @@ keys on the handle object instead of its address breaks here as it would on a ho
 
 Scenarios, each a few lines in a test:
 
-* `h100_80gb(position)` — a normal HGX H100 80GB HBM3: 18 NVLinks to NVSwitches,
+* `h100_80gb(position)` — a normal HGX H100 80GB HBM3: 18 NVLinks to NVSwitches, on
+  NUMA node `numa_node` with CPUs `cpus` (nvmlDeviceGetNumaNodeId, nvmlDeviceGetCpuAffinity),
   row remapping instead of page retirement (retired pages answer NotSupported).
 * `half_unsupported(gpu)` — half of the per-sample queries answer NotSupported,
   FunctionNotFound or NoPermission, as on a consumer card inside a container.
@@ -120,7 +121,8 @@ class FakeGpu:
     mig_mode: int = pynvml.NVML_DEVICE_MIG_DISABLE
     nvlinks: list[str] = field(default_factory=list)  # per link: SWITCH or the peer GPU's bus id
     pcie_switch: int = 0  # GPUs on the same switch share an NVML_TOPOLOGY_SINGLE ancestor
-    numa_node: int = 0  # GPUs on different nodes meet at NVML_TOPOLOGY_SYSTEM
+    numa_node: int = 0  # GPUs on different nodes meet at NVML_TOPOLOGY_SYSTEM; nvmlDeviceGetNumaNodeId
+    cpus: str = "0-31"  # nvmlDeviceGetCpuAffinity's mask, as a cpulist ("" = an empty mask)
     unsupported: set[str] = field(default_factory=set)  # functions answering NotSupported
     unsupported_fields: set[int] = field(default_factory=set)  # NVML_FI_* answering NotSupported
     errors: dict[str, int] = field(default_factory=dict)  # function -> NVML error code it raises
@@ -455,6 +457,19 @@ class FakeNvml(ModuleType):
         if a.pcie_switch == b.pcie_switch:
             return int(pynvml.NVML_TOPOLOGY_SINGLE)
         return int(pynvml.NVML_TOPOLOGY_NODE)
+
+    def nvmlDeviceGetNumaNodeId(self, handle: FakeHandle) -> int:
+        return self._enter("nvmlDeviceGetNumaNodeId", handle).numa_node
+
+    def nvmlDeviceGetCpuAffinity(self, handle: FakeHandle, cpuSetSize: int) -> Any:
+        gpu = self._enter("nvmlDeviceGetCpuAffinity", handle)
+        mask = (ctypes.c_ulonglong * cpuSetSize)()  # what pynvml returns: 64 CPUs a word
+        for part in filter(None, gpu.cpus.split(",")):
+            first, _, last = part.partition("-")
+            for cpu in range(int(first), int(last or first) + 1):
+                if cpu < 64 * cpuSetSize:
+                    mask[cpu // 64] |= 1 << (cpu % 64)
+        return mask
 
     def _link(self, function: str, device: FakeHandle, link: int) -> str:
         gpu = self._enter(function, device)

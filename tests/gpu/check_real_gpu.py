@@ -1,5 +1,9 @@
 """Real-GPU check: the agent on NVML beside nvidia-smi, then an allocate and a release.
 
+The allocation's `topology` (NUMA node and CPUs, read through
+nvmlDeviceGetNumaNodeId and nvmlDeviceGetCpuAffinity) is compared with the
+CPU and NUMA affinity `nvidia-smi topo -m` prints for that GPU, where it prints one.
+
 Run on a host with an NVIDIA GPU:
 
     python -m tests.gpu.check_real_gpu            # prints a report, exits non-zero on a mismatch
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from coordinator.topology import NodeTopology
 from tests.agent_process import AgentProcess
 
 SMI_FIELDS = (
@@ -100,6 +105,26 @@ def nvidia_smi() -> list[dict[str, str]]:
     return [dict(zip(names, (v.strip() for v in line.split(",")))) for line in out.strip().splitlines()]
 
 
+def topology_problems(allocated: dict[str, object], out: list[str]) -> list[str]:
+    """Where the allocation's NUMA node and CPUs differ from what `nvidia-smi topo -m` prints."""
+    result = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, check=False)
+    out.append("\n$ nvidia-smi topo -m\n" + result.stdout)
+    try:
+        smi = NodeTopology.from_nvidia_smi(result.stdout)
+    except (ValueError, IndexError) as exc:
+        out.append(f"(not compared: cannot read that matrix: {exc})")
+        return []
+    topology = allocated.get("topology")
+    if not isinstance(topology, dict):
+        return ["the allocation has no topology"]
+    index = allocated["gpu_ids"][0]  # type: ignore[index]
+    problems = []
+    for field, expected in (("numa_node", smi.numa_node(index)), ("cpu_list", smi.cpu_list(index))):
+        if expected is not None and topology.get(field) != expected:
+            problems.append(f"GPU {index} {field}: nvidia-smi topo -m {expected!r}, allocation {topology.get(field)!r}")
+    return problems
+
+
 def run_check(out: list[str]) -> list[str]:
     """Start an NVML agent, compare with nvidia-smi, allocate and release; returns problems found."""
     problems: list[str] = []
@@ -144,6 +169,7 @@ def run_check(out: list[str]) -> list[str]:
                     allocated = alloc.json()
                     if allocated["cuda_visible_devices"] not in {row["uuid"] for row in smi}:
                         problems.append("cuda_visible_devices is not a real GPU UUID")
+                    problems.extend(topology_problems(allocated, out))
                     release = api.post("/gpu/release", json={"allocation_id": allocated["id"]})
                     out.append(f"\n$ curl -X POST /gpu/release -> {release.status_code} {release.text}")
                     if release.status_code != 200:

@@ -543,7 +543,11 @@ def test_gpu_status_pages_filters_and_summarizes(api: Api) -> None:
     assert api.get("/gpu/status?node=elsewhere").json()["gpus"] == []
     held = api.post("/gpu/allocate", {"service_name": "summed", "gpu_count": 1}).json()
     summary = api.get("/gpu/status?summary=true").json()
-    assert summary["summary"] == {"nodes": 1, "gpus": 4, "allocated": 1, "unhealthy": 0, "drained": 0}
+    assert summary["summary"] == {
+        "nodes": 1, "gpus": 4, "allocated": 1, "unhealthy": 0, "drained": 0,
+        # Three free GPUs, all NVLink-joined (one H100 model: wired all-to-all).
+        "largest_request": {"gpus": 3, "nvlink": 3},
+    }
     assert summary["nodes"][0] | {"node": "node-a", "scheduled_here": True} == summary["nodes"][0]
     api.post("/gpu/release", {"allocation_id": held["allocation_id"]})
     for bad in ("limit=0", "limit=10001", "limit=x", "after=node-a", "after=/1", "node=a%20b", "summary=maybe"):

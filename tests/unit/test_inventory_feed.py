@@ -16,6 +16,7 @@ from coordinator.lease_table import LeaseTable
 from coordinator.model import UNHEALTHY, GpuView
 from coordinator.commands import ReportGpuHealth
 from coordinator.swim_members import MemberView
+from coordinator.topology import PIX, NodeTopology, nvlink
 
 from agent.device_sampler import DeviceSampler
 from agent.inventory_feed import InventoryFeed
@@ -28,6 +29,7 @@ ME = "leader"
 class FakeSampler:
     def __init__(self) -> None:
         self.views = [GpuView(ME, 0, "GPU-l0", "H100", 81559)]
+        self.topology: NodeTopology | None = None
         self._subscribers: list[Callable[[], None]] = []
 
     def gpu_views(self) -> Sequence[GpuView]:
@@ -47,10 +49,13 @@ class FakeMembership:
         self._members: dict[str, Member] = {}
         self._listeners: list[Callable[[str], None]] = []
 
-    def set(self, name: str, status: str, role: str = ROLE_CLIENT, gpus: int = 1) -> None:
+    def set(
+        self, name: str, status: str, role: str = ROLE_CLIENT, gpus: int = 1, topology: NodeTopology | None = None
+    ) -> None:
         meta = NodeMeta(
             name, role, "127.0.0.1", 8086, 7946, 7947, "0.1.0",
             gpus=tuple(GpuMeta(i, f"GPU-{name}-{i}", "H100", 81559, None, None, "healthy", False, False) for i in range(gpus)),
+            topology=topology,
         )
         view = MemberView(name, ("127.0.0.1", 7946), 0, cast(Any, status), b"meta", 0.0)
         self._members[name] = Member(view, meta, 100.0)
@@ -122,3 +127,20 @@ def test_a_sample_and_the_tables_drains_and_verdicts_reach_the_views() -> None:
     sampler.views = [GpuView(ME, 0, "GPU-l0", "H100", 81559, memory_free_mb=200)]
     sampler.sample()
     assert inventory.inventory().node_views(ME)[0].memory_free_mb == 200
+
+
+def test_topologies_follow_the_sampler_and_gossip() -> None:
+    inventory, sampler, membership, _ = feed(voters=(ME, "server-2"))
+    bridged = NodeTopology({(0, 1): nvlink(4)})
+    membership.set("client-1", "alive", gpus=2, topology=bridged)
+    assert inventory.inventory().topology("client-1") == bridged
+    assert inventory.inventory().topology(ME) is None
+    sampler.views = [GpuView(ME, 0, "GPU-l0", "H100", 81559), GpuView(ME, 1, "GPU-l1", "H100", 81559)]
+    sampler.topology = NodeTopology({(0, 1): PIX})
+    sampler.sample()
+    assert inventory.inventory().topology(ME) == sampler.topology
+    # A member that stops sending one, or is not scheduled here, has none.
+    membership.set("client-1", "alive", gpus=2)
+    assert inventory.inventory().topology("client-1") is None
+    membership.set("blank-server", "alive", role=ROLE_SERVER, gpus=2, topology=bridged)
+    assert inventory.inventory().topology("blank-server") is None

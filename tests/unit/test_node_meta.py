@@ -10,6 +10,7 @@ import pytest
 
 from coordinator.model import DEGRADED, HEALTHY, UNHEALTHY
 from coordinator.swim_config import lan
+from coordinator.topology import PHB, PIX, NodeTopology, nvlink
 
 from agent.node_meta import (
     GpuMeta,
@@ -225,3 +226,55 @@ def test_setting_the_identity_keeps_the_gpus_and_announces_only_a_change() -> No
     meta = decode_node_meta(blob)
     assert meta.bootstrapped and [g.index for g in meta.gpus] == [0, 1]
     assert builder.set_identity(replace(IDENTITY, bootstrapped=True), now=2.0) is None
+
+
+# ---- topology (key `t`)
+
+PAIRS = NodeTopology(
+    {(0, 1): nvlink(12), (0, 2): PIX, (0, 3): PHB, (1, 2): PHB, (1, 3): PIX, (2, 3): nvlink(12)},
+    numa={i: 0 for i in range(4)},
+    cpus={i: "0-31" for i in range(4)},
+)
+
+
+def test_the_topology_travels_and_an_eight_gpu_node_still_fits_half_the_cap() -> None:
+    hgx = NodeTopology(
+        {(a, b): nvlink(18) for a in range(8) for b in range(a + 1, 8)},
+        numa={i: i // 4 for i in range(8)},
+        cpus={i: "0-55,112-167" if i < 4 else "56-111,168-223" for i in range(8)},
+    )
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP)
+    blob = builder.update([gpu_state(i, memory_free_mb=12345, utilization_pct=67.0) for i in range(8)], 0.0, hgx)
+    assert blob is not None and decode_node_meta(blob).topology == hgx
+    assert len(blob) <= CAP // 2, len(blob)
+    assert decode_node_meta(encode_node_meta(IDENTITY)).topology is None  # an older agent's blob: unknown
+
+
+def test_a_topology_change_is_announced_at_once_and_no_change_is_not() -> None:
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=CAP, min_interval_s=5.0)
+    gpus = [gpu_state(i) for i in range(4)]
+    assert builder.update(gpus, 0.0) is not None
+    blob = builder.update(gpus, 0.1, PAIRS)
+    assert blob is not None and decode_node_meta(blob).topology == PAIRS
+    assert builder.update(gpus, 0.2, NodeTopology.from_wire(PAIRS.to_wire())) is None
+    assert builder.update(gpus, 0.3, None) is not None
+
+
+def test_the_topology_goes_before_any_gpu_when_the_blob_would_not_fit() -> None:
+    sixteen = NodeTopology({(a, b): nvlink(18) for a in range(16) for b in range(a + 1, 16)})
+    gpus = [gpu_state(i) for i in range(16)]
+    whole = len(encode_node_meta(replace(IDENTITY, gpus=tuple(
+        GpuMeta(g.index, g.uuid, g.model, g.memory_total_mb, 81000 // 256 * 256, 0, HEALTHY, False, False) for g in gpus
+    ))))
+    builder = NodeMetaBuilder(IDENTITY, max_bytes=whole + 10)  # room for every GPU, not for their 120 pairs
+    blob = builder.update(gpus, 0.0, sixteen)
+    assert blob is not None and not builder.truncated
+    meta = decode_node_meta(blob)
+    assert len(meta.gpus) == 16 and meta.topology is None
+
+
+def test_a_bad_topology_is_a_bad_blob() -> None:
+    doc = msgpack.unpackb(encode_node_meta(replace(IDENTITY, topology=PAIRS)), raw=False)
+    doc["t"][1] = [7] * 6  # 4-16 are no link codes
+    with pytest.raises(NodeMetaError, match="topology"):
+        decode_node_meta(msgpack.packb(doc, use_bin_type=True))

@@ -10,11 +10,12 @@ Four scenarios, as a platform team meets them on real hosts:
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pynvml
 import pytest
 
-from agent.devices import DeviceError, GpuLink, GpuProcess, GpuReading, NvmlDevices, backend_from_config
+from agent.devices import DeviceError, GpuAffinity, GpuLink, GpuProcess, GpuReading, NvmlDevices, backend_from_config
 from tests.fakes.fake_pynvml import MIB, FakeGpu, FakeNvml, h100_80gb, half_unsupported
 
 LOGGER = "agent.devices.nvml"
@@ -178,6 +179,70 @@ def test_nvlink_permission_denied_leaves_link_count_unknown() -> None:
     _, devices = opened(gpus)
 
     assert devices.topology() == [GpuLink(a=0, b=1, relation="pcie_switch", nvlinks=None)]
+
+
+def test_numa_node_and_cpus_from_nvml() -> None:
+    # A DGX H100's first and last GPU: one on each socket, hyperthreads numbered after the cores.
+    gpus = [h100_80gb(0, numa_node=0, cpus="0-55,112-167"), h100_80gb(7, numa_node=1, cpus="56-111,168-223")]
+    fake, devices = opened(gpus)
+
+    assert devices.affinity() == [
+        GpuAffinity(index=0, numa_node=0, cpu_list="0-55,112-167"),
+        GpuAffinity(index=1, numa_node=1, cpu_list="56-111,168-223"),
+    ]
+    assert fake.calls["nvmlDeviceGetCpuAffinity"] == 2
+
+
+def sysfs_device(root: Path, bus_id: str, numa_node: str, cpulist: str) -> None:
+    device = root / "bus" / "pci" / "devices" / bus_id
+    device.mkdir(parents=True)
+    (device / "numa_node").write_text(numa_node + "\n")
+    (device / "local_cpulist").write_text(cpulist + "\n")
+
+
+@pytest.mark.parametrize("how", ["binding", "unsupported"])
+def test_numa_node_and_cpus_from_sysfs_where_nvml_cannot_say(how: str, tmp_path: Path) -> None:
+    sysfs_device(tmp_path, "0000:18:00.0", "1", "32-63")
+    sysfs_device(tmp_path, "0000:2a:00.0", "-1", "0-63")  # no NUMA: the kernel writes -1
+    gpus = [h100_80gb(0), h100_80gb(1)]
+    missing: tuple[str, ...] = ()
+    if how == "binding":  # an nvidia-ml-py older than both queries
+        missing = ("nvmlDeviceGetNumaNodeId", "nvmlDeviceGetCpuAffinity")
+    else:
+        for gpu in gpus:
+            gpu.unsupported |= {"nvmlDeviceGetNumaNodeId", "nvmlDeviceGetCpuAffinity"}
+    fake = FakeNvml(gpus, missing=missing)
+    devices = NvmlDevices(fake, sysfs=tmp_path)
+    devices.open()
+
+    assert devices.affinity() == [
+        GpuAffinity(index=0, numa_node=1, cpu_list="32-63"),
+        GpuAffinity(index=1, numa_node=None, cpu_list="0-63"),
+    ]
+
+
+def test_an_empty_cpu_mask_and_no_sysfs_read_as_unknown(tmp_path: Path) -> None:
+    fake = FakeNvml([h100_80gb(0, cpus="")])
+    devices = NvmlDevices(fake, sysfs=tmp_path)
+    devices.open()
+
+    assert devices.affinity() == [GpuAffinity(index=0, numa_node=0, cpu_list=None)]
+
+
+def test_a_lost_gpu_is_left_out_of_the_affinities() -> None:
+    gpus = [h100_80gb(0), h100_80gb(1)]
+    _, devices = opened(gpus)
+    gpus[0].lost = True
+
+    assert [a.index for a in devices.affinity()] == [1]
+
+
+def test_affinity_fails_as_a_whole_when_nvml_does() -> None:
+    fake, devices = opened([h100_80gb(0)])
+    fake.break_nvml(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+
+    with pytest.raises(DeviceError):
+        devices.affinity()
 
 
 def test_memory_v2_leaves_the_reservation_out_as_nvidia_smi_does() -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from agent.devices import (
     DeviceEvent,
+    GpuAffinity,
     GpuLink,
     GpuReading,
     SimulatedDevices,
@@ -416,6 +417,68 @@ def test_topology(spec: str, relation: str, nvlinks: int) -> None:
     assert devices.topology() == [
         GpuLink(a=a, b=b, relation=relation, nvlinks=nvlinks) for a in range(n) for b in range(a + 1, n)
     ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "count", "name"),
+    [("hgx-h100", 8, "NVIDIA H100 80GB HBM3"), ("PCIe-NVLink-Pairs", 4, "NVIDIA H100 NVL"), ("pcie-2socket", 8, "NVIDIA L40S")],
+)
+def test_simulated_hosts_are_whole_fleets(spec: str, count: int, name: str) -> None:
+    assert [g.name for g in parse_simulate_spec(spec)] == [name] * count
+
+
+def host(spec: str) -> SimulatedDevices:
+    backend = backend_from_config("simulated", spec, seed=7)
+    assert isinstance(backend, SimulatedDevices)
+    backend.open()
+    return backend
+
+
+def test_hgx_h100_is_wired_all_to_all_over_nvswitch_on_two_sockets() -> None:
+    devices = host("hgx-h100")
+
+    assert {(link.relation, link.nvlinks) for link in devices.topology()} == {("nvlink", 18)}
+    assert len(devices.topology()) == 28
+    assert devices.affinity()[0] == GpuAffinity(index=0, numa_node=0, cpu_list="0-55,112-167")
+    assert devices.affinity()[7] == GpuAffinity(index=7, numa_node=1, cpu_list="56-111,168-223")
+
+
+def test_pcie_nvlink_pairs_bridge_0_1_and_2_3() -> None:
+    links = {(link.a, link.b): (link.relation, link.nvlinks) for link in host("pcie-nvlink-pairs").topology()}
+
+    assert links == {
+        (0, 1): ("nvlink", 12),
+        (0, 2): ("pcie_switch", 0),
+        (0, 3): ("host_bridge", 0),
+        (1, 2): ("host_bridge", 0),
+        (1, 3): ("pcie_switch", 0),
+        (2, 3): ("nvlink", 12),
+    }
+
+
+def test_pcie_2socket_crosses_sockets_only_between_halves() -> None:
+    devices = host("pcie-2socket")
+    links = {(link.a, link.b): link.relation for link in devices.topology()}
+
+    assert links[(0, 1)] == "pcie_switch" and links[(0, 2)] == "host_bridge" and links[(3, 4)] == "cross_cpu"
+    assert [a.numa_node for a in devices.affinity()] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_a_lost_gpu_leaves_a_simulated_host_s_topology() -> None:
+    devices = host("pcie-nvlink-pairs;lost=1@0")
+    devices.sample(0.0)
+
+    assert [(link.a, link.b) for link in devices.topology()] == [(0, 2), (0, 3), (2, 3)]
+    assert [a.index for a in devices.affinity()] == [0, 2, 3]
+
+
+def test_a_fleet_of_models_has_no_affinity() -> None:
+    assert fleet("2xH100-80GB").affinity() == []
+
+
+def test_a_simulated_host_is_a_whole_fleet() -> None:
+    with pytest.raises(ValueError, match="whole simulated host"):
+        parse_simulate_spec("hgx-h100,2xL4-24GB")
 
 
 # ---- lifecycle
