@@ -62,6 +62,8 @@ class AllocateOutcome:
     position: int | None = None
     # True when this answer repeats an earlier request with the same request_id.
     repeated: bool = False
+    # For a gang: every member lease, rank order (`allocation` is the first).
+    gang: tuple[Allocation, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +154,10 @@ class Admission:
         if record.service_name != service_name:
             raise Conflict(f"request_id {request_id} belongs to another service", code="request_id_conflict")
         if record.status == ALLOCATED and record.allocation_id is not None:
-            alloc = table.allocation(record.allocation_id)
-            if alloc is not None:
-                return AllocateOutcome(request_id, allocation=alloc, repeated=True)
+            unit = table.lease_unit(record.allocation_id)
+            if unit:
+                gang = unit if unit[0].gang is not None else ()
+                return AllocateOutcome(request_id, allocation=unit[0], repeated=True, gang=gang)
         if record.status == QUEUED:
             queued = table.queued(request_id)
             if queued is not None:
@@ -195,7 +198,8 @@ class Admission:
         if result.error is not None:
             raise result.error
         if isinstance(command, Allocate):
-            return AllocateOutcome(command.allocation.request.request_id, allocation=command.allocation)
+            gang = command.members if command.gang_rest else ()
+            return AllocateOutcome(command.allocation.request.request_id, allocation=command.allocation, gang=gang)
         assert isinstance(command, Enqueue)
         request_id = command.request.request_id
         queued = table.queued(request_id)
@@ -228,14 +232,14 @@ class Admission:
     def settle(self, command: Command) -> None:
         """A command from `decide` or `tick` was applied, refused, or will never be known: release what it held."""
         if isinstance(command, Allocate):
-            for gpu in command.allocation.gpus:
+            for gpu in (g for member in command.members for g in member.gpus):
                 count = self._pending[gpu.ref] - 1
                 if count:
                     self._pending[gpu.ref] = count
                 else:
                     del self._pending[gpu.ref]
             queue = command.allocation.request.queue_name
-            self._pending_queues[queue] -= len(command.allocation.gpus)
+            self._pending_queues[queue] -= command.gpu_total
             if self._pending_queues[queue] <= 0:
                 del self._pending_queues[queue]
         elif isinstance(command, Enqueue):
@@ -268,9 +272,10 @@ class Admission:
 
     def _hold(self, command: Command) -> None:
         if isinstance(command, Allocate):
-            for gpu in command.allocation.gpus:
+            # Every member of a gang: its GPUs on all nodes are taken by the one entry.
+            for gpu in (g for member in command.members for g in member.gpus):
                 self._pending[gpu.ref] = self._pending.get(gpu.ref, 0) + 1
-            self._pending_queues[command.allocation.request.queue_name] += len(command.allocation.gpus)
+            self._pending_queues[command.allocation.request.queue_name] += command.gpu_total
         elif isinstance(command, Enqueue):
             self._pending_enqueues += 1
 

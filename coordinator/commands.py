@@ -24,13 +24,32 @@ from coordinator.queues import QueuePolicy
 
 @dataclass(frozen=True, slots=True)
 class Allocate:
-    """Grant `allocation`; if its request id waits in the queue, it leaves the queue."""
+    """Grant `allocation`; if its request id waits in the queue, it leaves the queue.
+
+    For a gang (coordinator/gangs.py) `allocation` is its first node's lease and
+    `gang_rest` the other nodes' in rank order: one entry, so the table grants
+    all of them or none.
+    """
 
     at: float
     allocation: Allocation
+    gang_rest: tuple[Allocation, ...] = ()
+
+    @property
+    def members(self) -> tuple[Allocation, ...]:
+        """Every lease this command grants: one, or a gang's, in rank order."""
+        return (self.allocation, *self.gang_rest)
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(len(a.gpus) for a in self.members)
 
     def to_wire(self) -> Wire:
-        return {"op": "allocate", "at": self.at, "allocation": self.allocation.to_wire()}
+        wire: Wire = {"op": "allocate", "at": self.at, "allocation": self.allocation.to_wire()}
+        if self.gang_rest:
+            # Left out for one node, so ordinary entries encode as they always did.
+            wire["gang_rest"] = [a.to_wire() for a in self.gang_rest]
+        return wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +304,8 @@ def command_from_wire(w: Mapping[str, Any]) -> Command:
     op = w.get("op")
     at = float(w["at"])
     if op == "allocate":
-        return Allocate(at, Allocation.from_wire(w["allocation"]))
+        rest = tuple(Allocation.from_wire(a) for a in w.get("gang_rest", ()))
+        return Allocate(at, Allocation.from_wire(w["allocation"]), rest)
     if op == "enqueue":
         deadline = w.get("deadline")
         return Enqueue(

@@ -23,12 +23,16 @@ are wired, which decides which of them placement takes together. It is set
 apart from the views (`set_topology`), changes rarely, and does not bump
 `version`: which GPUs are open does not depend on it, and placement reads it
 afresh for each decision.
+
+Likewise a node's labels (its `[agent] labels`, gossiped) and address
+(`set_facts`): gang placement prefers nodes sharing a label and names the
+first node's address as the gang's rendezvous (coordinator/gang_placement.py).
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from sortedcontainers import SortedList
 
@@ -51,6 +55,8 @@ class Inventory:
         self._sizes: Counter[int] = Counter()
         self._journal: OrderedDict[str, int] = OrderedDict()
         self._topologies: dict[str, NodeTopology] = {}
+        self._labels: dict[str, Mapping[str, str]] = {}
+        self._addresses: dict[str, str] = {}
         self._version = 0
         self._count = 0
 
@@ -86,6 +92,8 @@ class Inventory:
             self._forget(node, current)
         if not ordered:
             self._topologies.pop(node, None)
+            self._labels.pop(node, None)
+            self._addresses.pop(node, None)
         if ordered:
             self._views[node] = ordered
             self._names.add(node)
@@ -106,6 +114,25 @@ class Inventory:
             self._topologies.pop(node, None)
         else:
             self._topologies[node] = topology
+
+    def set_facts(self, node: str, address: str | None, labels: Mapping[str, str]) -> None:
+        """Record `node`'s address (None: unknown) and labels. Does not bump `version`."""
+        if address:
+            self._addresses[node] = address
+        else:
+            self._addresses.pop(node, None)
+        if labels:
+            self._labels[node] = labels
+        else:
+            self._labels.pop(node, None)
+
+    def labels(self) -> Mapping[str, Mapping[str, str]]:
+        """Each labelled node's labels (nodes without any are absent)."""
+        return self._labels
+
+    def address(self, node: str) -> str | None:
+        """The address other hosts reach `node` at, or None when unknown."""
+        return self._addresses.get(node)
 
     def remove_node(self, node: str) -> None:
         """Forget `node` and its GPUs (nothing happens for an unknown node)."""
@@ -155,6 +182,10 @@ class Inventory:
     def kinds(self) -> list[NodeKind]:
         """The distinct node kinds present (each node's sorted (name, total memory) pairs)."""
         return list(self._kinds)
+
+    def kind_counts(self) -> Mapping[NodeKind, int]:
+        """How many nodes there are of each kind."""
+        return self._kinds
 
     def smallest_memory_at_least(self, memory_mb: int) -> int | None:
         """The smallest GPU total memory ≥ `memory_mb` in the cluster, or None when none is that big."""

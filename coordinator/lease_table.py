@@ -35,12 +35,19 @@ Rules that keep every replica identical:
   (like an expiry), so a lease preempted once ends once, never early, whoever
   leads when the deadline comes.
 
+- Gangs (coordinator/gangs.py): one Allocate carries a lease per node, all
+  with the same gang id; it is applied whole or refused whole. Every later
+  command that names any member (or the gang id) acts on all of them: release,
+  expiry, renewal, preemption, and host loss of any one member's node. So no
+  replica ever holds part of a gang, and its owner hears one event per change.
+
 Invariant: no GPU is held by two live allocations (checked on every Allocate).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import itertools
 import json
@@ -98,7 +105,10 @@ DEFAULT_RETENTION_S = 86_400.0
 # How long hourly usage is kept until a RecordUsage names the leader's
 # `[accounting] retention_days`: 90 days, a quarter of chargeback.
 DEFAULT_USAGE_RETENTION_S = 90 * 86_400.0
-SNAPSHOT_VERSION = 4
+SNAPSHOT_VERSION = 5
+# The version written while no gang is live: what the release before gangs reads,
+# so a rolling upgrade's older servers take snapshots of tables without gangs.
+SNAPSHOT_VERSION_WITHOUT_GANGS = 4
 USAGE_BY = ("queue", "service")
 # Why a preemption started (Preempt.reason), and the release reasons that end one.
 PREEMPTION_REASONS = frozenset({"reclaim", "priority", "idle"})
@@ -166,8 +176,42 @@ class LeaseTable:
         self._preempt_deadlines: SortedList[tuple[float, str]] = SortedList()
         # Waiting requests victims were taken for: request id -> (node, victim ids).
         self._claims: dict[str, tuple[str, tuple[str, ...]]] = {}
+        # Live gangs: gang id -> member allocation ids, rank order.
+        self._gangs: dict[str, tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------ queries
+
+    def gang(self, gang_id: str) -> tuple[Allocation, ...] | None:
+        """A live gang's member leases, rank order, or None when `gang_id` names none."""
+        ids = self._gangs.get(gang_id)
+        return None if ids is None else tuple(self._allocations[i] for i in ids)
+
+    def lease_unit(self, allocation_id: str) -> tuple[Allocation, ...]:
+        """What ends or renews together with `allocation_id`: its gang's members, or itself alone.
+
+        `allocation_id` may name a gang; () when it names nothing live.
+        """
+        members = self.gang(allocation_id)
+        if members is not None:
+            return members
+        alloc = self._allocations.get(allocation_id)
+        if alloc is None:
+            return ()
+        if alloc.gang is not None:
+            return self.gang(alloc.gang.gang_id) or (alloc,)
+        return (alloc,)
+
+    def gang_count(self) -> int:
+        return len(self._gangs)
+
+    def gang_ports_in_use(self, address: str) -> set[int]:
+        """Rendezvous ports live gangs hold at `address` (reads only the live gangs)."""
+        ports = set()
+        for ids in self._gangs.values():
+            gang = self._allocations[ids[0]].gang
+            if gang is not None and gang.rendezvous_address == address:
+                ports.add(gang.rendezvous_port)
+        return ports
 
     @property
     def clock(self) -> float:
@@ -329,6 +373,8 @@ class LeaseTable:
     def record_of_allocation(self, allocation_id: str) -> RequestRecord | None:
         """The record of the request granted `allocation_id`, live or ended (while kept), or None."""
         alloc = self._allocations.get(allocation_id)
+        if alloc is None and allocation_id in self._gangs:
+            alloc = self._allocations[self._gangs[allocation_id][0]]
         if alloc is not None:
             return self._records.get(alloc.request.request_id)
         row = self._finished.by_allocation(allocation_id)
@@ -422,43 +468,56 @@ class LeaseTable:
 
     def _allocate(self, cmd: Allocate) -> ApplyResult:
         alloc = cmd.allocation
+        members = cmd.members
         request_id = alloc.request.request_id
-        if alloc.allocation_id in self._allocations:
-            raise Conflict(f"allocation {alloc.allocation_id} exists", code="duplicate_allocation")
-        refs = [gpu.ref for gpu in alloc.gpus]
-        if not refs or len(set(refs)) != len(refs) or any(ref.node != alloc.node for ref in refs):
-            # Never proposed by the scheduler; refused here so that no log entry can
-            # make the holder map disagree with the allocations (a repeated GPU
-            # would be freed twice on release).
-            raise InvalidRequest(
-                f"allocation {alloc.allocation_id} must name distinct GPUs of node {alloc.node}",
-                code="invalid_allocation",
-            )
+        # Every check runs before any change: a gang is granted whole or not at all.
+        for member in members:
+            if member.allocation_id in self._allocations or member.allocation_id in self._gangs:
+                raise Conflict(f"allocation {member.allocation_id} exists", code="duplicate_allocation")
+            refs = [gpu.ref for gpu in member.gpus]
+            if not refs or len(set(refs)) != len(refs) or any(ref.node != member.node for ref in refs):
+                # Never proposed by the scheduler; refused here so that no log entry can
+                # make the holder map disagree with the allocations (a repeated GPU
+                # would be freed twice on release).
+                raise InvalidRequest(
+                    f"allocation {member.allocation_id} must name distinct GPUs of node {member.node}",
+                    code="invalid_allocation",
+                )
+        if cmd.gang_rest or alloc.gang is not None:
+            _check_gang(members)
+            if alloc.gang is not None and alloc.gang.gang_id in self._gangs:
+                raise Conflict(f"gang {alloc.gang.gang_id} exists", code="duplicate_allocation")
         queued = self._queue.get(request_id)
         if queued is None and self._known(request_id):
             raise Conflict(f"request {request_id} was already handled", code="duplicate_request")
-        for gpu in alloc.gpus:
-            holder = self._holders.get(gpu.ref)
-            if holder is not None:
-                raise Conflict(
-                    f"GPU {gpu.node}/{gpu.index} is held by {holder}", code="gpu_busy"
-                )
-        self._check_caps(alloc)
+        for member in members:
+            for gpu in member.gpus:
+                holder = self._holders.get(gpu.ref)
+                if holder is not None:
+                    raise Conflict(
+                        f"GPU {gpu.node}/{gpu.index} is held by {holder}", code="gpu_busy"
+                    )
+        self._check_caps(alloc, cmd.gpu_total)
         if queued is not None:
             self._dequeue(queued)
-        self._add_allocation(alloc)
+        for member in members:
+            self._add_allocation(member)
+        lease_id = alloc.allocation_id
+        if alloc.gang is not None:
+            lease_id = alloc.gang.gang_id
+            self._gangs[lease_id] = tuple(m.allocation_id for m in members)
         self._records[request_id] = RequestRecord(
             request_id=request_id,
             service_name=alloc.request.service_name,
             status=ALLOCATED,
             submitted_at=alloc.request.submitted_at,
             updated_at=cmd.at,
-            allocation_id=alloc.allocation_id,
+            allocation_id=lease_id,
         )
         event = LeaseEvent(
-            "allocated", cmd.at, alloc.request, allocation=alloc, was_queued=queued is not None
+            "allocated", cmd.at, alloc.request, allocation=alloc, was_queued=queued is not None, gang=_gang_of(members)
         )
-        return ApplyResult(events=(event,), affected=(alloc.allocation_id,))
+        return ApplyResult(events=(event,), affected=tuple(m.allocation_id for m in members))
 
     def _enqueue(self, cmd: Enqueue) -> ApplyResult:
         request_id = cmd.request.request_id
@@ -479,12 +538,10 @@ class LeaseTable:
         preempted = cmd.reason in PREEMPTION_END_REASONS
         events: list[LeaseEvent] = []
         affected: list[str] = []
-        for allocation_id in _unique(cmd.allocation_ids):
-            alloc = self._allocations.get(allocation_id)
-            if alloc is None:
-                # Released or expired by an earlier entry: the later one is a no-op
-                # for this id, so racing releases and expiries never fail each other.
-                continue
+        for unit in self._units(cmd.allocation_ids):
+            # A gang's members share expiry and preemption deadline: the first decides for all.
+            alloc = unit[0]
+            allocation_id = alloc.allocation_id
             if expired and (alloc.expires_at is None or alloc.expires_at > cmd.at):
                 # Renewed after the expiry was proposed: the renewal was acknowledged,
                 # so the lease lives on. Skipped like an id that is already gone.
@@ -496,7 +553,8 @@ class LeaseTable:
                     # ends a lease at its deadline, never before (an early end is the
                     # holder's own release).
                     continue
-            self._remove_allocation(alloc, cmd.at)
+            for member in unit:
+                self._remove_allocation(member, cmd.at)
             reason = "lease_ttl" if expired else cmd.reason
             self._finish(alloc.request.request_id, EXPIRED if expired else RELEASED, cmd.at, reason)
             events.append(
@@ -506,9 +564,10 @@ class LeaseTable:
                     alloc.request,
                     allocation=alloc,
                     reason=reason,
+                    gang=_gang_of(unit),
                 )
             )
-            affected.append(allocation_id)
+            affected.extend(m.allocation_id for m in unit)
         if not affected:
             what = "expired allocation" if expired else "preempted allocation" if preempted else "live allocation"
             raise NotFound(f"no {what} among {', '.join(cmd.allocation_ids) or 'none'}")
@@ -528,12 +587,19 @@ class LeaseTable:
             # changes nothing, not even the clock, and emits nothing.
             raise NotFound(f"no live allocation on node {cmd.node}")
         events: list[LeaseEvent] = []
-        for alloc in lost:
-            # As on release: telemetry from before `at` describes the old tenant.
-            self._remove_allocation(alloc, cmd.at)
+        affected: list[str] = []
+        # A gang with a member on the lost host is lost whole, on every node.
+        for unit in self._units(a.allocation_id for a in lost):
+            alloc = unit[0]
+            for member in unit:
+                # As on release: telemetry from before `at` describes the old tenant.
+                self._remove_allocation(member, cmd.at)
             self._finish(alloc.request.request_id, LOST, cmd.at, "host_lost")
-            events.append(LeaseEvent("lost", cmd.at, alloc.request, allocation=alloc, reason="host_lost"))
-        return ApplyResult(events=tuple(events), affected=tuple(a.allocation_id for a in lost))
+            events.append(
+                LeaseEvent("lost", cmd.at, alloc.request, allocation=alloc, reason="host_lost", gang=_gang_of(unit))
+            )
+            affected.extend(m.allocation_id for m in unit)
+        return ApplyResult(events=tuple(events), affected=tuple(affected))
 
     def _outbox_delivered(self, cmd: OutboxDelivered) -> ApplyResult:
         if cmd.through <= self._outbox_delivered_through:
@@ -579,6 +645,8 @@ class LeaseTable:
         return ApplyResult()
 
     def _preempt(self, cmd: Preempt) -> ApplyResult:
+        # A victim in a gang takes its whole gang, with the same deadline.
+        cmd = self._whole_gang_victims(cmd)
         # Checked whole first: a refusal changes nothing.
         if cmd.reason not in PREEMPTION_REASONS:
             raise InvalidRequest(f"unknown preemption reason {cmd.reason!r}", code="invalid_command")
@@ -613,14 +681,50 @@ class LeaseTable:
             self._preempting[allocation_id] = (deadline, cmd.reason)
             self._preempt_deadlines.add((deadline, allocation_id))
             self._queues.mark_preempting(alloc)
+            if alloc.gang is not None and alloc.gang.rank > 0:
+                continue  # the gang's owner hears once, with its first member
             events.append(
-                LeaseEvent("preempting", cmd.at, alloc.request, allocation=alloc, reason=cmd.reason, deadline=deadline)
+                LeaseEvent(
+                    "preempting",
+                    cmd.at,
+                    alloc.request,
+                    allocation=alloc,
+                    reason=cmd.reason,
+                    deadline=deadline,
+                    gang=_gang_of(self.lease_unit(allocation_id)),
+                )
             )
         if cmd.request_id is not None and cmd.node is not None:
             self._claims[cmd.request_id] = (cmd.node, tuple(ids))
         return ApplyResult(events=tuple(events), affected=tuple(ids))
 
-    def _check_caps(self, alloc: Allocation) -> None:
+    def _units(self, allocation_ids: Iterable[str]) -> list[tuple[Allocation, ...]]:
+        """The live leases `allocation_ids` name, each widened to its whole gang, once each, in first-named order.
+
+        Ids of leases already gone are skipped (an earlier entry ended them).
+        """
+        units: dict[str, tuple[Allocation, ...]] = {}
+        for allocation_id in _unique(allocation_ids):
+            unit = self.lease_unit(allocation_id)
+            if unit and unit[0].allocation_id not in units:
+                units[unit[0].allocation_id] = unit
+        return list(units.values())
+
+    def _whole_gang_victims(self, cmd: Preempt) -> Preempt:
+        """`cmd` with each victim in a gang widened to all its members (same deadline)."""
+        if not self._gangs:
+            return cmd
+        victims: list[tuple[str, float]] = []
+        named = {i for i, _ in cmd.victims}
+        for allocation_id, deadline in cmd.victims:
+            victims.append((allocation_id, deadline))
+            for member in self.lease_unit(allocation_id):
+                if member.allocation_id not in named:
+                    named.add(member.allocation_id)
+                    victims.append((member.allocation_id, deadline))
+        return dataclasses.replace(cmd, victims=tuple(victims))
+
+    def _check_caps(self, alloc: Allocation, gpus: int) -> None:
         """Refuse an allocation that would take its queue (or the queue's parent) past `max_gpus`.
 
         The scheduler never proposes one; checked here too so that no race between
@@ -631,7 +735,6 @@ class LeaseTable:
             return
         name = alloc.request.queue_name
         spec = self._policy.spec(name)
-        gpus = len(alloc.gpus)
         if spec.max_gpus is not None and self._queues.gpus[name] + gpus > spec.max_gpus:
             raise Conflict(f"queue {name} would pass its max_gpus {spec.max_gpus}", code="queue_quota")
         if spec.parent is not None:
@@ -664,25 +767,22 @@ class LeaseTable:
                 )
 
     def _renew(self, cmd: Renew) -> ApplyResult:
-        alloc = self._allocations.get(cmd.allocation_id)
-        if alloc is None:
+        unit = self.lease_unit(cmd.allocation_id)
+        if not unit:
             raise NotFound(f"no live allocation {cmd.allocation_id}")
+        alloc = unit[0]
         if alloc.expires_at is not None and alloc.expires_at <= cmd.at:
             raise Conflict(f"allocation {cmd.allocation_id} has expired", code="lease_expired")
-        renewed = Allocation(
-            allocation_id=alloc.allocation_id,
-            request=alloc.request,
-            node=alloc.node,
-            gpus=alloc.gpus,
-            allocated_at=alloc.allocated_at,
-            expires_at=cmd.expires_at,
-            topology=alloc.topology,
-        )
-        self._remove_expiry(alloc)
-        self._allocations[cmd.allocation_id] = renewed
-        self._add_expiry(renewed)
-        event = LeaseEvent("renewed", cmd.at, alloc.request, allocation=renewed)
-        return ApplyResult(events=(event,), affected=(cmd.allocation_id,))
+        renewed = []
+        # A gang's members are renewed together: they keep one expiry.
+        for member in unit:
+            fresh = dataclasses.replace(member, expires_at=cmd.expires_at)
+            self._remove_expiry(member)
+            self._allocations[member.allocation_id] = fresh
+            self._add_expiry(fresh)
+            renewed.append(fresh)
+        event = LeaseEvent("renewed", cmd.at, alloc.request, allocation=renewed[0], gang=_gang_of(tuple(renewed)))
+        return ApplyResult(events=(event,), affected=tuple(m.allocation_id for m in renewed))
 
     def _cancel(self, cmd: Cancel) -> ApplyResult:
         timed_out = cmd.reason == "queue_timeout"
@@ -747,6 +847,7 @@ class LeaseTable:
             for gpu in alloc.gpus:
                 self._holders[gpu.ref] = alloc.allocation_id
             self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
+        self._gangs = _gangs_of(allocs)
         self._expiries = SortedList((a.expires_at, a.allocation_id) for a in allocs if a.expires_at is not None)
         for node in self._node_allocations:
             self._holders_changed(node)
@@ -767,6 +868,9 @@ class LeaseTable:
     def _remove_allocation(self, alloc: Allocation, at: float) -> None:
         """End a lease at `at`, whatever the reason: its GPUs are freed and its GPU-seconds credited."""
         del self._allocations[alloc.allocation_id]
+        if alloc.gang is not None:
+            # Its other members leave in the same apply (whole gangs only).
+            self._gangs.pop(alloc.gang.gang_id, None)
         key = _usage_key(alloc)
         self._usage.add_allocated(key, len(alloc.gpus), alloc.allocated_at, at, floor_hour=self._usage_floor(at))
         self._live_keys[key] -= 1
@@ -829,6 +933,10 @@ class LeaseTable:
 
         See `restore` for why the garbage collector is paused meanwhile.
 
+        Version 5 is version 4 whose leases may be gang members (their wire
+        form's "gang"; the table's gang index is rebuilt from them): a version 4
+        reader would take such members for independent leases, so it must refuse.
+        It is written only while a gang is live; otherwise the snapshot is version 4.
         Version 4 is version 3 plus "queue_policy" (queues.py's wire form),
         "preempting" rows [allocation_id, deadline, reason] and "claims" rows
         [request_id, node, victim ids]. Version 3 is version 2 plus "usage" (usage_ledger.py's snapshot form) and
@@ -868,7 +976,7 @@ class LeaseTable:
 
     def _snapshot(self) -> Wire:
         return {
-            "version": SNAPSHOT_VERSION,
+            "version": SNAPSHOT_VERSION if self._gangs else SNAPSHOT_VERSION_WITHOUT_GANGS,
             "clock": self._clock,
             "retention_s": self.retention_s,
             "allocations": [_text_or_item(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
@@ -893,7 +1001,7 @@ class LeaseTable:
 
     @classmethod
     def restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
-        """Rebuild a table from `snapshot()` output of this version, or of versions 3 (no queues), 2 or 1 (no usage).
+        """Rebuild a table from `snapshot()` output of this version, or of versions 4 (no gangs), 3 (no queues), 2 or 1 (no usage).
 
         The cyclic garbage collector is paused meanwhile: a restore makes a few
         hundred thousand objects, none of them garbage, and the collections they
@@ -908,7 +1016,7 @@ class LeaseTable:
     @classmethod
     def _restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
         version = snap.get("version")
-        if version not in (1, 2, 3, SNAPSHOT_VERSION):
+        if version not in (1, 2, 3, 4, SNAPSHOT_VERSION):
             raise ValueError(f"unsupported lease-table snapshot version {version!r}")
         table = cls(retention_s=float(snap["retention_s"]))
         table._clock = float(snap["clock"])
@@ -951,6 +1059,45 @@ class LeaseTable:
         table._usage = UsageLedger.from_wire(snap.get("usage", {}))
         table._usage_retention_s = float(snap.get("usage_retention_s", DEFAULT_USAGE_RETENTION_S))
         return table
+
+
+def _gang_of(members: tuple[Allocation, ...]) -> tuple[Allocation, ...]:
+    """`members` when they are a gang's, else () (the LeaseEvent.gang of a single lease)."""
+    return members if members and members[0].gang is not None else ()
+
+
+def _gangs_of(allocs: Iterable[Allocation]) -> dict[str, tuple[str, ...]]:
+    """The gang index of a set of live leases: gang id -> member ids, rank order."""
+    ranked: dict[str, list[tuple[int, str]]] = {}
+    for alloc in allocs:
+        if alloc.gang is not None:
+            ranked.setdefault(alloc.gang.gang_id, []).append((alloc.gang.rank, alloc.allocation_id))
+    return {gang_id: tuple(i for _, i in sorted(rows)) for gang_id, rows in ranked.items()}
+
+
+def _check_gang(members: tuple[Allocation, ...]) -> None:
+    """Refuse an Allocate whose leases are not one whole gang of one request on distinct nodes."""
+    first = members[0].gang
+    ok = (
+        first is not None
+        and len(members) == first.size >= 2
+        and len({m.node for m in members}) == len(members)
+        and all(
+            m.gang is not None
+            and m.gang.gang_id == first.gang_id
+            and m.gang.rank == rank
+            and m.gang.size == first.size
+            and m.request == members[0].request
+            and m.expires_at == members[0].expires_at
+            for rank, m in enumerate(members)
+        )
+    )
+    if not ok:
+        raise InvalidRequest(
+            f"allocation {members[0].allocation_id}: a gang needs one lease per distinct node, ranked 0.., "
+            "all of one request, gang id and expiry",
+            code="invalid_allocation",
+        )
 
 
 def _record_row(record: RequestRecord) -> list[Any]:

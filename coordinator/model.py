@@ -64,13 +64,28 @@ class GpuView:
 
 @dataclass(frozen=True, slots=True)
 class Requirements:
-    """What one allocation needs, all on a single node."""
+    """What one allocation needs: `gpu_count` GPUs on each of `nodes` nodes.
+
+    `nodes` is 1 for every ordinary request (all GPUs on a single node); above 1
+    the request is a gang (coordinator/gangs.py): `gpu_count` GPUs on each of
+    that many distinct nodes, granted all together or not at all.
+    """
 
     gpu_count: int
     min_memory_mb: int
     max_utilization: float = 100.0
     gpu_model: str | None = None
     node: str | None = None
+    nodes: int = 1
+
+    @property
+    def total_gpus(self) -> int:
+        """Every GPU the request takes, over all its nodes: what queue quotas count."""
+        return self.gpu_count * self.nodes
+
+    @property
+    def is_gang(self) -> bool:
+        return self.nodes > 1
 
     def matches_statically(self, gpu: GpuView) -> bool:
         """True when `gpu` could ever serve this request: model, node and total memory."""
@@ -87,6 +102,8 @@ class Requirements:
             "max_utilization": self.max_utilization,
             "gpu_model": self.gpu_model,
             "node": self.node,
+            # Left out for a single node, so ordinary requests encode as they always did.
+            **({"nodes": self.nodes} if self.nodes != 1 else {}),
         }
 
     @classmethod
@@ -97,6 +114,7 @@ class Requirements:
             max_utilization=float(w["max_utilization"]),
             gpu_model=w.get("gpu_model"),
             node=w.get("node"),
+            nodes=int(w.get("nodes", 1)),
         )
 
 
@@ -250,8 +268,53 @@ class AllocationTopology:
 
 
 @dataclass(frozen=True, slots=True)
+class GangMembership:
+    """Where one allocation stands in a gang (coordinator/gangs.py): a lease on one of its nodes.
+
+    Every member of a gang has the same `gang_id`, `size` and rendezvous; `rank`
+    is its node's place (0 = the first node, whose address is the rendezvous).
+    The rendezvous is a hint for a torch.distributed launcher
+    (`--master_addr`/`--master_port`): the first node's address and a port
+    from the configured range, `ports` being that whole range.
+    """
+
+    gang_id: str
+    rank: int
+    size: int
+    rendezvous_address: str
+    rendezvous_port: int
+    rendezvous_ports: tuple[int, int]
+
+    def to_wire(self) -> Wire:
+        return {
+            "gang_id": self.gang_id,
+            "rank": self.rank,
+            "size": self.size,
+            "rendezvous_address": self.rendezvous_address,
+            "rendezvous_port": self.rendezvous_port,
+            "rendezvous_ports": list(self.rendezvous_ports),
+        }
+
+    @classmethod
+    def from_wire(cls, w: Mapping[str, Any]) -> GangMembership:
+        low, high = w["rendezvous_ports"]
+        return cls(
+            gang_id=str(w["gang_id"]),
+            rank=int(w["rank"]),
+            size=int(w["size"]),
+            rendezvous_address=str(w["rendezvous_address"]),
+            rendezvous_port=int(w["rendezvous_port"]),
+            rendezvous_ports=(int(low), int(high)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Allocation:
-    """A lease: GPUs on one node held for one request until released or expired."""
+    """A lease: GPUs on one node held for one request until released or expired.
+
+    A gang's lease is several of these, one per node, each with `gang` set;
+    the lease table grants and ends them only all together.
+    """
 
     allocation_id: str
     request: AllocationRequest
@@ -261,6 +324,8 @@ class Allocation:
     expires_at: float | None
     # None where the node reported no topology (and in records written before it existed).
     topology: AllocationTopology | None = None
+    # Set only for a member of a gang; None for every single-node lease.
+    gang: GangMembership | None = None
 
     def to_wire(self) -> Wire:
         wire: Wire = {
@@ -274,12 +339,15 @@ class Allocation:
         if self.topology is not None:
             # Left out when unknown, so records without it encode as they always did.
             wire["topology"] = self.topology.to_wire()
+        if self.gang is not None:
+            wire["gang"] = self.gang.to_wire()
         return wire
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Allocation:
         expires = w.get("expires_at")
         topology = w.get("topology")
+        gang = w.get("gang")
         return cls(
             allocation_id=str(w["allocation_id"]),
             request=AllocationRequest.from_wire(w["request"]),
@@ -288,6 +356,7 @@ class Allocation:
             allocated_at=float(w["allocated_at"]),
             expires_at=None if expires is None else float(expires),
             topology=None if topology is None else AllocationTopology.from_wire(topology),
+            gang=None if gang is None else GangMembership.from_wire(gang),
         )
 
 
@@ -377,3 +446,6 @@ class LeaseEvent:
     was_queued: bool = False
     # For preempting: when the lease ends unless released earlier.
     deadline: float | None = None
+    # For a gang: every member, rank order (`allocation` is the first). One
+    # event stands for the whole gang, so its owner hears of it once.
+    gang: tuple[Allocation, ...] = ()

@@ -36,6 +36,9 @@ Which GPUs on the chosen node: best fit's rules say which are interchangeable
 the node has reported its topology, coordinator/topology.py picks among those
 the best-connected set, leaving the rest best connected. That only happens
 for the winning node, so the node choice and its cost are best fit's alone.
+
+A gang (several nodes at once) is placed and reserves by the same walk, with
+its own node search (coordinator/gang_placement.py, bounded per request).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from typing import Collection, Iterable, Iterator
 
 from sortedcontainers import SortedList
 
+from coordinator.gang_placement import GangPlacement, best_gang_fit, gang_reservation
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
 from coordinator.model import (
@@ -72,6 +76,10 @@ class Placement:
     node: str
     gpus: tuple[GpuView, ...]
     topology: AllocationTopology | None = None
+
+
+# What a step places: one node's GPUs, or a gang's on several nodes.
+AnyPlacement = Placement | GangPlacement
 
 
 class OpenGpus:
@@ -166,7 +174,7 @@ class PlanWalk:
 
     def walk(
         self, groups: Iterable[Iterable[QueuedRequest]], skip: Collection[str] = ()
-    ) -> list[tuple[AllocationRequest, Placement]]:
+    ) -> list[tuple[AllocationRequest, AnyPlacement]]:
         """Place or reserve for each request of `groups`, merged in rank order.
 
         Each group holds requests with equal requirements, in rank order, so a
@@ -180,7 +188,7 @@ class PlanWalk:
             if head is not None:
                 heap.append((self.table.rank_key(head.request), seq, head, members))
         heapq.heapify(heap)
-        placements: list[tuple[AllocationRequest, Placement]] = []
+        placements: list[tuple[AllocationRequest, AnyPlacement]] = []
         while heap and self.open.total:
             _, seq, queued, members = heap[0]
             request = queued.request
@@ -199,7 +207,7 @@ class PlanWalk:
                 heapq.heapreplace(heap, (self.table.rank_key(following.request), seq, following, members))
         return placements
 
-    def step(self, request: AllocationRequest) -> Placement | None:
+    def step(self, request: AllocationRequest) -> AnyPlacement | None:
         """Place `request` (taking its GPUs) or let it reserve; returns the placement or None."""
         req = request.requirements
         shape = self._shape(req)
@@ -207,14 +215,16 @@ class PlanWalk:
             return None
         placement = None if shape.failed_fit else self.best_fit(request)
         if placement is not None:
-            self._take(placement.node, {g.ref for g in placement.gpus})
+            for member in placement.members if isinstance(placement, GangPlacement) else (placement,):
+                self._take(member.node, {g.ref for g in member.gpus})
             return placement
         shape.failed_fit = True
-        node, refs = self._reservation(request)
-        if node is None:
+        reserved = gang_reservation(self, request) if req.is_gang else [self._reservation(request)]
+        if not any(node is not None for node, _ in reserved):
             shape.dead = True
-        else:
-            self._take(node, refs)
+        for node, refs in reserved:
+            if node is not None:
+                self._take(node, refs)
         return None
 
     def is_dead(self, req: Requirements) -> bool:
@@ -229,9 +239,14 @@ class PlanWalk:
 
     # ------------------------------------------------------------------ one request
 
-    def best_fit(self, request: AllocationRequest) -> Placement | None:
-        """The best-fit placement of `request` on the open GPUs, or None when it fits nowhere."""
+    def best_fit(self, request: AllocationRequest) -> AnyPlacement | None:
+        """The best-fit placement of `request` on the open GPUs, or None when it fits nowhere.
+
+        A gang's is a GangPlacement (gang_placement.py); every other request's a Placement.
+        """
         req = request.requirements
+        if req.is_gang:
+            return best_gang_fit(self, request, self.inventory.labels())
         need = req.gpu_count
         best: tuple[tuple[int, int, int, str], Placement] | None = None
         if req.node is not None:
@@ -256,6 +271,22 @@ class PlanWalk:
                 # No degraded GPU: every node in a later bucket leaves more GPUs free.
                 break
         return None if best is None else self._wired(request, best[1])
+
+    def member_fit(self, request: AllocationRequest, node: str) -> tuple[tuple[int, int, int, str], Placement] | None:
+        """Best fit's (score, placement) of `request`'s GPUs on `node` alone (one gang member), or None."""
+        return self._fit(request, node, self.open.by_node.get(node, ()))
+
+    def wired(self, request: AllocationRequest, placement: Placement) -> Placement:
+        """`placement` with its GPUs chosen by its node's topology (see `_wired`)."""
+        return self._wired(request, placement)
+
+    def capable(self, req: Requirements, node: str) -> bool:
+        """Whether `node` has enough schedulable GPUs matching `req` (one node's share), free or not."""
+        return self._capable(req, node)
+
+    def eligible_refs(self, request: AllocationRequest, node: str) -> set[GpuRef]:
+        """`node`'s open GPUs eligible for `request` now."""
+        return self._eligible_refs(request, node)
 
     def _fit(
         self, request: AllocationRequest, node: str, views: tuple[GpuView, ...]

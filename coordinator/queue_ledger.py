@@ -78,7 +78,7 @@ class QueueLedger:
         if waiting is None:
             waiting = self.waiting[queue] = WaitQueue(age_weight_per_hour=self.age_weight_per_hour)
         waiting.add(queued)
-        self.pending_gpus[queue] += queued.request.requirements.gpu_count
+        self.pending_gpus[queue] += queued.request.requirements.total_gpus
 
     def remove_waiting(self, queued: QueuedRequest) -> None:
         queue = queued.request.queue_name
@@ -86,7 +86,7 @@ class QueueLedger:
         waiting.remove(queued)
         if not len(waiting):
             del self.waiting[queue]
-        _decrement(self.pending_gpus, queue, queued.request.requirements.gpu_count)
+        _decrement(self.pending_gpus, queue, queued.request.requirements.total_gpus)
 
     def load(
         self, allocs: Iterable[Allocation], queued: Iterable[QueuedRequest], preempting: Container[str] = ()
@@ -99,7 +99,7 @@ class QueueLedger:
         by_queue: dict[str, list[QueuedRequest]] = {}
         for q in queued:
             by_queue.setdefault(q.request.queue_name, []).append(q)
-            self.pending_gpus[q.request.queue_name] += q.request.requirements.gpu_count
+            self.pending_gpus[q.request.queue_name] += q.request.requirements.total_gpus
         self.waiting = {
             name: WaitQueue(items, age_weight_per_hour=self.age_weight_per_hour) for name, items in by_queue.items()
         }

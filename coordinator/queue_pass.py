@@ -37,7 +37,7 @@ from typing import Collection, Iterable, Iterator
 
 from coordinator.lease_table import LeaseTable
 from coordinator.model import AllocationRequest, QueuedRequest
-from coordinator.placement import Placement, PlanWalk
+from coordinator.placement import AnyPlacement, PlanWalk
 from coordinator.queue_rules import QueueBook, Standing
 from coordinator.wait_queue import RankKey
 
@@ -50,7 +50,7 @@ MAX_CANDIDATES = 32
 class QueuePlan:
     """What a pass decided: placements in order, and entitled requests left waiting."""
 
-    placements: list[tuple[AllocationRequest, Placement]] = field(default_factory=list)
+    placements: list[tuple[AllocationRequest, AnyPlacement]] = field(default_factory=list)
     candidates: list[tuple[AllocationRequest, Standing]] = field(default_factory=list)
 
 
@@ -195,7 +195,7 @@ def plan(
             merge.drop_group()
         else:
             verdict = book.classify(request)
-            if verdict.standing is not Standing.BORROW or not book.may_borrow(request.requirements.gpu_count):
+            if verdict.standing is not Standing.BORROW or not book.may_borrow(request.requirements.total_gpus):
                 # GUARANTEED here was left by round 1 for want of candidates' room: later.
                 merge.drop_group()
             else:
@@ -236,7 +236,7 @@ def _late_candidates(
             if request.request_id in handled:
                 continue
             standing = book.classify(request).standing
-            need = request.requirements.gpu_count
+            need = request.requirements.total_gpus
             if standing is Standing.QUOTA:
                 continue
             if standing is Standing.GUARANTEED:
@@ -257,7 +257,7 @@ def _late_candidates(
 
 def _below_fair_share(book: QueueBook, request: AllocationRequest) -> bool:
     """Whether the request's queue, with the request, stays within its fair share."""
-    return book.used[request.queue_name] + request.requirements.gpu_count <= book.fair_share(request.queue_name) + 1e-9
+    return book.used[request.queue_name] + request.requirements.total_gpus <= book.fair_share(request.queue_name) + 1e-9
 
 
 def _add_candidate(result: QueuePlan, request: AllocationRequest, find_candidates: bool) -> None:

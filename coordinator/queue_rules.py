@@ -125,7 +125,7 @@ class QueueBook:
         """Where `request` stands against its queue now (see the module docstring)."""
         name = request.queue_name
         spec = self.policy.spec(name)
-        need = request.requirements.gpu_count
+        need = request.requirements.total_gpus
         parent = self.policy.spec(spec.parent) if spec.parent is not None else None
         if spec.max_gpus is not None and self.used[name] + need > spec.max_gpus:
             return Verdict(
@@ -151,7 +151,7 @@ class QueueBook:
         return Verdict(Standing.BORROW)
 
     def _within_guarantee(self, request: AllocationRequest, spec: QueueSpec, parent: QueueSpec | None) -> bool:
-        need = request.requirements.gpu_count
+        need = request.requirements.total_gpus
         model, guarantee = spec.model_guarantee(request.requirements.gpu_model)
         used = self._model_used.get((spec.name, model), 0) if model is not None else self.used[spec.name]
         if used + need > guarantee:
@@ -186,7 +186,7 @@ class QueueBook:
             self._count_claim(request, -1)
 
     def _count_claim(self, request: AllocationRequest, sign: int) -> None:
-        name, need = request.queue_name, request.requirements.gpu_count
+        name, need = request.queue_name, request.requirements.total_gpus
         self.used[name] += sign * need
         self.total_used += sign * need
         model, _ = self.policy.spec(name).model_guarantee(request.requirements.gpu_model)

@@ -30,6 +30,9 @@ Policy, in the order it is applied:
    GPUs a waiting request can use never shrinks because of lower-ranked work:
    each release brings it closer until it fits. A new request is ranked against
    the queue the same way, so it cannot jump ahead of equal or higher waiters.
+   A gang (`nodes` > 1) is one request: it is placed on all its nodes at once
+   or reserves on the nodes closest to fitting it (coordinator/gang_placement.py),
+   and is granted by one Allocate carrying every member.
 4. **Leases and the queue end by time.** A lease whose `expires_at` has passed is
    released with reason "expired"; a queued request past its deadline is
    withdrawn with reason "queue_timeout". Both are commands with `at = now`, so
@@ -51,6 +54,7 @@ answers in a lookup.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Collection, Mapping
@@ -60,8 +64,16 @@ from coordinator.commands import Allocate, Cancel, Command, Enqueue, Preempt, Re
 from coordinator.errors import Conflict, QueueFull, Unsatisfiable
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
-from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, GpuRef, QueuedRequest, Requirements
-from coordinator.placement import OpenGpus, Placement, PlanWalk
+from coordinator.model import (
+    AllocatedGpu,
+    Allocation,
+    AllocationRequest,
+    GangMembership,
+    GpuRef,
+    QueuedRequest,
+    Requirements,
+)
+from coordinator.placement import AnyPlacement, OpenGpus, Placement, PlanWalk
 from coordinator.preemption import choose_victims
 from coordinator.queue_rules import QueueBook, Standing
 
@@ -75,6 +87,10 @@ class SchedulerConfig:
     # Bound on waiting requests: past it new requests get 503 queue_full rather
     # than an ever-growing queue that no one will serve.
     max_queue: int = 10_000
+    # The ports a gang's rendezvous hint is chosen from, both ends included: each
+    # gang gets the lowest one no live gang with the same first node holds
+    # (torch.distributed's default, 29500, first).
+    rendezvous_ports: tuple[int, int] = (29500, 29599)
 
 
 class Scheduler:
@@ -123,7 +139,7 @@ class Scheduler:
         finally:
             walk.undo()
         if placement is not None:
-            return Allocate(now, self._allocation(request, placement, now))
+            return self._grant(request, placement, now, table, walk.inventory)
         if not request.queue:
             if quota:
                 raise Conflict(f"the request's queue allows no more now: {quota} (queue=false)", code="queue_quota")
@@ -133,7 +149,7 @@ class Scheduler:
         timeout = self.config.queue_timeout_s
         return Enqueue(now, request, now + timeout if timeout > 0 else None)
 
-    def _place_behind_queue(self, walk: PlanWalk, request: AllocationRequest) -> Placement | None:
+    def _place_behind_queue(self, walk: PlanWalk, request: AllocationRequest) -> AnyPlacement | None:
         """Where `request` goes once the queued requests ranked ahead of it are planned."""
         # Ahead-of-it work only ever takes GPUs: a request that fits nowhere on
         # what is open now fits nowhere after it, and no walk is needed.
@@ -151,7 +167,7 @@ class Scheduler:
         pending: Collection[GpuRef],
         pending_queues: Mapping[str, int] | None,
         now: float,
-    ) -> tuple[Placement | None, str]:
+    ) -> tuple[AnyPlacement | None, str]:
         """Where the queue pass would place `request` now, or (None, why when its queue forbids it)."""
         book = self._book(walk, pending, pending_queues)
         verdict = book.classify(request)
@@ -222,7 +238,7 @@ class Scheduler:
                 else:
                     placements = walk.walk(table.queue_groups(), skip=set(timed_out))
                     for request, placement in placements:
-                        commands.append(Allocate(now, self._allocation(request, placement, now)))
+                        commands.append(self._grant(request, placement, now, table, inventory))
             finally:
                 walk.undo()
         return commands
@@ -242,7 +258,7 @@ class Scheduler:
         # book counts leases in their grace period as gone), and their GPUs open.
         result = queue_pass.plan(walk, book, now, skip)
         commands: list[Command] = [
-            Allocate(now, self._allocation(request, placement, now)) for request, placement in result.placements
+            self._grant(request, placement, now, table, walk.inventory) for request, placement in result.placements
         ]
         taken: set[str] = set()
         # Candidates alike in everything victim choice reads, one of which found no
@@ -250,6 +266,8 @@ class Scheduler:
         # away (taken, closed GPUs, claims raising the claimant queue's use).
         hopeless: set[tuple[object, ...]] = set()
         for request, planned in result.candidates:
+            if request.requirements.is_gang:
+                continue  # a gang waits for GPUs to free; it never preempts (docs/shapes.md)
             claim = table.claim(request.request_id)
             if claim is not None and any(table.allocation(v) is not None for v in claim[1]):
                 continue  # its victims are in their grace period already
@@ -285,6 +303,9 @@ class Scheduler:
         Health and drain are ignored here: a sick GPU may recover, a missing model never appears.
         """
         req = request.requirements
+        if req.is_gang:
+            _check_gang_satisfiable(req, inventory)
+            return
         if req.node is not None:
             counts = [sum(1 for g in inventory.node_views(req.node) if req.matches_statically(g))]
         else:
@@ -325,6 +346,29 @@ class Scheduler:
         self._table_version, self._inventory_version = table.holder_version, inventory.version
         return PlanWalk(self._open, table, inventory, released)
 
+    def _grant(
+        self, request: AllocationRequest, placement: AnyPlacement, now: float, table: LeaseTable, inventory: Inventory
+    ) -> Allocate:
+        """The Allocate for `placement`: one lease, or every member of a gang in one command."""
+        if isinstance(placement, Placement):
+            return Allocate(now, self._allocation(request, placement, now))
+        gang_id = f"{request.service_name}-{self._rng.getrandbits(64):016x}"
+        first = placement.members[0].node
+        address = inventory.address(first) or first
+        low, high = self.config.rendezvous_ports
+        in_use = table.gang_ports_in_use(address)
+        # The lowest port no live gang at that address holds; when all are, the lowest (a hint only).
+        port = next((p for p in range(low, high + 1) if p not in in_use), low)
+        members = tuple(
+            dataclasses.replace(
+                self._allocation(request, member, now),
+                allocation_id=f"{gang_id}.{rank}",
+                gang=GangMembership(gang_id, rank, len(placement.members), address, port, (low, high)),
+            )
+            for rank, member in enumerate(placement.members)
+        )
+        return Allocate(now, members[0], members[1:])
+
     def _allocation(self, request: AllocationRequest, placement: Placement, now: float) -> Allocation:
         ttl = request.ttl_s
         return Allocation(
@@ -353,6 +397,27 @@ def _still_entitled(book: QueueBook, request: AllocationRequest, planned: Standi
     if book.used[request.queue_name] + request.requirements.gpu_count <= book.fair_share(request.queue_name) + 1e-9:
         return Standing.BORROW
     return None
+
+
+def _check_gang_satisfiable(req: Requirements, inventory: Inventory) -> None:
+    """Raise Unsatisfiable unless `req.nodes` nodes could each ever hold `req.gpu_count` matching GPUs.
+
+    Counted per node kind (a handful), never per node.
+    """
+    capable = sum(
+        nodes
+        for kind, nodes in inventory.kind_counts().items()
+        if sum(1 for name, memory in kind if _matches_kind(req, name, memory)) >= req.gpu_count
+    )
+    if capable >= req.nodes:
+        return
+    wanted = f"{req.nodes} nodes with {req.gpu_count} GPU(s) of at least {req.min_memory_mb} MB each"
+    if req.gpu_model:
+        wanted += f" of model {req.gpu_model!r}"
+    raise Unsatisfiable(
+        f"the cluster can never hold a gang of {wanted}: {capable} node(s) could hold one member",
+        code="unsatisfiable",
+    )
 
 
 def _matches_kind(req: Requirements, name: str, memory_mb: int) -> bool:
