@@ -310,7 +310,12 @@ def _build_lease_service(
 ) -> LeaseService:
     """The lease service of the leadership of `term`, with a fresh admission core."""
     scheduler = Scheduler(
-        SchedulerConfig(queue_timeout_s=config.scheduler.queue_timeout_s, max_queue=config.scheduler.max_queue), rng
+        SchedulerConfig(
+            queue_timeout_s=config.scheduler.queue_timeout_s,
+            max_queue=config.scheduler.max_queue,
+            rendezvous_ports=(config.scheduler.rendezvous_port_min, config.scheduler.rendezvous_port_max),
+        ),
+        rng,
     )
     return LeaseService(
         raft_log,

@@ -268,6 +268,14 @@ class SchedulerSection:
     # waited, so a stream of higher work cannot starve it (0: no aging).
     # Reloaded on SIGHUP; the leader's value is the cluster's.
     age_weight_per_hour: float = 0.0
+    # The ports a gang's rendezvous hint is chosen from (both ends included):
+    # the allocation names its first node's address and the lowest port of this
+    # range that no other live gang with the same first node holds, for
+    # torch.distributed's --master_addr/--master_port. 29500 is torchrun's
+    # default port; a hundred ports cover a hundred gangs led from one node.
+    # Open them between the GPU hosts. The leader's value is the cluster's.
+    rendezvous_port_min: int = 29500
+    rendezvous_port_max: int = 29599
 
 
 @dataclass(frozen=True)
@@ -616,6 +624,15 @@ def _validate_scheduler(section: SchedulerSection) -> None:
         raise _fail(
             "scheduler.age_weight_per_hour",
             f"must be a number >= 0 (0 = no aging), got {section.age_weight_per_hour}",
+        )
+    for name in ("rendezvous_port_min", "rendezvous_port_max"):
+        port = getattr(section, name)
+        if not 1 <= port <= 65535:
+            raise _fail(f"scheduler.{name}", f"must be a port number (1-65535), got {port}")
+    if section.rendezvous_port_min > section.rendezvous_port_max:
+        raise _fail(
+            "scheduler.rendezvous_port_min",
+            f"= {section.rendezvous_port_min} is above rendezvous_port_max = {section.rendezvous_port_max}",
         )
 
 

@@ -341,10 +341,18 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return record.service_name
 
     def live_allocation(table: LeaseTable, allocation_id: str) -> Allocation:
-        alloc = table.allocation(allocation_id) if valid_id(allocation_id) else None
-        if alloc is None:
+        """The live lease `allocation_id` names (a gang's id: its first member). Raises NotFound."""
+        unit = table.lease_unit(allocation_id) if valid_id(allocation_id) else ()
+        if not unit:
             raise NotFound(f"no live allocation {brief(allocation_id)}")
-        return alloc
+        return unit[0]
+
+    def lease_view(table: LeaseTable, allocation_id: str) -> dict[str, Any]:
+        """The API object of a live lease: a gang's id gives the whole gang, a member's id that member."""
+        gang = table.gang(allocation_id) if valid_id(allocation_id) else None
+        if gang is not None:
+            return allocation_view(gang[0], gang)
+        return allocation_view(live_allocation(table, allocation_id))
 
     # ------------------------------------------------------------------ leader routing
 
@@ -507,7 +515,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         principal: ApiKey | None = g.principal
         outcome = await service.allocate(body, key_queue=None if principal is None else principal.queue)
         if outcome.allocation is not None:
-            return json_response(allocation_view(outcome.allocation))
+            return json_response(allocation_view(outcome.allocation, outcome.gang))
         assert outcome.queued is not None and outcome.position is not None
         pending = why_pending(service.table, ctx.inventory.inventory(), outcome.queued.request.request_id)
         return json_response(queued_view(outcome.queued, outcome.position, pending), 202)
@@ -543,7 +551,8 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     async def renew(service: LeaseService) -> Response:
         body = parse_renew_body(await body_json())
         require_service(live_allocation(service.table, body.allocation_id).request.service_name)
-        return json_response(allocation_view(await service.renew(body.allocation_id, body.ttl_seconds)))
+        await service.renew(body.allocation_id, body.ttl_seconds)
+        return json_response(lease_view(service.table, body.allocation_id))
 
     @app.get("/gpu/status")
     async def gpu_status() -> Response:
@@ -642,7 +651,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
     @app.get("/gpu/allocations/<allocation_id>")
     @on_leader(read=True)
     async def get_allocation(reader: LeaseReader, allocation_id: str) -> Response:
-        return json_response(allocation_view(live_allocation(reader.table, allocation_id)))
+        return json_response(lease_view(reader.table, allocation_id))
 
     @app.get("/gpu/requests/<request_id>")
     @on_leader(read=True)
@@ -651,13 +660,15 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         record = table.record(request_id) if valid_id(request_id) else None
         if record is None:
             raise NotFound(f"no request {brief(request_id)}")
-        alloc = table.allocation(record.allocation_id) if record.allocation_id else None
+        unit = table.lease_unit(record.allocation_id) if record.allocation_id else ()
+        alloc = unit[0] if unit else None
+        gang = unit if unit and unit[0].gang is not None else ()
         queued = table.queued(request_id)
         position = reader.queue_position(request_id)
         queued_json = None
         if queued is not None and position:
             queued_json = queued_view(queued, position, why_pending(table, ctx.inventory.inventory(), request_id))
-        return json_response(record_view(record, alloc, queued_json))
+        return json_response(record_view(record, alloc, queued_json, gang))
 
     @app.get("/usage")
     @on_leader(read=True)

@@ -148,6 +148,11 @@ class InventoryFeed:
                 topology = member.meta.topology
         self._inventory.set_node(name, views)
         self._inventory.set_topology(name, topology)
+        # Address and labels for gangs (coordinator/gang_placement.py): from gossip,
+        # the agent's own included; a lone agent without gossip has neither.
+        member = self._membership.member(name)
+        meta = None if member is None else member.meta
+        self._inventory.set_facts(name, None if meta is None else meta.advertise_ip, {} if meta is None else meta.labels)
 
     def _scheduled_here(self, member: Member) -> bool:
         if member.view.status != "alive" or member.meta is None:

@@ -222,7 +222,7 @@ class LeaseService:
         One its caller already released (a retry after outcome_unknown) answers
         as the first release did, marked `repeated`.
         """
-        if self.table.allocation(allocation_id) is None:
+        if not self.table.lease_unit(allocation_id):
             record = self.table.record_of_allocation(allocation_id)
             if record is not None and record.status == RELEASED and record.reason == "released":
                 return ReleaseOutcome((allocation_id,), (), repeated=True)
@@ -279,10 +279,10 @@ class LeaseService:
         except Conflict as exc:
             # Past its expiry the lease is gone in all but the scheduler's bookkeeping.
             raise NotFound(f"allocation {allocation_id} has expired") from exc
-        renewed = self.table.allocation(allocation_id)
-        if renewed is None:
+        renewed = self.table.lease_unit(allocation_id)
+        if not renewed:
             raise NotFound(f"no live allocation {allocation_id}")
-        return renewed
+        return renewed[0]
 
     async def set_drain(self, node: str, index: int, drained: bool, reason: str = "") -> None:
         """Drain (no new allocations) or undrain a GPU; durable like any lease change.

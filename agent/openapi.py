@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from coordinator.request_parsing import (
+    MAX_GANG_NODES,
     MAX_GPU_COUNT,
     MAX_MEMORY_MB,
     MAX_TEXT_LENGTH,
@@ -435,14 +436,57 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                 "properties": {"gpu_model": _nullable(text), "node": _nullable(text)},
             }
         ),
+        "nodes": _nullable(
+            {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_GANG_NODES,
+                "description": "a gang: this many distinct nodes, all or none (docs/shapes.md); needs gpus_per_node, "
+                "excludes gpu_count/required_gpus and constraints.node (400 invalid_gang)",
+            }
+        ),
+        "gpus_per_node": _nullable(
+            {"type": "integer", "minimum": 1, "maximum": MAX_GPU_COUNT, "description": "a gang's GPUs on each node"}
+        ),
     }
     # gpu_count and required_gpus name the same thing: both (not null) is a 400.
-    not_both_counts = {
+    not_both_counts: dict[str, Any] = {
         "not": {
             "required": ["gpu_count", "required_gpus"],
             "properties": {"gpu_count": {"not": {"type": "null"}}, "required_gpus": {"not": {"type": "null"}}},
         }
     }
+    # A gang's two fields come together, without gpu_count/required_gpus or constraints.node (400 invalid_gang).
+    given = {"not": {"type": "null"}}
+    gang_given = {"anyOf": [{"required": ["nodes"], "properties": {"nodes": given}},
+                            {"required": ["gpus_per_node"], "properties": {"gpus_per_node": given}}]}
+    not_both_counts["allOf"] = [
+        {
+            "if": gang_given,
+            "then": {
+                "required": ["nodes", "gpus_per_node"],
+                "properties": {
+                    "nodes": given,
+                    "gpus_per_node": given,
+                    "gpu_count": {"type": "null"},
+                    "required_gpus": {"type": "null"},
+                },
+            },
+        },
+        {
+            "if": {"required": ["nodes"], "properties": {"nodes": {"type": "integer", "minimum": 2}}},
+            "then": {
+                "anyOf": [
+                    {"not": {"required": ["constraints"]}},
+                    {"properties": {"constraints": {"anyOf": [
+                        {"type": "null"},
+                        {"not": {"required": ["node"]}},
+                        {"properties": {"node": {"type": "null"}}},
+                    ]}}},
+                ]
+            },
+        },
+    ]
     release_selectors = ("allocation_id", "service_name", "request_id")
     nullable_string = {"type": ["string", "null"]}
     time = {"type": ["string", "null"], "format": "date-time"}
@@ -454,6 +498,8 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "max_utilization": number,
             "gpu_model": nullable_string,
             "node": nullable_string,
+            "nodes": {"type": "integer", "description": "a gang's node count (gangs only; gpu_count is then per node)"},
+            "gpus_per_node": {"type": "integer", "description": "a gang's GPUs per node (gangs only)"},
             "ttl_seconds": number,
             "decided_by": {"enum": ["request", "analyzer", "advisor"]},
             "estimate": {"type": "object"},
@@ -559,6 +605,37 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                 "requirements": requirements,
                 "workflow_id": string,
                 "topology": _nullable(_ref("AllocationTopology")),
+                "gang_id": {"type": "string", "description": "a gang's id (the same as id): every node's lease together"},
+                "nodes": {
+                    "type": "array",
+                    "description": "a gang's leases, one per node in rank order",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "rank": integer,
+                            "node": string,
+                            "allocation_id": string,
+                            "gpu_ids": {"type": "array", "items": integer},
+                            "cuda_visible_devices": string,
+                            "topology": _nullable(_ref("AllocationTopology")),
+                        },
+                    },
+                },
+                "rendezvous": {
+                    "type": "object",
+                    "description": "a gang's hint for torch.distributed: --master_addr, --master_port, --nnodes",
+                    "properties": {
+                        "address": string,
+                        "port": integer,
+                        "port_range": {"type": "array", "items": integer},
+                        "nnodes": integer,
+                    },
+                },
+                "gang": {
+                    "type": "object",
+                    "description": "on one member lease of a gang (listings): which gang and its place",
+                    "properties": {"gang_id": string, "rank": integer, "size": integer},
+                },
             },
         },
         "AllocationTopology": {

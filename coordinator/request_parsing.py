@@ -23,6 +23,9 @@ from coordinator.workload import WORKLOAD_TYPES, WorkloadEstimate
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 MAX_GPU_COUNT = 64
+# The most nodes one gang may span (coordinator/gang_placement.py searches at most
+# GANG_NODE_SEARCH_LIMIT nodes per decision, which this stays within).
+MAX_GANG_NODES = 256
 MAX_MEMORY_MB = 2_097_152  # 2 TiB: above any GPU made; larger is a typo, not a request
 MAX_URL_LENGTH = 2048
 MAX_TEXT_LENGTH = 256  # constraints, a drain's node and reason
@@ -73,6 +76,8 @@ _ALLOCATE_FIELDS = (
     "webhook_url",
     "constraints",
     "preemptible",
+    "nodes",  # a gang: this many nodes...
+    "gpus_per_node",  # ...with this many GPUs on each
 )
 _CONSTRAINT_FIELDS = ("gpu_model", "node")
 
@@ -96,6 +101,8 @@ class AllocateBody:
     node: str | None
     # False: never preempted; allowed only in a queue with a guarantee (see queue_for).
     preemptible: bool = True
+    # A gang's node count (1 = an ordinary request); gpu_count is then per node.
+    nodes: int = 1
 
     @property
     def workflow_id(self) -> str | None:
@@ -145,12 +152,13 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
     preemptible = _or(obj.get("preemptible"), True)
     if not isinstance(preemptible, bool):
         raise InvalidRequest("preemptible must be true or false")
+    nodes, per_node = _gang_shape(obj, constraints)
     return AllocateBody(
         service_name=service_name,
         workload_type=str(workload_type),
         workload_data=dict(workload_data),
         priority=_opt_int(obj, "priority", 1, 10),
-        gpu_count=_opt_int(obj, count_field, 1, MAX_GPU_COUNT),
+        gpu_count=per_node if per_node is not None else _opt_int(obj, count_field, 1, MAX_GPU_COUNT),
         min_memory_mb=_opt_int(obj, "min_memory_mb", 0, MAX_MEMORY_MB),
         max_utilization=_opt_number(obj, "max_utilization", 0.0, 100.0),
         ttl_seconds=_opt_number(obj, "ttl_seconds", 0.0, math.inf),
@@ -160,7 +168,34 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
         gpu_model=_opt_str(constraints.get("gpu_model"), "constraints.gpu_model"),
         node=_opt_str(constraints.get("node"), "constraints.node"),
         preemptible=preemptible,
+        nodes=nodes,
     )
+
+
+def _gang_shape(obj: Mapping[str, Any], constraints: Mapping[str, Any]) -> tuple[int, int | None]:
+    """(nodes, gpus_per_node) of a body: (1, None) for an ordinary request.
+
+    `nodes` and `gpus_per_node` come together, never with `gpu_count` (which
+    would be ambiguous: per node or in all?) nor with `constraints.node` (a
+    gang spans nodes). `nodes: 1` is an ordinary request of `gpus_per_node` GPUs.
+    """
+    nodes = _opt_int(obj, "nodes", 1, MAX_GANG_NODES)
+    per_node = _opt_int(obj, "gpus_per_node", 1, MAX_GPU_COUNT)
+    if nodes is None and per_node is None:
+        return 1, None
+    if nodes is None or per_node is None:
+        raise InvalidRequest(
+            "a gang needs both nodes and gpus_per_node (e.g. {\"nodes\": 2, \"gpus_per_node\": 8})",
+            code="invalid_gang",
+        )
+    if obj.get("gpu_count") is not None or obj.get("required_gpus") is not None:
+        raise InvalidRequest(
+            "give gpus_per_node with nodes, not gpu_count/required_gpus (a gang's count is per node)",
+            code="invalid_gang",
+        )
+    if nodes > 1 and constraints.get("node") is not None:
+        raise InvalidRequest("a gang spans nodes: constraints.node cannot pin it to one", code="invalid_gang")
+    return nodes, per_node
 
 
 def queue_for(body: AllocateBody, policy: QueuePolicy, key_queue: str | None = None) -> QueueSpec:
@@ -245,6 +280,7 @@ def build_request(
         ),
         gpu_model=body.gpu_model,
         node=body.node,
+        nodes=body.nodes,
     )
     return AllocationRequest(
         request_id=request_id,

@@ -31,7 +31,7 @@ def rfc3339(ts: float | None) -> str | None:
 
 def requirements_view(request: AllocationRequest) -> JsonObject:
     req = request.requirements
-    return {
+    view: JsonObject = {
         "gpu_count": req.gpu_count,
         "min_memory_mb": req.min_memory_mb,
         "max_utilization": req.max_utilization,
@@ -41,10 +41,23 @@ def requirements_view(request: AllocationRequest) -> JsonObject:
         "decided_by": request.decided_by,
         "estimate": dict(request.estimate),
     }
+    if req.is_gang:
+        # gpu_count is per node; the request's own names for the shape.
+        view["nodes"] = req.nodes
+        view["gpus_per_node"] = req.gpu_count
+    return view
 
 
-def allocation_view(alloc: Allocation) -> JsonObject:
-    """An allocation as the API returns it (SPEC.md's allocation object)."""
+def allocation_view(alloc: Allocation, gang: tuple[Allocation, ...] = ()) -> JsonObject:
+    """An allocation as the API returns it (SPEC.md's allocation object).
+
+    With `gang` (every member lease, rank order), the whole gang: its id, all
+    its GPUs, and per node its GPUs under `nodes`, with the `rendezvous`;
+    `node`, `gpu_ids`, `cuda_visible_devices` and `topology` stay the first
+    node's. Without it, a gang member alone says which gang it belongs to.
+    """
+    if gang:
+        return _gang_view(gang)
     request = alloc.request
     view: JsonObject = {
         "id": alloc.allocation_id,
@@ -77,8 +90,40 @@ def allocation_view(alloc: Allocation) -> JsonObject:
         # How the GPUs are wired (coordinator/topology.py); null where the node did not say.
         "topology": None if alloc.topology is None else alloc.topology.to_wire(),
     }
+    if alloc.gang is not None:
+        view["gang"] = {"gang_id": alloc.gang.gang_id, "rank": alloc.gang.rank, "size": alloc.gang.size}
     if request.workflow_id is not None:
         view["workflow_id"] = request.workflow_id
+    return view
+
+
+def _gang_view(members: tuple[Allocation, ...]) -> JsonObject:
+    first = members[0]
+    assert first.gang is not None
+    view = allocation_view(first)
+    del view["gang"]
+    view["id"] = view["allocation_id"] = first.gang.gang_id
+    view["gang_id"] = first.gang.gang_id
+    view["gpus"] = [gpu for m in members for gpu in allocation_view(m)["gpus"]]
+    view["nodes"] = [
+        {
+            "rank": rank,
+            "node": m.node,
+            "allocation_id": m.allocation_id,
+            "gpu_ids": [g.index for g in m.gpus],
+            "cuda_visible_devices": ",".join(g.uuid for g in m.gpus),
+            "topology": None if m.topology is None else m.topology.to_wire(),
+        }
+        for rank, m in enumerate(members)
+    ]
+    low, high = first.gang.rendezvous_ports
+    # What torch.distributed's launchers take: --master_addr, --master_port, --nnodes (--node_rank = rank).
+    view["rendezvous"] = {
+        "address": first.gang.rendezvous_address,
+        "port": first.gang.rendezvous_port,
+        "port_range": [low, high],
+        "nnodes": len(members),
+    }
     return view
 
 
@@ -109,7 +154,7 @@ def queued_view(queued: QueuedRequest, position: int, pending: PendingReason | N
 
 
 def record_view(
-    record: RequestRecord, allocation: Allocation | None, queued: JsonObject | None
+    record: RequestRecord, allocation: Allocation | None, queued: JsonObject | None, gang: tuple[Allocation, ...] = ()
 ) -> JsonObject:
     """GET /gpu/requests/{id}: the status of a request id and what it became."""
     view: JsonObject = {
@@ -122,7 +167,7 @@ def record_view(
         "reason": record.reason,
     }
     if allocation is not None:
-        view["allocation"] = allocation_view(allocation)
+        view["allocation"] = allocation_view(allocation, gang)
     if queued is not None:
         view["queue"] = queued
     return view
@@ -155,12 +200,15 @@ def webhook_payload(event: LeaseEvent) -> JsonObject:
         "service_name": request.service_name,
         "submitted_at": rfc3339(request.submitted_at),
         "at": rfc3339(event.at),
-        "allocation": None if event.allocation is None else allocation_view(event.allocation),
+        "allocation": None if event.allocation is None else allocation_view(event.allocation, event.gang),
     }
     if event.kind == "lost" and event.allocation is not None:
         # The host the lease was lost with, at the top level: what a receiver
         # needs to decide where to reschedule, without reading the allocation.
         payload["node"] = event.allocation.node
+        if event.gang:
+            # Every member's host: which one was lost is in the logs, not in this event.
+            payload["nodes"] = [m.node for m in event.gang]
     if event.deadline is not None:
         payload["deadline"] = rfc3339(event.deadline)
     if event.kind == "allocated" and event.allocation is not None:
@@ -186,8 +234,8 @@ def graph_event(event: LeaseEvent, node: str) -> JsonObject:
         "service_name": request.service_name,
         "workload_type": request.workload_type,
         "priority": request.priority,
-        "allocation_id": None if event.allocation is None else event.allocation.allocation_id,
-        "allocation": None if event.allocation is None else allocation_view(event.allocation),
+        "allocation_id": None if event.allocation is None else allocation_view(event.allocation, event.gang)["id"],
+        "allocation": None if event.allocation is None else allocation_view(event.allocation, event.gang),
     }
     if event.deadline is not None:
         doc["deadline"] = rfc3339(event.deadline)

@@ -545,3 +545,38 @@ def test_an_integer_a_log_entry_cannot_carry_is_refused_in_workload_data() -> No
     for big in (2**64, -(2**63) - 1):
         invalid({"service_name": "svc", "workload_data": {"deep": [{"n": big}]}}, "workload_data holds an integer outside",
                 code="integer_out_of_range")
+
+
+# ---------------------------------------------------------------- gangs (docs/shapes.md)
+
+
+def test_a_gang_body_becomes_per_node_requirements() -> None:
+    request = build({"service_name": "trainer", "nodes": 2, "gpus_per_node": 4})
+    assert request.requirements.nodes == 2
+    assert request.requirements.gpu_count == 4
+    assert request.requirements.total_gpus == 8
+
+
+def test_one_node_of_gpus_per_node_is_an_ordinary_request() -> None:
+    request = build({"service_name": "trainer", "nodes": 1, "gpus_per_node": 4})
+    assert request.requirements == Requirements(4, request.requirements.min_memory_mb, request.requirements.max_utilization)
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({"service_name": "s", "nodes": 2}, "needs both nodes and gpus_per_node"),
+        ({"service_name": "s", "gpus_per_node": 2}, "needs both nodes and gpus_per_node"),
+        ({"service_name": "s", "nodes": 2, "gpus_per_node": 2, "gpu_count": 4}, "not gpu_count"),
+        ({"service_name": "s", "nodes": 2, "gpus_per_node": 2, "constraints": {"node": "n1"}}, "constraints.node"),
+    ],
+)
+def test_an_incomplete_or_ambiguous_gang_is_refused(body: dict[str, Any], match: str) -> None:
+    invalid(body, match, code="invalid_gang")
+
+
+@pytest.mark.parametrize("nodes", [0, 257, True, "2"])
+def test_a_gang_node_count_out_of_bounds_is_refused(nodes: object) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_allocate_body({"service_name": "s", "nodes": nodes, "gpus_per_node": 2})
+    assert info.value.http_status == 400
