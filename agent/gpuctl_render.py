@@ -255,10 +255,12 @@ def render_list(payload: JsonObject, now: float) -> str:
     allocations = payload.get("allocations") or []
     queue = payload.get("queue") or []
     parts = [f"ALLOCATIONS ({len(allocations)})"]
+    # A gang is listed a row per node; the GANG column (only when a gang is live) ties them together.
+    gangs = any(isinstance(a.get("gang"), dict) for a in allocations)
     if allocations:
         parts.append(
             table(
-                ["ID", "SERVICE", "TYPE", "PRIO", "NODE", "GPUS", "ALLOCATED", "EXPIRES"],
+                ["ID", "SERVICE", "TYPE", "PRIO", "NODE", "GPUS", "ALLOCATED", "EXPIRES", *(["GANG"] if gangs else [])],
                 [
                     [
                         _text(a.get("allocation_id")),
@@ -269,6 +271,7 @@ def render_list(payload: JsonObject, now: float) -> str:
                         ",".join(str(i) for i in a.get("gpu_ids") or []),
                         relative(a.get("allocated_at"), now),
                         relative(a.get("expires_at"), now, missing="never"),
+                        *([_gang_cell(a.get("gang"))] if gangs else []),
                     ]
                     for a in allocations
                 ],
@@ -287,7 +290,7 @@ def render_list(payload: JsonObject, now: float) -> str:
                         _text(q.get("service_name")),
                         _text(q.get("queue_name")),
                         _text(q.get("priority")),
-                        _text(_obj(q.get("requirements")).get("gpu_count")),
+                        _gpus_cell(_obj(q.get("requirements"))),
                         f"{gib(_obj(q.get('requirements')).get('min_memory_mb'))} GiB",
                         relative(q.get("submitted_at"), now),
                         relative(q.get("queue_deadline"), now, missing="never"),
@@ -302,6 +305,20 @@ def render_list(payload: JsonObject, now: float) -> str:
         if details:
             parts.append("\nwhy:\n" + "\n".join(details))
     return "\n".join(parts)
+
+
+def _gang_cell(gang: Any) -> str:
+    """A gang member's place: `trainer-1a2b rank 0/2`; `-` for a single-node lease."""
+    if not isinstance(gang, dict):
+        return "-"
+    return f"{_text(gang.get('gang_id'))} rank {_text(gang.get('rank'))}/{_text(gang.get('size'))}"
+
+
+def _gpus_cell(req: JsonObject) -> str:
+    """A request's GPUs: `4`, or `2x4` for a gang of 2 nodes with 4 each."""
+    if req.get("nodes"):
+        return f"{_text(req.get('nodes'))}x{_text(req.get('gpus_per_node'))}"
+    return _text(req.get("gpu_count"))
 
 
 def _reason_cell(queued: JsonObject, now: float) -> str:
@@ -323,8 +340,11 @@ def _reason_text(queued: JsonObject, now: float) -> str:
 def _requirements(req: Any) -> str:
     if not isinstance(req, dict):
         return "-"
+    count = f"{_text(req.get('gpu_count'))} GPU(s)"
+    if req.get("nodes"):
+        count = f"{_text(req.get('nodes'))} nodes x {_text(req.get('gpus_per_node'))} GPU(s)"
     text = (
-        f"{_text(req.get('gpu_count'))} GPU(s), >= {gib(req.get('min_memory_mb'))} GiB each, "
+        f"{count}, >= {gib(req.get('min_memory_mb'))} GiB each, "
         f"max util {_num(req.get('max_utilization'), '%')}"
     )
     if req.get("gpu_model"):
@@ -358,7 +378,37 @@ def _allocation_pairs(alloc: JsonObject, now: float) -> list[tuple[str, str]]:
     wiring = _topology(alloc.get("topology"))
     if wiring is not None:
         pairs.append(("topology", wiring))
+    pairs.extend(_gang_pairs(alloc))
     return pairs
+
+
+def _gang_pairs(alloc: JsonObject) -> list[tuple[str, str]]:
+    """A gang's nodes (rank: node, GPUs) and rendezvous; a member's gang; nothing for a single-node lease."""
+    nodes = alloc.get("nodes")
+    rendezvous = alloc.get("rendezvous")
+    if isinstance(nodes, list) and isinstance(rendezvous, dict):
+        pairs = [
+            (
+                f"rank {_text(n.get('rank'))}",
+                f"{_text(n.get('node'))} GPUs {','.join(str(i) for i in n.get('gpu_ids') or [])}"
+                f"  ({_text(n.get('allocation_id'))})",
+            )
+            for n in nodes
+            if isinstance(n, dict)
+        ]
+        ports = rendezvous.get("port_range") or []
+        span = f"{ports[0]}-{ports[1]}" if len(ports) == 2 else "?"
+        pairs.append(
+            (
+                "rendezvous",
+                f"{_text(rendezvous.get('address'))}:{_text(rendezvous.get('port'))} "
+                f"(--nnodes {_text(rendezvous.get('nnodes'))}, ports {span})",
+            )
+        )
+        return pairs
+    if isinstance(alloc.get("gang"), dict):
+        return [("gang", _gang_cell(alloc["gang"]))]
+    return []
 
 
 def _topology(topology: Any) -> str | None:

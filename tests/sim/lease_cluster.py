@@ -65,6 +65,11 @@ Checked after every event (`LeaseViolation`, a SafetyViolation):
   back counts) is one docs/api.md lists for that call (never
   `gpu_busy`, `duplicate_request`, ...: those mean a leader decided from a table
   missing committed entries), and repeats of a request id name one allocation.
+- gangs (Call.nodes > 1): on every server after every event, a gang is whole
+  or absent: every live member's gang is in the table's gang index with all
+  its members live, on distinct nodes, ranked 0.., with one expiry and one
+  preemption state; a gang's request record names the gang while it lives.
+  A gang's acknowledgement is its gang id (what its owner releases and renews).
 - with a queue policy (each ready leader proposes it first, as the agent does):
   no Allocate takes a queue or its parent past `max_gpus`; no Preempt takes
   another queue's work below that queue's guarantee, or names a lease that is
@@ -163,6 +168,11 @@ class LeaseViolation(SafetyViolation):
     """A lease-layer property failed in the simulation."""
 
 
+def lease_id(alloc: Allocation) -> str:
+    """What a client holds and names for a granted lease: a gang's id, or the allocation's own."""
+    return alloc.gang.gang_id if alloc.gang is not None else alloc.allocation_id
+
+
 # A proposal's end: the applied result, or the 503 code the client hears.
 Outcome = Union[ApplyResult, str]
 
@@ -193,6 +203,8 @@ class Call:
     ttl_s: float = 5.0
     priority: int = 5
     preemptible: bool = True
+    # A gang: `gpus` on each of `nodes` nodes (1: an ordinary request).
+    nodes: int = 1
     attempts: int = 0
     finished: bool = False
     answers: list[Answer] = field(default_factory=list)
@@ -263,7 +275,9 @@ class LeaseMachine(StateMachine):
             for event in result.events:
                 if event.kind in _ENDS and event.allocation is not None:
                     held = event.at - event.allocation.allocated_at
-                    self.ended_gpu_seconds += len(event.allocation.gpus) * max(0.0, held)
+                    # One event ends a whole gang: every member's GPUs.
+                    gpus = sum(len(m.gpus) for m in event.gang or (event.allocation,))
+                    self.ended_gpu_seconds += gpus * max(0.0, held)
             if isinstance(command, RecordUsage) and result.ok:
                 self.recorded_gpu_seconds += sum(row[2] for row in command.rows)
             self._on_usage(self)
@@ -447,9 +461,9 @@ class LeaseCluster:
         if isinstance(command, Allocate) and result is not None and result.ok:
             alloc = command.allocation
             rid = alloc.request.request_id
-            known = self.allocated.setdefault(rid, alloc.allocation_id)
-            if known != alloc.allocation_id:
-                raise self.violation(f"request {rid} got two allocations: {known} and {alloc.allocation_id}")
+            known = self.allocated.setdefault(rid, lease_id(alloc))
+            if known != lease_id(alloc):
+                raise self.violation(f"request {rid} got two allocations: {known} and {lease_id(alloc)}")
         node = self.raft.nodes[machine.node_id]
         p = self.inflight.pop((node.id, node.life, e.index), None)
         if p is None:
@@ -486,7 +500,9 @@ class LeaseCluster:
             claimant = None if command.request_id is None else table.queued(command.request_id)
             own = None if claimant is None else claimant.request.queue_name
             taken: Counter[str] = Counter()
-            for allocation_id, deadline in command.victims:
+            # A gang member named takes its whole gang (the table widens the victims).
+            victims = {m.allocation_id: d for i, d in command.victims for m in table.lease_unit(i)}
+            for allocation_id, deadline in victims.items():
                 alloc = table.allocation(allocation_id)
                 assert alloc is not None
                 if not alloc.request.preemptible:
@@ -689,7 +705,7 @@ class LeaseCluster:
             service_name=call.service,
             workload_type="generic",
             priority=call.priority,
-            requirements=Requirements(gpu_count=call.gpus, min_memory_mb=1024),
+            requirements=Requirements(gpu_count=call.gpus, min_memory_mb=1024, nodes=call.nodes),
             ttl_s=call.ttl_s,
             submitted_at=now,
             queue=call.queue,
@@ -768,7 +784,7 @@ class LeaseCluster:
             reply(self._answer(shell, 404, "not_found"))
 
     def _release_allocation(self, shell: Shell, aid: str, reply: Reply) -> None:
-        if self.table(shell.node_id).allocation(aid) is None:
+        if not self.table(shell.node_id).lease_unit(aid):
             reply(self._answer(shell, 404, "not_found"))
             return
 
@@ -800,11 +816,11 @@ class LeaseCluster:
                 code = "not_found" if isinstance(outcome.error, Conflict) else outcome.error.code
                 reply(self._answer(shell, 404 if code == "not_found" else outcome.error.http_status, code))
             else:
-                alloc = self.table(shell.node_id).allocation(aid)
-                if alloc is None:
+                unit = self.table(shell.node_id).lease_unit(aid)
+                if not unit:
                     reply(self._answer(shell, 404, "not_found"))
                 else:
-                    reply(self._answer(shell, 200, allocation=alloc))
+                    reply(self._answer(shell, 200, allocation=unit[0]))
 
         self._propose(
             shell,
@@ -999,22 +1015,23 @@ class LeaseCluster:
             # with this id, whatever the retry's body says (docs/api.md, Idempotency).
             if alloc.request.request_id != rid or alloc.request.service_name != call.service:
                 raise self.violation(f"{call} of {call.service} answered with {alloc.allocation_id} of another request")
-            if self.allocated.get(rid) != alloc.allocation_id:
-                raise self.violation(f"{call} answered {alloc.allocation_id}, but {self.allocated.get(rid)} was applied")
-            acked = self.acks.setdefault(rid, (alloc.allocation_id, answer.index))
-            if acked[0] != alloc.allocation_id:
-                raise self.violation(f"{call} acknowledged two allocations: {acked[0]} and {alloc.allocation_id}")
+            aid = lease_id(alloc)
+            if self.allocated.get(rid) != aid:
+                raise self.violation(f"{call} answered {aid}, but {self.allocated.get(rid)} was applied")
+            acked = self.acks.setdefault(rid, (aid, answer.index))
+            if acked[0] != aid:
+                raise self.violation(f"{call} acknowledged two allocations: {acked[0]} and {aid}")
         elif call.op == "allocate" and answer.status == 202:
             self.queued_acks.setdefault(call.request_id, answer.index)
         elif call.op == "renew" and answer.status == 200:
             alloc = answer.allocation
-            assert alloc is not None and alloc.allocation_id == call.allocation_id
+            assert alloc is not None and lease_id(alloc) == call.allocation_id
             expiry = alloc.expires_at if alloc.expires_at is not None else float("inf")
             # The latest expiry acknowledged: the workload renews a lease with one TTL, so
             # retries (later `at`) only move it later.
-            before = self.renewals.get(alloc.allocation_id)
+            before = self.renewals.get(call.allocation_id)
             if before is None or before[1] < expiry:
-                self.renewals[alloc.allocation_id] = (alloc.request.request_id, expiry, answer.index)
+                self.renewals[call.allocation_id] = (alloc.request.request_id, expiry, answer.index)
 
     def _check(self) -> None:
         """Per-event table checks on every live server, re-run when its table or the acks changed."""
@@ -1042,8 +1059,9 @@ class LeaseCluster:
                     raise self.violation(f"{node_id}: GPU {gpu.ref} of {alloc.allocation_id} has holder {table.holder(gpu.ref)}")
         if len(held) != len(table.held_gpus()):
             raise self.violation(f"{node_id}: the holder map names GPUs no live lease holds")
+        self._check_gangs_whole(node_id, table)
         for rid, (aid, index) in self.acks.items():
-            if index > applied or table.allocation(aid) is not None:
+            if index > applied or table.lease_unit(aid):
                 continue
             record = table.record(rid)
             if record is None or record.allocation_id != aid or record.status not in (RELEASED, EXPIRED, LOST):
@@ -1063,6 +1081,32 @@ class LeaseCluster:
                 and record.updated_at < expiry
             ):
                 raise self.violation(f"{node_id}: {aid} expired at {record.updated_at}, renewed until {expiry}")
+
+    def _check_gangs_whole(self, node_id: str, table: LeaseTable) -> None:
+        """A gang is whole or absent in `table` (module docstring)."""
+        gangs: dict[str, list[Allocation]] = {}
+        for alloc in table.allocations():
+            if alloc.gang is not None:
+                gangs.setdefault(alloc.gang.gang_id, []).append(alloc)
+        if len(gangs) != table.gang_count():
+            raise self.violation(f"{node_id}: {table.gang_count()} gangs indexed, {len(gangs)} with live members")
+        for gang_id, members in gangs.items():
+            indexed = table.gang(gang_id)
+            first = members[0]
+            assert first.gang is not None
+            ranks = sorted(m.gang.rank for m in members if m.gang is not None)
+            if (
+                indexed is None
+                or sorted(m.allocation_id for m in indexed) != sorted(m.allocation_id for m in members)
+                or ranks != list(range(first.gang.size))
+                or len({m.node for m in members}) != len(members)
+                or len({m.expires_at for m in members}) != 1
+                or len({table.preempting(m.allocation_id) for m in members}) != 1
+            ):
+                raise self.violation(f"{node_id}: gang {gang_id} is not whole: {[m.allocation_id for m in members]}")
+            record = table.record(first.request.request_id)
+            if record is None or record.status != ALLOCATED or record.allocation_id != gang_id:
+                raise self.violation(f"{node_id}: live gang {gang_id} has record {record}")
 
     def settle(self) -> None:
         """Heal the world, let the clients finish, and check the end state (module docstring)."""

@@ -58,7 +58,13 @@ def run_seeds(test: str, offset: int, body: Callable[[int], LeaseCluster], only:
 
 
 def chaos(
-    seed: int, n: int, *, horizon: float = 120.0, ready_gate: bool = True, queues: QueuePolicy | None = None
+    seed: int,
+    n: int,
+    *,
+    horizon: float = 120.0,
+    ready_gate: bool = True,
+    queues: QueuePolicy | None = None,
+    gangs: float = 0.0,
 ) -> LeaseCluster:
     """One random run: the lease workload plus a random fault schedule, then settle()."""
     rng = random.Random(seed)
@@ -77,7 +83,7 @@ def chaos(
     for node in cluster.raft.nodes.values():
         if rng.random() < 0.3:
             node.slow_disk = rng.uniform(0.2, 3.0)
-    workload(cluster, rng, horizon)
+    workload(cluster, rng, horizon, gangs)
 
     def fault() -> None:
         if cluster.now >= horizon:
@@ -95,18 +101,25 @@ def chaos(
     return cluster
 
 
-def workload(cluster: LeaseCluster, rng: random.Random, horizon: float) -> None:
+def workload(cluster: LeaseCluster, rng: random.Random, horizon: float, gangs: float = 0.0) -> None:
     """Random clients until `horizon`: allocates (some queue=false, some too big to ever fit,
-    a few reusing another service's request id), and follow-ups: renew and release what was
+    a few reusing another service's request id; a `gangs` share of them gangs over several
+    hosts, a few over more hosts than there are), and follow-ups: renew and release what was
     granted, poll or cancel what was queued, retry with a used id. Plus operators draining
     GPUs and marking hosts lost."""
     services = ["train", "infer", "batch"]
     per_host = max(sum(1 for v in cluster.views if v.node == cluster.views[0].node), 1)
+    hosts = len({v.node for v in cluster.views})
 
     def allocate() -> None:
         if cluster.now >= horizon:
             return
-        gpus = min(rng.choice([1, 1, 1, 2, 2, 3]), per_host) if rng.random() > 0.03 else per_host + 1
+        nodes = 1
+        if rng.random() < gangs:
+            nodes = rng.choice([2, 2, hosts, hosts + 1])
+            gpus = rng.choice([1, per_host])
+        else:
+            gpus = min(rng.choice([1, 1, 1, 2, 2, 3]), per_host) if rng.random() > 0.03 else per_host + 1
         service = rng.choice(services)
         request_id = cluster.new_request_id()
         if cluster.calls and rng.random() < 0.03:
@@ -123,6 +136,7 @@ def workload(cluster: LeaseCluster, rng: random.Random, horizon: float) -> None:
                 queue=rng.random() < 0.7,
                 ttl_s=rng.uniform(1.0, 4.0),
                 priority=rng.randrange(1, 11),
+                nodes=nodes,
             )
         )
         cluster.later(rng.uniform(0.5, 3.0), allocate)
@@ -132,7 +146,7 @@ def workload(cluster: LeaseCluster, rng: random.Random, horizon: float) -> None:
             return
         if call.op == "allocate" and answer.status == 200:
             assert answer.allocation is not None
-            aid = answer.allocation.allocation_id
+            aid = lease_cluster.lease_id(answer.allocation)
             roll = rng.random()
             if roll < 0.35:
                 renew = Call("renew", call.service, request_id=call.request_id, allocation_id=aid, ttl_s=rng.uniform(1.0, 5.0))
@@ -184,6 +198,19 @@ SHARED = QueuePolicy.of(
     ],
     preemption_priority_gap=4,
 )
+
+
+def test_lease_chaos_with_gangs() -> None:
+    """A fifth of the requests are gangs over 2 or all hosts (some over more than there are),
+    under the same faults, host losses included: besides every lease invariant, every gang is
+    whole or absent on every server after every event, and ends whole."""
+    run_seeds("lease_chaos_with_gangs", 300_000, lambda seed: chaos(seed, 3, gangs=0.2))
+
+
+def test_lease_chaos_with_gangs_and_queues() -> None:
+    """Gangs with queues: quotas count all of a gang's GPUs, and a preempted gang member takes its
+    whole gang, with one deadline."""
+    run_seeds("lease_chaos_with_gangs_and_queues", 400_000, lambda seed: chaos(seed, 3, queues=SHARED, gangs=0.2))
 
 
 def test_lease_chaos_with_queues() -> None:
