@@ -308,6 +308,8 @@ def allocate_body(args: argparse.Namespace) -> JsonObject:
     optional = {
         "priority": args.priority,
         "gpu_count": args.gpus,
+        "nodes": args.nodes,
+        "gpus_per_node": args.gpus_per_node,
         "min_memory_mb": args.memory_mb,
         "max_utilization": args.max_utilization,
         "ttl_seconds": args.ttl,
@@ -516,6 +518,8 @@ def _request_options(parser: argparse.ArgumentParser, *, service_required: bool)
         help="workload type: training, inference, embedding, ocr, graph_processing or generic (default)",
     )
     parser.add_argument("--gpus", type=int, help="number of GPUs (default: from the workload analyzer)")
+    parser.add_argument("--nodes", type=int, help="a gang over this many nodes, all or none (with --gpus-per-node)")
+    parser.add_argument("--gpus-per-node", type=int, help="a gang's GPUs on each node (with --nodes)")
     parser.add_argument("--memory-mb", type=int, help="minimum memory per GPU, MB")
     parser.add_argument("--priority", type=int, help="1-10, higher is served first")
     parser.add_argument("--max-utilization", type=float, help="only GPUs at or below this utilisation, %%")
