@@ -16,6 +16,9 @@ request. In order, the first that applies:
 6. `resources` - it waits first in line and no node has the shape free; the
    closest node is named.
 
+For a gang (`nodes` > 1) "has the shape" means: enough nodes, each with
+`gpu_count` such GPUs; the details count nodes.
+
 Cost: the node analysis (3-6) walks the inventory once per set of
 requirements per explainer, and an explainer serves one API call, so a
 listing of the whole queue costs O(GPUs × distinct shapes), not O(GPUs ×
@@ -49,6 +52,10 @@ class _ShapeFit:
     free: tuple[int, str | None]
     schedulable: tuple[int, str | None]
     present: tuple[int, str | None]
+    # How many nodes reach `gpu_count` by each count (what a gang needs `nodes` of).
+    nodes_free: int = 0
+    nodes_schedulable: int = 0
+    nodes_present: int = 0
 
 
 class PendingExplainer:
@@ -82,6 +89,8 @@ class PendingExplainer:
         return self._by_nodes(request)
 
     def _by_nodes(self, request: AllocationRequest) -> PendingReason:
+        if request.requirements.is_gang:
+            return self._gang_by_nodes(request)
         need = request.requirements.gpu_count
         fit = self._fit(request.requirements)
         if fit.present[0] >= need and fit.schedulable[0] < need:
@@ -104,11 +113,35 @@ class PendingExplainer:
         closest = f"closest fit: node {fit.free[1]} with {fit.free[0]} free" if fit.free[1] else "no matching GPU is free"
         return PendingReason("resources", f"no node has {need} matching GPU(s) free; {closest}")
 
+    def _gang_by_nodes(self, request: AllocationRequest) -> PendingReason:
+        req = request.requirements
+        fit = self._fit(req)
+        shape = f"{req.nodes} nodes with {req.gpu_count} matching GPU(s) each"
+        if fit.nodes_present >= req.nodes and fit.nodes_schedulable < req.nodes:
+            return PendingReason(
+                "drained_or_unhealthy",
+                f"{fit.nodes_present} node(s) have {req.gpu_count} matching GPU(s) but only "
+                f"{fit.nodes_schedulable} that many schedulable (the rest drained or unhealthy); the gang needs {req.nodes}",
+            )
+        ahead = (self._table.queue_position(request.request_id) or 1) - 1
+        if fit.nodes_free >= req.nodes:
+            if ahead:
+                return PendingReason("reservation", f"free GPUs that fit are held for {ahead} earlier request(s)")
+            return PendingReason("reservation", f"{shape} are free: placed at the next scheduling pass")
+        if ahead:
+            return PendingReason("priority", f"waits behind {ahead} higher-ranked request(s)")
+        return PendingReason(
+            "resources",
+            f"the gang needs {shape} free; {fit.nodes_free} node(s) have that many now "
+            "(free GPUs on its closest nodes are held for it)",
+        )
+
     def _fit(self, req: Requirements) -> _ShapeFit:
         cached = self._fits.get(req)
         if cached is not None:
             return cached
         best: dict[str, tuple[int, str | None]] = {"free": (0, None), "schedulable": (0, None), "present": (0, None)}
+        reaching = {"free": 0, "schedulable": 0, "present": 0}
         nodes = [req.node] if req.node is not None else self._inventory.nodes()
         for node in nodes:
             counts = {"free": 0, "schedulable": 0, "present": 0}
@@ -123,7 +156,12 @@ class PendingExplainer:
             for key, count in counts.items():
                 if count > best[key][0]:
                     best[key] = (count, node)
-        fit = _ShapeFit(best["free"], best["schedulable"], best["present"])
+                if count >= req.gpu_count:
+                    reaching[key] += 1
+        fit = _ShapeFit(
+            best["free"], best["schedulable"], best["present"],
+            reaching["free"], reaching["schedulable"], reaching["present"],
+        )
         self._fits[req] = fit
         return fit
 

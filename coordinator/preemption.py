@@ -28,6 +28,10 @@ open on that node are closed in the walk, and the victims counted as gone from
 their queues (`QueueBook.give_back`), so a later candidate of the same pass
 neither counts them again nor takes a queue below its guarantee.
 
+A lease that is a gang's member (coordinator/gang_placement.py) is taken
+with its whole gang (the lease table widens the victims): it counts with all
+the gang's GPUs against its queue's floor, and all its members are taken.
+
 Cost: the leases of queues holding more than their guarantee (plus the
 candidate's own queue for priority), not the whole table.
 """
@@ -55,6 +59,13 @@ class _Candidate:
     # GPUs its queue must keep after the set is taken (its guarantee, or its fair
     # share for a reclaim toward fair share); None for the claimant's own queue.
     floor: float | None
+    # Every lease taken with it: itself, or its whole gang.
+    unit: tuple[Allocation, ...]
+
+    @property
+    def gpus(self) -> int:
+        """GPUs its queue loses when it is taken (a gang's on every node)."""
+        return sum(len(m.gpus) for m in self.unit)
 
     def order(self) -> tuple[int, int, float, str]:
         return (0 if self.reclaim else 1, self.alloc.request.priority, -self.alloc.allocated_at, self.alloc.allocation_id)
@@ -91,19 +102,23 @@ def choose_victims(
                 continue
             if request.requirements.node is not None and alloc.node != request.requirements.node:
                 continue
-            reclaim, allowed, floor = _allowed(alloc, request, standing, book, effective, gap, below_fair)
+            unit = table.lease_unit(allocation_id) if alloc.gang is not None else (alloc,)
+            if any(m.allocation_id in taken for m in unit):
+                continue
+            gpus = sum(len(m.gpus) for m in unit)
+            reclaim, allowed, floor = _allowed(alloc, gpus, request, standing, book, effective, gap, below_fair)
             if not allowed:
                 continue
             useful = sum(1 for g in alloc.gpus if _serves(inventory, g.node, g.index, request))
             if useful:
-                by_node.setdefault(alloc.node, []).append(_Candidate(alloc, reclaim, useful, floor))
+                by_node.setdefault(alloc.node, []).append(_Candidate(alloc, reclaim, useful, floor, unit))
     best: tuple[tuple[int, int, str], list[_Candidate]] | None = None
     for node in sorted(by_node):
         have = sum(1 for g in walk.open.by_node.get(node, ()) if walk.eligible(g, request))
         chosen = _minimal_set(sorted(by_node[node], key=_Candidate.order), need - have, book)
         if chosen is None:
             continue
-        score = (len(chosen), sum(len(c.alloc.gpus) for c in chosen), node)
+        score = (len(chosen), sum(c.gpus for c in chosen), node)
         if best is None or score < best[0]:
             best = (score, chosen)
     if best is None:
@@ -111,8 +126,9 @@ def choose_victims(
     chosen = best[1]
     node = chosen[0].alloc.node
     for c in chosen:
-        taken.add(c.alloc.allocation_id)
-        book.give_back(c.alloc.request.queue_name, tuple(g.name for g in c.alloc.gpus))
+        for member in c.unit:
+            taken.add(member.allocation_id)
+        book.give_back(c.alloc.request.queue_name, tuple(g.name for m in c.unit for g in m.gpus))
     walk.close_open(node, request)
     victims = tuple(
         sorted(
@@ -190,6 +206,7 @@ def _victim_queues(book: QueueBook, own: str, standing: Standing, gap: int) -> l
 
 def _allowed(
     alloc: Allocation,
+    gpus: int,
     request: AllocationRequest,
     standing: Standing,
     book: QueueBook,
@@ -197,9 +214,8 @@ def _allowed(
     gap: int,
     below_fair: bool,
 ) -> tuple[bool, bool, float | None]:
-    """(is it a reclaim, may it be taken, what its queue must keep) for lease `alloc` and the candidate `request`."""
+    """(is it a reclaim, may it be taken, what its queue must keep) for lease `alloc` (taking `gpus` with it) and the candidate `request`."""
     queue = alloc.request.queue_name
-    gpus = len(alloc.gpus)
     spec = book.policy.spec(queue)
     guarantee = float(spec.guarantee)
     borrowed = book.held[queue] - gpus >= spec.guarantee
@@ -237,7 +253,7 @@ def _minimal_set(ordered: list[_Candidate], short: int, book: QueueBook) -> list
         if not _keeps_floor(candidate, taken, book):
             continue
         chosen.append(candidate)
-        taken[candidate.alloc.request.queue_name] += len(candidate.alloc.gpus)
+        taken[candidate.alloc.request.queue_name] += candidate.gpus
         got += candidate.useful
         if got >= short:
             break
@@ -255,7 +271,7 @@ def _keeps_floor(candidate: _Candidate, taken: Counter[str], book: QueueBook) ->
     if candidate.floor is None:
         return True
     queue = candidate.alloc.request.queue_name
-    gpus = len(candidate.alloc.gpus)
+    gpus = candidate.gpus
     if book.held[queue] - taken[queue] - gpus < candidate.floor - 1e-9:
         return False
     parent_name = book.policy.spec(queue).parent

@@ -20,6 +20,7 @@ from coordinator.errors import Unsatisfiable
 from coordinator.gang_placement import GangPlacement
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
+from coordinator.pending_reasons import why_pending
 from coordinator.model import AllocationRequest, GpuRef, Requirements
 from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.scheduler import Scheduler, SchedulerConfig
@@ -278,3 +279,52 @@ def test_a_snapshot_with_a_gang_restores_it_whole() -> None:
 def test_the_gang_command_survives_its_wire_form() -> None:
     _, command = granted()
     assert command_from_wire(command.to_wire()) == command
+
+
+# ---------------------------------------------------------------- preemption of a gang
+
+
+def queued_cluster(guarantee_a: int) -> tuple[LeaseTable, Inventory, Scheduler]:
+    """Two 4-GPU nodes; team a runs a 2x4 gang by borrowing; team b is guaranteed 4 GPUs."""
+    table = LeaseTable()
+    inventory = Inventory.of(g for n in range(2) for g in node(f"n{n}", 4))
+    scheduler = Scheduler(SchedulerConfig(queue_timeout_s=0), random.Random(5))
+    policy = QueuePolicy.of(
+        [QueueSpec("a", guaranteed_gpus=guarantee_a, preemption_grace_s=10.0), QueueSpec("b", guaranteed_gpus=4)]
+    )
+    assert table.apply(SetQueuePolicy(0.0, policy)).ok
+    command = scheduler.admit(gang("g", 2, 4, queue_name="a"), table, inventory, 1.0)
+    assert isinstance(command, Allocate) and table.apply(command).ok
+    wanted = dataclasses.replace(req("b1", gpus=4, at=2.0), queue_name="b")
+    command = scheduler.admit(wanted, table, inventory, 2.0)
+    assert isinstance(command, Enqueue) and table.apply(command).ok
+    return table, inventory, scheduler
+
+
+def test_a_guarantee_reclaims_a_borrowing_gang_whole() -> None:
+    table, inventory, scheduler = queued_cluster(guarantee_a=0)
+    (preempt,) = [c for c in scheduler.tick(table, inventory, 3.0) if isinstance(c, Preempt)]
+    assert table.apply(preempt).ok
+    assert len(table.preempting_ids()) == 2  # one member named, the whole gang taken
+    ended = scheduler.tick(table, inventory, 13.0)
+    for command in ended:
+        assert table.apply(command).ok
+    assert not [a for a in table.allocations() if a.gang is not None]
+    record = table.record("b1")
+    assert record is not None and record.status == "allocated"
+
+
+def test_a_gang_holding_its_queues_guarantee_is_not_taken() -> None:
+    """Taking one member takes all 8 GPUs, below team a's guarantee of 2: no preemption is proposed."""
+    table, inventory, scheduler = queued_cluster(guarantee_a=2)
+    assert not [c for c in scheduler.tick(table, inventory, 3.0) if isinstance(c, Preempt)]
+
+
+def test_a_waiting_gang_says_how_many_nodes_it_lacks() -> None:
+    c = cluster()
+    c.hold("a", "n0", [0])
+    c.hold("b", "n1", [0])
+    assert isinstance(c.admit(gang("g", 2, 4)), Enqueue)
+    reason = why_pending(c.table, c.inventory, "g")
+    assert reason is not None and reason.reason == "resources"
+    assert "2 nodes with 4 matching GPU(s) each" in reason.detail and "1 node(s)" in reason.detail
