@@ -45,11 +45,17 @@ class Allocate:
         return sum(len(a.gpus) for a in self.members)
 
     def to_wire(self) -> Wire:
-        wire: Wire = {"op": "allocate", "at": self.at, "allocation": self.allocation.to_wire()}
-        if self.gang_rest:
-            # Left out for one node, so ordinary entries encode as they always did.
-            wire["gang_rest"] = [a.to_wire() for a in self.gang_rest]
-        return wire
+        if not self.gang_rest:
+            return {"op": "allocate", "at": self.at, "allocation": self.allocation.to_wire()}
+        # Its own op, not "allocate" with more fields: a server that predates gangs
+        # would grant the first member and ignore the rest (its replica diverging);
+        # an unknown op stops it at this entry instead, as any newer log does.
+        return {
+            "op": "allocate_gang",
+            "at": self.at,
+            "allocation": self.allocation.to_wire(),
+            "gang_rest": [a.to_wire() for a in self.gang_rest],
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +310,11 @@ def command_from_wire(w: Mapping[str, Any]) -> Command:
     op = w.get("op")
     at = float(w["at"])
     if op == "allocate":
-        rest = tuple(Allocation.from_wire(a) for a in w.get("gang_rest", ()))
+        return Allocate(at, Allocation.from_wire(w["allocation"]))
+    if op == "allocate_gang":
+        rest = tuple(Allocation.from_wire(a) for a in w["gang_rest"])
+        if not rest:
+            raise InvalidRequest("allocate_gang needs the gang's other members", code="invalid_command")
         return Allocate(at, Allocation.from_wire(w["allocation"]), rest)
     if op == "enqueue":
         deadline = w.get("deadline")

@@ -328,3 +328,9 @@ def test_a_waiting_gang_says_how_many_nodes_it_lacks() -> None:
     reason = why_pending(c.table, c.inventory, "g")
     assert reason is not None and reason.reason == "resources"
     assert "2 nodes with 4 matching GPU(s) each" in reason.detail and "1 node(s)" in reason.detail
+
+
+def test_a_gang_is_its_own_log_op_so_older_servers_stop_rather_than_keep_part_of_it() -> None:
+    _, command = granted()
+    assert command.to_wire()["op"] == "allocate_gang"
+    assert Allocate(command.at, command.allocation).to_wire()["op"] == "allocate"
