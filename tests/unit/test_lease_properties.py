@@ -21,6 +21,9 @@ Checked at the end:
   (c) restoring from the snapshot taken before any entry and replaying the
       rest of the log gives the same final snapshot().
 
+A second run mixes in gangs (`nodes` > 1, coordinator/gang_placement.py):
+the same properties hold with a gang counted as one lease of several nodes.
+
 Failures print the falsifying cluster, operations and seed.
 """
 
@@ -44,6 +47,7 @@ from coordinator.model import (
     QUEUED,
     TERMINAL_STATUSES,
     UNHEALTHY,
+    Allocation,
     AllocationRequest,
     GpuView,
     LeaseEvent,
@@ -71,6 +75,7 @@ class Admit:
     model: str | None
     node: str | None
     reuse: int | None  # reuse the n-th request id seen so far (a retry), else a new id
+    nodes: int = 1  # above 1: a gang of `gpus` on each of that many nodes
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,18 @@ admits = st.builds(
     model=st.sampled_from([None] * 6 + ["H100", "a100", "L4"]),
     node=st.sampled_from([None] * 7 + ["n0", "n1", "n9"]),
     reuse=st.none() | st.none() | st.integers(0, 30),
+)
+gang_admits = st.builds(
+    Admit,
+    gpus=st.sampled_from([1, 2, 4]),
+    priority=st.integers(1, 10),
+    memory_mb=st.sampled_from([0, 0, 8192, 90000]),
+    ttl_s=st.sampled_from(TTLS),
+    queue=st.sampled_from([True, True, False]),
+    model=st.sampled_from([None] * 4 + ["H100"]),
+    node=st.none(),
+    reuse=st.none() | st.none() | st.integers(0, 30),
+    nodes=st.sampled_from([2, 2, 3, 5]),
 )
 picks = st.integers(0, 1000)
 operations = st.one_of(
@@ -216,6 +233,8 @@ class Harness:
             commands = self.scheduler.tick(self.table, self.inventory, self.now)
             due = {i for c in commands if isinstance(c, Release) for i in c.allocation_ids}
             renewed = self.renew(op.pick, op.ttl_s, stamped)
+            # A gang is renewed, and expired, whole: its members stand or fall together.
+            unit = {m.allocation_id for m in self.table.lease_unit(renewed)} if renewed is not None else set()
             raced = renewed is not None and renewed in due
             renewal = self.table.allocation(renewed) if raced and renewed is not None else None
             for command in commands:
@@ -223,7 +242,7 @@ class Harness:
                 # expiry proposed for it (alone: not_found), so its GPUs stay busy.
                 allowed: tuple[str, ...] = ()
                 if raced and isinstance(command, Release):
-                    allowed = ("not_found",) if set(command.allocation_ids) == {renewed} else ()
+                    allowed = ("not_found",) if set(command.allocation_ids) <= (unit or {renewed}) else ()
                 elif raced and isinstance(command, Allocate):
                     allowed = ("gpu_busy",)
                 self.apply(command, allowed=allowed)
@@ -238,7 +257,9 @@ class Harness:
             holds = any(a.node == node for a in self.table.allocations())
             result = self.apply(MarkHostLost(self.now, node), allowed=() if holds else ("not_found",))
             assert all(a.node != node for a in self.table.allocations())
-            assert len(result.affected) == len(result.events)
+            # One event per lease ended; a gang's members are one lease.
+            assert len(result.events) == len({lease_of(e.allocation) for e in result.events if e.allocation})
+            assert len(result.affected) == sum(len(e.gang) or 1 for e in result.events)
         else:
             gpu = self.gpus[op.pick % len(self.gpus)]
             health = HEALTHY if op.healthy else UNHEALTHY
@@ -261,7 +282,7 @@ class Harness:
             service_name=f"svc{op.priority % 3}",
             workload_type="generic",
             priority=op.priority,
-            requirements=Requirements(op.gpus, op.memory_mb, 100.0, op.model, op.node),
+            requirements=Requirements(op.gpus, op.memory_mb, 100.0, op.model, op.node, op.nodes),
             ttl_s=op.ttl_s,
             submitted_at=self.now,
             queue=op.queue,
@@ -288,7 +309,7 @@ class Harness:
 
     def admit_pair(self, op: AdmitPair) -> None:
         first_request, first = self.decide(op.first)
-        pending = [g.ref for g in first.allocation.gpus] if isinstance(first, Allocate) else []
+        pending = [g.ref for m in first.members for g in m.gpus] if isinstance(first, Allocate) else []
         second_request, second = self.decide(op.second, pending)
         if first is not None:
             self.apply(first, allowed=self.retry_refusals(first_request))
@@ -356,8 +377,12 @@ class Harness:
                 assert g.ref in inventory
                 assert g.ref not in union, f"{g.ref} held by {union[g.ref]} and {alloc.allocation_id}"
                 union[g.ref] = alloc.allocation_id
-            assert alloc.request.request_id not in live_requests
-            live_requests[alloc.request.request_id] = alloc.allocation_id
+            lease = lease_of(alloc)
+            assert live_requests.get(alloc.request.request_id, lease) == lease
+            live_requests[alloc.request.request_id] = lease
+            if alloc.gang is not None:
+                members = self.table.gang(alloc.gang.gang_id)
+                assert members is not None and alloc in members and len(members) == alloc.gang.size
         assert dict(self.table.held_gpus()) == union
         # (d) every request id in exactly one state, agreeing with its record.
         queued = {q.request.request_id for q in self.table.queue()}
@@ -385,13 +410,15 @@ class Harness:
             assert q.deadline is None or q.deadline > self.now
         if queue:
             req = queue[0].request.requirements
+            fitting = 0
             for node in {g.node for g in self.gpus}:
                 usable = [
                     g for g in self.gpus
                     if g.node == node and g.schedulable and req.matches_statically(g)
                     and self.table.holder(g.ref) is None
                 ]
-                assert len(usable) < req.gpu_count, f"{queue[0].request.request_id} fits on {node}"
+                fitting += len(usable) >= req.gpu_count
+            assert fitting < req.nodes, f"{queue[0].request.request_id} fits on {fitting} node(s)"
 
     def check_refusal(self, request: AllocationRequest, exc: CoordinatorError) -> None:
         req = request.requirements
@@ -399,7 +426,7 @@ class Harness:
         for g in self.gpus:
             if req.matches_statically(g):
                 per_node[g.node] = per_node.get(g.node, 0) + 1
-        can_ever_fit = any(n >= req.gpu_count for n in per_node.values())
+        can_ever_fit = sum(n >= req.gpu_count for n in per_node.values()) >= req.nodes
         if exc.code == "unsatisfiable":
             assert not can_ever_fit
         elif exc.code == "no_capacity":
@@ -407,6 +434,11 @@ class Harness:
         else:
             assert exc.code == "queue_full" and can_ever_fit and request.queue
             assert self.table.queue_length() >= MAX_QUEUE
+
+
+def lease_of(alloc: Allocation) -> str:
+    """The lease an allocation belongs to: its gang's id, or its own."""
+    return alloc.gang.gang_id if alloc.gang is not None else alloc.allocation_id
 
 
 def replay(table: LeaseTable, log: Sequence[Command], *, wire: bool = False) -> list[tuple[Any, ...]]:
@@ -420,6 +452,21 @@ def replay(table: LeaseTable, log: Sequence[Command], *, wire: bool = False) -> 
 @given(gpus=clusters(), ops=st.lists(operations, min_size=10, max_size=40), seed=st.integers(0, 2**32 - 1))
 def test_random_operations_keep_the_lease_invariants(gpus: list[GpuView], ops: list[Op], seed: int) -> None:
     """(a)+(d) after every apply, (b) replay equals, (c) restore-then-replay equals, at any cut."""
+    check_operations(gpus, ops, seed)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    gpus=clusters(),
+    ops=st.lists(st.one_of(operations, gang_admits, gang_admits), min_size=10, max_size=40),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_random_operations_with_gangs_keep_the_lease_invariants(gpus: list[GpuView], ops: list[Op], seed: int) -> None:
+    """The same with gangs among the requests: a gang is granted, renewed and ended whole, replays and restores."""
+    check_operations(gpus, ops, seed)
+
+
+def check_operations(gpus: list[GpuView], ops: list[Op], seed: int) -> None:
     harness = Harness(gpus, seed)
     for op in ops:
         harness.run(op)
