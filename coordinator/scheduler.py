@@ -139,7 +139,7 @@ class Scheduler:
         finally:
             walk.undo()
         if placement is not None:
-            return self._grant(request, placement, now, table, walk.inventory)
+            return self._grant(request, placement, now, table, walk.inventory, {})
         if not request.queue:
             if quota:
                 raise Conflict(f"the request's queue allows no more now: {quota} (queue=false)", code="queue_quota")
@@ -237,8 +237,9 @@ class Scheduler:
                     commands.extend(self._queue_pass(walk, pending, pending_queues, set(timed_out), now))
                 else:
                     placements = walk.walk(table.queue_groups(), skip=set(timed_out))
+                    ports: dict[str, set[int]] = {}
                     for request, placement in placements:
-                        commands.append(self._grant(request, placement, now, table, inventory))
+                        commands.append(self._grant(request, placement, now, table, inventory, ports))
             finally:
                 walk.undo()
         return commands
@@ -257,8 +258,10 @@ class Scheduler:
         # Leases whose grace ends now are already out of their queues' counts (the
         # book counts leases in their grace period as gone), and their GPUs open.
         result = queue_pass.plan(walk, book, now, skip)
+        ports: dict[str, set[int]] = {}
         commands: list[Command] = [
-            self._grant(request, placement, now, table, walk.inventory) for request, placement in result.placements
+            self._grant(request, placement, now, table, walk.inventory, ports)
+            for request, placement in result.placements
         ]
         taken: set[str] = set()
         # Candidates alike in everything victim choice reads, one of which found no
@@ -347,18 +350,30 @@ class Scheduler:
         return PlanWalk(self._open, table, inventory, released)
 
     def _grant(
-        self, request: AllocationRequest, placement: AnyPlacement, now: float, table: LeaseTable, inventory: Inventory
+        self,
+        request: AllocationRequest,
+        placement: AnyPlacement,
+        now: float,
+        table: LeaseTable,
+        inventory: Inventory,
+        ports: dict[str, set[int]],
     ) -> Allocate:
-        """The Allocate for `placement`: one lease, or every member of a gang in one command."""
+        """The Allocate for `placement`: one lease, or every member of a gang in one command.
+
+        `ports` holds the rendezvous ports this pass gave out so far, by address
+        (the table knows only applied gangs); the gang's is added to it.
+        """
         if isinstance(placement, Placement):
             return Allocate(now, self._allocation(request, placement, now))
         gang_id = f"{request.service_name}-{self._rng.getrandbits(64):016x}"
         first = placement.members[0].node
         address = inventory.address(first) or first
         low, high = self.config.rendezvous_ports
-        in_use = table.gang_ports_in_use(address)
+        in_use = ports.setdefault(address, set())
+        in_use |= table.gang_ports_in_use(address)
         # The lowest port no live gang at that address holds; when all are, the lowest (a hint only).
         port = next((p for p in range(low, high + 1) if p not in in_use), low)
+        in_use.add(port)
         members = tuple(
             dataclasses.replace(
                 self._allocation(request, member, now),

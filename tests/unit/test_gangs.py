@@ -334,3 +334,14 @@ def test_a_gang_is_its_own_log_op_so_older_servers_stop_rather_than_keep_part_of
     _, command = granted()
     assert command.to_wire()["op"] == "allocate_gang"
     assert Allocate(command.at, command.allocation).to_wire()["op"] == "allocate"
+
+
+def test_two_gangs_placed_in_one_pass_on_the_same_first_node_get_different_ports() -> None:
+    c = cluster(nodes=2, per_node=4)
+    c.hold("x", "n0", [0, 1, 2, 3])
+    assert isinstance(c.admit(gang("g1", 2, 2, at=1.0)), Enqueue)
+    assert isinstance(c.admit(gang("g2", 2, 2, at=2.0)), Enqueue)
+    c.release("x", 3.0)
+    placed = [x for x in c.tick(4.0) if isinstance(x, Allocate)]
+    ports = [x.allocation.gang.rendezvous_port for x in placed if x.allocation.gang]
+    assert ports == [29500, 29501]
