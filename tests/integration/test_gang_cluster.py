@@ -9,6 +9,12 @@ replica shows it whole (read locally with ?stale=true). The leader is killed
 whole (two member rows, 8 GPUs held; gpuctl list ties them by the GANG
 column); it is then released by its id, which frees all 8 GPUs at once. Refused gangs (more nodes than the
 cluster has, a missing gpus_per_node) answer 400 and change nothing.
+
+Then the old leader comes back, a second gang is granted, and one of its
+member hosts (not the leader) is killed: after gossip declares it dead and
+`[cluster] host_lost_grace_s` (3 s here) passes, the gang is lost whole: its
+request says `lost`, the other member's GPUs are free, and its webhook
+receiver (127.0.0.138) got one `lost` event naming both nodes.
 """
 
 from __future__ import annotations
@@ -22,12 +28,17 @@ import pytest
 
 from agent import gpuctl
 from tests.agent_process import AgentProcess, cluster_agents, start_together
+from tests.integration.test_integrations import Receiver
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 HOSTS = [f"127.0.0.{i}" for i in range(135, 138)]
 NAMES = ["gang-srv-a", "gang-srv-b", "gang-srv-c"]
+HOOK_HOST = "127.0.0.138"
+GRACE_S = 3.0
+# Dead on the "local" profile takes the suspicion timeout, then the grace, then a commit.
+LOST_WITHIN_S = 60.0
 EXTRA = """
 [scheduler]
 rendezvous_port_min = 29610
@@ -77,7 +88,9 @@ def leader_of(agents: list[AgentProcess]) -> str:
 @pytest.fixture(scope="module")
 def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AgentProcess]]:
     root: Path = tmp_path_factory.mktemp("gang-cluster")
-    made = cluster_agents(root, HOSTS, NAMES, servers=3, simulate="4xH100-80GB")
+    made = cluster_agents(
+        root, HOSTS, NAMES, servers=3, simulate="4xH100-80GB", cluster_settings=f"host_lost_grace_s = {GRACE_S}\n"
+    )
     for name in NAMES:
         with (root / f"{name}.toml").open("a") as config:
             config.write(EXTRA)
@@ -169,3 +182,46 @@ def test_a_two_node_gang_is_granted_whole_survives_a_leader_kill_and_is_released
     wait_for(freed, timeout=10.0, interval=0.2)
     record = get(survivors[0], f"/gpu/allocations/{gang_id}")
     assert record["error"]["code"] == "not_found"
+
+
+def test_a_gang_whose_member_host_is_lost_is_lost_whole(agents: list[AgentProcess]) -> None:
+    by_name = {a.node_name: a for a in agents}
+    for agent in agents:
+        if agent.proc is None or agent.proc.poll() is not None:
+            agent.start()  # the leader the first test killed rejoins
+    wait_for(lambda: len(get(agents[0], "/gpu/status")["gpus"]) == 12, timeout=30.0, interval=0.2)
+    hook = Receiver(lambda n, body: (200, {}, 0.0), host=HOOK_HOST)
+    try:
+        resp = allocate(
+            agents[0],
+            {"service_name": "trainer", "nodes": 2, "gpus_per_node": 4, "webhook_url": f"{hook.url}/hook"},
+        )
+        assert resp.status_code == 200, resp.text
+        gang = resp.json()
+        members = [n["node"] for n in gang["nodes"]]
+        leader = leader_of(agents)
+        victim = next(n for n in members if n != leader)
+        survivor = by_name[leader]
+        by_name[victim].kill()
+
+        def lost() -> dict[str, Any] | None:
+            try:
+                record = get(survivor, f"/gpu/requests/{gang['request_id']}")
+            except httpx.HTTPError:
+                return None
+            return record if record.get("status") == "lost" else None
+
+        record = wait_for(lost, timeout=LOST_WITHIN_S, interval=0.5)
+        assert record["allocation_id"] == gang["id"] and record["reason"] == "host_lost"
+        # The other member is gone too: its host's GPUs are free, nothing of the gang is listed.
+        other = next(n for n in members if n != victim)
+        rows = get(survivor, "/gpu/status")["gpus"]
+        assert not any(g["allocated"] for g in rows if g["node"] == other), rows
+        assert not [a for a in get(survivor, "/gpu/list")["allocations"] if (a.get("gang") or {}).get("gang_id") == gang["id"]]
+        # Its owner heard it once, for the whole gang.
+        events = wait_for(lambda: [b for b in hook.bodies() if b["event"] == "lost"], timeout=10.0, interval=0.2)
+        assert len(events) == 1
+        assert events[0]["allocation"]["gang_id"] == gang["id"]
+        assert sorted(events[0]["nodes"]) == sorted(members)
+    finally:
+        hook.close()
