@@ -186,7 +186,8 @@ async function refresh() {
                   [when(a.expires_at)]], {"data-allocation": a.allocation_id}), [4], "No allocations on this agent.");
     renderList("queue", list.queue, ["#", "Request", "Service", "Priority", "GPUs", "Waiting since"],
       (q) => row([[q.position], [q.request_id], [q.service_name], [q.priority],
-                  [q.requirements ? q.requirements.gpu_count : "?"], [when(q.submitted_at)]],
+                  [!q.requirements ? "?" : q.requirements.nodes ? q.requirements.nodes + "x" + q.requirements.gpus_per_node
+                                                   : q.requirements.gpu_count], [when(q.submitted_at)]],
                  {"data-request": q.request_id}),
       [5], "The queue is empty.");
     const leaders = members.members.filter((m) => m.leader).map((m) => m.name);
