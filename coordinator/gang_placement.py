@@ -82,14 +82,17 @@ def best_gang_fit(walk: PlanWalk, request: AllocationRequest, labels: Mapping[st
     req = request.requirements
     need = req.gpu_count
     candidates: list[tuple[FitScore, Placement]] = []
+    looked = 0
     for count in sorted(c for c in walk.open.buckets if c >= need):
         for node in walk.open.buckets[count]:
+            # Counted whether or not a member fits there: the bound is on nodes read.
+            looked += 1
             fit = walk.member_fit(request, node)
             if fit is not None:
                 candidates.append(fit)
-            if len(candidates) >= GANG_NODE_SEARCH_LIMIT:
+            if looked >= GANG_NODE_SEARCH_LIMIT:
                 break
-        if len(candidates) >= GANG_NODE_SEARCH_LIMIT:
+        if looked >= GANG_NODE_SEARCH_LIMIT:
             break
     if len(candidates) < req.nodes:
         return None

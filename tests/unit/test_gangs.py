@@ -16,11 +16,13 @@ import random
 import pytest
 
 from coordinator.commands import Allocate, Command, Enqueue, MarkHostLost, Preempt, Release, Renew, SetQueuePolicy, command_from_wire
+from coordinator import gang_placement
 from coordinator.errors import Unsatisfiable
 from coordinator.gang_placement import GangPlacement
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
 from coordinator.pending_reasons import why_pending
+from coordinator.placement import PlanWalk
 from coordinator.model import AllocationRequest, GpuRef, Requirements
 from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.scheduler import Scheduler, SchedulerConfig
@@ -345,3 +347,24 @@ def test_two_gangs_placed_in_one_pass_on_the_same_first_node_get_different_ports
     placed = [x for x in c.tick(4.0) if isinstance(x, Allocate)]
     ports = [x.allocation.gang.rendezvous_port for x in placed if x.allocation.gang]
     assert ports == [29500, 29501]
+
+
+def test_the_node_search_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gang decision reads at most GANG_NODE_SEARCH_LIMIT nodes, whatever the cluster's size."""
+    monkeypatch.setattr(gang_placement, "GANG_NODE_SEARCH_LIMIT", 4)
+    c = cluster(nodes=10, per_node=2)
+    read: list[str] = []
+    fit = PlanWalk.member_fit
+
+    def counting(self: PlanWalk, request: AllocationRequest, name: str) -> object:
+        read.append(name)
+        return fit(self, request, name)
+
+    monkeypatch.setattr(PlanWalk, "member_fit", counting)
+    walk = c.scheduler._walk(c.table, c.inventory)
+    try:
+        placement = walk.best_fit(gang("g", 2, 2))
+    finally:
+        walk.undo()
+    assert isinstance(placement, GangPlacement)
+    assert len(read) == 4
