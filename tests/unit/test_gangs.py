@@ -15,15 +15,25 @@ import random
 
 import pytest
 
-from coordinator.commands import Allocate, Command, Enqueue, MarkHostLost, Preempt, Release, Renew, SetQueuePolicy, command_from_wire
 from coordinator import gang_placement
+from coordinator.commands import (
+    Allocate,
+    Command,
+    Enqueue,
+    MarkHostLost,
+    Preempt,
+    Release,
+    Renew,
+    SetQueuePolicy,
+    command_from_wire,
+)
 from coordinator.errors import Unsatisfiable
 from coordinator.gang_placement import GangPlacement
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
+from coordinator.model import AllocationRequest, GpuRef, Requirements
 from coordinator.pending_reasons import why_pending
 from coordinator.placement import PlanWalk
-from coordinator.model import AllocationRequest, GpuRef, Requirements
 from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from tests.unit.test_scheduler import Cluster, node, req
