@@ -26,7 +26,7 @@ from coordinator.queues import QueuePolicy
 class Allocate:
     """Grant `allocation`; if its request id waits in the queue, it leaves the queue.
 
-    For a gang (coordinator/gangs.py) `allocation` is its first node's lease and
+    For a gang (coordinator/gang_placement.py) `allocation` is its first node's lease and
     `gang_rest` the other nodes' in rank order: one entry, so the table grants
     all of them or none.
     """

@@ -35,7 +35,7 @@ Rules that keep every replica identical:
   (like an expiry), so a lease preempted once ends once, never early, whoever
   leads when the deadline comes.
 
-- Gangs (coordinator/gangs.py): one Allocate carries a lease per node, all
+- Gangs (coordinator/gang_placement.py): one Allocate carries a lease per node, all
   with the same gang id; it is applied whole or refused whole. Every later
   command that names any member (or the gang id) acts on all of them: release,
   expiry, renewal, preemption, and host loss of any one member's node. So no

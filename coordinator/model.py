@@ -67,7 +67,7 @@ class Requirements:
     """What one allocation needs: `gpu_count` GPUs on each of `nodes` nodes.
 
     `nodes` is 1 for every ordinary request (all GPUs on a single node); above 1
-    the request is a gang (coordinator/gangs.py): `gpu_count` GPUs on each of
+    the request is a gang (coordinator/gang_placement.py): `gpu_count` GPUs on each of
     that many distinct nodes, granted all together or not at all.
     """
 
@@ -269,7 +269,7 @@ class AllocationTopology:
 
 @dataclass(frozen=True, slots=True)
 class GangMembership:
-    """Where one allocation stands in a gang (coordinator/gangs.py): a lease on one of its nodes.
+    """Where one allocation stands in a gang (coordinator/gang_placement.py): a lease on one of its nodes.
 
     Every member of a gang has the same `gang_id`, `size` and rendezvous; `rank`
     is its node's place (0 = the first node, whose address is the rendezvous).
