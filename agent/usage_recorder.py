@@ -98,10 +98,14 @@ class UsageRecorder:
     async def reclaim_idle(self, now: float) -> None:
         """Preempt (reason "idle") every lease the detector finds due and that may still be (module docstring)."""
         table = self._service.table
-        for allocation_id in self.idle.due(now):
+        due = self.idle.due(now)
+        idle = set(due)
+        for allocation_id in due:
             alloc = table.allocation(allocation_id)
             if alloc is None or not alloc.request.preemptible or table.preempting(allocation_id) is not None:
                 continue
+            if alloc.gang is not None and not all(m.allocation_id in idle for m in table.lease_unit(allocation_id)):
+                continue  # a gang is reclaimed whole: only once every node of it idles
             deadline = now + table.queue_policy.spec(alloc.request.queue_name).preemption_grace_s
             try:
                 result = await self._service.preempt(((allocation_id, deadline),), "idle")

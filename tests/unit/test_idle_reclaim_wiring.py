@@ -16,10 +16,11 @@ import trio
 import trio.testing
 
 from agent.usage_recorder import UsageRecorder, idle_policies
-from coordinator.commands import Preempt, RecordUsage, Release, SetQueuePolicy
+from coordinator.commands import Allocate, Preempt, RecordUsage, Release, SetQueuePolicy
 from coordinator.idle_reclaim import IdlePolicy
 from coordinator.inventory import Inventory
 from coordinator.lease_table import ApplyResult, LeaseTable
+from coordinator.model import GangMembership
 from coordinator.queues import QueuePolicy, QueueSpec
 from tests.unit.test_usage_accounting import grant, lease
 from tests.unit.test_usage_recorder import views
@@ -142,3 +143,37 @@ def test_a_policy_change_is_picked_up_from_the_table() -> None:
 
     run_for(r, [(20 * M, opt_out)], until=60 * M)
     assert service.preempts == []
+
+
+def gang_of_two(service: FakeService) -> None:
+    """A 2-node gang of queue batch: GPU 0 on n1 and GPU 0 on n2."""
+    first, second = (
+        replace(
+            lease(f"g.{rank}", [0], 0.0, queue="batch", node=node),
+            request=lease("g", [0], 0.0, queue="batch").request,
+            gang=GangMembership("g", rank, 2, "10.0.0.1", 29500, (29500, 29599)),
+        )
+        for rank, node in enumerate(("n1", "n2"))
+    )
+    assert service.table.apply(Allocate(0.0, first, (second,))).ok
+
+
+def two_nodes(n1: float, n2: float) -> Inventory:
+    return Inventory.of([*views({0: n1}, node="n1"), *views({0: n2}, node="n2")])
+
+
+def test_a_gang_is_reclaimed_only_when_every_node_of_it_idles() -> None:
+    service = FakeService()
+    gang_of_two(service)
+    r = recorder(service, [two_nodes(2.0, 95.0)])
+    run_for(r, [], until=45 * M)
+    assert service.preempts == []  # one member busy: the gang works on
+
+
+def test_an_idle_gang_is_reclaimed_whole_once() -> None:
+    service = FakeService()
+    gang_of_two(service)
+    r = recorder(service, [two_nodes(2.0, 1.0)])
+    run_for(r, [], until=45 * M)
+    assert len(service.preempts) == 1
+    assert service.table.preempting_ids() == ["g.0", "g.1"]
