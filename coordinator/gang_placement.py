@@ -60,8 +60,6 @@ class GangPlacement:
     """Where a gang goes: one placement per node, in rank order (rank 0 first)."""
 
     members: tuple[Placement, ...]
-    # The label the members share ("rack=r1"), or None when they share none.
-    shared_label: str | None = None
 
     @property
     def node(self) -> str:
@@ -97,14 +95,14 @@ def best_gang_fit(walk: PlanWalk, request: AllocationRequest, labels: Mapping[st
     if len(candidates) < req.nodes:
         return None
     candidates.sort(key=lambda c: c[0])
-    chosen, shared = _prefer_shared_label(candidates, req.nodes, labels)
+    chosen = _prefer_shared_label(candidates, req.nodes, labels)
     members = sorted(chosen, key=lambda p: p.node)
-    return GangPlacement(tuple(walk.wired(request, m) for m in members), shared)
+    return GangPlacement(tuple(walk.wired(request, m) for m in members))
 
 
 def _prefer_shared_label(
     candidates: list[tuple[FitScore, Placement]], nodes: int, labels: Mapping[str, Mapping[str, str]]
-) -> tuple[list[Placement], str | None]:
+) -> list[Placement]:
     """The `nodes` best candidates (score order) that share a label, by GANG_LABEL_KEYS order; else the best overall."""
     for key in GANG_LABEL_KEYS:
         groups: dict[str, list[tuple[FitScore, Placement]]] = {}
@@ -115,8 +113,8 @@ def _prefer_shared_label(
         whole = [(sorted(s for s, _ in group[:nodes]), value) for value, group in groups.items() if len(group) >= nodes]
         if whole:
             _, value = min(whole)
-            return [p for _, p in groups[value][:nodes]], f"{key}={value}"
-    return [p for _, p in candidates[:nodes]], None
+            return [p for _, p in groups[value][:nodes]]
+    return [p for _, p in candidates[:nodes]]
 
 
 def gang_reservation(walk: PlanWalk, request: AllocationRequest) -> list[tuple[str, set[GpuRef]]]:
@@ -130,7 +128,7 @@ def gang_reservation(walk: PlanWalk, request: AllocationRequest) -> list[tuple[s
     seen: list[tuple[int, str, set[GpuRef]]] = []
     looked = 0
     for count in sorted(walk.open.buckets, reverse=True):
-        if len(seen) >= req.nodes and count < seen[req.nodes - 1][0] * -1:
+        if len(seen) >= req.nodes and count < -seen[req.nodes - 1][0]:
             break  # no later node can beat the ones kept
         for node in walk.open.buckets[count]:
             looked += 1
