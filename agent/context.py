@@ -10,6 +10,7 @@ from typing import Any
 from coordinator.errors import NotFound
 from coordinator.fragmentation import LargestRequest, cluster_largest_request, node_largest_request
 from coordinator.lease_table import LeaseTable
+from coordinator.mig import slice_index
 from coordinator.model import UNHEALTHY, GpuRef, GpuView
 from coordinator.views import rfc3339
 
@@ -346,6 +347,8 @@ class AgentContext:
             "lease_idle_seconds": round(self.sampler.usage.idle_seconds(r.index, now), 1),
             "telemetry": _telemetry(r),
             "source": "local",
+            # In MIG mode the GPU is leased by instance (coordinator/mig.py): each with its holder.
+            **({"mig_instances": _mig_rows(self.node, r, holders)} if r.mig_mode else {}),
         }
 
     def members(self) -> list[dict[str, Any]]:
@@ -485,6 +488,26 @@ def _gossip_row(remote: RemoteGpu, now: float, holders: Holders | None, table: L
 
 def _index(gpu: GpuSnapshot | RemoteGpu) -> int:
     return gpu.reading.index if isinstance(gpu, GpuSnapshot) else gpu.gpu.index
+
+
+def _mig_rows(node: str, r: GpuReading, holders: Holders | None) -> list[dict[str, Any]]:
+    """A MIG-mode GPU's instances as GET /gpu/status lists them, each with its unit index and holder."""
+    rows = []
+    for instance in r.mig_instances:
+        unit = slice_index(r.index, instance.mig_index)
+        rows.append(
+            {
+                "index": unit,
+                "mig_index": instance.mig_index,
+                "gpu_instance_id": instance.gpu_instance_id,
+                "uuid": instance.uuid,
+                "profile": instance.profile,
+                "memory_total": instance.memory_total_mb,
+                "memory_free": instance.memory_free_mb,
+                **_holder_fields((holders or {}).get((node, unit))),
+            }
+        )
+    return rows
 
 
 def _holder_fields(holder: LeaseHolder | None) -> dict[str, Any]:

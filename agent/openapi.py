@@ -411,6 +411,13 @@ def _schemas(max_ttl_s: float) -> JsonObject:
         "max_utilization": _nullable({"type": "number", "minimum": 0, "maximum": 100}),
         "ttl_seconds": _nullable(ttl),
         "queue": _nullable({"type": "boolean", "default": True}),
+        "mig_profile": _nullable(
+            {
+                "type": "string",
+                "description": "one MIG slice of this profile (\"1g.10gb\"), or \"auto\": the smallest slice "
+                "with min_memory_mb; gpu_count must then be 1 or absent (docs/shapes.md#mig-slices)",
+            }
+        ),
         "preemptible": _nullable(
             {
                 "type": "boolean",
@@ -454,6 +461,7 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "max_utilization": number,
             "gpu_model": nullable_string,
             "node": nullable_string,
+            "mig_profile": nullable_string,
             "ttl_seconds": number,
             "decided_by": {"enum": ["request", "analyzer", "advisor"]},
             "estimate": {"type": "object"},
@@ -535,7 +543,15 @@ def _schemas(max_ttl_s: float) -> JsonObject:
         },
         "AllocatedGpu": {
             "type": "object",
-            "properties": {"node": string, "index": integer, "uuid": string, "name": string, "memory_total_mb": integer},
+            "properties": {
+                "node": string,
+                "index": integer,
+                "uuid": string,
+                "name": string,
+                "memory_total_mb": integer,
+                "mig_profile": {"type": "string", "description": "present for a MIG slice"},
+                "parent_uuid": {"type": "string", "description": "a MIG slice's GPU"},
+            },
         },
         "Allocation": {
             "type": "object",
@@ -559,6 +575,16 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                 "requirements": requirements,
                 "workflow_id": string,
                 "topology": _nullable(_ref("AllocationTopology")),
+                "mig": _nullable(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "profile": string,
+                            "instance_uuids": {"type": "array", "items": string},
+                            "gpu_uuids": {"type": "array", "items": string},
+                        },
+                    }
+                ),
             },
         },
         "AllocationTopology": {
@@ -692,6 +718,27 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                 "in_use_without_lease": {"type": "boolean"},
                 "lease_idle_seconds": number,
                 "telemetry": {"type": "object", "description": "every other NVML field, null where unsupported"},
+                "mig_instances": {
+                    "type": "array",
+                    "description": "present for a GPU in MIG mode: its GPU instances, each leased apart "
+                    "(docs/shapes.md#mig-slices)",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "index": integer,
+                            "mig_index": integer,
+                            "gpu_instance_id": integer,
+                            "uuid": string,
+                            "profile": string,
+                            "memory_total": integer,
+                            "memory_free": {"type": ["integer", "null"]},
+                            "allocated": {"type": "boolean"},
+                            "allocated_to": nullable_string,
+                            "allocation_id": nullable_string,
+                            "allocated_at": time,
+                        },
+                    },
+                },
             },
         },
         "WorkloadAnalysis": {

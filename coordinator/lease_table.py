@@ -99,6 +99,12 @@ DEFAULT_RETENTION_S = 86_400.0
 # `[accounting] retention_days`: 90 days, a quarter of chargeback.
 DEFAULT_USAGE_RETENTION_S = 90 * 86_400.0
 SNAPSHOT_VERSION = 4
+# Written instead of SNAPSHOT_VERSION while some lease or waiter asks for a MIG
+# slice: its records carry `mig_profile`, which an agent from before MIG would
+# drop silently (placing the lease's slice as a whole GPU). Such an agent
+# refuses the snapshot instead; a cluster that uses no MIG keeps writing 4,
+# which every agent reads.
+MIG_SNAPSHOT_VERSION = 5
 USAGE_BY = ("queue", "service")
 # Why a preemption started (Preempt.reason), and the release reasons that end one.
 PREEMPTION_REASONS = frozenset({"reclaim", "priority", "idle"})
@@ -829,6 +835,7 @@ class LeaseTable:
 
         See `restore` for why the garbage collector is paused meanwhile.
 
+        Version 5 is version 4 where a record asks for a MIG slice (MIG_SNAPSHOT_VERSION).
         Version 4 is version 3 plus "queue_policy" (queues.py's wire form),
         "preempting" rows [allocation_id, deadline, reason] and "claims" rows
         [request_id, node, victim ids]. Version 3 is version 2 plus "usage" (usage_ledger.py's snapshot form) and
@@ -868,7 +875,7 @@ class LeaseTable:
 
     def _snapshot(self) -> Wire:
         return {
-            "version": SNAPSHOT_VERSION,
+            "version": MIG_SNAPSHOT_VERSION if self._uses_mig() else SNAPSHOT_VERSION,
             "clock": self._clock,
             "retention_s": self.retention_s,
             "allocations": [_text_or_item(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
@@ -891,6 +898,12 @@ class LeaseTable:
             "claims": [[req, node, list(victims)] for req, (node, victims) in sorted(self._claims.items())],
         }
 
+    def _uses_mig(self) -> bool:
+        """Whether a lease or a waiter asks for a MIG slice (a snapshot walks them all anyway)."""
+        return any(a.request.requirements.mig_profile is not None for a in self._allocations.values()) or any(
+            q.request.requirements.mig_profile is not None for q in self._queue
+        )
+
     @classmethod
     def restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
         """Rebuild a table from `snapshot()` output of this version, or of versions 3 (no queues), 2 or 1 (no usage).
@@ -908,7 +921,7 @@ class LeaseTable:
     @classmethod
     def _restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
         version = snap.get("version")
-        if version not in (1, 2, 3, SNAPSHOT_VERSION):
+        if version not in (1, 2, 3, SNAPSHOT_VERSION, MIG_SNAPSHOT_VERSION):
             raise ValueError(f"unsupported lease-table snapshot version {version!r}")
         table = cls(retention_s=float(snap["retention_s"]))
         table._clock = float(snap["clock"])

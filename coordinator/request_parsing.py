@@ -15,7 +15,8 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from coordinator.errors import Forbidden, InvalidRequest, brief
-from coordinator.model import AllocationRequest, Requirements
+from coordinator.mig import PROFILE_RE
+from coordinator.model import MIG_ANY, AllocationRequest, Requirements
 from coordinator.queues import DEFAULT_QUEUE, QueuePolicy, QueueSpec
 from coordinator.workload import WORKLOAD_TYPES, WorkloadEstimate
 
@@ -73,6 +74,7 @@ _ALLOCATE_FIELDS = (
     "webhook_url",
     "constraints",
     "preemptible",
+    "mig_profile",
 )
 _CONSTRAINT_FIELDS = ("gpu_model", "node")
 
@@ -96,6 +98,8 @@ class AllocateBody:
     node: str | None
     # False: never preempted; allowed only in a queue with a guarantee (see queue_for).
     preemptible: bool = True
+    # One MIG slice of this profile, or of any (MIG_ANY); None = whole GPUs.
+    mig_profile: str | None = None
 
     @property
     def workflow_id(self) -> str | None:
@@ -145,12 +149,14 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
     preemptible = _or(obj.get("preemptible"), True)
     if not isinstance(preemptible, bool):
         raise InvalidRequest("preemptible must be true or false")
+    gpu_count = _opt_int(obj, count_field, 1, MAX_GPU_COUNT)
+    mig_profile = _opt_mig_profile(obj.get("mig_profile"), gpu_count, count_field)
     return AllocateBody(
         service_name=service_name,
         workload_type=str(workload_type),
         workload_data=dict(workload_data),
         priority=_opt_int(obj, "priority", 1, 10),
-        gpu_count=_opt_int(obj, count_field, 1, MAX_GPU_COUNT),
+        gpu_count=gpu_count,
         min_memory_mb=_opt_int(obj, "min_memory_mb", 0, MAX_MEMORY_MB),
         max_utilization=_opt_number(obj, "max_utilization", 0.0, 100.0),
         ttl_seconds=_opt_number(obj, "ttl_seconds", 0.0, math.inf),
@@ -160,6 +166,7 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
         gpu_model=_opt_str(constraints.get("gpu_model"), "constraints.gpu_model"),
         node=_opt_str(constraints.get("node"), "constraints.node"),
         preemptible=preemptible,
+        mig_profile=mig_profile,
     )
 
 
@@ -237,14 +244,23 @@ def build_request(
     """
     queue = QueueSpec(DEFAULT_QUEUE) if queue is None else queue
     ttl = resolve_ttl(body.ttl_seconds, default_ttl_s=default_ttl_s, max_ttl_s=max_ttl_s)
+    if body.mig_profile is not None:
+        # One slice, whatever the analyzer would have counted; a named profile
+        # fixes the memory, so only an explicit min_memory_mb narrows it.
+        gpu_count = 1
+        default_memory = 0 if body.mig_profile != MIG_ANY else estimate.min_memory_mb
+    else:
+        gpu_count = body.gpu_count if body.gpu_count is not None else estimate.required_gpus
+        default_memory = estimate.min_memory_mb
     requirements = Requirements(
-        gpu_count=body.gpu_count if body.gpu_count is not None else estimate.required_gpus,
-        min_memory_mb=body.min_memory_mb if body.min_memory_mb is not None else estimate.min_memory_mb,
+        gpu_count=gpu_count,
+        min_memory_mb=body.min_memory_mb if body.min_memory_mb is not None else default_memory,
         max_utilization=(
             body.max_utilization if body.max_utilization is not None else estimate.max_utilization
         ),
         gpu_model=body.gpu_model,
         node=body.node,
+        mig_profile=body.mig_profile,
     )
     return AllocationRequest(
         request_id=request_id,
@@ -437,6 +453,24 @@ def _check_log_safe(value: object, field: str) -> None:
         raise InvalidRequest(
             f"{field} holds an integer outside -2**63 .. 2**64-1: {brief(str(value))}", code="integer_out_of_range"
         )
+
+
+def _opt_mig_profile(value: object, gpu_count: int | None, count_field: str) -> str | None:
+    """A request's `mig_profile`: None, MIG_ANY or a profile name. Raises InvalidRequest."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not (value == MIG_ANY or PROFILE_RE.match(value)):
+        raise InvalidRequest(
+            f"mig_profile must be a MIG profile name such as \"1g.10gb\" or \"3g.40gb\", or \"{MIG_ANY}\" "
+            f"for the smallest slice that fits, got {brief(repr(value))}"
+        )
+    if gpu_count is not None and gpu_count != 1:
+        # CUDA runs a process on one MIG device only, whatever CUDA_VISIBLE_DEVICES lists.
+        raise InvalidRequest(
+            f"a MIG request takes exactly one slice (CUDA uses one MIG device per process): "
+            f"{count_field} must be 1 or left out with mig_profile, got {gpu_count}"
+        )
+    return value
 
 
 def _opt_str(value: object, field: str) -> str | None:
