@@ -56,6 +56,7 @@ import trio
 
 from coordinator.backoff import retry_delay
 from coordinator.model import GpuRef
+from coordinator.mig import slice_index
 from coordinator.swim import MalformedPacket, MemberEvent, MemberView, SwimCore
 from coordinator.swim_config import SwimConfig
 
@@ -448,8 +449,25 @@ class MembershipService:
                     reasons=snap.health.reasons,
                     drained=ref in drained,
                     allocated=ref in holders,
+                    mig_mode=bool(r.mig_mode),
                 )
             )
+            for instance in r.mig_instances if r.mig_mode else ():
+                unit = GpuRef(self.name, slice_index(r.index, instance.mig_index))
+                states.append(
+                    GpuState(
+                        index=unit.index,
+                        uuid=instance.uuid,
+                        model=f"{r.name} MIG {instance.profile}",
+                        memory_total_mb=instance.memory_total_mb,
+                        memory_free_mb=instance.memory_free_mb,
+                        utilization_pct=None,
+                        health=snap.health.state,
+                        drained=unit in drained or ref in drained,
+                        allocated=unit in holders,
+                        mig_profile=instance.profile,
+                    )
+                )
         return states
 
     # --- joining and push-pull -----------------------------------------------------------

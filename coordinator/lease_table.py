@@ -88,6 +88,7 @@ from coordinator.model import (
     RequestRecord,
     Wire,
 )
+from coordinator.mig import SLOTS_PER_GPU, gpu_of_slice, slice_index
 from coordinator.queue_ledger import QueueLedger
 from coordinator.queues import UNCONFIGURED, QueuePolicy
 from coordinator.wait_queue import RankKey, WaitQueue
@@ -214,7 +215,7 @@ class LeaseTable:
         return [
             a
             for a in self.allocations()
-            if any(self._gpu_health.get(g.ref, (HEALTHY,))[0] == UNHEALTHY for g in a.gpus)
+            if any(self._gpu_health.get(_health_ref(g.ref), (HEALTHY,))[0] == UNHEALTHY for g in a.gpus)
         ]
 
     @property
@@ -729,15 +730,23 @@ class LeaseTable:
             self._gpu_health.pop(ref, None)
         else:
             self._gpu_health[ref] = (cmd.state, cmd.reasons)
-        holder = self._holders.get(ref)
-        if cmd.state != UNHEALTHY or before == UNHEALTHY or holder is None:
+        if cmd.state != UNHEALTHY or before == UNHEALTHY:
+            return ApplyResult()
+        # Health is recorded per GPU; the leases on it are the GPU's own, or its MIG slices'.
+        holders = [self._holders.get(ref)]
+        if gpu_of_slice(cmd.index) is None:
+            holders += [self._holders.get(GpuRef(cmd.node, slice_index(cmd.index, i))) for i in range(SLOTS_PER_GPU)]
+        affected = [h for h in dict.fromkeys(holders) if h is not None]
+        if not affected:
             return ApplyResult()
         # The lease is kept (the job may survive, and only its owner knows), but
         # its owner and the metrics hear that a GPU under it turned unhealthy.
-        alloc = self._allocations[holder]
         reason = f"GPU {cmd.node}/{cmd.index}: {'; '.join(cmd.reasons) or 'unhealthy'}"
-        event = LeaseEvent("gpu_unhealthy", cmd.at, alloc.request, allocation=alloc, reason=reason)
-        return ApplyResult(events=(event,), affected=(holder,))
+        events = tuple(
+            LeaseEvent("gpu_unhealthy", cmd.at, self._allocations[h].request, allocation=self._allocations[h], reason=reason)
+            for h in affected
+        )
+        return ApplyResult(events=events, affected=tuple(affected))
 
     # -- index upkeep: every change to allocations and the queue goes through these
 
@@ -1030,6 +1039,12 @@ def _usage_key(alloc: Allocation) -> UsageKey:
 
 def _age(alloc: Allocation) -> tuple[float, str]:
     return (alloc.allocated_at, alloc.allocation_id)
+
+
+def _health_ref(ref: GpuRef) -> GpuRef:
+    """Where `ref`'s health is recorded: a MIG slice's is its GPU's."""
+    gpu = gpu_of_slice(ref.index)
+    return ref if gpu is None else GpuRef(ref.node, gpu)
 
 
 def _unique(ids: Iterable[str]) -> list[str]:

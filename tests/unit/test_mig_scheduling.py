@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from coordinator.commands import Allocate, Enqueue, Release
+from coordinator.commands import Allocate, Enqueue, Release, ReportGpuHealth
 from coordinator.errors import InvalidRequest, Unsatisfiable
 from coordinator.fragmentation import largest_requests
 from coordinator.inventory import Inventory
@@ -241,3 +241,15 @@ def test_a_healthy_bigger_slice_is_not_traded_for_a_smaller_degraded_one() -> No
                 health="degraded", mig_profile=v.mig_profile, parent_uuid=v.parent_uuid) for v in MIXED]
     cluster = Cluster(degraded)
     assert cluster.placed(request("m", mig=MIG_ANY, memory_mb=1000)).gpus[0].mig_profile == "2g.20gb"
+
+
+def test_an_unhealthy_gpu_tells_the_holders_of_its_slices() -> None:
+    cluster = Cluster(MIXED)
+    first = cluster.placed(request("m1", mig="1g.10gb"))
+    second = cluster.placed(request("m2", mig="3g.40gb"))
+    on_b = cluster.placed(request("m3", mig="7g.80gb"))
+    result = cluster.table.apply(ReportGpuHealth(1.0, "a", 0, "unhealthy", ("XID 79",)))
+    assert result.ok and set(result.affected) == {first.allocation_id, second.allocation_id}
+    assert {e.kind for e in result.events} == {"gpu_unhealthy"}
+    assert {a.allocation_id for a in cluster.table.unhealthy_allocations()} == {first.allocation_id, second.allocation_id}
+    assert on_b.allocation_id not in result.affected
