@@ -56,7 +56,7 @@ import trio
 
 from coordinator.backoff import retry_delay
 from coordinator.model import GpuRef
-from coordinator.mig import slice_index
+from coordinator.mig import gpu_of_slice, slice_index
 from coordinator.swim import MalformedPacket, MemberEvent, MemberView, SwimCore
 from coordinator.swim_config import SwimConfig
 
@@ -114,6 +114,8 @@ class RemoteGpu:
     node: str
     gpu: GpuMeta
     received_at: float  # wall clock
+    # For a GPU in MIG mode: its slices as gossiped (each a GpuMeta with mig_profile set).
+    slices: tuple[GpuMeta, ...] = ()
 
 
 def advertise_address(bind: str, advertise: str | None) -> str:
@@ -260,7 +262,19 @@ class MembershipService:
         member = self.member(name)
         if member is None or name == self.name or member.view.status not in _LIVE or member.meta is None:
             return []
-        return sorted((RemoteGpu(name, gpu, member.meta_received_at) for gpu in member.meta.gpus), key=lambda r: r.gpu.index)
+        slices: dict[int, list[GpuMeta]] = {}
+        for gpu in member.meta.gpus:
+            parent = gpu_of_slice(gpu.index) if gpu.mig_profile is not None else None
+            if parent is not None:
+                slices.setdefault(parent, []).append(gpu)
+        return sorted(
+            (
+                RemoteGpu(name, gpu, member.meta_received_at, tuple(slices.get(gpu.index, ())))
+                for gpu in member.meta.gpus
+                if gpu.mig_profile is None
+            ),
+            key=lambda r: r.gpu.index,
+        )
 
     def _decode(self, view: MemberView) -> Member:
         """The member with its metadata decoded; decoded once per distinct blob."""
@@ -297,7 +311,7 @@ class MembershipService:
                 "other agents see the first %d with the total",
                 len(self._sampler.readings),
                 self.swim.max_meta_size,
-                len(decode_node_meta(blob).gpus),
+                sum(1 for g in decode_node_meta(blob).gpus if g.mig_profile is None),
             )
         self._core = SwimCore(
             self.swim, self.name, (self.advertise, port), blob, random.Random(self._rng.getrandbits(64)), now

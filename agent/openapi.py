@@ -18,6 +18,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from coordinator.mig import MAX_UNIT_INDEX, PROFILE_PATTERN
+from coordinator.model import MIG_ANY
 from coordinator.request_parsing import (
     MAX_GPU_COUNT,
     MAX_MEMORY_MB,
@@ -414,6 +416,7 @@ def _schemas(max_ttl_s: float) -> JsonObject:
         "mig_profile": _nullable(
             {
                 "type": "string",
+                "pattern": f"^(?:{MIG_ANY}|{PROFILE_PATTERN})$",
                 "description": "one MIG slice of this profile (\"1g.10gb\"), or \"auto\": the smallest slice "
                 "with min_memory_mb; gpu_count must then be 1 or absent (docs/shapes.md#mig-slices)",
             }
@@ -450,6 +453,16 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "properties": {"gpu_count": {"not": {"type": "null"}}, "required_gpus": {"not": {"type": "null"}}},
         }
     }
+    # A MIG request takes one slice: mig_profile with a count above 1 is a 400.
+    one_slice = [
+        {
+            "not": {
+                "required": ["mig_profile", count],
+                "properties": {"mig_profile": {"type": "string"}, count: {"type": "integer", "minimum": 2}},
+            }
+        }
+        for count in ("gpu_count", "required_gpus")
+    ]
     release_selectors = ("allocation_id", "service_name", "request_id")
     nullable_string = {"type": ["string", "null"]}
     time = {"type": ["string", "null"], "format": "date-time"}
@@ -484,14 +497,14 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "required": ["service_name"],
             "additionalProperties": False,
             "properties": allocate_properties,
-            **not_both_counts,
+            "allOf": [not_both_counts, *one_slice],
         },
         "WorkloadRequest": {
             "type": "object",
             "additionalProperties": False,
             "description": "an allocate body; service_name may be left out (it only labels the analysis)",
             "properties": {**allocate_properties, "service_name": _nullable(an_id)},
-            **not_both_counts,
+            "allOf": [not_both_counts, *one_slice],
         },
         "ReleaseRequest": {
             "type": "object",
@@ -513,7 +526,7 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "required": ["index"],
             "additionalProperties": False,
             "properties": {
-                "index": {"type": "integer", "minimum": 0, "maximum": 1023},
+                "index": {"type": "integer", "minimum": 0, "maximum": MAX_UNIT_INDEX},
                 "node": _nullable(
                     {"type": "string", "pattern": NODE_NAME_PATTERN, "description": "default: the agent answering"}
                 ),
@@ -525,7 +538,7 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "required": ["index"],
             "additionalProperties": False,
             "properties": {
-                "index": {"type": "integer", "minimum": 0, "maximum": 1023},
+                "index": {"type": "integer", "minimum": 0, "maximum": MAX_UNIT_INDEX},
                 "node": _nullable({"type": "string", "pattern": NODE_NAME_PATTERN}),
             },
         },
@@ -726,8 +739,8 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                         "type": "object",
                         "properties": {
                             "index": integer,
-                            "mig_index": integer,
-                            "gpu_instance_id": integer,
+                            "mig_index": {"type": ["integer", "null"]},
+                            "gpu_instance_id": {"type": ["integer", "null"], "description": "null for another node's"},
                             "uuid": string,
                             "profile": string,
                             "memory_total": integer,

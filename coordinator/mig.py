@@ -36,14 +36,21 @@ SLOTS_PER_GPU: Final = 100
 # Profile names as NVML's nvmlDeviceGetGpuInstanceProfileInfo and nvidia-smi
 # print them: "1g.10gb", "1g.10gb+me" (with a media engine), "1g.20gb",
 # "3g.40gb", "7g.80gb"; compute-instance profiles "1c.3g.40gb".
-PROFILE_RE: Final = re.compile(r"^(?:[1-8]c\.)?[1-8]g\.[0-9]{1,4}gb(?:\+[a-z]{1,8})?\Z")
+PROFILE_PATTERN: Final = r"(?:[1-8]c\.)?[1-8]g\.[0-9]{1,4}gb(?:\+[a-z]{1,8})?"
+PROFILE_RE: Final = re.compile(rf"^{PROFILE_PATTERN}\Z")
+# Slices are numbered for GPUs 0 … MAX_MIG_GPU_INDEX of a node; the largest unit index follows.
+MAX_MIG_GPU_INDEX: Final = 63
 
 
 def slice_index(gpu_index: int, mig_index: int) -> int:
     """The unit index of MIG device `mig_index` of GPU `gpu_index`. Raises ValueError out of range."""
-    if not 0 <= mig_index < SLOTS_PER_GPU or not 0 <= gpu_index:
+    if not 0 <= mig_index < SLOTS_PER_GPU or not 0 <= gpu_index <= MAX_MIG_GPU_INDEX:
         raise ValueError(f"MIG device {mig_index} of GPU {gpu_index} has no unit index")
     return MIG_INDEX_BASE + SLOTS_PER_GPU * gpu_index + mig_index
+
+
+# The largest index a unit (whole GPU or slice) may have: what drain requests accept.
+MAX_UNIT_INDEX: Final = MIG_INDEX_BASE + SLOTS_PER_GPU * (MAX_MIG_GPU_INDEX + 1) - 1
 
 
 def gpu_of_slice(unit_index: int) -> int | None:

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from coordinator.errors import Forbidden, InvalidRequest, brief
-from coordinator.mig import PROFILE_RE
+from coordinator.mig import MAX_UNIT_INDEX, PROFILE_RE
 from coordinator.model import MIG_ANY, AllocationRequest, Requirements
 from coordinator.queues import DEFAULT_QUEUE, QueuePolicy, QueueSpec
 from coordinator.workload import WORKLOAD_TYPES, WorkloadEstimate
@@ -362,7 +362,7 @@ def parse_drain_body(body: object, *, default_node: str, draining: bool) -> Drai
         raise InvalidRequest(
             f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}", code="unknown_field"
         )
-    index = _opt_int(obj, "index", 0, 1023)
+    index = _opt_int(obj, "index", 0, MAX_UNIT_INDEX)
     if index is None:
         raise InvalidRequest("index is required: the GPU's index on its node")
     node = obj.get("node")

@@ -1,0 +1,133 @@
+"""MIG slices through real agents on simulated A100s in MIG mode (docs/shapes.md#mig-slices).
+
+A lone agent on `--simulate "A100-80GB:mig=3g.40gb/2g.20gb/1g.10gb/1g.10gb,H100-80GB"`:
+the A100's four GPU instances are leased one by one, by profile or by memory
+("auto"), each allocation carrying its MIG UUID ready for CUDA_VISIBLE_DEVICES;
+the H100 stays for whole-GPU requests; bad requests get a 400 that changes
+nothing; /gpu/status shows which instance is whose.
+
+Then a server with whole GPUs and a client whose GPU is in MIG mode: the
+client's slices reach the leader by gossip and a slice request lands there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.agent_process import AgentProcess, cluster_agents, start_together
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+FLEET = "A100-80GB:mig=3g.40gb/2g.20gb/1g.10gb/1g.10gb,H100-80GB"
+
+
+@pytest.fixture
+def mig(tmp_path: Path) -> Iterator[AgentProcess]:
+    agent = AgentProcess(data_dir=tmp_path / "mig", host="127.0.0.130", node_name="mig-host", simulate=FLEET)
+    yield agent.start()
+    agent.kill()
+
+
+def post(agent: AgentProcess, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{agent.url}/gpu/allocate", json={"service_name": "infer", **body}, timeout=10)
+
+
+def test_slices_leased_by_profile_and_by_memory(mig: AgentProcess) -> None:
+    small = post(mig, {"mig_profile": "1g.10gb"})
+    assert small.status_code == 200, small.text
+    alloc = small.json()
+    assert alloc["gpu_ids"] == [1002] and alloc["cuda_visible_devices"].startswith("MIG-")
+    assert alloc["mig"]["profile"] == "1g.10gb"
+    assert alloc["mig"]["instance_uuids"] == [alloc["cuda_visible_devices"]]
+    assert alloc["gpus"][0]["name"] == "NVIDIA A100-SXM4-80GB MIG 1g.10gb"
+    assert alloc["gpus"][0]["memory_total_mb"] == 9728
+    assert alloc["requirements"]["mig_profile"] == "1g.10gb"
+
+    # By memory: 15 GB fits the 2g.20gb first (the other 1g.10gb is too small).
+    mid = post(mig, {"mig_profile": "auto", "min_memory_mb": 15000}).json()
+    assert mid["mig"]["profile"] == "2g.20gb" and mid["gpu_ids"] == [1001]
+    # A whole GPU is the H100, never a slice.
+    whole = post(mig, {"gpu_count": 1}).json()
+    assert whole["gpu_ids"] == [1] and whole["mig"] is None and whole["cuda_visible_devices"].startswith("GPU-")
+
+    status = httpx.get(f"{mig.url}/gpu/status", timeout=10).json()["gpus"]
+    a100 = next(g for g in status if g["index"] == 0)
+    instances = {i["index"]: i for i in a100["mig_instances"]}
+    assert [i["profile"] for i in a100["mig_instances"]] == ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"]
+    assert instances[1002]["allocation_id"] == alloc["allocation_id"]
+    assert instances[1002]["uuid"] == alloc["cuda_visible_devices"]
+    assert instances[1001]["allocated_to"] == "infer" and not instances[1000]["allocated"]
+
+    # Released, the slice serves the next request of its profile.
+    released = httpx.post(f"{mig.url}/gpu/release", json={"allocation_id": alloc["allocation_id"]}, timeout=10)
+    assert released.status_code == 200
+    again = post(mig, {"mig_profile": "1g.10gb"}).json()
+    assert again["gpu_ids"] in ([1002], [1003])
+
+
+def test_bad_slice_requests_are_refused_and_change_nothing(mig: AgentProcess) -> None:
+    before = httpx.get(f"{mig.url}/gpu/list", timeout=10).json()
+    missing = post(mig, {"mig_profile": "7g.80gb"})
+    assert missing.status_code == 400
+    error = missing.json()["error"]
+    assert error["code"] == "unsatisfiable"
+    assert "'7g.80gb'" in error["message"] and "1g.10gb" in error["message"] and "3g.40gb" in error["message"]
+    two = post(mig, {"mig_profile": "1g.10gb", "gpu_count": 2})
+    assert two.status_code == 400 and "exactly one slice" in two.json()["error"]["message"]
+    bogus = post(mig, {"mig_profile": "lots"})
+    assert bogus.status_code == 400 and bogus.json()["error"]["code"] == "invalid_request"
+    too_big = post(mig, {"mig_profile": "auto", "min_memory_mb": 50000})
+    assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "unsatisfiable"
+    after = httpx.get(f"{mig.url}/gpu/list", timeout=10).json()
+    assert after["allocations"] == before["allocations"] == [] and after["queue"] == before["queue"] == []
+    # Busy slices queue (202) like GPUs do, and queue=false says 409.
+    for _ in range(2):
+        assert post(mig, {"mig_profile": "1g.10gb"}).status_code == 200
+    assert post(mig, {"mig_profile": "1g.10gb", "queue": False}).status_code == 409
+    assert post(mig, {"mig_profile": "1g.10gb"}).status_code == 202
+
+
+def test_a_client_s_slices_reach_the_leader_by_gossip(tmp_path: Path) -> None:
+    server, client = cluster_agents(
+        tmp_path, ["127.0.0.131", "127.0.0.132"], ["mig-server", "mig-client"], servers=1,
+        simulate=["1xL4-24GB", "A100-80GB:mig=3g.40gb/3g.40gb"],
+    )
+    try:
+        start_together([server, client])
+
+        def slice_request() -> dict[str, Any] | None:
+            response = httpx.post(
+                f"{server.url}/gpu/allocate",
+                json={"service_name": "infer", "mig_profile": "3g.40gb", "queue": False},
+                timeout=20,
+            )
+            return response.json() if response.status_code == 200 else None
+
+        # Until the client's metadata arrives the profile is unknown (400), then it is placed.
+        alloc = wait_for(slice_request, timeout=30)
+        shown = httpx.get(f"{client.url}/gpu/allocations/{alloc['allocation_id']}", timeout=10)
+        status = httpx.get(f"{client.url}/gpu/status", timeout=10).json()["gpus"]
+        # The leader lists the client's GPU once, with its slices (from gossip), none as a GPU.
+        on_leader = httpx.get(f"{server.url}/gpu/status?node=mig-client", timeout=10).json()["gpus"]
+    finally:
+        server.kill()
+        client.kill()
+
+    assert alloc["node"] == "mig-client" and alloc["gpu_ids"] == [1000]
+    assert alloc["cuda_visible_devices"].startswith("MIG-")
+    parent = next(g for g in status if g["node"] == "mig-client" and g["index"] == 0)
+    assert alloc["mig"]["gpu_uuids"] == [parent["uuid"]]
+    assert alloc["cuda_visible_devices"] == parent["mig_instances"][0]["uuid"]
+    assert shown.status_code == 200 and shown.json()["mig"] == alloc["mig"]
+    assert [g["index"] for g in on_leader] == [0]
+    assert [(i["index"], i["profile"], i["allocated"]) for i in on_leader[0]["mig_instances"]] == [
+        (1000, "3g.40gb", True),
+        (1001, "3g.40gb", False),
+    ]
+    assert on_leader[0]["mig_instances"][0]["allocation_id"] == alloc["allocation_id"]
