@@ -538,12 +538,19 @@ class LeaseCluster:
                 if known != deadline:
                     raise self.violation(f"{allocation_id} preempted twice: deadlines {known} and {deadline}")
             if command.reason != "idle":
-                # Work within its queue's guarantee is never taken for another queue.
-                for queue, gpus in taken.items():
-                    if ledger.gpus[queue] - gpus < policy.spec(queue).guarantee:
+                # Work within its queue's guarantee is never taken for another queue, counting
+                # every lease of the queue now in its grace period as gone (this command's and
+                # earlier ones'): two preemptions may not each take what only one could.
+                for queue in taken:
+                    kept = sum(
+                        len(a.gpus)
+                        for i in ledger.leases.get(queue, ())
+                        if (a := table.allocation(i)) is not None and table.preempting(i) is None
+                    )
+                    if kept < policy.spec(queue).guarantee:
                         raise self.violation(
-                            f"{machine.node_id}: a preemption takes queue {queue} from {ledger.gpus[queue]} "
-                            f"to {ledger.gpus[queue] - gpus}, below its guarantee {policy.spec(queue).guarantee}"
+                            f"{machine.node_id}: a preemption leaves queue {queue} {kept} GPU(s) not in their "
+                            f"grace period, below its guarantee {policy.spec(queue).guarantee}"
                         )
         for event in result.events:
             if event.kind == "preempted" and event.allocation is not None:

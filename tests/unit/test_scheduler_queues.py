@@ -312,3 +312,71 @@ def test_queue_views_show_terms_use_and_fair_share() -> None:
     assert views["a"]["preempting_leases"] == 2
     assert views["b"]["pending_requests"] == 1 and views["b"]["pending_gpus"] == 2
     assert views["a"]["fair_share_gpus"] + views["b"]["fair_share_gpus"] == pytest.approx(8.0)
+
+
+def test_a_claim_counts_as_its_queue_s_during_the_grace_period() -> None:
+    """Victims in their grace period leave their queue's count and the claim joins the claimant's:
+    the next requests of the claimant's queue are judged beyond what the claim takes."""
+    cluster = team_a_borrows_everything()
+    for i, at in enumerate((10.0, 11.0, 12.0)):
+        cluster.submit(request(f"b{i}", "b", gpus=2, at=at), at)
+    preempts = [c for c in cluster.tick(12.0) if isinstance(c, Preempt)]
+    # b0 and b1 fill b's guarantee of 4; b2 would take b to 6, above its fair share of 5
+    # (a 2 + b 4 guaranteed, the 2 left split by weight), so it takes nothing.
+    assert sorted(p.request_id or "" for p in preempts) == ["b0", "b1"]
+    assert sum(len(p.victims) for p in preempts) == 4
+    # Every pass of the grace period leaves the decision as it is.
+    for now in (15.0, 20.0, 30.0, 41.0):
+        assert not [c for c in cluster.tick(now) if isinstance(c, Preempt)]
+    assert cluster.used("a") == 8 and cluster.table.queue_ledger.preempting_gpus["a"] == 4
+
+
+def test_a_victim_set_keeps_the_victim_queue_at_its_guarantee_together() -> None:
+    """Each of a's leases alone may be borrowed (a holds 4, guarantee 3), two together may not."""
+    cluster = Cluster(1, 4, QueueSpec("a", guaranteed_gpus=3, preemption_grace_s=GRACE), QueueSpec("b", guaranteed_gpus=2))
+    for i in range(4):
+        cluster.submit(request(f"a{i}", "a", at=float(i)), float(i))
+    cluster.submit(request("b0", "b", gpus=2, at=10.0), 10.0)
+    # Before, the pass proposed both leases and the table refused the Preempt (guarantee_kept).
+    assert not [c for c in cluster.tick(10.0) if isinstance(c, Preempt)]
+    # One GPU is owed: a 1-GPU request takes exactly one lease.
+    cluster.submit(request("b1", "b", gpus=1, at=11.0), 11.0)
+    preempts = [c for c in cluster.tick(11.0) if isinstance(c, Preempt)]
+    assert [(p.request_id, len(p.victims)) for p in preempts] == [("b1", 1)]
+
+
+def test_gpus_a_victim_frees_go_to_its_claimant_before_a_higher_one_still_waiting_for_its_own() -> None:
+    cluster = Cluster(
+        1,
+        2,
+        QueueSpec("a", preemption_grace_s=GRACE),
+        QueueSpec("b", guaranteed_gpus=1),
+        QueueSpec("c", guaranteed_gpus=1),
+    )
+    cluster.submit(request("a0", "a", at=0.0), 0.0)
+    cluster.submit(request("a1", "a", at=1.0), 1.0)
+    cluster.submit(request("b0", "b", priority=5, at=10.0), 10.0)
+    first = [c for c in cluster.tick(10.0) if isinstance(c, Preempt)]
+    assert [(p.request_id, p.victims) for p in first] == [("b0", ((cluster.lease_of("a1"), 40.0),))]
+    cluster.submit(request("c0", "c", priority=8, at=20.0), 20.0)
+    second = [c for c in cluster.tick(20.0) if isinstance(c, Preempt)]
+    assert [(p.request_id, p.victims) for p in second] == [("c0", ((cluster.lease_of("a0"), 50.0),))]
+    # At 40 a1 ends: its GPU is b0's, though c0 ranks higher (it still waits for a0).
+    placed = [c.allocation.request.request_id for c in cluster.tick(40.0) if isinstance(c, Allocate)]
+    assert placed == ["b0"]
+    placed = [c.allocation.request.request_id for c in cluster.tick(50.0) if isinstance(c, Allocate)]
+    assert placed == ["c0"]
+
+
+def test_the_table_refuses_a_second_preemption_that_only_together_with_the_first_breaks_a_guarantee() -> None:
+    """Checked on the table too: leases in their grace period no longer protect their queue's guarantee."""
+    cluster = Cluster(1, 4, QueueSpec("a", guaranteed_gpus=3), QueueSpec("b", guaranteed_gpus=1))
+    for i in range(4):
+        cluster.submit(request(f"a{i}", "a", at=float(i)), float(i))
+    for i in range(2):
+        assert isinstance(cluster.submit(request(f"b{i}", "b", at=10.0 + i), 10.0 + i), Enqueue)
+    node0 = cluster.table.allocation(cluster.lease_of("a3")).node  # type: ignore[union-attr]
+    cluster.apply(Preempt(12.0, ((cluster.lease_of("a3"), 42.0),), "reclaim", "b0", node0))
+    second = Preempt(12.0, ((cluster.lease_of("a2"), 42.0),), "reclaim", "b1", node0)
+    result = cluster.table.apply(second)
+    assert not result.ok and result.error is not None and result.error.code == "guarantee_kept"
