@@ -306,12 +306,16 @@ class MembershipService:
         now = trio.current_time()
         blob = self._builder.update(self._local_gpus(), now, self._sampler.topology) or self._builder.blob
         if self._builder.truncated:
+            gossiped = decode_node_meta(blob).gpus
+            slices = sum(len(r.mig_instances) for r in self._sampler.readings if r.mig_mode)
             log.warning(
-                "this node's %d GPUs do not all fit in gossip metadata (%d bytes); "
-                "other agents see the first %d with the total",
+                "this node's %d GPUs and %d MIG slices do not all fit in gossip metadata (%d bytes); "
+                "other agents see the first %d GPUs (with the total) and %d slices",
                 len(self._sampler.readings),
+                slices,
                 self.swim.max_meta_size,
-                sum(1 for g in decode_node_meta(blob).gpus if g.mig_profile is None),
+                sum(1 for g in gossiped if g.mig_profile is None),
+                sum(1 for g in gossiped if g.mig_profile is not None),
             )
         self._core = SwimCore(
             self.swim, self.name, (self.advertise, port), blob, random.Random(self._rng.getrandbits(64)), now

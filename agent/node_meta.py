@@ -40,8 +40,7 @@ before MIG ignores ``mg`` and the bit, and sees such a GPU as it always did.
 A slice row takes about 30 bytes (its "MIG-<uuid>" packed to 16 bytes), so
 eight GPUs of seven slices each do not fit the default 1 KiB cap: slices are
 dropped (last first) before any GPU is, and a node that gossips fewer slices
-than it has logs it; raise `[cluster] max_meta_size` (up to 4096) for such
-layouts.
+than it has logs it: other agents cannot lease the slices left out.
 
 Decoders ignore keys they do not know, so a key added later (as ``b`` and ``s`` were)
 needs no new version: older agents read the rest of the blob unchanged.

@@ -12,6 +12,7 @@ client's slices reach the leader by gossip and a slice request lands there.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,34 @@ def test_a_client_s_slices_reach_the_leader_by_gossip(tmp_path: Path) -> None:
         (1001, "3g.40gb", False),
     ]
     assert on_leader[0]["mig_instances"][0]["allocation_id"] == alloc["allocation_id"]
+
+
+def documented_requests(section: str) -> list[tuple[dict[str, Any], str]]:
+    """The allocate bodies of one `### …` part of docs/shapes.md's MIG section, with each line's comment."""
+    text = (Path(__file__).parents[2] / "docs" / "shapes.md").read_text()
+    part = text[text.index(f"### {section}") :]
+    part = part[: part.index("\n### ", 4)]
+    found = []
+    for line in part.splitlines():
+        if "/gpu/allocate -d '" in line:
+            body = line.split(" -d '", 1)[1].split("'", 1)[0]
+            found.append((json.loads(body), line.partition("#")[2].strip()))
+    return found
+
+
+def test_the_documented_examples_work(mig: AgentProcess) -> None:
+    asked = documented_requests("Asking for a slice")
+    assert len(asked) == 3
+    for body, _ in asked:
+        assert httpx.post(f"{mig.url}/gpu/allocate", json=body, timeout=10).status_code == 200, body
+    for alloc in httpx.get(f"{mig.url}/gpu/list", timeout=10).json()["allocations"]:
+        httpx.post(f"{mig.url}/gpu/release", json={"allocation_id": alloc["allocation_id"]}, timeout=10)
+
+    tried = documented_requests("Try it")
+    assert [comment for _, comment in tried] == ["unit 1002", "2g.20gb, unit 1001", "the H100, GPU 1"]
+    got = [httpx.post(f"{mig.url}/gpu/allocate", json=body, timeout=10).json() for body, _ in tried]
+    assert [(a["gpu_ids"], (a["mig"] or {}).get("profile")) for a in got] == [
+        ([1002], "1g.10gb"),
+        ([1001], "2g.20gb"),
+        ([1], None),
+    ]
