@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from agent import gpuctl
 from tests.agent_process import AgentProcess, cluster_agents, start_together
 from tests.waiting import wait_for
 
@@ -163,3 +164,11 @@ def test_the_documented_examples_work(mig: AgentProcess) -> None:
         ([1001], "2g.20gb"),
         ([1], None),
     ]
+
+
+def test_gpuctl_asks_for_a_slice(mig: AgentProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpuctl.main(["--address", mig.url, "--json", "allocate", "--service", "embed", "--mig-profile", "1g.10gb"]) == 0
+    alloc = json.loads(capsys.readouterr().out)
+    assert alloc["mig"]["profile"] == "1g.10gb" and alloc["cuda_visible_devices"].startswith("MIG-")
+    assert gpuctl.main(["--address", mig.url, "allocate", "--service", "embed", "--mig-profile", "4g.40gb"]) == 1
+    assert "unsatisfiable" in capsys.readouterr().err
