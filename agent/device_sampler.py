@@ -266,7 +266,7 @@ class DeviceSampler:
             self.usage.observe(
                 index,
                 now,
-                holder=holders.get(index),
+                holder=_holder(index, reading, holders),
                 utilization_pct=reading.utilization_gpu_pct if index in present else None,
                 process_count=None if reading.processes is None else len(reading.processes),
             )
@@ -358,3 +358,16 @@ class DeviceSampler:
             health=snap.health.state,
             sampled_at=r.sampled_at,
         )
+
+
+def _holder(index: int, reading: GpuReading, holders: Mapping[int, str]) -> str | None:
+    """Who leases GPU `index` for the usage tracker: its lease, or in MIG mode its first leased slice's.
+
+    A MIG GPU's processes are its slices' (NVML lists them on the GPU), so it is
+    in use without a lease only while none of its slices is leased; work in an
+    unleased slice beside a leased one is not told apart.
+    """
+    if not reading.mig_mode:
+        return holders.get(index)
+    units = (slice_index(index, i.mig_index) for i in reading.mig_instances)
+    return next((holders[u] for u in units if u in holders), None)

@@ -66,6 +66,14 @@ def test_slices_leased_by_profile_and_by_memory(mig: AgentProcess) -> None:
     assert instances[1002]["uuid"] == alloc["cuda_visible_devices"]
     assert instances[1001]["allocated_to"] == "infer" and not instances[1000]["allocated"]
 
+    # Its slices' work runs on the GPU: leased slices are no unleased use of it.
+    def a100_busy() -> dict[str, Any] | None:
+        rows = httpx.get(f"{mig.url}/gpu/status", timeout=10).json()["gpus"]
+        row = next(g for g in rows if g["index"] == 0)
+        return row if row["processes"] else None
+
+    assert wait_for(a100_busy, timeout=10)["in_use_without_lease"] is False
+
     # Released, the slice serves the next request of its profile.
     released = httpx.post(f"{mig.url}/gpu/release", json={"allocation_id": alloc["allocation_id"]}, timeout=10)
     assert released.status_code == 200
