@@ -244,24 +244,7 @@ def build_request(
     """
     queue = QueueSpec(DEFAULT_QUEUE) if queue is None else queue
     ttl = resolve_ttl(body.ttl_seconds, default_ttl_s=default_ttl_s, max_ttl_s=max_ttl_s)
-    if body.mig_profile is not None:
-        # One slice, whatever the analyzer would have counted; a named profile
-        # fixes the memory, so only an explicit min_memory_mb narrows it.
-        gpu_count = 1
-        default_memory = 0 if body.mig_profile != MIG_ANY else estimate.min_memory_mb
-    else:
-        gpu_count = body.gpu_count if body.gpu_count is not None else estimate.required_gpus
-        default_memory = estimate.min_memory_mb
-    requirements = Requirements(
-        gpu_count=gpu_count,
-        min_memory_mb=body.min_memory_mb if body.min_memory_mb is not None else default_memory,
-        max_utilization=(
-            body.max_utilization if body.max_utilization is not None else estimate.max_utilization
-        ),
-        gpu_model=body.gpu_model,
-        node=body.node,
-        mig_profile=body.mig_profile,
-    )
+    requirements = resolve_requirements(body, estimate)
     return AllocationRequest(
         request_id=request_id,
         service_name=body.service_name,
@@ -278,6 +261,30 @@ def build_request(
         estimate=estimate.estimate,
         queue_name=queue.name,
         preemptible=body.preemptible,
+    )
+
+
+def resolve_requirements(body: AllocateBody, estimate: WorkloadEstimate) -> Requirements:
+    """The requirements `body` asks for: its explicit fields over the estimate's.
+
+    A MIG request takes one slice, whatever the analyzer counted; a named
+    profile fixes the memory, so only an explicit min_memory_mb narrows it.
+    """
+    if body.mig_profile is not None:
+        gpu_count = 1
+        default_memory = 0 if body.mig_profile != MIG_ANY else estimate.min_memory_mb
+    else:
+        gpu_count = body.gpu_count if body.gpu_count is not None else estimate.required_gpus
+        default_memory = estimate.min_memory_mb
+    return Requirements(
+        gpu_count=gpu_count,
+        min_memory_mb=body.min_memory_mb if body.min_memory_mb is not None else default_memory,
+        max_utilization=(
+            body.max_utilization if body.max_utilization is not None else estimate.max_utilization
+        ),
+        gpu_model=body.gpu_model,
+        node=body.node,
+        mig_profile=body.mig_profile,
     )
 
 

@@ -149,8 +149,8 @@ _CATALOG: dict[str, SimulatedGpuSpec] = {
     )
 }
 
-# GPU instance profiles a model offers, with their memory in MiB as `nvidia-smi mig -lgip`
-# reports it (rounded to the driver's 256 MiB granules), and its compute slices (7 in all).
+# GPU instance profiles a model offers, with their memory in MiB, about what `nvidia-smi mig -lgip`
+# reports (the exact figures vary a little with the driver); the `Ng` of a name is its compute slices.
 MIG_PROFILES: dict[str, dict[str, int]] = {
     "A100-40GB": {"1g.5gb": 4864, "1g.10gb": 9984, "2g.10gb": 9984, "3g.20gb": 19968, "4g.20gb": 19968, "7g.40gb": 40192},
     "A100-80GB": {"1g.10gb": 9728, "1g.20gb": 19968, "2g.20gb": 19968, "3g.40gb": 40192, "4g.40gb": 40192, "7g.80gb": 80896},

@@ -180,3 +180,9 @@ def test_gpuctl_asks_for_a_slice(mig: AgentProcess, capsys: pytest.CaptureFixtur
     assert alloc["mig"]["profile"] == "1g.10gb" and alloc["cuda_visible_devices"].startswith("MIG-")
     assert gpuctl.main(["--address", mig.url, "allocate", "--service", "embed", "--mig-profile", "4g.40gb"]) == 1
     assert "unsatisfiable" in capsys.readouterr().err
+
+
+def test_workload_analysis_answers_as_allocate_would(mig: AgentProcess) -> None:
+    body = {"workload_type": "training", "workload_data": {"model_size": "large"}, "mig_profile": "3g.40gb"}
+    analysis = httpx.post(f"{mig.url}/gpu/workload", json=body, timeout=10).json()
+    assert (analysis["required_gpus"], analysis["min_memory_mb"]) == (1, 0)
