@@ -94,6 +94,15 @@ from agent.devices.base import (
 log = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
+# What reading a MIG GPU's instances takes (nvidia-ml-py 11.450 and later has them all).
+_MIG_FUNCTIONS: Final = (
+    "nvmlDeviceGetMaxMigDeviceCount",
+    "nvmlDeviceGetMigDeviceHandleByIndex",
+    "nvmlDeviceGetGpuInstanceId",
+    "nvmlDeviceGetGpuInstanceById",
+    "nvmlGpuInstanceGetInfo",
+    "nvmlDeviceGetGpuInstanceProfileInfo",
+)
 
 EVENT_WAIT_MS: Final = 500  # one wait on the event set: how long stop_event_watcher() may take
 EVENT_RETRY_S: Final = (0.5, 30.0)  # the watcher's backoff after a failure: first delay, cap
@@ -635,6 +644,13 @@ class NvmlDevices(DeviceBackend):
         slice the agent cannot describe is not offered.
         """
         nvml = self._nvml
+        if not all(hasattr(nvml, name) for name in _MIG_FUNCTIONS):
+            # A binding older than MIG: the GPU is in MIG mode, but its slices cannot be read.
+            self._log_once(
+                gpu, "mig_instances", AttributeError("nvidia-ml-py lacks the MIG device functions"),
+                logging.WARNING, "offering none of its MIG slices",
+            )
+            return ()
         count = self._query(gpu, "mig_device_count", problems, nvml.nvmlDeviceGetMaxMigDeviceCount, gpu.handle)
         if not count:
             return ()

@@ -6,12 +6,16 @@ signatures and error classes):
      MIG UUID, profile name and its own memory;
   2. a MIG-capable GPU with MIG off: no instances, and the MIG queries not made;
   3. an instance that stops answering: left out of the sample, with the reason;
-  4. older bindings (v1 profile struct without a name): the name built the way nvidia-smi builds it.
+  4. older bindings (v1 profile struct without a name): the name built the way nvidia-smi builds it;
+  5. a binding without the MIG functions: no slices offered, said once in the log.
 """
 
 from __future__ import annotations
 
+import logging
+
 import pynvml
+import pytest
 
 from agent.devices import NvmlDevices
 from agent.devices.base import MigInstance
@@ -78,3 +82,14 @@ def test_v1_profile_struct_named_from_slices_and_memory() -> None:
     devices.open()
     (reading,) = devices.sample(1.0)
     assert reading.mig_instances[0].profile == "2g.20gb"
+
+
+def test_a_binding_without_mig_functions_offers_no_slices(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeNvml([a100_80gb_mig(0, ["7g.80gb"])], missing=("nvmlDeviceGetMigDeviceHandleByIndex",))
+    devices = NvmlDevices(fake)
+    devices.open()
+    with caplog.at_level(logging.WARNING, logger="agent.devices.nvml"):
+        (reading,) = devices.sample(1.0)
+        devices.sample(2.0)
+    assert reading.mig_mode is True and reading.mig_instances == ()
+    assert sum("lacks the MIG device functions" in r.getMessage() for r in caplog.records) == 1
