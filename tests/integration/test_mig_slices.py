@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent import gpuctl
 from tests.agent_process import AgentProcess, cluster_agents, start_together
@@ -73,6 +74,13 @@ def test_slices_leased_by_profile_and_by_memory(mig: AgentProcess) -> None:
         return row if row["processes"] else None
 
     assert wait_for(a100_busy, timeout=10)["in_use_without_lease"] is False
+    allocated = {
+        sample.labels["gpu"]: sample.value
+        for family in text_string_to_metric_families(httpx.get(f"{mig.url}/metrics", timeout=10).text)
+        for sample in family.samples
+        if sample.name == "gpu_orchestrator_gpu_allocated"
+    }
+    assert allocated == {"0": 1.0, "1": 1.0}  # the A100 by its slices, the H100 whole
 
     # Released, the slice serves the next request of its profile.
     released = httpx.post(f"{mig.url}/gpu/release", json={"allocation_id": alloc["allocation_id"]}, timeout=10)
