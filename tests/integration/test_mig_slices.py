@@ -188,6 +188,17 @@ def test_gpuctl_asks_for_a_slice(mig: AgentProcess, capsys: pytest.CaptureFixtur
     assert alloc["mig"]["profile"] == "1g.10gb" and alloc["cuda_visible_devices"].startswith("MIG-")
     assert gpuctl.main(["--address", mig.url, "allocate", "--service", "embed", "--mig-profile", "4g.40gb"]) == 1
     assert "unsatisfiable" in capsys.readouterr().err
+    # The status table lists each slice under its GPU, with its holder.
+    assert gpuctl.main(["--address", mig.url, "status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    a100 = next(i for i, line in enumerate(lines) if "A100" in line)
+    assert "(MIG)" in lines[a100]
+    slices = lines[a100 + 1 : a100 + 5]
+    assert [line.split()[1:4] for line in slices] == [
+        ["1000", "MIG", "3g.40gb"], ["1001", "MIG", "2g.20gb"], ["1002", "MIG", "1g.10gb"], ["1003", "MIG", "1g.10gb"],
+    ]
+    assert "embed" in slices[2] and alloc["allocation_id"] in slices[2] and "embed" not in slices[3]
+    assert "2 GPU(s) on 1 node(s), 1 leased" in lines
 
 
 def test_workload_analysis_answers_as_allocate_would(mig: AgentProcess) -> None:
