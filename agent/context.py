@@ -10,6 +10,7 @@ from typing import Any
 from coordinator.errors import NotFound
 from coordinator.fragmentation import LargestRequest, cluster_largest_request, node_largest_request
 from coordinator.lease_table import LeaseTable
+from coordinator.mig import gpu_of_slice, slice_index
 from coordinator.model import UNHEALTHY, GpuRef, GpuView
 from coordinator.views import rfc3339
 
@@ -23,6 +24,7 @@ from agent.devices.base import GpuReading
 from agent.inventory_feed import InventoryFeed, overlay
 from agent.leadership import Leadership
 from agent.membership import MembershipService, RemoteGpu
+from agent.node_meta import GpuMeta
 from agent.metrics import AgentMetrics
 from agent.queue_policy_sync import ConfiguredPolicy
 from agent.replication import Replication, server_problem
@@ -346,6 +348,8 @@ class AgentContext:
             "lease_idle_seconds": round(self.sampler.usage.idle_seconds(r.index, now), 1),
             "telemetry": _telemetry(r),
             "source": "local",
+            # In MIG mode the GPU is leased by instance (coordinator/mig.py): each with its holder.
+            **({"mig_instances": _mig_rows(self.node, r, holders)} if r.mig_mode else {}),
         }
 
     def members(self) -> list[dict[str, Any]]:
@@ -480,11 +484,51 @@ def _gossip_row(remote: RemoteGpu, now: float, holders: Holders | None, table: L
         # Since the member last announced a change: unchanged state is not resent,
         # so a steady, healthy member's rows age while it stays alive and probed.
         "state_age_seconds": round(max(0.0, now - remote.received_at), 1),
+        **({"mig_instances": [_gossip_slice_row(remote.node, s, holders) for s in remote.slices]} if g.mig_mode else {}),
+    }
+
+
+def _gossip_slice_row(node: str, s: GpuMeta, holders: Holders | None) -> dict[str, Any]:
+    """A remote MIG slice as /gpu/status lists it: what gossip carries (no MIG or instance ids)."""
+    gpu = gpu_of_slice(s.index)
+    return {
+        "index": s.index,
+        "mig_index": None if gpu is None else s.index - slice_index(gpu, 0),
+        "gpu_instance_id": None,
+        "uuid": s.uuid,
+        "profile": s.mig_profile,
+        "memory_total": s.memory_total_mb,
+        "memory_free": s.memory_free_mb,
+        **(
+            _holder_fields(holders.get((node, s.index)))
+            if holders is not None
+            else {"allocated": s.allocated, "allocated_to": None, "allocation_id": None, "allocated_at": None}
+        ),
     }
 
 
 def _index(gpu: GpuSnapshot | RemoteGpu) -> int:
     return gpu.reading.index if isinstance(gpu, GpuSnapshot) else gpu.gpu.index
+
+
+def _mig_rows(node: str, r: GpuReading, holders: Holders | None) -> list[dict[str, Any]]:
+    """A MIG-mode GPU's instances as GET /gpu/status lists them, each with its unit index and holder."""
+    rows = []
+    for instance in r.mig_instances:
+        unit = slice_index(r.index, instance.mig_index)
+        rows.append(
+            {
+                "index": unit,
+                "mig_index": instance.mig_index,
+                "gpu_instance_id": instance.gpu_instance_id,
+                "uuid": instance.uuid,
+                "profile": instance.profile,
+                "memory_total": instance.memory_total_mb,
+                "memory_free": instance.memory_free_mb,
+                **_holder_fields((holders or {}).get((node, unit))),
+            }
+        )
+    return rows
 
 
 def _holder_fields(holder: LeaseHolder | None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ import trio
 from coordinator.backoff import retry_delay
 from coordinator.gpu_health import HEALTHY_GPU, GpuHealth, HealthPolicy, HealthTracker
 from coordinator.gpu_usage import UsageTracker
+from coordinator.mig import slice_index
 from coordinator.model import UNHEALTHY, GpuView
 from coordinator.topology import PHB, PIX, SYS, UNKNOWN, NodeTopology, nvlink, parse_cpulist
 
@@ -265,7 +266,7 @@ class DeviceSampler:
             self.usage.observe(
                 index,
                 now,
-                holder=holders.get(index),
+                holder=_holder(index, reading, holders),
                 utilization_pct=reading.utilization_gpu_pct if index in present else None,
                 process_count=None if reading.processes is None else len(reading.processes),
             )
@@ -277,7 +278,7 @@ class DeviceSampler:
                 changed.append((index, health))
             gpus[index] = GpuSnapshot(reading, index in present, health)
         self._gpus = gpus
-        self._views = [self._view(snap) for snap in gpus.values()]
+        self._views = [view for snap in gpus.values() for view in self._unit_views(snap)]
         for index, health in changed:
             log.log(
                 logging.WARNING if health.state == UNHEALTHY else logging.INFO,
@@ -297,7 +298,7 @@ class DeviceSampler:
             index: GpuSnapshot(snap.reading, snap.present, self.health_tracker.health(index, now))
             for index, snap in self._gpus.items()
         }
-        self._views = [self._view(snap) for snap in self._gpus.values()]
+        self._views = [view for snap in self._gpus.values() for view in self._unit_views(snap)]
 
     def _fail(self, reason: str) -> None:
         self.failures += 1
@@ -316,6 +317,34 @@ class DeviceSampler:
                 delay = retry_delay(self.failures, self._rng, base_s=1.0, cap_s=60.0)
                 await trio.sleep(max(self.interval_s, delay))
 
+    def _unit_views(self, snap: GpuSnapshot) -> list[GpuView]:
+        """What the scheduler may lease of one GPU: the GPU, or in MIG mode its instances (coordinator/mig.py).
+
+        A GPU in MIG mode runs nothing outside its instances, so it is never
+        offered whole, and without instances it offers nothing. Each instance
+        carries its GPU's health: a fault of the GPU is a fault of every slice.
+        """
+        r = snap.reading
+        if not r.mig_mode:
+            return [self._view(snap)]
+        return [
+            GpuView(
+                node=self.node_name,
+                index=slice_index(r.index, instance.mig_index),
+                uuid=instance.uuid,
+                name=f"{r.name} MIG {instance.profile}",
+                memory_total_mb=instance.memory_total_mb,
+                memory_free_mb=instance.memory_free_mb,
+                # NVML reports no utilization per MIG device: only memory tells use.
+                utilization_pct=None,
+                health=snap.health.state,
+                sampled_at=r.sampled_at,
+                mig_profile=instance.profile,
+                parent_uuid=r.uuid,
+            )
+            for instance in r.mig_instances
+        ]
+
     def _view(self, snap: GpuSnapshot) -> GpuView:
         r = snap.reading
         return GpuView(
@@ -329,3 +358,16 @@ class DeviceSampler:
             health=snap.health.state,
             sampled_at=r.sampled_at,
         )
+
+
+def _holder(index: int, reading: GpuReading, holders: Mapping[int, str]) -> str | None:
+    """Who leases GPU `index` for the usage tracker: its lease, or in MIG mode its first leased slice's.
+
+    A MIG GPU's processes are its slices' (NVML lists them on the GPU), so it is
+    in use without a lease only while none of its slices is leased; work in an
+    unleased slice beside a leased one is not told apart.
+    """
+    if not reading.mig_mode:
+        return holders.get(index)
+    units = (slice_index(index, i.mig_index) for i in reading.mig_instances)
+    return next((holders[u] for u in units if u in holders), None)

@@ -315,6 +315,7 @@ def allocate_body(args: argparse.Namespace) -> JsonObject:
         "ttl_seconds": args.ttl,
         "request_id": args.request_id,
         "webhook_url": args.webhook_url,
+        "mig_profile": args.mig_profile,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if args.no_queue:
@@ -521,6 +522,9 @@ def _request_options(parser: argparse.ArgumentParser, *, service_required: bool)
     parser.add_argument("--nodes", type=int, help="a gang over this many nodes, all or none (with --gpus-per-node)")
     parser.add_argument("--gpus-per-node", type=int, help="a gang's GPUs on each node (with --nodes)")
     parser.add_argument("--memory-mb", type=int, help="minimum memory per GPU, MB")
+    parser.add_argument(
+        "--mig-profile", help='one MIG slice of this profile ("1g.10gb"), or "auto": the smallest with --memory-mb'
+    )
     parser.add_argument("--priority", type=int, help="1-10, higher is served first")
     parser.add_argument("--max-utilization", type=float, help="only GPUs at or below this utilisation, %%")
     parser.add_argument("--ttl", type=duration, help="lease: seconds or 30m, 12h, 7d; 0 = never expires")

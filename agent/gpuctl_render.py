@@ -164,24 +164,27 @@ def render_status(payload: JsonObject, now: float, largest: JsonObject | None = 
     gpus = payload.get("gpus") or []
     if not gpus:
         return "no GPUs"
-    rows = [
-        [
-            _text(g.get("node")),
-            _text(g.get("index")),
-            _text(g.get("name")),
-            memory(g.get("memory_used"), g.get("memory_total")),
-            _num(g.get("utilization"), "%"),
-            _num(g.get("temperature"), "C"),
-            _health_cell(g),
-            _lease_cell(g),
-            _text(g.get("allocation_id")),
-        ]
-        for g in gpus
-    ]
+    rows: list[list[str]] = []
+    for g in gpus:
+        rows.append(
+            [
+                _text(g.get("node")),
+                _text(g.get("index")),
+                _text(g.get("name")),
+                memory(g.get("memory_used"), g.get("memory_total")),
+                _num(g.get("utilization"), "%"),
+                _num(g.get("temperature"), "C"),
+                _health_cell(g),
+                # A GPU in MIG mode is leased by its slices, listed under it.
+                "(MIG)" if isinstance(g.get("mig_instances"), list) and not g.get("allocated") else _lease_cell(g),
+                _text(g.get("allocation_id")),
+            ]
+        )
+        rows.extend(_slice_row(g, s) for s in g.get("mig_instances") or [] if isinstance(s, dict))
     headers = ["NODE", "IDX", "MODEL", "MEMORY", "UTIL", "TEMP", "HEALTH", "LEASE", "ALLOCATION"]
     nodes = len({g.get("node") for g in gpus})
     counts = [
-        ("leased", sum(1 for g in gpus if g.get("allocated"))),
+        ("leased", sum(1 for g in gpus if _leased(g))),
         ("degraded", sum(1 for g in gpus if g.get("health") == "degraded")),
         ("unhealthy", sum(1 for g in gpus if g.get("health") == "unhealthy")),
         ("drained", sum(1 for g in gpus if g.get("drained"))),
@@ -196,6 +199,28 @@ def render_status(payload: JsonObject, now: float, largest: JsonObject | None = 
     if fits is not None:
         notes += f"\nlargest request now: {fits}"
     return table(headers, rows, right=frozenset({1, 3, 4, 5})) + "\n\n" + summary + notes
+
+
+def _leased(gpu: JsonObject) -> bool:
+    """Held by a lease, or for a GPU in MIG mode, any of its slices is."""
+    return bool(gpu.get("allocated")) or any(_obj(i).get("allocated") for i in gpu.get("mig_instances") or [])
+
+
+def _slice_row(gpu: JsonObject, instance: JsonObject) -> list[str]:
+    """One MIG slice of `gpu` as a row under it: its unit index and profile, its GPU's health."""
+    total, free = instance.get("memory_total"), instance.get("memory_free")
+    used = total - free if isinstance(total, int) and isinstance(free, int) else None
+    return [
+        _text(gpu.get("node")),
+        _text(instance.get("index")),
+        f"  MIG {_text(instance.get('profile'))}",
+        memory(used, total),
+        "-",
+        "-",
+        _health_cell(gpu),
+        _text(instance.get("allocated_to")) if instance.get("allocated") else "-",
+        _text(instance.get("allocation_id")),
+    ]
 
 
 def render_status_summary(payload: JsonObject, now: float) -> str:

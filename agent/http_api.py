@@ -53,6 +53,7 @@ from coordinator.request_parsing import (
     parse_renew_body,
     parse_status_query,
     parse_usage_query,
+    resolve_requirements,
     resolve_ttl,
     valid_id,
 )
@@ -615,17 +616,15 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         resolve_ttl(body.ttl_seconds, default_ttl_s=ctx.config.scheduler.default_ttl_s, max_ttl_s=ctx.config.scheduler.max_ttl_s)
         analysis = await ctx.analysis.analyze(body)
         estimate = analysis.estimate
+        # What an allocate of this body would ask for (a MIG request: one slice).
+        wanted = resolve_requirements(body, estimate)
         return json_response(
             {
                 "workload_type": body.workload_type,
-                "required_gpus": body.gpu_count if body.gpu_count is not None else estimate.required_gpus,
-                "min_memory_mb": (
-                    body.min_memory_mb if body.min_memory_mb is not None else estimate.min_memory_mb
-                ),
+                "required_gpus": wanted.gpu_count,
+                "min_memory_mb": wanted.min_memory_mb,
                 "priority": body.priority if body.priority is not None else estimate.priority,
-                "max_utilization": (
-                    body.max_utilization if body.max_utilization is not None else estimate.max_utilization
-                ),
+                "max_utilization": wanted.max_utilization,
                 "decided_by": "request" if body.fully_specified else analysis.decided_by,
                 "advisor_fallback_reason": analysis.fallback_reason,
                 "estimate": estimate.estimate,

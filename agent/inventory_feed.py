@@ -42,7 +42,8 @@ from dataclasses import replace
 from coordinator.commands import Command, MarkHostLost, ReportGpuHealth, SetDrain
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
-from coordinator.model import UNHEALTHY, GpuView
+from coordinator.mig import gpu_of_slice
+from coordinator.model import UNHEALTHY, GpuRef, GpuView
 
 from agent.device_sampler import DeviceSampler
 from agent.membership import Member, MembershipService
@@ -50,11 +51,18 @@ from agent.node_meta import ROLE_CLIENT
 
 
 def overlay(view: GpuView, table: LeaseTable | None, *, local: bool) -> GpuView:
-    """`view` with the table's drain and, for another host's GPU, its recorded unhealthy verdict."""
+    """`view` with the table's drain and, for another host's GPU, its recorded unhealthy verdict.
+
+    A MIG slice takes both from its GPU too: draining a GPU drains its slices,
+    and health is recorded per GPU.
+    """
     if table is None:
         return view
-    drained = view.drained or view.ref in table.drained()
-    unhealthy = not local and view.health != UNHEALTHY and table.gpu_health(view.ref)[0] == UNHEALTHY
+    gpu = gpu_of_slice(view.index)
+    gpu_ref = view.ref if gpu is None else GpuRef(view.node, gpu)
+    drains = table.drained()
+    drained = view.drained or view.ref in drains or gpu_ref in drains
+    unhealthy = not local and view.health != UNHEALTHY and table.gpu_health(gpu_ref)[0] == UNHEALTHY
     if drained == view.drained and not unhealthy:
         return view
     return replace(view, drained=drained, health=UNHEALTHY if unhealthy else view.health)
@@ -66,6 +74,8 @@ def member_views(member: Member) -> list[GpuView]:
     if meta is None:
         return []
     received = member.meta_received_at
+    # A slice's GPU, for its UUID: gossiped beside it (bit 2 of its flags says MIG mode).
+    parents = {g.index: g.uuid for g in meta.gpus if g.mig_mode}
     return [
         GpuView(
             node=member.view.name,
@@ -78,9 +88,19 @@ def member_views(member: Member) -> list[GpuView]:
             health=g.health,
             drained=g.drained,
             sampled_at=received,
+            mig_profile=g.mig_profile,
+            parent_uuid=_parent_uuid(g.index, parents),
         )
         for g in meta.gpus
+        # A GPU in MIG mode is leased by its slices only.
+        if not g.mig_mode
     ]
+
+
+def _parent_uuid(index: int, parents: dict[int, str]) -> str | None:
+    """The UUID of the GPU a slice's unit `index` is part of; None for a whole GPU or an unknown parent."""
+    gpu = gpu_of_slice(index)
+    return None if gpu is None else parents.get(gpu)
 
 
 class InventoryFeed:

@@ -38,6 +38,7 @@ from coordinator.commands import (
     SetQueuePolicy,
 )
 from coordinator.errors import Conflict, CoordinatorError, NotFound
+from coordinator.mig import gpu_of_slice
 from coordinator.inventory import Inventory
 from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import ALLOCATED, QUEUED, RELEASED, Allocation, GpuRef
@@ -287,9 +288,13 @@ class LeaseService:
     async def set_drain(self, node: str, index: int, drained: bool, reason: str = "") -> None:
         """Drain (no new allocations) or undrain a GPU; durable like any lease change.
 
-        Raises NotFound for a GPU the scheduler does not know.
+        Raises NotFound for a GPU the scheduler does not know. A GPU in MIG mode
+        is known by its slices: draining it drains them (agent/inventory_feed.overlay).
         """
-        if self.inventory().get(GpuRef(node, index)) is None:
+        inventory = self.inventory()
+        if inventory.get(GpuRef(node, index)) is None and not any(
+            gpu_of_slice(v.index) == index for v in inventory.node_views(node)
+        ):
             raise NotFound(f"no GPU {node}/{index}")
         await self._propose_ok(SetDrain(self._clock(), node, index, drained, reason))
         self.wake()

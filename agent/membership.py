@@ -56,6 +56,7 @@ import trio
 
 from coordinator.backoff import retry_delay
 from coordinator.model import GpuRef
+from coordinator.mig import gpu_of_slice, slice_index
 from coordinator.swim import MalformedPacket, MemberEvent, MemberView, SwimCore
 from coordinator.swim_config import SwimConfig
 
@@ -113,6 +114,8 @@ class RemoteGpu:
     node: str
     gpu: GpuMeta
     received_at: float  # wall clock
+    # For a GPU in MIG mode: its slices as gossiped (each a GpuMeta with mig_profile set).
+    slices: tuple[GpuMeta, ...] = ()
 
 
 def advertise_address(bind: str, advertise: str | None) -> str:
@@ -259,7 +262,19 @@ class MembershipService:
         member = self.member(name)
         if member is None or name == self.name or member.view.status not in _LIVE or member.meta is None:
             return []
-        return sorted((RemoteGpu(name, gpu, member.meta_received_at) for gpu in member.meta.gpus), key=lambda r: r.gpu.index)
+        slices: dict[int, list[GpuMeta]] = {}
+        for gpu in member.meta.gpus:
+            parent = gpu_of_slice(gpu.index) if gpu.mig_profile is not None else None
+            if parent is not None:
+                slices.setdefault(parent, []).append(gpu)
+        return sorted(
+            (
+                RemoteGpu(name, gpu, member.meta_received_at, tuple(slices.get(gpu.index, ())))
+                for gpu in member.meta.gpus
+                if gpu.mig_profile is None
+            ),
+            key=lambda r: r.gpu.index,
+        )
 
     def _decode(self, view: MemberView) -> Member:
         """The member with its metadata decoded; decoded once per distinct blob."""
@@ -291,12 +306,16 @@ class MembershipService:
         now = trio.current_time()
         blob = self._builder.update(self._local_gpus(), now, self._sampler.topology) or self._builder.blob
         if self._builder.truncated:
+            gossiped = decode_node_meta(blob).gpus
+            slices = sum(len(r.mig_instances) for r in self._sampler.readings if r.mig_mode)
             log.warning(
-                "this node's %d GPUs do not all fit in gossip metadata (%d bytes); "
-                "other agents see the first %d with the total",
+                "this node's %d GPUs and %d MIG slices do not all fit in gossip metadata (%d bytes); "
+                "other agents see the first %d GPUs (with the total) and %d slices",
                 len(self._sampler.readings),
+                slices,
                 self.swim.max_meta_size,
-                len(decode_node_meta(blob).gpus),
+                sum(1 for g in gossiped if g.mig_profile is None),
+                sum(1 for g in gossiped if g.mig_profile is not None),
             )
         self._core = SwimCore(
             self.swim, self.name, (self.advertise, port), blob, random.Random(self._rng.getrandbits(64)), now
@@ -448,8 +467,25 @@ class MembershipService:
                     reasons=snap.health.reasons,
                     drained=ref in drained,
                     allocated=ref in holders,
+                    mig_mode=bool(r.mig_mode),
                 )
             )
+            for instance in r.mig_instances if r.mig_mode else ():
+                unit = GpuRef(self.name, slice_index(r.index, instance.mig_index))
+                states.append(
+                    GpuState(
+                        index=unit.index,
+                        uuid=instance.uuid,
+                        model=f"{r.name} MIG {instance.profile}",
+                        memory_total_mb=instance.memory_total_mb,
+                        memory_free_mb=instance.memory_free_mb,
+                        utilization_pct=None,
+                        health=snap.health.state,
+                        drained=unit in drained or ref in drained,
+                        allocated=unit in holders,
+                        mig_profile=instance.profile,
+                    )
+                )
         return states
 
     # --- joining and push-pull -----------------------------------------------------------

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from coordinator.fragmentation import SHAPES, LargestRequest, cluster_largest_request, largest_requests
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
+from coordinator.mig import slice_index
 from coordinator.model import DEGRADED, HEALTHY, UNHEALTHY, GpuRef
 
 from agent.device_sampler import DeviceSampler, GpuSnapshot
@@ -338,7 +339,11 @@ class StateCollector(Collector):
     def _per_gpu(self, snapshots: list[GpuSnapshot]) -> Iterable[Metric]:
         table = self._table()
         labels = ["Hostname", "gpu", "UUID"]
-        allocated = GaugeMetricFamily("gpu_orchestrator_gpu_allocated", "1 when the GPU is held by a lease.", labels=labels)
+        allocated = GaugeMetricFamily(
+            "gpu_orchestrator_gpu_allocated",
+            "1 when the GPU is held by a lease (in MIG mode: when any of its slices is).",
+            labels=labels,
+        )
         health = GaugeMetricFamily(
             "gpu_orchestrator_gpu_health",
             "1 on the GPU's current health state (healthy, degraded, unhealthy), 0 on the others.",
@@ -364,7 +369,8 @@ class StateCollector(Collector):
             ref = GpuRef(self.node_name, r.index)
             values = [self.node_name, str(r.index), r.uuid]
             # No allocation id label: one series per GPU, not one per lease ever made.
-            allocated.add_metric(values, 1.0 if table.holder(ref) else 0.0)
+            units = [ref] + [GpuRef(self.node_name, slice_index(r.index, i.mig_index)) for i in r.mig_instances]
+            allocated.add_metric(values, 1.0 if any(table.holder(u) for u in units) else 0.0)
             for state in (HEALTHY, DEGRADED, UNHEALTHY):
                 health.add_metric([*values, state], 1.0 if snap.health.state == state else 0.0)
             drained.add_metric(values, 1.0 if ref in table.drained() else 0.0)

@@ -29,7 +29,18 @@ s    1 when the HTTP API is served over TLS (https), omitted otherwise:
 t    how the GPUs are wired, omitted when unknown: NodeTopology.to_wire()
      (coordinator/topology.py), one small int per GPU pair plus NUMA nodes
      and CPU lists; about 80 bytes for eight GPUs
+mg   MIG slices (coordinator/mig.py), omitted when none: [[unit index, uuid,
+     name#, total MiB, free/256 MiB, health, flags, profile#], ...], name and
+     profile by position in ``m``; each a schedulable unit of its own
 ===  ====================================================================
+
+A GPU in MIG mode sets flags bit 2 in its ``g`` row: it is listed for its
+telemetry and health, but only its slices in ``mg`` are leased. An agent from
+before MIG ignores ``mg`` and the bit, and sees such a GPU as it always did.
+A slice row takes about 30 bytes (its "MIG-<uuid>" packed to 16 bytes), so
+eight GPUs of seven slices each do not fit the default 1 KiB cap: slices are
+dropped (last first) before any GPU is, and a node that gossips fewer slices
+than it has logs it: other agents cannot lease the slices left out.
 
 Decoders ignore keys they do not know, so a key added later (as ``b`` and ``s`` were)
 needs no new version: older agents read the rest of the blob unchanged.
@@ -85,7 +96,7 @@ MAX_REASONS: Final = 2
 MAX_REASON_CHARS: Final = 64
 _HEALTH_CODES: Final = {HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2}
 _HEALTH_NAMES: Final = {code: name for name, code in _HEALTH_CODES.items()}
-_DRAINED, _ALLOCATED = 1, 2
+_DRAINED, _ALLOCATED, _MIG_MODE = 1, 2, 4
 ROLE_SERVER, ROLE_CLIENT = "server", "client"
 
 
@@ -108,6 +119,10 @@ class GpuMeta:
     allocated: bool
     # Why the GPU is not healthy (bounded: see the module docstring); () when healthy.
     reasons: tuple[str, ...] = ()
+    # A GPU in MIG mode: leased only by its slices, never whole.
+    mig_mode: bool = False
+    # Set for a MIG slice (an ``mg`` row): its profile; `index` is its unit index.
+    mig_profile: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +151,10 @@ class NodeMeta:
 
     @property
     def gpu_count(self) -> int:
-        return len(self.gpus) if self.gpu_total is None else self.gpu_total
+        """The node's GPUs (MIG slices not counted: they are parts of GPUs)."""
+        if self.gpu_total is not None:
+            return self.gpu_total
+        return sum(1 for g in self.gpus if g.mig_profile is None)
 
     @property
     def http_address(self) -> str:
@@ -163,20 +181,20 @@ def _join_host_port(host: str, port: int) -> str:
 # --- encoding ----------------------------------------------------------------------
 
 
-def _pack_uuid(text: str) -> bytes | str:
-    if text.startswith("GPU-"):
+def _pack_uuid(text: str, prefix: str = "GPU-") -> bytes | str:
+    if text.startswith(prefix):
         try:
-            parsed = uuidlib.UUID(text[4:])
+            parsed = uuidlib.UUID(text[len(prefix) :])
         except ValueError:
             return text
-        if f"GPU-{parsed}" == text:
+        if f"{prefix}{parsed}" == text:
             return parsed.bytes
     return text
 
 
-def _unpack_uuid(value: object) -> str:
+def _unpack_uuid(value: object, prefix: str = "GPU-") -> str:
     if isinstance(value, bytes) and len(value) == 16:
-        return f"GPU-{uuidlib.UUID(bytes=value)}"
+        return f"{prefix}{uuidlib.UUID(bytes=value)}"
     if isinstance(value, str):
         return value
     raise NodeMetaError("a GPU uuid must be 16 bytes or a string")
@@ -186,10 +204,27 @@ def encode_node_meta(meta: NodeMeta) -> bytes:
     """Return the msgpack blob for `meta` (values quantized as given; see NodeMetaBuilder)."""
     models: list[str] = []
     gpus: list[list[object]] = []
+    slices: list[list[object]] = []
     for gpu in meta.gpus:
         if gpu.model not in models:
             models.append(gpu.model)
-        flags = (_DRAINED if gpu.drained else 0) | (_ALLOCATED if gpu.allocated else 0)
+        flags = (_DRAINED if gpu.drained else 0) | (_ALLOCATED if gpu.allocated else 0) | (_MIG_MODE if gpu.mig_mode else 0)
+        if gpu.mig_profile is not None:
+            if gpu.mig_profile not in models:
+                models.append(gpu.mig_profile)
+            slices.append(
+                [
+                    gpu.index,
+                    _pack_uuid(gpu.uuid, "MIG-"),
+                    models.index(gpu.model),
+                    gpu.memory_total_mb,
+                    None if gpu.memory_free_mb is None else gpu.memory_free_mb // MEMORY_QUANTUM_MB,
+                    _HEALTH_CODES[gpu.health],
+                    flags,
+                    models.index(gpu.mig_profile),
+                ]
+            )
+            continue
         row: list[object] = [
             gpu.index,
             _pack_uuid(gpu.uuid),
@@ -217,9 +252,12 @@ def encode_node_meta(meta: NodeMeta) -> bytes:
         doc["hip"] = ipaddress.ip_address(meta.http_ip).packed
     if meta.labels:
         doc["l"] = dict(sorted(meta.labels.items()))
-    if gpus:
+    if models:
         doc["m"] = models
+    if gpus:
         doc["g"] = gpus
+    if slices:
+        doc["mg"] = slices
     if meta.gpu_total is not None:
         doc["gt"] = meta.gpu_total
     if meta.bootstrapped:
@@ -284,6 +322,34 @@ def _decode_gpu(raw: object, models: Sequence[str]) -> GpuMeta:
         drained=bool(bits & _DRAINED),
         allocated=bool(bits & _ALLOCATED),
         reasons=tuple(_expect(r, str, "GPU health reason") for r in reasons[:MAX_REASONS]),
+        mig_mode=bool(bits & _MIG_MODE),
+    )
+
+
+def _decode_slice(raw: object, models: Sequence[str]) -> GpuMeta:
+    row: list[object] = _expect(raw, list, "MIG slice")
+    if len(row) < 8:  # later versions may append fields
+        raise NodeMetaError(f"MIG slice: {len(row)} fields, expected 8")
+    index, packed_uuid, model, total, free, health, flags, profile = row[:8]
+    named = [_expect(model, int, "MIG slice name"), _expect(profile, int, "MIG slice profile")]
+    if not all(0 <= i < len(models) for i in named):
+        raise NodeMetaError(f"MIG slice name or profile #{named} is not in the model table")
+    health_code: int = _expect(health, int, "MIG slice health")
+    if health_code not in _HEALTH_NAMES:
+        raise NodeMetaError(f"MIG slice health code {health_code} is unknown")
+    free_quanta = _optional_int(free, "MIG slice free memory")
+    bits: int = _expect(flags, int, "MIG slice flags")
+    return GpuMeta(
+        index=_expect(index, int, "MIG slice index"),
+        uuid=_unpack_uuid(packed_uuid, "MIG-"),
+        model=models[named[0]],
+        memory_total_mb=_expect(total, int, "MIG slice memory"),
+        memory_free_mb=None if free_quanta is None else free_quanta * MEMORY_QUANTUM_MB,
+        utilization_pct=None,
+        health=_HEALTH_NAMES[health_code],
+        drained=bool(bits & _DRAINED),
+        allocated=bool(bits & _ALLOCATED),
+        mig_profile=models[named[1]],
     )
 
 
@@ -329,7 +395,10 @@ def decode_node_meta(data: bytes) -> NodeMeta:
             version=_expect(doc["ver"], str, "version"),
             http_ip=_ip(doc["hip"], "http ip") if "hip" in doc else None,
             labels={_expect(k, str, "label"): _expect(v, str, "label value") for k, v in labels.items()},
-            gpus=tuple(_decode_gpu(g, models) for g in _expect(doc.get("g", []), list, "GPUs")),
+            gpus=(
+                *(_decode_gpu(g, models) for g in _expect(doc.get("g", []), list, "GPUs")),
+                *(_decode_slice(g, models) for g in _expect(doc.get("mg", []), list, "MIG slices")),
+            ),
             gpu_total=_optional_int(doc.get("gt"), "GPU total"),
             bootstrapped=_optional_int(doc.get("b"), "bootstrapped") == 1,
             tls=_optional_int(doc.get("s"), "tls") == 1,
@@ -356,6 +425,8 @@ class GpuState:
     drained: bool
     allocated: bool
     reasons: tuple[str, ...] = ()
+    mig_mode: bool = False  # leased only by its slices
+    mig_profile: str | None = None  # a MIG slice (index = its unit index)
 
 
 def gossiped_reasons(health: str, reasons: Sequence[str]) -> tuple[str, ...]:
@@ -434,10 +505,11 @@ class NodeMetaBuilder:
                 drained=state.drained,
                 allocated=state.allocated,
                 reasons=gossiped_reasons(state.health, state.reasons),
+                mig_mode=state.mig_mode,
+                mig_profile=state.mig_profile,
             )
-            if before is not None and (
-                (before.uuid, before.model, before.memory_total_mb, before.health, before.reasons, before.drained, before.allocated)
-                != (gpu.uuid, gpu.model, gpu.memory_total_mb, gpu.health, gpu.reasons, gpu.drained, gpu.allocated)
+            if before is not None and replace(before, memory_free_mb=None, utilization_pct=None) != replace(
+                gpu, memory_free_mb=None, utilization_pct=None
             ):
                 urgent = True
             fresh[state.index] = gpu
@@ -469,6 +541,19 @@ class NodeMetaBuilder:
             self.truncated = False
             return blob
         self.truncated = True
+        # Then MIG slices, last first: a slice left out is one unit less, a GPU left out all of its own.
+        whole = [g for g in gpus if g.mig_profile is None]
+        sliced = [g for g in gpus if g.mig_profile is not None]
+        if sliced and len(encode_node_meta(replace(self.identity, gpus=tuple(whole)))) <= self.max_bytes:
+            lo, hi = 0, len(sliced)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if len(encode_node_meta(replace(self.identity, gpus=(*whole, *sliced[:mid])))) <= self.max_bytes:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return encode_node_meta(replace(self.identity, gpus=(*whole, *sliced[:lo])))
+        gpus = whole
         # Sizes grow monotonically with the GPU count: binary-search the largest prefix that fits.
         lo, hi = 0, len(gpus)
         while lo < hi:

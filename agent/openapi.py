@@ -18,6 +18,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from coordinator.mig import MAX_UNIT_INDEX, PROFILE_PATTERN
+from coordinator.model import MIG_ANY
 from coordinator.request_parsing import (
     MAX_GANG_NODES,
     MAX_GPU_COUNT,
@@ -412,6 +414,14 @@ def _schemas(max_ttl_s: float) -> JsonObject:
         "max_utilization": _nullable({"type": "number", "minimum": 0, "maximum": 100}),
         "ttl_seconds": _nullable(ttl),
         "queue": _nullable({"type": "boolean", "default": True}),
+        "mig_profile": _nullable(
+            {
+                "type": "string",
+                "pattern": f"^(?:{MIG_ANY}|{PROFILE_PATTERN})$",
+                "description": "one MIG slice of this profile (\"1g.10gb\"), or \"auto\": the smallest slice "
+                "with min_memory_mb; gpu_count must then be 1 or absent (docs/shapes.md#mig-slices)",
+            }
+        ),
         "preemptible": _nullable(
             {
                 "type": "boolean",
@@ -487,6 +497,25 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             },
         },
     ]
+    # A MIG request takes one slice: mig_profile with a count above 1 is a 400.
+    one_slice = [
+        {
+            "not": {
+                "required": ["mig_profile", count],
+                "properties": {"mig_profile": {"type": "string"}, count: {"type": "integer", "minimum": 2}},
+            }
+        }
+        for count in ("gpu_count", "required_gpus")
+    ] + [
+        # Nor is a slice part of a gang (400 invalid_gang).
+        {
+            "not": {
+                "required": ["mig_profile", field],
+                "properties": {"mig_profile": {"type": "string"}, field: {"type": "integer"}},
+            }
+        }
+        for field in ("nodes", "gpus_per_node")
+    ]
     release_selectors = ("allocation_id", "service_name", "request_id")
     nullable_string = {"type": ["string", "null"]}
     time = {"type": ["string", "null"], "format": "date-time"}
@@ -500,6 +529,7 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "node": nullable_string,
             "nodes": {"type": "integer", "description": "a gang's node count (gangs only; gpu_count is then per node)"},
             "gpus_per_node": {"type": "integer", "description": "a gang's GPUs per node (gangs only)"},
+            "mig_profile": nullable_string,
             "ttl_seconds": number,
             "decided_by": {"enum": ["request", "analyzer", "advisor"]},
             "estimate": {"type": "object"},
@@ -522,14 +552,14 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "required": ["service_name"],
             "additionalProperties": False,
             "properties": allocate_properties,
-            **not_both_counts,
+            "allOf": [not_both_counts, *one_slice],
         },
         "WorkloadRequest": {
             "type": "object",
             "additionalProperties": False,
             "description": "an allocate body; service_name may be left out (it only labels the analysis)",
             "properties": {**allocate_properties, "service_name": _nullable(an_id)},
-            **not_both_counts,
+            "allOf": [not_both_counts, *one_slice],
         },
         "ReleaseRequest": {
             "type": "object",
@@ -551,7 +581,7 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "required": ["index"],
             "additionalProperties": False,
             "properties": {
-                "index": {"type": "integer", "minimum": 0, "maximum": 1023},
+                "index": {"type": "integer", "minimum": 0, "maximum": MAX_UNIT_INDEX},
                 "node": _nullable(
                     {"type": "string", "pattern": NODE_NAME_PATTERN, "description": "default: the agent answering"}
                 ),
@@ -563,7 +593,7 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "required": ["index"],
             "additionalProperties": False,
             "properties": {
-                "index": {"type": "integer", "minimum": 0, "maximum": 1023},
+                "index": {"type": "integer", "minimum": 0, "maximum": MAX_UNIT_INDEX},
                 "node": _nullable({"type": "string", "pattern": NODE_NAME_PATTERN}),
             },
         },
@@ -581,7 +611,15 @@ def _schemas(max_ttl_s: float) -> JsonObject:
         },
         "AllocatedGpu": {
             "type": "object",
-            "properties": {"node": string, "index": integer, "uuid": string, "name": string, "memory_total_mb": integer},
+            "properties": {
+                "node": string,
+                "index": integer,
+                "uuid": string,
+                "name": string,
+                "memory_total_mb": integer,
+                "mig_profile": {"type": "string", "description": "present for a MIG slice"},
+                "parent_uuid": {"type": "string", "description": "a MIG slice's GPU"},
+            },
         },
         "Allocation": {
             "type": "object",
@@ -636,6 +674,16 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                     "description": "on one member lease of a gang (listings): which gang and its place",
                     "properties": {"gang_id": string, "rank": integer, "size": integer},
                 },
+                "mig": _nullable(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "profile": string,
+                            "instance_uuids": {"type": "array", "items": string},
+                            "gpu_uuids": {"type": "array", "items": string},
+                        },
+                    }
+                ),
             },
         },
         "AllocationTopology": {
@@ -769,6 +817,27 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                 "in_use_without_lease": {"type": "boolean"},
                 "lease_idle_seconds": number,
                 "telemetry": {"type": "object", "description": "every other NVML field, null where unsupported"},
+                "mig_instances": {
+                    "type": "array",
+                    "description": "present for a GPU in MIG mode: its GPU instances, each leased apart "
+                    "(docs/shapes.md#mig-slices)",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "index": integer,
+                            "mig_index": {"type": ["integer", "null"]},
+                            "gpu_instance_id": {"type": ["integer", "null"], "description": "null for another node's"},
+                            "uuid": string,
+                            "profile": string,
+                            "memory_total": integer,
+                            "memory_free": {"type": ["integer", "null"]},
+                            "allocated": {"type": "boolean"},
+                            "allocated_to": nullable_string,
+                            "allocation_id": nullable_string,
+                            "allocated_at": time,
+                        },
+                    },
+                },
             },
         },
         "WorkloadAnalysis": {

@@ -43,7 +43,8 @@ def node_largest_request(
     views: Sequence[GpuView], held: Callable[[GpuRef], bool], topology: NodeTopology | None
 ) -> LargestRequest:
     """The largest request one node's GPUs (`views`) can take, `held` saying which a lease holds."""
-    free = [v.index for v in views if v.schedulable and not held(v.ref)]
+    # Whole GPUs only: a slice never serves a request for whole GPUs.
+    free = [v.index for v in views if v.schedulable and v.mig_profile is None and not held(v.ref)]
     return LargestRequest(len(free), None if topology is None else topology.largest_nvlink_set(free))
 
 

@@ -18,6 +18,12 @@ Beside the views, the inventory counts nodes by their *kind*: the sorted
 (`Scheduler.check_satisfiable`) depends on nothing else, and a cluster has a
 handful of kinds however many nodes it has.
 
+MIG slices (coordinator/mig.py) are views too, but a node's kind and the
+memory sizes count whole GPUs only: a whole-GPU request can never take a
+slice, so what it could fit is decided as if no slice existed. Slices are
+counted apart, by (profile, name, memory), which is all a slice request's
+fit depends on (it takes one slice).
+
 A node may also have a `NodeTopology` (coordinator/topology.py): how its GPUs
 are wired, which decides which of them placement takes together. It is set
 apart from the views (`set_topology`), changes rarely, and does not bump
@@ -32,7 +38,7 @@ first node's address as the gang's rendezvous (coordinator/gang_placement.py).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from sortedcontainers import SortedList
 
@@ -41,6 +47,9 @@ from coordinator.topology import NodeTopology
 
 # What a node could ever offer a request: its GPUs' (name, total memory), sorted.
 NodeKind = tuple[tuple[str, int], ...]
+# One kind of MIG slice: (profile, name, total memory).
+SliceKind = tuple[str, str, int]
+_K = TypeVar("_K")
 
 
 class Inventory:
@@ -53,6 +62,7 @@ class Inventory:
         self._kinds: Counter[NodeKind] = Counter()
         self._node_kind: dict[str, NodeKind] = {}
         self._sizes: Counter[int] = Counter()
+        self._slices: Counter[SliceKind] = Counter()
         self._journal: OrderedDict[str, int] = OrderedDict()
         self._topologies: dict[str, NodeTopology] = {}
         self._labels: dict[str, Mapping[str, str]] = {}
@@ -99,8 +109,11 @@ class Inventory:
             self._names.add(node)
             for view in ordered:
                 self._by_ref[view.ref] = view
-                self._sizes[view.memory_total_mb] += 1
-            kind = tuple(sorted((v.name, v.memory_total_mb) for v in ordered))
+                if view.mig_profile is None:
+                    self._sizes[view.memory_total_mb] += 1
+                else:
+                    self._slices[_slice_kind(view)] += 1
+            kind = tuple(sorted((v.name, v.memory_total_mb) for v in ordered if v.mig_profile is None))
             self._node_kind[node] = kind
             self._kinds[kind] += 1
             self._count += len(ordered)
@@ -143,13 +156,11 @@ class Inventory:
         self._names.remove(node)
         for view in views:
             del self._by_ref[view.ref]
-            self._sizes[view.memory_total_mb] -= 1
-            if not self._sizes[view.memory_total_mb]:
-                del self._sizes[view.memory_total_mb]
-        kind = self._node_kind.pop(node)
-        self._kinds[kind] -= 1
-        if not self._kinds[kind]:
-            del self._kinds[kind]
+            if view.mig_profile is None:
+                _uncount(self._sizes, view.memory_total_mb)
+            else:
+                _uncount(self._slices, _slice_kind(view))
+        _uncount(self._kinds, self._node_kind.pop(node))
         self._count -= len(views)
 
     # ------------------------------------------------------------------ queries
@@ -188,9 +199,13 @@ class Inventory:
         return self._kinds
 
     def smallest_memory_at_least(self, memory_mb: int) -> int | None:
-        """The smallest GPU total memory ≥ `memory_mb` in the cluster, or None when none is that big."""
+        """The smallest whole GPU's total memory ≥ `memory_mb` in the cluster, or None when none is that big."""
         sizes = [size for size in self._sizes if size >= memory_mb]
         return min(sizes, default=None)
+
+    def slice_kinds(self) -> list[SliceKind]:
+        """The distinct kinds of MIG slice present, as (profile, name, total memory), sorted."""
+        return sorted(self._slices)
 
     @property
     def version(self) -> int:
@@ -205,3 +220,13 @@ class Inventory:
                 break
             changed.append(node)
         return changed
+
+
+def _slice_kind(view: GpuView) -> SliceKind:
+    return (view.mig_profile or "", view.name, view.memory_total_mb)
+
+
+def _uncount(counter: Counter[_K], key: _K) -> None:
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]

@@ -95,6 +95,7 @@ from coordinator.model import (
     RequestRecord,
     Wire,
 )
+from coordinator.mig import SLOTS_PER_GPU, gpu_of_slice, slice_index
 from coordinator.queue_ledger import QueueLedger
 from coordinator.queues import UNCONFIGURED, QueuePolicy
 from coordinator.wait_queue import RankKey, WaitQueue
@@ -106,9 +107,12 @@ DEFAULT_RETENTION_S = 86_400.0
 # `[accounting] retention_days`: 90 days, a quarter of chargeback.
 DEFAULT_USAGE_RETENTION_S = 90 * 86_400.0
 SNAPSHOT_VERSION = 5
-# The version written while no gang is live: what the release before gangs reads,
-# so a rolling upgrade's older servers take snapshots of tables without gangs.
-SNAPSHOT_VERSION_WITHOUT_GANGS = 4
+# The version written while no gang is live and no lease or waiter asks for a MIG
+# slice: what the release before gangs and MIG reads, so a rolling upgrade's older
+# servers take snapshots of tables that use neither. A gang member would read there
+# as an independent lease, and a record's `mig_profile` would be dropped silently
+# (placing the lease's slice as a whole GPU): such an agent refuses version 5 instead.
+SNAPSHOT_VERSION_WITHOUT_SHAPES = 4
 USAGE_BY = ("queue", "service")
 # Why a preemption started (Preempt.reason), and the release reasons that end one.
 PREEMPTION_REASONS = frozenset({"reclaim", "priority", "idle"})
@@ -252,7 +256,7 @@ class LeaseTable:
         return [
             a
             for a in self.allocations()
-            if any(self._gpu_health.get(g.ref, (HEALTHY,))[0] == UNHEALTHY for g in a.gpus)
+            if any(self._gpu_health.get(_health_ref(g.ref), (HEALTHY,))[0] == UNHEALTHY for g in a.gpus)
         ]
 
     @property
@@ -823,15 +827,23 @@ class LeaseTable:
             self._gpu_health.pop(ref, None)
         else:
             self._gpu_health[ref] = (cmd.state, cmd.reasons)
-        holder = self._holders.get(ref)
-        if cmd.state != UNHEALTHY or before == UNHEALTHY or holder is None:
+        if cmd.state != UNHEALTHY or before == UNHEALTHY:
+            return ApplyResult()
+        # Health is recorded per GPU; the leases on it are the GPU's own, or its MIG slices'.
+        holders = [self._holders.get(ref)]
+        if gpu_of_slice(cmd.index) is None:
+            holders += [self._holders.get(GpuRef(cmd.node, slice_index(cmd.index, i))) for i in range(SLOTS_PER_GPU)]
+        affected = [h for h in dict.fromkeys(holders) if h is not None]
+        if not affected:
             return ApplyResult()
         # The lease is kept (the job may survive, and only its owner knows), but
         # its owner and the metrics hear that a GPU under it turned unhealthy.
-        alloc = self._allocations[holder]
         reason = f"GPU {cmd.node}/{cmd.index}: {'; '.join(cmd.reasons) or 'unhealthy'}"
-        event = LeaseEvent("gpu_unhealthy", cmd.at, alloc.request, allocation=alloc, reason=reason)
-        return ApplyResult(events=(event,), affected=(holder,))
+        events = tuple(
+            LeaseEvent("gpu_unhealthy", cmd.at, self._allocations[h].request, allocation=self._allocations[h], reason=reason)
+            for h in affected
+        )
+        return ApplyResult(events=events, affected=tuple(affected))
 
     # -- index upkeep: every change to allocations and the queue goes through these
 
@@ -934,9 +946,11 @@ class LeaseTable:
         See `restore` for why the garbage collector is paused meanwhile.
 
         Version 5 is version 4 whose leases may be gang members (their wire
-        form's "gang"; the table's gang index is rebuilt from them): a version 4
-        reader would take such members for independent leases, so it must refuse.
-        It is written only while a gang is live; otherwise the snapshot is version 4.
+        form's "gang"; the table's gang index is rebuilt from them) and whose
+        records may ask for a MIG slice ("mig_profile"): a version 4 reader would
+        take such members for independent leases and slices for whole GPUs, so it
+        must refuse. It is written only while a gang is live or a lease or waiter
+        asks for a slice; otherwise the snapshot is version 4.
         Version 4 is version 3 plus "queue_policy" (queues.py's wire form),
         "preempting" rows [allocation_id, deadline, reason] and "claims" rows
         [request_id, node, victim ids]. Version 3 is version 2 plus "usage" (usage_ledger.py's snapshot form) and
@@ -976,7 +990,7 @@ class LeaseTable:
 
     def _snapshot(self) -> Wire:
         return {
-            "version": SNAPSHOT_VERSION if self._gangs else SNAPSHOT_VERSION_WITHOUT_GANGS,
+            "version": SNAPSHOT_VERSION if self._gangs or self._uses_mig() else SNAPSHOT_VERSION_WITHOUT_SHAPES,
             "clock": self._clock,
             "retention_s": self.retention_s,
             "allocations": [_text_or_item(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
@@ -998,6 +1012,12 @@ class LeaseTable:
             "preempting": [[i, d, r] for i, (d, r) in sorted(self._preempting.items())],
             "claims": [[req, node, list(victims)] for req, (node, victims) in sorted(self._claims.items())],
         }
+
+    def _uses_mig(self) -> bool:
+        """Whether a lease or a waiter asks for a MIG slice (a snapshot walks them all anyway)."""
+        return any(a.request.requirements.mig_profile is not None for a in self._allocations.values()) or any(
+            q.request.requirements.mig_profile is not None for q in self._queue
+        )
 
     @classmethod
     def restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
@@ -1164,6 +1184,12 @@ def _usage_key(alloc: Allocation) -> UsageKey:
 
 def _age(alloc: Allocation) -> tuple[float, str]:
     return (alloc.allocated_at, alloc.allocation_id)
+
+
+def _health_ref(ref: GpuRef) -> GpuRef:
+    """Where `ref`'s health is recorded: a MIG slice's is its GPU's."""
+    gpu = gpu_of_slice(ref.index)
+    return ref if gpu is None else GpuRef(ref.node, gpu)
 
 
 def _unique(ids: Iterable[str]) -> list[str]:

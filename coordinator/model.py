@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 HEALTHY = "healthy"
+# A request's `mig_profile` that takes a MIG slice of any profile: the smallest adequate one.
+MIG_ANY = "auto"
 DEGRADED = "degraded"
 UNHEALTHY = "unhealthy"
 
@@ -46,6 +48,10 @@ class GpuView:
     health: str = HEALTHY
     drained: bool = False
     sampled_at: float = 0.0
+    # For a MIG slice (coordinator/mig.py): its profile ("1g.10gb") and the
+    # UUID of the GPU it is carved from; None for a whole GPU.
+    mig_profile: str | None = None
+    parent_uuid: str | None = None
     # Built once: the scheduler reads it several times per GPU per decision.
     ref: GpuRef = field(init=False, repr=False, compare=False)
 
@@ -77,6 +83,9 @@ class Requirements:
     gpu_model: str | None = None
     node: str | None = None
     nodes: int = 1
+    # None: whole GPUs only. A profile ("1g.10gb"): one MIG slice of it. MIG_ANY:
+    # one MIG slice of any profile, best fit taking the smallest adequate one.
+    mig_profile: str | None = None
 
     @property
     def total_gpus(self) -> int:
@@ -88,15 +97,27 @@ class Requirements:
         return self.nodes > 1
 
     def matches_statically(self, gpu: GpuView) -> bool:
-        """True when `gpu` could ever serve this request: model, node and total memory."""
+        """True when `gpu` could ever serve this request: kind of unit, model, node and total memory."""
+        if not self.matches_unit(gpu.mig_profile):
+            return False
         if self.node is not None and gpu.node != self.node:
             return False
         if self.gpu_model is not None and self.gpu_model.lower() not in gpu.name.lower():
             return False
         return gpu.memory_total_mb >= self.min_memory_mb
 
+    def matches_unit(self, mig_profile: str | None) -> bool:
+        """Whether a unit with `mig_profile` (None: a whole GPU) is the kind this request takes.
+
+        Whole-GPU requests never get a slice, nor slice requests a whole GPU, so
+        clusters and requests without MIG schedule exactly as before it existed.
+        """
+        if self.mig_profile is None or mig_profile is None:
+            return self.mig_profile is None and mig_profile is None
+        return self.mig_profile == MIG_ANY or self.mig_profile == mig_profile
+
     def to_wire(self) -> Wire:
-        return {
+        wire: Wire = {
             "gpu_count": self.gpu_count,
             "min_memory_mb": self.min_memory_mb,
             "max_utilization": self.max_utilization,
@@ -105,9 +126,14 @@ class Requirements:
             # Left out for a single node, so ordinary requests encode as they always did.
             **({"nodes": self.nodes} if self.nodes != 1 else {}),
         }
+        if self.mig_profile is not None:
+            # Left out for whole GPUs, so records without MIG encode as they always did.
+            wire["mig_profile"] = self.mig_profile
+        return wire
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Requirements:
+        mig_profile = w.get("mig_profile")
         return cls(
             gpu_count=int(w["gpu_count"]),
             min_memory_mb=int(w["min_memory_mb"]),
@@ -115,6 +141,7 @@ class Requirements:
             gpu_model=w.get("gpu_model"),
             node=w.get("node"),
             nodes=int(w.get("nodes", 1)),
+            mig_profile=None if mig_profile is None else str(mig_profile),
         )
 
 
@@ -212,28 +239,40 @@ class AllocatedGpu:
     uuid: str
     name: str
     memory_total_mb: int
+    # For a MIG slice: its profile and its GPU's UUID (`uuid` is the slice's "MIG-…").
+    mig_profile: str | None = None
+    parent_uuid: str | None = None
 
     @property
     def ref(self) -> GpuRef:
         return GpuRef(self.node, self.index)
 
     def to_wire(self) -> Wire:
-        return {
+        wire: Wire = {
             "node": self.node,
             "index": self.index,
             "uuid": self.uuid,
             "name": self.name,
             "memory_total_mb": self.memory_total_mb,
         }
+        if self.mig_profile is not None:
+            # Left out for whole GPUs, so records without MIG encode as they always did.
+            wire["mig_profile"] = self.mig_profile
+            wire["parent_uuid"] = self.parent_uuid
+        return wire
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> AllocatedGpu:
+        mig_profile = w.get("mig_profile")
+        parent = w.get("parent_uuid")
         return cls(
             node=str(w["node"]),
             index=int(w["index"]),
             uuid=str(w["uuid"]),
             name=str(w["name"]),
             memory_total_mb=int(w["memory_total_mb"]),
+            mig_profile=None if mig_profile is None else str(mig_profile),
+            parent_uuid=None if parent is None else str(parent),
         )
 
 

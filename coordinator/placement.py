@@ -39,6 +39,15 @@ for the winning node, so the node choice and its cost are best fit's alone.
 
 A gang (several nodes at once) is placed and reserves by the same walk, with
 its own node search (coordinator/gang_placement.py, bounded per request).
+
+MIG slices (coordinator/mig.py) are open units like GPUs, and `OpenGpus`
+also files each node under every kind of slice it has open. A slice request
+(`Requirements.mig_profile`) wants the smallest adequate slice first, so it
+walks those kinds smallest first instead of the count buckets, stopping at
+the first healthy fit (`PlanWalk._slice_fit`): its cost is the few kinds it
+matches plus the nodes it looks at, never the cluster. Whole-GPU requests
+never match a slice; on a cluster without MIG the slice index stays empty
+and nothing else changes.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from sortedcontainers import SortedList
 
 from coordinator.gang_placement import GangPlacement, best_gang_fit, gang_reservation
 from coordinator.inventory import Inventory
+from coordinator.mig import profile_memory_order
 from coordinator.lease_table import LeaseTable
 from coordinator.model import (
     HEALTHY,
@@ -68,6 +78,9 @@ from coordinator.model import (
 # intervals cover both.
 RELEASE_GRACE_S = 2.0
 
+# A kind of open MIG slice, as OpenGpus indexes it: (total memory, profile, name).
+SliceKind = tuple[int, str, str]
+
 
 @dataclass(frozen=True, slots=True)
 class Placement:
@@ -83,17 +96,22 @@ AnyPlacement = Placement | GangPlacement
 
 
 class OpenGpus:
-    """Each node's open GPUs (index order), and the nodes bucketed by how many they have."""
+    """Each node's open GPUs (index order), the nodes bucketed by how many they have, and by kind of open MIG slice."""
 
     def __init__(self) -> None:
         self.by_node: dict[str, tuple[GpuView, ...]] = {}
         # count -> node names with exactly that many open GPUs (never 0), sorted.
         self.buckets: dict[int, SortedList[str]] = {}
         self.total = 0
+        # Kind of MIG slice -> (open units, name) of the nodes with an open slice of it, sorted.
+        self.slice_nodes: dict[SliceKind, SortedList[tuple[int, str]]] = {}
 
     def set(self, node: str, views: tuple[GpuView, ...]) -> None:
         """Make `views` the open GPUs of `node` (empty: none)."""
         old = self.by_node.get(node, ())
+        if old == views:
+            return
+        self._index_slices(node, old, views)
         if len(old) != len(views):
             if old:
                 bucket = self.buckets[len(old)]
@@ -107,6 +125,16 @@ class OpenGpus:
             self.by_node[node] = views
         else:
             self.by_node.pop(node, None)
+
+    def _index_slices(self, node: str, old: tuple[GpuView, ...], views: tuple[GpuView, ...]) -> None:
+        """Move `node` in `slice_nodes` from what `old` gave it to what `views` does (nothing without slices)."""
+        for kind in {_slice_key(v) for v in old if v.mig_profile is not None}:
+            entries = self.slice_nodes[kind]
+            entries.remove((len(old), node))
+            if not entries:
+                del self.slice_nodes[kind]
+        for kind in {_slice_key(v) for v in views if v.mig_profile is not None}:
+            self.slice_nodes.setdefault(kind, SortedList()).add((len(views), node))
 
     def refresh(self, node: str, table: LeaseTable, inventory: Inventory) -> None:
         """Recompute `node`'s open GPUs from the inventory and the table's holders."""
@@ -254,6 +282,8 @@ class PlanWalk:
             if len(views) >= need:
                 best = self._fit(request, req.node, views)
             return None if best is None else self._wired(request, best[1])
+        if req.mig_profile is not None:
+            return self._slice_fit(request)
         shape = self._shape(req)
         if shape.memory_bound is None:
             smallest = self.inventory.smallest_memory_at_least(req.min_memory_mb)
@@ -288,6 +318,39 @@ class PlanWalk:
         """`node`'s open GPUs eligible for `request` now."""
         return self._eligible_refs(request, node)
 
+    def _slice_fit(self, request: AllocationRequest) -> Placement | None:
+        """The best MIG slice for `request`: healthy first, then the smallest, then on the node with the fewest open units.
+
+        Walks the kinds of open slice `request` matches, smallest first, and in
+        each the nodes with one open, fewest open units first: the first healthy
+        fit found is the best (a smaller slice on the same node would have
+        matched an earlier kind, which found none). A degraded fit is kept only
+        while no healthy one turns up. Cost: the matching kinds (a handful) plus
+        the nodes looked at, which end at the first healthy fit.
+        """
+        req = request.requirements
+        kinds = sorted(
+            (k for k in self.open.slice_nodes if req.matches_unit(k[1]) and _kind_matches(req, k)),
+            key=lambda k: (k[0], profile_memory_order(k[1]), k[2]),
+        )
+        best: tuple[tuple[int, int, int, str], Placement] | None = None
+        seen: set[str] = set()
+        for kind in kinds:
+            for count, node in self.open.slice_nodes[kind]:
+                if node in seen:
+                    continue
+                seen.add(node)
+                fit = self._fit(request, node, self.open.by_node[node])
+                if fit is None:
+                    continue
+                degraded, free_left, memory, name = fit[0]
+                score = (degraded, memory, free_left, name)
+                if best is None or score < best[0]:
+                    best = (score, fit[1])
+                if degraded == 0:
+                    return best[1]
+        return None if best is None else best[1]
+
     def _fit(
         self, request: AllocationRequest, node: str, views: tuple[GpuView, ...]
     ) -> tuple[tuple[int, int, int, str], Placement] | None:
@@ -311,7 +374,8 @@ class PlanWalk:
         count and the memory sum, and with them the node's score, stay the same.
         """
         topology = self.inventory.topology(placement.node)
-        if topology is None:
+        if topology is None or request.requirements.mig_profile is not None:
+            # A slice is one unit inside one GPU: there are no links to weigh.
             return placement
         views = self.open.by_node[placement.node]
         edge = max(_fit_key(g) for g in placement.gpus)
@@ -387,6 +451,19 @@ class PlanWalk:
         if gpu.utilization_pct is not None and gpu.utilization_pct > req.max_utilization:
             return False
         return True
+
+
+def _slice_key(view: GpuView) -> SliceKind:
+    """An open slice's kind in `OpenGpus.slice_nodes`: memory first, so kinds sort smallest first."""
+    return (view.memory_total_mb, view.mig_profile or "", view.name)
+
+
+def _kind_matches(req: Requirements, kind: SliceKind) -> bool:
+    """Requirements.matches_statically for any slice of `kind`, leaving the node aside."""
+    memory, _, name = kind
+    if req.gpu_model is not None and req.gpu_model.lower() not in name.lower():
+        return False
+    return memory >= req.min_memory_mb
 
 
 def _fit_key(gpu: GpuView) -> tuple[bool, int]:

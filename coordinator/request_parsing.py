@@ -15,7 +15,8 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from coordinator.errors import Forbidden, InvalidRequest, brief
-from coordinator.model import AllocationRequest, Requirements
+from coordinator.mig import MAX_UNIT_INDEX, PROFILE_RE
+from coordinator.model import MIG_ANY, AllocationRequest, Requirements
 from coordinator.queues import DEFAULT_QUEUE, QueuePolicy, QueueSpec
 from coordinator.workload import WORKLOAD_TYPES, WorkloadEstimate
 
@@ -78,6 +79,7 @@ _ALLOCATE_FIELDS = (
     "preemptible",
     "nodes",  # a gang: this many nodes...
     "gpus_per_node",  # ...with this many GPUs on each
+    "mig_profile",
 )
 _CONSTRAINT_FIELDS = ("gpu_model", "node")
 
@@ -103,6 +105,8 @@ class AllocateBody:
     preemptible: bool = True
     # A gang's node count (1 = an ordinary request); gpu_count is then per node.
     nodes: int = 1
+    # One MIG slice of this profile, or of any (MIG_ANY); None = whole GPUs.
+    mig_profile: str | None = None
 
     @property
     def workflow_id(self) -> str | None:
@@ -153,12 +157,19 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
     if not isinstance(preemptible, bool):
         raise InvalidRequest("preemptible must be true or false")
     nodes, per_node = _gang_shape(obj, constraints)
+    gpu_count = per_node if per_node is not None else _opt_int(obj, count_field, 1, MAX_GPU_COUNT)
+    mig_profile = _opt_mig_profile(obj.get("mig_profile"), gpu_count, count_field)
+    if mig_profile is not None and per_node is not None:
+        raise InvalidRequest(
+            "a MIG slice is one unit on one node: mig_profile cannot be asked with nodes and gpus_per_node",
+            code="invalid_gang",
+        )
     return AllocateBody(
         service_name=service_name,
         workload_type=str(workload_type),
         workload_data=dict(workload_data),
         priority=_opt_int(obj, "priority", 1, 10),
-        gpu_count=per_node if per_node is not None else _opt_int(obj, count_field, 1, MAX_GPU_COUNT),
+        gpu_count=gpu_count,
         min_memory_mb=_opt_int(obj, "min_memory_mb", 0, MAX_MEMORY_MB),
         max_utilization=_opt_number(obj, "max_utilization", 0.0, 100.0),
         ttl_seconds=_opt_number(obj, "ttl_seconds", 0.0, math.inf),
@@ -169,6 +180,7 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
         node=_opt_str(constraints.get("node"), "constraints.node"),
         preemptible=preemptible,
         nodes=nodes,
+        mig_profile=mig_profile,
     )
 
 
@@ -272,16 +284,7 @@ def build_request(
     """
     queue = QueueSpec(DEFAULT_QUEUE) if queue is None else queue
     ttl = resolve_ttl(body.ttl_seconds, default_ttl_s=default_ttl_s, max_ttl_s=max_ttl_s)
-    requirements = Requirements(
-        gpu_count=body.gpu_count if body.gpu_count is not None else estimate.required_gpus,
-        min_memory_mb=body.min_memory_mb if body.min_memory_mb is not None else estimate.min_memory_mb,
-        max_utilization=(
-            body.max_utilization if body.max_utilization is not None else estimate.max_utilization
-        ),
-        gpu_model=body.gpu_model,
-        node=body.node,
-        nodes=body.nodes,
-    )
+    requirements = resolve_requirements(body, estimate)
     return AllocationRequest(
         request_id=request_id,
         service_name=body.service_name,
@@ -298,6 +301,31 @@ def build_request(
         estimate=estimate.estimate,
         queue_name=queue.name,
         preemptible=body.preemptible,
+    )
+
+
+def resolve_requirements(body: AllocateBody, estimate: WorkloadEstimate) -> Requirements:
+    """The requirements `body` asks for: its explicit fields over the estimate's.
+
+    A MIG request takes one slice, whatever the analyzer counted; a named
+    profile fixes the memory, so only an explicit min_memory_mb narrows it.
+    """
+    if body.mig_profile is not None:
+        gpu_count = 1
+        default_memory = 0 if body.mig_profile != MIG_ANY else estimate.min_memory_mb
+    else:
+        gpu_count = body.gpu_count if body.gpu_count is not None else estimate.required_gpus
+        default_memory = estimate.min_memory_mb
+    return Requirements(
+        gpu_count=gpu_count,
+        min_memory_mb=body.min_memory_mb if body.min_memory_mb is not None else default_memory,
+        max_utilization=(
+            body.max_utilization if body.max_utilization is not None else estimate.max_utilization
+        ),
+        gpu_model=body.gpu_model,
+        node=body.node,
+        nodes=body.nodes,
+        mig_profile=body.mig_profile,
     )
 
 
@@ -382,7 +410,7 @@ def parse_drain_body(body: object, *, default_node: str, draining: bool) -> Drai
         raise InvalidRequest(
             f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}", code="unknown_field"
         )
-    index = _opt_int(obj, "index", 0, 1023)
+    index = _opt_int(obj, "index", 0, MAX_UNIT_INDEX)
     if index is None:
         raise InvalidRequest("index is required: the GPU's index on its node")
     node = obj.get("node")
@@ -473,6 +501,24 @@ def _check_log_safe(value: object, field: str) -> None:
         raise InvalidRequest(
             f"{field} holds an integer outside -2**63 .. 2**64-1: {brief(str(value))}", code="integer_out_of_range"
         )
+
+
+def _opt_mig_profile(value: object, gpu_count: int | None, count_field: str) -> str | None:
+    """A request's `mig_profile`: None, MIG_ANY or a profile name. Raises InvalidRequest."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not (value == MIG_ANY or PROFILE_RE.match(value)):
+        raise InvalidRequest(
+            f"mig_profile must be a MIG profile name such as \"1g.10gb\" or \"3g.40gb\", or \"{MIG_ANY}\" "
+            f"for the smallest slice that fits, got {brief(repr(value))}"
+        )
+    if gpu_count is not None and gpu_count != 1:
+        # CUDA runs a process on one MIG device only, whatever CUDA_VISIBLE_DEVICES lists.
+        raise InvalidRequest(
+            f"a MIG request takes exactly one slice (CUDA uses one MIG device per process): "
+            f"{count_field} must be 1 or left out with mig_profile, got {gpu_count}"
+        )
+    return value
 
 
 def _opt_str(value: object, field: str) -> str | None:

@@ -64,7 +64,9 @@ from coordinator.commands import Allocate, Cancel, Command, Enqueue, Preempt, Re
 from coordinator.errors import Conflict, QueueFull, Unsatisfiable
 from coordinator.inventory import Inventory
 from coordinator.lease_table import LeaseTable
+from coordinator.mig import profile_memory_order
 from coordinator.model import (
+    MIG_ANY,
     AllocatedGpu,
     Allocation,
     AllocationRequest,
@@ -309,6 +311,9 @@ class Scheduler:
         if req.is_gang:
             _check_gang_satisfiable(req, inventory)
             return
+        if req.mig_profile is not None:
+            _check_slice_satisfiable(req, inventory)
+            return
         if req.node is not None:
             counts = [sum(1 for g in inventory.node_views(req.node) if req.matches_statically(g))]
         else:
@@ -391,7 +396,7 @@ class Scheduler:
             request=request,
             node=placement.node,
             gpus=tuple(
-                AllocatedGpu(g.node, g.index, g.uuid, g.name, g.memory_total_mb)
+                AllocatedGpu(g.node, g.index, g.uuid, g.name, g.memory_total_mb, g.mig_profile, g.parent_uuid)
                 for g in placement.gpus
             ),
             allocated_at=now,
@@ -433,6 +438,37 @@ def _check_gang_satisfiable(req: Requirements, inventory: Inventory) -> None:
         f"the cluster can never hold a gang of {wanted}: {capable} node(s) could hold one member",
         code="unsatisfiable",
     )
+
+
+def _check_slice_satisfiable(req: Requirements, inventory: Inventory) -> None:
+    """Raise Unsatisfiable unless some MIG slice could serve `req` (one slice: no count to reach).
+
+    Looks at the cluster's kinds of slice, not its nodes, unless `req` names a node.
+    """
+    if req.node is not None:
+        if any(req.matches_statically(g) for g in inventory.node_views(req.node)):
+            return
+    elif any(
+        req.matches_unit(profile) and _matches_kind(req, name, memory) for profile, name, memory in inventory.slice_kinds()
+    ):
+        return
+    kinds = inventory.slice_kinds()
+    profiles = sorted({p for p, _, _ in kinds}, key=profile_memory_order)
+    exists = (
+        "the cluster has no MIG slices (no GPU in MIG mode with instances)"
+        if not profiles
+        else "MIG slices that exist: " + ", ".join(
+            f"{p} ({', '.join(sorted({f'{n}, {m} MB' for q, n, m in kinds if q == p}))})" for p in profiles
+        )
+    )
+    wanted = "a MIG slice" if req.mig_profile == MIG_ANY else f"a MIG slice of profile {req.mig_profile!r}"
+    if req.min_memory_mb:
+        wanted += f" with at least {req.min_memory_mb} MB"
+    if req.gpu_model:
+        wanted += f" of model {req.gpu_model!r}"
+    if req.node:
+        wanted += f" on node {req.node!r}"
+    raise Unsatisfiable(f"no node can ever hold {wanted}: {exists}", code="unsatisfiable")
 
 
 def _matches_kind(req: Requirements, name: str, memory_mb: int) -> bool:

@@ -37,6 +37,7 @@ def requirements_view(request: AllocationRequest) -> JsonObject:
         "max_utilization": req.max_utilization,
         "gpu_model": req.gpu_model,
         "node": req.node,
+        "mig_profile": req.mig_profile,
         "ttl_seconds": request.ttl_s,
         "decided_by": request.decided_by,
         "estimate": dict(request.estimate),
@@ -76,6 +77,7 @@ def allocation_view(alloc: Allocation, gang: tuple[Allocation, ...] = ()) -> Jso
                 "uuid": g.uuid,
                 "name": g.name,
                 "memory_total_mb": g.memory_total_mb,
+                **({} if g.mig_profile is None else {"mig_profile": g.mig_profile, "parent_uuid": g.parent_uuid}),
             }
             for g in alloc.gpus
         ],
@@ -89,6 +91,8 @@ def allocation_view(alloc: Allocation, gang: tuple[Allocation, ...] = ()) -> Jso
         "requirements": requirements_view(request),
         # How the GPUs are wired (coordinator/topology.py); null where the node did not say.
         "topology": None if alloc.topology is None else alloc.topology.to_wire(),
+        # The MIG slice held (coordinator/mig.py); null for whole GPUs.
+        "mig": mig_view(alloc),
     }
     if alloc.gang is not None:
         view["gang"] = {"gang_id": alloc.gang.gang_id, "rank": alloc.gang.rank, "size": alloc.gang.size}
@@ -125,6 +129,18 @@ def _gang_view(members: tuple[Allocation, ...]) -> JsonObject:
         "nnodes": len(members),
     }
     return view
+
+
+def mig_view(alloc: Allocation) -> JsonObject | None:
+    """`{"profile", "instance_uuids", "gpu_uuids"}` for an allocation of MIG slices, else None."""
+    slices = [g for g in alloc.gpus if g.mig_profile is not None]
+    if not slices:
+        return None
+    return {
+        "profile": slices[0].mig_profile,
+        "instance_uuids": [g.uuid for g in slices],
+        "gpu_uuids": [g.parent_uuid for g in slices],
+    }
 
 
 def queued_view(queued: QueuedRequest, position: int, pending: PendingReason | None = None) -> JsonObject:

@@ -62,6 +62,22 @@ class GpuProcess:
 
 
 @dataclass(frozen=True, slots=True)
+class MigInstance:
+    """One GPU instance of a GPU in MIG mode, as the driver reports it (never created by the agent).
+
+    `mig_index` is the MIG device's index under its GPU (nvmlDeviceGetMigDeviceHandleByIndex),
+    `gpu_instance_id` the driver's GPU instance id, `profile` as nvidia-smi names it ("1g.10gb").
+    """
+
+    mig_index: int
+    gpu_instance_id: int
+    uuid: str  # "MIG-…", what CUDA_VISIBLE_DEVICES takes
+    profile: str
+    memory_total_mb: int
+    memory_free_mb: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class GpuReading:
     """One GPU's telemetry at one instant.
 
@@ -113,6 +129,9 @@ class GpuReading:
     # The last XID the backend saw on this GPU, as dcgm-exporter's
     # DCGM_FI_DEV_XID_ERRORS reports it; 0 = none seen while watching, None = not watched.
     last_xid: int | None = None
+    # The GPU instances of a GPU in MIG mode, by mig_index; () when not in MIG
+    # mode or none is configured (a MIG-mode GPU without instances runs nothing).
+    mig_instances: tuple[MigInstance, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,11 +88,21 @@ from agent.devices.base import (
     GpuLink,
     GpuProcess,
     GpuReading,
+    MigInstance,
 )
 
 log = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
+# What reading a MIG GPU's instances takes (nvidia-ml-py 11.450 and later has them all).
+_MIG_FUNCTIONS: Final = (
+    "nvmlDeviceGetMaxMigDeviceCount",
+    "nvmlDeviceGetMigDeviceHandleByIndex",
+    "nvmlDeviceGetGpuInstanceId",
+    "nvmlDeviceGetGpuInstanceById",
+    "nvmlGpuInstanceGetInfo",
+    "nvmlDeviceGetGpuInstanceProfileInfo",
+)
 
 EVENT_WAIT_MS: Final = 500  # one wait on the event set: how long stop_event_watcher() may take
 EVENT_RETRY_S: Final = (0.5, 30.0)  # the watcher's backoff after a failure: first delay, cap
@@ -279,6 +289,8 @@ class NvmlDevices(DeviceBackend):
         self._xid_lock = threading.Lock()
         self._last_xid: dict[int, int] = {}
         self._xid_counts: dict[int, int] = {}
+        # GPU UUID -> {GPU instance profile id: profile name}, read once per GPU (see _mig_profile).
+        self._mig_profile_names: dict[str, dict[int, str]] = {}
 
     # ---- DeviceBackend
 
@@ -578,6 +590,8 @@ class NvmlDevices(DeviceBackend):
         # Graphics processes add to a known compute list; unknown compute processes leave the list unknown.
         graphics = None if compute is None else query("graphics_processes", nvml.nvmlDeviceGetGraphicsRunningProcesses)
         mig = query("mig_mode", nvml.nvmlDeviceGetMigMode)
+        mig_enabled = mig is not None and int(mig[0]) == nvml.NVML_DEVICE_MIG_ENABLE
+        mig_instances = self._mig_instances(gpu, problems) if mig_enabled else ()
         with self._xid_lock:
             last_xid = self._last_xid.get(gpu.index)
             xid_count = self._xid_counts.get(gpu.index)
@@ -615,7 +629,75 @@ class NvmlDevices(DeviceBackend):
             gr_engine_active=None if utilization is None else float(utilization.gpu) / 100.0,
             temperature_slowdown_c=gpu.slowdown_c,
             last_xid=last_xid,
+            mig_instances=mig_instances,
         )
+
+    def _mig_instances(self, gpu: _Gpu, problems: list[str]) -> tuple[MigInstance, ...]:
+        """The GPU instances the operator configured on MIG-mode `gpu`, by MIG device index.
+
+        NVML numbers a GPU's MIG devices 0 … nvmlDeviceGetMaxMigDeviceCount − 1 and
+        answers NotFound for an index with no device. A device's profile is that
+        of its GPU instance (nvmlDeviceGetGpuInstanceId, then
+        nvmlDeviceGetGpuInstanceById and nvmlGpuInstanceGetInfo's profileId),
+        named by nvmlDeviceGetGpuInstanceProfileInfo. A device that fails to
+        answer is left out of this sample, with the reason in `problems`: a
+        slice the agent cannot describe is not offered.
+        """
+        nvml = self._nvml
+        if not all(hasattr(nvml, name) for name in _MIG_FUNCTIONS):
+            # A binding older than MIG: the GPU is in MIG mode, but its slices cannot be read.
+            self._log_once(
+                gpu, "mig_instances", AttributeError("nvidia-ml-py lacks the MIG device functions"),
+                logging.WARNING, "offering none of its MIG slices",
+            )
+            return ()
+        count = self._query(gpu, "mig_device_count", problems, nvml.nvmlDeviceGetMaxMigDeviceCount, gpu.handle)
+        if not count:
+            return ()
+        instances: list[MigInstance] = []
+        for mig_index in range(int(count)):
+            try:
+                handle = nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu.handle, mig_index)
+            except self._error as exc:
+                if getattr(exc, "value", None) != nvml.NVML_ERROR_NOT_FOUND:
+                    problems.append(f"GPU {gpu.index} MIG device {mig_index}: {exc}")
+                continue
+            try:
+                instance_id = int(nvml.nvmlDeviceGetGpuInstanceId(handle))
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                instances.append(
+                    MigInstance(
+                        mig_index=mig_index,
+                        gpu_instance_id=instance_id,
+                        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                        profile=self._mig_profile(gpu, instance_id),
+                        memory_total_mb=int(memory.total) // _MIB,
+                        memory_free_mb=int(memory.free) // _MIB,
+                    )
+                )
+            except self._error as exc:
+                problems.append(f"GPU {gpu.index} MIG device {mig_index} did not answer: {exc}")
+        return tuple(instances)
+
+    def _mig_profile(self, gpu: _Gpu, instance_id: int) -> str:
+        """The profile name ("1g.10gb") of GPU instance `instance_id` of `gpu`. Raises NVMLError.
+
+        Profile ids map to names through nvmlDeviceGetGpuInstanceProfileInfo over
+        every NVML_GPU_INSTANCE_PROFILE_*; the map is fixed per GPU, so it is read once.
+        """
+        nvml = self._nvml
+        names = self._mig_profile_names.get(gpu.uuid)
+        if names is None:
+            names = {}
+            for profile in range(int(getattr(nvml, "NVML_GPU_INSTANCE_PROFILE_COUNT", 0))):
+                try:
+                    info = nvml.nvmlDeviceGetGpuInstanceProfileInfo(gpu.handle, profile)
+                except self._error:
+                    continue  # a profile this GPU does not offer
+                names[int(info.id)] = _profile_name(info)
+            self._mig_profile_names[gpu.uuid] = names
+        info = nvml.nvmlGpuInstanceGetInfo(nvml.nvmlDeviceGetGpuInstanceById(gpu.handle, instance_id))
+        return names.get(int(info.profileId), f"profile-{int(info.profileId)}")
 
     def _memory(self, gpu: _Gpu, problems: list[str]) -> Any:
         """The memory query: nvmlMemory_v2 where the binding and driver have it, else v1 (see the rules)."""
@@ -945,3 +1027,12 @@ class NvmlDevices(DeviceBackend):
 def _process(info: Any) -> GpuProcess:
     used = info.usedGpuMemory  # bytes; None where the driver cannot tell (WDDM, MIG)
     return GpuProcess(pid=int(info.pid), used_memory_mb=None if used is None else int(used) // _MIB)
+
+
+def _profile_name(info: Any) -> str:
+    """nvidia-smi's name of a GPU instance profile: the v2 struct's "MIG 1g.10gb" without "MIG ",
+    else (a v1 struct) built from its slice count and memory, as nvidia-smi builds it."""
+    name = _text(getattr(info, "name", b"")).strip()
+    if name:
+        return name.removeprefix("MIG ").strip()
+    return f"{int(info.sliceCount)}g.{round(int(info.memorySizeMB) / 1024)}gb"

@@ -21,6 +21,15 @@ counted models has no such detail: one model with NVLink is wired all-to-all
 (as behind NVSwitches), anything else through the host bridge, and its NUMA
 nodes and CPUs are unknown.
 
+MIG
+---
+A GPU item may end in `:mig=` and a layout, the profiles of its GPU instances
+in MIG device order: `2xA100-80GB:mig=3g.40gb/2g.20gb/1g.10gb/1g.10gb` is two
+A100s in MIG mode, each with those four instances (7 compute slices at most;
+the profiles per model are `MIG_PROFILES`). Instances are reported as NVML
+reports an operator's layout; nothing creates or changes them. A leased
+instance fills part of its memory, and its GPU works while any instance does.
+
 Faults
 ------
 A spec may go on with faults, each after a semicolon, so a demo shows them
@@ -74,8 +83,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from coordinator.mig import slice_index
 from coordinator.topology import NVLINK_BASE, PHB, PIX, SYS, NodeTopology
 
 from agent.devices.base import (
@@ -86,6 +96,7 @@ from agent.devices.base import (
     GpuLink,
     GpuProcess,
     GpuReading,
+    MigInstance,
 )
 
 log = logging.getLogger(__name__)
@@ -115,6 +126,8 @@ class SimulatedGpuSpec:
     mem_clock_mhz: int
     nvlinks: int  # NVLink links between each pair in a fleet of this model alone; 0 = PCIe only
     slowdown_temperature_c: float = SLOWDOWN_TEMPERATURE_C  # where NVML's clocks slow to cool down
+    # The GPU instances of a GPU in MIG mode, as profile names in MIG device order; () = MIG off.
+    mig_layout: tuple[str, ...] = ()
 
 
 _CATALOG: dict[str, SimulatedGpuSpec] = {
@@ -135,6 +148,15 @@ _CATALOG: dict[str, SimulatedGpuSpec] = {
         SimulatedGpuSpec("RTX4090-24GB", "NVIDIA GeForce RTX 4090", 24564, 450.0, 20.0, 70.0, 2520, 10501, 0),
     )
 }
+
+# GPU instance profiles a model offers, with their memory in MiB, about what `nvidia-smi mig -lgip`
+# reports (the exact figures vary a little with the driver); the `Ng` of a name is its compute slices.
+MIG_PROFILES: dict[str, dict[str, int]] = {
+    "A100-40GB": {"1g.5gb": 4864, "1g.10gb": 9984, "2g.10gb": 9984, "3g.20gb": 19968, "4g.20gb": 19968, "7g.40gb": 40192},
+    "A100-80GB": {"1g.10gb": 9728, "1g.20gb": 19968, "2g.20gb": 19968, "3g.40gb": 40192, "4g.40gb": 40192, "7g.80gb": 80896},
+    "H100-80GB": {"1g.10gb": 9984, "1g.20gb": 20096, "2g.20gb": 20096, "3g.40gb": 40320, "4g.40gb": 40320, "7g.80gb": 80512},
+}
+MIG_SLICES = 7  # compute slices of an A100 or H100: the most instances, and the most `Ng` a layout may sum to
 
 # Any other NAME-<N>GB is accepted with these figures.
 _GENERIC_POWER_LIMIT_W = 300.0
@@ -249,6 +271,10 @@ def _model_spec(text: str, item: str) -> SimulatedGpuSpec:
 
 
 def _parse_item(item: str) -> tuple[int, SimulatedGpuSpec]:
+    gpus, marker, layout = item.partition(":")
+    if marker:
+        count, spec = _parse_item(gpus.strip())
+        return count, _with_mig(spec, layout.strip(), item)
     counted = _COUNTED.fullmatch(item)
     if counted is not None:
         count, model = int(counted["count"]), counted["model"]
@@ -268,11 +294,37 @@ def _parse_item(item: str) -> tuple[int, SimulatedGpuSpec]:
     return count, _model_spec(model.strip(), item)
 
 
+def _with_mig(spec: SimulatedGpuSpec, text: str, item: str) -> SimulatedGpuSpec:
+    """`spec` in MIG mode with the layout `text` ("mig=3g.40gb/2g.20gb/1g.10gb"). Raises ValueError."""
+    key, _, profiles_text = text.partition("=")
+    offered = next((p for m, p in MIG_PROFILES.items() if m.upper() == spec.model.upper()), None)
+    if key.strip().lower() != "mig" or not profiles_text.strip():
+        raise ValueError(f"bad simulated GPU {item!r}: expected MODEL:mig=PROFILE/PROFILE/…, e.g. A100-80GB:mig=3g.40gb/2g.20gb")
+    if offered is None:
+        raise ValueError(
+            f"bad simulated GPU {item!r}: {spec.model} has no MIG profiles here "
+            f"(MIG models: {', '.join(MIG_PROFILES)})"
+        )
+    layout = tuple(p.strip() for p in profiles_text.split("/"))
+    unknown = [p for p in layout if p not in offered]
+    if unknown:
+        raise ValueError(
+            f"bad simulated GPU {item!r}: {spec.model} has no MIG profile {unknown[0]!r} "
+            f"(its profiles: {', '.join(offered)})"
+        )
+    slices = sum(int(p.split("g.", 1)[0]) for p in layout)
+    if slices > MIG_SLICES:
+        raise ValueError(
+            f"bad simulated GPU {item!r}: the layout takes {slices} compute slices, and a GPU has {MIG_SLICES}"
+        )
+    return replace(spec, mig_layout=layout)
+
+
 def parse_simulate_spec(spec: str) -> list[SimulatedGpuSpec]:
     """Parse a fleet such as "4xH100-80GB,2xA100-40GB" into one spec per GPU, in index order.
 
-    Each comma-separated item is [COUNTx]MODEL: a catalog model (case-insensitive)
-    or any NAME-<N>GB; or the whole fleet is one of SIMULATED_HOSTS (e.g. "hgx-h100"). Faults after the fleet (";xid=2:79@30", see Faults) are
+    Each comma-separated item is [COUNTx]MODEL[:mig=PROFILE/…]: a catalog model (case-insensitive)
+    or any NAME-<N>GB, in MIG mode with those GPU instances when `:mig=` follows (see MIG); or the whole fleet is one of SIMULATED_HOSTS (e.g. "hgx-h100"). Faults after the fleet (";xid=2:79@30", see Faults) are
     checked but not returned: parse_fault_schedule returns them. Raises
     ValueError saying what is wrong: an empty spec or item, a count that is not a
     whole number or is zero, an unknown format, more than MAX_SIMULATED_GPUS in
@@ -424,6 +476,7 @@ class _SimGpu:
     ecc_dbe: int = 0
     temperature_override_c: float | None = None
     removed: bool = False
+    mig_uuids: tuple[str, ...] = ()  # one per instance of spec.mig_layout
 
 
 def _new_gpu(index: int, spec: SimulatedGpuSpec, seed: int) -> _SimGpu:
@@ -431,9 +484,11 @@ def _new_gpu(index: int, spec: SimulatedGpuSpec, seed: int) -> _SimGpu:
     gpu_uuid = uuid.UUID(int=rng.getrandbits(128), version=4)
     board, slot = divmod(index, len(_HGX_BUSES))
     idle_temperature = rng.uniform(30.0, 35.0)
+    mig_rng = random.Random(f"simulated-mig:{seed}:{index}")
     return _SimGpu(
         index=index,
         spec=spec,
+        mig_uuids=tuple(f"MIG-{uuid.UUID(int=mig_rng.getrandbits(128), version=4)}" for _ in spec.mig_layout),
         uuid=f"GPU-{gpu_uuid}",
         pci_bus_id=f"{board:08X}:{_HGX_BUSES[slot]:02X}:00.0",
         rng=rng,
@@ -653,9 +708,28 @@ class SimulatedDevices(DeviceBackend):
 
     # ---- the model
 
+    def _mig_instances(self, gpu: _SimGpu) -> tuple[MigInstance, ...]:
+        """The GPU's instances, a leased one holding its lease's share of its memory."""
+        instances = []
+        offered = next(p for m, p in MIG_PROFILES.items() if m.upper() == gpu.spec.model.upper())
+        for mig_index, (profile, mig_uuid) in enumerate(zip(gpu.spec.mig_layout, gpu.mig_uuids)):
+            total = offered[profile]
+            unit = slice_index(gpu.index, mig_index)
+            allocation_id = self._leases.get(unit)
+            used = 0 if allocation_id is None else int(total * _busy_level(self._seed, unit, allocation_id).memory_fraction)
+            instances.append(MigInstance(mig_index, mig_index + 1, mig_uuid, profile, total, total - used))
+        return tuple(instances)
+
     def _step(self, gpu: _SimGpu, now: float) -> GpuReading:
         spec = gpu.spec
+        mig_instances = self._mig_instances(gpu) if spec.mig_layout else ()
         allocation_id = self._leases.get(gpu.index)
+        if allocation_id is None and spec.mig_layout:
+            # The GPU works while any of its instances is leased.
+            allocation_id = next(
+                (self._leases[u] for u in (slice_index(gpu.index, i) for i in range(len(spec.mig_layout))) if u in self._leases),
+                None,
+            )
         if allocation_id is None:
             gpu.busy = None
         elif gpu.busy is None or gpu.busy.allocation_id != allocation_id:
@@ -716,10 +790,11 @@ class SimulatedDevices(DeviceBackend):
             remapped_rows_failed=False,
             pcie_replay_counter=0,
             xid_errors=gpu.xid_errors,
-            mig_mode=False,
+            mig_mode=bool(spec.mig_layout),
             processes=processes,
             sampled_at=now,
             gr_engine_active=utilization / 100.0,
             temperature_slowdown_c=spec.slowdown_temperature_c,
             last_xid=gpu.last_xid,
+            mig_instances=mig_instances,
         )

@@ -31,6 +31,13 @@ Scenarios, each a few lines in a test:
   later GPUs move up one index), `fake.plug(gpu)` adds one back at the end.
 * `gpu.errors[function] = code` — one function raises `code` on one GPU
   ("nvmlDeviceGetMemoryInfo_v2" for the versioned memory query alone).
+* `a100_80gb_mig(position, ["3g.40gb", "2g.20gb", "1g.10gb"])` — an A100 80GB in MIG
+  mode with those GPU instances (MIG devices 0, 1, 2), as the operator made them:
+  nvmlDeviceGetMaxMigDeviceCount, nvmlDeviceGetMigDeviceHandleByIndex (NotFound
+  for an empty index), nvmlDeviceGetUUID and nvmlDeviceGetMemoryInfo on the MIG
+  handle, nvmlDeviceGetGpuInstanceId, nvmlDeviceGetGpuInstanceById,
+  nvmlGpuInstanceGetInfo and nvmlDeviceGetGpuInstanceProfileInfo answer as NVML
+  does; `gpu.mig_devices[i].memory_used` is what runs in slice i.
 * `fake.inject_event(position, event_type, data)` — the GPU at NVML's `position`
   raises an event (e.g. `nvmlEventTypeXidCriticalError` with the XID as data):
   every live event set registered for that type on that GPU receives it, and a
@@ -83,6 +90,20 @@ HGX_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
 SWITCH = "switch"  # an entry of FakeGpu.nvlinks: a link to an NVSwitch
 
 
+# GPU instance profiles of an A100-SXM4-80GB (`nvidia-smi mig -lgip`, driver 535):
+# NVML_GPU_INSTANCE_PROFILE_* -> (profile id, slices, memory MiB, name).
+A100_80GB_MIG_PROFILES: dict[int, tuple[int, int, int, str]] = {
+    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE: (19, 1, 9728, "MIG 1g.10gb"),
+    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1: (20, 1, 9728, "MIG 1g.10gb+me"),
+    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2: (15, 1, 19968, "MIG 1g.20gb"),
+    pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE: (14, 2, 19968, "MIG 2g.20gb"),
+    pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE: (9, 3, 40192, "MIG 3g.40gb"),
+    pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE: (5, 4, 40192, "MIG 4g.40gb"),
+    pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE: (0, 7, 80896, "MIG 7g.80gb"),
+}
+MAX_MIG_DEVICES = 7  # nvmlDeviceGetMaxMigDeviceCount on an A100 or H100
+
+
 def error(code: int) -> pynvml.NVMLError:
     """The real pynvml exception for `code`, e.g. error(pynvml.NVML_ERROR_NOT_SUPPORTED)."""
     return pynvml.NVMLError(code)
@@ -127,6 +148,43 @@ class FakeGpu:
     unsupported_fields: set[int] = field(default_factory=set)  # NVML_FI_* answering NotSupported
     errors: dict[str, int] = field(default_factory=dict)  # function -> NVML error code it raises
     lost: bool = False  # every call on this GPU raises GpuIsLost
+    # NVML_GPU_INSTANCE_PROFILE_* -> (profile id, slices, memory MiB, name); empty: not MIG-capable
+    mig_profiles: dict[int, tuple[int, int, int, str]] = field(default_factory=dict)
+    mig_devices: dict[int, FakeMigDevice] = field(default_factory=dict)  # MIG device index -> device
+
+
+@dataclass
+class FakeMigDevice:
+    """One MIG device (a GPU instance with its compute instance) of a FakeGpu in MIG mode."""
+
+    uuid: str
+    gpu_instance_id: int
+    profile_id: int
+    memory_total: int  # bytes
+    memory_used: int = 0  # bytes
+
+
+def a100_80gb_mig(position: int, layout: Iterable[str], **overrides: Any) -> FakeGpu:
+    """An A100-SXM4-80GB in MIG mode with one GPU instance per profile name of `layout`, in MIG device order."""
+    values: dict[str, Any] = {
+        "name": "NVIDIA A100-SXM4-80GB",
+        "memory_total": 81920 * MIB,
+        "mig_mode": pynvml.NVML_DEVICE_MIG_ENABLE,
+        "mig_profiles": dict(A100_80GB_MIG_PROFILES),
+        "nvlinks": [SWITCH] * 12,
+    }
+    values.update(overrides)
+    gpu = h100_80gb(position, **values)
+    by_name = {name.removeprefix("MIG "): (pid, mb) for pid, _, mb, name in A100_80GB_MIG_PROFILES.values()}
+    for mig_index, profile in enumerate(layout):
+        profile_id, memory_mb = by_name[profile]
+        gpu.mig_devices[mig_index] = FakeMigDevice(
+            uuid=f"MIG-{position:08x}-{mig_index:04x}-4444-5555-{profile_id:012x}",
+            gpu_instance_id=mig_index + 1,  # NVML's ids are its own; these only need to be distinct
+            profile_id=profile_id,
+            memory_total=memory_mb * MIB,
+        )
+    return gpu
 
 
 def h100_80gb(position: int, **overrides: Any) -> FakeGpu:
@@ -199,6 +257,11 @@ class FakeNvml(ModuleType):
         # One device struct per GPU ever seen, kept alive so its address stays that GPU's handle.
         self._devices: dict[int, tuple[FakeGpu, Any]] = {}  # id(FakeGpu) -> (gpu, struct)
         self._by_address: dict[int, FakeGpu] = {}
+        # MIG device and GPU instance handles: address -> (its GPU, the device).
+        self._mig_structs: dict[int, Any] = {}  # id(FakeMigDevice) -> struct, kept alive
+        self._mig_by_address: dict[int, tuple[FakeGpu, FakeMigDevice]] = {}
+        self._instance_structs: dict[int, Any] = {}
+        self._instance_by_address: dict[int, tuple[FakeGpu, FakeMigDevice]] = {}
         # Event sets and the waits on them; a waiter sleeps on `_events_changed`.
         self._events_changed = threading.Condition()
         self.event_sets: list[FakeEventSet] = []  # created and not yet freed
@@ -284,6 +347,31 @@ class FakeNvml(ModuleType):
             self._by_address[ctypes.addressof(known[1])] = gpu
         return ctypes.pointer(known[1])
 
+    def _mig_handle(self, gpu: FakeGpu, device: FakeMigDevice) -> FakeHandle:
+        struct = self._mig_structs.get(id(device))
+        if struct is None:
+            struct = self._mig_structs[id(device)] = pynvml.struct_c_nvmlDevice_t()
+            self._mig_by_address[ctypes.addressof(struct)] = (gpu, device)
+        return ctypes.pointer(struct)
+
+    def _mig_of(self, handle: FakeHandle) -> tuple[FakeGpu, FakeMigDevice] | None:
+        """The (GPU, MIG device) a handle names, or None for a whole GPU's handle."""
+        return self._mig_by_address.get(ctypes.cast(handle, ctypes.c_void_p).value or 0)
+
+    def _enter_mig(self, function: str, handle: FakeHandle) -> FakeMigDevice:
+        """_enter for a MIG device handle: its GPU's failures apply, and the device must still exist."""
+        self._check(function)
+        found = self._mig_of(handle)
+        if found is None:
+            raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        gpu, device = found
+        if gpu.lost or all(g is not gpu for g in self.gpus):
+            raise error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        if all(d is not device for d in gpu.mig_devices.values()):
+            raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)  # the operator destroyed it
+        self._fail_as_configured(gpu, function)
+        return device
+
     def _enter(self, function: str, handle: FakeHandle) -> FakeGpu:
         """_check, then fail the call the way this GPU fails it, if it does; else the GPU."""
         self._check(function)
@@ -347,6 +435,8 @@ class FakeNvml(ModuleType):
         raise error(pynvml.NVML_ERROR_NOT_FOUND)
 
     def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str | bytes:
+        if self._mig_of(handle) is not None:
+            return self._string(self._enter_mig("nvmlDeviceGetUUID", handle).uuid)
         return self._string(self._enter("nvmlDeviceGetUUID", handle).uuid)
 
     def nvmlDeviceGetName(self, handle: FakeHandle) -> str | bytes:
@@ -356,6 +446,14 @@ class FakeNvml(ModuleType):
         return self._pci_info(self._enter("nvmlDeviceGetPciInfo", handle).pci_bus_id)
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> Any:
+        if self._mig_of(handle) is not None:
+            device = self._enter_mig("nvmlDeviceGetMemoryInfo", handle)
+            free = device.memory_total - device.memory_used
+            if not version:
+                return pynvml.c_nvmlMemory_t(total=device.memory_total, free=free, used=device.memory_used)
+            return pynvml.c_nvmlMemory_v2_t(
+                version=version, total=device.memory_total, reserved=0, free=free, used=device.memory_used
+            )
         gpu = self._enter("nvmlDeviceGetMemoryInfo", handle)
         free = gpu.memory_total - gpu.memory_reserved - gpu.memory_used
         if not version:
@@ -448,6 +546,76 @@ class FakeNvml(ModuleType):
     def nvmlDeviceGetMigMode(self, device: FakeHandle) -> list[int]:
         gpu = self._enter("nvmlDeviceGetMigMode", device)
         return [gpu.mig_mode, gpu.mig_mode]
+
+    # ---- MIG (instances are reported, never created: no nvmlDeviceCreateGpuInstance here)
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, device: FakeHandle) -> int:
+        gpu = self._enter("nvmlDeviceGetMaxMigDeviceCount", device)
+        if not gpu.mig_profiles:
+            raise error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return MAX_MIG_DEVICES
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, device: FakeHandle, index: int) -> FakeHandle:
+        gpu = self._enter("nvmlDeviceGetMigDeviceHandleByIndex", device)
+        if not gpu.mig_profiles:
+            raise error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if not 0 <= index < MAX_MIG_DEVICES:
+            raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if gpu.mig_mode != pynvml.NVML_DEVICE_MIG_ENABLE or index not in gpu.mig_devices:
+            raise error(pynvml.NVML_ERROR_NOT_FOUND)
+        return self._mig_handle(gpu, gpu.mig_devices[index])
+
+    def nvmlDeviceIsMigDeviceHandle(self, device: FakeHandle) -> Any:
+        self._check("nvmlDeviceIsMigDeviceHandle")
+        return ctypes.c_uint(1 if self._mig_of(device) is not None else 0)
+
+    def nvmlDeviceGetGpuInstanceId(self, device: FakeHandle) -> int:
+        if self._mig_of(device) is None:
+            self._enter("nvmlDeviceGetGpuInstanceId", device)
+            raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)  # not a MIG device handle
+        return self._enter_mig("nvmlDeviceGetGpuInstanceId", device).gpu_instance_id
+
+    def nvmlDeviceGetGpuInstanceById(self, device: FakeHandle, gpuInstanceId: int) -> Any:
+        gpu = self._enter("nvmlDeviceGetGpuInstanceById", device)
+        if gpu.mig_mode != pynvml.NVML_DEVICE_MIG_ENABLE:
+            raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        for found in gpu.mig_devices.values():
+            if found.gpu_instance_id == gpuInstanceId:
+                struct = self._instance_structs.get(id(found))
+                if struct is None:
+                    struct = self._instance_structs[id(found)] = pynvml.struct_c_nvmlGpuInstance_t()
+                    self._instance_by_address[ctypes.addressof(struct)] = (gpu, found)
+                return ctypes.pointer(struct)
+        raise error(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def nvmlGpuInstanceGetInfo(self, gpuInstance: Any) -> Any:
+        self._check("nvmlGpuInstanceGetInfo")
+        found = self._instance_by_address.get(ctypes.cast(gpuInstance, ctypes.c_void_p).value or 0)
+        if found is None:
+            raise error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        gpu, device = found
+        info = pynvml.c_nvmlGpuInstanceInfo_t()
+        info.device = self._handle(gpu)
+        info.id = device.gpu_instance_id
+        info.profileId = device.profile_id
+        return info
+
+    def nvmlDeviceGetGpuInstanceProfileInfo(self, device: FakeHandle, profile: int, version: int = 2) -> Any:
+        gpu = self._enter("nvmlDeviceGetGpuInstanceProfileInfo", device)
+        if profile not in gpu.mig_profiles:
+            raise error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        profile_id, slices, memory_mb, name = gpu.mig_profiles[profile]
+        if version == 2:
+            info: Any = pynvml.c_nvmlGpuInstanceProfileInfo_v2_t()
+            info.name = name.encode()
+        elif version == 1:
+            info = pynvml.c_nvmlGpuInstanceProfileInfo_t()
+        else:
+            raise error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        info.id = profile_id
+        info.sliceCount = slices
+        info.memorySizeMB = memory_mb
+        return info
 
     def nvmlDeviceGetTopologyCommonAncestor(self, device1: FakeHandle, device2: FakeHandle) -> int:
         a = self._enter("nvmlDeviceGetTopologyCommonAncestor", device1)
@@ -546,6 +714,10 @@ class FakeNvml(ModuleType):
 
 
 __all__ = [
+    "A100_80GB_MIG_PROFILES",
+    "MAX_MIG_DEVICES",
+    "FakeMigDevice",
+    "a100_80gb_mig",
     "H100_EVENT_TYPES",
     "HGX_BUSES",
     "MIB",

@@ -49,7 +49,10 @@ ADMIN_KEY = "contract-admin-key"
 MAX_EXAMPLES = 10
 STATEFUL_STEPS = hypothesis.settings(
     max_examples=30,
-    stateful_step_count=8,
+    # Twelve steps a scenario: most generated allocates cannot be placed (a `mig_profile`
+    # on this H100 fleet, a count or model it lacks), and with eight the allocate ->
+    # renew chain was reached only in some runs (lease timing varies with load).
+    stateful_step_count=12,
     derandomize=True,  # the same scenarios every run, so reaching each link's 200 is not luck
     deadline=None,
     suppress_health_check=list(hypothesis.HealthCheck),

@@ -70,6 +70,10 @@ Checked after every event (`LeaseViolation`, a SafetyViolation):
   its members live, on distinct nodes, ranked 0.., with one expiry and one
   preemption state; a gang's request record names the gang while it lives.
   A gang's acknowledgement is its gang id (what its owner releases and renews).
+- with MIG hosts (`mig_hosts`: GPUs split into slices, coordinator/mig.py): no
+  device (GPU or MIG instance, by UUID) in two live leases, no GPU leased whole
+  while a slice of it is leased, every slice lease holds one slice of the
+  profile (and memory) it asked for, and no whole-GPU lease holds a slice;
 - with a queue policy (each ready leader proposes it first, as the agent does):
   no Allocate takes a queue or its parent past `max_gpus`; no Preempt takes
   another queue's work below that queue's guarantee, or names a lease that is
@@ -108,11 +112,13 @@ from coordinator.commands import (
 )
 from coordinator.errors import Conflict, CoordinatorError
 from coordinator.inventory import Inventory
+from coordinator.mig import slice_index
 from coordinator.lease_table import DEFAULT_USAGE_RETENTION_S, ApplyResult, LeaseTable
 from coordinator.model import (
     ALLOCATED,
     EXPIRED,
     LOST,
+    MIG_ANY,
     QUEUED,
     RELEASED,
     Allocation,
@@ -205,6 +211,8 @@ class Call:
     preemptible: bool = True
     # A gang: `gpus` on each of `nodes` nodes (1: an ordinary request).
     nodes: int = 1
+    min_memory_mb: int = 1024
+    mig_profile: str | None = None  # one MIG slice of this profile, or MIG_ANY
     attempts: int = 0
     finished: bool = False
     answers: list[Answer] = field(default_factory=list)
@@ -331,6 +339,30 @@ class Shell:
     tick_in_flight: bool = False
 
 
+# Layouts of the MIG hosts' GPUs, GPU i taking layout i mod 3: (profile, memory MiB) per slice.
+MIG_LAYOUTS: tuple[tuple[tuple[str, int], ...], ...] = (
+    (("3g.40gb", 40192), ("2g.20gb", 19968), ("1g.10gb", 9728), ("1g.10gb", 9728)),
+    (("7g.80gb", 80896),),
+    (("1g.10gb", 9728),) * 7,
+)
+
+
+def mig_slices(node: str, gpu: int, layout: tuple[tuple[str, int], ...]) -> list[GpuView]:
+    """The views an A100 80GB in MIG mode gives the inventory: one per slice."""
+    return [
+        GpuView(
+            node,
+            slice_index(gpu, i),
+            f"MIG-{node}-{gpu}-{i}",
+            f"NVIDIA A100-SXM4-80GB MIG {profile}",
+            memory_mb,
+            mig_profile=profile,
+            parent_uuid=f"GPU-{node}-{gpu}",
+        )
+        for i, (profile, memory_mb) in enumerate(layout)
+    ]
+
+
 class LeaseCluster:
     """Lease tables and lease services on a seeded Raft world; see the module docstring."""
 
@@ -348,6 +380,7 @@ class LeaseCluster:
         scheduler: SchedulerConfig = SchedulerConfig(queue_timeout_s=3.0, max_queue=40),
         ready_gate: bool = True,
         queue_policy: QueuePolicy | None = None,
+        mig_hosts: int = 0,
     ) -> None:
         self.raft = RaftCluster(seed, n, config, loss=loss, duplicate=duplicate, delay=delay, machine=self._machine)
         self.seed = seed
@@ -359,10 +392,18 @@ class LeaseCluster:
         self.queue_policy = queue_policy
         # Preemption deadlines as applied: allocation id -> deadline (equal on every server).
         self.preempt_deadlines: dict[str, float] = {}
+        # The last `mig_hosts` hosts have their GPUs in MIG mode: only the slices are views.
+        # One host at least keeps whole GPUs, for settle()'s probe.
+        mig_hosts = min(mig_hosts, hosts - 1)
         self.views = [
-            GpuView(f"gpu-{h}", i, f"GPU-{h}-{i}", "NVIDIA H100 80GB HBM3", 81559)
+            view
             for h in range(hosts)
             for i in range(gpus_per_host)
+            for view in (
+                mig_slices(f"gpu-{h}", i, MIG_LAYOUTS[i % len(MIG_LAYOUTS)])
+                if h >= hosts - mig_hosts
+                else [GpuView(f"gpu-{h}", i, f"GPU-{h}-{i}", "NVIDIA H100 80GB HBM3", 81559)]
+            )
         ]
         self.shells: dict[str, Shell] = {}
         self.inflight: dict[tuple[str, int, int], InFlight] = {}
@@ -712,7 +753,12 @@ class LeaseCluster:
             service_name=call.service,
             workload_type="generic",
             priority=call.priority,
-            requirements=Requirements(gpu_count=call.gpus, min_memory_mb=1024, nodes=call.nodes),
+            requirements=Requirements(
+                gpu_count=call.gpus,
+                min_memory_mb=call.min_memory_mb,
+                nodes=call.nodes,
+                mig_profile=call.mig_profile,
+            ),
             ttl_s=call.ttl_s,
             submitted_at=now,
             queue=call.queue,
@@ -1067,6 +1113,7 @@ class LeaseCluster:
         if len(held) != len(table.held_gpus()):
             raise self.violation(f"{node_id}: the holder map names GPUs no live lease holds")
         self._check_gangs_whole(node_id, table)
+        self._check_devices(node_id, table)
         for rid, (aid, index) in self.acks.items():
             if index > applied or table.lease_unit(aid):
                 continue
@@ -1114,6 +1161,38 @@ class LeaseCluster:
             record = table.record(first.request.request_id)
             if record is None or record.status != ALLOCATED or record.allocation_id != gang_id:
                 raise self.violation(f"{node_id}: live gang {gang_id} has record {record}")
+
+    def _check_devices(self, node_id: str, table: LeaseTable) -> None:
+        """The MIG invariants of the module docstring, on one server's table."""
+        by_uuid: dict[str, str] = {}
+        whole: dict[str, str] = {}  # GPU UUID -> the lease holding it whole
+        sliced: dict[str, str] = {}  # GPU UUID -> a lease holding a slice of it
+        views = {v.ref: v for v in self.views}
+        for alloc in table.allocations():
+            wanted = alloc.request.requirements
+            for gpu in alloc.gpus:
+                other = by_uuid.setdefault(gpu.uuid, alloc.allocation_id)
+                if other != alloc.allocation_id:
+                    raise self.violation(f"{node_id}: device {gpu.uuid} in leases {other} and {alloc.allocation_id}")
+                view = views.get(gpu.ref)
+                if view is None or view.uuid != gpu.uuid or view.mig_profile != gpu.mig_profile:
+                    raise self.violation(f"{node_id}: {alloc.allocation_id} holds {gpu}, which is no unit of the cluster")
+                if gpu.mig_profile is None:
+                    if wanted.mig_profile is not None:
+                        raise self.violation(f"{node_id}: slice request {alloc.allocation_id} holds whole GPU {gpu.uuid}")
+                    whole[gpu.uuid] = alloc.allocation_id
+                    continue
+                # Judged apart from Requirements.matches_unit, so a bug there cannot hide here.
+                if wanted.mig_profile not in (MIG_ANY, gpu.mig_profile) or gpu.memory_total_mb < wanted.min_memory_mb:
+                    raise self.violation(
+                        f"{node_id}: {alloc.allocation_id} asked {wanted.mig_profile!r} and holds a {gpu.mig_profile} slice"
+                    )
+                if len(alloc.gpus) != 1:
+                    raise self.violation(f"{node_id}: {alloc.allocation_id} holds {len(alloc.gpus)} slices")
+                sliced[gpu.parent_uuid or ""] = alloc.allocation_id
+        for parent, holder in sliced.items():
+            if parent in whole:
+                raise self.violation(f"{node_id}: GPU {parent} leased whole by {whole[parent]} and in slices by {holder}")
 
     def settle(self) -> None:
         """Heal the world, let the clients finish, and check the end state (module docstring)."""

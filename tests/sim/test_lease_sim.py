@@ -21,6 +21,7 @@ from typing import Callable
 import pytest
 
 from coordinator.commands import Allocate
+from coordinator.model import MIG_ANY, Requirements
 from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.raft import Role
 from coordinator.raft_config import local
@@ -65,8 +66,14 @@ def chaos(
     ready_gate: bool = True,
     queues: QueuePolicy | None = None,
     gangs: float = 0.0,
+    mig: bool = False,
 ) -> LeaseCluster:
-    """One random run: the lease workload plus a random fault schedule, then settle()."""
+    """One random run: the lease workload plus a random fault schedule, then settle().
+
+    With `mig`, one or two hosts have their GPUs in MIG mode and a third of the
+    allocates ask for a slice (a named profile, "auto" with some memory, or a
+    profile no GPU has).
+    """
     rng = random.Random(seed)
     cluster = LeaseCluster(
         seed,
@@ -79,6 +86,7 @@ def chaos(
         delay=(0.02, rng.choice([0.3, 1.0, 3.0])),
         ready_gate=ready_gate,
         queue_policy=queues,
+        mig_hosts=rng.choice([1, 2]) if mig else 0,
     )
     for node in cluster.raft.nodes.values():
         if rng.random() < 0.3:
@@ -110,6 +118,7 @@ def workload(cluster: LeaseCluster, rng: random.Random, horizon: float, gangs: f
     services = ["train", "infer", "batch"]
     per_host = max(sum(1 for v in cluster.views if v.node == cluster.views[0].node), 1)
     hosts = len({v.node for v in cluster.views})
+    has_mig = any(v.mig_profile is not None for v in cluster.views)
 
     def allocate() -> None:
         if cluster.now >= horizon:
@@ -121,6 +130,11 @@ def workload(cluster: LeaseCluster, rng: random.Random, horizon: float, gangs: f
         else:
             gpus = min(rng.choice([1, 1, 1, 2, 2, 3]), per_host) if rng.random() > 0.03 else per_host + 1
         service = rng.choice(services)
+        mig_profile, memory_mb = None, 1024
+        if has_mig and rng.random() < 0.35:
+            gpus, nodes = 1, 1  # a slice is one unit on one node
+            mig_profile = rng.choice(["1g.10gb", "1g.10gb", "3g.40gb", "7g.80gb", MIG_ANY, MIG_ANY, "4g.40gb"])
+            memory_mb = rng.choice([0, 8000, 15000, 30000]) if mig_profile == MIG_ANY else 0
         request_id = cluster.new_request_id()
         if cluster.calls and rng.random() < 0.03:
             # Another service's id: 409 request_id_conflict once any server recorded it.
@@ -137,6 +151,8 @@ def workload(cluster: LeaseCluster, rng: random.Random, horizon: float, gangs: f
                 ttl_s=rng.uniform(1.0, 4.0),
                 priority=rng.randrange(1, 11),
                 nodes=nodes,
+                min_memory_mb=memory_mb,
+                mig_profile=mig_profile,
             )
         )
         cluster.later(rng.uniform(0.5, 3.0), allocate)
@@ -224,6 +240,22 @@ def test_lease_chaos_with_queues() -> None:
         return cluster
 
     run_seeds("lease_chaos_with_queues", 200_000, body)
+
+
+def test_lease_chaos_with_mig() -> None:
+    """With hosts whose GPUs are split into MIG slices and clients asking for slices, under the
+    same faults: besides every lease invariant, no MIG instance in two leases, no GPU leased whole
+    and in slices at once, every slice of the profile asked for, and no slice under a whole-GPU lease.
+    Every other seed runs with the queues of test_lease_chaos_with_queues, so slices are preempted too."""
+
+    run_seeds("lease_chaos_with_mig", 300_000, lambda seed: chaos(seed, 3, mig=True, queues=SHARED if seed % 2 else None))
+
+
+def test_the_mig_checker_catches_a_slice_under_a_whole_gpu_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proof that the MIG invariants can fail: placement that ignores the kind of unit is caught."""
+    monkeypatch.setattr(Requirements, "matches_unit", lambda self, mig_profile: True)
+    with pytest.raises(AssertionError, match="holds whole GPU|asked .* and holds|slice"):
+        run_seeds("lease_chaos_with_mig", 300_000, lambda seed: chaos(seed, 3, mig=True), only=[300_000, 300_001])
 
 
 def test_lease_chaos_five_servers() -> None:

@@ -569,6 +569,8 @@ def test_one_node_of_gpus_per_node_is_an_ordinary_request() -> None:
         ({"service_name": "s", "gpus_per_node": 2}, "needs both nodes and gpus_per_node"),
         ({"service_name": "s", "nodes": 2, "gpus_per_node": 2, "gpu_count": 4}, "not gpu_count"),
         ({"service_name": "s", "nodes": 2, "gpus_per_node": 2, "constraints": {"node": "n1"}}, "constraints.node"),
+        ({"service_name": "s", "nodes": 2, "gpus_per_node": 1, "mig_profile": "1g.10gb"}, "mig_profile cannot"),
+        ({"service_name": "s", "nodes": 1, "gpus_per_node": 1, "mig_profile": "auto"}, "mig_profile cannot"),
     ],
 )
 def test_an_incomplete_or_ambiguous_gang_is_refused(body: dict[str, Any], match: str) -> None:
