@@ -169,13 +169,15 @@ def cluster_agents(
     simulate: str | Sequence[str] = "2xH100-80GB",
     profile: str | None = "local",
     cluster_settings: str = "",
+    extra_config: str = "",
 ) -> list[AgentProcess]:
     """Agents (not started) that share a new cluster key and join through the first one.
 
     The first `servers` are Raft servers (`bootstrap_expect`, default `servers`),
     the rest clients. `simulate` is one fleet for all or one per agent; `profile`
     the gossip profile (None: the default, lan); `cluster_settings` extra
-    `[cluster]` lines for every agent.
+    `[cluster]` lines for every agent; `extra_config` other sections (such as
+    `[queues.a]` or `[scheduler]`) for every agent.
     """
     key_file = root / "cluster.key"
     root.mkdir(parents=True, exist_ok=True)
@@ -194,6 +196,7 @@ def cluster_agents(
             + f"server = {'true' if server else 'false'}\n"
             + f"bootstrap_expect = {(bootstrap_expect or servers) if server else 1}\n"
             + cluster_settings
+            + extra_config
         )
         agents.append(
             AgentProcess(

@@ -39,6 +39,8 @@ HOOK_HOST = "127.0.0.138"
 GRACE_S = 3.0
 # Dead on the "local" profile takes the suspicion timeout, then the grace, then a commit.
 LOST_WITHIN_S = 60.0
+# Rendezvous ports are a hint handed to the gang's launcher: nothing in the test
+# (or the agent) listens on them, so no other test can be holding them.
 EXTRA = """
 [scheduler]
 rendezvous_port_min = 29610
@@ -89,11 +91,14 @@ def leader_of(agents: list[AgentProcess]) -> str:
 def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AgentProcess]]:
     root: Path = tmp_path_factory.mktemp("gang-cluster")
     made = cluster_agents(
-        root, HOSTS, NAMES, servers=3, simulate="4xH100-80GB", cluster_settings=f"host_lost_grace_s = {GRACE_S}\n"
+        root,
+        HOSTS,
+        NAMES,
+        servers=3,
+        simulate="4xH100-80GB",
+        cluster_settings=f"host_lost_grace_s = {GRACE_S}\n",
+        extra_config=EXTRA,
     )
-    for name in NAMES:
-        with (root / f"{name}.toml").open("a") as config:
-            config.write(EXTRA)
     try:
         start_together(made)
         yield made

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -55,10 +54,7 @@ def queue_names(agent: AgentProcess) -> set[str]:
 @pytest.fixture(scope="module")
 def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AgentProcess]]:
     root = tmp_path_factory.mktemp("queues-cluster")
-    made = cluster_agents(root, HOSTS, NAMES, servers=3, simulate="4xH100-80GB")
-    for name in NAMES:
-        with (root / f"{name}.toml").open("a") as config:
-            config.write(QUEUES)
+    made = cluster_agents(root, HOSTS, NAMES, servers=3, simulate="4xH100-80GB", extra_config=QUEUES)
     try:
         start_together(made)
         yield made
