@@ -456,7 +456,13 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             }
         ),
         "gpus_per_node": _nullable(
-            {"type": "integer", "minimum": 1, "maximum": MAX_GPU_COUNT, "description": "a gang's GPUs on each node"}
+            {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_GPU_COUNT,
+                "description": "a gang's GPUs on each node; without nodes, the most on each node, the total "
+                "(gpu_count, or the analyzer's count) split over the fewest nodes (docs/shapes.md)",
+            }
         ),
     }
     # gpu_count and required_gpus name the same thing: both (not null) is a 400.
@@ -466,17 +472,15 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "properties": {"gpu_count": {"not": {"type": "null"}}, "required_gpus": {"not": {"type": "null"}}},
         }
     }
-    # A gang's two fields come together, without gpu_count/required_gpus or constraints.node (400 invalid_gang).
+    # `nodes` comes with gpus_per_node and without gpu_count/required_gpus (400 invalid_gang);
+    # gpus_per_node alone splits the total (gpu_count, or the analyzer's) over nodes.
     given = {"not": {"type": "null"}}
-    gang_given = {"anyOf": [{"required": ["nodes"], "properties": {"nodes": given}},
-                            {"required": ["gpus_per_node"], "properties": {"gpus_per_node": given}}]}
     not_both_counts["allOf"] = [
         {
-            "if": gang_given,
+            "if": {"required": ["nodes"], "properties": {"nodes": given}},
             "then": {
-                "required": ["nodes", "gpus_per_node"],
+                "required": ["gpus_per_node"],
                 "properties": {
-                    "nodes": given,
                     "gpus_per_node": given,
                     "gpu_count": {"type": "null"},
                     "required_gpus": {"type": "null"},

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
 
-from coordinator.errors import Forbidden, InvalidRequest, brief
+from coordinator.errors import Forbidden, InvalidRequest, Unsatisfiable, brief
 from coordinator.mig import MAX_UNIT_INDEX, PROFILE_RE
 from coordinator.model import MIG_ANY, AllocationRequest, Requirements
 from coordinator.queues import DEFAULT_QUEUE, QueuePolicy, QueueSpec
@@ -104,7 +104,10 @@ class AllocateBody:
     # False: never preempted; allowed only in a queue with a guarantee (see queue_for).
     preemptible: bool = True
     # A gang's node count (1 = an ordinary request); gpu_count is then per node.
-    nodes: int = 1
+    # None: a gang sized from its total (gpu_count, else the analyzer's count),
+    # split over nodes of at most `gpus_per_node` (see resolve_requirements).
+    nodes: int | None = 1
+    gpus_per_node: int | None = None
     # One MIG slice of this profile, or of any (MIG_ANY); None = whole GPUs.
     mig_profile: str | None = None
 
@@ -157,11 +160,12 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
     if not isinstance(preemptible, bool):
         raise InvalidRequest("preemptible must be true or false")
     nodes, per_node = _gang_shape(obj, constraints)
-    gpu_count = per_node if per_node is not None else _opt_int(obj, count_field, 1, MAX_GPU_COUNT)
+    # Per node in a gang of given nodes; else the total (of a sized gang, too).
+    gpu_count = per_node if nodes is not None and per_node is not None else _opt_int(obj, count_field, 1, MAX_GPU_COUNT)
     mig_profile = _opt_mig_profile(obj.get("mig_profile"), gpu_count, count_field)
     if mig_profile is not None and per_node is not None:
         raise InvalidRequest(
-            "a MIG slice is one unit on one node: mig_profile cannot be asked with nodes and gpus_per_node",
+            "a MIG slice is one unit on one node: mig_profile cannot be asked with gpus_per_node",
             code="invalid_gang",
         )
     return AllocateBody(
@@ -180,34 +184,53 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
         node=_opt_str(constraints.get("node"), "constraints.node"),
         preemptible=preemptible,
         nodes=nodes,
+        gpus_per_node=per_node if nodes is None else None,
         mig_profile=mig_profile,
     )
 
 
-def _gang_shape(obj: Mapping[str, Any], constraints: Mapping[str, Any]) -> tuple[int, int | None]:
+def _gang_shape(obj: Mapping[str, Any], constraints: Mapping[str, Any]) -> tuple[int | None, int | None]:
     """(nodes, gpus_per_node) of a body: (1, None) for an ordinary request.
 
-    `nodes` and `gpus_per_node` come together, never with `gpu_count` (which
-    would be ambiguous: per node or in all?) nor with `constraints.node` (a
-    gang spans nodes). `nodes: 1` is an ordinary request of `gpus_per_node` GPUs.
+    With both, `gpus_per_node` is the count on each node, so `gpu_count` beside
+    them would be ambiguous (per node or in all?), and `constraints.node` cannot
+    pin what spans nodes. `nodes: 1` is an ordinary request of `gpus_per_node`
+    GPUs. `gpus_per_node` alone sizes a gang from the total (`gpu_count`, or the
+    analyzer's count): (None, gpus_per_node), resolved by resolve_requirements.
+    `nodes` alone names no count: 400.
     """
     nodes = _opt_int(obj, "nodes", 1, MAX_GANG_NODES)
     per_node = _opt_int(obj, "gpus_per_node", 1, MAX_GPU_COUNT)
     if nodes is None and per_node is None:
         return 1, None
-    if nodes is None or per_node is None:
+    if per_node is None:
         raise InvalidRequest(
-            "a gang needs both nodes and gpus_per_node (e.g. {\"nodes\": 2, \"gpus_per_node\": 8})",
+            "a gang needs gpus_per_node: with nodes (e.g. {\"nodes\": 2, \"gpus_per_node\": 8}), "
+            "or alone to split the total over nodes",
             code="invalid_gang",
         )
+    if nodes is None:
+        return None, per_node
     if obj.get("gpu_count") is not None or obj.get("required_gpus") is not None:
         raise InvalidRequest(
-            "give gpus_per_node with nodes, not gpu_count/required_gpus (a gang's count is per node)",
+            "give gpus_per_node with nodes, not gpu_count/required_gpus (a gang's count is per node); "
+            "or gpu_count with gpus_per_node alone to split that total over nodes",
             code="invalid_gang",
         )
     if nodes > 1 and constraints.get("node") is not None:
         raise InvalidRequest("a gang spans nodes: constraints.node cannot pin it to one", code="invalid_gang")
     return nodes, per_node
+
+
+def split_over_nodes(total: int, most_per_node: int) -> tuple[int, int]:
+    """(nodes, GPUs on each) for `total` GPUs on nodes of at most `most_per_node`.
+
+    The fewest nodes that hold the total, with the same count on each (a
+    torch.distributed launch runs one `nproc_per_node`): 24 over 8 is 3 × 8,
+    12 over 8 is 2 × 6, and 10 over 4 is 3 × 4, the total rounded up to even nodes.
+    """
+    nodes = -(-total // most_per_node)
+    return nodes, -(-total // nodes)
 
 
 def queue_for(body: AllocateBody, policy: QueuePolicy, key_queue: str | None = None) -> QueueSpec:
@@ -308,14 +331,28 @@ def resolve_requirements(body: AllocateBody, estimate: WorkloadEstimate) -> Requ
     """The requirements `body` asks for: its explicit fields over the estimate's.
 
     A MIG request takes one slice, whatever the analyzer counted; a named
-    profile fixes the memory, so only an explicit min_memory_mb narrows it.
+    profile fixes the memory, so only an explicit min_memory_mb narrows it. A
+    gang sized from its total (`gpus_per_node` alone) takes the fewest nodes
+    that hold the total (split_over_nodes); the analyzer's per-GPU memory stays,
+    since each GPU holds no more than the estimate gave it. Raises Unsatisfiable
+    for such a gang pinned to one node by constraints.node.
     """
+    nodes = body.nodes
     if body.mig_profile is not None:
         gpu_count = 1
         default_memory = 0 if body.mig_profile != MIG_ANY else estimate.min_memory_mb
     else:
         gpu_count = body.gpu_count if body.gpu_count is not None else estimate.required_gpus
         default_memory = estimate.min_memory_mb
+    if nodes is None:
+        assert body.gpus_per_node is not None, "parse_allocate_body sets gpus_per_node for a sized gang"
+        nodes, gpu_count = split_over_nodes(gpu_count, body.gpus_per_node)
+        if nodes > 1 and body.node is not None:
+            raise Unsatisfiable(
+                f"{nodes} nodes of {gpu_count} GPU(s) are needed (gpus_per_node {body.gpus_per_node}): "
+                f"constraints.node {body.node!r} cannot pin a gang to one node",
+                code="unsatisfiable",
+            )
     return Requirements(
         gpu_count=gpu_count,
         min_memory_mb=body.min_memory_mb if body.min_memory_mb is not None else default_memory,
@@ -324,7 +361,7 @@ def resolve_requirements(body: AllocateBody, estimate: WorkloadEstimate) -> Requ
         ),
         gpu_model=body.gpu_model,
         node=body.node,
-        nodes=body.nodes,
+        nodes=nodes,
         mig_profile=body.mig_profile,
     )
 

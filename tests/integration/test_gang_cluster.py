@@ -8,9 +8,10 @@ replica shows it whole (read locally with ?stale=true). The leader is killed
 (SIGKILL); a survivor is elected, and on both survivors the gang is still
 whole (two member rows, 8 GPUs held; gpuctl list ties them by the GANG
 column); it is then released by its id, which frees all 8 GPUs at once. Refused gangs (more nodes than the
-cluster has, a missing gpus_per_node) answer 400 and change nothing.
+cluster has, `nodes` without gpus_per_node) answer 400 and change nothing.
 
-Then the old leader comes back, a second gang is granted, and one of its
+Then the old leader comes back, a second gang is granted (asked as a total,
+`gpu_count` 8 with `gpus_per_node` 4, so split into 2 nodes × 4), and one of its
 member hosts (not the leader) is killed: after gossip declares it dead and
 `[cluster] host_lost_grace_s` (3 s here) passes, the gang is lost whole: its
 request says `lost`, the other member's GPUs are free, and its webhook
@@ -199,11 +200,13 @@ def test_a_gang_whose_member_host_is_lost_is_lost_whole(agents: list[AgentProces
     try:
         resp = allocate(
             agents[0],
-            {"service_name": "trainer", "nodes": 2, "gpus_per_node": 4, "webhook_url": f"{hook.url}/hook"},
+            # Sized from its total: 8 GPUs on nodes of at most 4 is a gang of 2 nodes x 4.
+            {"service_name": "trainer", "gpu_count": 8, "gpus_per_node": 4, "webhook_url": f"{hook.url}/hook"},
         )
         assert resp.status_code == 200, resp.text
         gang = resp.json()
         members = [n["node"] for n in gang["nodes"]]
+        assert len(members) == 2 and [len(n["gpu_ids"]) for n in gang["nodes"]] == [4, 4], gang
         leader = leader_of(agents)
         victim = next(n for n in members if n != leader)
         survivor = by_name[leader]

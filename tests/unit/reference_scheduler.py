@@ -165,8 +165,11 @@ class Scheduler:
         if req.node:
             wanted += f" on node {req.node!r}"
         largest = max(by_node.values(), default=0)
+        hint = ""
+        if largest and req.node is None:
+            hint = f"; to run over several nodes, ask gpus_per_node (at most {largest}) to split it into a gang"
         raise Unsatisfiable(
-            f"no node can ever hold {wanted}: the best node has {largest} matching GPU(s)",
+            f"no node can ever hold {wanted}: the best node has {largest} matching GPU(s){hint}",
             code="unsatisfiable",
         )
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.errors import InvalidRequest
+from coordinator.errors import InvalidRequest, Unsatisfiable
 from coordinator.model import AllocationRequest, Requirements
 from coordinator.request_parsing import (
     MAX_GPU_COUNT,
@@ -26,6 +26,7 @@ from coordinator.request_parsing import (
     parse_release_body,
     parse_renew_body,
     parse_usage_query,
+    split_over_nodes,
     valid_id,
 )
 from coordinator.workload import WorkloadEstimate, analyze_workload
@@ -563,10 +564,54 @@ def test_one_node_of_gpus_per_node_is_an_ordinary_request() -> None:
 
 
 @pytest.mark.parametrize(
+    ("total", "most_per_node", "shape"),
+    [(24, 8, (3, 8)), (12, 8, (2, 6)), (10, 4, (3, 4)), (7, 8, (1, 7)), (8, 8, (1, 8)), (9, 1, (9, 1))],
+)
+def test_a_total_is_split_over_the_fewest_nodes_evenly(total: int, most_per_node: int, shape: tuple[int, int]) -> None:
+    assert split_over_nodes(total, most_per_node) == shape
+    nodes, each = shape
+    assert each <= most_per_node and nodes * each >= total and (nodes - 1) * most_per_node < total
+
+
+def test_gpus_per_node_alone_sizes_a_gang_from_the_analyzers_count() -> None:
+    """A 70B training job the analyzer sizes at 24 GPUs becomes 3 nodes x 8, not a refusal."""
+    body = {"service_name": "trainer", "workload_type": "training", "workload_data": {"params_b": 70}}
+    estimate = analyze_workload("training", body["workload_data"])
+    assert estimate.required_gpus == 24
+    request = build_request(
+        parse_allocate_body({**body, "gpus_per_node": 8}),
+        estimate,
+        decided_by="analyzer",
+        request_id="req-1",
+        now=0.0,
+        default_ttl_s=60.0,
+        max_ttl_s=0.0,
+    )
+    assert (request.requirements.nodes, request.requirements.gpu_count) == (3, 8)
+    assert request.requirements.min_memory_mb == estimate.min_memory_mb
+    assert request.decided_by == "analyzer"
+
+
+def test_gpus_per_node_alone_splits_an_explicit_total() -> None:
+    assert build({"service_name": "s", "gpu_count": 12, "gpus_per_node": 8}).requirements.total_gpus == 12
+    assert (build({"service_name": "s", "gpu_count": 12, "gpus_per_node": 8}).requirements.nodes) == 2
+    # The ESTIMATE's 4 GPUs fit on one node of at most 8: an ordinary request of 4.
+    assert build({"service_name": "s", "gpus_per_node": 8}).requirements == Requirements(4, 16384, 90.0)
+
+
+def test_a_sized_gang_pinned_to_one_node_is_unsatisfiable_only_when_it_spans_nodes() -> None:
+    pinned = {"service_name": "s", "gpus_per_node": 4, "constraints": {"node": "n1"}}
+    assert build({**pinned, "gpu_count": 4}).requirements.node == "n1"
+    with pytest.raises(Unsatisfiable, match="cannot pin a gang") as info:
+        build({**pinned, "gpu_count": 8})
+    assert info.value.http_status == 400
+
+
+@pytest.mark.parametrize(
     ("body", "match"),
     [
-        ({"service_name": "s", "nodes": 2}, "needs both nodes and gpus_per_node"),
-        ({"service_name": "s", "gpus_per_node": 2}, "needs both nodes and gpus_per_node"),
+        ({"service_name": "s", "nodes": 2}, "needs gpus_per_node"),
+        ({"service_name": "s", "gpus_per_node": 2, "mig_profile": "auto"}, "mig_profile cannot"),
         ({"service_name": "s", "nodes": 2, "gpus_per_node": 2, "gpu_count": 4}, "not gpu_count"),
         ({"service_name": "s", "nodes": 2, "gpus_per_node": 2, "constraints": {"node": "n1"}}, "constraints.node"),
         ({"service_name": "s", "nodes": 2, "gpus_per_node": 1, "mig_profile": "1g.10gb"}, "mig_profile cannot"),

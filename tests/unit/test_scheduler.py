@@ -345,6 +345,16 @@ def test_a_request_that_can_never_fit_is_unsatisfiable(request_: AllocationReque
     assert cluster.table.snapshot() == before
 
 
+def test_a_request_larger_than_any_node_is_told_how_to_become_a_gang() -> None:
+    """The refusal names gpus_per_node, bounded by the best node, where nodes could share the work."""
+    cluster = Cluster(node("a", 4) + node("b", 4))
+    with pytest.raises(Unsatisfiable, match=r"ask gpus_per_node \(at most 4\) to split it into a gang"):
+        cluster.decide(req("too-many", gpus=8))
+    with pytest.raises(Unsatisfiable) as pinned:
+        cluster.decide(req("too-many-there", gpus=8, on_node="a"))
+    assert "gpus_per_node" not in pinned.value.message
+
+
 def test_sick_gpus_do_not_make_a_request_unsatisfiable() -> None:
     """Health and drain are not counted against satisfiability: a sick GPU may recover."""
     cluster = Cluster(node("n1", 2, health=UNHEALTHY))
