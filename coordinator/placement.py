@@ -40,6 +40,13 @@ for the winning node, so the node choice and its cost are best fit's alone.
 A gang (several nodes at once) is placed and reserves by the same walk, with
 its own node search (coordinator/gang_placement.py, bounded per request).
 
+Each request stepped gets a *turn*, its precedence in the pass, and the walk
+remembers which GPUs each turn reserved. Victim search (preemption.py) runs
+after the whole pass, when a candidate's own reservation has closed the free
+GPUs it could use: `yielding` gives them back to it, with those reserved by
+later turns (lower precedence: the reservation is only this pass's), never
+those of a turn ahead of it.
+
 MIG slices (coordinator/mig.py) are open units like GPUs, and `OpenGpus`
 also files each node under every kind of slice it has open. A slice request
 (`Requirements.mig_profile`) wants the smallest adequate slice first, so it
@@ -162,6 +169,16 @@ class PlanWalk:
     table: LeaseTable
     inventory: Inventory
     released: frozenset[GpuRef] = frozenset()
+    # Each request's turn in this pass: the order it was stepped (or passed over
+    # as a preemption candidate) in, which is the order of precedence.
+    turns: dict[str, int] = field(default_factory=dict)
+    # Open GPUs reserved in this pass, per node, with the turn of the request
+    # that reserved them: a preemption candidate may count those of its own turn
+    # and later ones (`yielding`), never those of a request ahead of it.
+    _reserved: dict[str, dict[GpuRef, tuple[int, GpuView]]] = field(default_factory=dict)
+    # The most GPUs reserved on one node: a bound for victim search.
+    most_reserved: int = 0
+    _next_turn: int = 0
     _saved: dict[str, tuple[GpuView, ...]] = field(default_factory=dict)
     _shapes: dict[Requirements, _Shape] = field(default_factory=dict)
 
@@ -189,6 +206,10 @@ class PlanWalk:
         for node, views in self._saved.items():
             self.open.set(node, views)
         self._saved.clear()
+        self._reserved.clear()
+        self.turns.clear()
+        self.most_reserved = 0
+        self._next_turn = 0
 
     def _set(self, node: str, views: tuple[GpuView, ...]) -> None:
         if node not in self._saved:
@@ -241,6 +262,7 @@ class PlanWalk:
         shape = self._shape(req)
         if shape.dead:
             return None
+        turn = self.take_turn(request.request_id)
         placement = None if shape.failed_fit else self.best_fit(request)
         if placement is not None:
             for member in placement.members if isinstance(placement, GangPlacement) else (placement,):
@@ -252,8 +274,32 @@ class PlanWalk:
             shape.dead = True
         for node, refs in reserved:
             if node is not None:
+                held = self._reserved.setdefault(node, {})
+                for view in self.open.by_node[node]:
+                    if view.ref in refs:
+                        held[view.ref] = (turn, view)
+                self.most_reserved = max(self.most_reserved, len(held))
                 self._take(node, refs)
         return None
+
+    def take_turn(self, request_id: str) -> int:
+        """Give `request_id` the next turn of this pass (see `turns`) and return it."""
+        turn = self.turns[request_id] = self._next_turn
+        self._next_turn += 1
+        return turn
+
+    def yielding(self, node: str, request: AllocationRequest) -> list[GpuView]:
+        """GPUs on `node` reserved in this pass by `request` or by requests after it, eligible for it.
+
+        Open GPUs at `request`'s turn that only its own reservation or a
+        lower-precedence one closed: a preemption for it may count them as its
+        own. Empty for a request that had no turn in this pass.
+        """
+        turn = self.turns.get(request.request_id)
+        held = self._reserved.get(node)
+        if turn is None or not held:
+            return []
+        return [view for at, view in held.values() if at >= turn and self._eligible(view, request)]
 
     def is_dead(self, req: Requirements) -> bool:
         """Whether `req` has failed and reserved nothing in this pass (so it always will)."""
@@ -429,7 +475,11 @@ class PlanWalk:
         return self._eligible(gpu, request)
 
     def close_open(self, node: str, request: AllocationRequest) -> None:
-        """Close `node`'s open GPUs eligible for `request`: held for it until its victims leave."""
+        """Close `node`'s open GPUs eligible for `request`, and those `yielding` to it: held for it until its victims leave."""
+        held = self._reserved.get(node)
+        if held:
+            for view in self.yielding(node, request):
+                del held[view.ref]
         refs = self._eligible_refs(request, node)
         if refs:
             self._take(node, refs)

@@ -17,14 +17,18 @@ preemptible, not already in its grace period, and either
   within guarantee (priority order inside a queue).
 
 On each node with such leases, they are added in order - borrowed first, then
-lower priority, then youngest (least work lost) - until the node's open
-eligible GPUs plus theirs make the request fit; then any lease whose removal
+lower priority, then youngest (least work lost) - until the node's free
+eligible GPUs plus theirs make the request fit. Free GPUs are those still open
+after the pass plus those the pass reserved for the candidate itself or for
+requests after it (`PlanWalk.yielding`): a whole-node request that reserved a
+node's 6 free GPUs needs only the 2 borrowed leases there, and a free GPU held
+for a request ahead of it is never counted; then any lease whose removal
 keeps the fit is dropped again, so the set is minimal. The node with the
 fewest victims (then fewest GPUs taken, then name) wins. No set, no
 preemption: nothing is ever taken that would not make the request fit.
 
-Each victim gets its own queue's `preemption_grace_s`. The chosen GPUs still
-open on that node are closed in the walk, and the victims counted as gone from
+Each victim gets its own queue's `preemption_grace_s`. The free GPUs counted
+on that node are closed in the walk (and no longer yield to anyone), and the victims counted as gone from
 their queues (`QueueBook.give_back`), so a later candidate of the same pass
 neither counts them again nor takes a queue below its guarantee.
 
@@ -114,7 +118,9 @@ def choose_victims(
                 by_node.setdefault(alloc.node, []).append(_Candidate(alloc, reclaim, useful, floor, unit))
     best: tuple[tuple[int, int, str], list[_Candidate]] | None = None
     for node in sorted(by_node):
+        # GPUs the request's own reservation (or a later request's) closed in this pass are its own to count.
         have = sum(1 for g in walk.open.by_node.get(node, ()) if walk.eligible(g, request))
+        have += len(walk.yielding(node, request))
         chosen = _minimal_set(sorted(by_node[node], key=_Candidate.order), need - have, book)
         if chosen is None:
             continue
@@ -178,7 +184,7 @@ def _too_few(
     claimant's own queue (priority order) can give only when it has lower work.
     The most open GPUs on any node is added as if they all could serve.
     """
-    most_open = max(walk.open.buckets, default=0)
+    most_open = max(walk.open.buckets, default=0) + walk.most_reserved
     if most_open >= need:
         return False
     givable = 0

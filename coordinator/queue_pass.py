@@ -168,6 +168,7 @@ def plan(
                 result.candidates.append((request, Standing.GUARANTEED))
         elif find_candidates and len(result.candidates) < MAX_CANDIDATES:
             handled.add(request.request_id)
+            walk.take_turn(request.request_id)
             result.candidates.append((request, Standing.GUARANTEED))
         else:
             break

@@ -92,9 +92,10 @@ SAMPLE_S = 60.0
 MAX_PASSES_PER_INSTANT = 50
 POLICIES = ("fifo", "greedy", "strict", "fair")
 # Wall seconds one replay may take before it is stopped and reported as such: the
-# default run (eight replays) must stay within 90 s on a shared 2-core machine,
-# and a policy that has not finished by then is not going to be quick.
-BUDGET_S = 45.0
+# default run (eight replays) must stay within 90 s on a shared 2-core machine
+# (fair share on the contended trace alone takes about 50 s there), and a policy
+# that has not finished by then is not going to be quick.
+BUDGET_S = 60.0
 # Targets, from the issue.
 TARGET_JAIN = 0.95
 

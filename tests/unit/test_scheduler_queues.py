@@ -380,3 +380,44 @@ def test_the_table_refuses_a_second_preemption_that_only_together_with_the_first
     second = Preempt(12.0, ((cluster.lease_of("a2"), 42.0),), "reclaim", "b1", node0)
     result = cluster.table.apply(second)
     assert not result.ok and result.error is not None and result.error.code == "guarantee_kept"
+
+
+def test_a_whole_node_request_counts_the_free_gpus_it_reserved_and_takes_only_the_borrowed_rest() -> None:
+    """b's 8-GPU request reserves the node's 6 free GPUs; the 2 borrowed leases of a are all it must take.
+
+    Before, victim search ran after the request had closed those 6 GPUs by its own
+    reservation, counted none of them, and found no set: b waited for a's work to end.
+    """
+    cluster = Cluster(1, 8, QueueSpec("a", preemption_grace_s=GRACE), QueueSpec("b", guaranteed_gpus=8))
+    for i in range(2):
+        cluster.submit(request(f"a{i}", "a", at=float(i)), float(i))
+    assert isinstance(cluster.submit(request("b0", "b", gpus=8, priority=2, at=10.0), 10.0), Enqueue)
+    preempts = [c for c in cluster.tick(10.0) if isinstance(c, Preempt)]
+    assert [(p.request_id, sorted(v for v, _ in p.victims)) for p in preempts] == [
+        ("b0", sorted(cluster.lease_of(f"a{i}") for i in range(2)))
+    ]
+    placed = [c.allocation.request.request_id for c in cluster.tick(10.0 + GRACE) if isinstance(c, Allocate)]
+    assert placed == ["b0"]
+
+
+def test_free_gpus_reserved_by_a_request_ahead_are_not_counted_by_a_later_one() -> None:
+    """c waits for its victims and holds the GPU one of them freed early; b, behind it, must not count that GPU."""
+    cluster = Cluster(
+        1,
+        8,
+        QueueSpec("a", preemption_grace_s=GRACE),
+        QueueSpec("b", guaranteed_gpus=4),
+        QueueSpec("c", guaranteed_gpus=4),
+    )
+    for i in range(8):
+        cluster.submit(request(f"a{i}", "a", at=float(i)), float(i))
+    cluster.submit(request("c0", "c", gpus=4, at=10.0), 10.0)
+    first = [c for c in cluster.tick(10.0) if isinstance(c, Preempt)]
+    assert [(p.request_id, len(p.victims)) for p in first] == [("c0", 4)]
+    early = first[0].victims[0][0]
+    cluster.apply(Release(15.0, (early,), "released"))
+    cluster.submit(request("b0", "b", gpus=4, at=15.0), 15.0)
+    second = [c for c in cluster.tick(15.0) if isinstance(c, Preempt)]
+    # The freed GPU is c0's (a claim ranks first): b0 takes four leases of its own.
+    assert [(p.request_id, len(p.victims)) for p in second] == [("b0", 4)]
+    assert not {v for v, _ in second[0].victims} & {v for v, _ in first[0].victims}
