@@ -67,6 +67,10 @@ _COMPLETION, _ARRIVAL = 0, 1
 STRANDED = (("8 GPUs", 8, False), ("4 NVLink", 4, True), ("2 NVLink", 2, True))
 
 
+class ReplayError(Exception):
+    """The replay broke an invariant: a refused command, a request never served."""
+
+
 class SharingUnavailable(Exception):
     """The core cannot take `sharing: "shared"` requests yet."""
 
@@ -188,7 +192,7 @@ class Replay:
                     self._refresh(node)
             version = self.table.holder_version
         if self.table.queue_length():
-            raise RuntimeError(f"replay ended with {self.table.queue_length()} requests waiting")
+            raise ReplayError(f"replay ended with {self.table.queue_length()} requests waiting")
         self._summarize(end - start, time.perf_counter() - started)
         return self.figures
 
@@ -199,14 +203,14 @@ class Replay:
     def _apply(self, command: Any) -> None:
         result = self.table.apply(command)
         if not result.ok:
-            raise RuntimeError(f"{type(command).__name__} refused: {result.error}")
+            raise ReplayError(f"{type(command).__name__} refused: {result.error}")
         if isinstance(command, Allocate):
             self._started(command, command.at)
         elif isinstance(command, Release):
             for allocation_id in result.affected:
                 self._ended(allocation_id)
         elif not isinstance(command, Enqueue):
-            raise RuntimeError(f"unexpected command {command!r}")
+            raise ReplayError(f"unexpected command {command!r}")
 
     def _started(self, command: Allocate, now: float) -> None:
         lead = command.allocation

@@ -38,7 +38,7 @@ import random
 from dataclasses import dataclass
 from typing import TypeVar
 
-from agent.devices.simulated import parse_simulate_spec, simulated_host
+from agent.devices.simulated import MIG_PROFILES, parse_simulate_spec, simulated_host
 from coordinator.inventory import Inventory
 from coordinator.mig import slice_index
 from coordinator.model import GpuView
@@ -154,7 +154,7 @@ def build_fleet(hosts: int) -> Fleet:
                     node_views.append(GpuView(node, i, f"GPU-{node}-{i}", g.name, g.memory_total_mb))
                     continue
                 for m, profile in enumerate(g.mig_layout):
-                    memory = _mig_memory(g.model, profile)
+                    memory = MIG_PROFILES[g.model][profile]
                     node_views.append(
                         GpuView(
                             node, slice_index(i, m), f"MIG-{node}-{i}-{m}", f"{g.name} MIG {profile}", memory,
@@ -165,12 +165,6 @@ def build_fleet(hosts: int) -> Fleet:
             if named is not None:
                 topologies[node] = named.topology
     return Fleet(kinds, views, topologies)
-
-
-def _mig_memory(model: str, profile: str) -> int:
-    from agent.devices.simulated import MIG_PROFILES
-
-    return MIG_PROFILES[model][profile]
 
 
 def slice_compute(profile: str) -> int:
