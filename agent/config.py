@@ -359,6 +359,8 @@ QUEUE_KEYS: Final = (
     "preemption_grace_s",
     "idle_reclaim",
     "services",
+    "allow_shares",
+    "cross_queue_shares",
 )
 IDLE_RECLAIM_KEYS: Final = ("utilization_pct", "minutes")
 
@@ -1081,6 +1083,8 @@ def _queue_spec(name: str, table: Mapping[str, Any], where: str) -> QueueSpec:
         ("lend", bool),
         ("preemption_grace_s", float),
         ("services", tuple[str, ...]),
+        ("allow_shares", bool),
+        ("cross_queue_shares", bool),
     ):
         if key in table:
             values[key] = value(key, hint)

@@ -767,6 +767,11 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                     ]
                 },
                 "services": {"type": "array", "items": string},
+                "allow_shares": {"type": "boolean", "description": "its requests may take shares of a GPU"},
+                "cross_queue_shares": {
+                    "type": "boolean",
+                    "description": "its shares may pack beside other queues' shares that allow it too",
+                },
                 "in_use_gpus": integer,
                 "borrowed_gpus": integer,
                 "fair_share_gpus": number,
