@@ -96,6 +96,13 @@ class AgentSection:
     # owner...), shown in /cluster/members. Kept short: they travel in every
     # membership update, inside the 1 KiB gossip metadata.
     labels: tuple[str, ...] = ()
+    # Where this fleet's CUDA MPS control daemons keep their pipes and logs, when
+    # GPUs are shared through MPS: a share's allocation object hands them to its
+    # holder as CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY hints ("": no MPS,
+    # the hints are null and shares time-slice). The answering leader's values are
+    # given, so set them alike on every agent.
+    mps_pipe_directory: str = ""
+    mps_log_directory: str = ""
 
 
 @dataclass(frozen=True)

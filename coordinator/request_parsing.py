@@ -215,6 +215,8 @@ def _opt_share(obj: Mapping[str, Any], gpu_count: int | None, nodes: int | None,
                 code="invalid_share",
             )
         return None
+    if isinstance(memory, float) and memory.is_integer():
+        memory = int(memory)  # JSON has one number type: 259.0 is the integer 259, as for other counts
     if isinstance(memory, bool) or not isinstance(memory, int) or not 0 < memory <= MAX_MEMORY_MB:
         raise InvalidRequest(
             f'sharing "shared" needs gpu_memory_mb, the share\'s memory budget: an integer from 1 to '
