@@ -13,7 +13,8 @@ import random
 
 import pytest
 
-from coordinator.commands import Allocate, Enqueue, Release, SetQueuePolicy, command_from_wire
+from coordinator.commands import Allocate, Enqueue, MarkHostLost, Release, SetQueuePolicy, command_from_wire
+from coordinator.gpu_usage import UsageTracker
 from coordinator.errors import Conflict, Forbidden, InvalidRequest
 from coordinator.inventory import Inventory
 from coordinator.lease_table import SNAPSHOT_VERSION, SNAPSHOT_VERSION_WITHOUT_SHAPES, LeaseTable
@@ -31,14 +32,16 @@ def gpus(node: str, count: int) -> list[GpuView]:
     return [GpuView(node, i, f"GPU-{node}-{i}", H100, TOTAL_MB) for i in range(count)]
 
 
-def share(request_id: str, mb: int, *, queue: str = "default", node: str | None = None) -> AllocationRequest:
+def share(
+    request_id: str, mb: int, *, queue: str = "default", node: str | None = None, ttl_s: float = 0.0
+) -> AllocationRequest:
     return AllocationRequest(
         request_id=request_id,
         service_name=f"svc-{queue}",
         workload_type="inference",
         priority=5,
         requirements=Requirements(1, mb, node=node, share_mb=mb),
-        ttl_s=0.0,
+        ttl_s=ttl_s,
         submitted_at=0.0,
         queue_name=queue,
     )
@@ -194,6 +197,34 @@ def test_a_waiting_share_packs_at_the_next_tick() -> None:
     [packed] = cluster.tick()
     assert packed.allocation.request.request_id == "s2" and packed.allocation.gpus[0].ref == ref("a", 0)
     assert cluster.budgets() == {ref("a", 0): 40_000}
+
+
+def test_expiry_and_host_loss_end_shares_and_free_their_gpus() -> None:
+    cluster = Cluster([*gpus("a", 1), *gpus("b", 1)])
+    short = cluster.placed(share("short", 10_000, node="a", ttl_s=5.0))
+    long = cluster.placed(share("long", 10_000, node="a"))
+    [expiry] = cluster.scheduler.tick(cluster.table, cluster.inventory, 6.0)
+    assert isinstance(expiry, Release) and expiry.allocation_ids == (short.allocation_id,)
+    assert cluster.table.apply(expiry).ok
+    assert cluster.table.holder(ref("a", 0)) == long.allocation_id and cluster.budgets() == {ref("a", 0): 10_000}
+    on_b = [cluster.placed(share(f"b{i}", 20_000, node="b")) for i in range(2)]
+    assert {s.gpus[0].ref for s in on_b} == {ref("b", 0)}
+    assert cluster.table.apply(MarkHostLost(7.0, "b")).ok
+    assert cluster.table.holder(ref("b", 0)) is None and ref("b", 0) not in cluster.table.shares.gpus
+    assert cluster.table.queue_ledger.gpus["default"] == 1
+
+
+def test_a_gpu_over_its_shares_budgets_is_flagged_once_per_crossing() -> None:
+    usage = UsageTracker()
+    assert not usage.observe_shares(0, shares=2, budget_mb=30_000, memory_used_mb=29_000)
+    assert usage.shares(0) == (2, 30_000, False)
+    assert usage.observe_shares(0, shares=2, budget_mb=30_000, memory_used_mb=31_000)  # went over: log it
+    assert not usage.observe_shares(0, shares=2, budget_mb=30_000, memory_used_mb=32_000)  # still over
+    assert usage.shares(0) == (2, 30_000, True)
+    # An unshared GPU, or one whose memory is unknown, is never over budget.
+    assert not usage.observe_shares(1, shares=0, budget_mb=0, memory_used_mb=80_000)
+    assert not usage.observe_shares(0, shares=2, budget_mb=30_000, memory_used_mb=None)
+    assert usage.shares(0)[2] is False
 
 
 # --- sharing groups ----------------------------------------------------------------
