@@ -212,6 +212,11 @@ async def run_agent(
                 for ref, aid in (replication.log.table.held_gpus().items() if replication.log is not None else ())
                 if ref.node == node
             }
+            sampler.shares = lambda: {
+                ref.index: (tuple(sorted(shared.shares)), shared.budget_mb)
+                for ref, shared in (replication.log.table.shares.gpus.items() if replication.log is not None else ())
+                if ref.node == node
+            }
             sampler.restore_health(
                 {
                     snap.reading.index: reasons

@@ -96,6 +96,13 @@ class AgentSection:
     # owner...), shown in /cluster/members. Kept short: they travel in every
     # membership update, inside the 1 KiB gossip metadata.
     labels: tuple[str, ...] = ()
+    # Where this fleet's CUDA MPS control daemons keep their pipes and logs, when
+    # GPUs are shared through MPS: a share's allocation object hands them to its
+    # holder as CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY hints ("": no MPS,
+    # the hints are null and shares time-slice). The answering leader's values are
+    # given, so set them alike on every agent.
+    mps_pipe_directory: str = ""
+    mps_log_directory: str = ""
 
 
 @dataclass(frozen=True)
@@ -359,6 +366,8 @@ QUEUE_KEYS: Final = (
     "preemption_grace_s",
     "idle_reclaim",
     "services",
+    "allow_shares",
+    "cross_queue_shares",
 )
 IDLE_RECLAIM_KEYS: Final = ("utilization_pct", "minutes")
 
@@ -1081,6 +1090,8 @@ def _queue_spec(name: str, table: Mapping[str, Any], where: str) -> QueueSpec:
         ("lend", bool),
         ("preemption_grace_s", float),
         ("services", tuple[str, ...]),
+        ("allow_shares", bool),
+        ("cross_queue_shares", bool),
     ):
         if key in table:
             values[key] = value(key, hint)

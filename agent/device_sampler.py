@@ -118,6 +118,8 @@ class DeviceSampler:
         self.usage = UsageTracker(idle_utilization_pct)
         # Who holds each local GPU (index -> allocation id); set by the agent.
         self.holders: Callable[[], Mapping[int, str]] = dict
+        # GPU index -> (allocation ids of its shares, their budgets in MB): shared GPUs of this node.
+        self.shares: Callable[[], Mapping[int, tuple[tuple[str, ...], int]]] = dict
         self.last_sample_at: float | None = None
         self.last_sample_seconds = 0.0
         self.failures = 0
@@ -258,6 +260,7 @@ class DeviceSampler:
                 remapped_rows_failed=r.remapped_rows_failed,
             )
         holders = self.holders()
+        shares = self.shares()
         changed: list[tuple[int, GpuHealth]] = []
         gpus: dict[int, GpuSnapshot] = {}
         for index in sorted(set(self._gpus) | set(present)):
@@ -270,6 +273,16 @@ class DeviceSampler:
                 utilization_pct=reading.utilization_gpu_pct if index in present else None,
                 process_count=None if reading.processes is None else len(reading.processes),
             )
+            tenants, budget_mb = shares.get(index, ((), 0))
+            used = reading.memory_used_mb if index in present else None
+            if self.usage.observe_shares(index, shares=len(tenants), budget_mb=budget_mb, memory_used_mb=used):
+                log.warning(
+                    "GPU %d uses %s MB, above the %d MB its shares were promised: one of %s is over its budget",
+                    index,
+                    used,
+                    budget_mb,
+                    ", ".join(tenants),
+                )
             previous = self._gpus.get(index)
             before = previous.health if previous else HEALTHY_GPU
             # Compare verdicts, not the recovery time: a new XID during a quiet

@@ -316,8 +316,11 @@ def allocate_body(args: argparse.Namespace) -> JsonObject:
         "request_id": args.request_id,
         "webhook_url": args.webhook_url,
         "mig_profile": args.mig_profile,
+        "gpu_memory_mb": args.share_mb,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
+    if args.share_mb is not None:
+        body["sharing"] = "shared"
     if args.no_queue:
         body["queue"] = False
     if args.not_preemptible:
@@ -524,6 +527,9 @@ def _request_options(parser: argparse.ArgumentParser, *, service_required: bool)
     parser.add_argument("--memory-mb", type=int, help="minimum memory per GPU, MB")
     parser.add_argument(
         "--mig-profile", help='one MIG slice of this profile ("1g.10gb"), or "auto": the smallest with --memory-mb'
+    )
+    parser.add_argument(
+        "--share-mb", type=int, help="a share of one GPU with this memory budget, MB, packed beside other shares"
     )
     parser.add_argument("--priority", type=int, help="1-10, higher is served first")
     parser.add_argument("--max-utilization", type=float, help="only GPUs at or below this utilisation, %%")

@@ -353,7 +353,13 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         gang = table.gang(allocation_id) if valid_id(allocation_id) else None
         if gang is not None:
             return allocation_view(gang[0], gang)
-        return allocation_view(live_allocation(table, allocation_id))
+        return allocation_view(live_allocation(table, allocation_id), shares=table.shares, mps=mps_hints())
+
+    def mps_hints() -> dict[str, str]:
+        """The CUDA MPS environment a share's holder should set ({} without MPS configured)."""
+        agent = ctx.config.agent
+        hints = {"CUDA_MPS_PIPE_DIRECTORY": agent.mps_pipe_directory, "CUDA_MPS_LOG_DIRECTORY": agent.mps_log_directory}
+        return {name: value for name, value in hints.items() if value}
 
     # ------------------------------------------------------------------ leader routing
 
@@ -516,7 +522,9 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         principal: ApiKey | None = g.principal
         outcome = await service.allocate(body, key_queue=None if principal is None else principal.queue)
         if outcome.allocation is not None:
-            return json_response(allocation_view(outcome.allocation, outcome.gang))
+            return json_response(
+                allocation_view(outcome.allocation, outcome.gang, shares=service.table.shares, mps=mps_hints())
+            )
         assert outcome.queued is not None and outcome.position is not None
         pending = why_pending(service.table, ctx.inventory.inventory(), outcome.queued.request.request_id)
         return json_response(queued_view(outcome.queued, outcome.position, pending), 202)
@@ -594,7 +602,7 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         explainer = PendingExplainer(table, ctx.inventory.inventory())
         doc: dict[str, Any] = {
             "gpus": ctx.gpu_rows(node=query.node, after=query.after, limit=query.limit),
-            "allocations": [allocation_view(a) for a in allocations[: query.limit]],
+            "allocations": [allocation_view(a, shares=table.shares, mps=mps_hints()) for a in allocations[: query.limit]],
             "queue": [
                 queued_view(q, i, explainer.explain(q.request.request_id))
                 for i, q in enumerate(queue[: query.limit], start=1)

@@ -357,6 +357,19 @@ class StateCollector(Collector):
             "1 when the GPU runs work (processes, or utilization above the idle threshold) without a lease.",
             labels=labels,
         )
+        shares = GaugeMetricFamily(
+            "gpu_orchestrator_gpu_shares", "Shares of the GPU held (0 when it is leased whole or free).", labels=labels
+        )
+        share_budget = GaugeMetricFamily(
+            "gpu_orchestrator_gpu_share_budget_bytes",
+            "The memory budgets of the GPU's shares together, bytes (0 without shares).",
+            labels=labels,
+        )
+        over_budget = GaugeMetricFamily(
+            "gpu_orchestrator_gpu_share_over_budget",
+            "1 when the GPU's used memory is above the sum of its shares' budgets (per GPU: NVML reports memory per GPU).",
+            labels=labels,
+        )
         idle = GaugeMetricFamily(
             "gpu_orchestrator_lease_idle_seconds",
             "Seconds the GPU has been idle under its current lease (0 when busy or unleased).",
@@ -376,7 +389,11 @@ class StateCollector(Collector):
             drained.add_metric(values, 1.0 if ref in table.drained() else 0.0)
             unleased.add_metric(values, 1.0 if usage.unleased_in_use(r.index) else 0.0)
             idle.add_metric(values, usage.idle_seconds(r.index, now))
-        yield from (allocated, health, drained, unleased, idle)
+            count, budget_mb, over = usage.shares(r.index)
+            shares.add_metric(values, float(count))
+            share_budget.add_metric(values, float(budget_mb) * 1024 * 1024)
+            over_budget.add_metric(values, 1.0 if over else 0.0)
+        yield from (allocated, health, drained, unleased, idle, shares, share_budget, over_budget)
 
     def _cluster(self, table: LeaseTable) -> Iterable[Metric]:
         """Figures about the whole cluster: exported by the leader only, so sums never double count."""

@@ -422,6 +422,22 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                 "with min_memory_mb; gpu_count must then be 1 or absent (docs/shapes.md#mig-slices)",
             }
         ),
+        "sharing": _nullable(
+            {
+                "enum": ["exclusive", "shared"],
+                "default": "exclusive",
+                "description": "\"shared\": a share of one GPU with the memory budget gpu_memory_mb, packed beside "
+                "other shares of its queue (docs/shapes.md#shared-gpus-by-memory)",
+            }
+        ),
+        "gpu_memory_mb": _nullable(
+            {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_MEMORY_MB,
+                "description": "a share's memory budget; required with sharing \"shared\", refused without it",
+            }
+        ),
         "preemptible": _nullable(
             {
                 "type": "boolean",
@@ -520,6 +536,26 @@ def _schemas(max_ttl_s: float) -> JsonObject:
         }
         for field in ("nodes", "gpus_per_node")
     ]
+    # A share is part of one GPU on one node (400 invalid_share otherwise): a budget,
+    # no count above 1, no gang, no MIG slice; and a budget only with sharing "shared".
+    shared = {"required": ["sharing"], "properties": {"sharing": {"const": "shared"}}}
+    one_share = [
+        {
+            "if": shared,
+            "then": {
+                "required": ["gpu_memory_mb"],
+                "properties": {
+                    "gpu_memory_mb": {"type": "integer"},
+                    "gpu_count": {"type": ["integer", "null"], "maximum": 1},
+                    "required_gpus": {"type": ["integer", "null"], "maximum": 1},
+                    "nodes": {"type": "null"},
+                    "gpus_per_node": {"type": "null"},
+                    "mig_profile": {"type": "null"},
+                },
+            },
+            "else": {"properties": {"gpu_memory_mb": {"type": "null"}}},
+        }
+    ]
     release_selectors = ("allocation_id", "service_name", "request_id")
     nullable_string = {"type": ["string", "null"]}
     time = {"type": ["string", "null"], "format": "date-time"}
@@ -556,14 +592,14 @@ def _schemas(max_ttl_s: float) -> JsonObject:
             "required": ["service_name"],
             "additionalProperties": False,
             "properties": allocate_properties,
-            "allOf": [not_both_counts, *one_slice],
+            "allOf": [not_both_counts, *one_slice, *one_share],
         },
         "WorkloadRequest": {
             "type": "object",
             "additionalProperties": False,
             "description": "an allocate body; service_name may be left out (it only labels the analysis)",
             "properties": {**allocate_properties, "service_name": _nullable(an_id)},
-            "allOf": [not_both_counts, *one_slice],
+            "allOf": [not_both_counts, *one_slice, *one_share],
         },
         "ReleaseRequest": {
             "type": "object",
@@ -678,6 +714,27 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                     "description": "on one member lease of a gang (listings): which gang and its place",
                     "properties": {"gang_id": string, "rank": integer, "size": integer},
                 },
+                "shared": _nullable(
+                    {
+                        "type": "object",
+                        "description": "the share of a GPU held (docs/shapes.md#shared-gpus-by-memory); null for whole units",
+                        "properties": {
+                            "gpu_memory_mb": integer,
+                            "gpu_memory_total_mb": integer,
+                            "cross_queue": {"type": "boolean"},
+                            "co_tenants": {"type": ["integer", "null"], "description": "other shares on the GPU"},
+                            "mps": _nullable(
+                                {
+                                    "type": "object",
+                                    "properties": {
+                                        "CUDA_MPS_PIPE_DIRECTORY": string,
+                                        "CUDA_MPS_LOG_DIRECTORY": string,
+                                    },
+                                }
+                            ),
+                        },
+                    }
+                ),
                 "mig": _nullable(
                     {
                         "type": "object",
@@ -767,6 +824,11 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                     ]
                 },
                 "services": {"type": "array", "items": string},
+                "allow_shares": {"type": "boolean", "description": "its requests may take shares of a GPU"},
+                "cross_queue_shares": {
+                    "type": "boolean",
+                    "description": "its shares may pack beside other queues' shares that allow it too",
+                },
                 "in_use_gpus": integer,
                 "borrowed_gpus": integer,
                 "fair_share_gpus": number,

@@ -45,6 +45,10 @@ class Allocate:
         return sum(len(a.gpus) for a in self.members)
 
     def to_wire(self) -> Wire:
+        if self.allocation.share_group is not None:
+            # Its own op for the same reason as a gang's: a server that predates shares
+            # would grant a share as a whole GPU and refuse the next share of it.
+            return {"op": "allocate_share", "at": self.at, "allocation": self.allocation.to_wire()}
         if not self.gang_rest:
             return {"op": "allocate", "at": self.at, "allocation": self.allocation.to_wire()}
         # Its own op, not "allocate" with more fields: a server that predates gangs
@@ -311,6 +315,11 @@ def command_from_wire(w: Mapping[str, Any]) -> Command:
     at = float(w["at"])
     if op == "allocate":
         return Allocate(at, Allocation.from_wire(w["allocation"]))
+    if op == "allocate_share":
+        share = Allocation.from_wire(w["allocation"])
+        if share.share_group is None:
+            raise InvalidRequest("allocate_share needs the share's sharing group", code="invalid_command")
+        return Allocate(at, share)
     if op == "allocate_gang":
         rest = tuple(Allocation.from_wire(a) for a in w["gang_rest"])
         if not rest:

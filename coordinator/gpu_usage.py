@@ -17,6 +17,11 @@ class _Usage:
     holder: str | None = None
     in_use_unleased: bool = False
     idle_since: float | None = None
+    # Shares on the GPU (coordinator/share_placement.py): their budgets together, and
+    # whether the GPU's used memory passed them at the last sample.
+    shares: int = 0
+    share_budget_mb: int = 0
+    over_budget: bool = False
 
 
 class UsageTracker:
@@ -55,6 +60,24 @@ class UsageTracker:
         elif gpu.idle_since is None:
             gpu.idle_since = at
         gpu.holder = holder
+
+    def observe_shares(self, index: int, *, shares: int, budget_mb: int, memory_used_mb: int | None) -> bool:
+        """One sample of GPU `index`'s shares (0 and 0 when unshared); True when it just went over budget.
+
+        Over budget: the GPU's used memory is above the sum of its shares'
+        budgets. NVML reports memory per GPU, so the GPU is flagged, not one
+        share (an unknown reading flags nothing).
+        """
+        gpu = self._gpus.setdefault(index, _Usage())
+        was = gpu.over_budget
+        gpu.shares, gpu.share_budget_mb = shares, budget_mb
+        gpu.over_budget = shares > 0 and memory_used_mb is not None and memory_used_mb > budget_mb
+        return gpu.over_budget and not was
+
+    def shares(self, index: int) -> tuple[int, int, bool]:
+        """(shares, their budgets in MB, over budget) of GPU `index` at the last sample."""
+        usage = self._gpus.get(index)
+        return (0, 0, False) if usage is None else (usage.shares, usage.share_budget_mb, usage.over_budget)
 
     def unleased_in_use(self, index: int) -> bool:
         usage = self._gpus.get(index)

@@ -41,7 +41,15 @@ Rules that keep every replica identical:
   expiry, renewal, preemption, and host loss of any one member's node. So no
   replica ever holds part of a gang, and its owner hears one event per change.
 
-Invariant: no GPU is held by two live allocations (checked on every Allocate).
+- Shares of a GPU (coordinator/share_placement.py): a share lease names one
+  GPU and a memory budget. An Allocate of a share (its own op, "allocate_share")
+  joins a GPU already shared by its sharing group, or opens a free one; it is
+  refused when the group differs or the budgets would pass the GPU's memory
+  total. One share of a shared GPU stands as its holder, so to everything else
+  the GPU is simply held; it is freed when its last share ends.
+
+Invariant: no GPU is held by two live allocations, shares of one group aside
+(checked on every Allocate), and no GPU's shares promise more than its memory.
 """
 
 from __future__ import annotations
@@ -98,6 +106,7 @@ from coordinator.model import (
 from coordinator.mig import SLOTS_PER_GPU, gpu_of_slice, slice_index
 from coordinator.queue_ledger import QueueLedger
 from coordinator.queues import UNCONFIGURED, QueuePolicy
+from coordinator.share_placement import ShareIndex
 from coordinator.wait_queue import RankKey, WaitQueue
 
 # How long a finished request id is remembered. A client retrying a request
@@ -106,7 +115,11 @@ DEFAULT_RETENTION_S = 86_400.0
 # How long hourly usage is kept until a RecordUsage names the leader's
 # `[accounting] retention_days`: 90 days, a quarter of chargeback.
 DEFAULT_USAGE_RETENTION_S = 90 * 86_400.0
-SNAPSHOT_VERSION = 5
+SNAPSHOT_VERSION = 6
+# Written while no share lease lives: what the release before shares reads (gangs
+# and MIG as in version 5). A version 5 reader would take a share for a whole-GPU
+# lease and two shares of one GPU for a corrupt table, so shares need version 6.
+SNAPSHOT_VERSION_WITHOUT_SHARES = 5
 # The version written while no gang is live and no lease or waiter asks for a MIG
 # slice: what the release before gangs and MIG reads, so a rolling upgrade's older
 # servers take snapshots of tables that use neither. A gang member would read there
@@ -140,6 +153,9 @@ class LeaseTable:
         self.retention_s = retention_s
         self._allocations: dict[str, Allocation] = {}
         self._holders: dict[GpuRef, str] = {}
+        self._shares = ShareIndex()
+        # Waiting shares by request id: the scheduler packs them onto shared GPUs before its pass.
+        self._queued_shares: dict[str, QueuedRequest] = {}
         self._queue = WaitQueue()
         # Records of queued and allocated requests; finished ones live in _finished.
         self._records: dict[str, RequestRecord] = {}
@@ -238,6 +254,18 @@ class LeaseTable:
 
     def held_gpus(self) -> Mapping[GpuRef, str]:
         return self._holders
+
+    def queued_share_count(self) -> int:
+        return len(self._queued_shares)
+
+    def queued_shares(self) -> list[QueuedRequest]:
+        """The waiting shares in serving order (a sort of the few that wait, not a walk of the queue)."""
+        return sorted(self._queued_shares.values(), key=lambda q: self.rank_key(q.request))
+
+    @property
+    def shares(self) -> ShareIndex:
+        """The GPUs holding shares, their budgets and tenants (read only: `apply` keeps it)."""
+        return self._shares
 
     def released_at(self, gpu: GpuRef) -> float:
         """When `gpu` was last released (0.0 if never)."""
@@ -494,14 +522,18 @@ class LeaseTable:
         queued = self._queue.get(request_id)
         if queued is None and self._known(request_id):
             raise Conflict(f"request {request_id} was already handled", code="duplicate_request")
-        for member in members:
-            for gpu in member.gpus:
-                holder = self._holders.get(gpu.ref)
-                if holder is not None:
-                    raise Conflict(
-                        f"GPU {gpu.node}/{gpu.index} is held by {holder}", code="gpu_busy"
-                    )
-        self._check_caps(alloc, cmd.gpu_total)
+        if alloc.share_group is not None:
+            cost = self._check_share(cmd)
+        else:
+            for member in members:
+                for gpu in member.gpus:
+                    holder = self._holders.get(gpu.ref)
+                    if holder is not None:
+                        raise Conflict(
+                            f"GPU {gpu.node}/{gpu.index} is held by {holder}", code="gpu_busy"
+                        )
+            cost = cmd.gpu_total
+        self._check_caps(alloc, cost)
         if queued is not None:
             self._dequeue(queued)
         for member in members:
@@ -522,6 +554,20 @@ class LeaseTable:
             "allocated", cmd.at, alloc.request, allocation=alloc, was_queued=queued is not None, gang=_gang_of(members)
         )
         return ApplyResult(events=(event,), affected=tuple(m.allocation_id for m in members))
+
+    def _check_share(self, cmd: Allocate) -> int:
+        """Refuse a share that does not fit its GPU now; return the GPUs it adds to its queue's count (0 or 1)."""
+        alloc = cmd.allocation
+        if cmd.gang_rest or alloc.gang is not None or len(alloc.gpus) != 1 or not alloc.request.requirements.is_share:
+            raise InvalidRequest(
+                f"share {alloc.allocation_id} must be one lease on one GPU with a memory budget", code="invalid_allocation"
+            )
+        ref = alloc.gpus[0].ref
+        holder = self._holders.get(ref)
+        if holder is not None and ref not in self._shares.gpus:
+            raise Conflict(f"GPU {ref.node}/{ref.index} is held by {holder}", code="gpu_busy")
+        self._shares.check(alloc)
+        return self._queues.share_cost(alloc.request.queue_name, ref)
 
     def _enqueue(self, cmd: Enqueue) -> ApplyResult:
         request_id = cmd.request.request_id
@@ -829,8 +875,8 @@ class LeaseTable:
             self._gpu_health[ref] = (cmd.state, cmd.reasons)
         if cmd.state != UNHEALTHY or before == UNHEALTHY:
             return ApplyResult()
-        # Health is recorded per GPU; the leases on it are the GPU's own, or its MIG slices'.
-        holders = [self._holders.get(ref)]
+        # Health is recorded per GPU; the leases on it are the GPU's own, its shares, or its MIG slices'.
+        holders = [self._holders.get(ref), *self._shares.tenants(ref)]
         if gpu_of_slice(cmd.index) is None:
             holders += [self._holders.get(GpuRef(cmd.node, slice_index(cmd.index, i))) for i in range(SLOTS_PER_GPU)]
         affected = [h for h in dict.fromkeys(holders) if h is not None]
@@ -856,22 +902,34 @@ class LeaseTable:
         for alloc in allocs:
             self._allocations[alloc.allocation_id] = alloc
             self._live_keys[_usage_key(alloc)] += 1
-            for gpu in alloc.gpus:
-                self._holders[gpu.ref] = alloc.allocation_id
+            if alloc.share_group is not None:
+                self._shares.add(alloc)
+            else:
+                for gpu in alloc.gpus:
+                    self._holders[gpu.ref] = alloc.allocation_id
             self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
+        for ref in self._shares.gpus:
+            # The same stand-in holder as one-by-one adds and removes would leave: the least id.
+            self._holders[ref] = self._shares.tenants(ref)[0]
         self._gangs = _gangs_of(allocs)
         self._expiries = SortedList((a.expires_at, a.allocation_id) for a in allocs if a.expires_at is not None)
         for node in self._node_allocations:
             self._holders_changed(node)
         self._queue = WaitQueue(queued, age_weight_per_hour=self._policy.age_weight_per_hour)
+        self._queued_shares = {q.request.request_id: q for q in queued if q.request.requirements.is_share}
         self._queues = QueueLedger(self._policy.age_weight_per_hour)
         self._queues.load(allocs, queued, self._preempting)
 
     def _add_allocation(self, alloc: Allocation) -> None:
         self._allocations[alloc.allocation_id] = alloc
         self._live_keys[_usage_key(alloc)] += 1
-        for gpu in alloc.gpus:
-            self._holders[gpu.ref] = alloc.allocation_id
+        if alloc.share_group is not None:
+            self._shares.add(alloc)
+            # The least id of the GPU's shares stands as its holder (whatever the order they came in).
+            self._holders[alloc.gpus[0].ref] = self._shares.tenants(alloc.gpus[0].ref)[0]
+        else:
+            for gpu in alloc.gpus:
+                self._holders[gpu.ref] = alloc.allocation_id
         self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
         self._add_expiry(alloc)
         self._holders_changed(alloc.node)
@@ -889,9 +947,14 @@ class LeaseTable:
         if not self._live_keys[key]:
             del self._live_keys[key]
         self._allocation_texts.pop(alloc.allocation_id, None)
-        for gpu in alloc.gpus:
-            del self._holders[gpu.ref]
-            self._released_at[gpu.ref] = at
+        if alloc.share_group is not None and not self._shares.remove(alloc):
+            # Other shares stay on the GPU: it stays held, by the least of their ids.
+            ref = alloc.gpus[0].ref
+            self._holders[ref] = self._shares.tenants(ref)[0]
+        else:
+            for gpu in alloc.gpus:
+                del self._holders[gpu.ref]
+                self._released_at[gpu.ref] = at
         on_node = self._node_allocations[alloc.node]
         on_node.discard(alloc.allocation_id)
         if not on_node:
@@ -919,10 +982,13 @@ class LeaseTable:
     def _add_queued(self, queued: QueuedRequest) -> None:
         self._queue.add(queued)
         self._queues.add_waiting(queued)
+        if queued.request.requirements.is_share:
+            self._queued_shares[queued.request.request_id] = queued
 
     def _dequeue(self, queued: QueuedRequest) -> None:
         self._queue.remove(queued)
         self._queues.remove_waiting(queued)
+        self._queued_shares.pop(queued.request.request_id, None)
         self._queue_texts.pop(queued.request.request_id, None)
         # Allocated, cancelled or timed out: its victims' grace periods run on
         # (they were promised a deadline), but the GPUs are no longer held for it.
@@ -945,6 +1011,9 @@ class LeaseTable:
 
         See `restore` for why the garbage collector is paused meanwhile.
 
+        Version 6 is version 5 whose leases may be shares of a GPU (their wire
+        form's "share_group" and requirements' "share_mb"; the share index is
+        rebuilt from them), written only while a share lives.
         Version 5 is version 4 whose leases may be gang members (their wire
         form's "gang"; the table's gang index is rebuilt from them) and whose
         records may ask for a MIG slice ("mig_profile"): a version 4 reader would
@@ -990,7 +1059,13 @@ class LeaseTable:
 
     def _snapshot(self) -> Wire:
         return {
-            "version": SNAPSHOT_VERSION if self._gangs or self._uses_mig() else SNAPSHOT_VERSION_WITHOUT_SHAPES,
+            "version": (
+                SNAPSHOT_VERSION
+                if self._shares.gpus
+                else SNAPSHOT_VERSION_WITHOUT_SHARES
+                if self._gangs or self._uses_mig()
+                else SNAPSHOT_VERSION_WITHOUT_SHAPES
+            ),
             "clock": self._clock,
             "retention_s": self.retention_s,
             "allocations": [_text_or_item(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
@@ -1036,7 +1111,7 @@ class LeaseTable:
     @classmethod
     def _restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
         version = snap.get("version")
-        if version not in (1, 2, 3, 4, SNAPSHOT_VERSION):
+        if version not in (1, 2, 3, 4, 5, SNAPSHOT_VERSION):
             raise ValueError(f"unsupported lease-table snapshot version {version!r}")
         table = cls(retention_s=float(snap["retention_s"]))
         table._clock = float(snap["clock"])

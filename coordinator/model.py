@@ -86,6 +86,9 @@ class Requirements:
     # None: whole GPUs only. A profile ("1g.10gb"): one MIG slice of it. MIG_ANY:
     # one MIG slice of any profile, best fit taking the smallest adequate one.
     mig_profile: str | None = None
+    # A share of one GPU (coordinator/share_placement.py): its memory budget in
+    # MB, packed beside other shares of its sharing group. None: whole units.
+    share_mb: int | None = None
 
     @property
     def total_gpus(self) -> int:
@@ -95,6 +98,10 @@ class Requirements:
     @property
     def is_gang(self) -> bool:
         return self.nodes > 1
+
+    @property
+    def is_share(self) -> bool:
+        return self.share_mb is not None
 
     def matches_statically(self, gpu: GpuView) -> bool:
         """True when `gpu` could ever serve this request: kind of unit, model, node and total memory."""
@@ -129,11 +136,15 @@ class Requirements:
         if self.mig_profile is not None:
             # Left out for whole GPUs, so records without MIG encode as they always did.
             wire["mig_profile"] = self.mig_profile
+        if self.share_mb is not None:
+            # Left out for whole units, so records without shares encode as they always did.
+            wire["share_mb"] = self.share_mb
         return wire
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Requirements:
         mig_profile = w.get("mig_profile")
+        share_mb = w.get("share_mb")
         return cls(
             gpu_count=int(w["gpu_count"]),
             min_memory_mb=int(w["min_memory_mb"]),
@@ -142,6 +153,7 @@ class Requirements:
             node=w.get("node"),
             nodes=int(w.get("nodes", 1)),
             mig_profile=None if mig_profile is None else str(mig_profile),
+            share_mb=None if share_mb is None else int(share_mb),
         )
 
 
@@ -365,6 +377,9 @@ class Allocation:
     topology: AllocationTopology | None = None
     # Set only for a member of a gang; None for every single-node lease.
     gang: GangMembership | None = None
+    # Set only for a share of a GPU (`request.requirements.share_mb`): the sharing
+    # group it packs with, its queue's name or SHARE_GROUP_ANY (coordinator/share_placement.py).
+    share_group: str | None = None
 
     def to_wire(self) -> Wire:
         wire: Wire = {
@@ -380,11 +395,14 @@ class Allocation:
             wire["topology"] = self.topology.to_wire()
         if self.gang is not None:
             wire["gang"] = self.gang.to_wire()
+        if self.share_group is not None:
+            wire["share_group"] = self.share_group
         return wire
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Allocation:
         expires = w.get("expires_at")
+        share_group = w.get("share_group")
         topology = w.get("topology")
         gang = w.get("gang")
         return cls(
@@ -396,6 +414,7 @@ class Allocation:
             expires_at=None if expires is None else float(expires),
             topology=None if topology is None else AllocationTopology.from_wire(topology),
             gang=None if gang is None else GangMembership.from_wire(gang),
+            share_group=None if share_group is None else str(share_group),
         )
 
 

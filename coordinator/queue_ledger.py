@@ -8,6 +8,12 @@ those questions walks the whole table: each change costs O(log n).
 
 Queues are keyed by the name a request carries (`AllocationRequest.queue_name`),
 declared or not: the table does not interpret the policy, it only counts.
+
+Shares of a GPU (coordinator/share_placement.py) count by GPU, not by lease: a
+queue holds one GPU while any of its shares is on it, so its first share there
+adds the GPU and its last takes it away. Shares are not preemption victims (one
+share's end frees no GPU while others stay), so they stay out of `leases` and
+`by_priority`, and out of `preempting_gpus`.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from sortedcontainers import SortedList
 
 _K = TypeVar("_K", bound=Hashable)
 
-from coordinator.model import Allocation, QueuedRequest
+from coordinator.model import Allocation, GpuRef, QueuedRequest
 from coordinator.wait_queue import WaitQueue
 
 
@@ -39,9 +45,22 @@ class QueueLedger:
         # GPUs of leases in their grace period, per queue: already promised away,
         # so neither a guarantee they protect nor a borrow they make.
         self.preempting_gpus: Counter[str] = Counter()
+        # (queue, GPU) -> the queue's shares on that GPU; the GPU counts once while above 0.
+        self.shares: Counter[tuple[str, GpuRef]] = Counter()
+
+    def share_cost(self, queue: str, ref: GpuRef) -> int:
+        """GPUs a new share of `queue` on `ref` adds to its count: 0 when it has a share there already, else 1."""
+        return 0 if self.shares[(queue, ref)] else 1
 
     def add_lease(self, alloc: Allocation) -> None:
         queue = alloc.request.queue_name
+        if alloc.share_group is not None:
+            key = (queue, alloc.gpus[0].ref)
+            self.shares[key] += 1
+            if self.shares[key] == 1:
+                self.gpus[queue] += 1
+                self.gpus_by_name[(queue, alloc.gpus[0].name)] += 1
+            return
         self.gpus[queue] += len(alloc.gpus)
         for gpu in alloc.gpus:
             self.gpus_by_name[(queue, gpu.name)] += 1
@@ -50,6 +69,13 @@ class QueueLedger:
 
     def remove_lease(self, alloc: Allocation, preempting: bool = False) -> None:
         queue = alloc.request.queue_name
+        if alloc.share_group is not None:
+            key = (queue, alloc.gpus[0].ref)
+            _decrement(self.shares, key, 1)
+            if key not in self.shares:
+                _decrement(self.gpus, queue, 1)
+                _decrement(self.gpus_by_name, (queue, alloc.gpus[0].name), 1)
+            return
         _decrement(self.gpus, queue, len(alloc.gpus))
         if preempting:
             _decrement(self.preempting_gpus, queue, len(alloc.gpus))
@@ -65,7 +91,9 @@ class QueueLedger:
             del self.by_priority[queue]
 
     def mark_preempting(self, alloc: Allocation) -> None:
-        """Count a lease that entered its grace period."""
+        """Count a lease that entered its grace period (a share frees no GPU by itself: not counted)."""
+        if alloc.share_group is not None:
+            return
         self.preempting_gpus[alloc.request.queue_name] += len(alloc.gpus)
 
     def kept(self, queue: str) -> int:

@@ -64,6 +64,12 @@ class QueueSpec:
     idle_reclaim: IdlePolicy | None = None
     # Services whose requests go to this queue (without auth, or keys naming none).
     services: tuple[str, ...] = ()
+    # May its requests take shares of a GPU (sharing "shared"; 403 sharing_not_allowed when not).
+    allow_shares: bool = True
+    # May its shares pack onto a GPU beside other queues' shares. Off by default:
+    # time-sliced tenants share one fault domain (a crash or an OOM on the GPU hits
+    # all), which teams should opt into; on both sides (each queue must allow it).
+    cross_queue_shares: bool = False
 
     def __post_init__(self) -> None:
         problems = _spec_problems(self)
@@ -110,6 +116,8 @@ class QueueSpec:
             if self.idle_reclaim is None
             else {"utilization_pct": self.idle_reclaim.utilization_pct, "minutes": self.idle_reclaim.minutes},
             "services": list(self.services),
+            "allow_shares": self.allow_shares,
+            "cross_queue_shares": self.cross_queue_shares,
         }
 
     @classmethod
@@ -129,6 +137,8 @@ class QueueSpec:
             preemption_grace_s=float(w.get("preemption_grace_s", 30.0)),
             idle_reclaim=None if idle is None else IdlePolicy(float(idle["utilization_pct"]), float(idle["minutes"])),
             services=tuple(str(s) for s in w.get("services", ())),
+            allow_shares=bool(w.get("allow_shares", True)),
+            cross_queue_shares=bool(w.get("cross_queue_shares", False)),
         )
 
 

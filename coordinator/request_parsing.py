@@ -80,6 +80,8 @@ _ALLOCATE_FIELDS = (
     "nodes",  # a gang: this many nodes...
     "gpus_per_node",  # ...with this many GPUs on each
     "mig_profile",
+    "sharing",  # "exclusive" (default) or "shared": a share of one GPU...
+    "gpu_memory_mb",  # ...with this memory budget
 )
 _CONSTRAINT_FIELDS = ("gpu_model", "node")
 
@@ -110,6 +112,8 @@ class AllocateBody:
     gpus_per_node: int | None = None
     # One MIG slice of this profile, or of any (MIG_ANY); None = whole GPUs.
     mig_profile: str | None = None
+    # A share of one GPU with this memory budget (sharing "shared"); None = exclusive.
+    share_mb: int | None = None
 
     @property
     def workflow_id(self) -> str | None:
@@ -168,6 +172,7 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
             "a MIG slice is one unit on one node: mig_profile cannot be asked with gpus_per_node",
             code="invalid_gang",
         )
+    share_mb = _opt_share(obj, gpu_count, nodes, mig_profile)
     return AllocateBody(
         service_name=service_name,
         workload_type=str(workload_type),
@@ -186,7 +191,45 @@ def parse_allocate_body(body: object, *, require_service: bool = True) -> Alloca
         nodes=nodes,
         gpus_per_node=per_node if nodes is None else None,
         mig_profile=mig_profile,
+        share_mb=share_mb,
     )
+
+
+def _opt_share(obj: Mapping[str, Any], gpu_count: int | None, nodes: int | None, mig_profile: str | None) -> int | None:
+    """A body's share budget in MB (`sharing: "shared"`), or None for exclusive units. Raises InvalidRequest.
+
+    A share is part of one GPU on one node: a count above 1, a gang or a MIG
+    slice beside it would ask for something no single share can be.
+    """
+    sharing = _or(obj.get("sharing"), "exclusive")
+    if sharing not in ("exclusive", "shared"):
+        raise InvalidRequest(
+            f'sharing must be "exclusive" or "shared", got {brief(repr(sharing))}', code="invalid_share"
+        )
+    memory = obj.get("gpu_memory_mb")
+    if sharing == "exclusive":
+        if memory is not None:
+            raise InvalidRequest(
+                'gpu_memory_mb is the budget of a share: give it with sharing "shared" '
+                "(min_memory_mb is the memory a whole GPU must have)",
+                code="invalid_share",
+            )
+        return None
+    if isinstance(memory, float) and memory.is_integer():
+        memory = int(memory)  # JSON has one number type: 259.0 is the integer 259, as for other counts
+    if isinstance(memory, bool) or not isinstance(memory, int) or not 0 < memory <= MAX_MEMORY_MB:
+        raise InvalidRequest(
+            f'sharing "shared" needs gpu_memory_mb, the share\'s memory budget: an integer from 1 to '
+            f"{MAX_MEMORY_MB}, got {brief(repr(memory))}",
+            code="invalid_share",
+        )
+    if gpu_count not in (None, 1):
+        raise InvalidRequest(f"a share is part of one GPU: gpu_count must be 1 or left out, got {gpu_count}", code="invalid_share")
+    if nodes != 1 or "gpus_per_node" in obj and obj["gpus_per_node"] is not None:
+        raise InvalidRequest("a share is part of one GPU on one node: it cannot be a gang", code="invalid_share")
+    if mig_profile is not None:
+        raise InvalidRequest("a share is of a whole GPU: mig_profile cannot be asked with sharing \"shared\"", code="invalid_share")
+    return memory
 
 
 def _gang_shape(obj: Mapping[str, Any], constraints: Mapping[str, Any]) -> tuple[int | None, int | None]:
@@ -243,7 +286,8 @@ def queue_for(body: AllocateBody, policy: QueuePolicy, key_queue: str | None = N
     Raises Forbidden `unknown_queue` for a key naming a queue the policy does
     not declare, `parent_queue` for one naming a queue with child queues (work
     runs in the children), and `priority_ceiling` for a `priority` above the
-    queue's `max_priority`; InvalidRequest `preemptible_without_guarantee` for
+    queue's `max_priority`, `sharing_not_allowed` for a share in a queue with
+    `allow_shares = false`; InvalidRequest `preemptible_without_guarantee` for
     `preemptible: false` where the queue guarantees no GPU such a request could
     use (it could never be within its guarantee, so it could never be placed).
     """
@@ -269,6 +313,12 @@ def queue_for(body: AllocateBody, policy: QueuePolicy, key_queue: str | None = N
         raise Forbidden(
             f"priority {body.priority} is above the ceiling of queue {name!r}: max_priority {spec.max_priority}",
             code="priority_ceiling",
+        )
+    if body.share_mb is not None and not spec.allow_shares:
+        raise Forbidden(
+            f"queue {name!r} does not allow shares of a GPU (allow_shares = false): ask for whole GPUs "
+            "(leave sharing out) or use a queue that allows shares",
+            code="sharing_not_allowed",
         )
     if not body.preemptible:
         _, guaranteed = spec.model_guarantee(body.gpu_model)
@@ -338,7 +388,11 @@ def resolve_requirements(body: AllocateBody, estimate: WorkloadEstimate) -> Requ
     for such a gang pinned to one node by constraints.node.
     """
     nodes = body.nodes
-    if body.mig_profile is not None:
+    if body.share_mb is not None:
+        # A share's budget is its memory need: the GPU must hold at least that much.
+        gpu_count = 1
+        default_memory = body.share_mb
+    elif body.mig_profile is not None:
         gpu_count = 1
         default_memory = 0 if body.mig_profile != MIG_ANY else estimate.min_memory_mb
     else:
@@ -363,6 +417,7 @@ def resolve_requirements(body: AllocateBody, estimate: WorkloadEstimate) -> Requ
         node=body.node,
         nodes=nodes,
         mig_profile=body.mig_profile,
+        share_mb=body.share_mb,
     )
 
 

@@ -33,7 +33,13 @@ Policy, in the order it is applied:
    A gang (`nodes` > 1) is one request: it is placed on all its nodes at once
    or reserves on the nodes closest to fitting it (coordinator/gang_placement.py),
    and is granted by one Allocate carrying every member.
-4. **Leases and the queue end by time.** A lease whose `expires_at` has passed is
+4. **Shares pack, best fit.** A share of a GPU (`share_mb`) first joins the GPU
+   of its sharing group with the least budget left that holds it
+   (coordinator/share_placement.py), which takes no free GPU from anyone; only
+   when none does is it placed like a one-GPU request (rules 2 and 3), opening
+   that GPU to sharing. A waiting share is packed at each tick before the pass,
+   at most one per GPU per pass (the next waits for the first to apply).
+5. **Leases and the queue end by time.** A lease whose `expires_at` has passed is
    released with reason "expired"; a queued request past its deadline is
    withdrawn with reason "queue_timeout". Both are commands with `at = now`, so
    a new leader simply continues them.
@@ -78,6 +84,7 @@ from coordinator.model import (
 from coordinator.placement import AnyPlacement, OpenGpus, Placement, PlanWalk
 from coordinator.preemption import choose_victims
 from coordinator.queue_rules import QueueBook, Standing
+from coordinator.share_placement import share_group
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +137,11 @@ class Scheduler:
         to queue, QueueFull when the queue is at its bound.
         """
         self.check_satisfiable(request, inventory)
+        if request.requirements.is_share:
+            book = self._book(table, inventory, pending, pending_queues)
+            packed = self._pack_share(request, table, inventory, now, book, pending)
+            if packed is not None:
+                return packed
         walk = self._walk(table, inventory)
         quota = ""
         try:
@@ -171,7 +183,7 @@ class Scheduler:
         now: float,
     ) -> tuple[AnyPlacement | None, str]:
         """Where the queue pass would place `request` now, or (None, why when its queue forbids it)."""
-        book = self._book(walk, pending, pending_queues)
+        book = self._book(walk.table, walk.inventory, pending, pending_queues)
         verdict = book.classify(request)
         if verdict.standing is Standing.QUOTA:
             return None, verdict.detail
@@ -184,7 +196,11 @@ class Scheduler:
         return None, ""
 
     def _book(
-        self, walk: PlanWalk, pending: Collection[GpuRef], pending_queues: Mapping[str, int] | None
+        self,
+        table: LeaseTable,
+        inventory: Inventory,
+        pending: Collection[GpuRef],
+        pending_queues: Mapping[str, int] | None,
     ) -> QueueBook:
         """The queue counts of a pass: the table's, with in-flight placements' GPUs counted too.
 
@@ -193,10 +209,9 @@ class Scheduler:
         (Between its apply and its settle it is counted twice: a moment of
         caution, never an excess.)
         """
-        table = walk.table
         claimants = (table.queued(i) for i in table.claims())
         claims = {q.request.request_id: q.request for q in claimants if q is not None}
-        book = QueueBook(table.queue_policy, table.queue_ledger, len(walk.inventory), claims)
+        book = QueueBook(table.queue_policy, table.queue_ledger, len(inventory), claims)
         for queue, gpus in (pending_queues or {}).items():
             book.used[queue] += gpus
         book.total_used += len(pending)
@@ -228,7 +243,12 @@ class Scheduler:
             )
             if ids:
                 commands.append(Release(now, ids, reason))
-        if table.queue_length() > len(timed_out):
+        skip = set(timed_out)
+        if table.shares and table.queued_share_count():
+            packed = self._pack_queued_shares(table, inventory, now, pending, pending_queues, skip)
+            commands.extend(packed)
+            skip.update(c.allocation.request.request_id for c in packed)
+        if table.queue_length() > len(skip):
             # GPUs of expired and preempted leases count as free: their Release is ahead in the log.
             released = frozenset(g.ref for a in (*expired, *preempted) for g in a.gpus)
             walk = self._walk(table, inventory, released)
@@ -236,9 +256,9 @@ class Scheduler:
                 walk.close_pending(pending)
                 walk.open_released(pending)
                 if table.queue_policy.configured:
-                    commands.extend(self._queue_pass(walk, pending, pending_queues, set(timed_out), now))
+                    commands.extend(self._queue_pass(walk, pending, pending_queues, skip, now))
                 else:
-                    placements = walk.walk(table.queue_groups(), skip=set(timed_out))
+                    placements = walk.walk(table.queue_groups(), skip=skip)
                     ports: dict[str, set[int]] = {}
                     for request, placement in placements:
                         commands.append(self._grant(request, placement, now, table, inventory, ports))
@@ -256,7 +276,7 @@ class Scheduler:
     ) -> list[Command]:
         """Placements of a pass under the queue policy, then preemptions for entitled requests left waiting."""
         table = walk.table
-        book = self._book(walk, pending, pending_queues)
+        book = self._book(table, walk.inventory, pending, pending_queues)
         # Leases whose grace ends now are already out of their queues' counts (the
         # book counts leases in their grace period as gone), and their GPUs open.
         result = queue_pass.plan(walk, book, now, skip)
@@ -294,6 +314,62 @@ class Scheduler:
             else:
                 commands.append(preempt)
                 book.claim(request)
+        return commands
+
+    def _pack_share(
+        self,
+        request: AllocationRequest,
+        table: LeaseTable,
+        inventory: Inventory,
+        now: float,
+        book: QueueBook,
+        closed: Collection[GpuRef],
+    ) -> Allocate | None:
+        """The Allocate that packs share `request` onto a GPU its group shares already, best fit; None when none holds it.
+
+        GPUs in `closed` (in-flight proposals) are passed over: their budget is
+        about to change. Joining a GPU the queue counts already costs no quota;
+        joining another queue's (cross-queue shares) costs one GPU, so it is
+        taken only where the queue rules let the queue have one more.
+        """
+        req = request.requirements
+        assert req.share_mb is not None
+        queue = request.queue_name
+        may_grow: bool | None = None
+        for ref in table.shares.fits(share_group(table.queue_policy, queue), req.share_mb):
+            view = inventory.get(ref)
+            if ref in closed or view is None or not view.schedulable or not req.matches_statically(view):
+                continue
+            if table.queue_ledger.share_cost(queue, ref):
+                if may_grow is None:
+                    may_grow = not table.queue_policy.configured or book.classify(request).standing is not Standing.QUOTA
+                if not may_grow:
+                    continue
+                book.used[queue] += 1
+                book.total_used += 1
+            return self._grant(request, Placement(view.node, (view,)), now, table, inventory, {})
+        return None
+
+    def _pack_queued_shares(
+        self,
+        table: LeaseTable,
+        inventory: Inventory,
+        now: float,
+        pending: Collection[GpuRef],
+        pending_queues: Mapping[str, int] | None,
+        skip: Collection[str],
+    ) -> list[Allocate]:
+        """Allocates packing waiting shares onto shared GPUs, in rank order, at most one per GPU this pass."""
+        book = self._book(table, inventory, pending, pending_queues)
+        closed = set(pending)
+        commands: list[Allocate] = []
+        for queued in table.queued_shares():
+            if queued.request.request_id in skip:
+                continue
+            packed = self._pack_share(queued.request, table, inventory, now, book, closed)
+            if packed is not None:
+                commands.append(packed)
+                closed.add(packed.allocation.gpus[0].ref)
         return commands
 
     @staticmethod
@@ -373,7 +449,10 @@ class Scheduler:
         (the table knows only applied gangs); the gang's is added to it.
         """
         if isinstance(placement, Placement):
-            return Allocate(now, self._allocation(request, placement, now))
+            alloc = self._allocation(request, placement, now)
+            if request.requirements.is_share:
+                alloc = dataclasses.replace(alloc, share_group=share_group(table.queue_policy, request.queue_name))
+            return Allocate(now, alloc)
         gang_id = f"{request.service_name}-{self._rng.getrandbits(64):016x}"
         first = placement.members[0].node
         address = inventory.address(first) or first

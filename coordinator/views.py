@@ -7,7 +7,7 @@ One module so that an allocation looks the same in `/gpu/allocate`,
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
 from coordinator.model import (
     Allocation,
@@ -17,6 +17,7 @@ from coordinator.model import (
     RequestRecord,
 )
 from coordinator.pending_reasons import PendingReason
+from coordinator.share_placement import SHARE_GROUP_ANY, ShareIndex
 
 JsonObject = dict[str, Any]
 
@@ -49,7 +50,13 @@ def requirements_view(request: AllocationRequest) -> JsonObject:
     return view
 
 
-def allocation_view(alloc: Allocation, gang: tuple[Allocation, ...] = ()) -> JsonObject:
+def allocation_view(
+    alloc: Allocation,
+    gang: tuple[Allocation, ...] = (),
+    *,
+    shares: ShareIndex | None = None,
+    mps: Mapping[str, str] | None = None,
+) -> JsonObject:
     """An allocation as the API returns it (SPEC.md's allocation object).
 
     With `gang` (every member lease, rank order), the whole gang: its id, all
@@ -93,6 +100,8 @@ def allocation_view(alloc: Allocation, gang: tuple[Allocation, ...] = ()) -> Jso
         "topology": None if alloc.topology is None else alloc.topology.to_wire(),
         # The MIG slice held (coordinator/mig.py); null for whole GPUs.
         "mig": mig_view(alloc),
+        # The share of a GPU held (coordinator/share_placement.py); null for whole units.
+        "shared": shared_view(alloc, shares, mps),
     }
     if alloc.gang is not None:
         view["gang"] = {"gang_id": alloc.gang.gang_id, "rank": alloc.gang.rank, "size": alloc.gang.size}
@@ -129,6 +138,26 @@ def _gang_view(members: tuple[Allocation, ...]) -> JsonObject:
         "nnodes": len(members),
     }
     return view
+
+
+def shared_view(alloc: Allocation, shares: ShareIndex | None, mps: Mapping[str, str] | None) -> JsonObject | None:
+    """`{"gpu_memory_mb", "gpu_memory_total_mb", "cross_queue", "co_tenants", "mps"}` for a share, else None.
+
+    The budget is what the holder should keep its process to (e.g. PyTorch's
+    `set_per_process_memory_fraction(gpu_memory_mb / gpu_memory_total_mb)`):
+    nothing enforces it on the GPU, but the agent flags a GPU whose used memory
+    passes the sum of its shares' budgets (docs/shapes.md).
+    """
+    if alloc.share_group is None:
+        return None
+    gpu = alloc.gpus[0]
+    return {
+        "gpu_memory_mb": alloc.request.requirements.share_mb,
+        "gpu_memory_total_mb": gpu.memory_total_mb,
+        "cross_queue": alloc.share_group == SHARE_GROUP_ANY,
+        "co_tenants": None if shares is None else max(0, len(shares.tenants(gpu.ref)) - 1),
+        "mps": dict(mps) if mps else None,
+    }
 
 
 def mig_view(alloc: Allocation) -> JsonObject | None:

@@ -18,9 +18,11 @@ so placement takes the lowest indices among best fit's interchangeable GPUs,
 as before topology existed. Node choice is best fit's either way. The figures
 judge both with the real wiring (the fleet's topologies).
 
-**Sharing ON** needs `sharing: "shared"` (branch `shares`, not on main): the
-one place it enters is `share_candidate_request`; until it is wired the
-variant prints "not available".
+**Sharing ON** submits the `small` jobs (2-12 GB) as shares of a GPU
+(`share_mb` = the job's memory, coordinator/share_placement.py), one lease per
+share; the one place it enters is `share_candidate_request`. A shared GPU
+counts as one whole GPU held while any share is on it (what a queue's quota
+counts too), so util measures GPUs taken, not memory promised.
 
 Figures, over the submission window (first to last submission), each state
 held from one event instant to the next:
@@ -55,7 +57,7 @@ from typing import Any, Sequence
 from coordinator.commands import Allocate, Enqueue, Release
 from coordinator.fragmentation import node_largest_request
 from coordinator.lease_table import LeaseTable
-from coordinator.model import AllocationRequest, Requirements
+from coordinator.model import AllocationRequest, GpuRef, Requirements
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from coordinator.topology import NodeTopology, is_nvlink
 from tests.bench.policy_metrics import percentile
@@ -71,22 +73,15 @@ class ReplayError(Exception):
     """The replay broke an invariant: a refused command, a request never served."""
 
 
-class SharingUnavailable(Exception):
-    """The core cannot take `sharing: "shared"` requests yet."""
-
-
 def share_candidate_request(job: ShapedJob, now: float, *, sharing: bool) -> AllocationRequest:
     """The request a share candidate (`small` job) submits: the one place sharing enters the replay.
 
-    sharing OFF: one whole GPU with the job's memory (what main does today).
-    sharing ON: once branch `shares` lands, `Requirements`/`AllocationRequest`
-    carrying `sharing="shared"` and `gpu_memory_mb=job.memory_mb` (as the
-    allocate body's fields are named in the product contract) go here, and
-    `Replay._held_units` must count a GPU held while any share holds it. Until
-    then this raises SharingUnavailable and the variant prints "not available".
+    sharing OFF: one whole GPU with the job's memory.
+    sharing ON: a share of one GPU whose budget is the job's memory (the
+    allocate body's `sharing: "shared"`, `gpu_memory_mb`).
     """
     if sharing:
-        raise SharingUnavailable("sharing='shared' is not on main yet (branch shares)")
+        return _request(job, now, Requirements(1, job.memory_mb, share_mb=job.memory_mb))
     return _request(job, now, Requirements(1, job.memory_mb))
 
 
@@ -149,6 +144,8 @@ class Replay:
         self._held_compute = 0
         self._acc: dict[str, float] = {}
         self._units: dict[str, tuple[int, int]] = {}
+        # Each live share's GPU: a shared GPU counts as held whole while any share is on it.
+        self._shares: dict[str, GpuRef] = {}
 
     def _capable_nodes(self, k: int, nvlink: bool) -> list[str]:
         out = []
@@ -227,11 +224,20 @@ class Replay:
                 self._quality(topo, [g.index for g in lead.gpus])
 
     def _held_units(self, command: Allocate) -> tuple[int, int]:
-        """(whole GPUs, MIG compute slices) `command` holds."""
+        """(whole GPUs, MIG compute slices) `command` holds: (0, 0) for a share, whose GPU `_shared` counts."""
+        if command.allocation.share_group is not None:
+            ref = command.allocation.gpus[0].ref
+            self._shares[command.allocation.allocation_id] = ref
+            if len(self.table.shares.tenants(ref)) == 1:
+                self._held_whole += 1  # it opened the GPU: held whole until its last share ends
+            return (0, 0)
         gpus = [g for a in command.members for g in a.gpus]
         return (sum(1 for g in gpus if g.mig_profile is None), sum(slice_compute(g.mig_profile) for g in gpus if g.mig_profile))
 
     def _ended(self, allocation_id: str) -> None:
+        ref = self._shares.pop(allocation_id, None)
+        if ref is not None and ref not in self.table.shares.gpus:
+            self._held_whole -= 1  # the GPU's last share ended (the Release is applied already)
         units = self._units.pop(allocation_id, None)
         if units is not None:  # a gang's other members come through its lead
             self._held_whole -= units[0]
@@ -298,7 +304,7 @@ class Replay:
 
 
 def replay(trace: ShapesTrace, *, topology: bool, sharing: bool) -> Figures:
-    """The figures of one variant. Raises SharingUnavailable for sharing ON until `shares` lands."""
+    """The figures of one variant."""
     return Replay(trace, topology=topology, sharing=sharing).run()
 
 
@@ -306,14 +312,8 @@ VARIANTS = ((True, False), (False, False), (True, True), (False, True))
 
 
 def run_variants(trace: ShapesTrace) -> list[Figures | str]:
-    """Each variant's figures, or the reason it could not run."""
-    out: list[Figures | str] = []
-    for topology, sharing in VARIANTS:
-        try:
-            out.append(replay(trace, topology=topology, sharing=sharing))
-        except SharingUnavailable:
-            out.append(f"topology {'ON' if topology else 'OFF'}, sharing ON: not available")
-    return out
+    """Each variant's figures."""
+    return [replay(trace, topology=topology, sharing=sharing) for topology, sharing in VARIANTS]
 
 
 def fmt_s(seconds: float) -> str:

@@ -74,6 +74,12 @@ Checked after every event (`LeaseViolation`, a SafetyViolation):
   device (GPU or MIG instance, by UUID) in two live leases, no GPU leased whole
   while a slice of it is leased, every slice lease holds one slice of the
   profile (and memory) it asked for, and no whole-GPU lease holds a slice;
+- with shares of a GPU (Call.share_mb): no GPU memory oversubscribed by shares
+  (the budgets of the live shares of a GPU sum to at most its memory total),
+  the shares of a GPU all of one sharing group and no whole-GPU lease beside
+  them, its holder one of them; and every queue's GPU count, recounted from the
+  leases (a shared GPU once per queue with a share on it), is the table's, so
+  the cap check below holds shares to `max_gpus` too;
 - with a queue policy (each ready leader proposes it first, as the agent does):
   no Allocate takes a queue or its parent past `max_gpus`; no Preempt takes
   another queue's work below that queue's guarantee, or names a lease that is
@@ -213,6 +219,7 @@ class Call:
     nodes: int = 1
     min_memory_mb: int = 1024
     mig_profile: str | None = None  # one MIG slice of this profile, or MIG_ANY
+    share_mb: int | None = None  # a share of one GPU with this memory budget
     attempts: int = 0
     finished: bool = False
     answers: list[Answer] = field(default_factory=list)
@@ -563,6 +570,10 @@ class LeaseCluster:
                         for i in ledger.leases.get(queue, ())
                         if (a := table.allocation(i)) is not None and table.preempting(i) is None
                     )
+                    # A GPU the queue has shares on counts once (shares are never victims).
+                    kept += len(
+                        {a.gpus[0].ref for a in table.allocations() if a.share_group is not None and a.request.queue_name == queue}
+                    )
                     if kept < policy.spec(queue).guarantee:
                         raise self.violation(
                             f"{machine.node_id}: a preemption leaves queue {queue} {kept} GPU(s) not in their "
@@ -758,6 +769,7 @@ class LeaseCluster:
                 min_memory_mb=call.min_memory_mb,
                 nodes=call.nodes,
                 mig_profile=call.mig_profile,
+                share_mb=call.share_mb,
             ),
             ttl_s=call.ttl_s,
             submitted_at=now,
@@ -1104,6 +1116,9 @@ class LeaseCluster:
         applied = self.applied(node_id)
         held: dict[GpuRef, str] = {}
         for alloc in table.allocations():
+            if alloc.share_group is not None:
+                held.setdefault(alloc.gpus[0].ref, "shares")  # checked in _check_shares
+                continue
             for gpu in alloc.gpus:
                 other = held.setdefault(gpu.ref, alloc.allocation_id)
                 if other != alloc.allocation_id:
@@ -1114,6 +1129,7 @@ class LeaseCluster:
             raise self.violation(f"{node_id}: the holder map names GPUs no live lease holds")
         self._check_gangs_whole(node_id, table)
         self._check_devices(node_id, table)
+        self._check_shares(node_id, table)
         for rid, (aid, index) in self.acks.items():
             if index > applied or table.lease_unit(aid):
                 continue
@@ -1162,6 +1178,37 @@ class LeaseCluster:
             if record is None or record.status != ALLOCATED or record.allocation_id != gang_id:
                 raise self.violation(f"{node_id}: live gang {gang_id} has record {record}")
 
+    def _check_shares(self, node_id: str, table: LeaseTable) -> None:
+        """The share invariants of the module docstring, recounted from the leases, not the table's indexes."""
+        views = {v.ref: v for v in self.views}
+        shares: dict[GpuRef, list[Allocation]] = {}
+        whole: set[GpuRef] = set()
+        per_queue: dict[str, set[GpuRef]] = {}
+        for alloc in table.allocations():
+            if alloc.share_group is not None:
+                shares.setdefault(alloc.gpus[0].ref, []).append(alloc)
+            else:
+                whole.update(g.ref for g in alloc.gpus)
+            # Each (queue, GPU) once: a shared GPU counts once per queue with a share there.
+            per_queue.setdefault(alloc.request.queue_name, set()).update(g.ref for g in alloc.gpus)
+        for ref, tenants in shares.items():
+            budget = sum(t.request.requirements.share_mb or 0 for t in tenants)
+            total = views[ref].memory_total_mb
+            if budget > total:
+                raise self.violation(f"{node_id}: GPU {ref} oversubscribed by shares: {budget} MB > {total} MB")
+            if ref in whole:
+                raise self.violation(f"{node_id}: GPU {ref} leased whole and in shares")
+            if len({t.share_group for t in tenants}) != 1:
+                raise self.violation(f"{node_id}: GPU {ref} shared by groups {sorted({str(t.share_group) for t in tenants})}")
+            if table.holder(ref) not in {t.allocation_id for t in tenants}:
+                raise self.violation(f"{node_id}: shared GPU {ref} has holder {table.holder(ref)}")
+        counted = {q: n for q, n in table.queue_ledger.gpus.items() if n}
+        recounted = {q: len(refs) for q, refs in per_queue.items() if refs}
+        if counted != recounted:
+            # The cap check after each Allocate (_check_queue_rules) reads these counts:
+            # equal to the recount, a share can never slip a queue past max_gpus.
+            raise self.violation(f"{node_id}: queues count {counted} GPUs, their leases hold {recounted}")
+
     def _check_devices(self, node_id: str, table: LeaseTable) -> None:
         """The MIG invariants of the module docstring, on one server's table."""
         by_uuid: dict[str, str] = {}
@@ -1170,6 +1217,10 @@ class LeaseCluster:
         views = {v.ref: v for v in self.views}
         for alloc in table.allocations():
             wanted = alloc.request.requirements
+            if alloc.share_group is not None:
+                # Shares of a device are many leases by design: _check_shares judges them.
+                by_uuid.setdefault(alloc.gpus[0].uuid, "shares")
+                continue
             for gpu in alloc.gpus:
                 other = by_uuid.setdefault(gpu.uuid, alloc.allocation_id)
                 if other != alloc.allocation_id:

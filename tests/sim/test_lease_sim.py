@@ -67,6 +67,7 @@ def chaos(
     queues: QueuePolicy | None = None,
     gangs: float = 0.0,
     mig: bool = False,
+    shares: float = 0.0,
 ) -> LeaseCluster:
     """One random run: the lease workload plus a random fault schedule, then settle().
 
@@ -91,7 +92,7 @@ def chaos(
     for node in cluster.raft.nodes.values():
         if rng.random() < 0.3:
             node.slow_disk = rng.uniform(0.2, 3.0)
-    workload(cluster, rng, horizon, gangs)
+    workload(cluster, rng, horizon, gangs, shares)
 
     def fault() -> None:
         if cluster.now >= horizon:
@@ -109,7 +110,9 @@ def chaos(
     return cluster
 
 
-def workload(cluster: LeaseCluster, rng: random.Random, horizon: float, gangs: float = 0.0) -> None:
+def workload(
+    cluster: LeaseCluster, rng: random.Random, horizon: float, gangs: float = 0.0, shares: float = 0.0
+) -> None:
     """Random clients until `horizon`: allocates (some queue=false, some too big to ever fit,
     a few reusing another service's request id; a `gangs` share of them gangs over several
     hosts, a few over more hosts than there are), and follow-ups: renew and release what was
@@ -135,6 +138,11 @@ def workload(cluster: LeaseCluster, rng: random.Random, horizon: float, gangs: f
             gpus, nodes = 1, 1  # a slice is one unit on one node
             mig_profile = rng.choice(["1g.10gb", "1g.10gb", "3g.40gb", "7g.80gb", MIG_ANY, MIG_ANY, "4g.40gb"])
             memory_mb = rng.choice([0, 8000, 15000, 30000]) if mig_profile == MIG_ANY else 0
+        share_mb = None
+        if not has_mig and rng.random() < shares:
+            # A share of one GPU: budgets from a sliver to more than any GPU has (never fits).
+            gpus, nodes = 1, 1
+            share_mb = memory_mb = rng.choice([1000, 5000, 10000, 20000, 40000, 70000, 10**7])
         request_id = cluster.new_request_id()
         if cluster.calls and rng.random() < 0.03:
             # Another service's id: 409 request_id_conflict once any server recorded it.
@@ -153,6 +161,7 @@ def workload(cluster: LeaseCluster, rng: random.Random, horizon: float, gangs: f
                 nodes=nodes,
                 min_memory_mb=memory_mb,
                 mig_profile=mig_profile,
+                share_mb=share_mb,
             )
         )
         cluster.later(rng.uniform(0.5, 3.0), allocate)
@@ -256,6 +265,40 @@ def test_the_mig_checker_catches_a_slice_under_a_whole_gpu_request(monkeypatch: 
     monkeypatch.setattr(Requirements, "matches_unit", lambda self, mig_profile: True)
     with pytest.raises(AssertionError, match="holds whole GPU|asked .* and holds|slice"):
         run_seeds("lease_chaos_with_mig", 300_000, lambda seed: chaos(seed, 3, mig=True), only=[300_000, 300_001])
+
+
+# Shares beside whole GPUs: a capped queue that allows cross-queue shares, one that keeps its
+# shares to itself, and the default queue (its own group) for the third service.
+SHARING = QueuePolicy.of(
+    [
+        QueueSpec("research", guaranteed_gpus=1, max_gpus=2, preemption_grace_s=1.5, services=("train",), cross_queue_shares=True),
+        QueueSpec("prod", guaranteed_gpus=1, max_gpus=3, preemption_grace_s=0.5, services=("infer",)),
+        QueueSpec("default", cross_queue_shares=True),
+    ],
+    preemption_priority_gap=4,
+)
+
+
+def test_lease_chaos_with_shares() -> None:
+    """Half the requests are shares of a GPU, under the same faults: besides every lease
+    invariant, no GPU memory oversubscribed by shares, no GPU shared across groups or leased
+    whole beside shares, and no queue above its cap counting a shared GPU once per queue.
+    Every other seed runs with queues (caps and cross-queue groups), the rest without."""
+    run_seeds(
+        "lease_chaos_with_shares",
+        500_000,
+        lambda seed: chaos(seed, 3, shares=0.5, queues=SHARING if seed % 2 else None),
+    )
+
+
+def test_the_share_checker_catches_oversubscription(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proof that the share invariants can fail: a table that lets any share onto its GPU is caught."""
+    from coordinator.share_placement import ShareIndex
+
+    monkeypatch.setattr(ShareIndex, "check", lambda self, alloc: None)
+    monkeypatch.setattr(ShareIndex, "fits", lambda self, group, budget: iter(sorted(self.gpus)))
+    with pytest.raises(AssertionError, match="oversubscribed|shared by groups"):
+        run_seeds("lease_chaos_with_shares", 500_000, lambda seed: chaos(seed, 3, shares=0.5), only=[500_000, 500_001])
 
 
 def test_lease_chaos_five_servers() -> None:

@@ -151,3 +151,19 @@ def test_a_reload_applies_the_queues_and_knobs_and_nothing_that_needs_a_restart(
     assert in_force.queue_policy == fresh.queue_policy
     assert in_force.http.port == running.http.port
     assert in_force == replace(running, scheduler=fresh.scheduler, queues=fresh.queues)
+
+
+def test_share_keys_are_read_and_reload_in_place(tmp_path: Path) -> None:
+    """allow_shares and cross_queue_shares (docs/shapes.md#shared-gpus-by-memory) default to true and false."""
+    write(tmp_path, '[queues.infer]\ncross_queue_shares = true\n\n[queues.train]\nallow_shares = false\n')
+    running = load(tmp_path)
+    infer, train = running.queue_policy.spec("infer"), running.queue_policy.spec("train")
+    assert (infer.allow_shares, infer.cross_queue_shares) == (True, True)
+    assert (train.allow_shares, train.cross_queue_shares) == (False, False)
+    write(tmp_path, "[queues.infer]\n\n[queues.train]\n")
+    fresh = load(tmp_path)
+    assert restart_needed_keys(running, fresh) == []
+    assert not reloaded(running, fresh).queue_policy.spec("infer").cross_queue_shares
+    write(tmp_path, '[queues.train]\nallow_shares = "no"\n')
+    with pytest.raises(ConfigError, match="allow_shares"):
+        load(tmp_path)

@@ -16,7 +16,7 @@ from coordinator.commands import Allocate, Enqueue, Release, ReportGpuHealth
 from coordinator.errors import InvalidRequest, Unsatisfiable
 from coordinator.fragmentation import largest_requests
 from coordinator.inventory import Inventory
-from coordinator.lease_table import SNAPSHOT_VERSION, SNAPSHOT_VERSION_WITHOUT_SHAPES, LeaseTable
+from coordinator.lease_table import SNAPSHOT_VERSION_WITHOUT_SHAPES, SNAPSHOT_VERSION_WITHOUT_SHARES, LeaseTable
 from coordinator.mig import gpu_of_slice, slice_index
 from coordinator.model import MIG_ANY, Allocation, AllocationRequest, GpuView, Requirements
 from coordinator.request_parsing import build_request, parse_allocate_body
@@ -217,7 +217,7 @@ def test_snapshot_version_five_only_while_mig_is_in_use() -> None:
     assert cluster.table.snapshot()["version"] == SNAPSHOT_VERSION_WITHOUT_SHAPES
     alloc = cluster.placed(request("m", mig="2g.20gb"))
     snap = cluster.table.snapshot()
-    assert snap["version"] == SNAPSHOT_VERSION
+    assert snap["version"] == SNAPSHOT_VERSION_WITHOUT_SHARES
     restored = LeaseTable.restore(snap)
     assert restored.snapshot() == snap
     assert restored.allocation(alloc.allocation_id) == alloc
