@@ -34,8 +34,20 @@ three facts about a pass:
 Which GPUs on the chosen node: best fit's rules say which are interchangeable
 (equal health and memory, at the edge of the smallest adequate ones); where
 the node has reported its topology, coordinator/topology.py picks among those
-the best-connected set, leaving the rest best connected. That only happens
-for the winning node, so the node choice and its cost are best fit's alone.
+the best-connected set, leaving the rest best connected. By default that
+only happens for the winning node, so the node choice and its cost are best
+fit's alone.
+
+NVLink first (`nvlink_first_gpus` = k, off by default): when a request of k
+or more GPUs gets a set on best fit's node that is not all-NVLink, the nodes
+that strand as many GPUs are asked too, and the first (least memory, then
+name) with as few degraded GPUs where the set is all-NVLink wins. `OpenGpus`
+files each node under its largest NVLink-joined set of open GPUs
+(`nvlink_nodes`, kept with the rest of the index), so only nodes filed under
+k or more with best fit's open count are looked at: at most one bucket, and
+only for requests best fit left off NVLink. Stranding stays before links: a
+4-GPU job never takes a whole HGX host to leave an exact fit free
+(docs/benchmarks.md has the cost and why it is off).
 
 A gang (several nodes at once) is placed and reserves by the same walk, with
 its own node search (coordinator/gang_placement.py, bounded per request).
