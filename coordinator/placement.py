@@ -394,30 +394,37 @@ class PlanWalk:
         chosen = self._wired(request, best[1])
         if not 1 < self.nvlink_first_gpus <= need or self._is_all_nvlink(chosen):
             return chosen
-        linked = self._nvlink_fit(request, best[0])
+        linked = self._nvlink_fit(request, best[0], shape.memory_bound)
         return chosen if linked is None else linked
 
-    def _nvlink_fit(self, request: AllocationRequest, score: tuple[int, int, int, str]) -> Placement | None:
+    def _nvlink_fit(
+        self, request: AllocationRequest, score: tuple[int, int, int, str], memory_bound: int | None
+    ) -> Placement | None:
         """An all-NVLink placement of `request` as good for best fit's first keys as `score`, or None.
 
         The candidates are the nodes filed in `OpenGpus.nvlink_nodes` under
         `gpu_count` or more whose open count strands as many GPUs as `score`'s
-        node does; among those where the set `_wired` takes is all-NVLink, best
-        fit's key decides (the same health, then the least memory, the name).
+        node does, read in name order; among those where the set `_wired`
+        takes is all-NVLink, best fit's key decides (the same health, then the
+        least memory, the name), so the first reaching `memory_bound` wins.
         """
         need = request.requirements.gpu_count
         count = need + score[1]
+        streams = [
+            nodes.irange((count, ""), (count + 1, ""), inclusive=(True, False))
+            for joined, nodes in self.open.nvlink_nodes.items()
+            if joined >= need
+        ]
         best: tuple[tuple[int, int, int, str], Placement] | None = None
-        for joined, nodes in self.open.nvlink_nodes.items():
-            if joined < need:
+        for _, node in heapq.merge(*streams):
+            fit = self._fit(request, node, self.open.by_node[node])
+            if fit is None or fit[0][0] > score[0] or (best is not None and fit[0] >= best[0]):
                 continue
-            for _, node in nodes.irange((count, ""), (count + 1, ""), inclusive=(True, False)):
-                fit = self._fit(request, node, self.open.by_node[node])
-                if fit is None or fit[0][0] > score[0] or (best is not None and fit[0] >= best[0]):
-                    continue
-                wired = self._wired(request, fit[1])
-                if self._is_all_nvlink(wired):
-                    best = (fit[0], wired)
+            wired = self._wired(request, fit[1])
+            if self._is_all_nvlink(wired):
+                best = (fit[0], wired)
+                if fit[0][2] <= (memory_bound or 0):
+                    break  # later names can at most tie on memory
         return None if best is None else best[1]
 
     def _is_all_nvlink(self, placement: Placement) -> bool:
