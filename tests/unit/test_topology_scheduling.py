@@ -12,6 +12,7 @@ import random
 
 from coordinator.commands import Allocate, Command, Renew
 from coordinator.model import DEGRADED, Allocation, AllocationTopology
+from coordinator.placement import OpenGpus, Placement, PlanWalk
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from coordinator.topology import NodeTopology
 
@@ -207,3 +208,31 @@ def test_a_topology_reported_later_counts_at_once() -> None:
     cluster.inventory.set_topology("a-pairs", PCIE_NVLINK_PAIRS)
     cluster.inventory.set_topology("b-hgx", HGX_H100)
     assert granted(cluster.admit(req("quad", gpus=4))).node == "b-hgx"
+
+
+def test_the_nvlink_index_follows_placements_and_undo() -> None:
+    # OpenGpus files each node by its largest NVLink-joined set of open GPUs: after a
+    # pass that placed, and after its undo, it must read as one rebuilt from scratch.
+    cluster = nvlink_first(Cluster([*node("a-pairs", 4), *node("b-hgx", 8)]))
+    cluster.inventory.set_topology("a-pairs", PCIE_NVLINK_PAIRS)
+    cluster.inventory.set_topology("b-hgx", HGX_H100)
+    cluster.hold("held", "a-pairs", [0])
+
+    def rebuilt() -> dict[int, list[tuple[int, str]]]:
+        fresh = OpenGpus()
+        for name in cluster.inventory.nodes():
+            fresh.refresh(name, cluster.table, cluster.inventory)
+        return {k: list(v) for k, v in fresh.nvlink_nodes.items()}
+
+    index = OpenGpus()
+    for name in cluster.inventory.nodes():
+        index.refresh(name, cluster.table, cluster.inventory)
+    before = rebuilt()
+    assert before == {2: [(3, "a-pairs")], 8: [(8, "b-hgx")]}
+
+    walk = PlanWalk(index, cluster.table, cluster.inventory, nvlink_first_gpus=4)
+    placed = walk.step(req("five", gpus=5))
+    assert isinstance(placed, Placement) and placed.node == "b-hgx"
+    assert {k: list(v) for k, v in index.nvlink_nodes.items()} == {2: [(3, "a-pairs")], 3: [(3, "b-hgx")]}
+    walk.undo()
+    assert {k: list(v) for k, v in index.nvlink_nodes.items()} == before
