@@ -319,6 +319,7 @@ def _build_lease_service(
             queue_timeout_s=config.scheduler.queue_timeout_s,
             max_queue=config.scheduler.max_queue,
             rendezvous_ports=(config.scheduler.rendezvous_port_min, config.scheduler.rendezvous_port_max),
+            nvlink_first_gpus=config.scheduler.nvlink_first_gpus,
         ),
         rng,
     )

@@ -283,6 +283,11 @@ class SchedulerSection:
     # Open them between the GPU hosts. The leader's value is the cluster's.
     rendezvous_port_min: int = 29500
     rendezvous_port_max: int = 29599
+    # Requests of at least this many GPUs take, among nodes best fit finds equal
+    # in health and GPUs stranded, one where their set is all-NVLink (0 = off, else
+    # at least 2). Off: it moves 4-GPU work onto the NVSwitch hosts that 8-GPU jobs
+    # and gangs wait for (docs/benchmarks.md, bench_shapes). The leader's value is the cluster's.
+    nvlink_first_gpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -642,6 +647,11 @@ def _validate_scheduler(section: SchedulerSection) -> None:
         raise _fail(
             "scheduler.rendezvous_port_min",
             f"= {section.rendezvous_port_min} is above rendezvous_port_max = {section.rendezvous_port_max}",
+        )
+    if section.nvlink_first_gpus < 0 or section.nvlink_first_gpus == 1:
+        raise _fail(
+            "scheduler.nvlink_first_gpus",
+            f"must be 0 (off) or a GPU count of at least 2, got {section.nvlink_first_gpus}",
         )
 
 

@@ -26,9 +26,9 @@ fit depends on (it takes one slice).
 
 A node may also have a `NodeTopology` (coordinator/topology.py): how its GPUs
 are wired, which decides which of them placement takes together. It is set
-apart from the views (`set_topology`), changes rarely, and does not bump
-`version`: which GPUs are open does not depend on it, and placement reads it
-afresh for each decision.
+apart from the views (`set_topology`) and changes rarely; a change bumps
+`version` and journals the node, because placement indexes each node by how
+many of its open GPUs NVLink joins (coordinator/placement.py).
 
 Likewise a node's labels (its `[agent] labels`, gossiped) and address
 (`set_facts`): gang placement prefers nodes sharing a label and names the
@@ -123,10 +123,16 @@ class Inventory:
 
     def set_topology(self, node: str, topology: NodeTopology | None) -> None:
         """Make `topology` how `node`'s GPUs are wired (None: unknown). Ignored for a node without GPUs."""
+        old = self._topologies.get(node)
         if topology is None or node not in self._views:
             self._topologies.pop(node, None)
         else:
             self._topologies[node] = topology
+        if self._topologies.get(node) != old:
+            # Placement indexes each node's NVLink-joined open GPUs: a new wiring is a change.
+            self._version += 1
+            self._journal[node] = self._version
+            self._journal.move_to_end(node)
 
     def set_facts(self, node: str, address: str | None, labels: Mapping[str, str]) -> None:
         """Record `node`'s address (None: unknown) and labels. Does not bump `version`."""

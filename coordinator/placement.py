@@ -34,8 +34,20 @@ three facts about a pass:
 Which GPUs on the chosen node: best fit's rules say which are interchangeable
 (equal health and memory, at the edge of the smallest adequate ones); where
 the node has reported its topology, coordinator/topology.py picks among those
-the best-connected set, leaving the rest best connected. That only happens
-for the winning node, so the node choice and its cost are best fit's alone.
+the best-connected set, leaving the rest best connected. By default that
+only happens for the winning node, so the node choice and its cost are best
+fit's alone.
+
+NVLink first (`nvlink_first_gpus` = k, off by default): when a request of k
+or more GPUs gets a set on best fit's node that is not all-NVLink, the nodes
+that strand as many GPUs are asked too, and the first (least memory, then
+name) with as few degraded GPUs where the set is all-NVLink wins. `OpenGpus`
+files each node under its largest NVLink-joined set of open GPUs
+(`nvlink_nodes`, kept with the rest of the index), so only nodes filed under
+k or more with best fit's open count are looked at: at most one bucket, and
+only for requests best fit left off NVLink. Stranding stays before links: a
+4-GPU job never takes a whole HGX host to leave an exact fit free
+(docs/benchmarks.md has the cost and why it is off).
 
 A gang (several nodes at once) is placed and reserves by the same walk, with
 its own node search (coordinator/gang_placement.py, bounded per request).
@@ -68,6 +80,7 @@ from sortedcontainers import SortedList
 from coordinator.gang_placement import GangPlacement, best_gang_fit, gang_reservation
 from coordinator.inventory import Inventory
 from coordinator.mig import profile_memory_order
+from coordinator.topology import NodeTopology
 from coordinator.lease_table import LeaseTable
 from coordinator.model import (
     HEALTHY,
@@ -103,7 +116,8 @@ AnyPlacement = Placement | GangPlacement
 
 
 class OpenGpus:
-    """Each node's open GPUs (index order), the nodes bucketed by how many they have, and by kind of open MIG slice."""
+    """Each node's open GPUs (index order), the nodes bucketed by how many they have, by kind of open MIG
+    slice, and by how many open GPUs NVLink joins."""
 
     def __init__(self) -> None:
         self.by_node: dict[str, tuple[GpuView, ...]] = {}
@@ -112,10 +126,15 @@ class OpenGpus:
         self.total = 0
         # Kind of MIG slice -> (open units, name) of the nodes with an open slice of it, sorted.
         self.slice_nodes: dict[SliceKind, SortedList[tuple[int, str]]] = {}
+        # n >= 2 -> (open GPUs, name) of the nodes whose largest set of open whole GPUs joined
+        # pair by pair by NVLink has exactly n GPUs (topology.largest_nvlink_set), sorted.
+        self.nvlink_nodes: dict[int, SortedList[tuple[int, str]]] = {}
+        self._nvlink: dict[str, tuple[int, int]] = {}
 
-    def set(self, node: str, views: tuple[GpuView, ...]) -> None:
-        """Make `views` the open GPUs of `node` (empty: none)."""
+    def set(self, node: str, views: tuple[GpuView, ...], topology: NodeTopology | None) -> None:
+        """Make `views` the open GPUs of `node` (empty: none), wired as `topology` says (None: unknown)."""
         old = self.by_node.get(node, ())
+        self._index_nvlink(node, views, topology)
         if old == views:
             return
         self._index_slices(node, old, views)
@@ -133,6 +152,25 @@ class OpenGpus:
         else:
             self.by_node.pop(node, None)
 
+    def _index_nvlink(self, node: str, views: tuple[GpuView, ...], topology: NodeTopology | None) -> None:
+        """File `node` in `nvlink_nodes` under its largest NVLink-joined set of open whole GPUs (if 2 or more)."""
+        joined = 0
+        if topology is not None and len(views) > 1:
+            joined = topology.largest_nvlink_set([v.index for v in views if v.mig_profile is None])
+        entry = (joined, len(views)) if joined > 1 else None
+        old = self._nvlink.get(node)
+        if old == entry:
+            return
+        if old is not None:
+            entries = self.nvlink_nodes[old[0]]
+            entries.remove((old[1], node))
+            if not entries:
+                del self.nvlink_nodes[old[0]]
+            del self._nvlink[node]
+        if entry is not None:
+            self.nvlink_nodes.setdefault(entry[0], SortedList()).add((entry[1], node))
+            self._nvlink[node] = entry
+
     def _index_slices(self, node: str, old: tuple[GpuView, ...], views: tuple[GpuView, ...]) -> None:
         """Move `node` in `slice_nodes` from what `old` gave it to what `views` does (nothing without slices)."""
         for kind in {_slice_key(v) for v in old if v.mig_profile is not None}:
@@ -148,6 +186,7 @@ class OpenGpus:
         self.set(
             node,
             tuple(v for v in inventory.node_views(node) if v.schedulable and table.holder(v.ref) is None),
+            inventory.topology(node),
         )
 
 
@@ -169,6 +208,10 @@ class PlanWalk:
     table: LeaseTable
     inventory: Inventory
     released: frozenset[GpuRef] = frozenset()
+    # Requests of this many GPUs or more (at least 2; 0: none) take, among the
+    # nodes best fit finds equal in health and GPUs stranded, one where their
+    # set is all-NVLink (SchedulerConfig.nvlink_first_gpus).
+    nvlink_first_gpus: int = 0
     # Each request's turn in this pass: the order it was stepped (or passed over
     # as a preemption candidate) in, which is the order of precedence.
     turns: dict[str, int] = field(default_factory=dict)
@@ -204,7 +247,7 @@ class PlanWalk:
     def undo(self) -> None:
         """Give `open` back as it was before this pass."""
         for node, views in self._saved.items():
-            self.open.set(node, views)
+            self.open.set(node, views, self.inventory.topology(node))
         self._saved.clear()
         self._reserved.clear()
         self.turns.clear()
@@ -214,7 +257,7 @@ class PlanWalk:
     def _set(self, node: str, views: tuple[GpuView, ...]) -> None:
         if node not in self._saved:
             self._saved[node] = self.open.by_node.get(node, ())
-        self.open.set(node, views)
+        self.open.set(node, views, self.inventory.topology(node))
 
     def _take(self, node: str, refs: Collection[GpuRef]) -> None:
         self._set(node, tuple(v for v in self.open.by_node[node] if v.ref not in refs))
@@ -346,7 +389,47 @@ class PlanWalk:
             if best is not None and best[0][0] == 0:
                 # No degraded GPU: every node in a later bucket leaves more GPUs free.
                 break
-        return None if best is None else self._wired(request, best[1])
+        if best is None:
+            return None
+        chosen = self._wired(request, best[1])
+        if not 1 < self.nvlink_first_gpus <= need or self._is_all_nvlink(chosen):
+            return chosen
+        linked = self._nvlink_fit(request, best[0], shape.memory_bound)
+        return chosen if linked is None else linked
+
+    def _nvlink_fit(
+        self, request: AllocationRequest, score: tuple[int, int, int, str], memory_bound: int | None
+    ) -> Placement | None:
+        """An all-NVLink placement of `request` as good for best fit's first keys as `score`, or None.
+
+        The candidates are the nodes filed in `OpenGpus.nvlink_nodes` under
+        `gpu_count` or more whose open count strands as many GPUs as `score`'s
+        node does, read in name order; among those where the set `_wired`
+        takes is all-NVLink, best fit's key decides (the same health, then the
+        least memory, the name), so the first reaching `memory_bound` wins.
+        """
+        need = request.requirements.gpu_count
+        count = need + score[1]
+        streams = [
+            nodes.irange((count, ""), (count + 1, ""), inclusive=(True, False))
+            for joined, nodes in self.open.nvlink_nodes.items()
+            if joined >= need
+        ]
+        best: tuple[tuple[int, int, int, str], Placement] | None = None
+        for _, node in heapq.merge(*streams):
+            fit = self._fit(request, node, self.open.by_node[node])
+            if fit is None or fit[0][0] > score[0] or (best is not None and fit[0] >= best[0]):
+                continue
+            wired = self._wired(request, fit[1])
+            if self._is_all_nvlink(wired):
+                best = (fit[0], wired)
+                if fit[0][2] <= (memory_bound or 0):
+                    break  # later names can at most tie on memory
+        return None if best is None else best[1]
+
+    def _is_all_nvlink(self, placement: Placement) -> bool:
+        topology = self.inventory.topology(placement.node)
+        return topology is not None and topology.all_nvlink([g.index for g in placement.gpus])
 
     def member_fit(self, request: AllocationRequest, node: str) -> tuple[tuple[int, int, int, str], Placement] | None:
         """Best fit's (score, placement) of `request`'s GPUs on `node` alone (one gang member), or None."""

@@ -15,7 +15,9 @@ Policy, in the order it is applied:
    prefer placements on healthy GPUs over degraded ones (unhealthy and drained
    GPUs are never chosen); then the node that leaves the fewest free GPUs stranded; then the one whose
    chosen GPUs have the least total memory (keep big GPUs for big jobs); then the
-   node name. Within a node, the smallest adequate GPUs; among equally
+   node name; with `nvlink_first_gpus` = k set, a request of k or more GPUs
+   prefers, among nodes equal in health and GPUs stranded, one where its set
+   is all-NVLink, before memory and name. Within a node, the smallest adequate GPUs; among equally
    adequate ones, the best-connected set where the node reported its
    topology (coordinator/topology.py), else the lowest indices.
    A GPU is eligible when it is not unhealthy, not drained, free, matches the model and
@@ -100,6 +102,11 @@ class SchedulerConfig:
     # gang gets the lowest one no live gang with the same first node holds
     # (torch.distributed's default, 29500, first).
     rendezvous_ports: tuple[int, int] = (29500, 29599)
+    # Requests of at least this many GPUs (2 or more; 0 = off) take, among the
+    # nodes best fit finds equal in health and GPUs stranded, one where their set
+    # is all-NVLink (placement.py). Off by default: it moves 4-GPU work onto the
+    # NVSwitch hosts that 8-GPU jobs and gangs need (docs/benchmarks.md, bench_shapes).
+    nvlink_first_gpus: int = 0
 
 
 class Scheduler:
@@ -432,7 +439,7 @@ class Scheduler:
             for node in changed:
                 self._open.refresh(node, table, inventory)
         self._table_version, self._inventory_version = table.holder_version, inventory.version
-        return PlanWalk(self._open, table, inventory, released)
+        return PlanWalk(self._open, table, inventory, released, self.config.nvlink_first_gpus)
 
     def _grant(
         self,

@@ -416,9 +416,20 @@ class NodeTopology:
             grown[tuple(sorted(taken))] = None
         return list(grown)
 
+    def all_nvlink(self, gpus: Sequence[int]) -> bool:
+        """Whether every pair of `gpus` is joined by NVLink (false for fewer than two)."""
+        return len(gpus) > 1 and all(is_nvlink(self.code(a, b)) for i, a in enumerate(gpus) for b in gpus[i + 1 :])
+
     def largest_nvlink_set(self, free: Iterable[int]) -> int:
-        """The most of `free` GPUs that are NVLink-connected pair by pair (1 for a lone GPU, 0 for none)."""
+        """The most of `free` GPUs that are NVLink-connected pair by pair (1 for a lone GPU, 0 for none).
+
+        Memoized with best_set's answers: placement asks it each time a node's open GPUs change.
+        """
         gpus = sorted(set(free))
+        key = ("nvlink", tuple(gpus))
+        known = self._memo.get(key)
+        if known is not None:
+            return known[0]
         neighbours = {a: {b for b in gpus if b != a and is_nvlink(self.code(a, b))} for a in gpus}
         best = 0
 
@@ -437,4 +448,7 @@ class NodeTopology:
                 excluded = excluded | {v}
 
         grow(0, set(gpus), set())
+        if len(self._memo) >= MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[key] = (best,)
         return best

@@ -12,7 +12,9 @@ Events are arrivals and completions; at one instant completions apply first,
 then arrivals (`Scheduler.admit`, its Allocate or Enqueue applied at once),
 then one `tick` when GPUs were freed while requests wait. Nobody times out.
 
-Variants: **topology ON** is the scheduler as it is; **topology OFF** gives it
+Variants: **topology ON** is the scheduler as it is (with `--nvlink-first K`,
+SchedulerConfig.nvlink_first_gpus = K: K+ GPU requests prefer an all-NVLink
+set among nodes stranding as many GPUs); **topology OFF** gives it
 the same inventory without the nodes' wiring (`Fleet.inventory(topology=False)`),
 so placement takes the lowest indices among best fit's interchangeable GPUs,
 as before topology existed. Node choice is best fit's either way. The figures
@@ -121,13 +123,16 @@ class Figures:
 class Replay:
     """One variant over one trace."""
 
-    def __init__(self, trace: ShapesTrace, *, topology: bool, sharing: bool, fleet: Fleet | None = None) -> None:
+    def __init__(
+        self, trace: ShapesTrace, *, topology: bool, sharing: bool, fleet: Fleet | None = None, nvlink_first: int = 0
+    ) -> None:
         self.trace = trace
         self.sharing = sharing
         self.fleet = fleet or build_fleet(trace.hosts)
         self.inventory = self.fleet.inventory(topology=topology)
         self.table = LeaseTable()
-        self.scheduler = Scheduler(SchedulerConfig(queue_timeout_s=0, max_queue=10**9), random.Random(trace.seed))
+        config = SchedulerConfig(queue_timeout_s=0, max_queue=10**9, nvlink_first_gpus=nvlink_first)
+        self.scheduler = Scheduler(config, random.Random(trace.seed))
         self.figures = Figures(f"topology {'ON' if topology else 'OFF'}, sharing {'ON' if sharing else 'OFF'}")
         self._jobs = {j.job_id: j for j in trace.jobs}
         self._events: list[tuple[float, int, int, str]] = []
@@ -303,17 +308,19 @@ class Replay:
         f.jobs = len(self.trace.jobs)
 
 
-def replay(trace: ShapesTrace, *, topology: bool, sharing: bool) -> Figures:
+def replay(trace: ShapesTrace, *, topology: bool, sharing: bool, nvlink_first: int = 0) -> Figures:
     """The figures of one variant."""
-    return Replay(trace, topology=topology, sharing=sharing).run()
+    return Replay(trace, topology=topology, sharing=sharing, nvlink_first=nvlink_first).run()
 
 
 VARIANTS = ((True, False), (False, False), (True, True), (False, True))
 
 
-def run_variants(trace: ShapesTrace) -> list[Figures | str]:
-    """Each variant's figures."""
-    return [replay(trace, topology=topology, sharing=sharing) for topology, sharing in VARIANTS]
+def run_variants(trace: ShapesTrace, nvlink_first: int = 0) -> list[Figures | str]:
+    """Each variant's figures (`nvlink_first`: SchedulerConfig.nvlink_first_gpus)."""
+    return [
+        replay(trace, topology=topology, sharing=sharing, nvlink_first=nvlink_first) for topology, sharing in VARIANTS
+    ]
 
 
 def fmt_s(seconds: float) -> str:
@@ -371,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hosts", type=int, default=120)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--load", type=float, default=0.8, help="offered load of each pool (whole GPUs, MIG)")
+    parser.add_argument(
+        "--nvlink-first", type=int, default=0, metavar="K",
+        help="SchedulerConfig.nvlink_first_gpus (0: off, the default as in the agent)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     trace = generate(jobs=args.jobs, hosts=args.hosts, seed=args.seed, load=args.load)
@@ -383,9 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"fleet: {args.hosts} hosts ({', '.join(f'{n} {k}' for k, n in kinds.items())}): {fleet.whole_gpus()} whole GPUs, "
         f"{fleet.mig_gpus()} MIG GPUs in {fleet.slices()} slices; {len(trace.jobs):,} jobs over {days:.1f} days, "
-        f"load {args.load}, seed {args.seed}"
+        f"load {args.load}, seed {args.seed}, nvlink_first_gpus {args.nvlink_first}"
     )
-    header, rows = table_rows(run_variants(trace))
+    header, rows = table_rows(run_variants(trace, args.nvlink_first))
     print_table(header, rows)
     print(f"total run time {time.perf_counter() - started:.1f} s")
     return 0

@@ -392,3 +392,13 @@ def test_version_flag_prints_the_program_name(capsys: pytest.CaptureFixture[str]
         build_arg_parser().parse_args(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("gpu-agent ")
+
+
+@pytest.mark.parametrize("value", [-1, 1])
+def test_nvlink_first_gpus_is_off_or_a_multi_gpu_count(tmp_path: Path, value: int) -> None:
+    assert load(tmp_path).scheduler.nvlink_first_gpus == 0
+    write(tmp_path, "[scheduler]\nnvlink_first_gpus = 4\n")
+    assert load(tmp_path).scheduler.nvlink_first_gpus == 4
+    write(tmp_path, f"[scheduler]\nnvlink_first_gpus = {value}\n")
+    with pytest.raises(ConfigError, match=r"\[scheduler\] nvlink_first_gpus must be 0 \(off\) or a GPU count"):
+        load(tmp_path)
