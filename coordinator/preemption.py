@@ -24,7 +24,9 @@ requests after it (`PlanWalk.yielding`): a whole-node request that reserved a
 node's 6 free GPUs needs only the 2 borrowed leases there, and a free GPU held
 for a request ahead of it is never counted; then any lease whose removal
 keeps the fit is dropped again, so the set is minimal. The node with the
-fewest victims (then fewest GPUs taken, then name) wins. No set, no
+fewest victims wins, then fewest GPUs taken, then least work lost (GPU-seconds
+since each victim started: youngest first across nodes, as within one), then
+name. No set, no
 preemption: nothing is ever taken that would not make the request fit.
 
 Each victim gets its own queue's `preemption_grace_s`. The free GPUs counted
@@ -71,6 +73,10 @@ class _Candidate:
         """GPUs its queue loses when it is taken (a gang's on every node)."""
         return sum(len(m.gpus) for m in self.unit)
 
+    def work(self, now: float) -> float:
+        """GPU-seconds of work lost when it is taken (every lease of its unit, since each started)."""
+        return sum(len(m.gpus) * max(0.0, now - m.allocated_at) for m in self.unit)
+
     def order(self) -> tuple[int, int, float, str]:
         return (0 if self.reclaim else 1, self.alloc.request.priority, -self.alloc.allocated_at, self.alloc.allocation_id)
 
@@ -116,7 +122,7 @@ def choose_victims(
             useful = sum(1 for g in alloc.gpus if _serves(inventory, g.node, g.index, request))
             if useful:
                 by_node.setdefault(alloc.node, []).append(_Candidate(alloc, reclaim, useful, floor, unit))
-    best: tuple[tuple[int, int, str], list[_Candidate]] | None = None
+    best: tuple[tuple[int, int, float, str], list[_Candidate]] | None = None
     for node in sorted(by_node):
         # GPUs the request's own reservation (or a later request's) closed in this pass are its own to count.
         have = sum(1 for g in walk.open.by_node.get(node, ()) if walk.eligible(g, request))
@@ -124,7 +130,7 @@ def choose_victims(
         chosen = _minimal_set(sorted(by_node[node], key=_Candidate.order), need - have, book)
         if chosen is None:
             continue
-        score = (len(chosen), sum(c.gpus for c in chosen), node)
+        score = (len(chosen), sum(c.gpus for c in chosen), sum(c.work(now) for c in chosen), node)
         if best is None or score < best[0]:
             best = (score, chosen)
     if best is None:

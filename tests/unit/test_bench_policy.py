@@ -270,10 +270,10 @@ def test_fair_share_takes_a_guarantee_back_after_the_grace_period() -> None:
     # The borrowed lease keeps its GPUs for the 30 s grace, then the claimant gets them in the same pass.
     assert product.started == 10.0 + bench_policy.PREEMPTION_GRACE_S
     assert figures.preempted == 1 and figures.resubmissions == 1
-    # Either research lease would do; the tie goes to the first node, host-0000's j000000:
-    # 8 GPUs x 40 s lost, and the job resubmitted when it ended.
-    assert log.submissions["j000000-r1"].submitted == 40.0
-    assert figures.lost_gpu_hours == pytest.approx(8 * 40.0 / 3600)
+    # Either research lease would do; the younger one loses less work, j000001:
+    # 8 GPUs x 39 s lost, and the job resubmitted when it ended.
+    assert log.submissions["j000001-r1"].submitted == 40.0
+    assert figures.lost_gpu_hours == pytest.approx(8 * 39.0 / 3600)
     assert figures.jobs_finished == 3 and figures.refused == {}
 
 

@@ -421,3 +421,23 @@ def test_free_gpus_reserved_by_a_request_ahead_are_not_counted_by_a_later_one() 
     # The freed GPU is c0's (a claim ranks first): b0 takes four leases of its own.
     assert [(p.request_id, len(p.victims)) for p in second] == [("b0", 4)]
     assert not {v for v, _ in second[0].victims} & {v for v, _ in first[0].victims}
+
+
+
+def test_between_equal_victim_sets_the_one_that_loses_the_least_work_wins() -> None:
+    """One lower-priority lease on each node: the younger one is taken, wherever it runs.
+
+    Before, equal sets (one lease, one GPU) were told apart by node name, so the
+    older lease on n0 was taken and its 20 s of work lost where 10 s would do;
+    the youngest-first rule held within a node only.
+    """
+    cluster = Cluster(2, 2, QueueSpec("a", guaranteed_gpus=4, preemption_grace_s=GRACE), gap=3)
+    cluster.submit(request("old", "a", priority=2, at=0.0), 0.0)
+    cluster.submit(request("mid0", "a", priority=5, at=1.0), 1.0)
+    cluster.submit(request("young", "a", priority=2, at=10.0), 10.0)
+    cluster.submit(request("mid1", "a", priority=5, at=11.0), 11.0)
+    node_of = {r: cluster.table.allocation(cluster.lease_of(r)).node for r in ("old", "young")}  # type: ignore[union-attr]
+    assert node_of == {"old": "n0", "young": "n1"}
+    assert isinstance(cluster.submit(request("high", "a", priority=5, at=20.0), 20.0), Enqueue)
+    preempts = [c for c in cluster.tick(20.0) if isinstance(c, Preempt)]
+    assert [[v for v, _ in p.victims] for p in preempts] == [[cluster.lease_of("young")]]
