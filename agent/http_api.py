@@ -40,7 +40,8 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from coordinator.errors import CoordinatorError, InvalidRequest, NotFound, brief
 from coordinator.json_body import decode_json_body
-from coordinator.lease_table import LeaseTable, usage_window
+from coordinator.lease_table import LeaseTable
+from coordinator.lease_usage import usage_window
 from coordinator.model import Allocation
 from coordinator.pending_reasons import PendingExplainer, why_pending
 from coordinator.queue_views import queue_views

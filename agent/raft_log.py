@@ -166,7 +166,8 @@ import msgpack
 import trio
 
 from coordinator.commands import Command, decode_command, encode_command
-from coordinator.lease_table import ApplyResult, LeaseTable, SnapshotCapture
+from coordinator.lease_snapshot import SnapshotCapture
+from coordinator.lease_table import ApplyResult, LeaseTable
 from coordinator.model import Wire
 from coordinator.raft import NotLeader, ProposalRejected, RaftCore, RaftError, Ready, Role, initial_state
 from coordinator.raft_config import RaftConfig, lan

@@ -22,16 +22,19 @@ Rules that keep every replica identical:
 - Finished request records are kept for `retention_s` after they end and then
   pruned, by a rule that depends only on the set of records, so a table
   restored from a snapshot prunes exactly as one that replayed the whole log.
-- Usage (coordinator/usage_ledger.py): a lease's allocated GPU-seconds,
-  gpus × (end − allocated_at), are credited when it ends, whatever ends it
-  (`_remove_allocation`); utilized GPU-seconds arrive in RecordUsage commands.
+- Live leases and their indexes (GPU holders, shares, nodes, expiries, gangs)
+  are coordinator/live_leases.py's; the snapshot format is lease_snapshot.py's.
+
+- Usage (coordinator/lease_usage.py over usage_ledger.py): a lease's allocated
+  GPU-seconds, gpus × (end − allocated_at), are credited when it ends, whatever
+  ends it (`_remove_allocation`); utilized GPU-seconds arrive in RecordUsage commands.
   Hours older than the usage retention (the latest RecordUsage's, 90 days
   until one says otherwise) are pruned by the table's clock, like records.
 
 - Queues (coordinator/queues.py): the policy is state like any other, set by
   SetQueuePolicy. A Preempt starts victims' grace periods and records the
-  claim of the request they are taken for; a Release with reason "preempted"
-  or "idle" ends only leases whose grace deadline has passed at its `at`
+  claim of the request they are taken for (preemption_book.py); a Release
+  with reason "preempted" or "idle" ends only leases whose grace deadline has passed at its `at`
   (like an expiry), so a lease preempted once ends once, never early, whoever
   leads when the deadline comes.
 
@@ -54,20 +57,14 @@ Invariant: no GPU is held by two live allocations, shares of one group aside
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
-import itertools
 import json
 import math
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, TypeVar
-
-from sortedcontainers import SortedList
+from typing import Any, Iterable, Mapping
 
 from coordinator.commands import (
-    MAX_USAGE_ROWS,
     Allocate,
     Cancel,
     Command,
@@ -83,8 +80,7 @@ from coordinator.commands import (
     SetQueuePolicy,
 )
 from coordinator.errors import Conflict, CoordinatorError, InvalidRequest, NotFound
-from coordinator.finished_records import FinishedRecords, canonical_json, hour_of
-from coordinator.usage_ledger import HOUR_S, UsageKey, UsageLedger
+from coordinator.finished_records import FinishedRecords
 from coordinator.model import (
     ALLOCATED,
     CANCELLED,
@@ -103,30 +99,27 @@ from coordinator.model import (
     RequestRecord,
     Wire,
 )
+from coordinator.lease_snapshot import (
+    READABLE_VERSIONS,
+    SnapshotCapture,
+    collector_paused,
+    record_row,
+    snapshot_version,
+    text_or_item,
+)
+from coordinator.lease_usage import LeaseUsage
+from coordinator.live_leases import LiveLeases
 from coordinator.mig import SLOTS_PER_GPU, gpu_of_slice, slice_index
+from coordinator.preemption_book import Claim, PreemptionBook
 from coordinator.queue_ledger import QueueLedger
 from coordinator.queues import UNCONFIGURED, QueuePolicy
 from coordinator.share_placement import ShareIndex
+from coordinator.usage_ledger import UsageKey
 from coordinator.wait_queue import RankKey, WaitQueue
 
 # How long a finished request id is remembered. A client retrying a request
 # within a day gets the original answer; after that the id may be reused.
 DEFAULT_RETENTION_S = 86_400.0
-# How long hourly usage is kept until a RecordUsage names the leader's
-# `[accounting] retention_days`: 90 days, a quarter of chargeback.
-DEFAULT_USAGE_RETENTION_S = 90 * 86_400.0
-SNAPSHOT_VERSION = 6
-# Written while no share lease lives: what the release before shares reads (gangs
-# and MIG as in version 5). A version 5 reader would take a share for a whole-GPU
-# lease and two shares of one GPU for a corrupt table, so shares need version 6.
-SNAPSHOT_VERSION_WITHOUT_SHARES = 5
-# The version written while no gang is live and no lease or waiter asks for a MIG
-# slice: what the release before gangs and MIG reads, so a rolling upgrade's older
-# servers take snapshots of tables that use neither. A gang member would read there
-# as an independent lease, and a record's `mig_profile` would be dropped silently
-# (placing the lease's slice as a whole GPU): such an agent refuses version 5 instead.
-SNAPSHOT_VERSION_WITHOUT_SHAPES = 4
-USAGE_BY = ("queue", "service")
 # Why a preemption started (Preempt.reason), and the release reasons that end one.
 PREEMPTION_REASONS = frozenset({"reclaim", "priority", "idle"})
 PREEMPTION_END_REASONS = frozenset({"preempted", "idle"})
@@ -151,9 +144,8 @@ class LeaseTable:
 
     def __init__(self, *, retention_s: float = DEFAULT_RETENTION_S) -> None:
         self.retention_s = retention_s
-        self._allocations: dict[str, Allocation] = {}
-        self._holders: dict[GpuRef, str] = {}
-        self._shares = ShareIndex()
+        # Live leases and their GPU, node, expiry and gang indexes (live_leases.py).
+        self._leases = LiveLeases()
         # Waiting shares by request id: the scheduler packs them onto shared GPUs before its pass.
         self._queued_shares: dict[str, QueuedRequest] = {}
         self._queue = WaitQueue()
@@ -173,65 +165,32 @@ class LeaseTable:
         self._allocation_texts: dict[str, tuple[Allocation, str]] = {}
         self._queue_texts: dict[str, tuple[QueuedRequest, str]] = {}
         self._clock = 0.0
-        # Indexes kept current by `apply`, so the scheduler's questions cost a
-        # lookup, not a walk (the queue indexes itself, wait_queue.py): lease
-        # expiries in time order, each node's live allocations, and a journal of
-        # nodes whose held GPUs changed.
-        self._expiries: SortedList[tuple[float, str]] = SortedList()
-        self._node_allocations: dict[str, set[str]] = {}
-        self._holder_journal: OrderedDict[str, int] = OrderedDict()
-        self._holder_version = 0
         # The leader's delivery progress (OutboxDelivered): rows of entries at or below it are done.
         self._outbox_delivered_through = 0
         # GPU-seconds by hour and (queue, service); live leases' share is added on read.
-        self._usage = UsageLedger()
-        self._usage_retention_s = DEFAULT_USAGE_RETENTION_S
-        # Live leases per (queue, service): their lifetime totals are never pruned.
-        self._live_keys: Counter[UsageKey] = Counter()
+        self._usage = LeaseUsage()
         # The queues and sharing rules (SetQueuePolicy), and per-queue indexes.
         self._policy: QueuePolicy = UNCONFIGURED
         self._queues = QueueLedger()
-        # Leases in their preemption grace period: id -> (deadline, reason), and by deadline.
-        self._preempting: dict[str, tuple[float, str]] = {}
-        self._preempt_deadlines: SortedList[tuple[float, str]] = SortedList()
-        # Waiting requests victims were taken for: request id -> (node, victim ids).
-        self._claims: dict[str, tuple[str, tuple[str, ...]]] = {}
-        # Live gangs: gang id -> member allocation ids, rank order.
-        self._gangs: dict[str, tuple[str, ...]] = {}
+        # Leases in their preemption grace period, and the claims of the requests they are taken for.
+        self._preemptions = PreemptionBook()
 
     # ------------------------------------------------------------------ queries
 
     def gang(self, gang_id: str) -> tuple[Allocation, ...] | None:
         """A live gang's member leases, rank order, or None when `gang_id` names none."""
-        ids = self._gangs.get(gang_id)
-        return None if ids is None else tuple(self._allocations[i] for i in ids)
+        return self._leases.gang(gang_id)
 
     def lease_unit(self, allocation_id: str) -> tuple[Allocation, ...]:
-        """What ends or renews together with `allocation_id`: its gang's members, or itself alone.
-
-        `allocation_id` may name a gang; () when it names nothing live.
-        """
-        members = self.gang(allocation_id)
-        if members is not None:
-            return members
-        alloc = self._allocations.get(allocation_id)
-        if alloc is None:
-            return ()
-        if alloc.gang is not None:
-            return self.gang(alloc.gang.gang_id) or (alloc,)
-        return (alloc,)
+        """What ends or renews together with `allocation_id` (which may name a gang): its gang, itself, or ()."""
+        return self._leases.unit(allocation_id)
 
     def gang_count(self) -> int:
-        return len(self._gangs)
+        return self._leases.gang_count()
 
     def gang_ports_in_use(self, address: str) -> set[int]:
         """Rendezvous ports live gangs hold at `address` (reads only the live gangs)."""
-        ports = set()
-        for ids in self._gangs.values():
-            gang = self._allocations[ids[0]].gang
-            if gang is not None and gang.rendezvous_address == address:
-                ports.add(gang.rendezvous_port)
-        return ports
+        return self._leases.gang_ports_in_use(address)
 
     @property
     def clock(self) -> float:
@@ -240,20 +199,20 @@ class LeaseTable:
 
     def allocations(self) -> list[Allocation]:
         """Live allocations, oldest first."""
-        return sorted(self._allocations.values(), key=_age)
+        return self._leases.oldest_first()
 
     def allocation(self, allocation_id: str) -> Allocation | None:
-        return self._allocations.get(allocation_id)
+        return self._leases.get(allocation_id)
 
     def allocations_of_service(self, service_name: str) -> list[Allocation]:
         return [a for a in self.allocations() if a.request.service_name == service_name]
 
     def holder(self, gpu: GpuRef) -> str | None:
         """The allocation id holding `gpu`, or None when it is free."""
-        return self._holders.get(gpu)
+        return self._leases.holder(gpu)
 
     def held_gpus(self) -> Mapping[GpuRef, str]:
-        return self._holders
+        return self._leases.held_gpus()
 
     def queued_share_count(self) -> int:
         return len(self._queued_shares)
@@ -265,7 +224,7 @@ class LeaseTable:
     @property
     def shares(self) -> ShareIndex:
         """The GPUs holding shares, their budgets and tenants (read only: `apply` keeps it)."""
-        return self._shares
+        return self._leases.shares
 
     def released_at(self, gpu: GpuRef) -> float:
         """When `gpu` was last released (0.0 if never)."""
@@ -314,33 +273,27 @@ class LeaseTable:
 
     def expiries_due(self, now: float) -> list[Allocation]:
         """Live allocations whose `expires_at` is at or before `now`, oldest first."""
-        due = [self._allocations[i] for _, i in itertools.takewhile(lambda e: e[0] <= now, self._expiries)]
-        return sorted(due, key=_age)
+        return self._leases.expiries_due(now)
 
     def next_deadline(self) -> float | None:
         """The earliest lease expiry, queue deadline or preemption deadline, or None when nothing is timed."""
-        expiry = self._expiries[0][0] if self._expiries else None
-        preempt = self._preempt_deadlines[0][0] if self._preempt_deadlines else None
+        expiry = self._leases.next_expiry()
+        preempt = self._preemptions.next_deadline()
         times = [t for t in (expiry, self._queue.next_deadline(), preempt) if t is not None]
         return min(times, default=None)
 
     def allocations_on(self, node: str) -> list[Allocation]:
         """Live allocations on `node`, oldest first."""
-        return sorted((self._allocations[i] for i in self._node_allocations.get(node, ())), key=_age)
+        return self._leases.on_node(node)
 
     @property
     def holder_version(self) -> int:
         """Bumped whenever a GPU is taken or freed; 0 for a table where none ever was."""
-        return self._holder_version
+        return self._leases.holder_version
 
     def holders_changed_since(self, version: int) -> list[str]:
         """Nodes whose held GPUs changed after `holder_version` was `version`, latest first."""
-        changed: list[str] = []
-        for node in reversed(self._holder_journal):
-            if self._holder_journal[node] <= version:
-                break
-            changed.append(node)
-        return changed
+        return self._leases.holders_changed_since(version)
 
     def queue_length(self) -> int:
         return len(self._queue)
@@ -361,32 +314,28 @@ class LeaseTable:
 
     def preempting(self, allocation_id: str) -> float | None:
         """The grace deadline of a lease being preempted, or None when it is not."""
-        entry = self._preempting.get(allocation_id)
-        return None if entry is None else entry[0]
+        return self._preemptions.deadline(allocation_id)
 
     def preempting_reason(self, allocation_id: str) -> str | None:
-        entry = self._preempting.get(allocation_id)
-        return None if entry is None else entry[1]
+        return self._preemptions.reason(allocation_id)
 
     def preemptions_due(self, now: float) -> list[tuple[str, str]]:
         """(allocation id, reason) of leases whose grace deadline is at or before `now`, by deadline."""
-        return [
-            (i, self._preempting[i][1]) for _, i in itertools.takewhile(lambda e: e[0] <= now, self._preempt_deadlines)
-        ]
+        return self._preemptions.due(now)
 
     def preempting_count(self) -> int:
-        return len(self._preempting)
+        return len(self._preemptions)
 
     def preempting_ids(self) -> list[str]:
         """Leases in their preemption grace period, by id."""
-        return sorted(self._preempting)
+        return self._preemptions.ids()
 
-    def claims(self) -> Mapping[str, tuple[str, tuple[str, ...]]]:
+    def claims(self) -> Mapping[str, Claim]:
         """Waiting requests that victims are being preempted for: request id -> (node, victim ids)."""
-        return self._claims
+        return self._preemptions.claims()
 
-    def claim(self, request_id: str) -> tuple[str, tuple[str, ...]] | None:
-        return self._claims.get(request_id)
+    def claim(self, request_id: str) -> Claim | None:
+        return self._preemptions.claim(request_id)
 
     def queued(self, request_id: str) -> QueuedRequest | None:
         return self._queue.get(request_id)
@@ -404,9 +353,10 @@ class LeaseTable:
 
     def record_of_allocation(self, allocation_id: str) -> RequestRecord | None:
         """The record of the request granted `allocation_id`, live or ended (while kept), or None."""
-        alloc = self._allocations.get(allocation_id)
-        if alloc is None and allocation_id in self._gangs:
-            alloc = self._allocations[self._gangs[allocation_id][0]]
+        alloc = self._leases.get(allocation_id)
+        if alloc is None:
+            members = self._leases.gang(allocation_id)
+            alloc = members[0] if members else None
         if alloc is not None:
             return self._records.get(alloc.request.request_id)
         row = self._finished.by_allocation(allocation_id)
@@ -415,50 +365,19 @@ class LeaseTable:
     @property
     def usage_retention_s(self) -> float:
         """How long hourly usage is kept (the latest RecordUsage's retention)."""
-        return self._usage_retention_s
+        return self._usage.retention_s
 
     def usage(self, since: float, until: float, by: str, now: float) -> list[tuple[str, float, float]]:
         """GPU-seconds (name, allocated, utilized) per queue or service, in the whole hours covering [since, until).
 
-        The range is widened to whole hours (`usage_window`); live leases add
-        their share held up to `now`. Sorted by name. Reads only the hours in
-        the range and the live leases. Raises ValueError for `by` not in USAGE_BY.
+        See `LeaseUsage.usage` (lease_usage.py): live leases add their share up to
+        `now`. Raises ValueError for `by` not in USAGE_BY.
         """
-        if by not in USAGE_BY:
-            raise ValueError(f"by must be one of {', '.join(USAGE_BY)}, got {by!r}")
-        part = 0 if by == "queue" else 1
-        first, last = usage_window(since, until)
-        sums: dict[str, list[float]] = {}
-        for _, rows in self._usage.hours(first, last):
-            for key in sorted(rows):  # as for live leases below: one order on every replica
-                allocated, utilized = rows[key]
-                row = sums.setdefault(key[part], [0.0, 0.0])
-                row[0] += allocated
-                row[1] += utilized
-        start, stop = first * HOUR_S, min(last * HOUR_S, now)
-        # Oldest first, not dict order: float sums in one order give equal answers on
-        # every replica, restored or replayed (whose dicts were filled in other orders).
-        for alloc in self.allocations():
-            held = stop - max(start, alloc.allocated_at)
-            if held > 0:
-                sums.setdefault(_usage_key(alloc)[part], [0.0, 0.0])[0] += len(alloc.gpus) * held
-        return [(name, sums[name][0], sums[name][1]) for name in sorted(sums)]
+        return self._usage.usage(since, until, by, now, self.allocations())
 
     def usage_totals(self, now: float) -> dict[UsageKey, tuple[float, float]]:
-        """Lifetime (allocated, utilized) GPU-seconds per (queue, service), live leases counted up to `now`.
-
-        Monotonic in `now` and across applies while `now` is the table's clock:
-        a lease's running share becomes, when it ends at `at`, exactly the
-        amount credited. A key disappears only after a retention period without use.
-        """
-        totals = {key: (t[0], t[1]) for key, t in self._usage.totals().items()}
-        for alloc in self.allocations():  # oldest first, as in `usage`
-            held = now - alloc.allocated_at
-            if held > 0:
-                key = _usage_key(alloc)
-                allocated, utilized = totals.get(key, (0.0, 0.0))
-                totals[key] = (allocated + len(alloc.gpus) * held, utilized)
-        return totals
+        """Lifetime (allocated, utilized) GPU-seconds per (queue, service), live leases counted up to `now`."""
+        return self._usage.totals(now, self.allocations())
 
     # ------------------------------------------------------------------ apply
 
@@ -504,7 +423,7 @@ class LeaseTable:
         request_id = alloc.request.request_id
         # Every check runs before any change: a gang is granted whole or not at all.
         for member in members:
-            if member.allocation_id in self._allocations or member.allocation_id in self._gangs:
+            if member.allocation_id in self._leases or self._leases.is_gang(member.allocation_id):
                 raise Conflict(f"allocation {member.allocation_id} exists", code="duplicate_allocation")
             refs = [gpu.ref for gpu in member.gpus]
             if not refs or len(set(refs)) != len(refs) or any(ref.node != member.node for ref in refs):
@@ -517,7 +436,7 @@ class LeaseTable:
                 )
         if cmd.gang_rest or alloc.gang is not None:
             _check_gang(members)
-            if alloc.gang is not None and alloc.gang.gang_id in self._gangs:
+            if alloc.gang is not None and self._leases.is_gang(alloc.gang.gang_id):
                 raise Conflict(f"gang {alloc.gang.gang_id} exists", code="duplicate_allocation")
         queued = self._queue.get(request_id)
         if queued is None and self._known(request_id):
@@ -527,7 +446,7 @@ class LeaseTable:
         else:
             for member in members:
                 for gpu in member.gpus:
-                    holder = self._holders.get(gpu.ref)
+                    holder = self._leases.holder(gpu.ref)
                     if holder is not None:
                         raise Conflict(
                             f"GPU {gpu.node}/{gpu.index} is held by {holder}", code="gpu_busy"
@@ -541,7 +460,7 @@ class LeaseTable:
         lease_id = alloc.allocation_id
         if alloc.gang is not None:
             lease_id = alloc.gang.gang_id
-            self._gangs[lease_id] = tuple(m.allocation_id for m in members)
+            self._leases.add_gang(lease_id, tuple(m.allocation_id for m in members))
         self._records[request_id] = RequestRecord(
             request_id=request_id,
             service_name=alloc.request.service_name,
@@ -563,10 +482,10 @@ class LeaseTable:
                 f"share {alloc.allocation_id} must be one lease on one GPU with a memory budget", code="invalid_allocation"
             )
         ref = alloc.gpus[0].ref
-        holder = self._holders.get(ref)
-        if holder is not None and ref not in self._shares.gpus:
+        holder = self._leases.holder(ref)
+        if holder is not None and ref not in self._leases.shares.gpus:
             raise Conflict(f"GPU {ref.node}/{ref.index} is held by {holder}", code="gpu_busy")
-        self._shares.check(alloc)
+        self._leases.shares.check(alloc)
         return self._queues.share_cost(alloc.request.queue_name, ref)
 
     def _enqueue(self, cmd: Enqueue) -> ApplyResult:
@@ -661,23 +580,8 @@ class LeaseTable:
         return ApplyResult()
 
     def _record_usage(self, cmd: RecordUsage) -> ApplyResult:
-        # Checked whole before anything is credited: a refusal changes nothing.
-        if not (math.isfinite(cmd.retention_s) and cmd.retention_s >= HOUR_S):
-            raise InvalidRequest(f"usage retention must be at least an hour, got {cmd.retention_s}", code="invalid_command")
-        if len(cmd.rows) > MAX_USAGE_ROWS:
-            raise InvalidRequest(f"{len(cmd.rows)} usage rows, at most {MAX_USAGE_ROWS}", code="invalid_command")
-        for queue, service, seconds in cmd.rows:
-            if not (queue and service and math.isfinite(seconds) and seconds >= 0):
-                raise InvalidRequest(f"bad usage row {queue!r}, {service!r}, {seconds!r}", code="invalid_command")
-        self._usage_retention_s = cmd.retention_s
-        floor = self._usage_floor(cmd.at)
-        for queue, service, seconds in cmd.rows:
-            self._usage.add_utilized((queue, service), cmd.at, seconds, floor_hour=floor)
+        self._usage.record(cmd, self._clock)
         return ApplyResult()
-
-    def _usage_floor(self, at: float) -> int:
-        """The oldest hour usage is kept for once the clock reaches `at`."""
-        return hour_of(max(self._clock, at) - self._usage_retention_s)
 
     def _set_queue_policy(self, cmd: SetQueuePolicy) -> ApplyResult:
         if cmd.policy == self._policy:
@@ -691,7 +595,7 @@ class LeaseTable:
             queued = list(self._queue)
             self._queue = WaitQueue(queued, age_weight_per_hour=cmd.policy.age_weight_per_hour)
             self._queues = QueueLedger(cmd.policy.age_weight_per_hour)
-            self._queues.load(self._allocations.values(), queued, self._preempting)
+            self._queues.load(self._leases.values(), queued, self._preemptions)
         return ApplyResult()
 
     def _preempt(self, cmd: Preempt) -> ApplyResult:
@@ -706,10 +610,10 @@ class LeaseTable:
         if len(set(ids)) != len(ids):
             raise InvalidRequest("a preemption names a victim twice", code="invalid_command")
         for allocation_id, deadline in cmd.victims:
-            alloc = self._allocations.get(allocation_id)
+            alloc = self._leases.get(allocation_id)
             if alloc is None:
                 raise NotFound(f"no live allocation {allocation_id} to preempt")
-            if allocation_id in self._preempting:
+            if allocation_id in self._preemptions:
                 raise Conflict(f"allocation {allocation_id} is already being preempted", code="already_preempting")
             if not alloc.request.preemptible:
                 raise Conflict(f"allocation {allocation_id} is not preemptible", code="not_preemptible")
@@ -719,17 +623,16 @@ class LeaseTable:
             claimant = self._queue.get(cmd.request_id)
             if claimant is None:
                 raise NotFound(f"request {cmd.request_id} no longer waits")
-            old = self._claims.get(cmd.request_id)
-            if old is not None and any(v in self._allocations for v in old[1]):
+            old = self._preemptions.claim(cmd.request_id)
+            if old is not None and any(v in self._leases for v in old[1]):
                 raise Conflict(f"request {cmd.request_id} already has victims", code="already_claimed")
             if cmd.node is None:
                 raise InvalidRequest("a preemption for a request names its node", code="invalid_command")
             self._check_guarantees_kept(cmd, claimant.request.queue_name)
         events: list[LeaseEvent] = []
         for allocation_id, deadline in cmd.victims:
-            alloc = self._allocations[allocation_id]
-            self._preempting[allocation_id] = (deadline, cmd.reason)
-            self._preempt_deadlines.add((deadline, allocation_id))
+            alloc = self._leases[allocation_id]
+            self._preemptions.start(allocation_id, deadline, cmd.reason)
             self._queues.mark_preempting(alloc)
             if alloc.gang is not None and alloc.gang.rank > 0:
                 continue  # the gang's owner hears once, with its first member
@@ -745,7 +648,7 @@ class LeaseTable:
                 )
             )
         if cmd.request_id is not None and cmd.node is not None:
-            self._claims[cmd.request_id] = (cmd.node, tuple(ids))
+            self._preemptions.set_claim(cmd.request_id, cmd.node, tuple(ids))
         return ApplyResult(events=tuple(events), affected=tuple(ids))
 
     def _units(self, allocation_ids: Iterable[str]) -> list[tuple[Allocation, ...]]:
@@ -762,7 +665,7 @@ class LeaseTable:
 
     def _whole_gang_victims(self, cmd: Preempt) -> Preempt:
         """`cmd` with each victim in a gang widened to all its members (same deadline)."""
-        if not self._gangs:
+        if not self._leases.gang_count():
             return cmd
         victims: list[tuple[str, float]] = []
         named = {i for i, _ in cmd.victims}
@@ -803,9 +706,9 @@ class LeaseTable:
         """
         taken: Counter[str] = Counter()
         for allocation_id, _ in cmd.victims:
-            queue = self._allocations[allocation_id].request.queue_name
-            if queue != claimant_queue:
-                taken[queue] += len(self._allocations[allocation_id].gpus)
+            victim = self._leases[allocation_id]
+            if victim.request.queue_name != claimant_queue:
+                taken[victim.request.queue_name] += len(victim.gpus)
         for queue, gpus in taken.items():
             guarantee = self._policy.spec(queue).guarantee
             # Leases already in their grace period are gone from the queue as far as
@@ -827,9 +730,7 @@ class LeaseTable:
         # A gang's members are renewed together: they keep one expiry.
         for member in unit:
             fresh = dataclasses.replace(member, expires_at=cmd.expires_at)
-            self._remove_expiry(member)
-            self._allocations[member.allocation_id] = fresh
-            self._add_expiry(fresh)
+            self._leases.renew(fresh)
             renewed.append(fresh)
         event = LeaseEvent("renewed", cmd.at, alloc.request, allocation=renewed[0], gang=_gang_of(tuple(renewed)))
         return ApplyResult(events=(event,), affected=tuple(m.allocation_id for m in renewed))
@@ -876,9 +777,9 @@ class LeaseTable:
         if cmd.state != UNHEALTHY or before == UNHEALTHY:
             return ApplyResult()
         # Health is recorded per GPU; the leases on it are the GPU's own, its shares, or its MIG slices'.
-        holders = [self._holders.get(ref), *self._shares.tenants(ref)]
+        holders = [self._leases.holder(ref), *self._leases.shares.tenants(ref)]
         if gpu_of_slice(cmd.index) is None:
-            holders += [self._holders.get(GpuRef(cmd.node, slice_index(cmd.index, i))) for i in range(SLOTS_PER_GPU)]
+            holders += [self._leases.holder(GpuRef(cmd.node, slice_index(cmd.index, i))) for i in range(SLOTS_PER_GPU)]
         affected = [h for h in dict.fromkeys(holders) if h is not None]
         if not affected:
             return ApplyResult()
@@ -886,7 +787,7 @@ class LeaseTable:
         # its owner and the metrics hear that a GPU under it turned unhealthy.
         reason = f"GPU {cmd.node}/{cmd.index}: {'; '.join(cmd.reasons) or 'unhealthy'}"
         events = tuple(
-            LeaseEvent("gpu_unhealthy", cmd.at, self._allocations[h].request, allocation=self._allocations[h], reason=reason)
+            LeaseEvent("gpu_unhealthy", cmd.at, self._leases[h].request, allocation=self._leases[h], reason=reason)
             for h in affected
         )
         return ApplyResult(events=events, affected=tuple(affected))
@@ -899,85 +800,25 @@ class LeaseTable:
         Sorted containers built from whole lists cost one sort each, where adding
         items one by one costs a bisect and an insert per item and index.
         """
-        for alloc in allocs:
-            self._allocations[alloc.allocation_id] = alloc
-            self._live_keys[_usage_key(alloc)] += 1
-            if alloc.share_group is not None:
-                self._shares.add(alloc)
-            else:
-                for gpu in alloc.gpus:
-                    self._holders[gpu.ref] = alloc.allocation_id
-            self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
-        for ref in self._shares.gpus:
-            # The same stand-in holder as one-by-one adds and removes would leave: the least id.
-            self._holders[ref] = self._shares.tenants(ref)[0]
-        self._gangs = _gangs_of(allocs)
-        self._expiries = SortedList((a.expires_at, a.allocation_id) for a in allocs if a.expires_at is not None)
-        for node in self._node_allocations:
-            self._holders_changed(node)
+        self._leases.load(allocs)
+        self._usage.leases_started(allocs)
         self._queue = WaitQueue(queued, age_weight_per_hour=self._policy.age_weight_per_hour)
         self._queued_shares = {q.request.request_id: q for q in queued if q.request.requirements.is_share}
         self._queues = QueueLedger(self._policy.age_weight_per_hour)
-        self._queues.load(allocs, queued, self._preempting)
+        self._queues.load(allocs, queued, self._preemptions)
 
     def _add_allocation(self, alloc: Allocation) -> None:
-        self._allocations[alloc.allocation_id] = alloc
-        self._live_keys[_usage_key(alloc)] += 1
-        if alloc.share_group is not None:
-            self._shares.add(alloc)
-            # The least id of the GPU's shares stands as its holder (whatever the order they came in).
-            self._holders[alloc.gpus[0].ref] = self._shares.tenants(alloc.gpus[0].ref)[0]
-        else:
-            for gpu in alloc.gpus:
-                self._holders[gpu.ref] = alloc.allocation_id
-        self._node_allocations.setdefault(alloc.node, set()).add(alloc.allocation_id)
-        self._add_expiry(alloc)
-        self._holders_changed(alloc.node)
+        self._leases.add(alloc)
+        self._usage.leases_started((alloc,))
         self._queues.add_lease(alloc)
 
     def _remove_allocation(self, alloc: Allocation, at: float) -> None:
         """End a lease at `at`, whatever the reason: its GPUs are freed and its GPU-seconds credited."""
-        del self._allocations[alloc.allocation_id]
-        if alloc.gang is not None:
-            # Its other members leave in the same apply (whole gangs only).
-            self._gangs.pop(alloc.gang.gang_id, None)
-        key = _usage_key(alloc)
-        self._usage.add_allocated(key, len(alloc.gpus), alloc.allocated_at, at, floor_hour=self._usage_floor(at))
-        self._live_keys[key] -= 1
-        if not self._live_keys[key]:
-            del self._live_keys[key]
+        for ref in self._leases.remove(alloc):
+            self._released_at[ref] = at
+        self._usage.lease_ended(alloc, at, self._clock)
         self._allocation_texts.pop(alloc.allocation_id, None)
-        if alloc.share_group is not None and not self._shares.remove(alloc):
-            # Other shares stay on the GPU: it stays held, by the least of their ids.
-            ref = alloc.gpus[0].ref
-            self._holders[ref] = self._shares.tenants(ref)[0]
-        else:
-            for gpu in alloc.gpus:
-                del self._holders[gpu.ref]
-                self._released_at[gpu.ref] = at
-        on_node = self._node_allocations[alloc.node]
-        on_node.discard(alloc.allocation_id)
-        if not on_node:
-            del self._node_allocations[alloc.node]
-        self._remove_expiry(alloc)
-        self._holders_changed(alloc.node)
-        preempting = self._preempting.pop(alloc.allocation_id, None)
-        self._queues.remove_lease(alloc, preempting=preempting is not None)
-        if preempting is not None:
-            self._preempt_deadlines.remove((preempting[0], alloc.allocation_id))
-
-    def _add_expiry(self, alloc: Allocation) -> None:
-        if alloc.expires_at is not None:
-            self._expiries.add((alloc.expires_at, alloc.allocation_id))
-
-    def _remove_expiry(self, alloc: Allocation) -> None:
-        if alloc.expires_at is not None:
-            self._expiries.remove((alloc.expires_at, alloc.allocation_id))
-
-    def _holders_changed(self, node: str) -> None:
-        self._holder_version += 1
-        self._holder_journal[node] = self._holder_version
-        self._holder_journal.move_to_end(node)
+        self._queues.remove_lease(alloc, preempting=self._preemptions.end(alloc.allocation_id))
 
     def _add_queued(self, queued: QueuedRequest) -> None:
         self._queue.add(queued)
@@ -992,7 +833,7 @@ class LeaseTable:
         self._queue_texts.pop(queued.request.request_id, None)
         # Allocated, cancelled or timed out: its victims' grace periods run on
         # (they were promised a deadline), but the GPUs are no longer held for it.
-        self._claims.pop(queued.request.request_id, None)
+        self._preemptions.drop_claim(queued.request.request_id)
 
     def _finish(self, request_id: str, status: str, at: float, reason: str) -> None:
         record = self._records.pop(request_id)
@@ -1002,7 +843,7 @@ class LeaseTable:
 
     def _prune(self) -> None:
         self._finished.prune(self._clock - self.retention_s)
-        self._usage.prune(self._usage_floor(self._clock), self._live_keys)
+        self._usage.prune(self._clock)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -1011,27 +852,9 @@ class LeaseTable:
 
         See `restore` for why the garbage collector is paused meanwhile.
 
-        Version 6 is version 5 whose leases may be shares of a GPU (their wire
-        form's "share_group" and requirements' "share_mb"; the share index is
-        rebuilt from them), written only while a share lives.
-        Version 5 is version 4 whose leases may be gang members (their wire
-        form's "gang"; the table's gang index is rebuilt from them) and whose
-        records may ask for a MIG slice ("mig_profile"): a version 4 reader would
-        take such members for independent leases and slices for whole GPUs, so it
-        must refuse. It is written only while a gang is live or a lease or waiter
-        asks for a slice; otherwise the snapshot is version 4.
-        Version 4 is version 3 plus "queue_policy" (queues.py's wire form),
-        "preempting" rows [allocation_id, deadline, reason] and "claims" rows
-        [request_id, node, victim ids]. Version 3 is version 2 plus "usage" (usage_ledger.py's snapshot form) and
-        "usage_retention_s". Version 2: allocations oldest first and the queue in rank order, each the
-        JSON text of its wire dict; records as rows [request_id, service_name,
-        status, submitted_at, updated_at, allocation_id, reason]: live ones by id
-        under "records", finished ones under "finished" as [hour, ids, text] per
-        hour they ended in (finished_records.py). Texts are canonical JSON
-        (sorted keys, no spaces), so equal tables still give equal snapshots,
-        and msgpack copies them rather than walking thousands of small dicts.
+        The versions and their wire form are lease_snapshot.py's.
         """
-        with _collector_paused():
+        with collector_paused():
             capture = self.snapshot_capture()
             wire = capture.to_wire()
             self.keep_texts(capture, wire)
@@ -1051,7 +874,7 @@ class LeaseTable:
     def keep_texts(self, capture: SnapshotCapture, wire: Wire) -> None:
         """Cache the texts `capture.to_wire()` made (as `wire`), for items that are still live and unchanged."""
         for item, text in zip(capture.wire["allocations"], wire["allocations"]):
-            if isinstance(item, Allocation) and self._allocations.get(item.allocation_id) is item:
+            if isinstance(item, Allocation) and self._leases.get(item.allocation_id) is item:
                 self._allocation_texts[item.allocation_id] = (item, text)
         for item, text in zip(capture.wire["queue"], wire["queue"]):
             if isinstance(item, QueuedRequest) and self._queue.get(item.request.request_id) is item:
@@ -1059,18 +882,14 @@ class LeaseTable:
 
     def _snapshot(self) -> Wire:
         return {
-            "version": (
-                SNAPSHOT_VERSION
-                if self._shares.gpus
-                else SNAPSHOT_VERSION_WITHOUT_SHARES
-                if self._gangs or self._uses_mig()
-                else SNAPSHOT_VERSION_WITHOUT_SHAPES
+            "version": snapshot_version(
+                shares=bool(self._leases.shares.gpus), gangs_or_mig=bool(self._leases.gang_count()) or self._uses_mig()
             ),
             "clock": self._clock,
             "retention_s": self.retention_s,
-            "allocations": [_text_or_item(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
-            "queue": [_text_or_item(self._queue_texts, q.request.request_id, q) for q in self._queue],
-            "records": [_record_row(self._records[k]) for k in sorted(self._records)],
+            "allocations": [text_or_item(self._allocation_texts, a.allocation_id, a) for a in self.allocations()],
+            "queue": [text_or_item(self._queue_texts, q.request.request_id, q) for q in self._queue],
+            "records": [record_row(self._records[k]) for k in sorted(self._records)],
             "finished": self._finished.to_wire(),
             "released_at": [
                 [ref.node, ref.index, at] for ref, at in sorted(self._released_at.items())
@@ -1081,16 +900,14 @@ class LeaseTable:
                 for ref, (state, reasons) in sorted(self._gpu_health.items())
             ],
             "outbox_delivered_through": self._outbox_delivered_through,
-            "usage": self._usage.to_wire(),
-            "usage_retention_s": self._usage_retention_s,
+            **self._usage.to_wire(),
             "queue_policy": self._policy.to_wire(),
-            "preempting": [[i, d, r] for i, (d, r) in sorted(self._preempting.items())],
-            "claims": [[req, node, list(victims)] for req, (node, victims) in sorted(self._claims.items())],
+            **self._preemptions.to_wire(),
         }
 
     def _uses_mig(self) -> bool:
         """Whether a lease or a waiter asks for a MIG slice (a snapshot walks them all anyway)."""
-        return any(a.request.requirements.mig_profile is not None for a in self._allocations.values()) or any(
+        return any(a.request.requirements.mig_profile is not None for a in self._leases.values()) or any(
             q.request.requirements.mig_profile is not None for q in self._queue
         )
 
@@ -1105,30 +922,26 @@ class LeaseTable:
 
         Raises ValueError for a snapshot of an unknown version.
         """
-        with _collector_paused():
+        with collector_paused():
             return cls._restore(snap)
 
     @classmethod
     def _restore(cls, snap: Mapping[str, Any]) -> LeaseTable:
         version = snap.get("version")
-        if version not in (1, 2, 3, 4, 5, SNAPSHOT_VERSION):
+        if version not in READABLE_VERSIONS:
             raise ValueError(f"unsupported lease-table snapshot version {version!r}")
         table = cls(retention_s=float(snap["retention_s"]))
         table._clock = float(snap["clock"])
         # Versions before 4 had no queues: the unconfigured policy, nothing preempting.
         table._policy = QueuePolicy.from_wire(snap.get("queue_policy", {}))
-        for allocation_id, deadline, reason in snap.get("preempting", ()):
-            table._preempting[str(allocation_id)] = (float(deadline), str(reason))
-        table._preempt_deadlines = SortedList((d, i) for i, (d, _) in table._preempting.items())
-        for request_id, node, victims in snap.get("claims", ()):
-            table._claims[str(request_id)] = (str(node), tuple(str(v) for v in victims))
+        table._preemptions = PreemptionBook.from_wire(snap)
         if version == 1:
             # Wire dicts; every record a dict, finished or not, by id.
             table._load(
                 [Allocation.from_wire(w) for w in snap["allocations"]],
                 [QueuedRequest.from_wire(w) for w in snap["queue"]],
             )
-            rows = [_record_row(RequestRecord.from_wire(w)) for w in snap["records"]]
+            rows = [record_row(RequestRecord.from_wire(w)) for w in snap["records"]]
             live = [row for row in rows if row[2] not in TERMINAL_STATUSES]
             table._finished = FinishedRecords.of(row for row in rows if row[2] in TERMINAL_STATUSES)
         else:
@@ -1150,24 +963,13 @@ class LeaseTable:
         for node, index, state, reasons in snap.get("gpu_health", ()):
             table._gpu_health[GpuRef(str(node), int(index))] = (str(state), tuple(str(r) for r in reasons))
         table._outbox_delivered_through = int(snap.get("outbox_delivered_through", 0))
-        # Versions 1 and 2 kept no usage: it starts empty, with the default retention.
-        table._usage = UsageLedger.from_wire(snap.get("usage", {}))
-        table._usage_retention_s = float(snap.get("usage_retention_s", DEFAULT_USAGE_RETENTION_S))
+        table._usage = LeaseUsage.from_wire(snap)
         return table
 
 
 def _gang_of(members: tuple[Allocation, ...]) -> tuple[Allocation, ...]:
     """`members` when they are a gang's, else () (the LeaseEvent.gang of a single lease)."""
     return members if members and members[0].gang is not None else ()
-
-
-def _gangs_of(allocs: Iterable[Allocation]) -> dict[str, tuple[str, ...]]:
-    """The gang index of a set of live leases: gang id -> member ids, rank order."""
-    ranked: dict[str, list[tuple[int, str]]] = {}
-    for alloc in allocs:
-        if alloc.gang is not None:
-            ranked.setdefault(alloc.gang.gang_id, []).append((alloc.gang.rank, alloc.allocation_id))
-    return {gang_id: tuple(i for _, i in sorted(rows)) for gang_id, rows in ranked.items()}
 
 
 def _check_gang(members: tuple[Allocation, ...]) -> None:
@@ -1193,72 +995,6 @@ def _check_gang(members: tuple[Allocation, ...]) -> None:
             "all of one request, gang id and expiry",
             code="invalid_allocation",
         )
-
-
-def _record_row(record: RequestRecord) -> list[Any]:
-    return [
-        record.request_id,
-        record.service_name,
-        record.status,
-        record.submitted_at,
-        record.updated_at,
-        record.allocation_id,
-        record.reason,
-    ]
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector (if it runs) for the block; nothing else changes."""
-    running = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if running:
-            gc.enable()
-
-
-_Item = TypeVar("_Item", Allocation, QueuedRequest)
-
-
-def _text_or_item(cache: dict[str, tuple[_Item, str]], key: str, item: _Item) -> str | _Item:
-    """The JSON text of `item.to_wire()` if made already (per object: a renewed lease is a new one), else `item`."""
-    cached = cache.get(key)
-    if cached is not None and cached[0] is item:
-        return cached[1]
-    return item
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotCapture:
-    """`LeaseTable.snapshot_capture()`: the snapshot dict, its leases and waiters texts or items still to encode."""
-
-    wire: Wire
-
-    def to_wire(self) -> Wire:
-        """The snapshot dict, every item as its canonical JSON text. Reads no table: safe in a worker thread."""
-        wire = dict(self.wire)
-        for key in ("allocations", "queue"):
-            wire[key] = [x if isinstance(x, str) else canonical_json(x.to_wire()) for x in self.wire[key]]
-        return wire
-
-
-def usage_window(since: float, until: float) -> tuple[int, int]:
-    """The hours [first, last) that a usage query for [since, until) reads: the whole hours covering it."""
-    first = hour_of(since)
-    last = hour_of(until)
-    if until > last * HOUR_S:
-        last += 1
-    return first, max(first, last)
-
-
-def _usage_key(alloc: Allocation) -> UsageKey:
-    return (alloc.request.queue_name, alloc.request.service_name)
-
-
-def _age(alloc: Allocation) -> tuple[float, str]:
-    return (alloc.allocated_at, alloc.allocation_id)
 
 
 def _health_ref(ref: GpuRef) -> GpuRef:

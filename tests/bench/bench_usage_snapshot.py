@@ -31,7 +31,8 @@ from typing import Any, Callable
 import msgpack
 
 from coordinator.commands import Allocate, RecordUsage, Release
-from coordinator.lease_table import DEFAULT_USAGE_RETENTION_S, LeaseTable
+from coordinator.lease_table import LeaseTable
+from coordinator.lease_usage import DEFAULT_USAGE_RETENTION_S
 from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, Requirements
 from coordinator.usage_ledger import UsageLedger
 

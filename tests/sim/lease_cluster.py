@@ -119,7 +119,8 @@ from coordinator.commands import (
 from coordinator.errors import Conflict, CoordinatorError
 from coordinator.inventory import Inventory
 from coordinator.mig import slice_index
-from coordinator.lease_table import DEFAULT_USAGE_RETENTION_S, ApplyResult, LeaseTable
+from coordinator.lease_table import ApplyResult, LeaseTable
+from coordinator.lease_usage import DEFAULT_USAGE_RETENTION_S
 from coordinator.model import (
     ALLOCATED,
     EXPIRED,

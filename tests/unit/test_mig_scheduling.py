@@ -16,7 +16,8 @@ from coordinator.commands import Allocate, Enqueue, Release, ReportGpuHealth
 from coordinator.errors import InvalidRequest, Unsatisfiable
 from coordinator.fragmentation import largest_requests
 from coordinator.inventory import Inventory
-from coordinator.lease_table import SNAPSHOT_VERSION_WITHOUT_SHAPES, SNAPSHOT_VERSION_WITHOUT_SHARES, LeaseTable
+from coordinator.lease_snapshot import SNAPSHOT_VERSION_WITHOUT_SHAPES, SNAPSHOT_VERSION_WITHOUT_SHARES
+from coordinator.lease_table import LeaseTable
 from coordinator.mig import gpu_of_slice, slice_index
 from coordinator.model import MIG_ANY, Allocation, AllocationRequest, GpuView, Requirements
 from coordinator.request_parsing import build_request, parse_allocate_body

@@ -17,7 +17,8 @@ from coordinator.commands import Allocate, Enqueue, MarkHostLost, Release, SetQu
 from coordinator.gpu_usage import UsageTracker
 from coordinator.errors import Conflict, Forbidden, InvalidRequest
 from coordinator.inventory import Inventory
-from coordinator.lease_table import SNAPSHOT_VERSION, SNAPSHOT_VERSION_WITHOUT_SHAPES, LeaseTable
+from coordinator.lease_snapshot import SNAPSHOT_VERSION, SNAPSHOT_VERSION_WITHOUT_SHAPES
+from coordinator.lease_table import LeaseTable
 from coordinator.model import Allocation, AllocationRequest, GpuRef, GpuView, Requirements
 from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.request_parsing import parse_allocate_body, queue_for

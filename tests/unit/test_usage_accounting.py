@@ -24,7 +24,8 @@ from coordinator.commands import (
     encode_command,
 )
 from coordinator.errors import InvalidRequest
-from coordinator.lease_table import DEFAULT_USAGE_RETENTION_S, LeaseTable, usage_window
+from coordinator.lease_table import LeaseTable
+from coordinator.lease_usage import DEFAULT_USAGE_RETENTION_S, usage_window
 from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, Requirements
 from tests.unit.test_lease_table import apply_ok, assert_refused
 
