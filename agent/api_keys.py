@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from agent.config import ConfigError, did_you_mean
+from agent.config import did_you_mean
+from agent.config_checks import ConfigError
 
 _log = logging.getLogger(__name__)
 

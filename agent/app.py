@@ -74,7 +74,8 @@ from coordinator.swim_config import profile as swim_profile
 from agent.advisor import DeepAgentsAdvisor
 from agent.api_keys import ApiKeyError, ApiKeyring
 from agent.cluster import ClusterRuntime
-from agent.config import AgentConfig, ConfigError, graph_events_url, reloaded, restart_needed_keys
+from agent.config import AgentConfig, graph_events_url, reloaded, restart_needed_keys
+from agent.config_checks import ConfigError
 from agent.context import AgentContext
 from agent.device_sampler import DeviceSampler
 from agent.devices import backend_from_config

@@ -62,7 +62,7 @@ from coordinator.views import allocation_view, queued_view, record_view, usage_v
 
 from agent.api_keys import ApiKey, extract_presented_key
 from agent.audit import WRITE_ACTIONS, AuditTrail, ids_in
-from agent.config import is_node_name
+from agent.config_checks import is_node_name
 from agent.context import AgentContext, holders_from_allocations
 from agent import http_protocol_errors
 from agent.leader_proxy import FORWARDED_BY, LEADER_WAIT_S, ForwardFailed, LeadHere

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from hypercorn.config import Config as HypercornConfig
 
-from agent.config import AgentConfig, ConfigError, HttpSection, exposure_warnings
+from agent.config import AgentConfig, HttpSection, exposure_warnings
+from agent.config_checks import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,8 @@ from coordinator.mig import gpu_of_slice, slice_index
 from coordinator.swim import MalformedPacket, MemberEvent, MemberView, SwimCore
 from coordinator.swim_config import SwimConfig
 
-from agent.config import AgentConfig, split_host_port
+from agent.config import AgentConfig
+from agent.config_checks import split_host_port
 from agent.device_sampler import DeviceSampler
 from agent.gossip_transport import Address, GossipStats, GossipTransport, PushPullError
 from agent.cluster_keyring import KeyringFile

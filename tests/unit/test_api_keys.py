@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.api_keys import ApiKey, ApiKeyError, ApiKeyring, extract_presented_key, hash_key
-from agent.config import ConfigError
+from agent.config_checks import ConfigError
 
 TRAINER_KEY = "trainer-secret-0123456789"
 OPS_KEY = "ops-secret-9876543210"

@@ -16,7 +16,6 @@ import pytest
 from agent.config import (
     AgentConfig,
     AgentSection,
-    ConfigError,
     DevicesSection,
     HttpSection,
     QUEUE_KEYS,
@@ -24,8 +23,8 @@ from agent.config import (
     build_arg_parser,
     default_data_dir,
     load_config,
-    split_host_port,
 )
+from agent.config_checks import ConfigError, split_host_port
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "systemd" / "agent.toml.example"

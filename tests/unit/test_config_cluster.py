@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, ConfigError, build_arg_parser, load_config
+from agent.config import AgentConfig, build_arg_parser, load_config
+from agent.config_checks import ConfigError
 
 
 def load(tmp_path: Path, argv: list[str], toml: str = "") -> AgentConfig:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, reloaded, restart_needed_keys
+from agent.config import reloaded, restart_needed_keys
+from agent.config_checks import ConfigError
 from coordinator.idle_reclaim import IdlePolicy
 from coordinator.queues import UNCONFIGURED, QueuePolicy, QueueSpec
 from tests.unit.test_config import load, write

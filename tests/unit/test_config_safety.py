@@ -7,15 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import (
-    AgentConfig,
-    AgentSection,
-    ConfigError,
-    build_arg_parser,
-    exposure_warnings,
-    graph_events_url,
-    load_config,
-)
+from agent.config import AgentConfig, AgentSection, build_arg_parser, exposure_warnings, graph_events_url, load_config
+from agent.config_checks import ConfigError
 
 
 def base() -> AgentConfig:

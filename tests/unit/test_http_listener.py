@@ -10,7 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.audit import AUDIT_LOGGER, AuditTrail, ids_in, outcome_of
-from agent.config import AgentConfig, AgentSection, ConfigError, HttpSection
+from agent.config import AgentConfig, AgentSection, HttpSection
+from agent.config_checks import ConfigError
 from agent.http_listener import ApiTls, advertised_http_url, hypercorn_config
 from agent.node_meta import NodeMeta, decode_node_meta, encode_node_meta
 from tests.tls_certs import TestCa
