@@ -455,7 +455,7 @@ class StateCollector(Collector):
 
     def _largest_requests(self, table: LeaseTable, inventory: Inventory) -> Iterable[Metric]:
         """The largest request each node, and the cluster, can take now, by shape (leader only)."""
-        per_node = largest_requests(inventory, lambda ref: table.holder(ref) is not None)
+        per_node = largest_requests(inventory, lambda ref: table.holder(ref) is not None, table.shares.gpus)
         nodes = GaugeMetricFamily(
             "gpu_orchestrator_node_largest_request_gpus",
             "The most GPUs one request could get on the node now: any free ones (shape=gpus), or free ones "
