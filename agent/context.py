@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,19 +279,29 @@ class AgentContext:
         table = self.table
         ours = self.inventory.inventory()
         largest: list[LargestRequest] = []
+        # Without a table (a Raft client) the room left on shared GPUs is unknown: they count as held.
+        shared = table.shares.gpus if table is not None else {}
+        held: Callable[[GpuRef], bool]
         for name, gpus in self._gpus_by_node(None, None):
             views = ours.node_views(name)
             refs = [GpuRef(name, _index(g)) for g in gpus]
             if table is not None and views:
-                held_refs = {ref for ref in refs if table.holder(ref) is not None}
+                held = _table_holds(table)
             else:
-                held_refs = {ref for ref, g in zip(refs, gpus) if isinstance(g, RemoteGpu) and g.gpu.allocated}
-            largest.append(node_largest_request(views, held_refs.__contains__, ours.topology(name)))
+                # What gossip says, MIG slices included (a slice's `allocated` is its own).
+                held = {
+                    GpuRef(name, meta.index)
+                    for g in gpus
+                    if isinstance(g, RemoteGpu)
+                    for meta in (g.gpu, *g.slices)
+                    if meta.allocated
+                }.__contains__
+            largest.append(node_largest_request(views, held, ours.topology(name), shared=shared))
             nodes.append(
                 {
                     "node": name,
                     "gpus": len(gpus),
-                    "allocated": len(held_refs),
+                    "allocated": sum(1 for ref in refs if held(ref)),
                     "unhealthy": sum(1 for v in views if v.health == UNHEALTHY),
                     "drained": sum(1 for v in views if v.drained),
                     "scheduled_here": bool(views),
@@ -505,6 +515,11 @@ def _gossip_slice_row(node: str, s: GpuMeta, holders: Holders | None) -> dict[st
             else {"allocated": s.allocated, "allocated_to": None, "allocation_id": None, "allocated_at": None}
         ),
     }
+
+
+def _table_holds(table: LeaseTable) -> Callable[[GpuRef], bool]:
+    """Whether `table` has a lease on a unit (a whole GPU or a MIG slice)."""
+    return lambda ref: table.holder(ref) is not None
 
 
 def _index(gpu: GpuSnapshot | RemoteGpu) -> int:

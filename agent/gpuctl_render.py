@@ -146,13 +146,31 @@ def _status_notes(gpus: Sequence[JsonObject], now: float) -> list[str]:
 
 
 def largest_request_text(largest: Any) -> str | None:
-    """A `largest_request` object as "5 GPU(s), 4 all-NVLink"; None when there is none to show."""
+    """A `largest_request` object as "5 GPU(s), 4 all-NVLink; a share of 79.6 GiB; MIG 1g.10gb:5,3g.40gb:1".
+
+    None when there is none to show; the share and MIG parts only where the answer has them.
+    """
     if not isinstance(largest, dict) or largest.get("gpus") is None:
         return None
     text = f"{largest['gpus']} GPU(s)"
     if largest.get("nvlink") is not None:
         text += f", {largest['nvlink']} all-NVLink"
+    if isinstance(largest.get("share_mb"), int) and largest["share_mb"] > 0:
+        text += f"; a share of {gib(largest['share_mb'])} GiB"
+    if isinstance(largest.get("mig"), dict):
+        text += f"; MIG {_mig_free_cell(largest['mig'])}"
     return text
+
+
+def _mig_free_cell(mig: Any) -> str:
+    """Free MIG instances by profile as "1g.10gb:5,3g.40gb:1", in the API's order (smallest profile first).
+
+    Profiles with none free are left out: "0" when none is free, "-" without MIG.
+    """
+    if not isinstance(mig, dict):
+        return "-"
+    free = [f"{profile}:{count}" for profile, count in mig.items() if isinstance(count, int) and count > 0]
+    return ",".join(free) if free else "0"
 
 
 def render_status(payload: JsonObject, now: float, largest: JsonObject | None = None) -> str:
@@ -229,20 +247,26 @@ def render_status_summary(payload: JsonObject, now: float) -> str:
     total = payload.get("summary") or {}
     if not nodes:
         return "no GPUs"
-    rows = [
-        [
-            _text(n.get("node")),
-            _text(n.get("gpus")),
-            _text(n.get("allocated")),
-            _text(n.get("unhealthy")),
-            _text(n.get("drained")),
-            _text((n.get("largest_request") or {}).get("gpus")),
-            _text((n.get("largest_request") or {}).get("nvlink")),
-            "" if n.get("scheduled_here", True) else "another cluster's",
-        ]
-        for n in nodes
-    ]
-    headers = ["NODE", "GPUS", "LEASED", "UNHEALTHY", "DRAINED", "FITS", "NVLINK", ""]
+    rows = []
+    for n in nodes:
+        largest = _obj(n.get("largest_request"))
+        share = largest.get("share_mb")
+        rows.append(
+            [
+                _text(n.get("node")),
+                _text(n.get("gpus")),
+                _text(n.get("allocated")),
+                _text(n.get("unhealthy")),
+                _text(n.get("drained")),
+                _text(largest.get("gpus")),
+                _text(largest.get("nvlink")),
+                f"{gib(share)} GiB" if isinstance(share, int) and share > 0 else "-",
+                _mig_free_cell(largest.get("mig")),
+                "" if n.get("scheduled_here", True) else "another cluster's",
+            ]
+        )
+    # FITS, NVLINK, SHARE and MIG: the largest request of each shape the node takes now.
+    headers = ["NODE", "GPUS", "LEASED", "UNHEALTHY", "DRAINED", "FITS", "NVLINK", "SHARE", "MIG", ""]
     line = (
         f"{total.get('gpus', 0)} GPU(s) on {total.get('nodes', 0)} node(s), {total.get('allocated', 0)} leased, "
         f"{total.get('unhealthy', 0)} unhealthy, {total.get('drained', 0)} drained"
@@ -251,7 +275,7 @@ def render_status_summary(payload: JsonObject, now: float) -> str:
     if fits is not None:
         line += f"\nlargest request now: {fits}"
     hint = "gpuctl status --node NODE for one node's GPUs, --all for every GPU"
-    return table(headers, rows, right=frozenset({1, 2, 3, 4, 5, 6})) + "\n\n" + line + "\n" + hint
+    return table(headers, rows, right=frozenset({1, 2, 3, 4, 5, 6, 7})) + "\n\n" + line + "\n" + hint
 
 
 def render_gpu(gpu: JsonObject, now: float) -> str:

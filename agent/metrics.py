@@ -13,9 +13,10 @@ rate() and increase() work on them the same way.
 
 Each agent exports its own GPUs. Cluster-wide figures (allocations, queue) come
 from the leader only, so a sum over agents never double counts. So do the
-largest requests each node can take now (coordinator/fragmentation.py), node
-by node as well as for the cluster: only the leader's table knows which GPUs
-every lease holds, a client's not even its own.
+largest requests each node can take now (coordinator/fragmentation.py: whole
+GPUs, all-NVLink sets, MIG instances by profile, shares), node by node as well
+as for the cluster: only the leader's table knows which GPUs every lease holds,
+a client's not even its own.
 """
 
 from __future__ import annotations
@@ -455,7 +456,8 @@ class StateCollector(Collector):
 
     def _largest_requests(self, table: LeaseTable, inventory: Inventory) -> Iterable[Metric]:
         """The largest request each node, and the cluster, can take now, by shape (leader only)."""
-        per_node = largest_requests(inventory, lambda ref: table.holder(ref) is not None)
+        per_node = largest_requests(inventory, lambda ref: table.holder(ref) is not None, table.shares.gpus)
+        cluster = cluster_largest_request(per_node.values())
         nodes = GaugeMetricFamily(
             "gpu_orchestrator_node_largest_request_gpus",
             "The most GPUs one request could get on the node now: any free ones (shape=gpus), or free ones "
@@ -466,14 +468,47 @@ class StateCollector(Collector):
             for shape, value in _shape_values(largest):
                 nodes.add_metric([node, shape], float(value))
         yield nodes
-        cluster = GaugeMetricFamily(
+        whole = GaugeMetricFamily(
             "gpu_orchestrator_cluster_largest_request_gpus",
             "The most GPUs one request could get now anywhere in the cluster, by shape (leader only).",
             labels=["shape"],
         )
-        for shape, value in _shape_values(cluster_largest_request(per_node.values())):
-            cluster.add_metric([shape], float(value))
-        yield cluster
+        for shape, value in _shape_values(cluster):
+            whole.add_metric([shape], float(value))
+        yield whole
+        # One series per MIG profile a node has: a handful per GPU model, whatever the load.
+        node_mig = GaugeMetricFamily(
+            "gpu_orchestrator_node_free_mig_instances",
+            "MIG instances of each profile on the node that a request could get now: schedulable, held by no "
+            "lease; every profile the node has, 0 included (leader only).",
+            labels=["node", "profile"],
+        )
+        for node, largest in per_node.items():
+            for profile, count in largest.mig or ():
+                node_mig.add_metric([node, profile], float(count))
+        yield node_mig
+        cluster_mig = GaugeMetricFamily(
+            "gpu_orchestrator_cluster_free_mig_instances",
+            "MIG instances of each profile a request could get now, all nodes together (leader only).",
+            labels=["profile"],
+        )
+        for profile, count in cluster.mig or ():
+            cluster_mig.add_metric([profile], float(count))
+        yield cluster_mig
+        node_share = GaugeMetricFamily(
+            "gpu_orchestrator_node_largest_share_bytes",
+            "The largest memory budget one share could get on the node now, bytes: a free whole GPU's memory, "
+            "or the room left on a GPU already shared (for its sharing group only) (leader only).",
+            labels=["node"],
+        )
+        for node, largest in per_node.items():
+            node_share.add_metric([node], float(largest.share_mb) * 1024 * 1024)
+        yield node_share
+        yield GaugeMetricFamily(
+            "gpu_orchestrator_cluster_largest_share_bytes",
+            "The largest memory budget one share could get now anywhere in the cluster, bytes (leader only).",
+            value=float(cluster.share_mb) * 1024 * 1024,
+        )
 
     def _queue_gauges(self, queues: list[dict[str, Any]]) -> Iterable[Metric]:
         """Each queue's figures (coordinator/queue_views.py; a parent's include its children's; leader only)."""

@@ -763,11 +763,24 @@ def _schemas(max_ttl_s: float) -> JsonObject:
         },
         "LargestRequest": {
             "type": "object",
-            "description": "the largest request that fits now: any free GPUs, and free GPUs all joined by NVLink",
-            "required": ["gpus", "nvlink"],
+            "description": "the largest request that fits now: any free GPUs, free GPUs all joined by NVLink, "
+            "a MIG instance of each profile, a share",
+            "required": ["gpus", "nvlink", "mig", "share_mb"],
             "properties": {
                 "gpus": {"type": "integer", "minimum": 0},
                 "nvlink": {"type": ["integer", "null"], "minimum": 0, "description": "null where the topology is unknown"},
+                "mig": {
+                    "type": ["object", "null"],
+                    "additionalProperties": {"type": "integer", "minimum": 0},
+                    "description": "free MIG instances by profile, every profile present (0 included); "
+                    "null without MIG",
+                },
+                "share_mb": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "the largest gpu_memory_mb a share could get: a free GPU's memory, "
+                    "or the room left on a shared GPU (for its sharing group)",
+                },
             },
         },
         "QueuedRequest": {

@@ -259,7 +259,9 @@ class Replay:
     def _refresh(self, node: str) -> None:
         views = self.fleet.views[node]
         topo = self.fleet.topologies.get(node)
-        largest = node_largest_request(views, lambda ref: self.table.holder(ref) is not None, topo)
+        largest = node_largest_request(
+            views, lambda ref: self.table.holder(ref) is not None, topo, shared=self.table.shares.gpus
+        )
         bridged = on_pairs = 0
         if self.fleet.kinds[node] == "pcie-nvlink-pairs" and topo is not None:
             free = [v.index for v in views if self.table.holder(v.ref) is None]

@@ -545,8 +545,8 @@ def test_gpu_status_pages_filters_and_summarizes(api: Api) -> None:
     summary = api.get("/gpu/status?summary=true").json()
     assert summary["summary"] == {
         "nodes": 1, "gpus": 4, "allocated": 1, "unhealthy": 0, "drained": 0,
-        # Three free GPUs, all NVLink-joined (one H100 model: wired all-to-all).
-        "largest_request": {"gpus": 3, "nvlink": 3},
+        # Three free GPUs, all NVLink-joined (one H100 model: wired all-to-all); no MIG; a share of a whole H100.
+        "largest_request": {"gpus": 3, "nvlink": 3, "mig": None, "share_mb": 81559},
     }
     assert summary["nodes"][0] | {"node": "node-a", "scheduled_here": True} == summary["nodes"][0]
     api.post("/gpu/release", {"allocation_id": held["allocation_id"]})

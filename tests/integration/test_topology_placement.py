@@ -97,7 +97,7 @@ def test_four_gpus_on_hgx_get_an_nvlink_set_on_one_socket(hgx: AgentProcess, cap
     out = capsys.readouterr().out
     assert "largest request now: 4 GPU(s), 4 all-NVLink" in out
     status = httpx.get(f"{hgx.url}/gpu/status?summary=true", timeout=10).json()
-    assert status["nodes"][0]["largest_request"] == {"gpus": 4, "nvlink": 4}
+    assert status["nodes"][0]["largest_request"] == {"gpus": 4, "nvlink": 4, "mig": None, "share_mb": 81559}
 
 
 def test_a_client_s_topology_reaches_the_leader_by_gossip(tmp_path: Path) -> None:
@@ -113,7 +113,8 @@ def test_a_client_s_topology_reaches_the_leader_by_gossip(tmp_path: Path) -> Non
             return next((n for n in nodes if n["node"] == "topo-client" and n["largest_request"]["nvlink"]), None)
 
         # No NVLink on L40S: the largest all-NVLink set is one GPU, and only a known topology says so.
-        assert wait_for(client_known, timeout=20)["largest_request"] == {"gpus": 8, "nvlink": 1}
+        largest = wait_for(client_known, timeout=20)["largest_request"]
+        assert largest == {"gpus": 8, "nvlink": 1, "mig": None, "share_mb": 46068}
         on_client = {"service_name": "trainer", "constraints": {"node": "topo-client"}}
         pair = httpx.post(f"{server.url}/gpu/allocate", json={**on_client, "gpu_count": 2}, timeout=20).json()
         quad = httpx.post(f"{server.url}/gpu/allocate", json={**on_client, "gpu_count": 4}, timeout=20).json()

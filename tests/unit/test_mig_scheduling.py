@@ -12,9 +12,9 @@ import random
 
 import pytest
 
-from coordinator.commands import Allocate, Enqueue, Release, ReportGpuHealth
+from coordinator.commands import Allocate, Enqueue, Release, ReportGpuHealth, SetDrain
 from coordinator.errors import InvalidRequest, Unsatisfiable
-from coordinator.fragmentation import largest_requests
+from coordinator.fragmentation import LargestRequest, cluster_largest_request, largest_requests
 from coordinator.inventory import Inventory
 from coordinator.lease_snapshot import SNAPSHOT_VERSION_WITHOUT_SHAPES, SNAPSHOT_VERSION_WITHOUT_SHARES
 from coordinator.lease_table import LeaseTable
@@ -24,6 +24,8 @@ from coordinator.request_parsing import build_request, parse_allocate_body
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from coordinator.views import allocation_view
 from coordinator.workload import analyze_workload
+
+from agent.inventory_feed import overlay
 
 A100 = "NVIDIA A100-SXM4-80GB"
 SLICE_MB = {"1g.10gb": 9728, "2g.20gb": 19968, "3g.40gb": 40192, "7g.80gb": 80896}
@@ -156,10 +158,57 @@ def test_a_released_slice_serves_the_waiting_request() -> None:
     assert placed.allocation.request.request_id == "second" and placed.allocation.gpus[0].index == 1000
 
 
-def test_fragmentation_counts_whole_gpus_only() -> None:
-    inventory = Inventory.of(MIXED)
-    found = largest_requests(inventory, lambda ref: False)
-    assert found["a"].gpus == 1 and found["b"].gpus == 0
+# ---- fragmentation: free slices by profile, apart from whole GPUs
+
+
+def free_units(cluster: Cluster) -> dict[str, LargestRequest]:
+    """Each node's largest request, as the leader's metrics and status summary work it out."""
+    return largest_requests(
+        cluster.inventory, lambda ref: cluster.table.holder(ref) is not None, cluster.table.shares.gpus
+    )
+
+
+def test_fragmentation_counts_free_slices_by_profile_and_whole_gpus_apart() -> None:
+    cluster = Cluster(MIXED)
+    before = free_units(cluster)
+    # Slices are no whole GPU: "b" is one GPU in MIG mode, so no whole-GPU request nor share fits there.
+    assert (before["a"].gpus, before["a"].share_mb, before["b"].gpus, before["b"].share_mb) == (1, 81920, 0, 0)
+    assert before["a"].mig == (("1g.10gb", 2), ("2g.20gb", 1), ("3g.40gb", 1))
+    assert before["b"].mig == (("7g.80gb", 1),)
+
+    cluster.placed(request("small", mig="1g.10gb"))
+    cluster.placed(request("big", mig="7g.80gb"))
+    after = free_units(cluster)
+
+    assert after["a"].mig == (("1g.10gb", 1), ("2g.20gb", 1), ("3g.40gb", 1))
+    assert after["b"].mig == (("7g.80gb", 0),)  # all taken: listed at 0, not left out
+    assert after["a"].gpus == 1  # a slice lease holds no whole GPU
+    assert cluster_largest_request(after.values()).mig == (
+        ("1g.10gb", 1), ("2g.20gb", 1), ("3g.40gb", 1), ("7g.80gb", 0),
+    )
+    assert cluster_largest_request([after["a"]]).mig == after["a"].mig
+
+
+def test_a_drained_gpus_slices_are_not_free() -> None:
+    """Draining a MIG-mode GPU drains its slices: the agent lays the drain over them (agent/inventory_feed.py)."""
+    cluster = Cluster(MIXED)
+    assert cluster.table.apply(SetDrain(0.0, "a", 0, True, "layout change")).ok
+    cluster.inventory.set_node("a", [overlay(v, cluster.table, local=True) for v in cluster.inventory.node_views("a")])
+
+    found = free_units(cluster)
+
+    assert found["a"].mig == (("1g.10gb", 0), ("2g.20gb", 0), ("3g.40gb", 0))
+    assert found["a"].gpus == 1  # GPU 1 is not drained
+    assert cluster_largest_request(found.values()).mig == (
+        ("1g.10gb", 0), ("2g.20gb", 0), ("3g.40gb", 0), ("7g.80gb", 1),
+    )
+
+
+def test_a_cluster_without_slices_has_no_mig_figure() -> None:
+    cluster = Cluster([whole("a", 0)])
+    found = free_units(cluster)
+    assert found["a"].mig is None and cluster_largest_request(found.values()).mig is None
+    assert found["a"].to_wire() == {"gpus": 1, "nvlink": None, "mig": None, "share_mb": 81920}
 
 
 def test_inventory_kinds_leave_slices_out() -> None:

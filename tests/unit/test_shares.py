@@ -9,6 +9,7 @@ the scheduler as the agent does and applies what it returns to a lease table.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from coordinator.commands import Allocate, Enqueue, MarkHostLost, Release, SetQueuePolicy, command_from_wire
 from coordinator.gpu_usage import UsageTracker
 from coordinator.errors import Conflict, Forbidden, InvalidRequest
+from coordinator.fragmentation import cluster_largest_request, largest_requests
 from coordinator.inventory import Inventory
 from coordinator.lease_snapshot import SNAPSHOT_VERSION, SNAPSHOT_VERSION_WITHOUT_SHAPES
 from coordinator.lease_table import LeaseTable
@@ -187,6 +189,27 @@ def test_a_shared_gpu_is_held_for_exclusive_work_and_freed_with_its_last_share()
     assert cluster.table.holder(ref("a", 0)) is None and not cluster.table.shares.gpus
     [granted] = cluster.tick(now=4.0)
     assert granted.allocation.request.request_id == "w" and granted.allocation.share_group is None
+
+
+def test_the_largest_share_is_a_free_gpus_memory_or_the_room_left_on_a_shared_one() -> None:
+    """What the *_largest_share_bytes metrics and the status summary's share_mb say (coordinator/fragmentation.py)."""
+    cluster = Cluster(gpus("a", 1) + gpus("b", 1))
+
+    def largest() -> dict[str, int]:
+        found = largest_requests(
+            cluster.inventory, lambda ref: cluster.table.holder(ref) is not None, cluster.table.shares.gpus
+        )
+        return {node: figure.share_mb for node, figure in found.items()} | {
+            "cluster": cluster_largest_request(found.values()).share_mb
+        }
+
+    assert largest() == {"a": TOTAL_MB, "b": TOTAL_MB, "cluster": TOTAL_MB}
+    cluster.placed(share("s1", 60_000, node="a"))
+    cluster.placed(whole("w"))  # takes b: a is held by its share
+    assert largest() == {"a": TOTAL_MB - 60_000, "b": 0, "cluster": TOTAL_MB - 60_000}
+    # A drained shared GPU takes no new share, whatever room it has.
+    cluster.inventory.set_node("a", [dataclasses.replace(v, drained=True) for v in gpus("a", 1)])
+    assert largest() == {"a": 0, "b": 0, "cluster": 0}
 
 
 def test_a_waiting_share_packs_at_the_next_tick() -> None:

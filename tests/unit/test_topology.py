@@ -271,14 +271,16 @@ def test_largest_requests_per_node_and_for_the_cluster() -> None:
     inventory.set_topology("pairs", PCIE_NVLINK_PAIRS)
     held = {GpuRef("hgx", i) for i in (0, 1, 2)} | {GpuRef("pairs", 0)}
 
-    per_node = largest_requests(inventory, lambda ref: ref in held)
+    per_node = largest_requests(inventory, lambda ref: ref in held, {})
 
+    # Any free GPU takes a share of its whole memory; no node has MIG slices.
     assert per_node == {
-        "hgx": LargestRequest(gpus=5, nvlink=5),
-        "pairs": LargestRequest(gpus=2, nvlink=1),  # 1 and 2 are free, but only PHB apart; 3 is unhealthy
-        "plain": LargestRequest(gpus=2, nvlink=None),
+        "hgx": LargestRequest(gpus=5, nvlink=5, share_mb=81559),
+        # 1 and 2 are free, but only PHB apart; 3 is unhealthy.
+        "pairs": LargestRequest(gpus=2, nvlink=1, share_mb=81559),
+        "plain": LargestRequest(gpus=2, nvlink=None, share_mb=81559),
     }
-    assert cluster_largest_request(per_node.values()) == LargestRequest(gpus=5, nvlink=5)
+    assert cluster_largest_request(per_node.values()) == LargestRequest(gpus=5, nvlink=5, share_mb=81559)
     assert cluster_largest_request([LargestRequest(1, None)]) == LargestRequest(1, None)
     assert cluster_largest_request([]) == LargestRequest(0, None)
 
