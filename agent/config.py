@@ -98,9 +98,10 @@ class AgentSection:
     labels: tuple[str, ...] = ()
     # Where this fleet's CUDA MPS control daemons keep their pipes and logs, when
     # GPUs are shared through MPS: a share's allocation object hands them to its
-    # holder as CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY hints ("": no MPS,
-    # the hints are null and shares time-slice). The answering leader's values are
-    # given, so set them alike on every agent.
+    # holder as CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY hints, with its
+    # budget as CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, once either is set ("" for both:
+    # no MPS, the hints are null and shares time-slice). The answering leader's
+    # values are given, so set them alike on every agent.
     mps_pipe_directory: str = ""
     mps_log_directory: str = ""
 

@@ -726,9 +726,15 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                             "mps": _nullable(
                                 {
                                     "type": "object",
+                                    "description": "the environment of a CUDA MPS client; null without MPS configured",
                                     "properties": {
                                         "CUDA_MPS_PIPE_DIRECTORY": string,
                                         "CUDA_MPS_LOG_DIRECTORY": string,
+                                        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": {
+                                            "type": "string",
+                                            "description": "the budget as MPS's per-client limit on device 0 "
+                                            "(the GPU of cuda_visible_devices), e.g. \"0=12000M\"",
+                                        },
                                     },
                                 }
                             ),
