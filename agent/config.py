@@ -900,8 +900,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--simulate",
         metavar="SPEC",
-        help="serve a simulated fleet such as 4xH100-80GB instead of NVML "
-        '(sets [devices] backend = "simulated")',
+        help="serve simulated GPUs instead of NVML: a fleet such as 4xH100-80GB "
+        "(with MIG: 2xA100-80GB:mig=3g.40gb/2g.20gb/1g.10gb/1g.10gb), or a whole host wired "
+        "like a real one: hgx-h100, pcie-nvlink-pairs or pcie-2socket "
+        '(sets [devices] backend = "simulated"; docs/configuration.md#devices)',
     )
     parser.add_argument(
         "--cluster-bind",
