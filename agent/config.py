@@ -75,9 +75,10 @@ class AgentSection:
     labels: tuple[str, ...] = ()
     # Where this fleet's CUDA MPS control daemons keep their pipes and logs, when
     # GPUs are shared through MPS: a share's allocation object hands them to its
-    # holder as CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY hints ("": no MPS,
-    # the hints are null and shares time-slice). The answering leader's values are
-    # given, so set them alike on every agent.
+    # holder as CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY hints, with its
+    # budget as CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, once either is set ("" for both:
+    # no MPS, the hints are null and shares time-slice). The answering leader's
+    # values are given, so set them alike on every agent.
     mps_pipe_directory: str = ""
     mps_log_directory: str = ""
 
@@ -539,8 +540,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--simulate",
         metavar="SPEC",
-        help="serve a simulated fleet such as 4xH100-80GB instead of NVML "
-        '(sets [devices] backend = "simulated")',
+        help="serve simulated GPUs instead of NVML: a fleet such as 4xH100-80GB "
+        "(with MIG: 2xA100-80GB:mig=3g.40gb/2g.20gb/1g.10gb/1g.10gb), or a whole host wired "
+        "like a real one: hgx-h100, pcie-nvlink-pairs or pcie-2socket "
+        '(sets [devices] backend = "simulated"; docs/configuration.md#devices)',
     )
     parser.add_argument(
         "--cluster-bind",

@@ -42,7 +42,7 @@ from coordinator.gpu_health import HEALTHY_GPU, GpuHealth, HealthPolicy, HealthT
 from coordinator.gpu_usage import UsageTracker
 from coordinator.mig import slice_index
 from coordinator.model import UNHEALTHY, GpuView
-from coordinator.topology import PHB, PIX, SYS, UNKNOWN, NodeTopology, nvlink, parse_cpulist
+from coordinator.topology import NODE, PHB, PIX, PXB, SYS, UNKNOWN, NodeTopology, nvlink, parse_cpulist
 
 from agent.devices.base import DeviceBackend, DeviceError, DeviceEvent, GpuAffinity, GpuLink, GpuReading
 
@@ -51,7 +51,15 @@ log = logging.getLogger(__name__)
 HealthCallback = Callable[[int, GpuHealth], None]
 
 # GpuLink's PCIe relations as link codes (coordinator/topology.py); NVLink pairs count their links.
-_LINK_CODES = {"same_board": PIX, "pcie_switch": PIX, "host_bridge": PHB, "cross_cpu": SYS, "unknown": UNKNOWN}
+_LINK_CODES = {
+    "same_board": PIX,
+    "pcie_switch": PIX,
+    "pcie_switches": PXB,
+    "host_bridge": PHB,
+    "numa_node": NODE,
+    "cross_cpu": SYS,
+    "unknown": UNKNOWN,
+}
 
 
 def _link_code(link: GpuLink) -> int:

@@ -523,7 +523,12 @@ def _request_options(parser: argparse.ArgumentParser, *, service_required: bool)
     )
     parser.add_argument("--gpus", type=int, help="number of GPUs (default: from the workload analyzer)")
     parser.add_argument("--nodes", type=int, help="a gang over this many nodes, all or none (with --gpus-per-node)")
-    parser.add_argument("--gpus-per-node", type=int, help="a gang's GPUs on each node (with --nodes)")
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help="a gang's GPUs on each node: with --nodes, or alone to split the total (--gpus or the analyzer's) "
+        "over the fewest nodes",
+    )
     parser.add_argument("--memory-mb", type=int, help="minimum memory per GPU, MB")
     parser.add_argument(
         "--mig-profile", help='one MIG slice of this profile ("1g.10gb"), or "auto": the smallest with --memory-mb'

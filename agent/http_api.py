@@ -357,7 +357,10 @@ def create_app(ctx: AgentContext) -> QuartTrio:
         return allocation_view(live_allocation(table, allocation_id), shares=table.shares, mps=mps_hints())
 
     def mps_hints() -> dict[str, str]:
-        """The CUDA MPS environment a share's holder should set ({} without MPS configured)."""
+        """The configured CUDA MPS directories a share's holder should set ({} without MPS configured).
+
+        coordinator.views adds the share's memory limit to them.
+        """
         agent = ctx.config.agent
         hints = {"CUDA_MPS_PIPE_DIRECTORY": agent.mps_pipe_directory, "CUDA_MPS_LOG_DIRECTORY": agent.mps_log_directory}
         return {name: value for name, value in hints.items() if value}

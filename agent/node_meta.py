@@ -27,8 +27,9 @@ b    1 when this server holds Raft state (it belongs to a bootstrapped
 s    1 when the HTTP API is served over TLS (https), omitted otherwise:
      peers forward to https://<hip or ip>:<hp> then
 t    how the GPUs are wired, omitted when unknown: NodeTopology.to_wire()
-     (coordinator/topology.py), one small int per GPU pair plus NUMA nodes
-     and CPU lists; about 80 bytes for eight GPUs
+     (coordinator/topology.py), one small int per GPU pair plus NUMA nodes,
+     CPU lists and the pairs on a finer PCIe level (PXB, NODE); under 100
+     bytes for eight GPUs
 mg   MIG slices (coordinator/mig.py), omitted when none: [[unit index, uuid,
      name#, total MiB, free/256 MiB, health, flags, profile#], ...], name and
      profile by position in ``m``; each a schedulable unit of its own

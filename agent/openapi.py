@@ -726,9 +726,15 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                             "mps": _nullable(
                                 {
                                     "type": "object",
+                                    "description": "the environment of a CUDA MPS client; null without MPS configured",
                                     "properties": {
                                         "CUDA_MPS_PIPE_DIRECTORY": string,
                                         "CUDA_MPS_LOG_DIRECTORY": string,
+                                        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": {
+                                            "type": "string",
+                                            "description": "the budget as MPS's per-client limit on device 0 "
+                                            "(the GPU of cuda_visible_devices), e.g. \"0=12000M\"",
+                                        },
                                     },
                                 }
                             ),
@@ -755,7 +761,7 @@ def _schemas(max_ttl_s: float) -> JsonObject:
                 "score": {"type": "integer", "minimum": 0, "description": "sum of the link weights of every GPU pair"},
                 "links": {
                     "type": ["string", "null"],
-                    "description": "the weakest pair, as nvidia-smi topo -m: NV<n>, PIX, PHB, SYS, ?; null for one GPU",
+                    "description": "the weakest pair, as nvidia-smi topo -m: NV<n>, PIX, PXB, PHB, NODE, SYS, ?; null for one GPU",
                 },
                 "numa_node": {"type": ["integer", "null"], "description": "the NUMA node of every GPU, else null"},
                 "cpu_list": {"type": ["string", "null"], "description": "nearby CPUs, Linux cpulist form"},

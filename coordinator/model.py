@@ -294,9 +294,10 @@ class AllocationTopology:
 
     `score` sums the link weights of every pair of the GPUs (0 for one GPU);
     `links` names the weakest pair in `nvidia-smi topo -m`'s words ("NV18",
-    "PIX", "PHB", "SYS"; None for one GPU); `numa_node` is the NUMA node all of
-    them sit on (None when they span several or it is unknown); `cpu_list` the
-    CPUs close to them, in Linux cpulist form ("0-31,64-95"; None when unknown).
+    "PIX", "PXB", "PHB", "NODE", "SYS", "?"; None for one GPU); `numa_node` is
+    the NUMA node all of them sit on (None when they span several or it is
+    unknown); `cpu_list` the CPUs close to them, in Linux cpulist form
+    ("0-31,64-95"; None when unknown).
     """
 
     score: int

@@ -13,20 +13,22 @@ code    nvidia-smi   weight  the path between the two GPUs
 16 + n  NV<n>        25·n    n NVLink links, direct (bridges) or through
                              NVSwitches (all-to-all: HGX H100 shows NV18 for
                              every pair)
-3       PIX / PXB    16      one PCIe switch, or several (NVML SINGLE /
-                             MULTIPLE; a dual-GPU board's own switch: INTERNAL)
-2       PHB / NODE   8       one CPU socket: its host bridge(s) (NVML
-                             HOSTBRIDGE / NODE)
-1       SYS          4       across sockets, over the CPUs' interconnect
-                             (NVML SYSTEM)
+5       PIX          16      one PCIe switch (NVML SINGLE; a dual-GPU board's
+                             own switch: INTERNAL)
+4       PXB          12      several PCIe switches, no host bridge (MULTIPLE)
+3       PHB          8       one host bridge of a CPU (HOSTBRIDGE)
+2       NODE         6       several host bridges of one NUMA node (NODE)
+1       SYS          4       across NUMA nodes or sockets, over the CPUs'
+                             interconnect (SYSTEM)
 0       ?            1       unknown: NVML would not say; ranked below all else
 ======  ===========  ======  ===================================================
 
 A higher code is a better link. The weights are rough per-direction GB/s: 25
 per NVLink link of the third and fourth generation (NV12 on A100 = 300 GB/s,
 NV18 on H100 = 450 GB/s), about 16 for peer traffic through one PCIe 4.0
-switch, halved at each step further up the tree. Only their order is relied
-on, and that any NVLink pair outweighs any PCIe pair.
+switch, less at each step further up the tree, halved by the time it crosses
+a host bridge. Only their order is relied on, and that any NVLink pair
+outweighs any PCIe pair.
 
 Ranking a set
 -------------
@@ -57,6 +59,16 @@ grows one set greedily from each candidate GPU, adding at each step the GPU
 that keeps the best weakest pair and sum, and ranks those. Answers are
 memoized per topology (at most MEMO_LIMIT of them): a planning pass asks the
 same question for every request of one shape.
+
+The gossip form
+---------------
+Agents before PXB and NODE were told apart gossip four PCIe codes (0 ?, 1 SYS,
+2 PHB or NODE, 3 PIX or PXB) and reject any other. So `to_wire` keeps those
+*legacy codes* in its second list, where every version reads them, and appends
+a sixth: the positions (in that list) of the pairs one level further than
+their legacy code says, PXB rather than PIX or NODE rather than PHB. Older
+agents read the first five lists and see PIX and PHB, as before; a
+topology from an older agent has no sixth list and reads the same way.
 """
 
 from __future__ import annotations
@@ -71,17 +83,23 @@ from coordinator.model import AllocationTopology
 
 UNKNOWN = 0
 SYS = 1
-PHB = 2
-PIX = 3
+NODE = 2
+PHB = 3
+PXB = 4
+PIX = 5
 NVLINK_BASE = 16  # NVLink with n links is NVLINK_BASE + n
 
 MAX_EXHAUSTIVE_SETS = 256
 MEMO_LIMIT = 1024
 
-_PCIE_WEIGHTS = {UNKNOWN: 1, SYS: 4, PHB: 8, PIX: 16}
-_PCIE_NAMES = {UNKNOWN: "?", SYS: "SYS", PHB: "PHB", PIX: "PIX"}
-# nvidia-smi topo -m's words -> link codes (PXB and NODE are what NVML reports as one level here).
-_SMI_WORDS = {"SYS": SYS, "NODE": PHB, "PHB": PHB, "PXB": PIX, "PIX": PIX}
+_PCIE_WEIGHTS = {UNKNOWN: 1, SYS: 4, NODE: 6, PHB: 8, PXB: 12, PIX: 16}
+_PCIE_NAMES = {UNKNOWN: "?", SYS: "SYS", NODE: "NODE", PHB: "PHB", PXB: "PXB", PIX: "PIX"}
+# nvidia-smi topo -m's words -> link codes.
+_SMI_WORDS = {name: code for code, name in _PCIE_NAMES.items() if code != UNKNOWN}
+# The gossip form's legacy codes (see The gossip form): a code <-> (legacy code, refined?).
+_LEGACY = {UNKNOWN: 0, SYS: 1, NODE: 2, PHB: 2, PXB: 3, PIX: 3}
+_FROM_LEGACY = {0: UNKNOWN, 1: SYS, 2: PHB, 3: PIX}
+_REFINED = {PHB: NODE, PIX: PXB}
 _NV_WORD = re.compile(r"NV(\d+)")
 _CPULIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
@@ -108,10 +126,17 @@ def link_weight(code: int) -> int:
 
 
 def link_name(code: int) -> str:
-    """A link code as nvidia-smi spells it: "NV18", "PIX", "PHB", "SYS" (or "?")."""
+    """A link code as nvidia-smi spells it: "NV18", "PIX", "PXB", "PHB", "NODE", "SYS" (or "?")."""
     if is_nvlink(code):
         return f"NV{code - NVLINK_BASE}"
     return _PCIE_NAMES[code]
+
+
+def _from_legacy(code: object) -> int:
+    """The link code of a gossiped legacy code (see The gossip form). Raises ValueError for another value."""
+    if not isinstance(code, int) or isinstance(code, bool) or not (code in _FROM_LEGACY or is_nvlink(code)):
+        raise ValueError(f"{code!r} is not a gossiped link code")
+    return code if is_nvlink(code) else _FROM_LEGACY[code]
 
 
 def _valid_code(code: object) -> int:
@@ -280,13 +305,16 @@ class NodeTopology:
     # ---------------------------------------------------------------- the wire (gossip)
 
     def to_wire(self) -> list[Any]:
-        """A compact form for gossip: [GPU indices, codes of their pairs (upper triangle, row by row),
-        NUMA node per GPU, distinct cpulists, each GPU's position in them]; null where unknown.
+        """A compact form for gossip: [GPU indices, legacy codes of their pairs (upper triangle, row
+        by row), NUMA node per GPU, distinct cpulists, each GPU's position in them, the positions of
+        the refined pairs]; null where unknown (see The gossip form).
 
-        Eight GPUs take about 80 bytes in msgpack.
+        Eight GPUs take under 100 bytes in msgpack.
         """
         indices = list(self.indices)
-        codes = [self.code(a, b) for i, a in enumerate(indices) for b in indices[i + 1 :]]
+        pair_codes = [self.code(a, b) for i, a in enumerate(indices) for b in indices[i + 1 :]]
+        codes = [code if is_nvlink(code) else _LEGACY[code] for code in pair_codes]
+        refined = [at for at, code in enumerate(pair_codes) if code in (PXB, NODE)]
         cpulists: list[str] = []
         refs: list[int | None] = []
         for i in indices:
@@ -297,7 +325,7 @@ class NodeTopology:
             if text not in cpulists:
                 cpulists.append(text)
             refs.append(cpulists.index(text))
-        return [indices, codes, [self._numa.get(i) for i in indices], cpulists, refs]
+        return [indices, codes, [self._numa.get(i) for i in indices], cpulists, refs, refined]
 
     @classmethod
     def from_wire(cls, wire: object) -> NodeTopology:
@@ -315,7 +343,17 @@ class NodeTopology:
         if not all(isinstance(text, str) for text in cpulists):
             raise ValueError("topology cpulists must be strings")
         pairs = [(a, b) for i, a in enumerate(indices) for b in indices[i + 1 :]]
-        links = {pair: _valid_code(code) for pair, code in zip(pairs, codes)}
+        links = {pair: _from_legacy(code) for pair, code in zip(pairs, codes)}
+        refined = wire[5] if len(wire) > 5 else []
+        if not isinstance(refined, list):
+            raise ValueError("a topology's refined pairs are a list")
+        for at in refined:
+            if not isinstance(at, int) or isinstance(at, bool) or not 0 <= at < len(pairs):
+                raise ValueError(f"refined pair #{at!r} is not in the topology")
+            a, b = pairs[at]
+            if links[(a, b)] not in _REFINED:
+                raise ValueError(f"GPU{a} and GPU{b}: {link_name(links[(a, b)])} has no finer level")
+            links[(a, b)] = _REFINED[links[(a, b)]]
         numa_nodes: dict[int, int | None] = {}
         cpus: dict[int, str | None] = {}
         for i, node, ref in zip(indices, numa, refs):

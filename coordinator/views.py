@@ -146,18 +146,38 @@ def shared_view(alloc: Allocation, shares: ShareIndex | None, mps: Mapping[str, 
     The budget is what the holder should keep its process to (e.g. PyTorch's
     `set_per_process_memory_fraction(gpu_memory_mb / gpu_memory_total_mb)`):
     nothing enforces it on the GPU, but the agent flags a GPU whose used memory
-    passes the sum of its shares' budgets (docs/shapes.md).
+    passes the sum of its shares' budgets (docs/shapes.md). Its `mps` is the
+    environment of an MPS client (the configured directories, plus the budget
+    as a limit that MPS enforces), or None without MPS configured.
     """
     if alloc.share_group is None:
         return None
     gpu = alloc.gpus[0]
+    budget_mb = alloc.request.requirements.share_mb
     return {
-        "gpu_memory_mb": alloc.request.requirements.share_mb,
+        "gpu_memory_mb": budget_mb,
         "gpu_memory_total_mb": gpu.memory_total_mb,
         "cross_queue": alloc.share_group == SHARE_GROUP_ANY,
         "co_tenants": None if shares is None else max(0, len(shares.tenants(gpu.ref)) - 1),
-        "mps": dict(mps) if mps else None,
+        "mps": mps_environment(mps, budget_mb) if mps else None,
     }
+
+
+def mps_environment(directories: Mapping[str, str], budget_mb: int | None) -> JsonObject:
+    """The environment a share's MPS client sets: `directories` plus its memory limit.
+
+    CUDA_MPS_PINNED_DEVICE_MEM_LIMIT is "ordinal=limit[,ordinal=limit...]" over
+    the devices the client sees (NVIDIA's MPS guide: "0=1G,1=512MB"); with
+    `cuda_visible_devices` (the one GPU's UUID) exported, that GPU is ordinal 0.
+    The budget is in MiB (as every MB here): "<budget>M" is that, or a little
+    less if MPS counts M as 10^6 bytes, never more. Only an MPS client honours
+    it, so it is given only where MPS is configured: outside MPS it would read
+    as a limit that nothing enforces.
+    """
+    env: JsonObject = dict(directories)
+    if budget_mb is not None:
+        env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={budget_mb}M"
+    return env
 
 
 def mig_view(alloc: Allocation) -> JsonObject | None:

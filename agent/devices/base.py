@@ -186,8 +186,10 @@ class GpuLink:
     """How GPUs `a` < `b` on one host are connected.
 
     `relation` is the closest path between them: "nvlink", or else the PCIe level
-    of nvmlDeviceGetTopologyCommonAncestor: "same_board", "pcie_switch",
-    "host_bridge" (same CPU socket), "cross_cpu", or "unknown".
+    of nvmlDeviceGetTopologyCommonAncestor: "same_board" (INTERNAL),
+    "pcie_switch" (SINGLE), "pcie_switches" (MULTIPLE: several switches, no host
+    bridge), "host_bridge" (HOSTBRIDGE), "numa_node" (NODE: host bridges of one
+    NUMA node), "cross_cpu" (SYSTEM), or "unknown".
     """
 
     a: int

@@ -242,9 +242,9 @@ class NvmlDevices(DeviceBackend):
         self._relations: dict[int, str] = {
             nvml.NVML_TOPOLOGY_INTERNAL: "same_board",
             nvml.NVML_TOPOLOGY_SINGLE: "pcie_switch",
-            nvml.NVML_TOPOLOGY_MULTIPLE: "pcie_switch",
+            nvml.NVML_TOPOLOGY_MULTIPLE: "pcie_switches",
             nvml.NVML_TOPOLOGY_HOSTBRIDGE: "host_bridge",
-            nvml.NVML_TOPOLOGY_NODE: "host_bridge",  # host bridges within one NUMA node
+            nvml.NVML_TOPOLOGY_NODE: "numa_node",
             nvml.NVML_TOPOLOGY_SYSTEM: "cross_cpu",
         }
         self._value_members: dict[int, str] = {

@@ -86,7 +86,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from coordinator.mig import slice_index
-from coordinator.topology import NVLINK_BASE, PHB, PIX, SYS, NodeTopology
+from coordinator.topology import NODE, NVLINK_BASE, PHB, PIX, PXB, SYS, NodeTopology
 
 from agent.devices.base import (
     DeviceBackend,
@@ -230,7 +230,7 @@ GPU7    SYS     SYS     SYS     SYS     NODE    NODE    PIX      X      32-63,96
 }
 
 # A link code's GpuLink relation (the inverse of what the sampler reads).
-_RELATIONS = {PIX: "pcie_switch", PHB: "host_bridge", SYS: "cross_cpu"}
+_RELATIONS = {PIX: "pcie_switch", PXB: "pcie_switches", PHB: "host_bridge", NODE: "numa_node", SYS: "cross_cpu"}
 
 
 def simulated_host(spec: str) -> SimulatedHost | None:

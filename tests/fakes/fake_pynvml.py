@@ -142,6 +142,10 @@ class FakeGpu:
     mig_mode: int = pynvml.NVML_DEVICE_MIG_DISABLE
     nvlinks: list[str] = field(default_factory=list)  # per link: SWITCH or the peer GPU's bus id
     pcie_switch: int = 0  # GPUs on the same switch share an NVML_TOPOLOGY_SINGLE ancestor
+    # Other switches of one NUMA node meet at NVML_TOPOLOGY_NODE, unless both GPUs name the same
+    # upstream switch (NVML_TOPOLOGY_MULTIPLE) or the same host bridge (NVML_TOPOLOGY_HOSTBRIDGE).
+    upstream_switch: int | None = None
+    host_bridge: int | None = None
     numa_node: int = 0  # GPUs on different nodes meet at NVML_TOPOLOGY_SYSTEM; nvmlDeviceGetNumaNodeId
     cpus: str = "0-31"  # nvmlDeviceGetCpuAffinity's mask, as a cpulist ("" = an empty mask)
     unsupported: set[str] = field(default_factory=set)  # functions answering NotSupported
@@ -624,6 +628,10 @@ class FakeNvml(ModuleType):
             return int(pynvml.NVML_TOPOLOGY_SYSTEM)
         if a.pcie_switch == b.pcie_switch:
             return int(pynvml.NVML_TOPOLOGY_SINGLE)
+        if a.upstream_switch is not None and a.upstream_switch == b.upstream_switch:
+            return int(pynvml.NVML_TOPOLOGY_MULTIPLE)
+        if a.host_bridge is not None and a.host_bridge == b.host_bridge:
+            return int(pynvml.NVML_TOPOLOGY_HOSTBRIDGE)
         return int(pynvml.NVML_TOPOLOGY_NODE)
 
     def nvmlDeviceGetNumaNodeId(self, handle: FakeHandle) -> int:

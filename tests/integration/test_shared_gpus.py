@@ -76,7 +76,11 @@ def test_shares_pack_report_their_budget_and_free_the_gpu(agent: AgentProcess) -
         "gpu_memory_total_mb": total,
         "cross_queue": False,
         "co_tenants": 0,
-        "mps": {"CUDA_MPS_PIPE_DIRECTORY": "/run/nvidia-mps", "CUDA_MPS_LOG_DIRECTORY": "/var/log/nvidia-mps"},
+        "mps": {
+            "CUDA_MPS_PIPE_DIRECTORY": "/run/nvidia-mps",
+            "CUDA_MPS_LOG_DIRECTORY": "/var/log/nvidia-mps",
+            "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=30000M",
+        },
     }
     assert one["cuda_visible_devices"] == one["gpus"][0]["uuid"]
     two = allocate(agent, sharing="shared", gpu_memory_mb=30_000).json()

@@ -126,4 +126,4 @@ def test_a_client_s_topology_reaches_the_leader_by_gossip(tmp_path: Path) -> Non
     assert pair["topology"] == {"score": 16, "links": "PIX", "numa_node": 0, "cpu_list": "0-31,64-95"}
     # By index the quad would be 2-5, across the sockets; it takes the other socket whole.
     assert quad["gpu_ids"] == [4, 5, 6, 7]
-    assert quad["topology"] == {"score": 64, "links": "PHB", "numa_node": 1, "cpu_list": "32-63,96-127"}
+    assert quad["topology"] == {"score": 56, "links": "NODE", "numa_node": 1, "cpu_list": "32-63,96-127"}

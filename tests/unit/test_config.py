@@ -25,6 +25,7 @@ from agent.config import (
     load_config,
 )
 from agent.config_checks import ConfigError, split_host_port
+from agent.devices.simulated import SIMULATED_HOSTS
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "systemd" / "agent.toml.example"
@@ -230,6 +231,14 @@ def test_simulated_backend_without_a_spec_is_an_error(tmp_path: Path) -> None:
     write(tmp_path, '[devices]\nbackend = "simulated"\n')
     with pytest.raises(ConfigError, match=r'\[devices\] backend = "simulated" needs a fleet'):
         load(tmp_path)
+
+
+def test_the_simulate_help_names_every_whole_host_and_the_mig_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option, so no name is hyphen-wrapped
+    [line] = [line for line in build_arg_parser().format_help().splitlines() if "--simulate SPEC " in line]
+    assert "4xH100-80GB" in line and ":mig=" in line
+    for host in SIMULATED_HOSTS:
+        assert host in line, host
 
 
 def test_the_default_backend_is_nvml(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import trio
 
-from coordinator.topology import PHB, PIX, SYS, UNKNOWN, NodeTopology, nvlink
+from coordinator.topology import NODE, PHB, PIX, PXB, SYS, UNKNOWN, NodeTopology, nvlink
 
 from agent.device_sampler import DeviceSampler, node_topology
 from agent.devices import DeviceError, GpuAffinity, GpuLink, SimulatedDevices, parse_simulate_spec
@@ -43,6 +43,9 @@ def test_relations_become_link_codes() -> None:
     assert [topology.code(a, b) for a, b in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))] == [
         nvlink(4), PIX, PIX, PHB, SYS, UNKNOWN
     ]
+    # Several switches and several host bridges of one NUMA node keep their own levels.
+    finer = node_topology([GpuLink(0, 1, "pcie_switches", 0), GpuLink(0, 2, "numa_node", 0)], [])
+    assert finer is not None and (finer.code(0, 1), finer.code(0, 2)) == (PXB, NODE)
 
 
 def test_nothing_known_is_no_topology_and_a_bad_cpulist_is_unknown() -> None:

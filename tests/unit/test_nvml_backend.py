@@ -165,11 +165,34 @@ def test_pcie_topology_and_direct_nvlink_bridge(strings_as_bytes: bool) -> None:
 
     assert links == {
         (0, 1): ("nvlink", 4),
-        (0, 2): ("host_bridge", 0),
+        (0, 2): ("numa_node", 0),
         (0, 3): ("cross_cpu", 0),
-        (1, 2): ("host_bridge", 0),
+        (1, 2): ("numa_node", 0),
         (1, 3): ("cross_cpu", 0),
         (2, 3): ("cross_cpu", 0),
+    }
+
+
+def test_every_pcie_level_of_nvml_keeps_its_own_relation() -> None:
+    # One NUMA node: 0 and 1 on switches under one upstream switch (MULTIPLE), 2 on another
+    # switch of their host bridge (HOSTBRIDGE), 3 behind another host bridge (NODE).
+    gpus = [
+        h100_80gb(0, nvlinks=[], pcie_switch=0, upstream_switch=0, host_bridge=0),
+        h100_80gb(1, nvlinks=[], pcie_switch=1, upstream_switch=0, host_bridge=0),
+        h100_80gb(2, nvlinks=[], pcie_switch=2, host_bridge=0),
+        h100_80gb(3, nvlinks=[], pcie_switch=3, host_bridge=1),
+    ]
+    _, devices = opened(gpus)
+
+    links = {(link.a, link.b): link.relation for link in devices.topology()}
+
+    assert links == {
+        (0, 1): "pcie_switches",
+        (0, 2): "host_bridge",
+        (0, 3): "numa_node",
+        (1, 2): "host_bridge",
+        (1, 3): "numa_node",
+        (2, 3): "numa_node",
     }
 
 

@@ -26,6 +26,7 @@ from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.request_parsing import parse_allocate_body, queue_for
 from coordinator.scheduler import Scheduler, SchedulerConfig
 from coordinator.share_placement import SHARE_GROUP_ANY
+from coordinator.views import allocation_view
 
 H100 = "NVIDIA H100 80GB HBM3"
 TOTAL_MB = 81_559
@@ -310,6 +311,31 @@ def test_the_table_refuses_a_share_that_would_open_a_gpu_past_the_cap() -> None:
     forged = Allocation("forged", share("s2", 60_000, queue="t"), "a", (gpu,), 0.0, None, share_group="t")
     result = cluster.table.apply(Allocate(0.0, forged))
     assert isinstance(result.error, Conflict) and result.error.code == "queue_quota"
+
+
+# --- the answer --------------------------------------------------------------------
+
+
+def test_the_answer_gives_the_budget_and_with_mps_the_client_environment_to_enforce_it() -> None:
+    cluster = Cluster(gpus("a", 1))
+    first = cluster.placed(share("s1", 12_000))
+    cluster.placed(share("s2", 30_000))
+    # Without MPS the tenants time-slice: no environment, and no limit that nothing would enforce.
+    assert allocation_view(first, shares=cluster.table.shares)["shared"] == {
+        "gpu_memory_mb": 12_000,
+        "gpu_memory_total_mb": TOTAL_MB,
+        "cross_queue": False,
+        "co_tenants": 1,
+        "mps": None,
+    }
+    directories = {"CUDA_MPS_PIPE_DIRECTORY": "/run/nvidia-mps", "CUDA_MPS_LOG_DIRECTORY": "/var/log/nvidia-mps"}
+    view = allocation_view(first, shares=cluster.table.shares, mps=directories)
+    # With cuda_visible_devices exported the client sees the one GPU, as device ordinal 0.
+    assert view["shared"]["mps"] == {**directories, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=12000M"}
+    assert view["cuda_visible_devices"] == "GPU-a-0"
+    # A whole GPU has no shared object, whatever MPS says.
+    cluster.release(*cluster.table.allocations())
+    assert allocation_view(cluster.placed(whole("w")), mps=directories)["shared"] is None
 
 
 # --- replication -------------------------------------------------------------------

@@ -22,9 +22,11 @@ from coordinator.fragmentation import LargestRequest, cluster_largest_request, l
 from coordinator.inventory import Inventory
 from coordinator.model import UNHEALTHY, AllocationTopology, GpuRef, GpuView
 from coordinator.topology import (
+    NODE,
     NVLINK_BASE,
     PHB,
     PIX,
+    PXB,
     SYS,
     UNKNOWN,
     NodeTopology,
@@ -92,14 +94,25 @@ def test_the_matrices_parse_to_link_codes() -> None:
     assert {HGX_H100.code(a, b) for a in range(8) for b in range(8) if a != b} == {nvlink(18)}
     assert PCIE_NVLINK_PAIRS.code(0, 1) == PCIE_NVLINK_PAIRS.code(3, 2) == nvlink(12)
     assert (PCIE_NVLINK_PAIRS.code(0, 2), PCIE_NVLINK_PAIRS.code(0, 3)) == (PIX, PHB)
-    assert (PCIE_2SOCKET.code(0, 1), PCIE_2SOCKET.code(1, 2), PCIE_2SOCKET.code(3, 4)) == (PIX, PHB, SYS)
+    assert (PCIE_2SOCKET.code(0, 1), PCIE_2SOCKET.code(1, 2), PCIE_2SOCKET.code(3, 4)) == (PIX, NODE, SYS)
+    # Every level keeps nvidia-smi's word: several switches (PXB) is not one switch (PIX),
+    # nor host bridges of one NUMA node (NODE) one host bridge (PHB).
+    words = NodeTopology.from_nvidia_smi(
+        "  GPU0 GPU1 GPU2 GPU3\nGPU0 X PXB NODE PIX\nGPU1 PXB X PHB SYS\nGPU2 NODE PHB X PXB\nGPU3 PIX SYS PXB X\n"
+    )
+    assert [words.code(0, b) for b in (1, 2, 3)] == [PXB, NODE, PIX]
+    assert (words.code(1, 2), words.code(1, 3)) == (PHB, SYS)
+    assert NodeTopology.from_nvidia_smi(words.matrix()) == words
     assert PCIE_2SOCKET.numa_node(5) == 1 and PCIE_2SOCKET.cpu_list(5) == "32-63,96-127"
 
 
 def test_every_nvlink_pair_outweighs_every_pcie_pair_and_levels_keep_their_order() -> None:
-    assert link_weight(nvlink(1)) > link_weight(PIX) > link_weight(PHB) > link_weight(SYS) > link_weight(UNKNOWN)
+    levels = (nvlink(1), PIX, PXB, PHB, NODE, SYS, UNKNOWN)  # best first: the order shapes.md documents
+    weights = [link_weight(code) for code in levels]
+    assert weights == sorted(weights, reverse=True) and len(set(weights)) == len(weights)
+    assert list(levels[1:]) == sorted(levels[1:], reverse=True)  # a higher code is a better link
     assert link_weight(nvlink(18)) == 450 and link_weight(nvlink(12)) == 300  # 25 GB/s a link
-    assert [link_name(c) for c in (nvlink(18), PIX, PHB, SYS, UNKNOWN)] == ["NV18", "PIX", "PHB", "SYS", "?"]
+    assert [link_name(c) for c in (nvlink(18), *levels[1:])] == ["NV18", "PIX", "PXB", "PHB", "NODE", "SYS", "?"]
     with pytest.raises(ValueError):
         nvlink(0)
 
@@ -162,8 +175,9 @@ def test_two_socket_box_four_gpus_stay_on_one_socket() -> None:
     assert best(PCIE_2SOCKET, 4, list(range(8))) == (0, 1, 2, 3)
     # Socket 0 half taken: a socket-1 quad beats any set that crosses.
     assert best(PCIE_2SOCKET, 4, [1, 3, 4, 5, 6, 7]) == (4, 5, 6, 7)
+    # Its weakest pairs cross between the socket's two switches: NODE, as nvidia-smi says.
     assert PCIE_2SOCKET.describe((4, 5, 6, 7)) == AllocationTopology(
-        score=2 * 16 + 4 * 8, links="PHB", numa_node=1, cpu_list="32-63,96-127"
+        score=2 * 16 + 4 * 6, links="NODE", numa_node=1, cpu_list="32-63,96-127"
     )
 
 
@@ -232,6 +246,19 @@ def test_wire_round_trip_and_size() -> None:
     assert len(msgpack.packb(PCIE_2SOCKET.to_wire())) < 100
 
 
+def test_agents_of_either_version_read_each_others_wire_form() -> None:
+    # Agents before PXB and NODE read five lists of codes 0-3 (and NVLink) and refuse the rest.
+    fine = NodeTopology({(0, 1): PXB, (0, 2): NODE, (1, 2): nvlink(4)}, {0: 0, 1: 0, 2: 0})
+    wire = fine.to_wire()
+    assert wire[1] == [3, 2, NVLINK_BASE + 4] and wire[5] == [0, 1]
+    # An older agent reads the first five: one switch and one host bridge, as it always did.
+    assert NodeTopology.from_wire(wire[:5]) == NodeTopology(
+        {(0, 1): PIX, (0, 2): PHB, (1, 2): nvlink(4)}, {0: 0, 1: 0, 2: 0}
+    )
+    # An older agent's form (no sixth list) reads the same way here.
+    assert NodeTopology.from_wire([[0, 1], [1], [None, None], [], [None, None]]).code(0, 1) == SYS
+
+
 @pytest.mark.parametrize(
     "wire",
     [
@@ -242,6 +269,10 @@ def test_wire_round_trip_and_size() -> None:
         [[0, 1], [2], [None, None], [], [0, None]],  # cpulist #0 absent
         [[0, 1], [2], [None, None], ["0-3,"], [0, 0]],  # not a cpulist
         [[0, 1], [True], [None, None], [], [None, None]],
+        [[0, 1], [5], [None, None], [], [None, None]],  # PIX's own code is never gossiped: 3 is
+        [[0, 1], [3], [None, None], [], [None, None], [1]],  # refined pair #1 absent
+        [[0, 1], [1], [None, None], [], [None, None], [0]],  # SYS has no finer level
+        [[0, 1], [3], [None, None], [], [None, None], 0],
     ],
 )
 def test_bad_wire_forms_are_refused(wire: object) -> None:

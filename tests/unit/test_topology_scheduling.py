@@ -65,7 +65,7 @@ def test_on_two_sockets_four_gpus_stay_on_one() -> None:
     quad = granted(cluster.admit(req("quad", gpus=4)))
 
     assert indices(quad) == [4, 5, 6, 7]
-    assert quad.topology == AllocationTopology(score=64, links="PHB", numa_node=1, cpu_list="32-63,96-127")
+    assert quad.topology == AllocationTopology(score=56, links="NODE", numa_node=1, cpu_list="32-63,96-127")
 
 
 def test_health_comes_before_topology() -> None:
