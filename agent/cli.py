@@ -17,8 +17,8 @@ from agent import gc_policy
 from agent.api_keys import ApiKeyError
 from agent.cluster_keyring import KeyringError
 from agent.app import run_agent
-from agent.config import build_arg_parser, load_config
 from agent.config_checks import ConfigError
+from agent.config_loading import build_arg_parser, load_config
 from agent.devices.base import DeviceError
 from agent.storage import StorageError
 

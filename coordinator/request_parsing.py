@@ -30,7 +30,7 @@ MAX_GANG_NODES = 256
 MAX_MEMORY_MB = 2_097_152  # 2 TiB: above any GPU made; larger is a typo, not a request
 MAX_URL_LENGTH = 2048
 MAX_TEXT_LENGTH = 256  # constraints, a drain's node and reason
-# A node name, as `[agent] node_name` allows it (agent/config.py keeps the same rule).
+# A node name, as `[agent] node_name` allows it (agent/config_checks.py keeps the same rule).
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 # A webhook URL: http or https, a host that parses (a DNS name, IPv4, or a bracketed

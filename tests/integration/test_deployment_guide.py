@@ -45,7 +45,7 @@ import pytest
 
 from agent.api_keys import ApiKeyring
 from agent.cluster_keyring import Keyring, decode_key, fingerprint
-from agent.config import load_config
+from agent.config_loading import load_config
 from agent.gossip_transport import UDP_AAD
 from tests.waiting import wait_for
 

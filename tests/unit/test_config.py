@@ -13,18 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import (
-    AgentConfig,
-    AgentSection,
-    DevicesSection,
-    HttpSection,
-    QUEUE_KEYS,
-    QUEUES,
-    build_arg_parser,
-    default_data_dir,
-    load_config,
-)
+from agent.config import AgentConfig, AgentSection, DevicesSection, HttpSection, QUEUE_KEYS, QUEUES, default_data_dir
 from agent.config_checks import ConfigError, split_host_port
+from agent.config_loading import build_arg_parser, load_config
 from agent.devices.simulated import SIMULATED_HOSTS
 
 REPO = Path(__file__).resolve().parents[2]

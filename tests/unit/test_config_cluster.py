@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, build_arg_parser, load_config
+from agent.config import AgentConfig
 from agent.config_checks import ConfigError
+from agent.config_loading import build_arg_parser, load_config
 
 
 def load(tmp_path: Path, argv: list[str], toml: str = "") -> AgentConfig:

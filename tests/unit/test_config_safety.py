@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, AgentSection, build_arg_parser, exposure_warnings, graph_events_url, load_config
+from agent.config import AgentConfig, AgentSection, exposure_warnings, graph_events_url
 from agent.config_checks import ConfigError
+from agent.config_loading import build_arg_parser, load_config
 
 
 def base() -> AgentConfig:

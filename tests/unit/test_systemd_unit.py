@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from agent.cluster_keyring import decode_key, generate_key, write_keys
-from agent.config import build_arg_parser, load_config
+from agent.config_loading import build_arg_parser, load_config
 from tests.agent_process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
