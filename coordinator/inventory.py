@@ -37,11 +37,12 @@ first node's address as the gang's rendezvous (coordinator/gang_placement.py).
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from sortedcontainers import SortedList
 
+from coordinator.change_journal import ChangeJournal
 from coordinator.model import GpuRef, GpuView
 from coordinator.topology import NodeTopology
 
@@ -63,11 +64,10 @@ class Inventory:
         self._node_kind: dict[str, NodeKind] = {}
         self._sizes: Counter[int] = Counter()
         self._slices: Counter[SliceKind] = Counter()
-        self._journal: OrderedDict[str, int] = OrderedDict()
+        self._changes = ChangeJournal()
         self._topologies: dict[str, NodeTopology] = {}
         self._labels: dict[str, Mapping[str, str]] = {}
         self._addresses: dict[str, str] = {}
-        self._version = 0
         self._count = 0
 
     @classmethod
@@ -117,9 +117,7 @@ class Inventory:
             self._node_kind[node] = kind
             self._kinds[kind] += 1
             self._count += len(ordered)
-        self._version += 1
-        self._journal[node] = self._version
-        self._journal.move_to_end(node)
+        self._changes.changed(node)
 
     def set_topology(self, node: str, topology: NodeTopology | None) -> None:
         """Make `topology` how `node`'s GPUs are wired (None: unknown). Ignored for a node without GPUs."""
@@ -130,9 +128,7 @@ class Inventory:
             self._topologies[node] = topology
         if self._topologies.get(node) != old:
             # Placement indexes each node's NVLink-joined open GPUs: a new wiring is a change.
-            self._version += 1
-            self._journal[node] = self._version
-            self._journal.move_to_end(node)
+            self._changes.changed(node)
 
     def set_facts(self, node: str, address: str | None, labels: Mapping[str, str]) -> None:
         """Record `node`'s address (None: unknown) and labels. Does not bump `version`."""
@@ -216,16 +212,11 @@ class Inventory:
     @property
     def version(self) -> int:
         """Bumped by every change; 0 for an inventory that never changed."""
-        return self._version
+        return self._changes.version
 
     def changed_since(self, version: int) -> list[str]:
         """Nodes set or removed after `version` (a value `version` had then), latest first."""
-        changed: list[str] = []
-        for node in reversed(self._journal):
-            if self._journal[node] <= version:
-                break
-            changed.append(node)
-        return changed
+        return self._changes.changed_since(version)
 
 
 def _slice_kind(view: GpuView) -> SliceKind:

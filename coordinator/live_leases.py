@@ -15,11 +15,11 @@ so every replica answers alike whatever order its dicts were filled in.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
 from typing import Iterable, Mapping, ValuesView
 
 from sortedcontainers import SortedList
 
+from coordinator.change_journal import ChangeJournal
 from coordinator.model import Allocation, GpuRef
 from coordinator.share_placement import ShareIndex
 
@@ -35,8 +35,7 @@ class LiveLeases:
         self._expiries: SortedList[tuple[float, str]] = SortedList()
         # Live gangs: gang id -> member allocation ids, rank order.
         self._gangs: dict[str, tuple[str, ...]] = {}
-        self._journal: OrderedDict[str, int] = OrderedDict()
-        self._version = 0
+        self._changes = ChangeJournal()
 
     # ------------------------------------------------------------------ queries
 
@@ -121,16 +120,11 @@ class LiveLeases:
     @property
     def holder_version(self) -> int:
         """Bumped whenever a GPU is taken or freed; 0 where none ever was."""
-        return self._version
+        return self._changes.version
 
     def holders_changed_since(self, version: int) -> list[str]:
         """Nodes whose held GPUs changed after `holder_version` was `version`, latest first."""
-        changed: list[str] = []
-        for node in reversed(self._journal):
-            if self._journal[node] <= version:
-                break
-            changed.append(node)
-        return changed
+        return self._changes.changed_since(version)
 
     # ------------------------------------------------------------------ changes
 
@@ -146,7 +140,7 @@ class LiveLeases:
                 self._holders[gpu.ref] = alloc.allocation_id
         self._on_node.setdefault(alloc.node, set()).add(alloc.allocation_id)
         self._add_expiry(alloc)
-        self._holders_changed(alloc.node)
+        self._changes.changed(alloc.node)
 
     def add_gang(self, gang_id: str, member_ids: tuple[str, ...]) -> None:
         """Index the members just added as one gang, rank order."""
@@ -172,7 +166,7 @@ class LiveLeases:
         if not on_node:
             del self._on_node[alloc.node]
         self._remove_expiry(alloc)
-        self._holders_changed(alloc.node)
+        self._changes.changed(alloc.node)
         return freed
 
     def renew(self, fresh: Allocation) -> None:
@@ -198,7 +192,7 @@ class LiveLeases:
         self._gangs = _gangs_of(allocs)
         self._expiries = SortedList((a.expires_at, a.allocation_id) for a in allocs if a.expires_at is not None)
         for node in self._on_node:
-            self._holders_changed(node)
+            self._changes.changed(node)
 
     def _add_expiry(self, alloc: Allocation) -> None:
         if alloc.expires_at is not None:
@@ -208,10 +202,6 @@ class LiveLeases:
         if alloc.expires_at is not None:
             self._expiries.remove((alloc.expires_at, alloc.allocation_id))
 
-    def _holders_changed(self, node: str) -> None:
-        self._version += 1
-        self._journal[node] = self._version
-        self._journal.move_to_end(node)
 
 
 def age(alloc: Allocation) -> tuple[float, str]:
