@@ -7,7 +7,7 @@ rolling upgrade that still run the release before read what they can.
 
 Version 6 is version 5 whose leases may be shares of a GPU (their wire
 form's "share_group" and requirements' "share_mb"; the share index is
-rebuilt from them), written only while a share lives.
+rebuilt from them), written only while a share lives or waits.
 Version 5 is version 4 whose leases may be gang members (their wire
 form's "gang"; the table's gang index is rebuilt from them) and whose
 records may ask for a MIG slice ("mig_profile"): a version 4 reader would
@@ -37,9 +37,10 @@ from coordinator.finished_records import canonical_json
 from coordinator.model import Allocation, QueuedRequest, RequestRecord, Wire
 
 SNAPSHOT_VERSION = 6
-# Written while no share lease lives: what the release before shares reads (gangs
-# and MIG as in version 5). A version 5 reader would take a share for a whole-GPU
-# lease and two shares of one GPU for a corrupt table, so shares need version 6.
+# Written while no share lease lives or waits: what the release before shares reads
+# (gangs and MIG as in version 5). A version 5 reader would take a share for a
+# whole-GPU lease (or request) and two shares of one GPU for a corrupt table, so
+# shares need version 6.
 SNAPSHOT_VERSION_WITHOUT_SHARES = 5
 # The version written while no gang is live and no lease or waiter asks for a MIG
 # slice: what the release before gangs and MIG reads, so a rolling upgrade's older

@@ -40,7 +40,10 @@ Policy, in the order it is applied:
    (coordinator/share_placement.py), which takes no free GPU from anyone; only
    when none does is it placed like a one-GPU request (rules 2 and 3), opening
    that GPU to sharing. A waiting share is packed at each tick before the pass,
-   at most one per GPU per pass (the next waits for the first to apply).
+   at most one per GPU per pass (the next waits for the first to apply), from
+   the same quota book as the pass. A share reads at most MAX_SHARE_PROBES of
+   its group's GPUs (its node's, when pinned to one), and a tick does not look
+   again for a budget at least as large as one that found nothing.
 5. **Leases and the queue end by time.** A lease whose `expires_at` has passed is
    released with reason "expired"; a queued request past its deadline is
    withdrawn with reason "queue_timeout". Both are commands with `at = now`, so
@@ -63,9 +66,11 @@ answers in a lookup.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import random
 from dataclasses import dataclass
-from typing import Collection, Mapping
+from typing import Collection, Iterable, Mapping
 
 from coordinator import queue_pass
 from coordinator.commands import Allocate, Cancel, Command, Enqueue, Preempt, Release
@@ -88,6 +93,11 @@ from coordinator.preemption import choose_victims
 from coordinator.queue_rules import QueueBook, Standing
 from coordinator.share_placement import share_group
 
+# Shared GPUs a waiting or new share reads, best fit first, before it opens a
+# fresh GPU instead: constraints (model, node, health) rarely rule out the best
+# fits and then every one after them, and the read stays bounded however many
+# GPUs a sharing group holds.
+MAX_SHARE_PROBES = 64
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
@@ -251,8 +261,12 @@ class Scheduler:
             if ids:
                 commands.append(Release(now, ids, reason))
         skip = set(timed_out)
+        # One book for the whole tick: what packing shares takes of a queue's quota,
+        # the queue pass after it must see, or the two could spend it twice.
+        book: QueueBook | None = None
         if table.shares and table.queued_share_count():
-            packed = self._pack_queued_shares(table, inventory, now, pending, pending_queues, skip)
+            book = self._book(table, inventory, pending, pending_queues)
+            packed = self._pack_queued_shares(table, inventory, now, pending, book, skip)
             commands.extend(packed)
             skip.update(c.allocation.request.request_id for c in packed)
         if table.queue_length() > len(skip):
@@ -263,7 +277,9 @@ class Scheduler:
                 walk.close_pending(pending)
                 walk.open_released(pending)
                 if table.queue_policy.configured:
-                    commands.extend(self._queue_pass(walk, pending, pending_queues, skip, now))
+                    if book is None:
+                        book = self._book(table, inventory, pending, pending_queues)
+                    commands.extend(self._queue_pass(walk, book, skip, now))
                 else:
                     placements = walk.walk(table.queue_groups(), skip=skip)
                     ports: dict[str, set[int]] = {}
@@ -273,17 +289,9 @@ class Scheduler:
                 walk.undo()
         return commands
 
-    def _queue_pass(
-        self,
-        walk: PlanWalk,
-        pending: Collection[GpuRef],
-        pending_queues: Mapping[str, int] | None,
-        skip: set[str],
-        now: float,
-    ) -> list[Command]:
+    def _queue_pass(self, walk: PlanWalk, book: QueueBook, skip: set[str], now: float) -> list[Command]:
         """Placements of a pass under the queue policy, then preemptions for entitled requests left waiting."""
         table = walk.table
-        book = self._book(table, walk.inventory, pending, pending_queues)
         # Leases whose grace ends now are already out of their queues' counts (the
         # book counts leases in their grace period as gone), and their GPUs open.
         result = queue_pass.plan(walk, book, now, skip)
@@ -331,6 +339,7 @@ class Scheduler:
         now: float,
         book: QueueBook,
         closed: Collection[GpuRef],
+        dead: dict[tuple[object, ...], int] | None = None,
     ) -> Allocate | None:
         """The Allocate that packs share `request` onto a GPU its group shares already, best fit; None when none holds it.
 
@@ -338,12 +347,24 @@ class Scheduler:
         about to change. Joining a GPU the queue counts already costs no quota;
         joining another queue's (cross-queue shares) costs one GPU, so it is
         taken only where the queue rules let the queue have one more.
+
+        Bounded: a share pinned to a node reads that node's GPUs; any other reads
+        at most MAX_SHARE_PROBES of its group's GPUs, best fit first, and opens a
+        fresh GPU (the ordinary placement) when none of those serves it. `dead`
+        (one tick's memo) remembers, per group and constraints, the smallest
+        budget that found no GPU: a larger one with the same constraints is not
+        looked for again in that tick.
         """
         req = request.requirements
         assert req.share_mb is not None
         queue = request.queue_name
+        group = share_group(table.queue_policy, queue)
+        # Everything the search reads but the budget; the queue too, for cross-queue quota.
+        alike = (group, queue, req.gpu_model, req.min_memory_mb, req.node)
+        if dead is not None and req.share_mb >= dead.get(alike, math.inf):
+            return None
         may_grow: bool | None = None
-        for ref in table.shares.fits(share_group(table.queue_policy, queue), req.share_mb):
+        for ref in self._share_fits(table, inventory, group, req):
             view = inventory.get(ref)
             if ref in closed or view is None or not view.schedulable or not req.matches_statically(view):
                 continue
@@ -355,7 +376,23 @@ class Scheduler:
                 book.used[queue] += 1
                 book.total_used += 1
             return self._grant(request, Placement(view.node, (view,)), now, table, inventory, {})
+        if dead is not None:
+            dead[alike] = min(dead.get(alike, req.share_mb), req.share_mb)
         return None
+
+    @staticmethod
+    def _share_fits(table: LeaseTable, inventory: Inventory, group: str, req: Requirements) -> Iterable[GpuRef]:
+        """Shared GPUs of `group` with room for `req.share_mb`, best fit first (a bounded read, see `_pack_share`)."""
+        assert req.share_mb is not None
+        if req.node is None:
+            return itertools.islice(table.shares.fits(group, req.share_mb), MAX_SHARE_PROBES)
+        shared = table.shares.gpus
+        on_node = (
+            (gpu.remaining_mb, view.ref)
+            for view in inventory.node_views(req.node)
+            if (gpu := shared.get(view.ref)) is not None and gpu.group == group and gpu.remaining_mb >= req.share_mb
+        )
+        return [ref for _, ref in sorted(on_node)]
 
     def _pack_queued_shares(
         self,
@@ -363,17 +400,17 @@ class Scheduler:
         inventory: Inventory,
         now: float,
         pending: Collection[GpuRef],
-        pending_queues: Mapping[str, int] | None,
+        book: QueueBook,
         skip: Collection[str],
     ) -> list[Allocate]:
         """Allocates packing waiting shares onto shared GPUs, in rank order, at most one per GPU this pass."""
-        book = self._book(table, inventory, pending, pending_queues)
         closed = set(pending)
+        dead: dict[tuple[object, ...], int] = {}
         commands: list[Allocate] = []
         for queued in table.queued_shares():
             if queued.request.request_id in skip:
                 continue
-            packed = self._pack_share(queued.request, table, inventory, now, book, closed)
+            packed = self._pack_share(queued.request, table, inventory, now, book, closed, dead)
             if packed is not None:
                 commands.append(packed)
                 closed.add(packed.allocation.gpus[0].ref)

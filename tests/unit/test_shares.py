@@ -276,6 +276,17 @@ def test_queues_do_not_mix_unless_both_allow_cross_queue_shares() -> None:
     assert cluster.table.queue_ledger.gpus["c"] == cluster.table.queue_ledger.gpus["d"] == 1
 
 
+def test_a_share_pinned_to_a_node_finds_its_shared_gpu_however_many_the_group_holds() -> None:
+    nodes = [f"n{i:02d}" for i in range(70)]
+    cluster = Cluster([v for node in nodes for v in gpus(node, 1)])
+    for node in nodes[:-1]:
+        cluster.placed(share(f"s-{node}", 79_000, node=node))  # 2,559 MB left on each
+    cluster.placed(share("s-last", 40_000, node=nodes[-1]))
+    # Best fit puts the 69 fuller GPUs first; a pinned share reads only its node's.
+    packed = cluster.placed(share("pinned", 2_000, node=nodes[-1]))
+    assert packed.gpus[0].ref == ref(nodes[-1], 0)
+
+
 # --- quota -------------------------------------------------------------------------
 
 
@@ -311,6 +322,24 @@ def test_the_table_refuses_a_share_that_would_open_a_gpu_past_the_cap() -> None:
     forged = Allocation("forged", share("s2", 60_000, queue="t"), "a", (gpu,), 0.0, None, share_group="t")
     result = cluster.table.apply(Allocate(0.0, forged))
     assert isinstance(result.error, Conflict) and result.error.code == "queue_quota"
+
+
+def test_one_tick_spends_a_queue_s_quota_once_between_packing_and_the_pass() -> None:
+    policy = QueuePolicy((QueueSpec("c", max_gpus=1, cross_queue_shares=True), QueueSpec("d", cross_queue_shares=True)))
+    cluster = Cluster(gpus("a", 2), policy)
+    x = cluster.placed(whole("x", queue="d"))
+    d1 = cluster.placed(share("d1", 70_000, queue="d"))
+    assert isinstance(cluster.admit(share("c1", 20_000, queue="c")), Enqueue)  # d1 leaves no room
+    assert isinstance(cluster.admit(whole("w", queue="c")), Enqueue)
+    cluster.placed(share("d2", 10_000, queue="d"))
+    cluster.release(d1, x)
+    # c1 joins d's shared GPU (one GPU of c's quota) and w could take the freed one
+    # (another): with one quota book for the tick only c1 is proposed, and every
+    # command the tick returns applies (Cluster.tick asserts it).
+    [packed] = cluster.tick()
+    assert packed.allocation.request.request_id == "c1"
+    assert cluster.table.queue_ledger.gpus["c"] == 1
+    assert cluster.table.queued("w") is not None
 
 
 # --- the answer --------------------------------------------------------------------
@@ -359,3 +388,16 @@ def test_shares_travel_as_allocate_share_and_survive_a_snapshot() -> None:
     assert restored.queue_ledger.gpus == cluster.table.queue_ledger.gpus
     # An older snapshot (no shares) still restores.
     assert LeaseTable.restore(plain).snapshot() == plain
+
+
+def test_a_waiting_share_alone_makes_the_snapshot_version_6() -> None:
+    # A release before shares would read the waiter as a whole-GPU request.
+    cluster = Cluster(gpus("a", 1))
+    cluster.placed(whole("w"))
+    assert cluster.table.snapshot()["version"] == SNAPSHOT_VERSION_WITHOUT_SHAPES
+    assert isinstance(cluster.admit(share("s1", 30_000)), Enqueue)
+    snap = cluster.table.snapshot()
+    assert snap["version"] == SNAPSHOT_VERSION
+    restored = LeaseTable.restore(snap)
+    assert [q.request.request_id for q in restored.queued_shares()] == ["s1"]
+    assert restored.snapshot() == snap
