@@ -328,7 +328,7 @@ class AccountingSection:
 
 # The one table of tables: `[queues.<name>]`, a queue per name (SPEC "Sharing the
 # fleet"). Not a section of fixed keys like the others, so it is parsed on its own
-# (`_queue_specs`) into AgentConfig.queues.
+# (config_loading.py `_queue_specs`) into AgentConfig.queues.
 QUEUES: Final = "queues"
 # The keys of one `[queues.<name>]`, as coordinator/queues.py QueueSpec names them.
 QUEUE_KEYS: Final = (

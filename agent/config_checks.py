@@ -4,7 +4,7 @@
 (defaults, file, environment, flags) is laid over the others, so a rule about
 a combination (two listeners on one port, a default TTL above its cap) sees the
 final values whichever layer set them. Each check raises ConfigError naming
-the first bad key as ``[section] key``; config.py adds which layer set it.
+the first bad key as ``[section] key``; config_loading.py adds which layer set it.
 """
 
 from __future__ import annotations

@@ -91,8 +91,12 @@ class UsageRecorder:
                 continue
             view = inventory.get(ref)
             utilization = None if view is None else view.utilization_pct
+            # A shared GPU's utilization is credited to its stand-in holder (the least
+            # share id): NVML measures the GPU, not each tenant (docs/shapes.md).
             self.meter.observe(ref, now, utilization, allocation_id, (alloc.request.queue_name, alloc.request.service_name))
-            self.idle.observe(ref, now, utilization, alloc)
+            if alloc.share_group is None:
+                # Shares are never preempted, for idleness or anything else (their end frees no GPU).
+                self.idle.observe(ref, now, utilization, alloc)
         self.idle.sweep(_LiveIn(table))
 
     async def reclaim_idle(self, now: float) -> None:

@@ -618,6 +618,9 @@ class LeaseTable:
                 raise Conflict(f"allocation {allocation_id} is already being preempted", code="already_preempting")
             if not alloc.request.preemptible:
                 raise Conflict(f"allocation {allocation_id} is not preemptible", code="not_preemptible")
+            if alloc.share_group is not None:
+                # Its end frees no GPU while other shares stay (docs/shapes.md): never a victim.
+                raise Conflict(f"allocation {allocation_id} is a share of a GPU", code="not_preemptible")
             if not (math.isfinite(deadline) and deadline >= cmd.at):
                 raise InvalidRequest(f"preemption deadline {deadline} is before {cmd.at}", code="invalid_command")
         if cmd.request_id is not None:

@@ -25,7 +25,7 @@ walk of the cluster.
 Quota: a queue counts one whole GPU while any of its shares is on it, whatever
 their number (coordinator/queue_ledger.py). So a share that packs onto a GPU
 its queue already counts costs no GPU of quota; one that opens a fresh GPU, or
-joins another queue's GPU, costs one (`share_cost`).
+joins another queue's GPU, costs one (`QueueLedger.share_cost`).
 
 This index is derived state: the lease table changes it with every share lease
 and rebuilds it from the allocations on a restore.
@@ -33,7 +33,6 @@ and rebuilds it from the allocations on a restore.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -61,8 +60,6 @@ class SharedGpu:
     budget_mb: int = 0
     # Allocation ids of its shares.
     shares: set[str] = field(default_factory=set)
-    # Shares per queue: a queue counts this GPU while its count is above 0.
-    queues: Counter[str] = field(default_factory=Counter)
 
     @property
     def remaining_mb(self) -> int:
@@ -115,7 +112,6 @@ class ShareIndex:
             self._by_group[shared.group].remove((shared.remaining_mb, gpu.ref))
         shared.budget_mb += _budget(alloc)
         shared.shares.add(alloc.allocation_id)
-        shared.queues[alloc.request.queue_name] += 1
         self._by_group.setdefault(shared.group, SortedList()).add((shared.remaining_mb, gpu.ref))
         return opened
 
@@ -127,10 +123,6 @@ class ShareIndex:
         entries.remove((shared.remaining_mb, ref))
         shared.budget_mb -= _budget(alloc)
         shared.shares.discard(alloc.allocation_id)
-        queue = alloc.request.queue_name
-        shared.queues[queue] -= 1
-        if not shared.queues[queue]:
-            del shared.queues[queue]
         if shared.shares:
             entries.add((shared.remaining_mb, ref))
             return False
@@ -147,15 +139,6 @@ class ShareIndex:
         start = entries.bisect_left((budget_mb, GpuRef("", -1)))
         for _, ref in entries.islice(start):
             yield ref
-
-    def holds(self, queue: str, ref: GpuRef) -> bool:
-        """Whether `queue` counts `ref` already (it has a share there)."""
-        shared = self.gpus.get(ref)
-        return shared is not None and queue in shared.queues
-
-    def share_cost(self, queue: str, ref: GpuRef) -> int:
-        """GPUs of quota a new share of `queue` on `ref` adds to the queue's count: 0 or 1."""
-        return 0 if self.holds(queue, ref) else 1
 
     def tenants(self, ref: GpuRef) -> list[str]:
         """Allocation ids of the shares on `ref`, sorted (none for an unshared GPU)."""

@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from coordinator.commands import Allocate, Enqueue, MarkHostLost, Release, SetQueuePolicy, command_from_wire
+from coordinator.commands import Allocate, Enqueue, MarkHostLost, Preempt, Release, SetQueuePolicy, command_from_wire
 from coordinator.gpu_usage import UsageTracker
 from coordinator.errors import Conflict, Forbidden, InvalidRequest
 from coordinator.fragmentation import cluster_largest_request, largest_requests
@@ -285,6 +285,16 @@ def test_a_share_pinned_to_a_node_finds_its_shared_gpu_however_many_the_group_ho
     # Best fit puts the 69 fuller GPUs first; a pinned share reads only its node's.
     packed = cluster.placed(share("pinned", 2_000, node=nodes[-1]))
     assert packed.gpus[0].ref == ref(nodes[-1], 0)
+
+
+def test_the_table_refuses_to_preempt_a_share() -> None:
+    # Its end would free no GPU while other shares stay: victim search never picks
+    # one, and no proposal (idle reclaim included) can make one a victim.
+    cluster = Cluster(gpus("a", 1), QueuePolicy((QueueSpec("t"),)))
+    s1 = cluster.placed(share("s1", 20_000, queue="t"))
+    result = cluster.table.apply(Preempt(1.0, ((s1.allocation_id, 31.0),), "idle"))
+    assert isinstance(result.error, Conflict) and result.error.code == "not_preemptible"
+    assert cluster.table.preempting(s1.allocation_id) is None
 
 
 # --- quota -------------------------------------------------------------------------
