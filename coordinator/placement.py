@@ -43,8 +43,8 @@ or more GPUs gets a set on best fit's node that is not all-NVLink, the nodes
 that strand as many GPUs are asked too, and the first (least memory, then
 name) with as few degraded GPUs where the set is all-NVLink wins. `OpenGpus`
 files each node under its largest NVLink-joined set of open GPUs
-(`nvlink_nodes`, kept with the rest of the index), so only nodes filed under
-k or more with best fit's open count are looked at: at most one bucket, and
+(`nvlink_nodes`, kept with the rest of the index while the rule is on), so
+only nodes filed under k or more with best fit's open count are looked at: at most one bucket, and
 only for requests best fit left off NVLink. Stranding stays before links: a
 4-GPU job never takes a whole HGX host to leave an exact fit free
 (docs/benchmarks.md has the cost and why it is off).
@@ -119,7 +119,9 @@ class OpenGpus:
     """Each node's open GPUs (index order), the nodes bucketed by how many they have, by kind of open MIG
     slice, and by how many open GPUs NVLink joins."""
 
-    def __init__(self) -> None:
+    def __init__(self, index_nvlink: bool = True) -> None:
+        """`index_nvlink`: keep `nvlink_nodes` (only NVLink first reads it; off, a change costs no set search)."""
+        self._index_nvlink_sets = index_nvlink
         self.by_node: dict[str, tuple[GpuView, ...]] = {}
         # count -> node names with exactly that many open GPUs (never 0), sorted.
         self.buckets: dict[int, SortedList[str]] = {}
@@ -134,7 +136,9 @@ class OpenGpus:
     def set(self, node: str, views: tuple[GpuView, ...], topology: NodeTopology | None) -> None:
         """Make `views` the open GPUs of `node` (empty: none), wired as `topology` says (None: unknown)."""
         old = self.by_node.get(node, ())
-        self._index_nvlink(node, views, topology)
+        if self._index_nvlink_sets:
+            # Before the early return: a node's wiring may change while its open GPUs stay.
+            self._index_nvlink(node, views, topology)
         if old == views:
             return
         self._index_slices(node, old, views)

@@ -126,7 +126,7 @@ class Scheduler:
         self.config = config
         self._rng = rng
         # The open-GPU index and what it was last brought up to date with.
-        self._open = OpenGpus()
+        self._open = OpenGpus(index_nvlink=config.nvlink_first_gpus > 0)
         self._table: LeaseTable | None = None
         self._inventory: Inventory | None = None
         self._table_version = 0
@@ -466,7 +466,7 @@ class Scheduler:
     ) -> PlanWalk:
         """A planning pass on the open-GPU index, brought up to date with `table` and `inventory`."""
         if table is not self._table or inventory is not self._inventory:
-            self._open = OpenGpus()
+            self._open = OpenGpus(index_nvlink=self.config.nvlink_first_gpus > 0)
             for node in inventory.nodes():
                 self._open.refresh(node, table, inventory)
             self._table, self._inventory = table, inventory
