@@ -44,8 +44,9 @@ that strand as many GPUs are asked too, and the first (least memory, then
 name) with as few degraded GPUs where the set is all-NVLink wins. `OpenGpus`
 files each node under its largest NVLink-joined set of open GPUs
 (`nvlink_nodes`, kept with the rest of the index while the rule is on), so
-only nodes filed under k or more with best fit's open count are looked at: at most one bucket, and
-only for requests best fit left off NVLink. Stranding stays before links: a
+only nodes filed under k or more with best fit's open count are looked at: at
+most one bucket, and only for requests best fit left off NVLink. Stranding
+stays before links: a
 4-GPU job never takes a whole HGX host to leave an exact fit free
 (docs/benchmarks.md has the cost and why it is off).
 
