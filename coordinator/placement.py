@@ -226,6 +226,8 @@ class PlanWalk:
     _reserved: dict[str, dict[GpuRef, tuple[int, GpuView]]] = field(default_factory=dict)
     # The most GPUs reserved on one node: a bound for victim search.
     most_reserved: int = 0
+    # The open GPUs each request that failed best fit reserved in this pass, by request id.
+    _reserved_for: dict[str, list[GpuView]] = field(default_factory=dict)
     _next_turn: int = 0
     _saved: dict[str, tuple[GpuView, ...]] = field(default_factory=dict)
     _shapes: dict[Requirements, _Shape] = field(default_factory=dict)
@@ -255,6 +257,7 @@ class PlanWalk:
             self.open.set(node, views, self.inventory.topology(node))
         self._saved.clear()
         self._reserved.clear()
+        self._reserved_for.clear()
         self.turns.clear()
         self.most_reserved = 0
         self._next_turn = 0
@@ -323,12 +326,18 @@ class PlanWalk:
         for node, refs in reserved:
             if node is not None:
                 held = self._reserved.setdefault(node, {})
+                mine = self._reserved_for.setdefault(request.request_id, [])
                 for view in self.open.by_node[node]:
                     if view.ref in refs:
                         held[view.ref] = (turn, view)
+                        mine.append(view)
                 self.most_reserved = max(self.most_reserved, len(held))
                 self._take(node, refs)
         return None
+
+    def reserved_for(self, request_id: str) -> list[GpuView]:
+        """The open GPUs `request_id` reserved when it failed best fit in this pass (empty when none)."""
+        return self._reserved_for.get(request_id, [])
 
     def take_turn(self, request_id: str) -> int:
         """Give `request_id` the next turn of this pass (see `turns`) and return it."""

@@ -10,7 +10,11 @@ pass with queues configured walks in three rounds over the same `PlanWalk`
    the node it claimed, before anything else, or reserves what is open there:
    the GPUs its victims free go to it, not to backfill.
 1. **Guarantees.** Requests within their queue's guarantee (queue_rules.py),
-   all queues merged in rank order (priority with aging, then age).
+   all queues merged in rank order (priority with aging, then age). The GPUs
+   one reserves when it does not fit count as its queue's for the rest of the
+   pass (`QueueBook.count_reserved`): the queue's later waiters are judged
+   with them, so its waiters together never reserve more than its unused
+   guarantee, and the free GPUs other queues are owed stay open to them.
 2. **Borrowing.** Requests beyond their guarantee, one at a time from the queue
    that borrows least per unit of weight, each queue's in rank order, while
    the lendable capacity lasts.
@@ -164,8 +168,12 @@ def plan(
             merge.drop_group()
             continue
         if walk.open.total:
-            if not place(request) and find_candidates and len(result.candidates) < MAX_CANDIDATES:
-                result.candidates.append((request, Standing.GUARANTEED))
+            if not place(request):
+                reserved = walk.reserved_for(request.request_id)
+                if reserved:
+                    book.count_reserved(request, tuple(g.name for g in reserved))
+                if find_candidates and len(result.candidates) < MAX_CANDIDATES:
+                    result.candidates.append((request, Standing.GUARANTEED))
         elif find_candidates and len(result.candidates) < MAX_CANDIDATES:
             handled.add(request.request_id)
             walk.take_turn(request.request_id)
@@ -207,6 +215,7 @@ def plan(
 
     if find_candidates and extra is None:
         _late_candidates(table, book, queues, handled, result, now)
+    book.forget_reserved()
     return result
 
 

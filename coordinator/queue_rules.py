@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 A `QueueBook` is built per pass from the table's per-queue counts (queue_ledger.py)
 and the cluster's capacity; the pass tells it of every placement it plans
-(`take`) and of every lease it picks to preempt (`give_back`), so later requests
-of the same pass are judged against what the pass already decided.
+(`take`), of every reservation a guaranteed request makes (`count_reserved`,
+for the rest of the pass) and of every lease it picks to preempt (`give_back`),
+so later requests of the same pass are judged against what the pass already
+decided.
 
 A request is classified against its queue (`classify`):
 
@@ -82,7 +84,7 @@ class QueueBook:
         self.held: Counter[str] = Counter({q: ledger.kept(q) for q in ledger.gpus})
         # GPUs per queue as the pass goes: what it keeps, plus what its claimants
         # (requests victims are being preempted for) will get, plus placements
-        # planned. Counting a claim from the moment its Preempt is decided is what
+        # planned, plus GPUs reserved for its guaranteed waiters (`count_reserved`). Counting a claim from the moment its Preempt is decided is what
         # keeps the next pass from preempting again for the same entitlement.
         self.used: Counter[str] = Counter(self.held)
         # Model-keyed use for per-model guarantees: (queue, model key) -> GPUs.
@@ -94,6 +96,9 @@ class QueueBook:
         self._claims: dict[str, AllocationRequest] = {}
         for request in (claims or {}).values():
             self.claim(request)
+        # GPUs the pass reserved for guaranteed requests (`count_reserved`), counted
+        # in `used` until `forget_reserved`.
+        self._reserved: list[tuple[AllocationRequest, tuple[str, ...]]] = []
         self._shares: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ counts
@@ -164,13 +169,30 @@ class QueueBook:
         """Whether `need` more borrowed GPUs leave every non-lending queue's unused guarantee idle."""
         return self.total_used + need <= self.capacity - self.withheld()
 
-    def take(self, request: AllocationRequest, gpu_names: tuple[str, ...]) -> None:
-        """Count a placement the pass plans."""
+    def take(self, request: AllocationRequest, gpu_names: tuple[str, ...], sign: int = 1) -> None:
+        """Count a placement the pass plans (`sign` -1: uncount it)."""
         name = request.queue_name
-        self.used[name] += len(gpu_names)
-        self.total_used += len(gpu_names)
+        self.used[name] += sign * len(gpu_names)
+        self.total_used += sign * len(gpu_names)
         for spec_model in self._models_of(name):
-            self._model_used[(name, spec_model)] += sum(1 for g in gpu_names if spec_model.lower() in g.lower())
+            self._model_used[(name, spec_model)] += sign * sum(1 for g in gpu_names if spec_model.lower() in g.lower())
+
+    def count_reserved(self, request: AllocationRequest, gpu_names: tuple[str, ...]) -> None:
+        """Count GPUs the pass reserved for guaranteed `request` as its queue's, until `forget_reserved`.
+
+        They are held for the queue against everyone ranked later, as if it held
+        them: the queue's next waiters are judged with them counted, so what its
+        waiters reserve together never passes its unused guarantee, and the free
+        GPUs other queues are owed stay open for them.
+        """
+        self._reserved.append((request, gpu_names))
+        self.take(request, gpu_names)
+
+    def forget_reserved(self) -> None:
+        """Stop counting what `count_reserved` counted: the pass is over, and a reservation lasts one pass."""
+        for request, gpu_names in self._reserved:
+            self.take(request, gpu_names, sign=-1)
+        self._reserved.clear()
 
     def claim(self, request: AllocationRequest) -> None:
         """Count `request` as holding its GPUs: victims are being preempted for it."""

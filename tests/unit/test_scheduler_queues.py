@@ -441,3 +441,36 @@ def test_between_equal_victim_sets_the_one_that_loses_the_least_work_wins() -> N
     assert isinstance(cluster.submit(request("high", "a", priority=5, at=20.0), 20.0), Enqueue)
     preempts = [c for c in cluster.tick(20.0) if isinstance(c, Preempt)]
     assert [[v for v, _ in p.victims] for p in preempts] == [[cluster.lease_of("young")]]
+
+
+def on(node_name: str, req: AllocationRequest) -> AllocationRequest:
+    return dataclasses.replace(req, requirements=dataclasses.replace(req.requirements, node=node_name))
+
+
+def test_a_queue_s_waiters_beyond_its_guarantee_do_not_reserve_what_another_queue_is_owed() -> None:
+    """a is owed 3 GPUs and waits for two 3-GPU jobs; only the first is within a's guarantee.
+
+    Each node has 2 free GPUs, the unused guarantees of a (3) and c (1); b holds its
+    whole guarantee, so there is no borrowed work to take. Before, each of a's
+    waiters was judged alone (0 + 3 <= 3), both counted as guaranteed, and each
+    reserved one node's free GPUs: c's one-GPU job within its guarantee found
+    nothing open and nothing to preempt, and waited for b's work to end. Now the
+    GPUs reserved for a0 count as a's, so a1 is beyond a's guarantee and reserves
+    nothing ahead of c.
+    """
+    cluster = Cluster(
+        2,
+        4,
+        QueueSpec("a", guaranteed_gpus=3, preemption_grace_s=GRACE),
+        QueueSpec("b", guaranteed_gpus=4, preemption_grace_s=GRACE),
+        QueueSpec("c", guaranteed_gpus=1, preemption_grace_s=GRACE),
+    )
+    for i, node_name in enumerate(("n0", "n1")):
+        assert isinstance(cluster.submit(on(node_name, request(f"b{i}", "b", gpus=2, at=float(i))), float(i)), Allocate)
+    for i in range(2):
+        assert isinstance(cluster.submit(request(f"a{i}", "a", gpus=3, at=10.0 + i), 10.0 + i), Enqueue)
+    assert not cluster.tick(11.0)
+    placed = cluster.submit(request("c0", "c", at=20.0), 20.0)
+    # a's first job still holds n0's free GPUs against backfill; b's work is never taken.
+    assert isinstance(placed, Allocate) and placed.allocation.node == "n1"
+    assert not [c for c in cluster.tick(20.0) if isinstance(c, Preempt)]
