@@ -39,7 +39,10 @@ with its whole gang (the lease table widens the victims): it counts with all
 the gang's GPUs against its queue's floor, and all its members are taken.
 
 Cost: the leases of queues holding more than their guarantee (plus the
-candidate's own queue for priority), not the whole table.
+candidate's own queue for priority), not the whole table. Each is judged
+(`_allowed`, which of its GPUs serve) only on a node whose free GPUs plus its
+leases' could reach the request: a whole-node request, the one that most often
+finds no set, passes most nodes on a count.
 """
 
 from __future__ import annotations
@@ -102,7 +105,10 @@ def choose_victims(
     threshold = effective - gap if gap > 0 else None
     if _too_few(book, queues, own, standing, below_fair, threshold, walk, need):
         return None
-    by_node: dict[str, list[_Candidate]] = {}
+    # Leases that pass the cheap checks, by node; a node whose lease GPUs plus
+    # its free ones cannot reach `need` is passed over before any lease on it is
+    # judged (a whole-node request finds most nodes short: the common case).
+    leases_by_node: dict[str, list[tuple[Allocation, tuple[Allocation, ...]]]] = {}
     for queue in queues:
         for allocation_id in _leases_to_look_at(book, queue, own, standing, below_fair, threshold):
             alloc = table.allocation(allocation_id)
@@ -115,19 +121,16 @@ def choose_victims(
             unit = table.lease_unit(allocation_id) if alloc.gang is not None else (alloc,)
             if any(m.allocation_id in taken for m in unit):
                 continue
-            gpus = sum(len(m.gpus) for m in unit)
-            reclaim, allowed, floor = _allowed(alloc, gpus, request, standing, book, effective, gap, below_fair)
-            if not allowed:
-                continue
-            useful = sum(1 for g in alloc.gpus if _serves(inventory, g.node, g.index, request))
-            if useful:
-                by_node.setdefault(alloc.node, []).append(_Candidate(alloc, reclaim, useful, floor, unit))
+            leases_by_node.setdefault(alloc.node, []).append((alloc, unit))
     best: tuple[tuple[int, int, float, str], list[_Candidate]] | None = None
-    for node in sorted(by_node):
+    for node in sorted(leases_by_node):
         # GPUs the request's own reservation (or a later request's) closed in this pass are its own to count.
         have = sum(1 for g in walk.open.by_node.get(node, ()) if walk.eligible(g, request))
         have += len(walk.yielding(node, request))
-        chosen = _minimal_set(sorted(by_node[node], key=_Candidate.order), need - have, book)
+        if have >= need or have + sum(len(alloc.gpus) for alloc, _ in leases_by_node[node]) < need:
+            continue  # fits without preemption (the pass places it), or cannot fit even with every lease here
+        candidates = _candidates(leases_by_node[node], request, standing, book, inventory, effective, gap, below_fair)
+        chosen = _minimal_set(sorted(candidates, key=_Candidate.order), need - have, book)
         if chosen is None:
             continue
         score = (len(chosen), sum(c.gpus for c in chosen), sum(c.work(now) for c in chosen), node)
@@ -149,6 +152,29 @@ def choose_victims(
     )
     reason = "reclaim" if any(c.reclaim for c in chosen) else "priority"
     return Preempt(now, victims, reason, request.request_id, node)
+
+
+def _candidates(
+    leases: list[tuple[Allocation, tuple[Allocation, ...]]],
+    request: AllocationRequest,
+    standing: Standing,
+    book: QueueBook,
+    inventory: Inventory,
+    effective: float,
+    gap: int,
+    below_fair: bool,
+) -> list[_Candidate]:
+    """The leases of one node that may be taken for `request` and free a GPU that serves it."""
+    out: list[_Candidate] = []
+    for alloc, unit in leases:
+        gpus = sum(len(m.gpus) for m in unit)
+        reclaim, allowed, floor = _allowed(alloc, gpus, request, standing, book, effective, gap, below_fair)
+        if not allowed:
+            continue
+        useful = sum(1 for g in alloc.gpus if _serves(inventory, g.node, g.index, request))
+        if useful:
+            out.append(_Candidate(alloc, reclaim, useful, floor, unit))
+    return out
 
 
 def _may_reclaim(book: QueueBook, queue: str, own: str, standing: Standing, below_fair: bool) -> bool:
