@@ -16,17 +16,25 @@ preemptible, not already in its grace period, and either
   borrowed, or when it is of the candidate's own queue and the candidate is
   within guarantee (priority order inside a queue).
 
-On each node with such leases, they are added in order - borrowed first, then
-lower priority, then youngest (least work lost) - until the node's free
-eligible GPUs plus theirs make the request fit. Free GPUs are those still open
-after the pass plus those the pass reserved for the candidate itself or for
-requests after it (`PlanWalk.yielding`): a whole-node request that reserved a
-node's 6 free GPUs needs only the 2 borrowed leases there, and a free GPU held
-for a request ahead of it is never counted; then any lease whose removal
-keeps the fit is dropped again, so the set is minimal. The node with the
-fewest victims wins, then fewest GPUs taken, then least work lost (GPU-seconds
-since each victim started: youngest first across nodes, as within one), then
-name. No set, no
+Victim search weighs a bounded few nodes (`_nodes_to_probe`): the node where
+the pass reserved free GPUs for the candidate, up to MAX_VICTIM_NODES with the
+most open GPUs (for a multi-GPU request), and the nodes of the first
+MAX_VICTIM_NODES-worth of leases in victim order - reclaimable queues first,
+then lowest priority, then youngest - read lazily from the ledger's per-queue
+index. On each such node, its leases that may be taken are added in order -
+borrowed first, then lower priority, then youngest (least work lost) - until
+the node's free eligible GPUs plus theirs make the request fit. Free GPUs are
+those still open after the pass plus those the pass reserved for the
+candidate itself or for requests after it (`PlanWalk.yielding`): a whole-node
+request that reserved a node's 6 free GPUs needs only the 2 borrowed leases
+there, and a free GPU held for a request ahead of it is never counted; then
+any lease whose removal keeps the fit is dropped again, so the set is
+minimal. Among the nodes weighed, the one with the fewest victims wins, then
+fewest GPUs taken, then least work lost (GPU-seconds since each victim
+started), then name. A fleet where the only set lies on a node none of the
+sources names (no open GPU there, no early lease in victim order) finds none
+in that pass; the pass after it weighs the nodes again as leases come and go.
+No set, no
 preemption: nothing is ever taken that would not make the request fit.
 
 Each victim gets its own queue's `preemption_grace_s`. The free GPUs counted
@@ -38,17 +46,20 @@ A lease that is a gang's member (coordinator/gang_placement.py) is taken
 with its whole gang (the lease table widens the victims): it counts with all
 the gang's GPUs against its queue's floor, and all its members are taken.
 
-Cost: the leases of queues holding more than their guarantee (plus the
-candidate's own queue for priority), not the whole table. Each is judged
-(`_allowed`, which of its GPUs serve) only on a node whose free GPUs plus its
-leases' could reach the request: a whole-node request, the one that most often
-finds no set, passes most nodes on a count.
+Cost: at most 2 x MAX_VICTIM_NODES + 1 nodes and their leases per candidate,
+whatever the fleet (python -m tests.bench.bench_victim_search: flat from 100 to
+1,000 hosts, where reading every borrowed lease grew 2x per doubling), plus
+the leases passed over in the index as already going or not preemptible. A
+node whose free GPUs plus its leases' cannot reach the request is passed on a
+count, before any lease on it is judged.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from coordinator.commands import Preempt
@@ -57,6 +68,11 @@ from coordinator.lease_table import LeaseTable
 from coordinator.model import Allocation, AllocationRequest, GpuRef
 from coordinator.placement import PlanWalk
 from coordinator.queue_rules import QueueBook, Standing
+
+# Nodes victim search weighs per source (see _nodes_to_probe): enough that a set is
+# found where one exists in all but rare fleets, few enough that one search costs
+# the same at 1,000 hosts as at 100.
+MAX_VICTIM_NODES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,23 +121,28 @@ def choose_victims(
     threshold = effective - gap if gap > 0 else None
     if _too_few(book, queues, own, standing, below_fair, threshold, walk, need):
         return None
-    # Leases that pass the cheap checks, by node; a node whose lease GPUs plus
-    # its free ones cannot reach `need` is passed over before any lease on it is
-    # judged (a whole-node request finds most nodes short: the common case).
+    reclaimable = {q for q in queues if _may_reclaim(book, q, own, standing, below_fair)}
+
+    def looked_at(alloc: Allocation) -> bool:
+        """Whether `alloc` is a lease victim search may weigh for `request` (the checks that need no node)."""
+        queue = alloc.request.queue_name
+        if queue not in queues or alloc.allocation_id not in book.ledger.leases.get(queue, ()):
+            return False
+        if queue not in reclaimable and (threshold is None or alloc.request.priority > math.floor(threshold)):
+            return False
+        if alloc.allocation_id in taken or not alloc.request.preemptible:
+            return False
+        if table.preempting(alloc.allocation_id) is not None:
+            return False
+        return alloc.gang is None or not any(m.allocation_id in taken for m in table.lease_unit(alloc.allocation_id))
+
     leases_by_node: dict[str, list[tuple[Allocation, tuple[Allocation, ...]]]] = {}
-    for queue in queues:
-        for allocation_id in _leases_to_look_at(book, queue, own, standing, below_fair, threshold):
-            alloc = table.allocation(allocation_id)
-            if alloc is None or allocation_id in taken or not alloc.request.preemptible:
-                continue
-            if table.preempting(allocation_id) is not None:
-                continue
-            if request.requirements.node is not None and alloc.node != request.requirements.node:
-                continue
-            unit = table.lease_unit(allocation_id) if alloc.gang is not None else (alloc,)
-            if any(m.allocation_id in taken for m in unit):
-                continue
-            leases_by_node.setdefault(alloc.node, []).append((alloc, unit))
+    for node in _nodes_to_probe(request, book, queues, reclaimable, threshold, table, walk, looked_at):
+        leases_by_node[node] = [
+            (alloc, table.lease_unit(alloc.allocation_id) if alloc.gang is not None else (alloc,))
+            for alloc in table.allocations_on(node)
+            if looked_at(alloc)
+        ]
     best: tuple[tuple[int, int, float, str], list[_Candidate]] | None = None
     for node in sorted(leases_by_node):
         # GPUs the request's own reservation (or a later request's) closed in this pass are its own to count.
@@ -184,20 +205,65 @@ def _may_reclaim(book: QueueBook, queue: str, own: str, standing: Standing, belo
     return standing is Standing.GUARANTEED or (below_fair and book.held[queue] - book.fair_share(queue) >= 1 - 1e-9)
 
 
-def _leases_to_look_at(
-    book: QueueBook, queue: str, own: str, standing: Standing, below_fair: bool, threshold: float | None
-) -> list[str]:
-    """`queue`'s leases that `_allowed` could pass: all of them for a reclaim, else the lower-priority ones.
+def _nodes_to_probe(
+    request: AllocationRequest,
+    book: QueueBook,
+    queues: list[str],
+    reclaimable: set[str],
+    threshold: float | None,
+    table: LeaseTable,
+    walk: PlanWalk,
+    looked_at: Callable[[Allocation], bool],
+) -> set[str]:
+    """The nodes victim search weighs for `request`: a bounded few, wherever the cluster grows.
 
-    The lower-priority ones come from the ledger's per-queue priority index, so
-    a candidate that may take only lower work looks at just that work.
+    A node-pinned request: its node. Else the node where the pass reserved GPUs
+    for it (its best host, where those count as its own), and up to
+    MAX_VICTIM_NODES of each:
+    the nodes with the most open GPUs (a multi-GPU request there needs the
+    fewest victims), and the nodes of the first leases in victim order -
+    reclaimable queues first, then lowest priority - read from the ledger's
+    per-queue priority index, so the first ones are found without reading the
+    rest.
     """
-    if _may_reclaim(book, queue, own, standing, below_fair):
-        return sorted(book.ledger.leases.get(queue, ()))
-    ranked = book.ledger.by_priority.get(queue)
-    if ranked is None or threshold is None:
-        return []
-    return [i for _, i in ranked.irange(maximum=(math.floor(threshold), "\uffff"))]
+    if request.requirements.node is not None:
+        return {request.requirements.node}
+    nodes = {view.node for view in walk.reserved_for(request.request_id)}
+    if request.requirements.gpu_count > 1:
+        most_open: list[str] = []
+        for count in sorted(walk.open.buckets, reverse=True):
+            most_open.extend(walk.open.buckets[count][: MAX_VICTIM_NODES - len(most_open)])
+            if len(most_open) >= MAX_VICTIM_NODES:
+                break
+        nodes.update(most_open)
+    streams = []
+    for queue in queues:
+        ranked = book.ledger.by_priority.get(queue)
+        if not ranked:
+            continue
+        rank = 0 if queue in reclaimable else 1
+        if rank == 1:
+            if threshold is None:
+                continue
+            entries = ranked.irange(maximum=(math.floor(threshold), math.inf, "\uffff"))
+        else:
+            entries = iter(ranked)
+        streams.append(_ranked(rank, entries))
+    by_leases: set[str] = set()
+    for *_, allocation_id in heapq.merge(*streams):
+        alloc = table.allocation(allocation_id)
+        if alloc is None or alloc.node in by_leases or not looked_at(alloc):
+            continue
+        by_leases.add(alloc.node)
+        if len(by_leases) >= MAX_VICTIM_NODES:
+            break
+    return nodes | by_leases
+
+
+def _ranked(rank: int, entries: Iterator[tuple[int, float, str]]) -> Iterator[tuple[int, int, float, str]]:
+    """`entries` of the ledger's priority index, each led by `rank` (bound here, not late as in a loop's generator)."""
+    for priority, age, allocation_id in entries:
+        yield rank, priority, age, allocation_id
 
 
 def _too_few(

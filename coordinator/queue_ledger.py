@@ -40,7 +40,7 @@ class QueueLedger:
         self.gpus_by_name: Counter[tuple[str, str]] = Counter()
         self.leases: dict[str, set[str]] = {}
         # Each queue's leases by (priority, allocation id): lowest first, for priority preemption.
-        self.by_priority: dict[str, SortedList[tuple[int, str]]] = {}
+        self.by_priority: dict[str, SortedList[tuple[int, float, str]]] = {}
         self.pending_gpus: Counter[str] = Counter()
         # GPUs of leases in their grace period, per queue: already promised away,
         # so neither a guarantee they protect nor a borrow they make.
@@ -65,7 +65,7 @@ class QueueLedger:
         for gpu in alloc.gpus:
             self.gpus_by_name[(queue, gpu.name)] += 1
         self.leases.setdefault(queue, set()).add(alloc.allocation_id)
-        self.by_priority.setdefault(queue, SortedList()).add((alloc.request.priority, alloc.allocation_id))
+        self.by_priority.setdefault(queue, SortedList()).add(_rank(alloc))
 
     def remove_lease(self, alloc: Allocation, preempting: bool = False) -> None:
         queue = alloc.request.queue_name
@@ -86,7 +86,7 @@ class QueueLedger:
         if not ids:
             del self.leases[queue]
         ranked = self.by_priority[queue]
-        ranked.remove((alloc.request.priority, alloc.allocation_id))
+        ranked.remove(_rank(alloc))
         if not ranked:
             del self.by_priority[queue]
 
@@ -147,3 +147,8 @@ def _decrement(counter: Counter[_K], key: _K, by: int) -> None:
     counter[key] -= by
     if counter[key] <= 0:
         del counter[key]
+
+
+def _rank(alloc: Allocation) -> tuple[int, float, str]:
+    """A lease's place in `by_priority`: lowest priority first, then youngest (victim order), then id."""
+    return (alloc.request.priority, -alloc.allocated_at, alloc.allocation_id)

@@ -15,6 +15,7 @@ import random
 
 import pytest
 
+from coordinator import preemption
 from coordinator.commands import Allocate, Command, Enqueue, Preempt, Release, SetQueuePolicy
 from coordinator.errors import Conflict
 from coordinator.inventory import Inventory
@@ -474,3 +475,31 @@ def test_a_queue_s_waiters_beyond_its_guarantee_do_not_reserve_what_another_queu
     # a's first job still holds n0's free GPUs against backfill; b's work is never taken.
     assert isinstance(placed, Allocate) and placed.allocation.node == "n1"
     assert not [c for c in cluster.tick(20.0) if isinstance(c, Preempt)]
+
+
+def test_victim_search_in_a_large_fleet_weighs_a_bounded_few_nodes_and_takes_one_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200 nodes of borrowed one-GPU leases: a one-GPU reclaim weighs at most 2 x MAX_VICTIM_NODES nodes' leases.
+
+    Before the bound, every borrowed lease (1,600 here) was judged for every
+    candidate in every pass: victim search grew with the fleet. The lease taken
+    is still the one an exhaustive search takes: one GPU, the least work lost
+    (the youngest, a1599; a700 is of lower priority but older, and priority
+    orders victims within a node, not across).
+    """
+    cluster = Cluster(200, 8, QueueSpec("a", preemption_grace_s=GRACE), QueueSpec("b", guaranteed_gpus=800))
+    for i in range(1600):
+        cluster.submit(request(f"a{i}", "a", priority=5 if i != 700 else 1, at=float(i)), float(i))
+    judged: list[str] = []
+    allowed = preemption._allowed
+
+    def counting(alloc, *args):  # type: ignore[no-untyped-def]
+        judged.append(alloc.allocation_id)
+        return allowed(alloc, *args)
+
+    monkeypatch.setattr(preemption, "_allowed", counting)
+    assert isinstance(cluster.submit(request("b0", "b", at=2000.0), 2000.0), Enqueue)
+    preempts = [c for c in cluster.tick(2000.0) if isinstance(c, Preempt)]
+    assert [[v for v, _ in p.victims] for p in preempts] == [[cluster.lease_of("a1599")]]
+    assert 0 < len(judged) <= 2 * preemption.MAX_VICTIM_NODES * 8
