@@ -122,11 +122,12 @@ def choose_victims(
     if _too_few(book, queues, own, standing, below_fair, threshold, walk, need):
         return None
     reclaimable = {q for q in queues if _may_reclaim(book, q, own, standing, below_fair)}
+    victim_queues = set(queues)
 
     def looked_at(alloc: Allocation) -> bool:
         """Whether `alloc` is a lease victim search may weigh for `request` (the checks that need no node)."""
         queue = alloc.request.queue_name
-        if queue not in queues or alloc.allocation_id not in book.ledger.leases.get(queue, ()):
+        if queue not in victim_queues or alloc.allocation_id not in book.ledger.leases.get(queue, ()):
             return False
         if queue not in reclaimable and (threshold is None or alloc.request.priority > math.floor(threshold)):
             return False
