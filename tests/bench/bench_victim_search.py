@@ -21,10 +21,8 @@ again so every sample sees the same state. Cases:
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import random
-import statistics
 import time
 
 from coordinator.commands import Allocate, Cancel, Enqueue, Preempt, SetQueuePolicy
@@ -33,10 +31,8 @@ from coordinator.lease_table import LeaseTable
 from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, GpuView, Requirements
 from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.scheduler import Scheduler, SchedulerConfig
+from tests.bench.bench_scale import GPUS_PER_HOST, H100, H100_MB, growth, percentile
 
-GPUS_PER_HOST = 8
-H100 = "NVIDIA H100 80GB HBM3"
-H100_MB = 81559
 START = 1_000_000.0
 CASES = ("reclaim 1 GPU", "reclaim 8 GPUs", "reclaim 8 GPUs, no set")
 
@@ -133,17 +129,8 @@ def main() -> None:
     print("| tick with victim search | " + " | ".join(f"N={n} p50 / p99 µs" for n in sizes) + " | growth per doubling |")
     print("|" + "---|" * (len(sizes) + 2))
     for name in CASES:
-        cells = []
-        for n in sizes:
-            ordered = sorted(results[n][name])
-            p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-            cells.append(f"{statistics.median(ordered):,.0f} / {p99:,.0f}")
-        factors = []
-        for small, big in zip(sizes, sizes[1:]):
-            ratio = statistics.median(results[big][name]) / statistics.median(results[small][name])
-            factors.append(ratio ** (math.log(2) / math.log(big / small)))
-        print(f"| {name} | " + " | ".join(cells) + " | " + ", ".join(f"{f:.2f}" for f in factors) + " |")
-
+        cells = [f"{percentile(results[n][name], 0.5):,.0f} / {percentile(results[n][name], 0.99):,.0f}" for n in sizes]
+        print(f"| {name} | " + " | ".join(cells) + f" | {growth(sizes, results, name)} |")
 
 if __name__ == "__main__":
     main()
