@@ -220,12 +220,11 @@ def _nodes_to_probe(
 
     A node-pinned request: its node. Else the node where the pass reserved GPUs
     for it (its best host, where those count as its own), and up to
-    MAX_VICTIM_NODES of each:
-    the nodes with the most open GPUs (a multi-GPU request there needs the
-    fewest victims), and the nodes of the first leases in victim order -
-    reclaimable queues first, then lowest priority - read from the ledger's
-    per-queue priority index, so the first ones are found without reading the
-    rest.
+    MAX_VICTIM_NODES of each: the nodes with the most open GPUs (a multi-GPU
+    request there needs the fewest victims), and the nodes of the first leases
+    in victim order - reclaimable queues first, then lowest priority, then
+    youngest - read from the ledger's per-queue priority index, so the first
+    ones are found without reading the rest.
     """
     if request.requirements.node is not None:
         return {request.requirements.node}

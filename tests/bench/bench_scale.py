@@ -260,13 +260,7 @@ def main() -> None:
         )
 
     sizes = list(results)
-    header = "| operation | " + " | ".join(f"N={n} p50 / p99 µs" for n in sizes) + " | growth per doubling |"
-    print()
-    print(header)
-    print("|" + "---|" * (len(sizes) + 2))
-    for name in [*OPERATIONS, *SNAPSHOT_OPERATIONS]:
-        cells = [f"{percentile(results[n][name], 0.5):,.1f} / {percentile(results[n][name], 0.99):,.1f}" for n in sizes]
-        print(f"| {name} | " + " | ".join(cells) + f" | {growth(sizes, results, name)} |")
+    print_growth_table("operation", {n: f"N={n}" for n in sizes}, results, [*OPERATIONS, *SNAPSHOT_OPERATIONS])
     for name in ("admit 1 GPU (room)", "release-triggered tick"):
         cells = []
         for n in sizes:
@@ -277,6 +271,19 @@ def main() -> None:
             else:
                 cells.append("-")
         print(f"| previous scheduler: {name}, p50 µs (x slower) | " + " | ".join(cells) + " | |")
+
+
+def print_growth_table(
+    label: str, columns: dict[int, str], results: dict[int, dict[str, list[float]]], names: list[str], decimals: int = 1
+) -> None:
+    """A markdown table of p50 / p99 µs per size (`columns` names each size's column) and the growth per doubling."""
+    sizes = list(results)
+    print()
+    print(f"| {label} | " + " | ".join(f"{columns[n]} p50 / p99 µs" for n in sizes) + " | growth per doubling |")
+    print("|" + "---|" * (len(sizes) + 2))
+    for name in names:
+        cells = [f"{percentile(results[n][name], 0.5):,.{decimals}f} / {percentile(results[n][name], 0.99):,.{decimals}f}" for n in sizes]
+        print(f"| {name} | " + " | ".join(cells) + f" | {growth(sizes, results, name)} |")
 
 
 def growth(sizes: list[int], results: dict[int, dict[str, list[float]]], name: str) -> str:

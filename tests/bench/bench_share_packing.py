@@ -31,7 +31,7 @@ from coordinator.lease_table import LeaseTable
 from coordinator.model import AllocationRequest, GpuView, Requirements
 from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.scheduler import Scheduler, SchedulerConfig
-from tests.bench.bench_scale import GPUS_PER_HOST, H100, H100_MB, growth, percentile, timed
+from tests.bench.bench_scale import GPUS_PER_HOST, H100, H100_MB, print_growth_table, timed
 
 OPERATIONS = ("tick, W shares waiting, none placeable", "admit share that packs", "admit share that queues")
 
@@ -91,14 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"python {platform.python_version()} on {platform.machine()}, timed by thread CPU time")
     results = {hosts: measure(hosts, args.waiting, args.repeats) for hosts in args.hosts}
-    sizes = list(results)
-    print()
-    print("| operation | " + " | ".join(f"N={n} ({n * GPUS_PER_HOST} shared GPUs, W={args.waiting}) p50 / p99 µs" for n in sizes) + " | growth per doubling |")
-    print("|" + "---|" * (len(sizes) + 2))
-    for name in OPERATIONS:
-        cells = [f"{percentile(results[n][name], 0.5):,.1f} / {percentile(results[n][name], 0.99):,.1f}" for n in sizes]
-        print(f"| {name} | " + " | ".join(cells) + f" | {growth(sizes, results, name)} |")
-
+    columns = {n: f"N={n} ({n * GPUS_PER_HOST} shared GPUs, W={args.waiting})" for n in results}
+    print_growth_table("operation", columns, results, list(OPERATIONS))
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,7 @@ from coordinator.lease_table import LeaseTable
 from coordinator.model import AllocatedGpu, Allocation, AllocationRequest, GpuView, Requirements
 from coordinator.queues import QueuePolicy, QueueSpec
 from coordinator.scheduler import Scheduler, SchedulerConfig
-from tests.bench.bench_scale import GPUS_PER_HOST, H100, H100_MB, growth, percentile
+from tests.bench.bench_scale import GPUS_PER_HOST, H100, H100_MB, print_growth_table
 
 START = 1_000_000.0
 CASES = ("reclaim 1 GPU", "reclaim 8 GPUs", "reclaim 8 GPUs, no set")
@@ -124,13 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"python {platform.python_version()} on {platform.machine()}, timed by thread CPU time")
     results = {hosts: measure(hosts, args.repeats, args.seed) for hosts in args.hosts}
-    sizes = list(results)
-    print()
-    print("| tick with victim search | " + " | ".join(f"N={n} p50 / p99 µs" for n in sizes) + " | growth per doubling |")
-    print("|" + "---|" * (len(sizes) + 2))
-    for name in CASES:
-        cells = [f"{percentile(results[n][name], 0.5):,.0f} / {percentile(results[n][name], 0.99):,.0f}" for n in sizes]
-        print(f"| {name} | " + " | ".join(cells) + f" | {growth(sizes, results, name)} |")
+    print_growth_table("tick with victim search", {n: f"N={n}" for n in results}, results, list(CASES), decimals=0)
 
 if __name__ == "__main__":
     main()
